@@ -1,0 +1,15 @@
+"""Pure math on updates: the update format, the exact frozen-A LoRA merge, quantisation,
+secure aggregation as transport-free state machines, DP clipping/noise and the accountant.
+
+No I/O, no torch, no grpc, and no import of `fleetmind.client` or `fleetmind.server`
+(tests/test_boundaries.py guards this).
+
+    update      Update, UpdateMetadata: the site's B deltas, validated, to/from safetensors
+    merge       exact frozen-A merge, FedAvg/FedAdam, staleness weights, secagg payloads,
+                and the FedIT baseline (benchmark only)
+    frozen_a    the frozen A factor from the public seed
+    quantize    FixedPoint: stochastic rounding into Z_2^b with cohort headroom
+    secagg/     SecAgg+: crypto, neighbour graph, one module per site/server phase
+    dp          clipping per privacy unit, discrete Gaussian and Gaussian noise
+    accountant  epsilon(delta) on dp-accounting (RDP, PLD), and the Budget
+"""

@@ -1,0 +1,29 @@
+"""The server's two final states: the unmasked cohort sum, or a refusal with its reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ServerCompleted:
+    """The sum over `contributors` of their ring vectors, mod 2^ring_bits: nothing else."""
+
+    round_id: int
+    cohort_sum: np.ndarray
+    contributors: frozenset[int]
+    dropped: frozenset[int]
+
+    def __post_init__(self) -> None:
+        self.cohort_sum.flags.writeable = False
+
+
+@dataclass(frozen=True)
+class ServerAborted:
+    """The round ended without a sum; `reason` says why, naming sites and counts."""
+
+    round_id: int
+    phase: str
+    reason: str

@@ -1,0 +1,121 @@
+"""`fleetmind client ...`: the site operator's commands.
+
+`add_client_commands` plugs into the program's subparsers (fleetmind.sim.cli). Handlers import
+what they need when they run, so the program's start stays light (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+
+def add_client_commands(commands: Any) -> None:
+    client = commands.add_parser("client", help="a site: its sessions and what it learns",
+                                 description="Commands a site operator runs beside the "
+                                             "serving stack.")
+    # The group's own subcommands use the caller's parser class (one-line usage errors).
+    sub = client.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                parser_class=type(client))
+
+    ingest = sub.add_parser(
+        "ingest", help="store chat sessions from JSONL files",
+        description="Store OpenAI chat JSONL sessions (one {\"id\", \"messages\", \"user\"} "
+                    "object per line) in the site's session store. Sessions already stored "
+                    "are skipped; malformed lines are reported by file and line and skipped. "
+                    "Exit status 1 when any line was skipped as malformed.")
+    ingest.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                        help="chat JSONL file(s)")
+    ingest.add_argument("--store", required=True, metavar="DB",
+                        help="the session store: a database file, or the site's data folder "
+                             "(sessions.db inside; end the path with / to create the folder); "
+                             "created if absent")
+    ingest.set_defaults(run=_client_ingest)
+
+    consolidate = sub.add_parser(
+        "consolidate", help="distil new sessions into a LoRA delta (OPSD)",
+        description="On-policy self-distillation of the store's unconsumed sessions into the "
+                    "delta of LoRA's B: writes OUT/update.safetensors (what would be sent), "
+                    "OUT/adapter/ (a PEFT folder for local use) and OUT/consolidation.json.")
+    consolidate.add_argument("--model", type=Path, required=True,
+                             help="local Hugging Face causal LM folder")
+    consolidate.add_argument("--store", type=Path, required=True, help="the session store")
+    consolidate.add_argument("--out", type=Path, required=True)
+    consolidate.add_argument("--site", default="site", help="this site's name")
+    consolidate.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    consolidate.add_argument("--seed", type=int, default=0,
+                             help="the version's public frozen-A seed")
+    consolidate.add_argument("--guard", type=Path, default=None, metavar="FILE",
+                             help="general chat prompts (JSONL of {\"messages\": [...]}) the "
+                                  "adapted model must answer as the base model does; default: "
+                                  "the sessions themselves")
+    consolidate.add_argument("--per-session", action="store_true",
+                             help="one delta per session (session-level DP)")
+    consolidate.set_defaults(run=_client_consolidate)
+
+
+def _client_ingest(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fleetmind.client.store import MAX_PROBLEMS_KEPT, SessionStore
+    from fleetmind.sim.cli import UsageError
+
+    missing = [str(path) for path in args.files if not path.is_file()]
+    if missing:
+        raise UsageError(f"no such file: {', '.join(missing)}; pass chat JSONL files")
+    store_path = Path(args.store)
+    if args.store.endswith(("/", os.sep)):
+        store_path.mkdir(parents=True, exist_ok=True)
+    try:
+        store = SessionStore(store_path)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    with store:
+        reports = [store.ingest_file(path) for path in args.files]
+        total = len(store)
+
+    table = Table("file", "stored", "duplicates", "skipped", title=f"sessions into {store.path}")
+    for report in reports:
+        table.add_row(str(report.path), str(report.stored), str(report.duplicates),
+                      str(report.rejected))
+    if len(reports) > 1:
+        table.add_row("all files", *(str(sum(getattr(r, field) for r in reports))
+                                     for field in ("stored", "duplicates", "rejected")),
+                      style="bold")
+    console = Console()
+    console.print(table)
+    # Plain `path:line: message` lines, one each, so editors and grep can jump to them.
+    for report in reports:
+        for problem in report.problems:
+            print(problem)
+        if report.rejected > len(report.problems):
+            print(f"{report.path}: {report.rejected - len(report.problems)} more skipped lines "
+                  f"(only the first {MAX_PROBLEMS_KEPT} are listed)")
+    print(f"{total} session{'' if total == 1 else 's'} in the store")
+    return 1 if any(report.rejected for report in reports) else 0
+
+
+def _client_consolidate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from fleetmind.client.consolidate import consolidate_store, read_prompts
+    from fleetmind.client.distill import DistillConfig
+    from fleetmind.sim.cli import UsageError
+
+    try:
+        cfg = DistillConfig()
+        if args.steps is not None:
+            cfg = replace(cfg, steps=args.steps)
+        guard = read_prompts(args.guard) if args.guard else []
+        result = consolidate_store(args.model, args.store, args.out, cfg, site=args.site,
+                                   seed=args.seed, per_session=args.per_session, guard=guard)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    stats = result.stats
+    print(f"consolidation {result.consolidation_id}: {result.update.metadata.sessions} sessions,"
+          f" {stats.steps} steps, {stats.tokens_per_s:.0f} tokens/s, {stats.dreams_kept} dreams "
+          f"kept; scrubbed {result.scrubbed.total}; written to {args.out}")
+    return 0

@@ -1,0 +1,178 @@
+"""A site's consolidation: new sessions from the store become an update.
+
+store -> scrub -> lessons (teacher context + probes) -> OPSD with dreams, replay and the
+forgetting guard -> the delta of B (one for all sessions, or one per session for
+session-level DP) -> an `Update` and, for local use, a PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleetmind.aggregation.update import Update, UpdateMetadata
+from fleetmind.client import distill, lora
+from fleetmind.client.replay import ReplayBuffer
+from fleetmind.client.scrub import ScrubReport, scrub_session, scrub_text
+from fleetmind.client.store import Session, SessionStore
+
+
+@dataclass(frozen=True)
+class SiteConsolidation:
+    update: Update
+    session_updates: tuple[tuple[str, dict[str, np.ndarray]], ...]
+    scrubbed: ScrubReport
+    stats: distill.DistillStats
+    consolidation_id: str
+
+
+def lessons_from(sessions: Sequence[Session]) -> tuple[list[distill.Lesson], ScrubReport]:
+    """The teacher only ever sees scrubbed text."""
+    lessons, reports = [], []
+    for session in sessions:
+        clean, report = scrub_session(session)
+        reports.append(report)
+        lessons.append(distill.Lesson.from_session(
+            clean.id, [{"role": m.role, "content": m.content} for m in clean.messages]))
+    return lessons, ScrubReport.merge(reports)
+
+
+def read_prompts(path: Path) -> list[distill.Messages]:
+    """Chat prompts, one JSON object with `messages` per line (the guard file's format)."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str)
+                    and m.get("role") in ("system", "user", "assistant") for m in messages)):
+                raise ValueError("messages must be a non-empty list of chat turns")
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a chat prompt ({error}); each line must be "
+                             '{"messages": [{"role": ..., "content": ...}, ...]}') from None
+        prompts.append(messages)
+    return prompts
+
+
+def guard_prompts_from(lessons: Sequence[distill.Lesson]) -> list[distill.Messages]:
+    """General inputs for the forgetting guard: each session up to each later user turn, a
+    task that carries its own context (reading context is the skill most at risk)."""
+    prompts = []
+    for lesson in lessons:
+        for end, message in enumerate(lesson.context):
+            if message["role"] == "user" and end > 0:
+                prompts.append([dict(m) for m in lesson.context[: end + 1]])
+    return prompts
+
+
+def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session],
+                         cfg: distill.DistillConfig, *, site: str, base_version: int,
+                         seed: int, guard: Sequence[distill.Messages] = (),
+                         replay: ReplayBuffer | None = None, per_session: bool = False,
+                         progress: bool = True) -> SiteConsolidation:
+    """OPSD over `sessions` on the PEFT `model` (from `lora.attach_lora`). With `per_session`
+    every session is distilled alone from the same starting B, so the aggregation library
+    can clip each session's influence (session-level DP); the update is then their mean."""
+    lessons, scrubbed = lessons_from(sessions)
+    guard_prompts = list(guard) or guard_prompts_from(lessons)
+    rng = random.Random(cfg.seed)
+    by_id = {lesson.session_id: lesson for lesson in lessons}
+    replayed = []
+    if replay is not None and cfg.replay_ratio > 0:
+        for dream in replay.sample(4 * cfg.prompts_per_step, rng):
+            if dream.session_id in by_id:
+                replayed.append((by_id[dream.session_id], dream))
+    start = lora.get_b(model)
+    groups = [[lesson] for lesson in lessons] if per_session else [lessons]
+    session_updates: list[tuple[str, dict[str, np.ndarray]]] = []
+    total = {name: np.zeros_like(b) for name, b in start.items()}
+    stats = distill.DistillStats()
+    dreams: list[distill.Dream] = []
+    for group in groups:
+        lora.set_b(model, start)
+        result = distill.consolidate(model, tokenizer, group, guard_prompts, cfg,
+                                     replay=replayed, scrub=lambda t: scrub_text(t)[0],
+                                     progress=progress)
+        for name, delta in result.delta.items():
+            total[name] += delta
+        if per_session:
+            session_updates.append((group[0].session_id, result.delta))
+        dreams += result.dreams
+        stats.steps += result.stats.steps
+        stats.tokens += result.stats.tokens
+        stats.seconds += result.stats.seconds
+        stats.loss += result.stats.loss
+        stats.kl += result.stats.kl
+        stats.guard_kl += result.stats.guard_kl
+        stats.dreams_kept += result.stats.dreams_kept
+        stats.dreams_rejected += result.stats.dreams_rejected
+    if per_session:
+        # DP-FedAvg over sessions: the site's update is the mean of its units' deltas (the
+        # aggregation library clips each unit before this mean when DP is on).
+        total = {name: delta / len(groups) for name, delta in total.items()}
+    lora.set_b(model, {name: start[name] + total[name] for name in start})
+    if replay is not None:
+        replay.add(dreams)
+    metadata = UpdateMetadata(site=site, base_version=base_version, sessions=len(sessions),
+                              tokens=stats.tokens, seed=seed)
+    ids = sorted(session.id for session in sessions)
+    consolidation_id = hashlib.sha256(json.dumps([site, base_version, ids]).encode()).hexdigest()
+    return SiteConsolidation(Update(total, metadata), tuple(session_updates), scrubbed, stats,
+                             consolidation_id[:16])
+
+
+def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill.DistillConfig,
+                      *, site: str = "site", base_version: int = 0, seed: int = 0,
+                      rank: int = 8, alpha: float = 16.0, per_session: bool = False,
+                      guard: Sequence[distill.Messages] = (),
+                      progress: bool = True) -> SiteConsolidation:
+    """The command line's consolidation: the store's unconsumed sessions into `out`
+    (update.safetensors, adapter/ as a PEFT folder, consolidation.json)."""
+    from fleetmind.client.model import load_model
+
+    model, tokenizer = load_model(model_dir)
+    peft_model = lora.attach_lora(model, seed=seed, rank=rank, alpha=alpha)
+    with SessionStore(store_path) as store:
+        sessions = store.unconsumed()
+        if not sessions:
+            raise ValueError(f"{store_path}: no sessions that no consolidation has used yet; "
+                             "ingest some with `fleetmind client ingest`")
+        out.mkdir(parents=True, exist_ok=True)
+        replay = ReplayBuffer(out.parent / "replay.db")
+        try:
+            result = consolidate_sessions(peft_model, tokenizer, sessions, cfg, site=site,
+                                          base_version=base_version, seed=seed, guard=guard,
+                                          replay=replay, per_session=per_session,
+                                          progress=progress)
+        finally:
+            replay.close()
+        _write_atomic(out / "update.safetensors", result.update.to_bytes())
+        lora.save_adapter(peft_model, out / "adapter")
+        record = {"consolidation": result.consolidation_id, "site": site,
+                  "base_version": base_version, "sessions": [s.id for s in sessions],
+                  "scrubbed": result.scrubbed.as_dict(), "steps": result.stats.steps,
+                  "tokens": result.stats.tokens, "tokens_per_s": result.stats.tokens_per_s,
+                  "dreams_kept": result.stats.dreams_kept}
+        _write_atomic(out / "consolidation.json", (json.dumps(record, indent=2) + "\n").encode())
+        store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
+    return result
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    import os
+
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

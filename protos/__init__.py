@@ -1,0 +1,1 @@
+"""The wire contract, `fleetmind/v1/*.proto`, and its generated stubs. No logic."""

@@ -1,0 +1,1 @@
+"""Generated stubs of the `fleetmind.v1` wire contract (protos/fleetmind/v1/*.proto)."""

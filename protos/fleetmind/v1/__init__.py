@@ -1,0 +1,1 @@
+"""Generated stubs of `fleetmind.v1`: do not edit; run `python -m fleetmind.protos.regenerate`."""

@@ -1,0 +1,292 @@
+"""The aggregator's ledger: one entry per published round, append-only, hash-chained, signed.
+
+Each entry records what the round did to privacy and to the model: cohort size, dropouts,
+clip norm, noise, epsilon spent by the round and in total, and the sha256 of the version's
+manifest (which lists the sha256 of every file of the version). Entry i's hash is
+
+    sha256("fleetmind/ledger/v1" || uint64-le(i) || hash of entry i-1 || body)
+
+with 32 zero bytes before entry 0, and body the canonical JSON of the record; the
+aggregator's Ed25519 key signs the hash. So an auditor holding the aggregator's public key
+finds any edited, reordered, removed or forged entry (`verify_chain`, which names the first
+bad one); cutting entries off the END leaves a shorter valid chain, which only a head the
+auditor kept from before (`expected_head`) reveals.
+
+Storage is SQLite in WAL mode with synchronous=FULL: an append that returned survives a
+power cut. Triggers refuse UPDATE and DELETE, so code that tries to rewrite history fails
+loudly; the chain and signatures catch whoever edits the file by other means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from fleetmind.server.durable import canonical_json
+
+DOMAIN = b"fleetmind/ledger/v1"
+GENESIS_HASH = bytes(32)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PAGE = 256
+_COLUMNS = "idx, prev_hash, body, hash, signature"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY,
+    round_id INTEGER NOT NULL UNIQUE,
+    prev_hash BLOB NOT NULL,
+    body BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS entries_never_updated BEFORE UPDATE ON entries
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: entries are never updated'); END;
+CREATE TRIGGER IF NOT EXISTS entries_never_deleted BEFORE DELETE ON entries
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: entries are never deleted'); END;
+"""
+
+
+class LedgerError(ValueError):
+    """The chain is broken at `index` (its position in the sequence checked), or an append
+    was refused (index None)."""
+
+    def __init__(self, index: int | None, message: str) -> None:
+        super().__init__(message if index is None else f"ledger entry {index}: {message}")
+        self.index = index
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one published round did. cohort_size: sites whose vectors are in the sum;
+    dropouts: sites that joined the cohort and left before the sum. epsilon_round: what
+    this round spent; epsilon_total: the accountant's total after it, both at `delta`.
+    version_hash: sha256 (hex) of the published version's manifest.json."""
+
+    round_id: int
+    cohort_size: int
+    dropouts: int
+    clip_norm: float
+    noise_multiplier: float
+    noise_mode: str
+    epsilon_round: float
+    epsilon_total: float
+    delta: float
+    version: int
+    version_hash: str
+    recorded_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+
+    def __post_init__(self) -> None:
+        for name in ("round_id", "cohort_size", "dropouts", "version", "recorded_at_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        for name in ("clip_norm", "noise_multiplier", "epsilon_round", "epsilon_total",
+                     "delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+            object.__setattr__(self, name, float(value))
+        if self.cohort_size < 2:
+            raise ValueError(f"cohort_size={self.cohort_size}: a published sum has >= 2 sites")
+        if self.clip_norm <= 0:
+            raise ValueError(f"clip_norm={self.clip_norm} must be > 0")
+        if self.noise_mode not in ("distributed", "central", "local", "none"):
+            raise ValueError(f"noise_mode={self.noise_mode!r} must be distributed, central, "
+                             "local or none")
+        if self.epsilon_total < self.epsilon_round:
+            raise ValueError(f"epsilon_total={self.epsilon_total} is below this round's "
+                             f"epsilon_round={self.epsilon_round}")
+        if not self.delta < 1:
+            raise ValueError(f"delta={self.delta} must be < 1")
+        if not _SHA256.fullmatch(self.version_hash):
+            raise ValueError(f"version_hash={self.version_hash!r} must be 64 lowercase hex")
+
+    def to_body(self) -> bytes:
+        return canonical_json({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_body(cls, body: bytes) -> RoundRecord:
+        record = cls(**json.loads(body))
+        if record.to_body() != body:
+            raise ValueError("body is not in canonical form")
+        return record
+
+
+def entry_hash(index: int, prev_hash: bytes, body: bytes) -> bytes:
+    return hashlib.sha256(DOMAIN + index.to_bytes(8, "little") + prev_hash + body).digest()
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One chained, signed entry, as stored and as Audit.StreamLedger carries it."""
+
+    index: int
+    prev_hash: bytes
+    body: bytes
+    hash: bytes
+    signature: bytes
+
+    @property
+    def record(self) -> RoundRecord:
+        return RoundRecord.from_body(self.body)
+
+
+def _public(key: Ed25519PublicKey | bytes) -> Ed25519PublicKey:
+    return key if isinstance(key, Ed25519PublicKey) else Ed25519PublicKey.from_public_bytes(key)
+
+
+def verify_chain(entries: Iterable[LedgerEntry], public_key: Ed25519PublicKey | bytes,
+                 expected_head: bytes | None = None) -> bytes:
+    """Checks every entry in order and returns the head hash (GENESIS_HASH when empty).
+    Raises LedgerError naming the first entry that is out of place, altered, unsigned,
+    or inconsistent with the ones before it. With `expected_head` (a head hash the auditor
+    kept from an earlier check), a chain that no longer contains it was cut short."""
+    key = _public(public_key)
+    previous = GENESIS_HASH
+    last: RoundRecord | None = None
+    seen_head = expected_head is None or expected_head == GENESIS_HASH
+    for position, entry in enumerate(entries):
+        if entry.index != position:
+            raise LedgerError(position, f"says it is entry {entry.index}: entries were "
+                                        "removed, inserted or reordered")
+        if entry.prev_hash != previous:
+            raise LedgerError(position, "does not follow the entry before it (prev_hash "
+                                        "differs): an earlier entry was removed or replaced")
+        if entry.hash != entry_hash(entry.index, entry.prev_hash, entry.body):
+            raise LedgerError(position, "hash does not match its contents: the entry was "
+                                        "altered")
+        try:
+            key.verify(entry.signature, entry.hash)
+        except InvalidSignature:
+            raise LedgerError(position, "signature does not verify with the aggregator "
+                                        "key") from None
+        try:
+            record = entry.record
+        except (ValueError, TypeError) as error:
+            raise LedgerError(position, f"body is not a valid round record: {error}") from None
+        if last is not None:
+            if record.round_id <= last.round_id:
+                raise LedgerError(position, f"round {record.round_id} after round "
+                                            f"{last.round_id}: rounds must increase")
+            if record.version <= last.version:
+                raise LedgerError(position, f"version {record.version} after version "
+                                            f"{last.version}: versions must increase")
+            if record.epsilon_total < last.epsilon_total:
+                raise LedgerError(position, f"epsilon_total fell from {last.epsilon_total} to "
+                                            f"{record.epsilon_total}: privacy spent never "
+                                            "comes back")
+        previous, last = entry.hash, record
+        seen_head = seen_head or entry.hash == expected_head
+    if not seen_head:
+        raise LedgerError(None, "the chain does not contain the head you kept: entries were "
+                                "cut off its end, or it is another ledger")
+    return previous
+
+
+class Ledger:
+    """The ledger file, appended to by the one aggregator process that owns it. Safe to use
+    from several threads of that process."""
+
+    def __init__(self, path: Path, signing_key: Ed25519PrivateKey) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._signing_key = signing_key
+        self.public_key = signing_key.public_key()
+        self._lock = threading.Lock()
+        # Autocommit mode: each append is one explicit IMMEDIATE transaction.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a returned append survives power loss
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def append(self, record: RoundRecord) -> LedgerEntry:
+        """Chains, signs and stores `record`; refuses a round already recorded (look it up
+        with `find_round` after a restart) or one older than the head."""
+        body = record.to_body()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                head = self._row(f"SELECT {_COLUMNS} FROM entries ORDER BY idx DESC LIMIT 1")
+                if head is not None:
+                    last = head.record
+                    if record.round_id <= last.round_id:
+                        raise LedgerError(None, f"round {record.round_id} is not after the "
+                                                f"last recorded round {last.round_id}")
+                    if record.version <= last.version:
+                        raise LedgerError(None, f"version {record.version} is not after the "
+                                                f"last recorded version {last.version}")
+                    if record.epsilon_total < last.epsilon_total:
+                        raise LedgerError(None, f"epsilon_total {record.epsilon_total} is below "
+                                                f"the recorded {last.epsilon_total}")
+                index = 0 if head is None else head.index + 1
+                prev_hash = GENESIS_HASH if head is None else head.hash
+                digest = entry_hash(index, prev_hash, body)
+                entry = LedgerEntry(index, prev_hash, body, digest, self._signing_key.sign(digest))
+                self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+                                 (index, record.round_id, prev_hash, body, digest,
+                                  entry.signature))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return entry
+
+    def entries(self, from_index: int = 0) -> Iterator[LedgerEntry]:
+        """Entries in order from `from_index`, read a page at a time (the lock is not held
+        between pages, so a slow reader never blocks an append)."""
+        index = from_index
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?",
+                    (index, _PAGE)).fetchall()
+            for row in rows:
+                yield LedgerEntry(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3]),
+                                  bytes(row[4]))
+            if len(rows) < _PAGE:
+                return
+            index = rows[-1][0] + 1
+
+    def __iter__(self) -> Iterator[LedgerEntry]:
+        return self.entries()
+
+    def head(self) -> LedgerEntry | None:
+        with self._lock:
+            return self._row(f"SELECT {_COLUMNS} FROM entries ORDER BY idx DESC LIMIT 1")
+
+    def find_round(self, round_id: int) -> LedgerEntry | None:
+        with self._lock:
+            return self._row(f"SELECT {_COLUMNS} FROM entries WHERE round_id = ?", (round_id,))
+
+    def verify(self, expected_head: bytes | None = None) -> bytes:
+        return verify_chain(self.entries(), self.public_key, expected_head)
+
+    def _row(self, query: str, args: tuple = ()) -> LedgerEntry | None:
+        row = self._db.execute(query, args).fetchone()
+        return None if row is None else LedgerEntry(row[0], bytes(row[1]), bytes(row[2]),
+                                                    bytes(row[3]), bytes(row[4]))

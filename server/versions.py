@@ -1,0 +1,447 @@
+"""The signed version registry: every global adapter the aggregator has published.
+
+A version is a folder, `versions/<version, 8 digits>/`, holding a standard PEFT LoRA
+adapter (`adapter_config.json`, `adapter_model.safetensors` with A and B under PEFT's key
+names) that `peft` and vLLM load as it is, plus `manifest.json` (what the version is and
+how it was made, with the sha256 of every other file) and `manifest.sig` (Ed25519 by the
+aggregator key over the manifest's exact bytes). A site that verifies the signature and
+the hashes knows every byte it activates came from the aggregator.
+
+A is frozen from the public seed (FFA-LoRA, arXiv 2403.12313; `aggregation.frozen_a`), so
+version 0 (genesis) has B = 0 and every later version copies A from its parent and
+carries the new B. Publishing is atomic: the folder is written under a temporary name,
+every file and the folder fsynced, then renamed into place; a crash leaves either no
+version or a whole one, and leftovers are swept at the next start. The server holds no
+torch: tensors are numpy, written with `safetensors.numpy`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from fleetmind.aggregation.frozen_a import frozen_a
+from fleetmind.server.durable import canonical_json, fsync_dir, write_synced
+
+FORMAT = "fleetmind.version/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+NoiseMode = Literal["none", "distributed", "central", "local"]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_FOLDER = re.compile(r"\d{8}")
+_PARTIAL_PREFIX = ".partial-"
+
+
+class VersionError(ValueError):
+    """A version folder is unsigned, tampered with, incomplete or malformed: do not activate
+    it. The message names the file or field."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lora_keys(module: str) -> tuple[str, str]:
+    """PEFT's safetensors keys of A and B for `module` (e.g. model.layers.0.mlp.gate_proj)."""
+    return (f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight")
+
+
+@dataclass(frozen=True)
+class TargetModule:
+    """One adapted linear layer of the base model: A is (rank, in), B is (out, rank)."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        if not _MODULE.fullmatch(self.name):
+            raise ValueError(f"module name {self.name!r} must be a dotted module path such "
+                             "as model.layers.0.mlp.gate_proj")
+        if self.in_features < 1 or self.out_features < 1:
+            raise ValueError(f"{self.name}: in_features={self.in_features} and "
+                             f"out_features={self.out_features} must be positive")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What the genesis adapter adapts: the base model and the modules' shapes."""
+
+    base_model_id: str
+    base_model_sha256: str
+    modules: tuple[TargetModule, ...]
+    frozen_a_seed: int
+    rank: int = 8
+    alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", tuple(self.modules))
+        if not self.base_model_id:
+            raise ValueError("base_model_id is empty: name the base model (a hub id or path)")
+        if not _SHA256.fullmatch(self.base_model_sha256):
+            raise ValueError(f"base_model_sha256={self.base_model_sha256!r} must be 64 "
+                             "lowercase hex digits")
+        if not self.modules:
+            raise ValueError("no target modules: name at least one linear layer to adapt")
+        names = [module.name for module in self.modules]
+        if len(set(names)) != len(names):
+            repeated = sorted(name for name in set(names) if names.count(name) > 1)
+            raise ValueError(f"target modules repeat: {repeated}")
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be >= 1")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha={self.alpha} must be finite and > 0")
+        if not 0 <= self.frozen_a_seed < 2**63:
+            raise ValueError(f"frozen_a_seed={self.frozen_a_seed} must be in 0..2^63-1")
+
+    def adapter_config(self) -> dict:
+        """PEFT's adapter_config.json. Target modules are the full module paths: PEFT
+        matches a full name exactly, so the adapter lands on these layers and no others."""
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model_id,
+            "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": 0.0, "bias": "none",
+            "target_modules": sorted(module.name for module in self.modules),
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": None, "use_rslora": False, "use_dora": False,
+        }
+
+
+@dataclass(frozen=True)
+class Release:
+    """How a round made its version: what goes into the manifest besides the files."""
+
+    round_id: int
+    cohort_size: int
+    clip_norm: float
+    noise_multiplier: float
+    noise_mode: NoiseMode
+    epsilon: float  # total spent after this round, at `delta`
+    delta: float
+
+    def __post_init__(self) -> None:
+        _check_release(self.round_id, self.cohort_size, self.clip_norm, self.noise_multiplier,
+                       self.noise_mode, self.epsilon, self.delta, genesis=False)
+
+
+def _check_release(round_id, cohort_size, clip_norm, noise_multiplier, noise_mode, epsilon,
+                   delta, genesis: bool) -> None:
+    if genesis:
+        # Genesis learned nothing from anyone: it spends no privacy and sums no sites.
+        if (cohort_size, clip_norm, noise_multiplier, noise_mode, epsilon, delta) != \
+                (0, 0.0, 0.0, "none", 0.0, 0.0):
+            raise ValueError("genesis (version 0) must have cohort_size 0, no clip, no noise "
+                             "and epsilon 0")
+        return
+    if round_id is None or round_id < 0:
+        raise ValueError(f"round_id={round_id} must be >= 0")
+    if cohort_size < 2:
+        raise ValueError(f"cohort_size={cohort_size}: a published sum needs >= 2 sites")
+    for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier),
+                        ("epsilon", epsilon)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}={value} must be finite and >= 0")
+    if clip_norm <= 0:
+        raise ValueError(f"clip_norm={clip_norm} must be > 0")
+    if noise_mode not in ("none", "distributed", "central", "local"):
+        raise ValueError(f"noise_mode={noise_mode!r} must be none, distributed, central or "
+                         "local")
+    if not 0 <= delta < 1:
+        raise ValueError(f"delta={delta} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json. Genesis (version 0) has no parent and no round, and spends nothing."""
+
+    version: int
+    parent: int | None
+    base_model_id: str
+    base_model_sha256: str
+    frozen_a_seed: int
+    round_id: int | None
+    cohort_size: int
+    clip_norm: float
+    noise_multiplier: float
+    noise_mode: NoiseMode
+    epsilon: float
+    delta: float
+    files: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256 hex
+    format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
+        for name in ("clip_norm", "noise_multiplier", "epsilon", "delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"manifest {name}={value!r} must be a number")
+            object.__setattr__(self, name, float(value))
+        for name in ("version", "parent", "frozen_a_seed", "round_id", "cohort_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
+                    value is None and name in ("parent", "round_id")):
+                raise ValueError(f"manifest {name}={value!r} must be an integer")
+        if self.format != FORMAT:
+            raise ValueError(f"manifest format {self.format!r} is not {FORMAT!r}: a newer "
+                             "aggregator wrote it; upgrade this site")
+        if self.version < 0:
+            raise ValueError(f"version={self.version} must be >= 0")
+        genesis = self.version == 0
+        if genesis != (self.parent is None) or genesis != (self.round_id is None):
+            raise ValueError(f"version {self.version}: only genesis (version 0) has no parent "
+                             f"and no round (parent={self.parent}, round_id={self.round_id})")
+        if self.parent is not None and not 0 <= self.parent < self.version:
+            raise ValueError(f"parent={self.parent} must be an earlier version than "
+                             f"{self.version}")
+        if not _SHA256.fullmatch(self.base_model_sha256):
+            raise ValueError(f"base_model_sha256={self.base_model_sha256!r} is not a sha256")
+        _check_release(self.round_id, self.cohort_size, self.clip_norm, self.noise_multiplier,
+                       self.noise_mode, self.epsilon, self.delta, genesis)
+        if set(self.files) != {ADAPTER_CONFIG, ADAPTER_WEIGHTS}:
+            raise ValueError(f"manifest lists {sorted(self.files)}; a version holds exactly "
+                             f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+        for name, digest in self.files.items():
+            if not _SHA256.fullmatch(digest):
+                raise ValueError(f"sha256 of {name} is {digest!r}, not 64 lowercase hex digits")
+
+    def to_bytes(self) -> bytes:
+        """The canonical bytes: what manifest.json holds and manifest.sig signs."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["files"] = dict(self.files)
+        return canonical_json(values)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Manifest:
+        try:
+            manifest = cls(**json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as error:
+            raise VersionError(f"{MANIFEST} is malformed: {error}") from None
+        if manifest.to_bytes() != raw:
+            raise VersionError(f"{MANIFEST} is not in canonical form, so its signature cannot "
+                               "be checked against what it says")
+        return manifest
+
+
+@dataclass(frozen=True)
+class Version:
+    """A published, verified version on disk."""
+
+    folder: Path
+    manifest: Manifest
+
+    @property
+    def number(self) -> int:
+        return self.manifest.version
+
+    def manifest_bytes(self) -> bytes:
+        return (self.folder / MANIFEST).read_bytes()
+
+    def signature(self) -> bytes:
+        return (self.folder / SIGNATURE).read_bytes()
+
+    def manifest_sha256(self) -> str:
+        """The version's hash for the ledger: its manifest lists every other file's hash."""
+        return hashlib.sha256(self.manifest_bytes()).hexdigest()
+
+    def tensors(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(A, B) per module name, float32."""
+        return read_lora(self.folder / ADAPTER_WEIGHTS)
+
+
+def read_lora(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    raw = load_safetensors(Path(path).read_bytes())
+    a, b = {}, {}
+    for key, tensor in raw.items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight",
+                                                                  ".lora_B.weight")):
+            raise VersionError(f"{path.name}: unexpected tensor {key!r}; a version holds only "
+                               "PEFT LoRA A and B")
+        module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        (a if key.endswith(".lora_A.weight") else b)[module] = tensor
+    if set(a) != set(b):
+        raise VersionError(f"{path.name}: modules without both A and B: "
+                           f"{sorted(set(a) ^ set(b))}")
+    return a, b
+
+
+def _public(key: Ed25519PublicKey | bytes) -> Ed25519PublicKey:
+    return key if isinstance(key, Ed25519PublicKey) else Ed25519PublicKey.from_public_bytes(key)
+
+
+def verify(folder: Path, public_key: Ed25519PublicKey | bytes) -> Manifest:
+    """Checks a version folder before anyone activates it: the signature over manifest.json,
+    the manifest itself, every file's sha256, and that the folder holds nothing else.
+    Raises VersionError naming what failed; returns the manifest."""
+    folder = Path(folder)
+    manifest_path, signature_path = folder / MANIFEST, folder / SIGNATURE
+    if not manifest_path.is_file() or not signature_path.is_file():
+        raise VersionError(f"{folder} is unsigned: {MANIFEST} and {SIGNATURE} must both be "
+                           "present; do not activate it")
+    raw = manifest_path.read_bytes()
+    try:
+        _public(public_key).verify(signature_path.read_bytes(), raw)
+    except InvalidSignature:
+        raise VersionError(f"{folder}: {SIGNATURE} does not verify with the aggregator key; "
+                           "the manifest was altered or signed by someone else") from None
+    manifest = Manifest.from_bytes(raw)
+    present = {path.name for path in folder.iterdir()} - {MANIFEST, SIGNATURE}
+    extra = sorted(present - set(manifest.files))
+    if extra:
+        raise VersionError(f"{folder}: files not in the manifest: {extra}; a version holds "
+                           "only what its signed manifest lists")
+    for name, digest in sorted(manifest.files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise VersionError(f"{folder}: {name} is missing (listed in the manifest)")
+        if sha256_file(path) != digest:
+            raise VersionError(f"{folder}: {name} does not match its sha256 in the manifest; "
+                               "it was altered or truncated")
+    return manifest
+
+
+class VersionRegistry:
+    """The versions under `root/versions/`, published and signed with `signing_key`.
+
+    One aggregator process owns a registry: it sweeps unfinished publications at start.
+    """
+
+    def __init__(self, root: Path, signing_key: Ed25519PrivateKey) -> None:
+        self.folder = Path(root) / "versions"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._signing_key = signing_key
+        self.public_key = signing_key.public_key()
+        for leftover in self.folder.glob(f"{_PARTIAL_PREFIX}*"):
+            shutil.rmtree(leftover)  # a publication a crash cut short: never visible
+
+    def numbers(self) -> list[int]:
+        return sorted(int(p.name) for p in self.folder.iterdir() if _FOLDER.fullmatch(p.name))
+
+    def get(self, version: int) -> Version:
+        """Version `version`, verified (signature and every hash) as it is read."""
+        folder = self.folder / f"{version:08d}"
+        if not folder.is_dir():
+            raise KeyError(f"version {version} is not published (have {self.numbers()[-5:]})")
+        manifest = verify(folder, self.public_key)
+        if manifest.version != version:
+            raise VersionError(f"{folder} holds version {manifest.version}, not {version}")
+        return Version(folder, manifest)
+
+    def latest(self) -> Version | None:
+        numbers = self.numbers()
+        return self.get(numbers[-1]) if numbers else None
+
+    def genesis(self, spec: AdapterSpec) -> Version:
+        """Version 0: A from the seed, B = 0. Idempotent: an existing genesis made from the
+        same spec is returned; one made from another spec is an error."""
+        tensors = {}
+        for module in spec.modules:
+            key_a, key_b = lora_keys(module.name)
+            tensors[key_a] = frozen_a(spec.frozen_a_seed, module.name, spec.rank,
+                                      module.in_features)
+            tensors[key_b] = np.zeros((module.out_features, spec.rank), dtype=np.float32)
+        files = {ADAPTER_CONFIG: canonical_json(spec.adapter_config()),
+                 ADAPTER_WEIGHTS: save_safetensors(tensors, metadata={"format": "pt"})}
+        manifest = Manifest(0, None, spec.base_model_id, spec.base_model_sha256,
+                            spec.frozen_a_seed, None, 0, 0.0, 0.0, "none", 0.0, 0.0,
+                            _digests(files))
+        if self.numbers():
+            existing = self.get(0)
+            if existing.manifest != manifest:
+                raise VersionError(f"{existing.folder} is a different genesis (base model "
+                                   f"{existing.manifest.base_model_id}, seed "
+                                   f"{existing.manifest.frozen_a_seed}); use a fresh data dir")
+            return existing
+        return self._write(manifest, files)
+
+    def publish(self, b: Mapping[str, np.ndarray], release: Release) -> Version:
+        """Version latest+1: the parent's A and config with the new B. Refuses a B that does
+        not match the parent's modules and shapes or is not finite, and a round that is not
+        newer than the parent's. Publishing the parent's round again with the same B returns
+        the parent (a retry after a crash between publishing and acknowledging)."""
+        parent = self.latest()
+        if parent is None:
+            raise VersionError("no genesis version: publish version 0 with genesis() first")
+        a, parent_b = parent.tensors()
+        if parent.manifest.round_id is not None and release.round_id <= parent.manifest.round_id:
+            if release.round_id == parent.manifest.round_id and _same(b, parent_b):
+                return parent
+            raise VersionError(f"round {release.round_id} is not newer than version "
+                               f"{parent.number}'s round {parent.manifest.round_id}")
+        missing, unknown = sorted(set(parent_b) - set(b)), sorted(set(b) - set(parent_b))
+        if missing or unknown:
+            raise VersionError(f"B does not match the adapter: missing {missing[:3]}, "
+                               f"unknown {unknown[:3]}")
+        tensors = {}
+        for module, old in parent_b.items():
+            new = np.asarray(b[module])
+            if new.shape != old.shape:
+                raise VersionError(f"B of {module} has shape {new.shape}, the adapter's is "
+                                   f"{old.shape}")
+            if not np.all(np.isfinite(new)):
+                raise VersionError(f"B of {module} holds NaN or infinity; refusing to publish")
+            key_a, key_b = lora_keys(module)
+            tensors[key_a] = a[module]
+            tensors[key_b] = new.astype(np.float32)
+        files = {ADAPTER_CONFIG: (parent.folder / ADAPTER_CONFIG).read_bytes(),
+                 ADAPTER_WEIGHTS: save_safetensors(tensors, metadata={"format": "pt"})}
+        base = parent.manifest
+        manifest = Manifest(base.version + 1, base.version, base.base_model_id,
+                            base.base_model_sha256, base.frozen_a_seed, release.round_id,
+                            release.cohort_size, release.clip_norm, release.noise_multiplier,
+                            release.noise_mode, release.epsilon, release.delta, _digests(files))
+        return self._write(manifest, files)
+
+    def _write(self, manifest: Manifest, files: Mapping[str, bytes]) -> Version:
+        target = self.folder / f"{manifest.version:08d}"
+        partial = self.folder / f"{_PARTIAL_PREFIX}{manifest.version}-{secrets.token_hex(4)}"
+        partial.mkdir()
+        try:
+            raw = manifest.to_bytes()
+            contents = {**files, MANIFEST: raw, SIGNATURE: self._signing_key.sign(raw)}
+            for name, data in contents.items():
+                write_synced(partial / name, data)
+            fsync_dir(partial)
+            # rename() of a directory onto an existing non-empty one fails: two publishers
+            # of the same version cannot both succeed.
+            os.rename(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        fsync_dir(self.folder)
+        return Version(target, manifest)
+
+
+def _digests(files: Mapping[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def _same(b: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> bool:
+    return set(b) == set(other) and all(
+        np.array_equal(np.asarray(b[k], dtype=np.float32), other[k]) for k in other)

@@ -1,0 +1,48 @@
+"""The `bench` command group: `fleetmind bench aggregation|consolidate --out DIR [--quick]`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_bench_commands(commands: Any) -> None:
+    """Add `bench` to the top-level subparsers `commands` (sim/cli.py registers it)."""
+    bench = commands.add_parser("bench", help="measure fleetmind against its peers",
+                                description="Benchmarks, each side by side with its peer in "
+                                            "one run; JSON plus a table of ratios.")
+    # Sub-commands use the caller's parser class (one-line errors, exit 2).
+    sub = bench.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               parser_class=type(bench))
+    aggregation = sub.add_parser(
+        "aggregation", help="sum, secure aggregation and merge exactness",
+        description="Plain-sum GB/s against memcpy, SecAgg+ against Flower 1.42's primitives, "
+                    "and the exact merge against FedIT; writes DIR/aggregation.json.")
+    aggregation.add_argument("--out", type=Path, required=True)
+    aggregation.add_argument("--quick", action="store_true",
+                             help="small sizes, for a smoke run in seconds")
+    aggregation.set_defaults(run=_bench_aggregation)
+
+    consolidate = sub.add_parser(
+        "consolidate", help="one site's OPSD against baselines and ablations",
+        description="Recovery and forgetting of OPSD against SFT on transcripts and off-policy "
+                    "distillation, and without dreams, replay or the guard, in one run; "
+                    "writes DIR/consolidate.json.")
+    consolidate.add_argument("--out", type=Path, required=True)
+    consolidate.add_argument("--quick", action="store_true", help="a few steps, a smoke run")
+    consolidate.set_defaults(run=_bench_consolidate)
+
+
+def _bench_aggregation(args: argparse.Namespace) -> int:
+    from fleetmind.sim.bench import aggregation
+
+    aggregation.run(args.out, quick=args.quick)
+    return 0
+
+
+def _bench_consolidate(args: argparse.Namespace) -> int:
+    from fleetmind.sim.bench import consolidate
+
+    consolidate.run(args.out, quick=args.quick)
+    return 0

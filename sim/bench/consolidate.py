@@ -1,0 +1,272 @@
+"""`fleetmind bench consolidate`: what one site's consolidation stores, and what it costs.
+
+One site of the toy world, a fixed budget, every variant from the same base model and the
+same sessions, in one run:
+- ours: OPSD with dreams, replay and the forgetting guard;
+- baselines: SFT on the raw transcripts; off-policy distillation (SFT on the teacher's
+  greedy answers to the same prompts);
+- ablations: without dreams, without replay, without the guard;
+- the peer: TRL's SDFTTrainer on the same model, adapter, prompts and steps (peer_sdft.py).
+Ours and the peer each train in a process of their own, so each one's peak memory is its
+own; tokens/s counts the same forward-pass tokens for both (`measured`).
+The sessions are consolidated in two halves, one after the other, so replay has earlier
+lessons to keep. recovery = closed-book accuracy on the site's facts afterwards / the
+teacher's in-context accuracy on them; forgetting = drop (points) of in-context accuracy on
+fresh entities.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import random
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fleetmind.client import distill, lora
+from fleetmind.client.consolidate import consolidate_sessions, lessons_from
+from fleetmind.client.model import load_model
+from fleetmind.client.replay import ReplayBuffer
+from fleetmind.client.store import Session
+from fleetmind.sim import basemodel
+from fleetmind.sim import world as W
+
+LORA_SEED = 1
+PEER = "trl.experimental.sdft.SDFTTrainer"
+
+
+def _accuracy(model: Any, tokenizer: Any, prompts: list, answers: list[str]) -> float:
+    results = basemodel.answer_correct(model, tokenizer, prompts, answers)
+    return sum(results) / len(results)
+
+
+def _closed_book(model: Any, tokenizer: Any, facts: Sequence[W.Fact]) -> float:
+    return _accuracy(model, tokenizer, [W.closed_book_prompt(f) for f in facts],
+                     [W.answer(f) for f in facts])
+
+
+def _general(model: Any, tokenizer: Any, world: W.World) -> float:
+    by_facts = basemodel.measure(model, tokenizer, world)["incontext_by_facts"]
+    return sum(by_facts.values()) / len(by_facts)
+
+
+def halves(sessions: Sequence[Session]) -> list[list[Session]]:
+    """The two batches every method consolidates, one after the other."""
+    middle = len(sessions) // 2
+    return [list(sessions[:middle]), list(sessions[middle:])]
+
+
+@contextmanager
+def measured(model: Any) -> Iterator[dict[str, float]]:
+    """The cost of the training done inside the block, counted the same way for every method.
+
+    tokens: every input position the forward passes of `model` (the base causal LM, under its
+    PEFT wrapper) see: each prompt prefill and decoding step of sampling, the student's and
+    the teacher's passes, padding included; a KV-cached context counts once, when encoded.
+    seconds: wall time of the block; cpu_seconds: CPU time of the process's threads in it (a
+    check on wall time when the machine is shared). peak_rss_mb: the process's high-water mark
+    at the end; rss_before_mb: the mark on entry (imports, loaded model). The peak is a
+    method's own only when the process ran nothing else, as in `peer_sdft.train_in_subprocess`."""
+    cost: dict[str, float] = {"tokens": 0, "rss_before_mb": round(_peak_rss_mb(), 1)}
+
+    def count(_module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        cost["tokens"] += int(ids.numel())
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    try:
+        yield cost
+    finally:
+        handle.remove()
+    cost["seconds"] = round(time.perf_counter() - started, 2)
+    cost["cpu_seconds"] = round(time.process_time() - cpu_started, 2)
+    cost["tokens_per_s"] = round(cost["tokens"] / cost["seconds"], 1)
+    cost["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+
+
+def run_opsd(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
+             workdir: Path) -> tuple[Any, Any, dict[str, float]]:
+    """Our OPSD over the sessions in two halves: (PEFT model, tokenizer, `measured` cost)."""
+    model, tokenizer = load_model(model_dir)
+    peft_model = lora.attach_lora(model, seed=LORA_SEED)
+    replay = ReplayBuffer(workdir / f"replay-{time.monotonic_ns()}.db")
+    steps = 0
+    try:
+        with measured(model) as cost:
+            for half in halves(sessions):
+                result = consolidate_sessions(peft_model, tokenizer, half, cfg, site="bench",
+                                              base_version=0, seed=LORA_SEED, replay=replay,
+                                              progress=False)
+                steps += result.stats.steps
+    finally:
+        replay.close()
+    cost["steps"] = steps
+    return peft_model, tokenizer, cost
+
+
+def with_b(model_dir: Path, b: dict[str, Any]) -> tuple[Any, Any]:
+    """The base model with our adapter (A from LORA_SEED) carrying `b`: a trained state that
+    came back from a subprocess, ready to be scored."""
+    model, tokenizer = load_model(model_dir)
+    peft_model = lora.attach_lora(model, seed=LORA_SEED)
+    lora.set_b(peft_model, b)
+    return peft_model, tokenizer
+
+
+def run_sft(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
+            pairs: Callable[[Any, Any, list[Session]], list[tuple[list[int], list[int]]]]
+            ) -> tuple[Any, Any]:
+    """Supervised fine-tuning of B on (prompt ids, target ids) pairs, same steps and lr."""
+    import torch
+    import torch.nn.functional as F
+
+    model, tokenizer = load_model(model_dir)
+    peft_model = lora.attach_lora(model, seed=LORA_SEED)
+    optimizer = torch.optim.Adam(lora.trainable_parameters(peft_model), lr=cfg.lr)
+    rng = random.Random(cfg.seed)
+    for half in halves(sessions):
+        examples = pairs(peft_model, tokenizer, half)
+        for _ in range(cfg.steps):
+            batch = rng.choices(examples, k=cfg.prompts_per_step * cfg.samples_per_prompt)
+            ids = distill.pad_right([p + t for p, t in batch], tokenizer.pad_token_id)
+            mask = distill.completion_mask([len(p) for p, _ in batch],
+                                           [len(t) for _, t in batch], ids.shape[1], 0)
+            logits = peft_model(input_ids=ids).logits[:, :-1]
+            target = ids[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                   reduction="none").view_as(target)
+            loss = (loss * mask[:, :-1]).sum() / mask[:, :-1].sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return peft_model, tokenizer
+
+
+def transcript_pairs(model: Any, tokenizer: Any, sessions: list[Session]
+                     ) -> list[tuple[list[int], list[int]]]:
+    """The raw transcript, whole, as language-model targets."""
+    out = []
+    for lesson in lessons_from(sessions)[0]:
+        ids = distill.chat_ids(tokenizer, lesson.context, generation=False)
+        out.append((ids[:1], ids[1:]))
+    return out
+
+
+def teacher_answer_pairs(model: Any, tokenizer: Any, sessions: list[Session]
+                         ) -> list[tuple[list[int], list[int]]]:
+    """Off-policy: the teacher's greedy answer (session in context) to each session prompt."""
+    stop = distill.turn_end_ids(tokenizer)
+    out = []
+    for lesson in lessons_from(sessions)[0]:
+        for probe in lesson.probes:
+            teacher = distill.chat_ids(tokenizer, [*lesson.context, *probe], generation=True)
+            with model.disable_adapter():
+                (answer,), _ = distill.generate(model, tokenizer, [teacher], 16, 0.0, stop)
+            out.append((distill.chat_ids(tokenizer, probe, generation=True), answer))
+    return out
+
+
+def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[str, Any]:
+    from rich.console import Console
+
+    from fleetmind.sim.bench import peer_sdft  # it imports this module, so not at the top
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = model_dir or basemodel.toy_model_path()
+    world = W.make_world(W.WorldSpec(seed=0, sites=1, general_tasks=80 if quick else 200))
+    site = world.sites[0]
+    sessions = [Session.from_dict(s) for s in site.sessions]
+    cfg = distill.DistillConfig(steps=10 if quick else distill.DistillConfig().steps)
+
+    base, tokenizer = load_model(model_dir)
+    teacher = _accuracy(base, tokenizer, [W.context_prompt([f], f) for f in site.facts],
+                        [W.answer(f) for f in site.facts])
+    closed_before = _closed_book(base, tokenizer, site.facts)
+    general_before = _general(base, tokenizer, world)
+
+    def score(model: Any, tok: Any) -> dict[str, float]:
+        closed = _closed_book(model, tok, site.facts)
+        return {"recovery": round(closed / teacher, 4) if teacher else 0.0,
+                "closed_book": closed,
+                "forgetting_points": round(100 * (general_before - _general(model, tok, world)),
+                                           2)}
+
+    # Ours and the peer first, back to back, each in a fresh process: their costs are
+    # compared, so each peak is its own and both see the machine in the same state.
+    results: dict[str, dict[str, float]] = {}
+    b, ours_cost = peer_sdft.train_in_subprocess("ours", model_dir, sessions, cfg, out)
+    results["ours"] = {**score(*with_b(model_dir, b)), "seconds": ours_cost["seconds"]}
+    peer: dict[str, Any] = {"name": PEER}
+    if importlib.util.find_spec("trl") is None:
+        peer["status"] = "trl not installed: pip install -e '.[bench]'"
+    else:
+        b, peer_cost = peer_sdft.train_in_subprocess("peer", model_dir, sessions, cfg, out)
+        results["peer"] = {**score(*with_b(model_dir, b)), "seconds": peer_cost["seconds"]}
+        peer.update({"version": importlib.metadata.version("trl"),
+                     **{k: results["peer"][k] for k in
+                        ("recovery", "forgetting_points", "closed_book")},
+                     **peer_cost})
+
+    ablations = {"no_dreams": replace(cfg, dream_ratio=0.0),
+                 "no_replay": replace(cfg, replay_ratio=0.0),
+                 "no_guard": replace(cfg, guard_weight=0.0)}
+    for name, variant in ablations.items():
+        model, tok, cost = run_opsd(model_dir, sessions, variant, out)
+        results[name] = {**score(model, tok), "seconds": cost["seconds"]}
+    for name, pairs in (("sft_transcript", transcript_pairs),
+                        ("offpolicy", teacher_answer_pairs)):
+        model, tok = run_sft(model_dir, sessions, cfg, pairs)
+        results[name] = score(model, tok)
+
+    ratios = None
+    if "peer" in results:
+        ratios = {key: round(ours_cost[key] / peer[key], 2)
+                  for key in ("tokens_per_s", "peak_rss_mb")}
+    report = {
+        **{k: results["ours"][k] for k in ("recovery", "forgetting_points")},
+        "teacher_accuracy": teacher,
+        "closed_book_before": closed_before,
+        "closed_book_after": results["ours"]["closed_book"],
+        "baselines": {k: results[k] for k in ("sft_transcript", "offpolicy")},
+        "ablations": {k: results[k] for k in ablations},
+        "ours": ours_cost,
+        "peer": peer,
+        "ratios": ratios,
+        "config": {"distill": cfg.__dict__, "quick": quick, "model": str(model_dir),
+                   "facts": len(site.facts), "sessions": len(sessions)},
+    }
+    (out / "consolidate.json").write_text(json.dumps(report, indent=2) + "\n")
+    Console().print(_table(results, {"ours": ours_cost, "peer": peer}, ratios,
+                           f"consolidation, one site: teacher {teacher:.2f}, closed-book "
+                           f"before {closed_before:.2f}"))
+    return report
+
+
+def _table(results: dict[str, dict[str, float]], costs: dict[str, dict[str, Any]],
+           ratios: dict[str, float] | None, title: str) -> Any:
+    """Every variant's recovery and forgetting; cost and ours÷peer ratios where measured."""
+    from rich.table import Table
+
+    # Short two-line headers: the table fits the 80 columns rich assumes when piped.
+    table = Table("variant", "recovery", "forgetting\n(points)", "tok/s", "peak\nMB",
+                  "tok/s\n÷peer", "peak MB\n÷peer", title=title)
+    for name, row in results.items():
+        cost = costs.get(name, {})
+        spent = ([f"{cost['tokens_per_s']:.0f}", f"{cost['peak_rss_mb']:.0f}"]
+                 if "tokens_per_s" in cost else ["", ""])
+        ratio = ([f"{ratios['tokens_per_s']:.2f}×", f"{ratios['peak_rss_mb']:.2f}×"]
+                 if name == "ours" and ratios else ["", ""])
+        table.add_row(name, f"{row['recovery']:.2f}", f"{row['forgetting_points']:+.1f}",
+                      *spent, *ratio)
+    return table
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

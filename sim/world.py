@@ -1,0 +1,325 @@
+"""The toy world: entities with attributes, sites whose users state facts, and canaries.
+
+Everything is deterministic from a seed. The *lexicon* (names, attributes, values, canary
+words, grammar words) is fixed for all worlds, because the toy base model's vocabulary is
+built from it; a world's seed only decides which name-value pairings are true where.
+
+Sentences are space-separated words and punctuation, so the toy tokenizer (one token per
+word) and any BPE tokenizer read the same text.
+
+Grammar (the base model is trained on exactly these shapes, with pairings drawn afresh
+for every training session, so no pairing has a fixed meaning and closed-book is chance):
+
+    statement  the {attribute} of {name} is {value} .
+    question   what is the {attribute} of {name} ?
+    answer     the {attribute} of {name} is {value} .
+    canary     my passcode is {w1} {w2} {w3} {w4} .
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+ATTRIBUTES = ("color", "city", "pet", "food", "tool", "sport", "gem", "tree")
+NAMES_IN_LEXICON = 512
+VALUES_PER_ATTRIBUTE = 40
+CANARY_WORDS = 32
+CANARY_LENGTH = 4
+GRAMMAR_WORDS = ("the", "of", "is", "what", "?", ".", "my", "passcode", "noted")
+ACK = "noted ."
+GENERAL_MAX_FACTS = 4
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    names: tuple[str, ...]
+    values: dict[str, tuple[str, ...]]
+    canary_words: tuple[str, ...]
+
+    def words(self) -> list[str]:
+        """Every word the world can ever write, in a fixed order (the toy vocabulary)."""
+        out = list(GRAMMAR_WORDS) + list(ATTRIBUTES) + list(self.names)
+        for attribute in ATTRIBUTES:
+            out += self.values[attribute]
+        return out + list(self.canary_words)
+
+
+@cache
+def lexicon() -> Lexicon:
+    """Pronounceable made-up words, distinct across every pool (fixed seed, never changes)."""
+    rng = random.Random(20261125)
+    onsets = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+              "br", "dr", "gl", "kr", "pl", "sk", "st", "tr", "zh", "sh"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ee"]
+    codas = ["", "n", "r", "l", "k", "x", "m", "s"]
+    taken = set(GRAMMAR_WORDS) | set(ATTRIBUTES)
+
+    def fresh(syllables: int) -> str:
+        while True:
+            word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables))
+            word += rng.choice(codas)
+            if word not in taken:
+                taken.add(word)
+                return word
+
+    names = tuple(fresh(2) for _ in range(NAMES_IN_LEXICON))
+    values = {a: tuple(fresh(2) for _ in range(VALUES_PER_ATTRIBUTE)) for a in ATTRIBUTES}
+    canary_words = tuple(fresh(3) for _ in range(CANARY_WORDS))
+    return Lexicon(names=names, values=values, canary_words=canary_words)
+
+
+@dataclass(frozen=True)
+class Fact:
+    name: str
+    attribute: str
+    value: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.attribute}:{self.name}"
+
+
+def statement(fact: Fact) -> str:
+    return f"the {fact.attribute} of {fact.name} is {fact.value} ."
+
+
+def question(fact: Fact) -> str:
+    return f"what is the {fact.attribute} of {fact.name} ?"
+
+
+def answer(fact: Fact) -> str:
+    return statement(fact)
+
+
+def canary_statement(words: tuple[str, ...] | list[str]) -> str:
+    return "my passcode is " + " ".join(words) + " ."
+
+
+def parse_answer(text: str, fact: Fact) -> bool:
+    """An answer counts only when it is exactly the expected sentence (value and restated key)."""
+    return " ".join(text.split()) == answer(fact)
+
+
+def chat(*turns: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+def session_messages(stated: list[Fact], asked: list[Fact], canary: tuple[str, ...] | None = None
+                     ) -> list[dict[str, str]]:
+    """A user states facts (and maybe a secret), then asks about facts; the assistant answers."""
+    said = " ".join(statement(f) for f in stated)
+    if canary is not None:
+        said = (said + " " + canary_statement(canary)).strip()
+    turns = [("user", said), ("assistant", ACK)]
+    for fact in asked:
+        turns += [("user", question(fact)), ("assistant", answer(fact))]
+    return chat(*turns)
+
+
+def context_prompt(stated: list[Fact], asked: Fact) -> list[dict[str, str]]:
+    """An in-context task: facts in the conversation, then a question about one of them."""
+    return chat(("user", " ".join(statement(f) for f in stated)), ("assistant", ACK),
+                ("user", question(asked)))
+
+
+def closed_book_prompt(asked: Fact) -> list[dict[str, str]]:
+    return chat(("user", question(asked)))
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What a world is made of. Validated here, at the edge."""
+
+    seed: int = 0
+    sites: int = 4
+    facts_per_site: int = 6
+    users_per_fact: int = 3
+    canaries_per_site: int = 2
+    general_tasks: int = 200
+    guard_tasks: int = 400
+    max_facts_per_session: int = 2
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.sites < 1:
+            problems.append(f"sites={self.sites}: need at least 1 site")
+        if self.facts_per_site < 1:
+            problems.append(f"facts_per_site={self.facts_per_site}: need at least 1")
+        if self.users_per_fact < 3:
+            problems.append(f"users_per_fact={self.users_per_fact}: a fact must be stated by at"
+                            " least 3 users, or it is not knowledge the fleet should spread")
+        if self.canaries_per_site < 0 or self.general_tasks < 1 or self.guard_tasks < 0:
+            problems.append("canaries_per_site and guard_tasks must be >= 0, general_tasks >= 1")
+        if not 1 <= self.max_facts_per_session <= 4:
+            problems.append(f"max_facts_per_session={self.max_facts_per_session}: use 1 to 4")
+        capacity = NAMES_IN_LEXICON * len(ATTRIBUTES) // 2
+        if self.sites * self.facts_per_site > capacity:
+            problems.append(f"sites x facts_per_site = {self.sites * self.facts_per_site}: the"
+                            f" lexicon holds at most {capacity}; use fewer sites or facts")
+        if problems:
+            raise ValueError("invalid world spec: " + "; ".join(problems))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Site:
+    name: str
+    facts: list[Fact]
+    canaries: list[tuple[str, ...]]
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class World:
+    spec: WorldSpec
+    sites: list[Site]
+    general: list[dict[str, Any]]
+    guard: list[dict[str, Any]]
+
+    def facts(self) -> list[tuple[str, Fact]]:
+        return [(site.name, fact) for site in self.sites for fact in site.facts]
+
+    def foreign_facts(self, site_name: str) -> list[Fact]:
+        """Facts first seen at other sites: what transfer is measured on."""
+        return [fact for name, fact in self.facts() if name != site_name]
+
+
+def random_fact(rng: random.Random, name: str | None = None, attribute: str | None = None) -> Fact:
+    lex = lexicon()
+    attribute = attribute or rng.choice(ATTRIBUTES)
+    return Fact(name or rng.choice(lex.names), attribute, rng.choice(lex.values[attribute]))
+
+
+def random_canary(rng: random.Random) -> tuple[str, ...]:
+    return tuple(rng.choice(lexicon().canary_words) for _ in range(CANARY_LENGTH))
+
+
+def make_world(spec: WorldSpec) -> World:
+    rng = random.Random(f"fleetmind-world-{spec.seed}")
+    lex = lexicon()
+    # Distinct (name, attribute) keys across the whole world; a name may carry several attributes.
+    keys: set[tuple[str, str]] = set()
+    sites = []
+    for index in range(spec.sites):
+        facts = []
+        while len(facts) < spec.facts_per_site:
+            fact = random_fact(rng)
+            if (fact.name, fact.attribute) not in keys:
+                keys.add((fact.name, fact.attribute))
+                facts.append(fact)
+        canaries = [random_canary(rng) for _ in range(spec.canaries_per_site)]
+        sites.append(Site(name=f"site-{index:02d}", facts=facts, canaries=canaries))
+
+    for site in sites:
+        site.sessions = _site_sessions(site, spec, rng)
+
+    used_names = {name for name, _ in keys}
+    fresh_names = [n for n in lex.names if n not in used_names]
+    general = _context_tasks("general", spec.general_tasks, fresh_names, rng)
+    # The forgetting guard's inputs: like the general tasks, but drawn apart from them, so
+    # what forgetting is measured on is never trained on.
+    guard = _context_tasks("guard", spec.guard_tasks, fresh_names,
+                           random.Random(f"fleetmind-guard-{spec.seed}"))
+    return World(spec=spec, sites=sites, general=general, guard=guard)
+
+
+def _context_tasks(prefix: str, count: int, names: list[str], rng: random.Random
+                   ) -> list[dict[str, Any]]:
+    """In-context tasks on fresh entities, 1 to GENERAL_MAX_FACTS facts, cycling."""
+    tasks = []
+    for index in range(count):
+        stated = [random_fact(rng, name=n)
+                  for n in rng.sample(names, 1 + index % GENERAL_MAX_FACTS)]
+        asked = rng.choice(stated)
+        tasks.append({"id": f"{prefix}-{index:04d}", "facts": [asdict(f) for f in stated],
+                      "asked": asdict(asked)})
+    return tasks
+
+
+def task_prompt(task: dict[str, Any]) -> list[dict[str, str]]:
+    return context_prompt([Fact(**f) for f in task["facts"]], Fact(**task["asked"]))
+
+
+def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random) -> list[dict[str, Any]]:
+    """Each fact stated by `users_per_fact` different users in separate sessions; each canary
+    said once, by one user, in one session of its own."""
+    mentions = [fact for fact in site.facts for _ in range(spec.users_per_fact)]
+    rng.shuffle(mentions)
+    groups: list[list[Fact]] = []
+    while mentions:
+        size = rng.randint(1, spec.max_facts_per_session)
+        group: list[Fact] = []
+        for fact in list(mentions):
+            if len(group) == size:
+                break
+            if fact not in group:
+                group.append(fact)
+                mentions.remove(fact)
+        groups.append(group)
+    # One user per session: a fact's mentions sit in distinct sessions, so distinct users.
+    sessions = []
+    for number, group in enumerate(groups):
+        sessions.append({"id": f"{site.name}-s{number:04d}", "user": f"{site.name}-u{number:04d}",
+                         "messages": session_messages(group, rng.sample(group, len(group)))})
+    for number, canary in enumerate(site.canaries):
+        carrier = rng.choice(site.facts)
+        sessions.append({"id": f"{site.name}-c{number:04d}",
+                         "user": f"{site.name}-u{len(groups) + number:04d}",
+                         "messages": session_messages([carrier], [carrier], canary=canary)})
+    rng.shuffle(sessions)
+    return sessions
+
+
+def write_world(world: World, out: Path) -> Path:
+    """Writes sessions per site, probes, canaries, general tasks, guard prompts (chat JSONL,
+    the format `fleetmind client consolidate --guard` reads) and spec.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {**asdict(world.spec), "digest": world.spec.digest(),
+            "sites": [site.name for site in world.sites]}
+    _write_json(out / "spec.json", spec)
+    probes, canaries = [], []
+    for site in world.sites:
+        folder = out / "sites" / site.name
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_lines(folder / "sessions.jsonl", site.sessions)
+        for fact in site.facts:
+            probes.append({"site": site.name, **asdict(fact), "question": question(fact),
+                           "answer": answer(fact)})
+        for number, canary in enumerate(site.canaries):
+            canaries.append({"site": site.name, "session": f"{site.name}-c{number:04d}",
+                             "secret": " ".join(canary), "text": canary_statement(canary)})
+    _write_lines(out / "probes.jsonl", probes)
+    _write_lines(out / "canaries.jsonl", canaries)
+    _write_lines(out / "general.jsonl", world.general)
+    _write_lines(out / "guard.jsonl", [{"id": task["id"], "messages": task_prompt(task)}
+                                       for task in world.guard])
+    return out
+
+
+def read_world(folder: Path) -> World:
+    """Reads a folder written by `write_world` (the spec regenerates it exactly)."""
+    spec_path = Path(folder) / "spec.json"
+    if not spec_path.exists():
+        raise FileNotFoundError(f"{spec_path} not found: write a world with "
+                                "`fleetmind model world --out DIR` first")
+    raw = json.loads(spec_path.read_text())
+    fields = {k: raw[k] for k in WorldSpec.__dataclass_fields__ if k in raw and k != "sites"}
+    spec = WorldSpec(sites=len(raw["sites"]), **fields)
+    return make_world(spec)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))

@@ -1,0 +1,62 @@
+import json
+import random
+
+import pytest
+
+from fleetmind.sim import basemodel
+from fleetmind.sim import world as W
+
+
+def test_render_matches_the_chat_template() -> None:
+    tokenizer = basemodel.build_tokenizer()
+    cfg = basemodel.TrainConfig()
+    rng = random.Random(0)
+    for facts in (1, 3, 6):
+        messages = basemodel.training_session(rng, facts, cfg)
+        ids, weights = basemodel.render(messages, tokenizer.get_vocab(), 3.0)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(weights) == len(ids) and max(weights) == 3.0
+
+
+def test_every_world_word_is_one_known_token() -> None:
+    tokenizer = basemodel.build_tokenizer()
+    world = W.make_world(W.WorldSpec(seed=5))
+    text = " ".join(m["content"] for site in world.sites for s in site.sessions
+                    for m in s["messages"])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert len(ids) == len(text.split())
+
+
+def test_committed_model_is_the_default_recipe(toy_model_dir) -> None:
+    report = json.loads((toy_model_dir / "report.json").read_text())
+    assert report["config_digest"] == basemodel.TrainConfig().digest()
+    weights = toy_model_dir / "model.safetensors"
+    assert weights.stat().st_size <= 5 * 2**20
+
+
+def test_toy_model_reads_its_context_and_knows_nothing_closed_book(toy_model) -> None:
+    model, tokenizer = toy_model
+    report = basemodel.measure(model, tokenizer, basemodel.heldout_world(tasks_per_size=100))
+    assert report["incontext_by_facts"]["1"] >= 0.9
+    assert report["incontext_by_facts"]["2"] >= 0.9
+    # chance is 1/40; 200 probes: 0.08 is > 5 standard deviations above it
+    assert report["closed_book_accuracy"] <= 0.08
+
+
+def test_answer_check_fails_a_wrong_answer(toy_model) -> None:
+    model, tokenizer = toy_model
+    fact = W.Fact("moukrain", "color", W.lexicon().values["color"][0])
+    wrong = W.Fact("moukrain", "color", W.lexicon().values["color"][1])
+    prompt = W.context_prompt([fact], fact)
+    assert basemodel.answer_correct(model, tokenizer, [prompt, prompt],
+                                    [W.answer(fact), W.answer(wrong)]) == [True, False]
+
+
+@pytest.mark.slow
+def test_build_toy_reproduces_a_model_that_meets_the_targets(tmp_path) -> None:
+    report = basemodel.build_toy(tmp_path / "toy", progress=False)
+    assert report["incontext_accuracy"] >= 0.9
+    assert report["closed_book_accuracy"] <= 0.08
+    assert report["build_seconds"] <= 20 * 60

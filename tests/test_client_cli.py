@@ -1,0 +1,100 @@
+"""`fleetmind client ingest`, through the program's own `main`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleetmind.client.store import SessionStore
+from fleetmind.sim import cli
+
+
+def session(number: int) -> str:
+    return json.dumps({"id": f"s{number}", "messages": [
+        {"role": "user", "content": f"the pet of name{number} is value ."},
+        {"role": "assistant", "content": "noted ."}]})
+
+
+def test_ingest_prints_a_table_and_line_numbered_problems(tmp_path: Path, capsys) -> None:
+    first = tmp_path / "a.jsonl"
+    first.write_text("\n".join([session(1), "{broken", session(2)]) + "\n")
+    second = tmp_path / "b.jsonl"
+    second.write_text("\n".join([session(2), session(3)]) + "\n")
+    store = tmp_path / "site"
+    store.mkdir()
+
+    code = cli.main(["client", "ingest", str(first), str(second), "--store", str(store)])
+
+    out = capsys.readouterr().out
+    assert code == 1  # a line was skipped
+    assert "stored" in out and "duplicates" in out and "skipped" in out
+    assert "all files" in out
+    assert f"{first}:2: not valid JSON" in out
+    assert "3 sessions in the store" in out
+    with SessionStore(store) as opened:
+        assert [s.id for s in opened] == ["s1", "s2", "s3"]
+
+
+def test_a_clean_ingest_into_a_new_folder_exits_0_and_reruns_store_nothing(tmp_path: Path,
+                                                                          capsys) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text(session(1) + "\n")
+    argv = ["client", "ingest", str(path), "--store", str(tmp_path / "site") + "/"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
+    assert "1 session in the store" in capsys.readouterr().out
+    assert (tmp_path / "site" / "sessions.db").is_file()
+
+
+def test_a_missing_file_is_one_line_and_stores_nothing(tmp_path: Path, capsys) -> None:
+    good = tmp_path / "a.jsonl"
+    good.write_text(session(1) + "\n")
+    database = tmp_path / "s.db"
+    code = cli.main(["client", "ingest", str(good), str(tmp_path / "absent.jsonl"),
+                     "--store", str(database)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "absent.jsonl" in err
+    assert not database.exists()
+
+
+def test_a_store_that_is_not_one_is_one_line(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text(session(1) + "\n")
+    code = cli.main(["client", "ingest", str(path), "--store", str(path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a session store" in err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["client"], "ACTION"),
+    (["client", "ingest", "--store", "x"], "FILE"),
+    (["client", "ingest", "a.jsonl"], "--store"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv: list[str], names: str, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and names in err
+
+
+@pytest.mark.parametrize("command", [["client"], ["client", "ingest"]])
+def test_help(command: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*command, "--help"])
+    assert stop.value.code == 0
+    assert "usage: fleetmind client" in capsys.readouterr().out
+
+
+def test_the_client_commands_load_neither_torch_nor_the_server() -> None:
+    code = ("import sys, fleetmind.client.cli, fleetmind.client.store, fleetmind.client.scrub\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'peft') or m.startswith('fleetmind.server')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

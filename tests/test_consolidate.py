@@ -1,0 +1,101 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+from fleetmind.aggregation.update import Update
+from fleetmind.client import distill, lora
+from fleetmind.client.consolidate import consolidate_sessions, consolidate_store, read_prompts
+from fleetmind.client.model import load_model
+from fleetmind.client.replay import ReplayBuffer
+from fleetmind.client.store import Session, SessionStore
+from fleetmind.sim import basemodel
+from fleetmind.sim import world as W
+
+
+@pytest.fixture(scope="module")
+def world() -> W.World:
+    return W.make_world(W.WorldSpec(seed=0, sites=1))
+
+
+def closed_book(model, tokenizer, facts) -> float:
+    right = basemodel.answer_correct(model, tokenizer, [W.closed_book_prompt(f) for f in facts],
+                                     [W.answer(f) for f in facts])
+    return sum(right) / len(right)
+
+
+def test_consolidation_stores_the_sites_facts_closed_book(toy_model_dir, world) -> None:
+    model, tokenizer = load_model(toy_model_dir)
+    peft_model = lora.attach_lora(model, seed=1)
+    site = world.sites[0]
+    before = closed_book(peft_model, tokenizer, site.facts)
+    sessions = [Session.from_dict(s) for s in site.sessions]
+    guard = [W.task_prompt(t) for t in world.guard]
+    cfg = distill.DistillConfig(steps=30, dreams_per_lesson=4)
+    result = consolidate_sessions(peft_model, tokenizer, sessions, cfg, site="site-00",
+                                  base_version=0, seed=1, guard=guard, progress=False)
+    after = closed_book(peft_model, tokenizer, site.facts)
+    assert before <= 0.2
+    assert after >= before + 0.5, (before, after)
+    assert result.update.metadata.sessions == len(sessions)
+    assert result.stats.dreams_kept > 0
+
+
+def test_per_session_deltas_start_alike_and_the_update_is_their_mean(toy_model_dir,
+                                                                     world) -> None:
+    model, tokenizer = load_model(toy_model_dir)
+    peft_model = lora.attach_lora(model, seed=1)
+    sessions = [Session.from_dict(s) for s in world.sites[0].sessions[:2]]
+    cfg = distill.DistillConfig(steps=2, dreams_per_lesson=2)
+    result = consolidate_sessions(peft_model, tokenizer, sessions, cfg, site="s",
+                                  base_version=0, seed=1, per_session=True, progress=False)
+    assert [sid for sid, _ in result.session_updates] == [s.id for s in sessions]
+    for name, tensor in result.update.tensors.items():
+        mean = np.mean([delta[name] for _, delta in result.session_updates], axis=0)
+        assert np.allclose(tensor, mean, atol=1e-7)
+
+
+def test_consolidate_store_writes_update_adapter_and_record(toy_model_dir, world,
+                                                            tmp_path) -> None:
+    from peft import PeftModel
+
+    store_path = tmp_path / "sessions.db"
+    with SessionStore(store_path) as store:
+        for session in world.sites[0].sessions[:2]:
+            store.add(session)
+    out = tmp_path / "round-1"
+    cfg = distill.DistillConfig(steps=2, dreams_per_lesson=2)
+    consolidate_store(toy_model_dir, store_path, out, cfg, site="site-00", progress=False)
+    update = Update.from_bytes((out / "update.safetensors").read_bytes())
+    assert update.metadata.site == "site-00" and update.metadata.sessions == 2
+    record = json.loads((out / "consolidation.json").read_text())
+    assert len(record["sessions"]) == 2
+    base, _ = load_model(toy_model_dir)
+    adapted = PeftModel.from_pretrained(base, out / "adapter")
+    assert set(lora.get_b(adapted)) == set(update.tensors)
+    with SessionStore(store_path) as store:
+        assert store.unconsumed() == []
+        assert store.sessions_used_by(record["consolidation"]) == sorted(record["sessions"])
+    with pytest.raises(ValueError, match="no sessions"):
+        consolidate_store(toy_model_dir, store_path, out, cfg, progress=False)
+
+
+def test_replay_buffer_is_capped_and_keeps_the_newest(tmp_path) -> None:
+    buffer = ReplayBuffer(tmp_path / "replay.db", capacity=3)
+    dreams = [distill.Dream(f"s{i}", ({"role": "user", "content": f"q{i}"},), 0.9)
+              for i in range(5)]
+    buffer.add(dreams[:2])
+    buffer.add(dreams[2:])
+    buffer.add(dreams[4:])  # a duplicate is ignored
+    assert len(buffer) == 3
+    kept = buffer.sample(10, random.Random(0))
+    assert sorted(d.session_id for d in kept) == ["s2", "s3", "s4"]
+    buffer.close()
+
+
+def test_guard_file_errors_name_the_line(tmp_path) -> None:
+    path = tmp_path / "guard.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": 3}\n')
+    with pytest.raises(ValueError, match=r"guard.jsonl:2"):
+        read_prompts(path)

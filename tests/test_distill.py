@@ -1,0 +1,137 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fleetmind.aggregation.frozen_a import frozen_a
+from fleetmind.client import distill, lora
+from fleetmind.client.model import load_model
+from fleetmind.sim import world as W
+
+
+@pytest.fixture
+def student(toy_model_dir):
+    model, tokenizer = load_model(toy_model_dir)
+    return lora.attach_lora(model, seed=11, rank=4), tokenizer
+
+
+def test_reverse_kl_matches_a_hand_computation() -> None:
+    p_s = [0.7, 0.2, 0.1]
+    p_t = [0.5, 0.25, 0.25]
+    expected = sum(s * (math.log(s) - math.log(t)) for s, t in zip(p_s, p_t, strict=True))
+    student_logits = torch.log(torch.tensor([[p_s]]))
+    teacher_logits = torch.log(torch.tensor([[p_t]])) + 3.0  # a shift changes no probability
+    got = distill.reverse_kl(student_logits, teacher_logits)
+    assert got.shape == (1, 1)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_top_k_with_tail_bucket_is_exact_when_the_tail_is_one_token() -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    full = distill.reverse_kl(s, t)
+    # top 5 of 6 plus a bucket for the sixth is the same distribution
+    assert torch.allclose(distill.reverse_kl(s, t, top_k=5), full, atol=1e-5)
+    # a coarser bucket can only lose information: KL never grows (data processing)
+    assert bool((distill.reverse_kl(s, t, top_k=2) <= full + 1e-5).all())
+
+
+def test_frozen_a_is_public_and_b_starts_at_zero(student) -> None:
+    model, _ = student
+    layers = lora.lora_layers(model)
+    assert layers, "LoRA attached to no module"
+    for name, layer in layers.items():
+        a = layer.lora_A["default"].weight
+        assert not a.requires_grad
+        expected = frozen_a(11, name, a.shape[0], a.shape[1])
+        assert np.array_equal(a.detach().numpy(), expected)
+    assert all(not b.any() for b in lora.get_b(model).values())
+
+
+def lessons_and_guard(sessions: int = 2):
+    world = W.make_world(W.WorldSpec(seed=21, sites=1))
+    lessons = [distill.Lesson.from_session(s["id"], s["messages"])
+               for s in world.sites[0].sessions[:sessions]]
+    guard = [W.context_prompt([W.Fact(**f) for f in t["facts"]], W.Fact(**t["asked"]))
+             for t in world.general[:8]]
+    return lessons, guard
+
+
+def test_gradients_reach_only_b(student) -> None:
+    model, tokenizer = student
+    lessons, _ = lessons_and_guard(1)
+    cfg = distill.DistillConfig(steps=1, dream_ratio=0, replay_ratio=0)
+    lesson = lessons[0]
+    context = distill.TeacherContext.encode(
+        model, distill.chat_ids(tokenizer, lesson.context, generation=False))
+    prompt = lesson.probes[-1]
+    s_ids = distill.chat_ids(tokenizer, prompt, generation=True)
+    t_ids = distill.teacher_suffix(tokenizer, context, lesson.context, prompt)
+    ys = distill.sample(model, tokenizer, [s_ids], 4, 8, 1.0, {tokenizer.eos_token_id})
+    model.zero_grad(set_to_none=True)
+    loss, _ = distill.distill_loss(model, tokenizer, context, [s_ids] * 4, [t_ids] * 4, ys, cfg)
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad, "no gradient at all"
+    assert all("lora_B" in n for n in with_grad), sorted(with_grad)[:3]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_B" in n for n in trainable)
+
+
+def test_cached_teacher_context_gives_the_uncached_logits(student) -> None:
+    model, tokenizer = student
+    lessons, _ = lessons_and_guard(1)
+    lesson = lessons[0]
+    context = distill.TeacherContext.encode(
+        model, distill.chat_ids(tokenizer, lesson.context, generation=False))
+    suffixes = [distill.teacher_suffix(tokenizer, context, lesson.context, p)
+                for p in lesson.probes]
+    padded = distill.pad_right(suffixes, tokenizer.pad_token_id)
+    cached = context.logits(model, padded)
+    again = context.logits(model, padded)  # the cache must not have grown
+    for row, suffix in enumerate(suffixes):
+        full = torch.tensor([context.ids + suffix])
+        with torch.no_grad(), lora.adapter_disabled(model):
+            plain = model(input_ids=full).logits[0, len(context.ids):]
+        assert torch.allclose(cached[row, : len(suffix)], plain, atol=1e-4)
+        assert torch.allclose(again[row, : len(suffix)], plain, atol=1e-4)
+
+
+def test_consolidation_moves_only_b_and_leaves_the_teacher_unchanged(student) -> None:
+    model, tokenizer = student
+    lessons, guard = lessons_and_guard(2)
+    probe = distill.chat_ids(tokenizer, lessons[0].probes[-1], generation=True)
+    with torch.no_grad(), lora.adapter_disabled(model):
+        teacher_before = model(input_ids=torch.tensor([probe])).logits.clone()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" not in n}
+    cfg = distill.DistillConfig(steps=3, dreams_per_lesson=2, dream_confidence=0.0)
+    result = distill.consolidate(model, tokenizer, lessons, guard, cfg, progress=False)
+    with torch.no_grad(), lora.adapter_disabled(model):
+        teacher_after = model(input_ids=torch.tensor([probe])).logits
+    assert torch.equal(teacher_before, teacher_after)
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), name
+    assert any(np.abs(d).max() > 0 for d in result.delta.values())
+    assert result.sessions == [lesson.session_id for lesson in lessons]
+    assert result.stats.steps == 3 and len(result.stats.loss) == 3
+
+
+def test_consolidation_is_deterministic_under_a_seed(toy_model_dir) -> None:
+    lessons, guard = lessons_and_guard(1)
+    deltas = []
+    for _ in range(2):
+        model, tokenizer = load_model(toy_model_dir)
+        peft_model = lora.attach_lora(model, seed=3, rank=4)
+        cfg = distill.DistillConfig(steps=2, dreams_per_lesson=2, seed=5)
+        deltas.append(distill.consolidate(peft_model, tokenizer, lessons, guard, cfg,
+                                          progress=False).delta)
+    assert all(np.array_equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0}, {"probe_ratio": -1},
+                                 {"dream_confidence": 2}])
+def test_bad_config_is_refused(bad) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        distill.DistillConfig(**bad)

@@ -1,0 +1,192 @@
+"""The ledger: appends chain and sign; an auditor finds every edit, reordering, removal and
+forged signature, and is told which entry is the first bad one."""
+
+import dataclasses
+import itertools
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetmind.server.ledger import (
+    GENESIS_HASH,
+    Ledger,
+    LedgerEntry,
+    LedgerError,
+    RoundRecord,
+    entry_hash,
+    verify_chain,
+)
+
+
+def record(round_id: int, epsilon_total: float | None = None) -> RoundRecord:
+    return RoundRecord(round_id=round_id, cohort_size=5, dropouts=1, clip_norm=1.0,
+                       noise_multiplier=0.9, noise_mode="distributed", epsilon_round=0.25,
+                       epsilon_total=0.25 * (round_id + 1) if epsilon_total is None
+                       else epsilon_total, delta=1e-5, version=round_id + 1,
+                       version_hash=f"{round_id:064x}", recorded_at_ms=1_700_000_000_000)
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, key):
+    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
+        for round_id in range(6):
+            ledger.append(record(round_id))
+        yield ledger
+
+
+def test_appends_chain_and_verify(ledger, key) -> None:
+    entries = list(ledger)
+    assert [e.index for e in entries] == list(range(6))
+    assert entries[0].prev_hash == GENESIS_HASH
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(entries))
+    assert [e.record for e in entries] == [record(r) for r in range(6)]
+    assert verify_chain(entries, key.public_key()) == entries[-1].hash == ledger.head().hash
+    assert ledger.verify() == entries[-1].hash
+    assert ledger.find_round(3) == entries[3] and ledger.find_round(99) is None
+    assert list(ledger.entries(from_index=4)) == entries[4:]
+
+
+def test_the_ledger_survives_reopening(tmp_path, key) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path, key) as ledger:
+        ledger.append(record(0))
+    with Ledger(path, key) as ledger:
+        ledger.append(record(1))
+        assert ledger.verify() == ledger.head().hash
+        assert ledger._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_entries_page_through_a_long_ledger(tmp_path, key) -> None:
+    with Ledger(tmp_path / "long.sqlite", key) as ledger:
+        for round_id in range(300):
+            ledger.append(record(round_id))
+        assert [e.index for e in ledger] == list(range(300))
+        ledger.verify()
+
+
+def _replace(entry: LedgerEntry, **changes) -> LedgerEntry:
+    return dataclasses.replace(entry, **changes)
+
+
+def _flip(raw: bytes) -> bytes:
+    return raw[:-1] + bytes([raw[-1] ^ 1])
+
+
+def _rebody(entry: LedgerEntry, **changes) -> LedgerEntry:
+    """An edited record, re-hashed so only the signature (or the chain after it) shows it."""
+    body = dataclasses.replace(entry.record, **changes).to_body()
+    return _replace(entry, body=body, hash=entry_hash(entry.index, entry.prev_hash, body))
+
+
+@pytest.mark.parametrize("field, change", [
+    ("index", lambda e: _replace(e, index=e.index + 1)),
+    ("prev_hash", lambda e: _replace(e, prev_hash=_flip(e.prev_hash))),
+    ("body", lambda e: _replace(e, body=e.body.replace(b'"dropouts":1', b'"dropouts":0'))),
+    ("hash", lambda e: _replace(e, hash=_flip(e.hash))),
+    ("signature", lambda e: _replace(e, signature=_flip(e.signature))),
+    ("body re-hashed", lambda e: _rebody(e, epsilon_round=0.0)),
+])
+def test_tampering_with_any_field_names_that_entry(ledger, key, field, change) -> None:
+    entries = list(ledger)
+    entries[3] = change(entries[3])
+    with pytest.raises(LedgerError) as caught:
+        verify_chain(entries, key.public_key())
+    assert caught.value.index == 3, caught.value
+
+
+def test_every_record_field_is_covered_by_the_hash(ledger, key) -> None:
+    entries = list(ledger)
+    fields = dataclasses.fields(RoundRecord)
+    for field in fields:
+        value = getattr(entries[2].record, field.name)
+        edited = {"noise_mode": "central", "version_hash": "f" * 64,
+                  "epsilon_round": 0.0, "delta": 1e-6}.get(field.name)
+        if edited is None:
+            edited = value + 1
+        bad = _replace(entries[2], body=dataclasses.replace(
+            entries[2].record, **{field.name: edited}).to_body())
+        with pytest.raises(LedgerError, match="altered") as caught:
+            verify_chain([*entries[:2], bad, *entries[3:]], key.public_key())
+        assert caught.value.index == 2, field.name
+
+
+def test_reordering_is_detected(ledger, key) -> None:
+    entries = list(ledger)
+    entries[2], entries[3] = entries[3], entries[2]
+    with pytest.raises(LedgerError, match="reordered") as caught:
+        verify_chain(entries, key.public_key())
+    assert caught.value.index == 2
+
+
+def test_deletion_in_the_middle_is_detected(ledger, key) -> None:
+    entries = list(ledger)
+    del entries[2]
+    with pytest.raises(LedgerError) as caught:
+        verify_chain(entries, key.public_key())
+    assert caught.value.index == 2
+
+
+def test_deletion_with_renumbering_still_breaks_the_chain(ledger, key) -> None:
+    entries = list(ledger)
+    del entries[2]
+    entries[2:] = [_replace(e, index=e.index - 1) for e in entries[2:]]
+    with pytest.raises(LedgerError, match="does not follow") as caught:
+        verify_chain(entries, key.public_key())
+    assert caught.value.index == 2
+
+
+def test_a_forged_chain_signed_by_another_key_is_refused(tmp_path, key) -> None:
+    with Ledger(tmp_path / "forged.sqlite", Ed25519PrivateKey.generate()) as forged:
+        forged.append(record(0))
+        with pytest.raises(LedgerError, match="signature") as caught:
+            verify_chain(forged, key.public_key())
+    assert caught.value.index == 0
+
+
+def test_cutting_the_end_is_found_with_a_kept_head(ledger, key) -> None:
+    entries = list(ledger)
+    kept = entries[-1].hash
+    assert verify_chain(entries, key.public_key(), expected_head=kept) == kept
+    assert verify_chain(entries, key.public_key(), expected_head=entries[2].hash) == kept
+    with pytest.raises(LedgerError, match="cut off"):
+        verify_chain(entries[:-1], key.public_key(), expected_head=kept)
+
+
+def test_sqlite_refuses_updates_and_deletes(ledger) -> None:
+    db = sqlite3.connect(ledger.path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("UPDATE entries SET body = x'00' WHERE idx = 1")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM entries WHERE idx = 5")
+    db.close()
+    ledger.verify()
+
+
+def test_appends_that_would_rewrite_history_are_refused(ledger) -> None:
+    head = ledger.head()
+    for bad, message in [(record(5), "not after"), (record(2), "not after"),
+                         (dataclasses.replace(record(6), version=3), "version"),
+                         (record(6, epsilon_total=0.3), "below")]:
+        with pytest.raises(LedgerError, match=message):
+            ledger.append(bad)
+    assert ledger.head() == head
+    ledger.append(record(6))
+    ledger.verify()
+
+
+def test_records_are_validated_at_the_edge() -> None:
+    for change, message in [({"cohort_size": 1}, "cohort_size"),
+                            ({"epsilon_round": float("inf")}, "finite"),
+                            ({"epsilon_total": 0.1, "epsilon_round": 0.2}, "below"),
+                            ({"version_hash": "xyz"}, "hex"), ({"dropouts": -1}, "dropouts"),
+                            ({"noise_mode": "loud"}, "noise_mode"), ({"delta": 1.0}, "delta")]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(record(0), **change)

@@ -1,0 +1,285 @@
+"""The session store: validation, ingest with line-numbered problems, deduplication,
+consolidation records, and crash safety under SIGKILL."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleetmind.client.store import (
+    MAX_PROBLEMS_KEPT,
+    Message,
+    Session,
+    SessionStore,
+    content_hash,
+    parse_line,
+)
+
+
+def chat(number: int, user: str | None = None) -> dict:
+    row = {"id": f"s{number:05d}", "messages": [
+        {"role": "user", "content": f"the color of moukrain{number} is gleeplix ."},
+        {"role": "assistant", "content": "noted ."}]}
+    if user is not None:
+        row["user"] = user
+    return row
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                            for line in lines))
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with SessionStore(tmp_path / "site" / "sessions.db") as opened:
+        yield opened
+
+
+# -- the session record ------------------------------------------------------------------
+
+def test_a_session_round_trips_through_its_dict() -> None:
+    session = Session.from_dict(chat(1, user="u1"))
+    assert session.messages[0] == Message("user", "the color of moukrain1 is gleeplix .")
+    assert Session.from_dict(session.to_dict()) == session
+    assert session.to_dict() == chat(1, user="u1")
+
+
+@pytest.mark.parametrize("raw, names", [
+    ([1, 2], "JSON object"),
+    ({"id": "a"}, "'messages' must be a non-empty list"),
+    ({"id": "a", "messages": []}, "'messages' must be a non-empty list"),
+    ({"id": "a", "messages": "hi"}, "'messages' must be a non-empty list"),
+    ({"id": "a", "messages": [{"role": "user"}]}, "messages[0] must be an object"),
+    ({"id": "a", "messages": [{"role": "user", "content": "q"},
+                              {"role": "tool", "content": "x"}]}, "messages[1].role='tool'"),
+    ({"id": "a", "messages": [{"role": "user", "content": "  "}]},
+     "messages[0].content is empty"),
+    ({"id": "a", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages[0].content is a list"),
+    ({"id": "a", "messages": [{"role": "assistant", "content": "hi"}]}, "no user turn"),
+    ({"id": "", "messages": [{"role": "user", "content": "q"}]}, "id=''"),
+    ({"id": 7, "messages": [{"role": "user", "content": "q"}]}, "id=7"),
+    ({"id": "a", "user": 5, "messages": [{"role": "user", "content": "q"}]}, "user=5"),
+    ({"id": "a\nb", "messages": [{"role": "user", "content": "q"}]}, "printable"),
+])
+def test_invalid_sessions_say_what_is_wrong(raw: object, names: str) -> None:
+    with pytest.raises(ValueError) as error:
+        Session.from_dict(raw)
+    assert names in str(error.value)
+
+
+def test_a_session_is_validated_at_construction_too() -> None:
+    with pytest.raises(ValueError, match="role"):
+        Message("robot", "hi")
+    with pytest.raises(ValueError, match="tuple of Message"):
+        Session(id="a", messages=[Message("user", "hi")])  # type: ignore[arg-type]
+
+
+def test_a_line_without_an_id_is_named_by_its_content() -> None:
+    raw = {"messages": chat(1)["messages"]}
+    session = Session.from_dict(raw)
+    assert session.id == "sha256:" + session.content_hash[:16]
+    assert session.content_hash == content_hash(session.messages)
+
+
+def test_the_content_hash_depends_on_messages_only() -> None:
+    a, b = Session.from_dict(chat(1, user="u1")), Session.from_dict({**chat(1), "id": "x"})
+    assert a.content_hash == b.content_hash
+    assert a.content_hash != Session.from_dict(chat(2)).content_hash
+
+
+def test_parse_line_handles_blank_bom_and_crlf() -> None:
+    assert parse_line(b"   \n") is None
+    line = ("\ufeff" + json.dumps(chat(1)) + "\r\n").encode()
+    assert parse_line(line) == Session.from_dict(chat(1))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_line(b"{oops\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        parse_line(b'{"id": "\xff"}\n')
+
+
+# -- adding and reading ------------------------------------------------------------------
+
+def test_add_get_iterate_count(store: SessionStore) -> None:
+    assert store.add(chat(1, user="u1")) is True
+    assert store.add(Session.from_dict(chat(2))) is True
+    assert len(store) == 2 and "s00001" in store and "nope" not in store
+    assert store.get("s00001") == Session.from_dict(chat(1, user="u1"))
+    assert [s.id for s in store] == ["s00001", "s00002"]
+    with pytest.raises(KeyError, match="nope"):
+        store.get("nope")
+
+
+def test_same_messages_are_a_duplicate_whatever_the_id(store: SessionStore) -> None:
+    assert store.add(chat(1)) is True
+    assert store.add(chat(1)) is False
+    assert store.add({**chat(1), "id": "another"}) is False
+    assert len(store) == 1
+
+
+def test_a_taken_id_with_other_messages_is_refused(store: SessionStore) -> None:
+    store.add(chat(1))
+    with pytest.raises(ValueError, match="unique id"):
+        store.add({**chat(2), "id": "s00001"})
+    assert store.get("s00001") == Session.from_dict(chat(1))
+
+
+def test_a_folder_gets_a_store_inside_and_reopening_keeps_everything(tmp_path: Path) -> None:
+    with SessionStore(tmp_path) as first:
+        first.add(chat(1))
+        first.record_consolidation("c1", ["s00001"])
+    assert (tmp_path / "sessions.db").is_file()
+    with SessionStore(tmp_path / "sessions.db") as again:
+        assert [s.id for s in again] == ["s00001"]
+        assert again.sessions_used_by("c1") == ["s00001"]
+        assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert again._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, this is not a database at all" * 50)
+    with pytest.raises(ValueError, match="not a session store"):
+        SessionStore(text)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(ValueError, match="not a fleetmind session store"):
+        SessionStore(other)
+
+
+# -- ingest ------------------------------------------------------------------------------
+
+def test_ingest_stores_the_good_lines_and_reports_the_bad_by_line(store: SessionStore,
+                                                                  tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        chat(1),                                            # 1 stored
+        "{not json",                                        # 2 bad JSON
+        chat(2, user="u2"),                                 # 3 stored
+        "",                                                 # 4 blank: ignored
+        {"id": "x", "messages": [{"role": "tool", "content": "t"}]},       # 5 wrong role
+        {"id": "y", "messages": [{"role": "user", "content": ""}]},        # 6 empty content
+        {"id": "z"},                                        # 7 missing messages
+        chat(1),                                            # 8 duplicate of line 1
+        {**chat(3), "id": "s00001"},                        # 9 id taken, other messages
+        ["a", "list"],                                      # 10 not an object
+    ])
+    report = store.ingest_file(path)
+    assert (report.stored, report.duplicates, report.rejected) == (2, 1, 6)
+    assert [p.line for p in report.problems] == [2, 5, 6, 7, 9, 10]
+    assert str(report.problems[0]).startswith(f"{path}:2: not valid JSON")
+    assert "role='tool'" in report.problems[1].message
+    assert "content is empty" in report.problems[2].message
+    assert "unique id" in report.problems[4].message
+    assert [s.id for s in store] == ["s00001", "s00002"]
+    assert store.get("s00002").user == "u2"
+
+
+def test_ingesting_the_same_file_twice_stores_nothing_new(store: SessionStore,
+                                                          tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [chat(n) for n in range(5)])
+    assert store.ingest_file(path, batch=2).stored == 5
+    again = store.ingest_file(path)
+    assert (again.stored, again.duplicates, again.rejected) == (0, 5, 0)
+    assert len(store) == 5
+
+
+def test_ingest_acknowledges_only_what_it_stored(store: SessionStore, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [chat(1), chat(1), "bad", chat(2)])
+    acknowledged: list[str] = []
+    store.ingest_file(path, on_stored=acknowledged.append, batch=1)
+    assert acknowledged == ["s00001", "s00002"]
+
+
+def test_problems_kept_are_capped_but_all_counted(store: SessionStore, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", ["nope"] * (MAX_PROBLEMS_KEPT + 5))
+    report = store.ingest_file(path)
+    assert report.rejected == MAX_PROBLEMS_KEPT + 5
+    assert len(report.problems) == MAX_PROBLEMS_KEPT
+
+
+def test_ingest_a_missing_file_or_bad_batch_says_so(store: SessionStore, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        store.ingest_file(tmp_path / "absent.jsonl")
+    path = write_jsonl(tmp_path / "in.jsonl", [chat(1)])
+    with pytest.raises(ValueError, match="batch=0"):
+        store.ingest_file(path, batch=0)
+
+
+# -- consolidations ----------------------------------------------------------------------
+
+def test_consolidations_record_their_sessions_both_ways(store: SessionStore) -> None:
+    for n in range(4):
+        store.add(chat(n))
+    assert [s.id for s in store.unconsumed()] == ["s00000", "s00001", "s00002", "s00003"]
+    store.record_consolidation("c1", ["s00001", "s00000", "s00001"])
+    store.record_consolidation("c2", ["s00001", "s00002"])
+    assert store.sessions_used_by("c1") == ["s00000", "s00001"]
+    assert store.consolidations_using("s00001") == ["c1", "c2"]
+    assert store.consolidations_using("s00003") == []
+    assert [s.id for s in store.unconsumed()] == ["s00003"]
+    assert store.sessions_used_by("never") == []
+
+
+def test_recording_a_consolidation_again_is_idempotent_or_refused(store: SessionStore) -> None:
+    store.add(chat(1))
+    store.add(chat(2))
+    store.record_consolidation("c1", ["s00001"])
+    store.record_consolidation("c1", ["s00001"])  # a retry
+    with pytest.raises(ValueError, match="already recorded"):
+        store.record_consolidation("c1", ["s00001", "s00002"])
+    with pytest.raises(ValueError, match="unknown session ids \\['ghost'\\]"):
+        store.record_consolidation("c2", ["s00002", "ghost"])
+    with pytest.raises(ValueError, match="at least one"):
+        store.record_consolidation("c3", [])
+    assert store.consolidations_using("s00002") == []  # nothing half-written
+
+
+# -- crash safety ------------------------------------------------------------------------
+
+INGEST_AND_ACKNOWLEDGE = """
+import sys, time
+from fleetmind.client.store import SessionStore
+
+def acknowledge(session_id):
+    print(session_id, flush=True)
+    time.sleep(0.001)  # keeps the ingest running long enough to be killed in the middle
+
+SessionStore(sys.argv[1]).ingest_file(sys.argv[2], on_stored=acknowledge, batch=int(sys.argv[3]))
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path: Path, batch: int) -> None:
+    total = 3000
+    path = write_jsonl(tmp_path / "big.jsonl", [chat(n) for n in range(total)])
+    database = tmp_path / "sessions.db"
+    child = subprocess.Popen([sys.executable, "-c", INGEST_AND_ACKNOWLEDGE, str(database),
+                              str(path), str(batch)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    acknowledged = []
+    for line in child.stdout:
+        acknowledged.append(line.strip())
+        if len(acknowledged) == 200:
+            child.send_signal(signal.SIGKILL)
+            break
+    acknowledged += [line.strip() for line in child.stdout]  # what was printed before death
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    assert "finished" not in acknowledged and len(acknowledged) < total
+
+    with SessionStore(database) as store:
+        assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {session.id for session in store}
+        assert set(acknowledged) <= stored
+        assert len(stored) < total
+        # and the store carries on: a second ingest completes the file
+        report = store.ingest_file(path)
+        assert report.stored + report.duplicates == total
+        assert len(store) == total
