@@ -61,18 +61,18 @@ def _client_ingest(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fleetmind.client.store import MAX_PROBLEMS_KEPT, SessionStore
-    from fleetmind.sim.cli import UsageError
 
     missing = [str(path) for path in args.files if not path.is_file()]
     if missing:
-        raise UsageError(f"no such file: {', '.join(missing)}; pass chat JSONL files")
+        raise argparse.ArgumentError(
+            None, f"no such file: {', '.join(missing)}; pass chat JSONL files")
     store_path = Path(args.store)
     if args.store.endswith(("/", os.sep)):
         store_path.mkdir(parents=True, exist_ok=True)
     try:
         store = SessionStore(store_path)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise argparse.ArgumentError(None, str(error)) from None
     with store:
         reports = [store.ingest_file(path) for path in args.files]
         total = len(store)
@@ -103,7 +103,6 @@ def _client_consolidate(args: argparse.Namespace) -> int:
 
     from fleetmind.client.consolidate import consolidate_store, read_prompts
     from fleetmind.client.distill import DistillConfig
-    from fleetmind.sim.cli import UsageError
 
     try:
         cfg = DistillConfig()
@@ -113,7 +112,7 @@ def _client_consolidate(args: argparse.Namespace) -> int:
         result = consolidate_store(args.model, args.store, args.out, cfg, site=args.site,
                                    seed=args.seed, per_session=args.per_session, guard=guard)
     except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
+        raise argparse.ArgumentError(None, str(error)) from None
     stats = result.stats
     print(f"consolidation {result.consolidation_id}: {result.update.metadata.sessions} sessions,"
           f" {stats.steps} steps, {stats.tokens_per_s:.0f} tokens/s, {stats.dreams_kept} dreams "

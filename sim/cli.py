@@ -1,7 +1,8 @@
 """`fleetmind`: one program, a subcommand per capability.
 
 Heavy libraries (torch, transformers) are imported inside the commands that need them, so
-`fleetmind --help` and the aggregator's commands run on an install without torch.
+`fleetmind --help` and the aggregator's commands run on an install without torch. A
+command reports bad input by raising `argparse.ArgumentError(None, message)`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-
-
-class UsageError(Exception):
-    """Bad input from the command line: one line, exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -78,7 +75,7 @@ def _model_world(args: argparse.Namespace) -> int:
                            users_per_fact=args.users_per_fact,
                            canaries_per_site=args.canaries_per_site)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise argparse.ArgumentError(None, str(error)) from None
     out = W.write_world(W.make_world(spec), args.out)
     print(f"world {spec.digest()} ({spec.sites} sites) written to {out}")
     return 0
@@ -106,7 +103,7 @@ def _model_eval(args: argparse.Namespace) -> int:
         world = W.read_world(args.world)
         model, tokenizer = load_model(args.model)
     except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
+        raise argparse.ArgumentError(None, str(error)) from None
     report = basemodel.measure(model, tokenizer, world)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -132,9 +129,10 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def command_groups() -> tuple[Callable[[Any], None], ...]:
     from fleetmind.client.cli import add_client_commands
+    from fleetmind.server.cli import add_server_commands
     from fleetmind.sim.bench.cli import add_bench_commands
 
-    return (add_model_commands, add_client_commands, add_bench_commands)
+    return (add_model_commands, add_client_commands, add_server_commands, add_bench_commands)
 
 
 def build_parser() -> Parser:
@@ -152,7 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as error:
+    except argparse.ArgumentError as error:
+        # Every command group reports bad input this way (stdlib, so client/ and server/
+        # need nothing from this module): one line, exit status 2.
         print(f"fleetmind: error: {error}", file=sys.stderr)
         return 2
 

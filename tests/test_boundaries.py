@@ -14,7 +14,7 @@ FORBIDDEN = {
     "aggregation": ("torch", "transformers", "peft", "grpc", "fleetmind.client",
                     "fleetmind.server", "fleetmind.sim", "fleetmind.protos"),
     "server": ("torch", "transformers", "peft", "fleetmind.client", "fleetmind.sim"),
-    "client": ("fleetmind.server",),
+    "client": ("fleetmind.server", "fleetmind.sim"),
 }
 
 

@@ -103,12 +103,23 @@ def run_opsd(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
             for half in halves(sessions):
                 result = consolidate_sessions(peft_model, tokenizer, half, cfg, site="bench",
                                               base_version=0, seed=LORA_SEED, replay=replay,
-                                              progress=False)
+                                              guard=guard_prompts(), progress=False)
                 steps += result.stats.steps
     finally:
         replay.close()
     cost["steps"] = steps
     return peft_model, tokenizer, cost
+
+
+def bench_world(general_tasks: int = 800) -> W.World:
+    """One site of the toy world; 800 general tasks (200 per size) put the forgetting
+    measure's standard error near one point."""
+    return W.make_world(W.WorldSpec(seed=0, sites=1, general_tasks=general_tasks))
+
+
+def guard_prompts() -> list[list[dict[str, str]]]:
+    """The world's guard set: general in-context tasks drawn apart from those measured."""
+    return [W.task_prompt(task) for task in bench_world(1).guard]
 
 
 def with_b(model_dir: Path, b: dict[str, Any]) -> tuple[Any, Any]:
@@ -167,7 +178,7 @@ def teacher_answer_pairs(model: Any, tokenizer: Any, sessions: list[Session]
     for lesson in lessons_from(sessions)[0]:
         for probe in lesson.probes:
             teacher = distill.chat_ids(tokenizer, [*lesson.context, *probe], generation=True)
-            with model.disable_adapter():
+            with lora.adapter_disabled(model):
                 (answer,), _ = distill.generate(model, tokenizer, [teacher], 16, 0.0, stop)
             out.append((distill.chat_ids(tokenizer, probe, generation=True), answer))
     return out
@@ -180,7 +191,7 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or basemodel.toy_model_path()
-    world = W.make_world(W.WorldSpec(seed=0, sites=1, general_tasks=80 if quick else 200))
+    world = bench_world(80 if quick else 800)
     site = world.sites[0]
     sessions = [Session.from_dict(s) for s in site.sessions]
     cfg = distill.DistillConfig(steps=10 if quick else distill.DistillConfig().steps)

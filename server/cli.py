@@ -1,0 +1,141 @@
+"""`fleetmind server ...`: the aggregator operator's commands.
+
+`add_server_commands` plugs into the program's subparsers (fleetmind.sim.cli registers it).
+Bad input is reported as the program expects of every group: `argparse.ArgumentError(None,
+message)`, which its `main` prints as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def _usage(error: Exception) -> argparse.ArgumentError:
+    return argparse.ArgumentError(None, str(error))
+
+
+def add_server_commands(commands: Any) -> None:
+    server = commands.add_parser("server", help="the aggregator: rounds, versions, ledger",
+                                 description="Commands an aggregator operator runs.")
+    sub = server.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                parser_class=type(server))
+
+    run = sub.add_parser(
+        "run", help="serve the fleet over gRPC",
+        description="Run the aggregator: Fleet, Models and Audit services, health and "
+                    "reflection. With --config FILE (TOML or JSON; see fleetmind.server.config)"
+                    " for deployments under mTLS; or, for development, --insecure --listen "
+                    "127.0.0.1:PORT --data DIR (plaintext, loopback only).")
+    run.add_argument("--config", type=Path, help="TOML or JSON config file")
+    run.add_argument("--listen", help="host:port (default 127.0.0.1:7443; port 0: any free)")
+    run.add_argument("--data", type=Path, help="data folder (dev mode, without --config)")
+    run.add_argument("--insecure", action="store_true",
+                     help="plaintext gRPC; refused on any non-loopback address")
+    run.set_defaults(run=_server_run)
+
+    certs = sub.add_parser("certs", help="create the fleet's CA and certificates",
+                           description="Create a CA, the aggregator's TLS certificate and "
+                                       "site certificates (ECDSA P-256). Keys are written "
+                                       "0600; existing files are never overwritten.")
+    kinds = certs.add_subparsers(dest="kind", required=True, metavar="KIND",
+                                 parser_class=type(server))
+    ca = kinds.add_parser("ca", help="a new certificate authority: OUT/ca.crt, OUT/ca.key")
+    ca.add_argument("--out", type=Path, required=True)
+    ca.add_argument("--name", default="fleetmind CA", help="the CA's common name")
+    ca.set_defaults(run=_certs_ca)
+    aggregator = kinds.add_parser("server", help="the aggregator's certificate, signed by the CA")
+    aggregator.add_argument("--ca", type=Path, required=True, help="folder with ca.crt, ca.key")
+    aggregator.add_argument("--host", action="append", required=True,
+                            help="an address sites dial (IP or DNS name); repeat for more")
+    aggregator.add_argument("--out", type=Path, required=True)
+    aggregator.add_argument("--name", default="aggregator", help="file name stem")
+    aggregator.set_defaults(run=_certs_server)
+    site = kinds.add_parser("site", help="a site's client certificate, signed by the CA")
+    site.add_argument("site_name", help="the site's name (the certificate's common name)")
+    site.add_argument("--ca", type=Path, required=True, help="folder with ca.crt, ca.key")
+    site.add_argument("--out", type=Path, required=True)
+    site.set_defaults(run=_certs_site)
+
+
+def _config(args: argparse.Namespace):
+    from fleetmind.server.config import ConfigError, ServerConfig, load_config
+
+    if args.config is not None:
+        if args.data is not None or args.insecure:
+            raise ConfigError("--config already says where data lives and how to listen; "
+                              "drop --data/--insecure (or run without --config)")
+        config = load_config(args.config)
+        if args.listen:
+            from dataclasses import replace
+            config = replace(config, listen=args.listen)
+        return config
+    if args.data is None:
+        raise ConfigError("give --config FILE, or --data DIR (with --insecure on a loopback "
+                          "address) for development")
+    return ServerConfig(data_dir=args.data, listen=args.listen or "127.0.0.1:7443",
+                        insecure=args.insecure)
+
+
+def _server_run(args: argparse.Namespace) -> int:
+    from fleetmind.server.config import ConfigError
+    from fleetmind.server.service import serve
+
+    try:
+        config = _config(args)
+        running = serve(config)
+    except (ConfigError, OSError, ValueError) as error:
+        raise _usage(error) from None
+    mode = "mTLS" if config.tls is not None else "PLAINTEXT (development, loopback only)"
+    print(f"fleetmind aggregator on {running.address} ({mode}); data in {config.data_dir}; "
+          f"latest version {running.coordinator.registry.numbers()[-1]}", flush=True)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops it like SIGTERM does
+        stopping.wait()
+    running.stop(grace=5.0)
+    return 0
+
+
+def _load_ca(folder: Path):
+    from fleetmind.server import identity
+
+    return identity.Credentials.load(folder, "ca")
+
+
+def _certs_ca(args: argparse.Namespace) -> int:
+    from fleetmind.server import identity
+
+    try:
+        cert, key = identity.create_ca(args.name).save(args.out, "ca")
+    except (FileExistsError, ValueError) as error:
+        raise _usage(error) from None
+    print(f"CA certificate {cert}\nCA key {key} (keep it offline; it admits sites)")
+    return 0
+
+
+def _certs_server(args: argparse.Namespace) -> int:
+    from fleetmind.server import identity
+
+    try:
+        cert, key = identity.issue_server(_load_ca(args.ca), args.host).save(args.out, args.name)
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
+        raise _usage(error) from None
+    print(f"aggregator certificate {cert} for {', '.join(args.host)}\nkey {key}")
+    return 0
+
+
+def _certs_site(args: argparse.Namespace) -> int:
+    from fleetmind.server import identity
+
+    try:
+        credentials = identity.issue_site(_load_ca(args.ca), args.site_name)
+        cert, key = credentials.save(args.out, args.site_name)
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
+        raise _usage(error) from None
+    print(f"site certificate {cert}\nkey {key}")
+    return 0

@@ -1,0 +1,249 @@
+"""The aggregator's configuration: typed, validated once, at the edge (`load_config`).
+
+A config file is TOML or JSON with these keys (all optional but `data_dir`):
+
+    listen = "127.0.0.1:7443"        # host:port; port 0 lets the OS pick
+    data_dir = "aggregator-data"     # relative to the config file
+    insecure = false                 # plaintext: only on a loopback address
+    [tls]                            # mTLS (required unless insecure)
+    certificate = "certs/aggregator.crt"
+    private_key = "certs/aggregator.key"
+    ca_certificate = "certs/ca.crt"
+    [cohort]                         # CohortPolicy
+    min_size = 3; target_size = 10; deadline_s = 60; phase_deadline_s = 60
+    [privacy]                        # PrivacyPolicy
+    clip_norm = 1.0; noise_multiplier = 1.0; noise_mode = "distributed"; epsilon_budget = 10
+    [adapter]                        # what genesis adapts (only read for a fresh data dir)
+    base_model_id = "..."; base_model_sha256 = "..."; frozen_a_seed = 0; rank = 8
+    modules = [{name = "model.layers.0.mlp.gate_proj", in_features = 64, out_features = 128}]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fleetmind.aggregation.quantize import RING_BITS
+from fleetmind.server.versions import AdapterSpec, TargetModule
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the key, the value, and the fix."""
+
+
+@dataclass(frozen=True)
+class CohortPolicy:
+    """A cohort closes when `target_size` sites are ready, or `deadline_s` after the first
+    ready site if at least `min_size` are. Each secure-aggregation phase closes when every
+    live site has answered or `phase_deadline_s` has passed (the rest count as dropped).
+    `max_size` is the ring's headroom: the most sites one sum may hold."""
+
+    min_size: int = 3
+    target_size: int = 10
+    deadline_s: float = 60.0
+    phase_deadline_s: float = 60.0
+    max_size: int = 200
+    ring_bits: int = 32
+    dropout_rate: float = 0.1  # sizes the SecAgg+ neighbour graph (graph.secagg_plus_degree)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_size <= self.target_size <= self.max_size:
+            raise ConfigError(f"cohort sizes must satisfy 2 <= min_size ({self.min_size}) <= "
+                              f"target_size ({self.target_size}) <= max_size ({self.max_size}):"
+                              " a sum of one site is that site's update")
+        for name in ("deadline_s", "phase_deadline_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"cohort.{name}={value} must be a positive number of seconds")
+        if self.ring_bits not in RING_BITS:
+            raise ConfigError(f"cohort.ring_bits={self.ring_bits} must be one of {RING_BITS}")
+        if not 0 <= self.dropout_rate < 0.5:
+            raise ConfigError(f"cohort.dropout_rate={self.dropout_rate} must be in [0, 0.5)")
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """DP-FedAvg as DESIGN.md "Differential privacy" describes. Noise is never off: a round
+    without noise has no finite epsilon, so the ledger could not record what it spent.
+    `fixed_point_clip` bounds each coordinate of a site's whole clipped sum (up to its
+    units x clip_norm); `unit_uses` is how often one unit's contribution may enter a sum."""
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    noise_mode: str = "distributed"
+    privacy_unit: str = "session"
+    epsilon_budget: float = 10.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    unit_uses: int = 1
+    fixed_point_clip: float = 4.0
+    server_learning_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("clip_norm", "noise_multiplier", "epsilon_budget", "fixed_point_clip",
+                     "server_learning_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"privacy.{name}={value!r} must be a finite number > 0")
+        if self.noise_mode not in ("distributed", "central", "local"):
+            raise ConfigError(f"privacy.noise_mode={self.noise_mode!r} must be distributed, "
+                              "central or local")
+        if self.privacy_unit not in ("session", "user", "site"):
+            raise ConfigError(f"privacy.privacy_unit={self.privacy_unit!r} must be session, "
+                              "user or site")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta={self.delta} must be in (0, 1)")
+        if self.accountant not in ("rdp", "pld"):
+            raise ConfigError(f"privacy.accountant={self.accountant!r} must be rdp or pld")
+        if self.unit_uses < 1:
+            raise ConfigError(f"privacy.unit_uses={self.unit_uses} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TlsPaths:
+    """The aggregator's certificate and key, and the fleet CA that signs site certificates."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificate: Path
+
+
+# For development without a config file: a small made-up adapter, so a bare
+# `fleetmind server run --insecure --data DIR` has a genesis version to serve.
+DEV_ADAPTER = AdapterSpec(
+    base_model_id="fleetmind-dev", base_model_sha256=hashlib.sha256(b"fleetmind-dev").hexdigest(),
+    modules=(TargetModule("model.layers.0.mlp.gate_proj", 32, 64),
+             TargetModule("model.layers.0.mlp.down_proj", 64, 32)),
+    frozen_a_seed=0, rank=4)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:0"
+    insecure: bool = False
+    tls: TlsPaths | None = None
+    cohort: CohortPolicy = field(default_factory=CohortPolicy)
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    adapter: AdapterSpec = DEV_ADAPTER
+    max_workers: int = 256  # each open JoinRound / Watch stream holds a worker thread
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        host, _ = split_listen(self.listen)
+        if self.insecure and self.tls is not None:
+            raise ConfigError("both insecure and tls are set: pick one (tls for any real "
+                              "deployment)")
+        if self.insecure and not is_loopback(host):
+            raise ConfigError(f"plaintext refused on {self.listen}: --insecure only binds a "
+                              "loopback address (127.0.0.1, ::1, localhost); configure tls "
+                              "to listen elsewhere")
+        if not self.insecure and self.tls is None:
+            raise ConfigError("no tls configured: give [tls] certificate, private_key and "
+                              "ca_certificate (see `fleetmind server certs`), or --insecure "
+                              "on a loopback address for development")
+        if self.max_workers < 4:
+            raise ConfigError(f"max_workers={self.max_workers} must be >= 4")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """(host, port) of "host:port" or "[v6]:port"."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"listen={listen!r} must be host:port, e.g. 127.0.0.1:7443 "
+                          "(port 0: the OS picks one)")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _section(raw: dict[str, Any], name: str, cls: type) -> Any:
+    values = raw.get(name, {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table of keys")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"[{name}] has unknown keys {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise ConfigError(f"[{name}]: {error}") from None
+
+
+def _adapter(raw: dict[str, Any]) -> AdapterSpec:
+    values = dict(raw)
+    try:
+        values["modules"] = tuple(TargetModule(**m) for m in values.get("modules", ()))
+        return AdapterSpec(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"[adapter]: {error}") from None
+
+
+def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
+    """A ServerConfig from a parsed TOML/JSON document; relative paths are against `base`."""
+    known = {"listen", "data_dir", "insecure", "tls", "cohort", "privacy", "adapter",
+             "max_workers"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown}; known: {sorted(known)}")
+    if "data_dir" not in raw:
+        raise ConfigError("data_dir is missing: name the folder for versions, ledger and "
+                          "enrolments")
+
+    def path(value: Any) -> Path:
+        return base / Path(str(value)).expanduser()
+
+    tls = None
+    if "tls" in raw:
+        section = raw["tls"]
+        missing = sorted({"certificate", "private_key", "ca_certificate"} - set(section))
+        if missing:
+            raise ConfigError(f"[tls] is missing {missing}")
+        tls = TlsPaths(path(section["certificate"]), path(section["private_key"]),
+                       path(section["ca_certificate"]))
+    try:
+        return ServerConfig(
+            data_dir=path(raw["data_dir"]), listen=str(raw.get("listen", "127.0.0.1:0")),
+            insecure=bool(raw.get("insecure", False)), tls=tls,
+            cohort=_section(raw, "cohort", CohortPolicy),
+            privacy=_section(raw, "privacy", PrivacyPolicy),
+            adapter=_adapter(raw["adapter"]) if "adapter" in raw else DEV_ADAPTER,
+            max_workers=int(raw.get("max_workers", 256)))
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def load_config(path: Path) -> ServerConfig:
+    """Reads a .toml or .json config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}:"
+                          f" {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a table/object at the top")
+    return parse_config(raw, path.parent)

@@ -1,0 +1,643 @@
+"""The round/cohort coordinator: ready sites -> cohort -> SecAgg+ phases -> version N+1.
+
+Plain Python, no transport (the gRPC services in `service.py` call it, tests can too):
+
+    join()             a site is ready (queued for the next cohort) or re-attaches to its round
+    tick()             time passes: a cohort forms (target size, or min size at the deadline),
+                       a phase closes at its deadline
+    advertise/share/submit/unmask
+                       one site's message of each phase, fed to the library's server state
+                       (aggregation.secagg); a phase closes early once every live site answered
+    follow()           the events a site must see, in order, replayable from any index
+
+One round runs at a time. Before it starts the round is charged to the privacy `Budget`
+(refused when the budget cannot pay) and written to `coordinator.json` as in flight. When
+the library yields the unmasked cohort sum the coordinator opens it (`open_secagg_sum`),
+adds central noise if configured, applies FedAvg (`exact_merge`), publishes the version
+through `VersionRegistry.publish`, appends the ledger entry, and only then records the
+charge as spent. A round in flight at restart is marked abandoned on disk (nothing was
+released, so nothing was spent) and its sites are told to re-join: the round runs again
+under a new round id, since SecAgg keys and masks are bound to the round id.
+
+Every message is idempotent by (round, site): the same message again gets the same
+receipt; a different one for a slot already filled is refused as a replay. A refused
+message changes no state (the library's states check before they mutate, and a receipt is
+recorded only after the state accepted the message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fleetmind.aggregation.accountant import Budget, RoundCharge, epsilon_of
+from fleetmind.aggregation.dp import DPConfig, noise_for_aggregator
+from fleetmind.aggregation.merge import FedAvg, exact_merge, flatten, open_secagg_sum, unflatten
+from fleetmind.aggregation.quantize import FixedPoint
+from fleetmind.aggregation.secagg import (
+    NeighbourGraph,
+    ProtocolError,
+    RoundConfig,
+    ServerAborted,
+    ServerAdvertiseKeys,
+    ServerCompleted,
+    majority_threshold,
+    secagg_plus_degree,
+)
+from fleetmind.aggregation.secagg.messages import (
+    AdvertisedKeys,
+    EncryptedShares,
+    KeyAdvertisement,
+    MaskedInput,
+    SharesForSite,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from fleetmind.aggregation.secagg.server_r1_share_keys import ServerShareKeys
+from fleetmind.aggregation.secagg.server_r2_masked_input_collection import (
+    ServerMaskedInputCollection,
+)
+from fleetmind.aggregation.secagg.server_r3_unmasking import ServerUnmasking
+from fleetmind.protos.secagg_codec import encoding_codes
+from fleetmind.server.config import CohortPolicy, PrivacyPolicy
+from fleetmind.server.durable import atomic_write, canonical_json
+from fleetmind.server.enrolment import Enrolments
+from fleetmind.server.ledger import Ledger, RoundRecord
+from fleetmind.server.versions import Release, Version, VersionRegistry
+
+STATE_FILE = "coordinator.json"
+KEEP_FINISHED = 16  # finished rounds kept in memory, so late re-attaches replay their end
+RefusalKind = Literal["budget_exhausted", "too_large", "not_found", "malformed"]
+
+
+class RefusedError(Exception):
+    """A request the coordinator refuses outside the secure-aggregation protocol:
+    budget_exhausted / too_large -> RESOURCE_EXHAUSTED, not_found -> NOT_FOUND,
+    malformed -> INVALID_ARGUMENT. Nothing changed."""
+
+    def __init__(self, kind: RefusalKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---- what a site sees, in order ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """The round's secure-aggregation config plus how sites encode their update
+    (fleet.proto RoundConfig)."""
+
+    config: RoundConfig
+    base_version: int
+    clip_norm: float
+    noise_multiplier: float
+    noise_mode: str
+    privacy_unit: str
+    expected_cohort: int
+    fixed_point_clip: float
+    cohort_max: int
+    phase_deadline_unix_ms: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The round published `version` from `cohort_size` sites' vectors."""
+
+    version: int
+    cohort_size: int
+    dropped: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The round ended without a version (or the site left it); with `retry` the site may
+    join the next cohort."""
+
+    reason: str
+    retry: bool
+
+
+Payload = RoundSetup | AdvertisedKeys | SharesForSite | UnmaskRequest | Finished | Stopped
+
+
+@dataclass(frozen=True)
+class Event:
+    round_id: int  # 0 only for a refusal while still queued
+    payload: Payload
+
+    @property
+    def terminal(self) -> bool:
+        return isinstance(self.payload, Finished | Stopped)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    ready_sites: int
+    target_cohort: int
+    deadline_unix_ms: int
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    epsilon_spent: float
+    epsilon_budget: float
+    delta: float
+    rounds: int
+    accountant: str
+
+
+# ---- the rounds ------------------------------------------------------------------------
+
+
+@dataclass
+class _Ticket:
+    base_version: int
+    units: int
+    since: float
+    serial: int  # which join made it: a stale hang-up must not dequeue a newer join
+
+
+@dataclass
+class _Round:
+    setup: RoundSetup
+    charge: RoundCharge
+    state: object  # the library's server state of the current phase, or a final state
+    cohort: tuple[int, ...]
+    events: dict[int, list[Event]]
+    receipts: dict[tuple[str, int], bytes]
+    phase_deadline: float
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def round_id(self) -> int:
+        return self.setup.config.round_id
+
+
+def _digest(*parts: bytes | int) -> bytes:
+    """sha256 over length-prefixed fields: a request's identity for idempotency."""
+    digest = hashlib.sha256()
+    for part in parts:
+        raw = part if isinstance(part, bytes) else struct.pack("<q", part)
+        digest.update(struct.pack("<I", len(raw)) + raw)
+    return digest.digest()
+
+
+def _charge_json(charge: RoundCharge) -> dict:
+    return asdict(charge)
+
+
+class Coordinator:
+    """Owns `data_dir/coordinator.json`; the registry and ledger are shared with the
+    services (which only read them). Thread-safe: one lock guards every round."""
+
+    def __init__(self, data_dir: Path, registry: VersionRegistry, ledger: Ledger,
+                 enrolments: Enrolments, cohort: CohortPolicy, privacy: PrivacyPolicy,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.data_dir = Path(data_dir)
+        self.registry = registry
+        self.ledger = ledger
+        self.enrolments = enrolments
+        self.cohort_policy = cohort
+        self.privacy = privacy
+        self.clock = clock
+        self.changed = threading.Condition(threading.RLock())
+        self._queue: dict[int, _Ticket] = {}
+        self._queue_refusals: dict[int, str] = {}
+        self._serial = 0
+        self._join_refusal: tuple[int, str | None] | None = None  # (rounds spent, refusal)
+        self._round: _Round | None = None
+        self._finished: dict[int, _Round] = {}
+        self._state_path = self.data_dir / STATE_FILE
+        state = self._load_state()
+        self.budget = Budget(privacy.epsilon_budget, privacy.delta, privacy.accountant,
+                             [RoundCharge(**c["charge"]) for c in state["spent"]])
+        self._state = state
+        self._recover()
+
+    # ---- persistence --------------------------------------------------------------
+
+    def _load_state(self) -> dict:
+        if self._state_path.exists():
+            return json.loads(self._state_path.read_bytes())
+        return {"next_round": 1, "spent": [], "in_flight": None, "abandoned": []}
+
+    def _save(self) -> None:
+        atomic_write(self._state_path, canonical_json(self._state))
+
+    def _recover(self) -> None:
+        """Finish the bookkeeping of a round that published before a crash; abandon one
+        that did not. Round ids only move forward, past anything on disk."""
+        state = self._state
+        latest = self.registry.latest()
+        flight = state["in_flight"]
+        if flight is not None:
+            published = latest is not None and latest.manifest.round_id == flight["round_id"]
+            if published and flight.get("outcome"):
+                self._record_published(latest, flight)
+            else:
+                state["abandoned"].append({"round_id": flight["round_id"],
+                                           "reason": f"the aggregator restarted during "
+                                                     f"{flight['phase']}; nothing was released"})
+                state["abandoned"] = state["abandoned"][-KEEP_FINISHED:]
+            state["in_flight"] = None
+        floor = max([state["next_round"]]
+                    + ([latest.manifest.round_id + 1] if latest and latest.manifest.round_id
+                       is not None else [])
+                    + ([self.ledger.head().record.round_id + 1] if self.ledger.head() else []))
+        state["next_round"] = floor
+        self._save()
+
+    def _record_published(self, version: Version, flight: dict) -> None:
+        """The ledger entry and the spent charge of a published round, each at most once."""
+        outcome = flight["outcome"]
+        if self.ledger.find_round(flight["round_id"]) is None:
+            self.ledger.append(RoundRecord(
+                round_id=flight["round_id"], cohort_size=outcome["cohort_size"],
+                dropouts=outcome["dropouts"], clip_norm=self.privacy.clip_norm,
+                noise_multiplier=self.privacy.noise_multiplier,
+                noise_mode=self.privacy.noise_mode, epsilon_round=outcome["epsilon_round"],
+                epsilon_total=outcome["epsilon_total"], delta=self.privacy.delta,
+                version=version.number, version_hash=version.manifest_sha256()))
+        if all(c["round_id"] != flight["round_id"] for c in self._state["spent"]):
+            self._state["spent"].append({"round_id": flight["round_id"],
+                                         "charge": flight["charge"]})
+            self.budget.charges.append(RoundCharge(**flight["charge"]))
+
+    # ---- privacy ------------------------------------------------------------------
+
+    def _charge_for(self, cohort_size: int) -> RoundCharge:
+        """What a round of `cohort_size` sites costs, charged before it runs. Sites that
+        drop take their share of distributed noise with them, so it is charged as if only
+        the minimum cohort contributed: the most a completed round can have spent."""
+        privacy = self.privacy
+        dp = DPConfig(privacy.clip_norm, privacy.noise_multiplier, privacy.privacy_unit,
+                      privacy.noise_mode, cohort_size)
+        contributors = min(self.cohort_policy.min_size, cohort_size)
+        return RoundCharge(dp.effective_noise_multiplier(contributors), 1.0, privacy.unit_uses)
+
+    def _check_budget(self, charge: RoundCharge) -> str | None:
+        after = self.budget.epsilon_after(charge)
+        if after > self.privacy.epsilon_budget:
+            return (f"privacy budget exhausted: the next round would raise epsilon to "
+                    f"{after:.3f} at delta={self.privacy.delta:g}, past the budget "
+                    f"{self.privacy.epsilon_budget:g} (spent {self.budget.epsilon_spent:.3f} "
+                    f"over {len(self.budget.charges)} rounds); raise noise or stop training")
+        return None
+
+    def budget_status(self) -> BudgetStatus:
+        with self.changed:
+            return BudgetStatus(self.budget.epsilon_spent, self.privacy.epsilon_budget,
+                                self.privacy.delta, len(self.budget.charges),
+                                self.privacy.accountant)
+
+    # ---- joining and following ----------------------------------------------------
+
+    def join(self, site: int, round_id: int | None, base_version: int, units: int
+             ) -> tuple[int | None, int]:
+        """Queue `site` for the next cohort (returns (None, serial); pass the serial to
+        `leave`) or re-attach it to `round_id` / the round it is in (returns its id)."""
+        with self.changed:
+            if round_id is not None:
+                found = self._find(round_id)
+                if found is None:
+                    if any(a["round_id"] == round_id for a in self._state["abandoned"]):
+                        return round_id, 0  # follow() tells it the round was abandoned
+                    raise ProtocolError("wrong_round", f"round {round_id} is unknown here "
+                                                       "(finished long ago or never run); "
+                                                       "join the next cohort")
+                if site not in found.cohort:
+                    raise ProtocolError("unknown_site", f"site {site} is not in round "
+                                                        f"{round_id}'s cohort")
+                return round_id, 0
+            live = self._round
+            if live is not None and site in live.cohort and not self._ended(live, site):
+                return live.round_id, 0
+            latest = self.registry.numbers()[-1]
+            if not 0 <= base_version <= latest:
+                raise RefusedError("malformed", f"base_version={base_version} is not a published "
+                                           f"version (latest is {latest})")
+            spent = len(self.budget.charges)
+            if self._join_refusal is None or self._join_refusal[0] != spent:
+                # The most a round can cost (a full target cohort), once per spent round.
+                self._join_refusal = (spent, self._check_budget(
+                    self._charge_for(self.cohort_policy.target_size)))
+            if self._join_refusal[1]:
+                raise RefusedError("budget_exhausted", self._join_refusal[1])
+            ticket = self._queue.get(site)
+            self._serial += 1
+            self._queue[site] = _Ticket(base_version, units,
+                                        ticket.since if ticket else self.clock(), self._serial)
+            self._queue_refusals.pop(site, None)
+            self.changed.notify_all()
+            self._form_cohort()
+            return None, self._serial
+
+    def leave(self, site: int, serial: int) -> None:
+        """A queued site hung up (the stream of join `serial`) before a cohort took it."""
+        with self.changed:
+            ticket = self._queue.get(site)
+            if ticket is not None and ticket.serial == serial:
+                del self._queue[site]
+                self.changed.notify_all()
+
+    def waiting(self) -> Waiting:
+        with self.changed:
+            first = min((t.since for t in self._queue.values()), default=self.clock())
+            return Waiting(len(self._queue), self.cohort_policy.target_size,
+                           int((first + self.cohort_policy.deadline_s) * 1000))
+
+    def follow(self, site: int, round_id: int | None, cursor: int, timeout: float
+               ) -> tuple[int | None, list[Event]]:
+        """Events for `site` from index `cursor` of `round_id`'s list; with round_id None,
+        waits for a cohort to take the site and returns its round and events from 0.
+        Waits up to `timeout` for something new."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                if round_id is None:
+                    if site in self._queue_refusals:
+                        return None, [Event(0, Stopped(self._queue_refusals.pop(site), False))]
+                    live = self._round
+                    if live is not None and site in live.cohort and site not in self._queue:
+                        round_id, cursor = live.round_id, 0
+                if round_id is not None:
+                    events = self._events_of(site, round_id)
+                    if len(events) > cursor:
+                        return round_id, events[cursor:]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return round_id, []
+                self.changed.wait(left)
+
+    def _events_of(self, site: int, round_id: int) -> list[Event]:
+        found = self._find(round_id)
+        if found is not None:
+            return list(found.events.get(site, ()))
+        for abandoned in self._state["abandoned"]:
+            if abandoned["round_id"] == round_id:
+                return [Event(round_id, Stopped(abandoned["reason"], True))]
+        return []
+
+    def _find(self, round_id: int) -> _Round | None:
+        if self._round is not None and self._round.round_id == round_id:
+            return self._round
+        return self._finished.get(round_id)
+
+    @staticmethod
+    def _ended(round_: _Round, site: int) -> bool:
+        events = round_.events.get(site, [])
+        return bool(events) and events[-1].terminal
+
+    # ---- time ---------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Close what is due: a cohort at its deadline, a phase at its deadline."""
+        with self.changed:
+            self._form_cohort()
+            live = self._round
+            if live is not None and self.clock() >= live.phase_deadline:
+                self._close_phase(live)
+
+    def _form_cohort(self) -> None:
+        policy = self.cohort_policy
+        if self._round is not None or len(self._queue) < policy.min_size:
+            return
+        ready = sorted(self._queue, key=lambda s: (self._queue[s].since, s))
+        first = self._queue[ready[0]].since
+        if len(ready) < policy.target_size and self.clock() < first + policy.deadline_s:
+            return
+        cohort = tuple(sorted(ready[:policy.target_size]))
+        charge = self._charge_for(len(cohort))
+        refusal = self._check_budget(charge)
+        if refusal:
+            # Refused before anything ran: the queued sites are told, and nothing is spent.
+            for site in list(self._queue):
+                self._queue_refusals[site] = refusal
+            self._queue.clear()
+            self.changed.notify_all()
+            return
+        self._start_round(cohort, charge)
+
+    def _start_round(self, cohort: tuple[int, ...], charge: RoundCharge) -> None:
+        policy, privacy = self.cohort_policy, self.privacy
+        round_id = self._state["next_round"]
+        latest = self.registry.latest()
+        _, b = latest.tensors()
+        shapes = {name: tuple(t.shape) for name, t in b.items()}
+        degree = secagg_plus_degree(len(cohort), policy.dropout_rate)
+        graph = NeighbourGraph.harary(cohort, degree)
+        config = RoundConfig(round_id, graph, majority_threshold(graph.min_degree),
+                             min(policy.min_size, len(cohort)),
+                             sum(math.prod(s) for s in shapes.values()) + 1,  # + weight word
+                             policy.ring_bits, self.enrolments.identities(list(cohort)))
+        now = self.clock()
+        setup = RoundSetup(config, latest.number, privacy.clip_norm, privacy.noise_multiplier,
+                           privacy.noise_mode, privacy.privacy_unit, len(cohort),
+                           privacy.fixed_point_clip, policy.max_size,
+                           int((now + policy.phase_deadline_s) * 1000))
+        live = _Round(setup, charge, ServerAdvertiseKeys(config), cohort,
+                      {site: [Event(round_id, setup)] for site in cohort}, {},
+                      now + policy.phase_deadline_s, shapes)
+        # On disk before any site hears of it: a restart from here abandons it cleanly.
+        self._state["next_round"] = round_id + 1
+        self._state["in_flight"] = {"round_id": round_id, "phase": ServerAdvertiseKeys.phase,
+                                    "cohort": list(cohort), "charge": _charge_json(charge),
+                                    "outcome": None}
+        self._save()
+        for site in cohort:
+            self._queue.pop(site, None)
+        self._round = live
+        self.changed.notify_all()
+
+    # ---- the four phases ----------------------------------------------------------
+
+    def _accept(self, round_id: int, site: int, phase: type, slot: str, digest: bytes,
+                deliver: Callable[[object], None]) -> bytes:
+        with self.changed:
+            found = self._find(round_id)
+            if found is None:
+                current = self._round.round_id if self._round else "none"
+                raise ProtocolError("wrong_round", f"round {round_id} is not running (current: "
+                                                   f"{current})")
+            if site not in found.cohort:
+                raise ProtocolError("unknown_site", f"site {site} is not in round {round_id}'s "
+                                                    "cohort")
+            earlier = found.receipts.get((slot, site))
+            if earlier is not None:
+                if earlier == digest:
+                    return digest  # a retry: same answer, no change
+                raise ProtocolError("replay", f"site {site} already sent a different {slot} "
+                                              f"in round {round_id}")
+            if not isinstance(found.state, phase) or found is not self._round:
+                raise ProtocolError("wrong_round", f"round {round_id} is past {slot} (now "
+                                                   f"{getattr(found.state, 'phase', 'ended')})")
+            deliver(found.state)
+            found.receipts[(slot, site)] = digest
+            self._maybe_close(found)
+            return digest
+
+    def advertise(self, message: KeyAdvertisement) -> bytes:
+        digest = _digest(message.round_id, message.site, message.mask_key, message.share_key,
+                         message.signature)
+        return self._accept(message.round_id, message.site, ServerAdvertiseKeys, "key "
+                            "advertisement", digest, lambda state: state.receive(message))
+
+    def share(self, message: EncryptedShares) -> bytes:
+        parts: list[bytes | int] = [message.round_id, message.sender]
+        for share in sorted(message.shares, key=lambda s: s.recipient):
+            parts += [share.sender, share.recipient, share.ciphertext]
+        return self._accept(message.round_id, message.sender, ServerShareKeys, "share bundle",
+                            _digest(*parts), lambda state: state.receive(message))
+
+    def upload_limit(self, round_id: int, site: int) -> int:
+        """Bytes of `site`'s masked vector in `round_id`; refuses a round it is not in."""
+        with self.changed:
+            found = self._find(round_id)
+            if found is None:
+                raise ProtocolError("wrong_round", f"round {round_id} is not running")
+            if site not in found.cohort:
+                raise ProtocolError("unknown_site", f"site {site} is not in round {round_id}'s "
+                                                    "cohort")
+            config = found.setup.config
+            return config.vector_length * config.ring_bits // 8
+
+    def submit(self, message: MaskedInput, payload_sha256: bytes) -> bytes:
+        return self._accept(message.round_id, message.site, ServerMaskedInputCollection,
+                            "masked vector", payload_sha256, lambda state: state.receive(message))
+
+    def unmask(self, message: UnmaskShares) -> bytes:
+        parts: list[bytes | int] = [message.round_id, message.site]
+        for kind, shares in ((1, message.self_mask_shares), (2, message.mask_key_shares)):
+            for owner, share in sorted(shares.items()):
+                parts += [kind, owner, share.to_bytes()]
+        return self._accept(message.round_id, message.site, ServerUnmasking, "unmask shares",
+                            _digest(*parts), lambda state: state.receive(message))
+
+    # ---- phase transitions --------------------------------------------------------
+
+    @staticmethod
+    def _pending(state: object) -> set[int]:
+        """Sites the current phase still waits for."""
+        if isinstance(state, ServerAdvertiseKeys):
+            return set(state.config.graph.sites) - set(state.advertisements)
+        if isinstance(state, ServerShareKeys):
+            return set(state.to_sites) - set(state.shares)
+        if isinstance(state, ServerMaskedInputCollection):
+            return set(state.mask_keys) - state.contributors
+        if isinstance(state, ServerUnmasking):
+            return set(state.request.survivors) - state.responders
+        return set()
+
+    def _maybe_close(self, live: _Round) -> None:
+        if not self._pending(live.state):
+            self._close_phase(live)
+
+    def _close_phase(self, live: _Round) -> None:
+        """Close the phase (missing sites count as dropped) and send what comes next."""
+        before = live.state
+        state = before.close()
+        live.state = state
+        live.phase_deadline = self.clock() + self.cohort_policy.phase_deadline_s
+        if isinstance(state, ServerAborted):
+            self._end(live, Stopped(f"round aborted in {state.phase}: {state.reason}", True))
+            return
+        if isinstance(state, ServerCompleted):
+            self._complete(live, state)
+            return
+        if isinstance(state, ServerShareKeys | ServerMaskedInputCollection):
+            onward = state.to_sites
+        else:  # ServerUnmasking
+            onward = {site: state.request for site in state.request.survivors}
+        for site in live.cohort:
+            if site in onward:
+                live.events[site].append(Event(live.round_id, onward[site]))
+            elif not self._ended(live, site):
+                live.events[site].append(Event(live.round_id, Stopped(
+                    f"site {site} missed {before.phase} and left round {live.round_id}", True)))
+        self._state["in_flight"]["phase"] = state.phase
+        self._save()
+        self.changed.notify_all()
+
+    def _end(self, live: _Round, outcome: Finished | Stopped) -> None:
+        for site in live.cohort:
+            if not self._ended(live, site):
+                live.events[site].append(Event(live.round_id, outcome))
+        self._state["in_flight"] = None
+        self._save()
+        self._finished[live.round_id] = live
+        for old in sorted(self._finished)[:-KEEP_FINISHED]:
+            del self._finished[old]
+        self._round = None
+        self.changed.notify_all()
+        self._form_cohort()  # sites queued meanwhile may make the next cohort now
+
+    def _complete(self, live: _Round, result: ServerCompleted) -> None:
+        try:
+            version, dropped = self._publish(live, result)
+        except (ValueError, ArithmeticError) as error:
+            # Nothing was published, so nothing was spent; the round runs again.
+            self._end(live, Stopped(f"round {live.round_id} could not be merged: {error}", True))
+            return
+        self._end(live, Finished(version.number, len(result.contributors), dropped))
+
+    @staticmethod
+    def round_codes(setup: RoundSetup) -> tuple[FixedPoint, FixedPoint]:
+        """The payload codes of the round, by the one definition sites use too."""
+        return encoding_codes(setup.clip_norm, setup.noise_multiplier, setup.noise_mode,
+                              setup.privacy_unit, setup.expected_cohort,
+                              setup.fixed_point_clip, setup.cohort_max,
+                              setup.config.ring_bits)
+
+    def _publish(self, live: _Round, result: ServerCompleted) -> tuple[Version, tuple[int, ...]]:
+        setup, privacy = live.setup, self.privacy
+        delta_code, weight_code = self.round_codes(setup)
+        weighted, weight_sum = open_secagg_sum(np.asarray(result.cohort_sum), live.shapes,
+                                               delta_code, weight_code)
+        if not weight_sum > 0:
+            raise ValueError(f"the cohort's weights sum to {weight_sum}; each site's weight "
+                             "must be > 0")
+        dp = DPConfig(privacy.clip_norm, privacy.noise_multiplier, privacy.privacy_unit,
+                      privacy.noise_mode, setup.expected_cohort)
+        # Central mode: the trusted aggregator noises the sum before anything is derived
+        # from it (a no-op for distributed and local noise, which the sites added).
+        noised = noise_for_aggregator(flatten(weighted, live.shapes), dp)
+        weighted = unflatten(np.asarray(noised, dtype=np.float64), live.shapes)
+        parent = self.registry.latest()
+        _, b = parent.tensors()
+        new_b, _ = exact_merge(b, weighted, weight_sum, FedAvg(privacy.server_learning_rate))
+        dropped = tuple(sorted(set(live.cohort) - set(result.contributors)))
+        epsilon_total = self.budget.epsilon_after(live.charge)
+        epsilon_round = epsilon_of([live.charge], privacy.delta, privacy.accountant)
+        flight = self._state["in_flight"]
+        flight["outcome"] = {"cohort_size": len(result.contributors), "dropouts": len(dropped),
+                             "epsilon_round": epsilon_round, "epsilon_total": epsilon_total}
+        self._save()  # so a crash after publishing still writes the ledger at restart
+        version = self.registry.publish(new_b, Release(
+            round_id=live.round_id, cohort_size=len(result.contributors),
+            clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
+            noise_mode=privacy.noise_mode, epsilon=epsilon_total, delta=privacy.delta))
+        self._record_published(version, flight)
+        return version, dropped
+
+    # ---- for the read-only services ------------------------------------------------
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Waits (up to `timeout`) until `predicate()` holds; rounds, versions and ledger
+        entries all notify."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def current_round(self) -> int | None:
+        with self.changed:
+            return self._round.round_id if self._round else None

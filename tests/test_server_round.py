@@ -1,0 +1,371 @@
+"""Whole rounds over real loopback gRPC: three sites, driven by the aggregation library's
+site states and protos/secagg_codec, against `fleetmind.server.service.serve`.
+
+Sites are stepped phase by phase from the test thread (a phase closes as soon as every
+live site answered), so bad inputs can be slipped in mid-round and the round must still
+finish with exactly the merge of the honest deltas: proof the refusals changed no state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetmind.aggregation.merge import secagg_payload
+from fleetmind.aggregation.secagg import SiteAdvertiseKeys, crypto
+from fleetmind.protos import secagg_codec as codec
+from fleetmind.protos.fleetmind.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+from fleetmind.server import versions
+from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
+from fleetmind.server.enrolment import enroll_signed_bytes
+from fleetmind.server.ledger import LedgerEntry as StoredEntry
+from fleetmind.server.ledger import verify_chain
+from fleetmind.server.service import serve
+from fleetmind.server.versions import AdapterSpec, TargetModule
+
+MODULES = (TargetModule("model.layers.0.mlp.gate_proj", 8, 12),
+           TargetModule("model.layers.0.mlp.down_proj", 12, 8))
+SPEC = AdapterSpec("toy", "cd" * 32, MODULES, frozen_a_seed=7, rank=2)
+SHAPES = {m.name: (m.out_features, 2) for m in MODULES}
+PRIVACY = PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0,
+                        fixed_point_clip=1.0)
+
+
+def config(data: Path, privacy: PrivacyPolicy = PRIVACY) -> ServerConfig:
+    return ServerConfig(data_dir=data, listen="127.0.0.1:0", insecure=True,
+                        cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=30,
+                                            phase_deadline_s=30),
+                        privacy=privacy, adapter=SPEC)
+
+
+def code(error: grpc.RpcError) -> grpc.StatusCode:
+    return error.code()
+
+
+class Site:
+    """One site's side of a round, a step at a time."""
+
+    def __init__(self, channel: grpc.Channel, name: str, seed: int) -> None:
+        self.fleet = fleet_pb2_grpc.FleetStub(channel)
+        self.name = name
+        self.key = Ed25519PrivateKey.generate()
+        public = crypto.identity_public_bytes(self.key)
+        reply = self.fleet.Enroll(fleet_pb2.EnrollRequest(
+            site_name=name, identity_key=public,
+            proof=self.key.sign(enroll_signed_bytes(name, public))), timeout=5)
+        self.id = reply.site
+        self.aggregator_key = reply.aggregator_key
+        rng = np.random.default_rng(seed)
+        # Per-coordinate values well inside the fixed-point clip of 1.0.
+        self.delta = {n: rng.uniform(-0.3, 0.3, s).astype(np.float32) for n, s in SHAPES.items()}
+        self.weight = 1.0
+        self.stream = None
+        self.state = None
+
+    def join(self, round_id: int | None = None) -> None:
+        request = fleet_pb2.JoinRoundRequest(site=self.id, base_version=0, contributing_units=1)
+        if round_id is not None:
+            request.round_id = round_id
+        self.stream = self.fleet.JoinRound(request, timeout=30)
+
+    def expect(self, kind: str) -> fleet_pb2.RoundEvent:
+        for event in self.stream:
+            which = event.WhichOneof("event")
+            if which == "waiting":
+                continue
+            assert which == kind, f"site {self.id} expected {kind}, got {event}"
+            return event
+        raise AssertionError(f"site {self.id}: stream ended before {kind}")
+
+    def advertise(self) -> fleet_pb2.Receipt:
+        event = self.expect("config")
+        self.wire_config = event.config
+        self.round_id = event.round_id
+        self.config = codec.round_config_from_wire(event.config)
+        self.state = SiteAdvertiseKeys(self.config, self.id, self.key)
+        self.advertisement = codec.advertisement_to_wire(self.state.advertisement)
+        return self.fleet.AdvertiseKeys(self.advertisement, timeout=5)
+
+    def share(self) -> fleet_pb2.Receipt:
+        keys = codec.advertised_keys_from_wire(self.expect("advertised_keys").advertised_keys)
+        self.state = self.state.receive(keys)
+        self.shares = codec.encrypted_shares_to_wire(self.state.encrypted_shares)
+        return self.fleet.ShareKeys(self.shares, timeout=5)
+
+    def masked_chunks(self) -> list[fleet_pb2.MaskedVectorChunk]:
+        bundle = codec.shares_for_site_from_wire(self.expect("shares_for_site").shares_for_site)
+        delta_code, weight_code = codec.payload_codes(self.wire_config)
+        flat = np.concatenate([self.weight * self.delta[n].reshape(-1) for n in sorted(SHAPES)])
+        ring = secagg_payload(flat, self.weight, delta_code, weight_code)
+        masked, self.state = self.state.receive(bundle).mask(ring)
+        return list(codec.masked_input_to_chunks(masked, self.config.ring_bits, chunk_bytes=64))
+
+    def submit(self, chunks) -> fleet_pb2.MaskedVectorReceipt:
+        return self.fleet.SubmitMaskedVector(iter(chunks), timeout=5)
+
+    def unmask(self) -> fleet_pb2.Receipt:
+        request = codec.unmask_request_from_wire(self.expect("unmask_request").unmask_request)
+        self.unmask_wire = codec.unmask_shares_to_wire(self.state.respond(request))
+        return self.fleet.Unmask(self.unmask_wire, timeout=5)
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path):
+    running = serve(config(tmp_path / "data"))
+    channel = grpc.insecure_channel(running.address)
+    yield running, channel
+    channel.close()
+    running.stop(grace=None)
+
+
+def expected_b(sites: list[Site]) -> dict[str, np.ndarray]:
+    # Genesis B is zero; FedAvg with rate 1 adds the weighted mean delta.
+    total = sum(s.weight for s in sites)
+    return {n: sum(s.weight * s.delta[n] for s in sites) / total for n in SHAPES}
+
+
+def quantisation_bound(site: Site, count: int) -> float:
+    """|S'/W' - S/W| for decoded sums S' (|S'-S| <= eD, |S| <= 0.3 count) and W' (|W'-W| <=
+    eW, W = count): eD/(W-eW) + |S| eW/(W(W-eW)), plus float32 rounding."""
+    delta_code, weight_code = codec.payload_codes(site.wire_config)
+    e_d, e_w = delta_code.sum_error_bound(count), weight_code.sum_error_bound(count)
+    return e_d / (count - e_w) + 0.3 * count * e_w / (count * (count - e_w)) + 1e-6
+
+
+def run_round(sites: list[Site]) -> None:
+    for s in sites:
+        s.join()
+    for s in sites:
+        s.advertise()
+    for s in sites:
+        s.share()
+    for s in sites:
+        s.submit(s.masked_chunks())
+    for s in sites:
+        s.unmask()
+
+
+def test_a_round_of_three_sites_publishes_the_librarys_merge(aggregator, tmp_path) -> None:
+    _, channel = aggregator
+    sites = [Site(channel, f"site-{i}", seed=i) for i in range(3)]
+    assert [s.id for s in sites] == [1, 2, 3]
+    watch = models_pb2_grpc.ModelsStub(channel).Watch(
+        models_pb2.WatchRequest(after_version=0), timeout=30)
+
+    run_round(sites)
+    done = [s.expect("completed").completed for s in sites]
+    assert {(d.version, d.cohort_size, tuple(d.dropped)) for d in done} == {(1, 3, ())}
+
+    # Watchers hear of version 1; its manifest verifies with the key from enrolment.
+    announcement = next(iter(watch))
+    assert announcement.version == 1
+    watch.cancel()
+    public = versions._public(sites[0].aggregator_key)
+    public.verify(announcement.manifest_sig, announcement.manifest)
+    manifest = versions.Manifest.from_bytes(announcement.manifest)
+    assert (manifest.parent, manifest.cohort_size, manifest.round_id) == (0, 3, 1)
+
+    # Download the weights in chunks, checking each chunk and the whole file.
+    models = models_pb2_grpc.ModelsStub(channel)
+    chunks = list(models.Get(models_pb2.GetRequest(
+        version=1, file=versions.ADAPTER_WEIGHTS, max_chunk_bytes=100), timeout=5))
+    assert len(chunks) > 1
+    assert all(hashlib.sha256(c.data).digest() == c.chunk_sha256 for c in chunks)
+    weights = b"".join(c.data for c in chunks)
+    assert hashlib.sha256(weights).hexdigest() == manifest.files[versions.ADAPTER_WEIGHTS]
+    folder = tmp_path / "download"
+    folder.mkdir()
+    (folder / versions.ADAPTER_WEIGHTS).write_bytes(weights)
+    _, b = versions.read_lora(folder / versions.ADAPTER_WEIGHTS)
+
+    bound = quantisation_bound(sites[0], 3)
+    for name, want in expected_b(sites).items():
+        assert np.abs(b[name] - want).max() <= bound, name
+
+    # The ledger: one signed entry that names the version, verified as an auditor would.
+    audit = audit_pb2_grpc.AuditStub(channel)
+    entries = list(audit.StreamLedger(audit_pb2.StreamLedgerRequest(), timeout=5))
+    verify_chain([StoredEntry(e.index, e.prev_hash, e.body, e.hash, e.signature)
+                  for e in entries], sites[0].aggregator_key)
+    record = StoredEntry(*(getattr(entries[0], f) for f in
+                           ("index", "prev_hash", "body", "hash", "signature"))).record
+    assert (record.round_id, record.cohort_size, record.dropouts, record.version) == (1, 3, 0, 1)
+    assert record.version_hash == hashlib.sha256(announcement.manifest).hexdigest()
+    budget = audit.Budget(audit_pb2.BudgetRequest(), timeout=5)
+    assert budget.rounds == 1
+    assert budget.epsilon_spent == pytest.approx(record.epsilon_total)
+    assert 0 < budget.epsilon_spent <= budget.epsilon_budget
+
+
+def test_bad_inputs_are_refused_with_their_status_and_change_nothing(aggregator) -> None:
+    running, channel = aggregator
+    sites = [Site(channel, f"site-{i}", seed=10 + i) for i in range(3)]
+    a, b, c = sites
+    for s in sites:
+        s.join()
+
+    # Round 0: a retry is answered as before; a different advertisement is a replay.
+    first = a.advertise()
+    assert a.fleet.AdvertiseKeys(a.advertisement, timeout=5) == first
+    other = SiteAdvertiseKeys(a.config, a.id, a.key)
+    with pytest.raises(grpc.RpcError) as refused:
+        a.fleet.AdvertiseKeys(codec.advertisement_to_wire(other.advertisement), timeout=5)
+    assert code(refused.value) == grpc.StatusCode.ALREADY_EXISTS
+    # Wrong round, a forged signature, a malformed key, an unenrolled site.
+    stale = codec.advertisement_to_wire(SiteAdvertiseKeys(a.config, b.id, b.key).advertisement)
+    stale.round_id += 5
+    forged = codec.advertisement_to_wire(SiteAdvertiseKeys(a.config, b.id, b.key).advertisement)
+    forged.signature = bytes(64)
+    short = codec.advertisement_to_wire(SiteAdvertiseKeys(a.config, b.id, b.key).advertisement)
+    short.mask_key = b"\1" * 5
+    stranger = fleet_pb2.KeyAdvertisement(round_id=a.round_id, site=99, mask_key=b"\1" * 32,
+                                          share_key=b"\2" * 32, signature=bytes(64))
+    for message, status in ((stale, grpc.StatusCode.FAILED_PRECONDITION),
+                            (forged, grpc.StatusCode.UNAUTHENTICATED),
+                            (short, grpc.StatusCode.INVALID_ARGUMENT),
+                            (stranger, grpc.StatusCode.PERMISSION_DENIED)):
+        with pytest.raises(grpc.RpcError) as refused:
+            b.fleet.AdvertiseKeys(message, timeout=5)
+        assert code(refused.value) == status, message
+    b.advertise()
+    c.advertise()
+    for s in sites:
+        s.share()
+    # After round 0 closed: the retry still gets its receipt; a late newcomer cannot enter.
+    assert a.fleet.AdvertiseKeys(a.advertisement, timeout=5) == first
+
+    # Round 2: torn, corrupted and oversized uploads; then the real one, retried.
+    chunks = {s.id: s.masked_chunks() for s in sites}
+    mine = chunks[a.id]
+    corrupted = [fleet_pb2.MaskedVectorChunk() for _ in mine]
+    for copy, original in zip(corrupted, mine, strict=True):
+        copy.CopyFrom(original)
+    corrupted[-1].data = bytes(len(corrupted[-1].data))
+    oversized = fleet_pb2.MaskedVectorChunk()
+    oversized.CopyFrom(mine[0])
+    oversized.total_bytes = 10**9
+    for bad, status in ((mine[:-1], grpc.StatusCode.INVALID_ARGUMENT),
+                        ([mine[0], *mine[2:]], grpc.StatusCode.INVALID_ARGUMENT),
+                        (corrupted, grpc.StatusCode.INVALID_ARGUMENT),
+                        ([oversized], grpc.StatusCode.RESOURCE_EXHAUSTED)):
+        with pytest.raises(grpc.RpcError) as refused:
+            a.submit(bad)
+        assert code(refused.value) == status
+    receipt = a.submit(mine)
+    assert a.submit(mine) == receipt  # the retry after a lost acknowledgement
+    assert receipt.payload_sha256 == mine[0].payload_sha256
+    b.submit(chunks[b.id])
+    c.submit(chunks[c.id])
+
+    for s in sites:
+        s.unmask()
+    with pytest.raises(grpc.RpcError) as refused:
+        other_wire = fleet_pb2.UnmaskShares()
+        other_wire.CopyFrom(a.unmask_wire)
+        other_wire.self_mask_shares[0].y = b"\7" + bytes(32)
+        a.fleet.Unmask(other_wire, timeout=5)
+    assert code(refused.value) == grpc.StatusCode.ALREADY_EXISTS
+
+    # Nothing the refusals carried reached the sum: the version is the honest merge.
+    assert {s.expect("completed").completed.version for s in sites} == {1}
+    _, merged = running.coordinator.registry.get(1).tensors()
+    bound = quantisation_bound(a, 3)
+    for name, want in expected_b(sites).items():
+        assert np.abs(merged[name] - want).max() <= bound
+
+
+def test_a_round_the_budget_cannot_pay_is_refused(tmp_path: Path) -> None:
+    # One round of z=1 costs more than epsilon 1 at delta 1e-5: the budget refuses it.
+    running = serve(config(tmp_path / "data", PrivacyPolicy(noise_multiplier=1.0,
+                                                            epsilon_budget=1.0)))
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            site = Site(channel, "site-0", seed=0)
+            site.join()
+            with pytest.raises(grpc.RpcError) as refused:
+                next(iter(site.stream))
+            assert code(refused.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "privacy budget" in refused.value.details()
+            budget = audit_pb2_grpc.AuditStub(channel).Budget(audit_pb2.BudgetRequest())
+            assert (budget.rounds, budget.epsilon_spent) == (0, 0.0)
+            assert running.coordinator.current_round() is None
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_round_in_flight_at_restart_is_abandoned_and_run_again(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    running = serve(config(data))
+    channel = grpc.insecure_channel(running.address)
+    sites = [Site(channel, f"site-{i}", seed=20 + i) for i in range(3)]
+    for s in sites:
+        s.join()
+    for s in sites:
+        s.advertise()
+    channel.close()
+    running.stop(grace=None)  # the aggregator goes away mid-round
+
+    running = serve(config(data))
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            for s in sites:
+                s.fleet = fleet_pb2_grpc.FleetStub(channel)
+            # A site re-attaching to the lost round hears it was abandoned, and re-joins.
+            sites[0].join(round_id=1)
+            aborted = sites[0].expect("aborted").aborted
+            assert aborted.retry and "restarted" in aborted.reason
+            run_round(sites)
+            assert {s.round_id for s in sites} == {2}
+            assert {s.expect("completed").completed.version for s in sites} == {1}
+        assert running.coordinator.ledger.head().record.round_id == 2
+        assert running.coordinator.budget_status().rounds == 1
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_site_dropping_after_sharing_keys_leaves_the_others_merge(tmp_path: Path) -> None:
+    short = ServerConfig(data_dir=tmp_path / "data", listen="127.0.0.1:0", insecure=True,
+                         cohort=CohortPolicy(min_size=3, target_size=4, deadline_s=30,
+                                             phase_deadline_s=0.5),
+                         privacy=PRIVACY, adapter=SPEC)
+    running = serve(short)
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            # Four sites: each survivor's self-mask seed is then held by two other survivors,
+            # the threshold (with three, one dropout would leave a seed unrecoverable).
+            sites = [Site(channel, f"site-{i}", seed=30 + i) for i in range(4)]
+            for s in sites:
+                s.join()
+            for s in sites:
+                s.advertise()
+            for s in sites:
+                s.share()
+            survivors, gone = sites[:3], sites[3]
+            for s in survivors:  # the fourth site vanishes: the phase closes at its deadline
+                s.submit(s.masked_chunks())
+            for s in survivors:
+                s.unmask()
+            done = {(d.version, d.cohort_size, tuple(d.dropped))
+                    for d in (s.expect("completed").completed for s in survivors)}
+            assert done == {(1, 3, (gone.id,))}
+            gone.expect("shares_for_site")  # what it never acted on
+            assert "missed" in gone.expect("aborted").aborted.reason
+        _, merged = running.coordinator.registry.get(1).tensors()
+        bound = quantisation_bound(survivors[0], 3)
+        for name, want in expected_b(survivors).items():
+            assert np.abs(merged[name] - want).max() <= bound
+        assert running.coordinator.ledger.head().record.dropouts == 1
+    finally:
+        running.stop(grace=None)
