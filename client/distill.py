@@ -278,39 +278,56 @@ def completion_mask(prompt_lengths: Sequence[int], completion_lengths: Sequence[
     return mask
 
 
-def distill_loss(model: Any, tokenizer: Any, context: TeacherContext | None,
+def distill_loss(model: Any, tokenizer: Any, teachers: Sequence[TeacherContext | None],
                  student_prompts: Sequence[list[int]], teacher_prompts: Sequence[list[int]],
                  completions: Sequence[list[int]], cfg: DistillConfig) -> tuple[Any, int]:
-    """Reverse KL of the student (prompt only) to the teacher (context + prompt, or the same
-    prompt with the adapter off when `context` is None) on the student's own completions."""
+    """Reverse KL of the student (prompt only) to each row's teacher (its session's cached
+    context + prompt, or, for None, the same prompt with the adapter off) on the student's
+    own completions. One student pass for all rows; one teacher pass per context."""
     import torch
 
     pad = tokenizer.pad_token_id
-    student_rows = [list(p) + list(y) for p, y in zip(student_prompts, completions, strict=True)]
-    teacher_rows = [list(p) + list(y) for p, y in zip(teacher_prompts, completions, strict=True)]
-    student_ids = pad_right(student_rows, pad)  # (B, Ls)
-    teacher_ids = pad_right(teacher_rows, pad)  # (B, Lt)
-    student_logits = model(input_ids=student_ids).logits  # (B, Ls, V)
-    if context is None:
-        with torch.no_grad(), lora.adapter_disabled(model):
-            teacher_logits = model(input_ids=teacher_ids).logits
-    else:
-        teacher_logits = context.logits(model, teacher_ids)  # (B, Lt, V)
     lengths = [len(y) for y in completions]
-    s_mask = completion_mask([len(p) for p in student_prompts], lengths,
-                             student_ids.shape[1], cfg.skip_first)
-    t_mask = completion_mask([len(p) for p in teacher_prompts], lengths,
-                             teacher_ids.shape[1], cfg.skip_first)
-    # The completion positions of both, gathered row by row into (N, V): the orders agree.
-    per_token = reverse_kl(student_logits[s_mask.bool()].unsqueeze(0),
-                           teacher_logits[t_mask.bool()].unsqueeze(0), cfg.top_k)[0]  # (N,)
-    counts = s_mask.sum(-1)  # (B,)
-    owner = torch.repeat_interleave(torch.arange(len(completions)), counts.long())
-    sums = per_token.new_zeros(len(completions)).index_add(0, owner, per_token)
-    kept = counts > 0
-    loss = (sums[kept] / counts[kept]).mean() if bool(kept.any()) else per_token.sum() * 0.0
-    tokens = int(student_ids.numel() + teacher_ids.numel())
-    return loss, tokens
+    student_ids = pad_right([list(p) + list(y) for p, y in
+                             zip(student_prompts, completions, strict=True)], pad)  # (B, Ls)
+    student_logits = model(input_ids=student_ids).logits  # (B, Ls, V)
+    student_rows = _completion_rows(student_logits, [len(p) for p in student_prompts],
+                                    lengths, cfg.skip_first)
+    teacher_rows: list[Any] = [None] * len(completions)
+    tokens = int(student_ids.numel())
+    by_teacher: dict[int, list[int]] = {}
+    for row, teacher in enumerate(teachers):
+        by_teacher.setdefault(id(teacher), []).append(row)
+    for rows in by_teacher.values():
+        teacher = teachers[rows[0]]
+        ids = pad_right([list(teacher_prompts[r]) + list(completions[r]) for r in rows], pad)
+        if teacher is None:
+            with torch.no_grad(), lora.adapter_disabled(model):
+                logits = model(input_ids=ids).logits
+        else:
+            logits = teacher.logits(model, ids)  # (rows, Lt, V)
+        tokens += int(ids.numel())
+        picked = _completion_rows(logits, [len(teacher_prompts[r]) for r in rows],
+                                  [lengths[r] for r in rows], cfg.skip_first)
+        for r, tensor in zip(rows, picked, strict=True):
+            teacher_rows[r] = tensor
+    kept = [i for i, t in enumerate(student_rows) if t.shape[0] > 0]
+    if not kept:
+        return student_logits.sum() * 0.0, tokens
+    per_token = reverse_kl(torch.cat([student_rows[i] for i in kept])[None],
+                           torch.cat([teacher_rows[i] for i in kept])[None], cfg.top_k)[0]
+    counts = torch.tensor([student_rows[i].shape[0] for i in kept])
+    owner = torch.repeat_interleave(torch.arange(len(kept)), counts)
+    sums = per_token.new_zeros(len(kept)).index_add(0, owner, per_token)
+    return (sums / counts).mean(), tokens
+
+
+def _completion_rows(logits: Any, prompt_lengths: Sequence[int],
+                     completion_lengths: Sequence[int], skip_first: int) -> list[Any]:
+    """Per row, the logits that predict its completion tokens, first `skip_first` left out:
+    logit t predicts token t + 1. Each (len - skip_first, V)."""
+    return [logits[i, p - 1 + skip_first : p - 1 + c]
+            for i, (p, c) in enumerate(zip(prompt_lengths, completion_lengths, strict=True))]
 
 
 # ---- dreaming ------------------------------------------------------------------------------
@@ -432,8 +449,9 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
             if guard_set:
                 chosen = rng.sample(guard_set, min(cfg.guard_prompts_per_step, len(guard_set)))
                 prompt_ids = [p for p, _ in chosen]
-                guard, guard_tokens = distill_loss(model, tokenizer, None, prompt_ids,
-                                                   prompt_ids, [y for _, y in chosen], cfg)
+                guard, guard_tokens = distill_loss(model, tokenizer, [None] * len(chosen),
+                                                   prompt_ids, prompt_ids,
+                                                   [y for _, y in chosen], cfg)
                 tokens += guard_tokens
             total = loss + cfg.guard_weight * guard
             optimizer.zero_grad(set_to_none=True)
@@ -472,29 +490,20 @@ def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg:
 def _lesson_step(model: Any, tokenizer: Any, contexts: dict[str, TeacherContext],
                  picks: Sequence[tuple[Lesson, tuple[dict[str, str], ...]]], cfg: DistillConfig,
                  stop: set[int]) -> tuple[Any, float, int]:
-    """One OPSD term: student samples on each picked prompt; KL to its session's teacher."""
-    groups: dict[str, list[tuple[Lesson, tuple[dict[str, str], ...]]]] = {}
-    for lesson, prompt in picks:
-        groups.setdefault(lesson.session_id, []).append((lesson, prompt))
-    total, tokens, count = None, 0, 0
-    for session_id, items in groups.items():
-        context = contexts[session_id]
-        student_prompts = [chat_ids(tokenizer, p, generation=True) for _, p in items]
-        teacher_prompts = [teacher_suffix(tokenizer, context, lesson.context, p)
-                           for lesson, p in items]
-        ys = sample(model, tokenizer, student_prompts, cfg.samples_per_prompt,
-                    cfg.max_new_tokens, cfg.temperature, stop)
-        repeat = cfg.samples_per_prompt
-        loss, used = distill_loss(model, tokenizer, context,
-                                  [p for p in student_prompts for _ in range(repeat)],
-                                  [p for p in teacher_prompts for _ in range(repeat)], ys, cfg)
-        weight = len(items)
-        total = loss * weight if total is None else total + loss * weight
-        tokens += used
-        count += weight
-    assert total is not None
-    mean = total / count
-    return mean, float(mean.detach()), tokens
+    """One OPSD term: the student samples on every picked prompt in one batch; each sample is
+    scored by its own session's teacher."""
+    repeat = cfg.samples_per_prompt
+    student_prompts = [chat_ids(tokenizer, p, generation=True) for _, p in picks]
+    teacher_prompts = [teacher_suffix(tokenizer, contexts[lesson.session_id], lesson.context, p)
+                       for lesson, p in picks]
+    ys = sample(model, tokenizer, student_prompts, repeat, cfg.max_new_tokens,
+                cfg.temperature, stop)
+    loss, tokens = distill_loss(
+        model, tokenizer,
+        [contexts[lesson.session_id] for lesson, _ in picks for _ in range(repeat)],
+        [p for p in student_prompts for _ in range(repeat)],
+        [p for p in teacher_prompts for _ in range(repeat)], ys, cfg)
+    return loss, float(loss.detach()), tokens
 
 
 def _progress(enabled: bool) -> Any:

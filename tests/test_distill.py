@@ -70,7 +70,8 @@ def test_gradients_reach_only_b(student) -> None:
     t_ids = distill.teacher_suffix(tokenizer, context, lesson.context, prompt)
     ys = distill.sample(model, tokenizer, [s_ids], 4, 8, 1.0, {tokenizer.eos_token_id})
     model.zero_grad(set_to_none=True)
-    loss, _ = distill.distill_loss(model, tokenizer, context, [s_ids] * 4, [t_ids] * 4, ys, cfg)
+    loss, _ = distill.distill_loss(model, tokenizer, [context] * 4, [s_ids] * 4, [t_ids] * 4,
+                                   ys, cfg)
     loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad, "no gradient at all"

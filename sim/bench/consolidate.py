@@ -254,6 +254,7 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
                    "facts": len(site.facts), "sessions": len(sessions)},
     }
     (out / "consolidate.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, out / "consolidate.png")
     Console().print(_table(results, {"ours": ours_cost, "peer": peer}, ratios,
                            f"consolidation, one site: teacher {teacher:.2f}, closed-book "
                            f"before {closed_before:.2f}"))
@@ -277,6 +278,30 @@ def _table(results: dict[str, dict[str, float]], costs: dict[str, dict[str, Any]
         table.add_row(name, f"{row['recovery']:.2f}", f"{row['forgetting_points']:+.1f}",
                       *spent, *ratio)
     return table
+
+
+def plot(results: dict[str, dict[str, float]], path: Path) -> Path:
+    """Recovery and forgetting per variant, side by side: the comparison at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    left.barh(names, [results[n]["recovery"] for n in names], color="tab:blue")
+    left.set_xlim(0, 1.05)
+    left.set_xlabel("recovery (closed-book / teacher in context)")
+    right.barh(names, [results[n]["forgetting_points"] for n in names], color="tab:red")
+    right.axvline(2.0, color="grey", linestyle="--", linewidth=1, label="target ≤ 2")
+    right.set_xlabel("forgetting (points of in-context accuracy)")
+    right.legend(loc="lower right")
+    left.invert_yaxis()
+    figure.suptitle("one site's consolidation: ours, the peer, baselines and ablations")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def _peak_rss_mb() -> float:
