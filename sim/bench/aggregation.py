@@ -305,8 +305,39 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "aggregation.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "aggregation.png")
     print_table(result)
     return result
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Secure-aggregation time and bytes, ours against Flower's, by cohort and dropout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["secagg"]
+    labels = [f"{r['cohort']} sites\n{r['dropout']:.0%} drop" for r in rows]
+    x = np.arange(len(rows))
+    figure, (seconds, size) = plt.subplots(1, 2, figsize=(11, 3.8))
+    seconds.bar(x - 0.2, [r["ours_seconds"] for r in rows], 0.4, label="fleetmind")
+    seconds.bar(x + 0.2, [r["flower_seconds"] for r in rows], 0.4, label="Flower 1.42")
+    seconds.set_yscale("log")
+    seconds.set_ylabel("seconds (site mean + server)")
+    size.bar(x - 0.2, [r["bytes_ratio_to_plain16"] for r in rows], 0.4, label="fleetmind")
+    size.bar(x + 0.2, [r["flower_bytes_ratio_to_plain16"] for r in rows], 0.4,
+             label="Flower 1.42")
+    size.axhline(1.73, color="grey", linestyle="--", linewidth=1, label="target 1.73")
+    size.set_ylabel("bytes / plaintext 16-bit")
+    for axis in (seconds, size):
+        axis.set_xticks(x, labels, fontsize=8)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"SecAgg+, {rows[0]['parameters']:,} parameters per site")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def print_table(result: dict[str, Any]) -> None:
