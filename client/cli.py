@@ -50,7 +50,8 @@ def add_client_commands(commands: Any) -> None:
     consolidate.add_argument("--guard", type=Path, default=None, metavar="FILE",
                              help="general chat prompts (JSONL of {\"messages\": [...]}) the "
                                   "adapted model must answer as the base model does; default: "
-                                  "the sessions themselves")
+                                  "the sessions themselves, which guard the model's reading of "
+                                  "new context far less (README, Consolidation)")
     consolidate.add_argument("--per-session", action="store_true",
                              help="one delta per session (session-level DP)")
     consolidate.set_defaults(run=_client_consolidate)

@@ -104,7 +104,8 @@ def _model_eval(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
     except (FileNotFoundError, ValueError) as error:
         raise argparse.ArgumentError(None, str(error)) from None
-    report = basemodel.measure(model, tokenizer, world)
+    report = {**basemodel.measure(model, tokenizer, world),
+              "parameters": sum(p.numel() for p in model.parameters())}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

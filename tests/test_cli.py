@@ -75,7 +75,7 @@ def test_model_eval_prints_the_report_as_json(toy_model_dir, tmp_path, capsys) -
                  str(tmp_path / "w"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) >= {"incontext_accuracy", "closed_book_accuracy", "chance_accuracy",
-                           "incontext_by_facts"}
+                           "incontext_by_facts", "parameters"}
     assert report["incontext_accuracy"] >= 0.85
 
 
