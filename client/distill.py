@@ -407,11 +407,8 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
     stats = DistillStats()
     started = time.perf_counter()
 
-    contexts = {}
-    for lesson in lessons:
-        contexts[lesson.session_id] = TeacherContext.encode(
-            model, chat_ids(tokenizer, lesson.context, generation=False))
-    for lesson, _ in replay:
+    contexts: dict[str, TeacherContext] = {}
+    for lesson in [*lessons, *(replayed for replayed, _ in replay)]:
         if lesson.session_id not in contexts:
             contexts[lesson.session_id] = TeacherContext.encode(
                 model, chat_ids(tokenizer, lesson.context, generation=False))
