@@ -12,4 +12,7 @@ No I/O, no torch, no grpc, and no import of `fleetmind.client` or `fleetmind.ser
     secagg/     SecAgg+: crypto, neighbour graph, one module per site/server phase
     dp          clipping per privacy unit, discrete Gaussian and Gaussian noise
     accountant  epsilon(delta) on dp-accounting (RDP, PLD), and the Budget
+    manifest    the signed global version's manifest: canonical bytes and verification,
+                shared by the aggregator that signs and the sites that verify
+    identity_proof  the bytes a site signs to prove it holds its identity key at enrolment
 """

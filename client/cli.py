@@ -56,6 +56,15 @@ def add_client_commands(commands: Any) -> None:
                              help="one delta per session (session-level DP)")
     consolidate.set_defaults(run=_client_consolidate)
 
+    rollback = sub.add_parser(
+        "rollback", help="return to the last good global version",
+        description="Flip the site's `current` link back to the version it replaced (kept "
+                    "as `previous`). One step: the version rolled back from is not kept as "
+                    "a rollback target. Exit status 2 when there is nothing to roll back to.")
+    rollback.add_argument("--site", type=Path, required=True, metavar="DIR",
+                          help="the site folder (holds versions/, current, previous)")
+    rollback.set_defaults(run=_client_rollback)
+
 
 def _client_ingest(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -118,4 +127,18 @@ def _client_consolidate(args: argparse.Namespace) -> int:
     print(f"consolidation {result.consolidation_id}: {result.update.metadata.sessions} sessions,"
           f" {stats.steps} steps, {stats.tokens_per_s:.0f} tokens/s, {stats.dreams_kept} dreams "
           f"kept; scrubbed {result.scrubbed.total}; written to {args.out}")
+    return 0
+
+
+def _client_rollback(args: argparse.Namespace) -> int:
+    from fleetmind.client.versions import RollbackError, VersionError, rollback
+
+    if not args.site.is_dir():
+        raise argparse.ArgumentError(None, f"no such site folder: {args.site}; pass the folder "
+                                           "that holds versions/ and current")
+    try:
+        was, now = rollback(args.site)
+    except (RollbackError, VersionError) as error:
+        raise argparse.ArgumentError(None, str(error)) from None
+    print(f"rolled back {args.site} from version {was} to version {now}")
     return 0

@@ -9,7 +9,6 @@ key is what neighbours verify key advertisements against.
 from __future__ import annotations
 
 import json
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,11 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+# The proof's bytes live in aggregation/ so a site can sign them without the server;
+# re-exported for the aggregator's callers.
+from fleetmind.aggregation.identity_proof import ENROL_DOMAIN, enroll_signed_bytes  # noqa: F401
 from fleetmind.server.durable import atomic_write, canonical_json
 from fleetmind.server.identity import SITE_NAME
-
-ENROL_DOMAIN = b"fleetmind/v1/enroll"
 
 
 class EnrolmentError(ValueError):
@@ -30,12 +30,6 @@ class EnrolmentError(ValueError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def enroll_signed_bytes(site_name: str, identity_key: bytes) -> bytes:
-    """What EnrollRequest.proof signs (fleet.proto)."""
-    name = site_name.encode()
-    return ENROL_DOMAIN + struct.pack("<I", len(name)) + name + identity_key
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,10 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
         numbers = self.registry.numbers()
         if not numbers:
             context.abort(S.NOT_FOUND, "no version is published yet")
-        return self._announce(numbers[-1])
+        try:
+            return self._announce(numbers[-1])
+        except VersionError as error:  # the folder on disk no longer verifies: never serve it
+            context.abort(S.DATA_LOSS, str(error))
 
     def Get(self, request, context):  # noqa: N802
         try:

@@ -18,20 +18,16 @@ torch: tensors are numpy, written with `safetensors.numpy`.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Literal
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -40,24 +36,29 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from fleetmind.aggregation.frozen_a import frozen_a
+
+# The manifest's format and check live in aggregation/manifest.py, shared with the sites;
+# re-exported here so the registry's callers keep one import.
+from fleetmind.aggregation.manifest import (  # noqa: F401
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FORMAT,
+    MANIFEST,
+    SIGNATURE,
+    Manifest,
+    NoiseMode,
+    VersionError,
+    check_release,
+    verify_manifest,
+)
+from fleetmind.aggregation.manifest import SHA256_HEX as _SHA256
+from fleetmind.aggregation.manifest import public_key as _public  # noqa: F401 (tests use it)
 from fleetmind.server.durable import canonical_json, fsync_dir, write_synced
 
-FORMAT = "fleetmind.version/1"
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-NoiseMode = Literal["none", "distributed", "central", "local"]
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _FOLDER = re.compile(r"\d{8}")
 _PARTIAL_PREFIX = ".partial-"
-
-
-class VersionError(ValueError):
-    """A version folder is unsigned, tampered with, incomplete or malformed: do not activate
-    it. The message names the file or field."""
 
 
 def sha256_file(path: Path) -> str:
@@ -147,106 +148,8 @@ class Release:
     delta: float
 
     def __post_init__(self) -> None:
-        _check_release(self.round_id, self.cohort_size, self.clip_norm, self.noise_multiplier,
+        check_release(self.round_id, self.cohort_size, self.clip_norm, self.noise_multiplier,
                        self.noise_mode, self.epsilon, self.delta, genesis=False)
-
-
-def _check_release(round_id, cohort_size, clip_norm, noise_multiplier, noise_mode, epsilon,
-                   delta, genesis: bool) -> None:
-    if genesis:
-        # Genesis learned nothing from anyone: it spends no privacy and sums no sites.
-        if (cohort_size, clip_norm, noise_multiplier, noise_mode, epsilon, delta) != \
-                (0, 0.0, 0.0, "none", 0.0, 0.0):
-            raise ValueError("genesis (version 0) must have cohort_size 0, no clip, no noise "
-                             "and epsilon 0")
-        return
-    if round_id is None or round_id < 0:
-        raise ValueError(f"round_id={round_id} must be >= 0")
-    if cohort_size < 2:
-        raise ValueError(f"cohort_size={cohort_size}: a published sum needs >= 2 sites")
-    for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier),
-                        ("epsilon", epsilon)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name}={value} must be finite and >= 0")
-    if clip_norm <= 0:
-        raise ValueError(f"clip_norm={clip_norm} must be > 0")
-    if noise_mode not in ("none", "distributed", "central", "local"):
-        raise ValueError(f"noise_mode={noise_mode!r} must be none, distributed, central or "
-                         "local")
-    if not 0 <= delta < 1:
-        raise ValueError(f"delta={delta} must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """manifest.json. Genesis (version 0) has no parent and no round, and spends nothing."""
-
-    version: int
-    parent: int | None
-    base_model_id: str
-    base_model_sha256: str
-    frozen_a_seed: int
-    round_id: int | None
-    cohort_size: int
-    clip_norm: float
-    noise_multiplier: float
-    noise_mode: NoiseMode
-    epsilon: float
-    delta: float
-    files: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256 hex
-    format: str = FORMAT
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
-        for name in ("clip_norm", "noise_multiplier", "epsilon", "delta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"manifest {name}={value!r} must be a number")
-            object.__setattr__(self, name, float(value))
-        for name in ("version", "parent", "frozen_a_seed", "round_id", "cohort_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
-                    value is None and name in ("parent", "round_id")):
-                raise ValueError(f"manifest {name}={value!r} must be an integer")
-        if self.format != FORMAT:
-            raise ValueError(f"manifest format {self.format!r} is not {FORMAT!r}: a newer "
-                             "aggregator wrote it; upgrade this site")
-        if self.version < 0:
-            raise ValueError(f"version={self.version} must be >= 0")
-        genesis = self.version == 0
-        if genesis != (self.parent is None) or genesis != (self.round_id is None):
-            raise ValueError(f"version {self.version}: only genesis (version 0) has no parent "
-                             f"and no round (parent={self.parent}, round_id={self.round_id})")
-        if self.parent is not None and not 0 <= self.parent < self.version:
-            raise ValueError(f"parent={self.parent} must be an earlier version than "
-                             f"{self.version}")
-        if not _SHA256.fullmatch(self.base_model_sha256):
-            raise ValueError(f"base_model_sha256={self.base_model_sha256!r} is not a sha256")
-        _check_release(self.round_id, self.cohort_size, self.clip_norm, self.noise_multiplier,
-                       self.noise_mode, self.epsilon, self.delta, genesis)
-        if set(self.files) != {ADAPTER_CONFIG, ADAPTER_WEIGHTS}:
-            raise ValueError(f"manifest lists {sorted(self.files)}; a version holds exactly "
-                             f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-        for name, digest in self.files.items():
-            if not _SHA256.fullmatch(digest):
-                raise ValueError(f"sha256 of {name} is {digest!r}, not 64 lowercase hex digits")
-
-    def to_bytes(self) -> bytes:
-        """The canonical bytes: what manifest.json holds and manifest.sig signs."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["files"] = dict(self.files)
-        return canonical_json(values)
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> Manifest:
-        try:
-            manifest = cls(**json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as error:
-            raise VersionError(f"{MANIFEST} is malformed: {error}") from None
-        if manifest.to_bytes() != raw:
-            raise VersionError(f"{MANIFEST} is not in canonical form, so its signature cannot "
-                               "be checked against what it says")
-        return manifest
 
 
 @dataclass(frozen=True)
@@ -291,39 +194,25 @@ def read_lora(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
     return a, b
 
 
-def _public(key: Ed25519PublicKey | bytes) -> Ed25519PublicKey:
-    return key if isinstance(key, Ed25519PublicKey) else Ed25519PublicKey.from_public_bytes(key)
-
-
 def verify(folder: Path, public_key: Ed25519PublicKey | bytes) -> Manifest:
     """Checks a version folder before anyone activates it: the signature over manifest.json,
     the manifest itself, every file's sha256, and that the folder holds nothing else.
-    Raises VersionError naming what failed; returns the manifest."""
+    Raises VersionError naming what failed; returns the manifest. The checks themselves are
+    aggregation.manifest.verify_manifest, the same ones a site runs on a download."""
     folder = Path(folder)
     manifest_path, signature_path = folder / MANIFEST, folder / SIGNATURE
     if not manifest_path.is_file() or not signature_path.is_file():
         raise VersionError(f"{folder} is unsigned: {MANIFEST} and {SIGNATURE} must both be "
                            "present; do not activate it")
-    raw = manifest_path.read_bytes()
-    try:
-        _public(public_key).verify(signature_path.read_bytes(), raw)
-    except InvalidSignature:
-        raise VersionError(f"{folder}: {SIGNATURE} does not verify with the aggregator key; "
-                           "the manifest was altered or signed by someone else") from None
-    manifest = Manifest.from_bytes(raw)
-    present = {path.name for path in folder.iterdir()} - {MANIFEST, SIGNATURE}
-    extra = sorted(present - set(manifest.files))
-    if extra:
-        raise VersionError(f"{folder}: files not in the manifest: {extra}; a version holds "
-                           "only what its signed manifest lists")
-    for name, digest in sorted(manifest.files.items()):
-        path = folder / name
-        if not path.is_file():
-            raise VersionError(f"{folder}: {name} is missing (listed in the manifest)")
-        if sha256_file(path) != digest:
-            raise VersionError(f"{folder}: {name} does not match its sha256 in the manifest; "
-                               "it was altered or truncated")
-    return manifest
+    files = {}
+    for path in folder.iterdir():
+        if path.name in (MANIFEST, SIGNATURE):
+            continue
+        # A subfolder is never part of a version: an empty stand-in makes it "not in the
+        # manifest" (or a hash mismatch) rather than an unreadable-file crash.
+        files[path.name] = path.read_bytes() if path.is_file() else b""
+    return verify_manifest(manifest_path.read_bytes(), signature_path.read_bytes(),
+                           public_key, files, source=str(folder))
 
 
 class VersionRegistry:

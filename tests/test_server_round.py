@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.merge import secagg_payload
 from fleetmind.aggregation.secagg import SiteAdvertiseKeys, crypto
 from fleetmind.protos import secagg_codec as codec
@@ -29,7 +30,6 @@ from fleetmind.protos.fleetmind.v1 import (
 )
 from fleetmind.server import versions
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
-from fleetmind.server.enrolment import enroll_signed_bytes
 from fleetmind.server.ledger import LedgerEntry as StoredEntry
 from fleetmind.server.ledger import verify_chain
 from fleetmind.server.service import serve

@@ -11,11 +11,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.secagg import crypto
 from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc, models_pb2, models_pb2_grpc
 from fleetmind.server import identity, versions
 from fleetmind.server.config import ConfigError, ServerConfig, TlsPaths
-from fleetmind.server.enrolment import enroll_signed_bytes
 from fleetmind.server.service import serve
 
 
