@@ -93,7 +93,6 @@ def test_three_sites_cannot_lose_one(phase) -> None:
     assert isinstance(report.result, ServerAborted)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
 def test_sum_of_100_sites_with_dropouts_at_each_phase(rate, phase) -> None:
