@@ -15,4 +15,6 @@ No I/O, no torch, no grpc, and no import of `fleetmind.client` or `fleetmind.ser
     manifest    the signed global version's manifest: canonical bytes and verification,
                 shared by the aggregator that signs and the sites that verify
     identity_proof  the bytes a site signs to prove it holds its identity key at enrolment
+    chain       hash-chained, Ed25519-signed logs (hashing, sealing, verify_chain), shared
+                by the aggregator's ledger and the site's outbox
 """

@@ -10,7 +10,9 @@ with 32 zero bytes before entry 0, and body the canonical JSON of the record; th
 aggregator's Ed25519 key signs the hash. So an auditor holding the aggregator's public key
 finds any edited, reordered, removed or forged entry (`verify_chain`, which names the first
 bad one); cutting entries off the END leaves a shorter valid chain, which only a head the
-auditor kept from before (`expected_head`) reveals.
+auditor kept from before (`expected_head`) reveals. The chaining, signing and checking
+are fleetmind.aggregation.chain's, shared with the site's outbox; this module adds the
+round record, what must hold between consecutive rounds, and storage.
 
 Storage is SQLite in WAL mode with synchronous=FULL: an append that returned survives a
 power cut. Triggers refuse UPDATE and DELETE, so code that tries to rewrite history fails
@@ -19,7 +21,6 @@ loudly; the chain and signatures catch whoever edits the file by other means.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -30,16 +31,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
+from fleetmind.aggregation import chain
+from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
 from fleetmind.server.durable import canonical_json
 
 DOMAIN = b"fleetmind/ledger/v1"
-GENESIS_HASH = bytes(32)
+__all__ = ["DOMAIN", "GENESIS_HASH", "Ledger", "LedgerEntry", "LedgerError", "RoundRecord",
+           "entry_hash", "verify_chain"]
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PAGE = 256
 _COLUMNS = "idx, prev_hash, body, hash, signature"
@@ -60,13 +64,11 @@ BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: entries are never deleted'
 """
 
 
-class LedgerError(ValueError):
+class LedgerError(ChainError):
     """The chain is broken at `index` (its position in the sequence checked), or an append
     was refused (index None)."""
 
-    def __init__(self, index: int | None, message: str) -> None:
-        super().__init__(message if index is None else f"ledger entry {index}: {message}")
-        self.index = index
+    label = "ledger entry"
 
 
 @dataclass(frozen=True)
@@ -128,74 +130,46 @@ class RoundRecord:
 
 
 def entry_hash(index: int, prev_hash: bytes, body: bytes) -> bytes:
-    return hashlib.sha256(DOMAIN + index.to_bytes(8, "little") + prev_hash + body).digest()
+    return chain.entry_hash(DOMAIN, index, prev_hash, body)
 
 
 @dataclass(frozen=True)
-class LedgerEntry:
+class LedgerEntry(ChainEntry):
     """One chained, signed entry, as stored and as Audit.StreamLedger carries it."""
-
-    index: int
-    prev_hash: bytes
-    body: bytes
-    hash: bytes
-    signature: bytes
 
     @property
     def record(self) -> RoundRecord:
         return RoundRecord.from_body(self.body)
 
 
-def _public(key: Ed25519PublicKey | bytes) -> Ed25519PublicKey:
-    return key if isinstance(key, Ed25519PublicKey) else Ed25519PublicKey.from_public_bytes(key)
+def _check_round(body: bytes, last: RoundRecord | None) -> RoundRecord:
+    """What must hold between consecutive rounds, on top of the chain itself."""
+    try:
+        record = RoundRecord.from_body(body)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"body is not a valid round record: {error}") from None
+    if last is not None:
+        if record.round_id <= last.round_id:
+            raise ValueError(f"round {record.round_id} after round {last.round_id}: rounds "
+                             "must increase")
+        if record.version <= last.version:
+            raise ValueError(f"version {record.version} after version {last.version}: "
+                             "versions must increase")
+        if record.epsilon_total < last.epsilon_total:
+            raise ValueError(f"epsilon_total fell from {last.epsilon_total} to "
+                             f"{record.epsilon_total}: privacy spent never comes back")
+    return record
 
 
-def verify_chain(entries: Iterable[LedgerEntry], public_key: Ed25519PublicKey | bytes,
+def verify_chain(entries: Iterable[ChainEntry], public_key: Ed25519PublicKey | bytes,
                  expected_head: bytes | None = None) -> bytes:
     """Checks every entry in order and returns the head hash (GENESIS_HASH when empty).
     Raises LedgerError naming the first entry that is out of place, altered, unsigned,
     or inconsistent with the ones before it. With `expected_head` (a head hash the auditor
     kept from an earlier check), a chain that no longer contains it was cut short."""
-    key = _public(public_key)
-    previous = GENESIS_HASH
-    last: RoundRecord | None = None
-    seen_head = expected_head is None or expected_head == GENESIS_HASH
-    for position, entry in enumerate(entries):
-        if entry.index != position:
-            raise LedgerError(position, f"says it is entry {entry.index}: entries were "
-                                        "removed, inserted or reordered")
-        if entry.prev_hash != previous:
-            raise LedgerError(position, "does not follow the entry before it (prev_hash "
-                                        "differs): an earlier entry was removed or replaced")
-        if entry.hash != entry_hash(entry.index, entry.prev_hash, entry.body):
-            raise LedgerError(position, "hash does not match its contents: the entry was "
-                                        "altered")
-        try:
-            key.verify(entry.signature, entry.hash)
-        except InvalidSignature:
-            raise LedgerError(position, "signature does not verify with the aggregator "
-                                        "key") from None
-        try:
-            record = entry.record
-        except (ValueError, TypeError) as error:
-            raise LedgerError(position, f"body is not a valid round record: {error}") from None
-        if last is not None:
-            if record.round_id <= last.round_id:
-                raise LedgerError(position, f"round {record.round_id} after round "
-                                            f"{last.round_id}: rounds must increase")
-            if record.version <= last.version:
-                raise LedgerError(position, f"version {record.version} after version "
-                                            f"{last.version}: versions must increase")
-            if record.epsilon_total < last.epsilon_total:
-                raise LedgerError(position, f"epsilon_total fell from {last.epsilon_total} to "
-                                            f"{record.epsilon_total}: privacy spent never "
-                                            "comes back")
-        previous, last = entry.hash, record
-        seen_head = seen_head or entry.hash == expected_head
-    if not seen_head:
-        raise LedgerError(None, "the chain does not contain the head you kept: entries were "
-                                "cut off its end, or it is another ledger")
-    return previous
+    return chain.verify_chain(entries, public_key, domain=DOMAIN, expected_head=expected_head,
+                              check=_check_round, signer="the aggregator key",
+                              error=LedgerError)
 
 
 class Ledger:
@@ -243,10 +217,9 @@ class Ledger:
                     if record.epsilon_total < last.epsilon_total:
                         raise LedgerError(None, f"epsilon_total {record.epsilon_total} is below "
                                                 f"the recorded {last.epsilon_total}")
-                index = 0 if head is None else head.index + 1
-                prev_hash = GENESIS_HASH if head is None else head.hash
-                digest = entry_hash(index, prev_hash, body)
-                entry = LedgerEntry(index, prev_hash, body, digest, self._signing_key.sign(digest))
+                index, prev_hash, digest, signature = chain.seal(DOMAIN, self._signing_key,
+                                                                 head, body)
+                entry = LedgerEntry(index, prev_hash, body, digest, signature)
                 self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
                                  (index, record.round_id, prev_hash, body, digest,
                                   entry.signature))

@@ -1,0 +1,235 @@
+"""The site's side of one round over gRPC: enrol, join a cohort, run secure aggregation
+(fleetmind.aggregation.secagg's site states, converted by fleetmind.protos.secagg_codec),
+and upload the masked update, writing the outbox record BEFORE the first byte of it leaves.
+
+    site = enroll(channel, identity_key, "site-a")
+    result = participate(channel, identity_key, "site-a", update, outbox)
+
+`participate` enrols itself (enrolment is idempotent for the same name and key) so one call
+is one round. Version download and activation are not here (see client/versions.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetmind.aggregation import dp, merge
+from fleetmind.aggregation.identity_proof import enroll_signed_bytes
+from fleetmind.aggregation.secagg import SiteAdvertiseKeys, crypto
+from fleetmind.client.outbox import Outbox, OutboxEntry, OutboxRecord
+from fleetmind.client.scrub import ScrubReport
+from fleetmind.protos import secagg_codec as codec
+from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc
+
+__all__ = ["Enrolment", "RoundAbortedError", "RoundResult", "SiteUpdate", "enroll",
+           "participate"]
+
+
+class RoundAbortedError(RuntimeError):
+    """The aggregator aborted the round (`reason`); with `retry` it runs again and the site
+    may call `participate` again."""
+
+    def __init__(self, round_id: int, reason: str, retry: bool) -> None:
+        super().__init__(f"round {round_id} aborted: {reason}"
+                         + (" (it runs again: participate again)" if retry else ""))
+        self.round_id, self.reason, self.retry = round_id, reason, retry
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """What the site contributes to one round, validated at construction.
+
+    delta: B deltas by tensor name, already clipped per privacy unit by consolidation
+    (dp.clip_and_sum); norm_before_clip: their norm before that clipping (None: nothing was
+    clipped, the delta's own norm is recorded). weight: the staleness weight in (0, 1],
+    applied here before masking because the server cannot weight what it cannot see.
+    session_ids: ids of the contributing sessions; contributing_units: privacy units summed
+    (for the accountant; defaults to the number of sessions)."""
+
+    delta: Mapping[str, np.ndarray]
+    base_version: int = 0
+    weight: float = 1.0
+    session_ids: tuple[str, ...] = ()
+    scrubbed: ScrubReport = field(default_factory=ScrubReport)
+    norm_before_clip: float | None = None
+    contributing_units: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.delta:
+            raise ValueError("delta is empty: nothing to contribute")
+        for name, tensor in self.delta.items():
+            if not np.all(np.isfinite(tensor)):
+                raise ValueError(f"delta[{name!r}] has non-finite values: refuse to send it")
+        if isinstance(self.weight, bool) or not (0 < self.weight <= 1):
+            raise ValueError(f"weight={self.weight} must be in (0, 1] (a staleness weight)")
+        if isinstance(self.base_version, bool) or self.base_version < 0:
+            raise ValueError(f"base_version={self.base_version} must be >= 0")
+        if self.norm_before_clip is not None and not (
+                math.isfinite(self.norm_before_clip) and self.norm_before_clip >= 0):
+            raise ValueError(f"norm_before_clip={self.norm_before_clip} must be finite, >= 0")
+        units = self.contributing_units
+        if units is not None and (isinstance(units, bool) or units < 1):
+            raise ValueError(f"contributing_units={units} must be >= 1")
+
+    @property
+    def units(self) -> int:
+        return self.contributing_units or max(1, len(self.session_ids))
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    site: int               # the secure-aggregation id the aggregator gave this site
+    aggregator_key: bytes   # Ed25519 public key that signs manifests and the ledger
+    latest_version: int
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round_id: int
+    site: int
+    version: int            # the global version the round published
+    cohort_size: int
+    dropped: tuple[int, ...]
+    payload_sha256: str     # what the outbox recorded, and the aggregator acknowledged
+    outbox_entry: OutboxEntry
+    round_config: fleet_pb2.RoundConfig  # as the aggregator sent it: codes, clip, noise
+
+
+def enroll(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_name: str,
+           timeout: float = 10.0) -> Enrolment:
+    """Fleet.Enroll with the proof that this process holds `identity_key`."""
+    public = crypto.identity_public_bytes(identity_key)
+    reply = fleet_pb2_grpc.FleetStub(channel).Enroll(fleet_pb2.EnrollRequest(
+        site_name=site_name, identity_key=public,
+        proof=identity_key.sign(enroll_signed_bytes(site_name, public))), timeout=timeout)
+    return Enrolment(reply.site, bytes(reply.aggregator_key), reply.latest_version)
+
+
+class _Events:
+    """The JoinRound stream, skipping the keep-alive `waiting` events."""
+
+    def __init__(self, stream: Iterable[fleet_pb2.RoundEvent], site: int) -> None:
+        self._stream: Iterator[fleet_pb2.RoundEvent] = iter(stream)
+        self._site = site
+        self.round_id = 0
+
+    def expect(self, kind: str) -> fleet_pb2.RoundEvent:
+        for event in self._stream:
+            which = event.WhichOneof("event")
+            if which == "waiting":
+                continue
+            self.round_id = event.round_id or self.round_id
+            if which == "aborted":
+                raise RoundAbortedError(self.round_id, event.aborted.reason, event.aborted.retry)
+            if which != kind:
+                raise RuntimeError(f"site {self._site}: expected {kind} from the aggregator, "
+                                   f"got {which} (round {self.round_id}): the protocol is out "
+                                   "of step; join the next round")
+            return event
+        raise ConnectionError(f"site {self._site}: the round stream ended before {kind}; "
+                              "re-join with the round id to resume")
+
+
+def _noise(wire: fleet_pb2.RoundConfig, add_noise: bool) -> tuple[dp.DPConfig | None, str,
+                                                                    float]:
+    """The DP config this site adds noise under (None: it adds none), and the (mode,
+    multiplier) the outbox records: what THIS site's payload carries."""
+    if not add_noise or wire.noise_multiplier == 0 or wire.noise_mode == "central":
+        return None, "none", 0.0
+    config = dp.DPConfig(wire.clip_norm, wire.noise_multiplier, wire.privacy_unit or "session",
+                         wire.noise_mode, max(1, wire.expected_cohort))
+    return config, wire.noise_mode, wire.noise_multiplier
+
+
+def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_name: str,
+                update: SiteUpdate, outbox: Outbox, *, round_id: int | None = None,
+                add_noise: bool = True, rng: np.random.Generator | None = None,
+                chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+                timeout: float = 30.0) -> RoundResult:
+    """Runs one round for this site and returns what it published.
+
+    The update is flattened in sorted-name order (merge.flatten), weighted, noised as the
+    round's config says (distributed: this site's integer share in the ring; local: the full
+    Gaussian; central: none here; `add_noise=False` turns site noise off, and the outbox
+    then records mode 'none'), encoded (merge.secagg_payload) and masked. The outbox record
+    is appended, durably, before SubmitMaskedVector is called. Raises RoundAbortedError if
+    the aggregator aborts, grpc.RpcError on a refused call, ValueError on a config that does
+    not fit the update."""
+    rng = rng or np.random.default_rng()
+    me = enroll(channel, identity_key, site_name, timeout)
+    fleet = fleet_pb2_grpc.FleetStub(channel)
+    request = fleet_pb2.JoinRoundRequest(site=me.site, base_version=update.base_version,
+                                         contributing_units=update.units)
+    if round_id is not None:
+        request.round_id = round_id
+    stream = fleet.JoinRound(request, timeout=timeout * 4)  # a whole round, all phases
+    try:
+        events = _Events(stream, me.site)
+
+        # Round 0: advertise keys under the round's config.
+        event = events.expect("config")
+        wire = event.config
+        config = codec.round_config_from_wire(wire)
+        if wire.base_version != update.base_version:
+            raise ValueError(f"the round merges deltas against version {wire.base_version}, "
+                             f"this update is against {update.base_version}: re-consolidate "
+                             "on the newer version or pre-weight it as stale")
+        state = SiteAdvertiseKeys(config, me.site, identity_key)
+        fleet.AdvertiseKeys(codec.advertisement_to_wire(state.advertisement), timeout=timeout)
+
+        # Round 1: share keys with the neighbours.
+        keys = codec.advertised_keys_from_wire(events.expect("advertised_keys").advertised_keys)
+        state = state.receive(keys)
+        fleet.ShareKeys(codec.encrypted_shares_to_wire(state.encrypted_shares), timeout=timeout)
+
+        # Round 2: mask the encoded update.
+        bundle = codec.shares_for_site_from_wire(
+            events.expect("shares_for_site").shares_for_site)
+        shapes = {name: np.shape(tensor) for name, tensor in update.delta.items()}
+        flat = update.weight * merge.flatten(update.delta, shapes)
+        norm_after = float(np.linalg.norm(flat.astype(np.float64)))
+        norm_before = norm_after if update.norm_before_clip is None \
+            else max(norm_after, update.weight * update.norm_before_clip)
+        delta_code, weight_code = codec.payload_codes(wire)
+        noise_config, noise_mode, noise_multiplier = _noise(wire, add_noise)
+        integer_noise = None
+        if noise_config is not None and noise_config.mode == "distributed":
+            integer_noise = dp.distributed_noise(noise_config, delta_code, flat.size, rng)
+        elif noise_config is not None:
+            flat = dp.noise_for_site(flat, noise_config, rng)
+        ring = merge.secagg_payload(flat, update.weight, delta_code, weight_code, rng,
+                                    integer_noise)
+        if ring.size != config.vector_length:
+            raise ValueError(f"the update encodes to {ring.size} ring words, the round expects "
+                             f"{config.vector_length}: the adapter shapes differ from the "
+                             "aggregator's")
+        masked, state = state.receive(bundle).mask(ring)
+        chunks = list(codec.masked_input_to_chunks(masked, config.ring_bits, chunk_bytes))
+        payload_hash = chunks[0].payload_sha256.hex()
+
+        # The record is on disk before the first byte of the payload leaves.
+        entry = outbox.append(OutboxRecord(
+            round_id=events.round_id, payload_sha256=payload_hash,
+            norm_before_clip=norm_before, norm_after_clip=norm_after, noise_mode=noise_mode,
+            noise_multiplier=noise_multiplier, session_ids=update.session_ids,
+            scrubbed=update.scrubbed, base_version=update.base_version))
+        receipt = fleet.SubmitMaskedVector(iter(chunks), timeout=timeout)
+        if receipt.payload_sha256.hex() != payload_hash:
+            raise RuntimeError(f"the aggregator acknowledged payload {receipt.payload_sha256.hex()}"
+                               f", the outbox recorded {payload_hash}: report this upload")
+
+        # Round 3: help unmask the cohort's sum.
+        unmask = codec.unmask_request_from_wire(events.expect("unmask_request").unmask_request)
+        fleet.Unmask(codec.unmask_shares_to_wire(state.respond(unmask)), timeout=timeout)
+
+        done = events.expect("completed").completed
+        return RoundResult(events.round_id, me.site, done.version, done.cohort_size,
+                           tuple(done.dropped), payload_hash, entry, wire)
+    finally:
+        stream.cancel()

@@ -1,0 +1,315 @@
+"""The site's outbox: before any byte of an update leaves, the site records what it is about
+to send. One entry per upload: round, sha256 of the payload, the update's L2 norm before
+and after clipping, the noise it carries, the ids (never the text) of the sessions that
+contributed, what the scrubber removed (counts by kind), the version it was computed
+against, and when.
+
+The log is append-only, hash-chained and signed by the site's identity key
+(fleetmind.aggregation.chain, with the outbox's own domain so an outbox entry never
+verifies as a ledger entry or the other way round). The site's operator, or an auditor
+holding the site's public key, can check it (`Outbox.verify` / `verify_chain`) and compare
+payload hashes with what the aggregator says it received.
+
+Storage is SQLite in WAL mode with synchronous=FULL: a record that `append` returned
+survives a power cut, so a payload is never sent without its record on disk. Triggers
+refuse UPDATE and DELETE; the chain and signatures catch edits made by other means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from fleetmind.aggregation import chain
+from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
+from fleetmind.aggregation.manifest import canonical_json
+from fleetmind.client.scrub import KINDS, ScrubReport
+from fleetmind.client.store import MAX_ID_CHARS
+
+__all__ = ["DOMAIN", "GENESIS_HASH", "NOISE_MODES", "Outbox", "OutboxEntry", "OutboxError",
+           "OutboxRecord", "payload_sha256", "verify_chain"]
+
+DOMAIN = b"fleetmind/outbox/v1"
+NOISE_MODES = ("none", "distributed", "central", "local")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A session id is a handle, not content: no whitespace, so a sentence pasted in by mistake
+# (or a session's text) is refused rather than written into a log that leaves the site's
+# control once shared with an auditor.
+_SESSION_ID = re.compile(r"\S+")
+_NORM_SLACK = 1e-6  # clipping in float32 can land a hair above the float64 norm it scaled
+_PAGE = 256
+_COLUMNS = "idx, prev_hash, body, hash, signature"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY,
+    round_id INTEGER NOT NULL,
+    prev_hash BLOB NOT NULL,
+    body BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_round ON entries(round_id);
+CREATE TRIGGER IF NOT EXISTS entries_never_updated BEFORE UPDATE ON entries
+BEGIN SELECT RAISE(ABORT, 'the outbox is append-only: entries are never updated'); END;
+CREATE TRIGGER IF NOT EXISTS entries_never_deleted BEFORE DELETE ON entries
+BEGIN SELECT RAISE(ABORT, 'the outbox is append-only: entries are never deleted'); END;
+"""
+
+
+class OutboxError(ChainError):
+    """The outbox chain is broken at `index` (its position in the sequence checked), or an
+    append was refused (index None)."""
+
+    label = "outbox entry"
+
+
+def payload_sha256(payload: bytes) -> str:
+    """The hex sha256 an outbox record names: of exactly the bytes that will be sent."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _whole(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} must be an integer >= 0")
+    return value
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return float(value)
+
+
+def _session_ids(value: object) -> tuple[str, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValueError(f"session_ids={value!r:.60}: pass a sequence of session ids")
+    ids = []
+    for item in value:
+        if not isinstance(item, str):
+            # A Session or a dict carries the conversation itself: only its id may be logged.
+            raise ValueError(f"session_ids holds a {type(item).__name__}: pass session.id, "
+                             "never the session (its text must not be recorded)")
+        if not _SESSION_ID.fullmatch(item) or len(item) > MAX_ID_CHARS \
+                or not item.isprintable():
+            shown = f"{item[:40]!r}{'...' if len(item) > 40 else ''}"
+            raise ValueError(f"session_ids holds {shown}, which is not a session id (at most "
+                             f"{MAX_ID_CHARS} printable characters, no whitespace): pass ids, "
+                             "never session text")
+        ids.append(item)
+    if len(set(ids)) != len(ids):
+        raise ValueError("session_ids lists a session twice: each contributes once")
+    return tuple(sorted(ids))
+
+
+def _scrubbed(value: object) -> tuple[tuple[str, int], ...]:
+    if isinstance(value, ScrubReport):
+        value = value.as_dict()
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        value = dict(value)  # the stored form, pairs of (kind, count)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"scrubbed={value!r:.60}: pass a ScrubReport or counts by kind")
+    unknown = sorted(set(value) - set(KINDS))
+    if unknown:
+        raise ValueError(f"scrubbed has unknown kinds {unknown}: use {', '.join(KINDS)}")
+    return tuple((kind, _whole(f"scrubbed[{kind!r}]", value.get(kind, 0))) for kind in KINDS)
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    """What one upload is about to send, validated at construction.
+
+    payload_sha256: hex sha256 of the exact bytes sent (`payload_sha256(payload)`).
+    norm_before_clip / norm_after_clip: L2 norm of the (weighted) delta before and after
+    clipping, before noise. noise_mode/noise_multiplier: the noise this site adds (or that
+    the round's mode implies). session_ids: ids of the contributing sessions (stored
+    sorted). scrubbed: the scrubber's counts by kind (a ScrubReport or mapping; stored as
+    (kind, count) pairs for every kind). base_version: the global version the delta is
+    against."""
+
+    round_id: int
+    payload_sha256: str
+    norm_before_clip: float
+    norm_after_clip: float
+    noise_mode: str
+    noise_multiplier: float
+    session_ids: tuple[str, ...]
+    scrubbed: tuple[tuple[str, int], ...]
+    base_version: int
+    created_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+
+    def __post_init__(self) -> None:
+        for name in ("round_id", "base_version", "created_at_ms"):
+            _whole(name, getattr(self, name))
+        for name in ("norm_before_clip", "norm_after_clip", "noise_multiplier"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        if not isinstance(self.payload_sha256, str) or not _SHA256.fullmatch(self.payload_sha256):
+            raise ValueError(f"payload_sha256={self.payload_sha256!r:.80} must be 64 lowercase "
+                             "hex (use outbox.payload_sha256(payload))")
+        if self.norm_after_clip > self.norm_before_clip * (1 + _NORM_SLACK) + _NORM_SLACK:
+            raise ValueError(f"norm_after_clip={self.norm_after_clip} exceeds "
+                             f"norm_before_clip={self.norm_before_clip}: clipping never "
+                             "grows an update")
+        if self.noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode={self.noise_mode!r} must be one of "
+                             f"{', '.join(NOISE_MODES)}")
+        if self.noise_mode == "none" and self.noise_multiplier != 0:
+            raise ValueError(f"noise_mode 'none' with noise_multiplier="
+                             f"{self.noise_multiplier}: say which mode adds the noise")
+        object.__setattr__(self, "session_ids", _session_ids(self.session_ids))
+        object.__setattr__(self, "scrubbed", _scrubbed(self.scrubbed))
+
+    @property
+    def scrub_counts(self) -> dict[str, int]:
+        return dict(self.scrubbed)
+
+    def to_body(self) -> bytes:
+        value = {f.name: getattr(self, f.name) for f in fields(self)}
+        value["scrubbed"] = dict(self.scrubbed)
+        value["session_ids"] = list(self.session_ids)
+        return canonical_json(value)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> OutboxRecord:
+        raw = json.loads(body)
+        if not isinstance(raw, dict):
+            raise ValueError("body is not a JSON object")
+        record = cls(**raw)
+        if record.to_body() != body:
+            raise ValueError("body is not in canonical form")
+        return record
+
+
+@dataclass(frozen=True)
+class OutboxEntry(ChainEntry):
+    """One chained, signed outbox entry, as stored."""
+
+    @property
+    def record(self) -> OutboxRecord:
+        return OutboxRecord.from_body(self.body)
+
+
+def _check_record(body: bytes, last: OutboxRecord | None) -> OutboxRecord:
+    try:
+        record = OutboxRecord.from_body(body)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"body is not a valid outbox record: {error}") from None
+    if last is not None and record.round_id < last.round_id:
+        raise ValueError(f"round {record.round_id} after round {last.round_id}: a site's "
+                         "rounds never go back")
+    return record
+
+
+def verify_chain(entries: Iterable[ChainEntry], public_key: Ed25519PublicKey | bytes,
+                 expected_head: bytes | None = None) -> bytes:
+    """Checks every entry in order against the site's public key and returns the head hash
+    (GENESIS_HASH when empty). Raises OutboxError naming the first entry that is out of
+    place, altered, unsigned or not a valid record. `expected_head`, a head kept from an
+    earlier check, reveals entries cut off the end."""
+    return chain.verify_chain(entries, public_key, domain=DOMAIN, expected_head=expected_head,
+                              check=_check_record, signer="the site's identity key",
+                              error=OutboxError)
+
+
+class Outbox:
+    """The outbox file of one site. Safe to use from several threads of the site process."""
+
+    def __init__(self, path: Path, identity_key: Ed25519PrivateKey) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._signing_key = identity_key
+        self.public_key = identity_key.public_key()
+        self._lock = threading.Lock()
+        # Autocommit mode: each append is one explicit IMMEDIATE transaction.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a returned append survives power loss
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def append(self, record: OutboxRecord) -> OutboxEntry:
+        """Chains, signs and durably stores `record`; call it before sending the payload.
+        A retry of the same round appends again (each send is recorded); a round older than
+        the last recorded one is refused."""
+        if not isinstance(record, OutboxRecord):
+            raise TypeError(f"append takes an OutboxRecord, not a {type(record).__name__}")
+        body = record.to_body()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                head = self._row(f"SELECT {_COLUMNS} FROM entries ORDER BY idx DESC LIMIT 1")
+                if head is not None and record.round_id < head.record.round_id:
+                    raise OutboxError(None, f"round {record.round_id} is before the last "
+                                            f"recorded round {head.record.round_id}")
+                index, prev_hash, digest, signature = chain.seal(DOMAIN, self._signing_key,
+                                                                 head, body)
+                entry = OutboxEntry(index, prev_hash, body, digest, signature)
+                self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+                                 (index, record.round_id, prev_hash, body, digest, signature))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return entry
+
+    def entries(self, from_index: int = 0) -> Iterator[OutboxEntry]:
+        """Entries in order from `from_index`, a page at a time (the lock is not held between
+        pages, so a slow reader never blocks an append)."""
+        index = from_index
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?",
+                    (index, _PAGE)).fetchall()
+            for row in rows:
+                yield OutboxEntry(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3]),
+                                  bytes(row[4]))
+            if len(rows) < _PAGE:
+                return
+            index = rows[-1][0] + 1
+
+    def __iter__(self) -> Iterator[OutboxEntry]:
+        return self.entries()
+
+    def head(self) -> OutboxEntry | None:
+        with self._lock:
+            return self._row(f"SELECT {_COLUMNS} FROM entries ORDER BY idx DESC LIMIT 1")
+
+    def for_round(self, round_id: int) -> list[OutboxEntry]:
+        """Every record of `round_id`, oldest first (more than one if a send was retried)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM entries WHERE round_id = ? "
+                                    "ORDER BY idx", (round_id,)).fetchall()
+        return [OutboxEntry(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3]), bytes(row[4]))
+                for row in rows]
+
+    def verify(self, expected_head: bytes | None = None) -> bytes:
+        return verify_chain(self.entries(), self.public_key, expected_head)
+
+    def _row(self, query: str, args: tuple = ()) -> OutboxEntry | None:
+        row = self._db.execute(query, args).fetchone()
+        return None if row is None else OutboxEntry(row[0], bytes(row[1]), bytes(row[2]),
+                                                    bytes(row[3]), bytes(row[4]))

@@ -1,0 +1,177 @@
+"""Three sites run `client.agent.participate` in threads against the real aggregator over
+loopback gRPC: the published B is the library's merge of their updates, and each site's
+outbox holds one verified record, written before its upload, naming the payload hash the
+aggregator acknowledged."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetmind.client.agent import RoundResult, SiteUpdate, participate
+from fleetmind.client.outbox import Outbox, verify_chain
+from fleetmind.client.scrub import ScrubReport
+from fleetmind.protos import secagg_codec as codec
+from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
+from fleetmind.server import versions
+from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
+from fleetmind.server.service import serve
+from fleetmind.server.versions import AdapterSpec, TargetModule
+
+MODULES = (TargetModule("model.layers.0.mlp.gate_proj", 8, 12),
+           TargetModule("model.layers.0.mlp.down_proj", 12, 8))
+SPEC = AdapterSpec("toy", "cd" * 32, MODULES, frozen_a_seed=7, rank=2)
+SHAPES = {m.name: (m.out_features, 2) for m in MODULES}
+PRIVACY = PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0,
+                        fixed_point_clip=1.0)
+
+
+class UploadWatch(grpc.StreamUnaryClientInterceptor):
+    """Sees each masked-vector upload as it leaves: the bytes sent, and whether the outbox
+    already held a record of them when the first chunk went out."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.sent = bytearray()
+        self.recorded_first: list[bool] = []
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        def watched():
+            for chunk in request_iterator:
+                if chunk.offset == 0:
+                    head = self.outbox.head()
+                    self.recorded_first.append(
+                        head is not None
+                        and head.record.payload_sha256 == chunk.payload_sha256.hex())
+                self.sent += chunk.data
+                yield chunk
+        return continuation(client_call_details, watched())
+
+
+def run_sites(channels, keys, updates, outboxes, add_noise: bool) -> list[RoundResult]:
+    """`participate` for every site at once, one thread each; re-raises a site's error."""
+    results: dict[int, RoundResult | BaseException] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = participate(channels[i], keys[i], f"site-{i}", updates[i],
+                                     outboxes[i], add_noise=add_noise, timeout=20)
+        except BaseException as error:  # surfaced below, with the site it came from
+            results[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(updates))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for i in range(len(updates)):
+        assert isinstance(results.get(i), RoundResult), (i, results.get(i))
+    return [results[i] for i in range(len(updates))]
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path):
+    running = serve(ServerConfig(
+        data_dir=tmp_path / "data", listen="127.0.0.1:0", insecure=True,
+        cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=30, phase_deadline_s=30),
+        privacy=PRIVACY, adapter=SPEC))
+    yield running
+    running.stop(grace=None)
+
+
+def test_three_sites_participate_and_publish_the_merge(aggregator, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    weights = (1.0, 0.5, 1.0 / np.sqrt(2.0))  # fresh, and two staleness weights
+    updates = [SiteUpdate(
+        delta={n: rng.uniform(-0.3, 0.3, s).astype(np.float32) for n, s in SHAPES.items()},
+        weight=float(weight), session_ids=(f"s{i}-a", f"s{i}-b"),
+        scrubbed=ScrubReport(email=i), norm_before_clip=5.0) for i, weight in
+        enumerate(weights)]
+    keys = [Ed25519PrivateKey.generate() for _ in updates]
+    outboxes = [Outbox(tmp_path / f"site-{i}" / "outbox.sqlite", k) for i, k in enumerate(keys)]
+    watches = [UploadWatch(o) for o in outboxes]
+    channels = [grpc.intercept_channel(grpc.insecure_channel(aggregator.address), w)
+                for w in watches]
+    # Site noise off so B can be compared with the noiseless merge; the outbox says so.
+    done = run_sites(channels, keys, updates, outboxes, add_noise=False)
+    assert {(r.version, r.cohort_size, r.dropped) for r in done} == {(1, 3, ())}
+    assert sorted(r.site for r in done) == [1, 2, 3]
+
+    # Each outbox: one verified record, on disk before the upload, of exactly what was sent
+    # and what the aggregator acknowledged.
+    for i, (outbox, watch, result) in enumerate(zip(outboxes, watches, done, strict=True)):
+        entries = list(outbox)
+        assert len(entries) == 1
+        verify_chain(entries, keys[i].public_key())
+        record = entries[0].record
+        assert watch.recorded_first == [True]
+        assert record.payload_sha256 == result.payload_sha256
+        assert record.payload_sha256 == hashlib.sha256(watch.sent).hexdigest()
+        assert (record.round_id, record.base_version) == (result.round_id, 0)
+        assert record.session_ids == (f"s{i}-a", f"s{i}-b")
+        assert record.scrub_counts["email"] == i
+        assert (record.noise_mode, record.noise_multiplier) == ("none", 0.0)
+        assert record.norm_before_clip == pytest.approx(5.0 * weights[i])
+        flat = np.concatenate([updates[i].delta[n].reshape(-1) for n in sorted(SHAPES)])
+        assert record.norm_after_clip == pytest.approx(weights[i] * np.linalg.norm(flat),
+                                                       rel=1e-5)
+        outbox.close()
+
+    # The published B: genesis is zero, FedAvg at rate 1 adds the weighted mean delta.
+    models = models_pb2_grpc.ModelsStub(channels[0])
+    chunks = models.Get(models_pb2.GetRequest(version=1, file=versions.ADAPTER_WEIGHTS),
+                        timeout=5)
+    folder = tmp_path / "download"
+    folder.mkdir()
+    (folder / versions.ADAPTER_WEIGHTS).write_bytes(b"".join(c.data for c in chunks))
+    _, b = versions.read_lora(folder / versions.ADAPTER_WEIGHTS)
+    delta_code, weight_code = codec.payload_codes(done[0].round_config)
+    total = sum(weights)
+    e_d, e_w = delta_code.sum_error_bound(3), weight_code.sum_error_bound(3)
+    bound = e_d / (total - e_w) + 0.3 * total * e_w / (total * (total - e_w)) + 1e-6
+    for name in SHAPES:
+        want = sum(w * u.delta[name] for w, u in zip(weights, updates, strict=True)) / total
+        assert np.abs(b[name] - want).max() <= bound, name
+    for channel in channels:
+        channel.close()
+
+
+
+def test_site_noise_is_added_and_recorded(aggregator, tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    updates = [SiteUpdate(delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
+                                 for n, s in SHAPES.items()}, session_ids=(f"s{i}",))
+               for i in range(3)]
+    keys = [Ed25519PrivateKey.generate() for _ in updates]
+    outboxes = [Outbox(tmp_path / f"site-{i}.sqlite", k) for i, k in enumerate(keys)]
+    channels = [grpc.insecure_channel(aggregator.address) for _ in updates]
+    done = run_sites(channels, keys, updates, outboxes, add_noise=True)
+    assert {(r.version, r.cohort_size) for r in done} == {(1, 3)}
+    for outbox, key, result in zip(outboxes, keys, done, strict=True):
+        outbox.verify()
+        (entry,) = list(outbox)
+        verify_chain([entry], key.public_key())
+        record = entry.record
+        assert (record.noise_mode, record.noise_multiplier) == ("distributed", 1.0)
+        assert record.norm_before_clip == record.norm_after_clip  # nothing clipped upstream
+        assert record.payload_sha256 == result.payload_sha256
+        outbox.close()
+    for channel in channels:
+        channel.close()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"weight": 1.5}, "weight"), ({"weight": 0.0}, "weight"),
+    ({"delta": {}}, "empty"), ({"delta": {"x": np.array([np.nan])}}, "non-finite"),
+    ({"base_version": -1}, "base_version"), ({"norm_before_clip": -2.0}, "norm_before_clip"),
+    ({"contributing_units": 0}, "contributing_units"),
+])
+def test_site_updates_are_validated(change, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SiteUpdate(**{"delta": {"x": np.zeros(2, np.float32)}, **change})
