@@ -65,6 +65,21 @@ def add_client_commands(commands: Any) -> None:
                           help="the site folder (holds versions/, current, previous)")
     rollback.set_defaults(run=_client_rollback)
 
+    run = sub.add_parser(
+        "run", help="the site agent: follow versions, consolidate, join rounds",
+        description="Run the site agent until interrupted: activate each new verified "
+                    "version, and when the store holds min_new_sessions unconsumed sessions, "
+                    "consolidate them and join the next round (the outbox records each upload "
+                    "before it leaves). Reconnects with jittered exponential backoff. FILE is "
+                    "JSON or TOML (.toml) with name, data_dir, model_dir, aggregator, "
+                    "identity_key, aggregator_key and either tls or insecure = true (loopback "
+                    "only); see fleetmind.client.site.SiteConfig.")
+    run.add_argument("--config", type=Path, required=True, metavar="FILE",
+                     help="the site's config file (.json or .toml)")
+    run.add_argument("--once", action="store_true",
+                     help="one iteration, then exit (for cron or a first check)")
+    run.set_defaults(run=_client_run)
+
 
 def _client_ingest(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -141,4 +156,44 @@ def _client_rollback(args: argparse.Namespace) -> int:
     except (RollbackError, VersionError) as error:
         raise argparse.ArgumentError(None, str(error)) from None
     print(f"rolled back {args.site} from version {was} to version {now}")
+    return 0
+
+
+def _client_run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import sys
+    import threading
+
+    from fleetmind.client.site import ConfigError, SiteConfig, make_channel, run, run_once
+
+    if not args.config.is_file():
+        raise argparse.ArgumentError(None, f"no such config file: {args.config}; pass the "
+                                           "site's .json or .toml config")
+    try:
+        config = SiteConfig.load(args.config)
+    except ConfigError as error:
+        raise argparse.ArgumentError(None, f"{args.config}: {error}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if args.once:
+            channel = make_channel(config)
+            try:
+                outcome = run_once(config, channel)
+            finally:
+                channel.close()
+            print(f"{config.name}: activated {list(outcome.activated)}, {outcome.pending} "
+                  "unconsumed sessions, " + (f"round {outcome.round.round_id} published "
+                                             f"version {outcome.round.version}"
+                                             if outcome.round else "no round joined"))
+            return 0
+        stop = threading.Event()
+        # SIGINT/SIGTERM end the loop between steps: a round in flight is left to finish or
+        # time out, and its sessions stay unconsumed until a round completes.
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, lambda *_: stop.set())
+        run(config, stop)
+    except (ConfigError, ValueError) as error:
+        print(f"fleetmind client run: {error}", file=sys.stderr)
+        return 1
     return 0

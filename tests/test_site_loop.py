@@ -1,0 +1,281 @@
+"""The site loop over real loopback gRPC: three sites, each with its own world sessions, run
+one `run_once` each against the aggregator; the round publishes version 1, every site
+verifies and activates it, each outbox holds one verified record and the store marks the
+sessions consumed. Plus the config's and the identity key's validation at the edges."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import stat
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetmind.client.distill import DistillConfig
+from fleetmind.client.outbox import Outbox, verify_chain
+from fleetmind.client.site import (
+    Backoff,
+    ConfigError,
+    Outcome,
+    SiteConfig,
+    load_identity_key,
+    run,
+    run_once,
+)
+from fleetmind.client.store import SessionStore
+from fleetmind.client.versions import current_version, verify_folder
+from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
+from fleetmind.server.service import serve
+from fleetmind.server.versions import AdapterSpec, TargetModule
+from fleetmind.sim.world import WorldSpec, make_world, task_prompt
+
+# The toy model's MLPs (hidden 128, intermediate 512), as client/lora.py adapts them.
+TOY_MODULES = tuple(
+    TargetModule(f"model.layers.{layer}.mlp.{name}", *shape)
+    for layer in (0, 1)
+    for name, shape in (("gate_proj", (128, 512)), ("up_proj", (128, 512)),
+                        ("down_proj", (512, 128))))
+TOY_SPEC = AdapterSpec("toy", "ab" * 32, TOY_MODULES, frozen_a_seed=7, rank=8, alpha=16.0)
+FAST = DistillConfig(steps=2, dreams_per_lesson=2, prompts_per_step=2, samples_per_prompt=2,
+                     guard_prompts_per_step=4)
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path):
+    running = serve(ServerConfig(
+        data_dir=tmp_path / "aggregator", listen="127.0.0.1:0", insecure=True,
+        cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=120, phase_deadline_s=60),
+        privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0),
+        adapter=TOY_SPEC))
+    yield running
+    running.stop(grace=None)
+
+
+def site_config(tmp_path: Path, site: str, model: Path, address: str, key: bytes,
+                **changes) -> SiteConfig:
+    values = dict(name=site, data_dir=tmp_path / site, model_dir=model,
+                  aggregator=address, identity_key=tmp_path / site / "identity.pem",
+                  aggregator_key=key, min_new_sessions=4, distill=FAST, insecure=True,
+                  round_timeout_s=60.0)
+    values.update(changes)
+    return SiteConfig(**values)
+
+
+def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_model_dir) -> None:
+    world = make_world(WorldSpec(seed=0, sites=3))
+    guard = tmp_path / "guard.jsonl"
+    guard.write_text("".join(json.dumps({"messages": task_prompt(task)}) + "\n"
+                             for task in world.guard[:16]))
+    key = aggregator.coordinator.registry.public_key.public_bytes_raw()
+    configs = [site_config(tmp_path, f"site-{i}", toy_model_dir, aggregator.address, key,
+                           guard_prompts=guard) for i in range(3)]
+    stored: list[tuple[str, ...]] = []  # the store skips sessions whose content repeats
+    for config, site in zip(configs, world.sites, strict=True):
+        config.data_dir.mkdir()  # a folder, so the store is sessions.db inside it
+        with SessionStore(config.data_dir) as store:
+            stored.append(tuple(sorted(s["id"] for s in site.sessions if store.add(s))))
+
+    outcomes: dict[int, Outcome | BaseException] = {}
+
+    def one(i: int) -> None:
+        channel = grpc.insecure_channel(aggregator.address)
+        try:
+            outcomes[i] = run_once(configs[i], channel)
+        except BaseException as error:  # surfaced below, with the site it came from
+            outcomes[i] = error
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    for i in range(3):
+        assert isinstance(outcomes.get(i), Outcome), (i, outcomes.get(i))
+
+    for i, (config, ids) in enumerate(zip(configs, stored, strict=True)):
+        outcome = outcomes[i]
+        assert isinstance(outcome, Outcome)
+        assert outcome.activated == (0, 1)  # genesis, then what the round published
+        assert outcome.round is not None
+        assert (outcome.round.version, outcome.round.cohort_size) == (1, 3)
+        assert current_version(config.data_dir) == 1
+        assert verify_folder(config.data_dir / "current", key).version == 1
+        identity = load_identity_key(config.identity_key, create=False)
+        with Outbox(config.data_dir / "outbox.sqlite", identity) as outbox:
+            entries = list(outbox)
+            assert len(entries) == 1
+            verify_chain(entries, identity.public_key())
+            record = entries[0].record
+            assert record.payload_sha256 == outcome.round.payload_sha256
+            assert record.session_ids == ids
+            assert record.base_version == 0
+            assert record.norm_after_clip <= 1.0 + 1e-5  # clipped to the round's C
+        with SessionStore(config.data_dir) as store:
+            assert store.unconsumed() == []
+            assert tuple(store.sessions_used_by(outcome.consolidation_id)) == ids
+
+    # A second iteration has nothing new: it neither consolidates nor activates.
+    channel = grpc.insecure_channel(aggregator.address)
+    try:
+        again = run_once(configs[0], channel)
+    finally:
+        channel.close()
+    assert again == Outcome(activated=(), pending=0)
+
+
+def test_below_the_threshold_only_activates(aggregator, tmp_path, toy_model_dir) -> None:
+    key = aggregator.coordinator.registry.public_key.public_bytes_raw()
+    config = site_config(tmp_path, "lonely", toy_model_dir, aggregator.address, key,
+                         min_new_sessions=100)
+    channel = grpc.insecure_channel(aggregator.address)
+    try:
+        outcome = run_once(config, channel)
+    finally:
+        channel.close()
+    assert outcome == Outcome(activated=(0,), pending=0)
+    assert current_version(config.data_dir) == 0
+    assert not (config.data_dir / "outbox.sqlite").exists()
+
+
+def test_the_identity_key_is_created_private_once(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "identity.pem"
+    first = load_identity_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = load_identity_key(path)
+    assert first.public_key().public_bytes_raw() == again.public_key().public_bytes_raw()
+    raw = tmp_path / "raw.key"
+    raw.write_bytes(Ed25519PrivateKey.generate().private_bytes_raw())
+    raw.chmod(0o600)
+    load_identity_key(raw)
+    raw.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_identity_key(raw)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_identity_key(tmp_path / "absent.pem", create=False)
+
+
+def test_config_loads_from_toml_and_json(tmp_path: Path, toy_model_dir) -> None:
+    key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    (tmp_path / "aggregator.pub").write_text(key.hex() + "\n")
+    (tmp_path / "site.toml").write_text(
+        f'name = "a"\ndata_dir = "data"\nmodel_dir = "{toy_model_dir}"\n'
+        'aggregator = "127.0.0.1:7443"\nidentity_key = "id.pem"\n'
+        'aggregator_key = "aggregator.pub"\ninsecure = true\nmin_new_sessions = 3\n'
+        '[distill]\nsteps = 5\ndreams_per_lesson = 2\n')
+    config = SiteConfig.load(tmp_path / "site.toml")
+    assert config.data_dir == tmp_path / "data"
+    assert config.aggregator_public_key() == key
+    assert (config.distill.steps, config.distill.dreams_per_lesson) == (5, 2)
+    (tmp_path / "site.json").write_text(json.dumps({
+        "name": "a", "data_dir": "data", "model_dir": str(toy_model_dir),
+        "aggregator": "[::1]:7443", "identity_key": "id.pem",
+        "aggregator_key": "aggregator.pub", "insecure": True}))
+    assert SiteConfig.load(tmp_path / "site.json").min_new_sessions == 8
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"aggregator": "agg.example:7443"}, "plaintext refused"),
+    ({"insecure": False}, "no tls"),
+    ({"aggregator": "127.0.0.1"}, "HOST:PORT"),
+    ({"min_new_sessions": 0}, "min_new_sessions"),
+    ({"clip_norm": float("nan")}, "clip_norm"),
+    ({"name": ""}, "name"),
+    ({"aggregator_key": b"short"}, "Ed25519 public key"),
+    ({"model_dir": Path("/nonexistent")}, "config.json"),
+    ({"guard_prompts": Path("/nonexistent.jsonl")}, "guard_prompts"),
+])
+def test_bad_configs_are_refused(tmp_path: Path, toy_model_dir, change, message) -> None:
+    key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    with pytest.raises(ConfigError, match=message):
+        site_config(tmp_path, "a", toy_model_dir, "127.0.0.1:7443", key, **change)
+
+
+def test_unknown_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown setting"):
+        SiteConfig.from_mapping({"name": "a", "colour": "blue"})
+
+
+def test_run_backs_off_and_logs_while_the_aggregator_is_away(tmp_path, toy_model_dir,
+                                                              caplog) -> None:
+    key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    config = site_config(tmp_path, "away", toy_model_dir, "127.0.0.1:1", key)
+    stop = threading.Event()
+    retries: list[str] = []
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retry" in record.getMessage():
+                retries.append(record.getMessage())
+                if len(retries) == 3:
+                    stop.set()
+
+    watch = Watch()
+    logging.getLogger("fleetmind.client.site").addHandler(watch)
+    try:
+        worker = threading.Thread(target=run, args=(config, stop),
+                                  kwargs={"backoff": Backoff(first_s=0.01, cap_s=0.05)})
+        worker.start()
+        worker.join(30)
+    finally:
+        logging.getLogger("fleetmind.client.site").removeHandler(watch)
+    assert not worker.is_alive()
+    assert [m.split(" in ")[0] for m in retries] == [f"away: retry {n}" for n in (1, 2, 3)]
+    assert "UNAVAILABLE" in retries[0]
+    assert Backoff(first_s=1, cap_s=8).delay(10, random.Random(0)) <= 8
+
+
+def test_cli_runs_one_iteration_and_refuses_bad_configs(aggregator, tmp_path, toy_model_dir,
+                                                        capsys) -> None:
+    from fleetmind.sim import cli
+
+    key = aggregator.coordinator.registry.public_key.public_bytes_raw()
+    (tmp_path / "aggregator.pub").write_bytes(key)
+    config = {"name": "cli-site", "data_dir": "data", "model_dir": str(toy_model_dir),
+              "aggregator": aggregator.address, "identity_key": "id.pem",
+              "aggregator_key": "aggregator.pub", "insecure": True, "min_new_sessions": 5}
+    (tmp_path / "site.json").write_text(json.dumps(config))
+    assert cli.main(["client", "run", "--config", str(tmp_path / "site.json"), "--once"]) == 0
+    assert "cli-site: activated [0], 0 unconsumed sessions, no round joined" in \
+        capsys.readouterr().out
+    assert current_version(tmp_path / "data") == 0
+    (tmp_path / "bad.json").write_text(json.dumps({**config, "aggregator": "agg.example:1"}))
+    assert cli.main(["client", "run", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "plaintext refused" in capsys.readouterr().err
+
+
+def test_per_session_updates_are_clipped_per_session(tmp_path, toy_model_dir) -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fleetmind.aggregation.update import Update, UpdateMetadata
+    from fleetmind.client.scrub import ScrubReport
+    from fleetmind.client.site import _site_update
+    from fleetmind.client.store import Session
+
+    key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    config = site_config(tmp_path, "dp", toy_model_dir, "127.0.0.1:7443", key,
+                         per_session=True, clip_norm=1.0)
+    deltas = {"s1": {"m": np.full((2, 2), 3.0, np.float32)},   # norm 6: clipped to 1
+              "s2": {"m": np.full((2, 2), 0.1, np.float32)}}   # norm 0.2: kept
+    result = SimpleNamespace(
+        update=Update({"m": np.zeros((2, 2), np.float32)}, UpdateMetadata(
+            site="dp", base_version=2, sessions=2, tokens=1, seed=7)),
+        session_updates=tuple(deltas.items()), scrubbed=ScrubReport())
+    sessions = [Session.from_dict({"id": sid, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+        for sid in deltas]
+    update = _site_update(config, result, sessions, base_version=2, latest_version=5)
+    want = deltas["s1"]["m"] / 6.0 + deltas["s2"]["m"]
+    np.testing.assert_allclose(update.delta["m"], want, rtol=1e-6)
+    assert update.contributing_units == 2
+    assert update.weight == pytest.approx(0.5)  # staleness 3: 1 / sqrt(4)
+    assert update.norm_before_clip == pytest.approx(6.2, rel=1e-6)
+    assert update.session_ids == ("s1", "s2")
