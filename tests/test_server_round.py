@@ -369,3 +369,39 @@ def test_a_site_dropping_after_sharing_keys_leaves_the_others_merge(tmp_path: Pa
         assert running.coordinator.ledger.head().record.dropouts == 1
     finally:
         running.stop(grace=None)
+
+
+@pytest.mark.parametrize("phase", ["advertise", "share", "unmask"])
+def test_a_site_dropping_in_any_other_phase_leaves_a_correct_merge(tmp_path: Path,
+                                                                   phase: str) -> None:
+    """The fourth site vanishes before `phase`; the survivors' round still publishes. A site
+    that vanishes only at unmasking has already sent its masked input, which counts."""
+    short = ServerConfig(data_dir=tmp_path / "data", listen="127.0.0.1:0", insecure=True,
+                         cohort=CohortPolicy(min_size=3, target_size=4, deadline_s=30,
+                                             phase_deadline_s=0.5),
+                         privacy=PRIVACY, adapter=SPEC)
+    running = serve(short)
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            sites = [Site(channel, f"site-{i}", seed=50 + i) for i in range(4)]
+            survivors = sites[:3]
+            for s in sites:
+                s.join()
+            for s in sites if phase != "advertise" else survivors:
+                s.advertise()
+            for s in sites if phase not in ("advertise", "share") else survivors:
+                s.share()
+            for s in sites if phase == "unmask" else survivors:
+                s.submit(s.masked_chunks())
+            for s in survivors:
+                s.unmask()
+            versions_done = {s.expect("completed").completed.version for s in survivors}
+            assert versions_done == {1}
+        contributors = sites if phase == "unmask" else survivors
+        _, merged = running.coordinator.registry.get(1).tensors()
+        bound = quantisation_bound(survivors[0], len(contributors))
+        for name, want in expected_b(contributors).items():
+            assert np.abs(merged[name] - want).max() <= bound
+        assert running.coordinator.ledger.head().record.dropouts == 1
+    finally:
+        running.stop(grace=None)
