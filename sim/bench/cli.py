@@ -1,4 +1,4 @@
-"""The `bench` command group: `fleetmind bench aggregation|consolidate --out DIR [--quick]`."""
+"""The `bench` command group: `fleetmind bench aggregation|consolidate|wire --out DIR [--quick]`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,15 @@ def add_bench_commands(commands: Any) -> None:
     consolidate.add_argument("--quick", action="store_true", help="a few steps, a smoke run")
     consolidate.set_defaults(run=_bench_consolidate)
 
+    wire = sub.add_parser(
+        "wire", help="round latency and broadcast throughput over loopback gRPC",
+        description="One round for cohorts of 10, 50 and 200 light sites, and 100 watchers "
+                    "downloading the latest version against a plain gRPC stream of the same "
+                    "bytes, all in-process on 127.0.0.1; writes DIR/wire.json.")
+    wire.add_argument("--out", type=Path, required=True)
+    wire.add_argument("--quick", action="store_true", help="10 sites and 10 watchers")
+    wire.set_defaults(run=_bench_wire)
+
 
 def _bench_aggregation(args: argparse.Namespace) -> int:
     from fleetmind.sim.bench import aggregation
@@ -45,4 +54,11 @@ def _bench_consolidate(args: argparse.Namespace) -> int:
     from fleetmind.sim.bench import consolidate
 
     consolidate.run(args.out, quick=args.quick)
+    return 0
+
+
+def _bench_wire(args: argparse.Namespace) -> int:
+    from fleetmind.sim.bench import wire
+
+    wire.run(args.out, quick=args.quick)
     return 0
