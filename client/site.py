@@ -148,6 +148,7 @@ class SiteConfig:
     clip_norm: float = 1.0
     per_session: bool = False
     round_timeout_s: float = 120.0
+    serving_url: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("data_dir", "model_dir", "identity_key", "guard_prompts"):
@@ -187,6 +188,11 @@ class SiteConfig:
         if isinstance(self.aggregator_key, Path) and not self.aggregator_key.is_file():
             raise ConfigError(f"aggregator_key={self.aggregator_key}: no such file; copy the "
                               "aggregator's public key there")
+        if self.serving_url is not None and not (
+                isinstance(self.serving_url, str)
+                and self.serving_url.startswith(("http://", "https://"))):
+            raise ConfigError(f"serving_url={self.serving_url!r}: give the serving endpoint's "
+                              "base URL, e.g. http://127.0.0.1:8000 (vLLM), or leave it out")
         self.aggregator_public_key()  # a malformed key fails here, not mid-round
 
     def aggregator_public_key(self) -> bytes:
@@ -361,7 +367,32 @@ def _refresh(config: SiteConfig, channel: grpc.Channel, public_key: bytes) -> in
         return None
     activate(config.data_dir, folder, public_key)
     log.info("%s: activated version %d", config.name, number)
+    if config.serving_url:
+        notify_serving(config.serving_url, f"{config.name}-v{number}", folder)
     return number
+
+
+def notify_serving(base_url: str, name: str, folder: Path, timeout: float = 10.0) -> bool:
+    """Asks a serving endpoint to load the activated adapter (vLLM's
+    `POST /v1/load_lora_adapter`, which needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). Each
+    version gets its own name, since vLLM refuses to load a name twice. A failure is logged,
+    not raised: the version is active on disk either way, and serving can be told again."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"lora_name": name, "lora_path": str(Path(folder).resolve())}).encode()
+    request = urllib.request.Request(base_url.rstrip("/") + "/v1/load_lora_adapter", data=body,
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            ok = 200 <= reply.status < 300
+    except (urllib.error.URLError, OSError) as error:
+        log.warning("serving endpoint %s did not load %s: %s", base_url, name, error)
+        return False
+    if ok:
+        log.info("serving endpoint %s loaded %s", base_url, name)
+    return ok
 
 
 def _active_adapter(config: SiteConfig) -> tuple[Manifest, dict[str, Any], dict[str, np.ndarray]]:
