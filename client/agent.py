@@ -31,6 +31,11 @@ __all__ = ["Enrolment", "RoundAbortedError", "RoundResult", "SiteUpdate", "enrol
            "participate"]
 
 
+class StaleBaseError(RuntimeError):
+    """The round merges deltas against a newer version than this update's: nothing was sent;
+    activate the newer version and consolidate again."""
+
+
 class RoundAbortedError(RuntimeError):
     """The aggregator aborted the round (`reason`); with `retry` it runs again and the site
     may call `participate` again."""
@@ -177,9 +182,10 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
         wire = event.config
         config = codec.round_config_from_wire(wire)
         if wire.base_version != update.base_version:
-            raise ValueError(f"the round merges deltas against version {wire.base_version}, "
-                             f"this update is against {update.base_version}: re-consolidate "
-                             "on the newer version or pre-weight it as stale")
+            raise StaleBaseError(f"the round merges deltas against version "
+                                 f"{wire.base_version}, this update is against "
+                                 f"{update.base_version}: nothing was sent; re-consolidate on "
+                                 "the newer version")
         state = SiteAdvertiseKeys(config, me.site, identity_key)
         fleet.AdvertiseKeys(codec.advertisement_to_wire(state.advertisement), timeout=timeout)
 

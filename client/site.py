@@ -56,6 +56,7 @@ from fleetmind.client.agent import (
     RoundAbortedError,
     RoundResult,
     SiteUpdate,
+    StaleBaseError,
     enroll,
     participate,
 )
@@ -662,7 +663,9 @@ class Backoff:
         return rng.uniform(0, min(self.cap_s, self.first_s * 2 ** max(0, failures - 1)))
 
 
-_RETRYABLE = (grpc.RpcError, RoundAbortedError, ConnectionError)
+# StaleBaseError: a newer version was published while this site distilled; the next
+# iteration activates it and consolidates the same (still unconsumed) sessions again.
+_RETRYABLE = (grpc.RpcError, RoundAbortedError, StaleBaseError, ConnectionError)
 
 
 def run(config: SiteConfig, stop: threading.Event | None = None,

@@ -175,3 +175,42 @@ def test_site_noise_is_added_and_recorded(aggregator, tmp_path) -> None:
 def test_site_updates_are_validated(change, message) -> None:
     with pytest.raises(ValueError, match=message):
         SiteUpdate(**{"delta": {"x": np.zeros(2, np.float32)}, **change})
+
+
+def test_an_update_against_an_older_version_sends_nothing_and_says_why(aggregator,
+                                                                        tmp_path) -> None:
+    from fleetmind.client.agent import StaleBaseError
+    from fleetmind.server.versions import Release
+
+    registry = aggregator.coordinator.registry
+    _, b = registry.latest().tensors()
+    registry.publish({n: t + 0.01 for n, t in b.items()},
+                     Release(round_id=99, cohort_size=3, clip_norm=1.0, noise_multiplier=0.0,
+                             noise_mode="central", epsilon=0.0, delta=1e-5))
+    rng = np.random.default_rng(1)
+    keys = [Ed25519PrivateKey.generate() for _ in range(3)]
+    outboxes = [Outbox(tmp_path / f"stale-{i}" / "outbox.sqlite", k) for i, k in enumerate(keys)]
+    errors: dict[int, BaseException] = {}
+
+    def run(i: int) -> None:
+        update = SiteUpdate(
+            delta={n: rng.uniform(-0.3, 0.3, s).astype(np.float32) for n, s in SHAPES.items()},
+            base_version=0, session_ids=(f"s{i}",), norm_before_clip=1.0)
+        with grpc.insecure_channel(aggregator.address) as channel:
+            try:
+                participate(channel, keys[i], f"site-{i}", update, outboxes[i],
+                            add_noise=False, timeout=10)
+            except BaseException as error:  # checked below
+                errors[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(errors) == [0, 1, 2]
+    assert all(isinstance(e, StaleBaseError) and "re-consolidate" in str(e)
+               for e in errors.values())
+    assert all(len(list(outbox)) == 0 for outbox in outboxes)  # nothing left the sites
+    for outbox in outboxes:
+        outbox.close()
