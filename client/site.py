@@ -694,7 +694,30 @@ def run(config: SiteConfig, stop: threading.Event | None = None,
                 stop.wait(pause)
                 continue
             failures = 0
-            if outcome.round is None:
-                stop.wait(backoff.idle_s)  # nothing to send: look again later
+            if outcome.round is None:  # nothing to send: wait for a version or for idle_s
+                wait_for_version(channel, current_version(config.data_dir), backoff.idle_s,
+                                 stop)
     finally:
         channel.close()
+
+
+def wait_for_version(channel: grpc.Channel, after: int | None, seconds: float,
+                     stop: threading.Event) -> int | None:
+    """Watches (Models.Watch) for a version newer than `after`, for at most `seconds`:
+    returns its number as soon as it is announced, or None at the time limit or on a cut
+    stream (the caller's next iteration looks again either way)."""
+    request = models_pb2.WatchRequest()
+    if after is not None:
+        request.after_version = after
+    stream = models_pb2_grpc.ModelsStub(channel).Watch(request, timeout=seconds)
+    stopper = threading.Thread(target=lambda: stop.wait(seconds) and stream.cancel(),
+                               daemon=True)
+    stopper.start()
+    try:
+        for announcement in stream:
+            return announcement.version
+    except grpc.RpcError:
+        return None  # deadline, cancel or a cut connection
+    finally:
+        stream.cancel()
+    return None

@@ -69,3 +69,36 @@ def test_fifty_sites_enrol_watch_and_download_at_once(tmp_path: Path) -> None:
     assert activated == {n: [0, 1] for n in range(SITES)}
     assert all(site_versions.current_version(tmp_path / f"site-{n:02d}") == 1
                for n in range(SITES))
+
+
+def test_an_idle_site_wakes_when_a_version_is_announced(tmp_path: Path) -> None:
+    import time
+
+    from fleetmind.client.site import wait_for_version
+
+    running = service.serve(ServerConfig(data_dir=tmp_path / "aggregator", insecure=True))
+    registry = running.coordinator.registry
+    channel = grpc.insecure_channel(running.address)
+    stop = threading.Event()
+    try:
+        started = time.monotonic()
+        assert wait_for_version(channel, 0, 0.5, stop) is None  # nothing new: time limit
+        assert time.monotonic() - started < 5
+        woke: list[int | None] = []
+        waiter = threading.Thread(target=lambda: woke.append(
+            wait_for_version(channel, 0, 30, stop)))
+        waiter.start()
+        _, b = registry.latest().tensors()
+        registry.publish({m: t + 0.01 for m, t in b.items()},
+                         Release(round_id=1, cohort_size=3, clip_norm=1.0,
+                                 noise_multiplier=0.8, noise_mode="distributed", epsilon=0.1,
+                                 delta=1e-5))
+        waiter.join(10)
+        assert woke == [1]
+        stop.set()  # a stopping site does not sit out the whole wait
+        started = time.monotonic()
+        assert wait_for_version(channel, 1, 30, stop) is None
+        assert time.monotonic() - started < 5
+    finally:
+        channel.close()
+        running.stop(grace=None)
