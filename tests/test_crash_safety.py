@@ -22,10 +22,10 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from toy_fleet import FAST, TOY_SPEC
 
 import fleetmind.client.site as site_module
 from fleetmind.client.agent import RoundResult, SiteUpdate, enroll, participate
-from fleetmind.client.distill import DistillConfig
 from fleetmind.client.outbox import Outbox, OutboxRecord
 from fleetmind.client.site import Outcome, SiteConfig, load_identity_key, run_once
 from fleetmind.client.store import SessionStore
@@ -42,16 +42,6 @@ from fleetmind.server.ledger import verify_chain as verify_ledger
 from fleetmind.server.service import serve
 from fleetmind.server.versions import AdapterSpec, TargetModule
 from fleetmind.sim.world import WorldSpec, make_world
-
-# The toy model's MLPs, as client/lora.py adapts them (as in test_site_loop).
-TOY_MODULES = tuple(
-    TargetModule(f"model.layers.{layer}.mlp.{name}", *shape)
-    for layer in (0, 1)
-    for name, shape in (("gate_proj", (128, 512)), ("up_proj", (128, 512)),
-                        ("down_proj", (512, 128))))
-TOY_SPEC = AdapterSpec("toy", "ab" * 32, TOY_MODULES, frozen_a_seed=7, rank=8, alpha=16.0)
-FAST = DistillConfig(steps=2, dreams_per_lesson=2, prompts_per_step=2, samples_per_prompt=2,
-                     guard_prompts_per_step=4)
 
 
 class Crash(BaseException):

@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from toy_fleet import FAST, TOY_SPEC
 
-from fleetmind.client.distill import DistillConfig
 from fleetmind.client.outbox import Outbox, verify_chain
 from fleetmind.client.site import (
     Backoff,
@@ -31,18 +31,7 @@ from fleetmind.client.store import SessionStore
 from fleetmind.client.versions import current_version, verify_folder
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
 from fleetmind.server.service import serve
-from fleetmind.server.versions import AdapterSpec, TargetModule
 from fleetmind.sim.world import WorldSpec, make_world, task_prompt
-
-# The toy model's MLPs (hidden 128, intermediate 512), as client/lora.py adapts them.
-TOY_MODULES = tuple(
-    TargetModule(f"model.layers.{layer}.mlp.{name}", *shape)
-    for layer in (0, 1)
-    for name, shape in (("gate_proj", (128, 512)), ("up_proj", (128, 512)),
-                        ("down_proj", (512, 128))))
-TOY_SPEC = AdapterSpec("toy", "ab" * 32, TOY_MODULES, frozen_a_seed=7, rank=8, alpha=16.0)
-FAST = DistillConfig(steps=2, dreams_per_lesson=2, prompts_per_step=2, samples_per_prompt=2,
-                     guard_prompts_per_step=4)
 
 
 @pytest.fixture
