@@ -335,12 +335,16 @@ def test_a_round_in_flight_at_restart_is_abandoned_and_run_again(tmp_path: Path)
         running.stop(grace=None)
 
 
+def four_site_config(tmp_path: Path) -> ServerConfig:
+    """Four sites, at least three: a phase closes half a second after its last answer."""
+    return ServerConfig(data_dir=tmp_path / "data", listen="127.0.0.1:0", insecure=True,
+                        cohort=CohortPolicy(min_size=3, target_size=4, deadline_s=30,
+                                            phase_deadline_s=0.5),
+                        privacy=PRIVACY, adapter=SPEC)
+
+
 def test_a_site_dropping_after_sharing_keys_leaves_the_others_merge(tmp_path: Path) -> None:
-    short = ServerConfig(data_dir=tmp_path / "data", listen="127.0.0.1:0", insecure=True,
-                         cohort=CohortPolicy(min_size=3, target_size=4, deadline_s=30,
-                                             phase_deadline_s=0.5),
-                         privacy=PRIVACY, adapter=SPEC)
-    running = serve(short)
+    running = serve(four_site_config(tmp_path))
     try:
         with grpc.insecure_channel(running.address) as channel:
             # Four sites: each survivor's self-mask seed is then held by two other survivors,
@@ -376,11 +380,7 @@ def test_a_site_dropping_in_any_other_phase_leaves_a_correct_merge(tmp_path: Pat
                                                                    phase: str) -> None:
     """The fourth site vanishes before `phase`; the survivors' round still publishes. A site
     that vanishes only at unmasking has already sent its masked input, which counts."""
-    short = ServerConfig(data_dir=tmp_path / "data", listen="127.0.0.1:0", insecure=True,
-                         cohort=CohortPolicy(min_size=3, target_size=4, deadline_s=30,
-                                             phase_deadline_s=0.5),
-                         privacy=PRIVACY, adapter=SPEC)
-    running = serve(short)
+    running = serve(four_site_config(tmp_path))
     try:
         with grpc.insecure_channel(running.address) as channel:
             sites = [Site(channel, f"site-{i}", seed=50 + i) for i in range(4)]
