@@ -226,6 +226,10 @@ class VersionRegistry:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._signing_key = signing_key
         self.public_key = signing_key.public_key()
+        # version -> (the files' stat stamp when they verified, manifest). Every download
+        # request reads a version; re-hashing all of it each time made serving 100 watchers
+        # hash-bound. A changed file changes its stamp, so tampering is still caught.
+        self._verified: dict[int, tuple[tuple[tuple[str, int, int], ...], Manifest]] = {}
         for leftover in self.folder.glob(f"{_PARTIAL_PREFIX}*"):
             shutil.rmtree(leftover)  # a publication a crash cut short: never visible
 
@@ -237,9 +241,15 @@ class VersionRegistry:
         folder = self.folder / f"{version:08d}"
         if not folder.is_dir():
             raise KeyError(f"version {version} is not published (have {self.numbers()[-5:]})")
+        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                      for p in sorted(folder.iterdir()))
+        cached = self._verified.get(version)
+        if cached is not None and cached[0] == stamp:
+            return Version(folder, cached[1])
         manifest = verify(folder, self.public_key)
         if manifest.version != version:
             raise VersionError(f"{folder} holds version {manifest.version}, not {version}")
+        self._verified[version] = (stamp, manifest)
         return Version(folder, manifest)
 
     def latest(self) -> Version | None:
