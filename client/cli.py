@@ -73,7 +73,8 @@ def add_client_commands(commands: Any) -> None:
                     "before it leaves). Reconnects with jittered exponential backoff. FILE is "
                     "JSON or TOML (.toml) with name, data_dir, model_dir, aggregator, "
                     "identity_key, aggregator_key and either tls or insecure = true (loopback "
-                    "only); see fleetmind.client.site.SiteConfig.")
+                    "only); with metrics_listen = \"HOST:PORT\" it serves Prometheus metrics "
+                    "there; see fleetmind.client.site.SiteConfig.")
     run.add_argument("--config", type=Path, required=True, metavar="FILE",
                      help="the site's config file (.json or .toml)")
     run.add_argument("--once", action="store_true",
@@ -193,7 +194,7 @@ def _client_run(args: argparse.Namespace) -> int:
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, lambda *_: stop.set())
         run(config, stop)
-    except (ConfigError, ValueError) as error:
+    except (ConfigError, ValueError, OSError) as error:  # OSError: metrics port taken
         print(f"fleetmind client run: {error}", file=sys.stderr)
         return 1
     return 0

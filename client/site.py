@@ -61,6 +61,7 @@ from fleetmind.client.agent import (
     participate,
 )
 from fleetmind.client.distill import DistillConfig
+from fleetmind.client.metrics import SiteMetrics
 from fleetmind.client.outbox import Outbox, OutboxRecord
 from fleetmind.client.store import Session, SessionStore
 from fleetmind.client.versions import (
@@ -150,6 +151,7 @@ class SiteConfig:
     per_session: bool = False
     round_timeout_s: float = 120.0
     serving_url: str | None = None
+    metrics_listen: str | None = None  # "host:port" for Prometheus /metrics (port 0: any)
 
     def __post_init__(self) -> None:
         for name in ("data_dir", "model_dir", "identity_key", "guard_prompts"):
@@ -194,6 +196,13 @@ class SiteConfig:
                 and self.serving_url.startswith(("http://", "https://"))):
             raise ConfigError(f"serving_url={self.serving_url!r}: give the serving endpoint's "
                               "base URL, e.g. http://127.0.0.1:8000 (vLLM), or leave it out")
+        if self.metrics_listen is not None:
+            host, _, port = str(self.metrics_listen).rpartition(":")
+            if not isinstance(self.metrics_listen, str) or not host or not port.isdigit() \
+                    or int(port) > 65535:
+                raise ConfigError(f"metrics_listen={self.metrics_listen!r} must be HOST:PORT "
+                                  "(e.g. 0.0.0.0:9465; port 0: any free one), or left out "
+                                  "for no metrics endpoint")
         self.aggregator_public_key()  # a malformed key fails here, not mid-round
 
     def aggregator_public_key(self) -> bytes:
@@ -435,23 +444,39 @@ def _site_update(config: SiteConfig, result: SiteConsolidation, sessions: list[S
         norm_before_clip=norm_before, contributing_units=units)
 
 
+def _report_active(config: SiteConfig, metrics: SiteMetrics) -> None:
+    """The active version, and when `current` last flipped: the link's own mtime, so the
+    time survives a restart of the agent."""
+    try:
+        flipped: float | None = (config.data_dir / CURRENT).lstat().st_mtime
+    except FileNotFoundError:
+        flipped = None
+    metrics.active(current_version(config.data_dir), flipped)
+
+
 def run_once(config: SiteConfig, channel: grpc.Channel,
-             identity: Ed25519PrivateKey | None = None) -> Outcome:
+             identity: Ed25519PrivateKey | None = None,
+             metrics: SiteMetrics | None = None) -> Outcome:
     """One iteration: activate a newer version if there is one; with at least
     min_new_sessions unconsumed sessions, consolidate them on the active version, join a
     round, record the consolidation once the round completed, and activate what it
     published. Raises grpc.RpcError (aggregator unreachable or refusing),
-    RoundAbortedError, or ConfigError/VersionError (fix the site, then run again)."""
+    RoundAbortedError, or ConfigError/VersionError (fix the site, then run again).
+    `metrics`, if given, is kept up to date (run() passes the one it serves)."""
+    metrics = metrics or SiteMetrics()
     key = identity or load_identity_key(config.identity_key)
     public_key = config.aggregator_public_key()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     activated = [v for v in (_refresh(config, channel, public_key),) if v is not None]
+    _report_active(config, metrics)
 
     with SessionStore(config.data_dir) as store:
         # Before consolidating, settle uploads a crash left unrecorded: sessions a completed
         # round already carried are spent, and those of an undecided round wait.
         held = _settle_outbox(config, channel, key, public_key, store)
-        sessions = [s for s in store.unconsumed() if s.id not in held]
+        unconsumed = store.unconsumed()
+        metrics.sessions(len(store), len(unconsumed))
+        sessions = [s for s in unconsumed if s.id not in held]
         if len(sessions) < config.min_new_sessions:
             return Outcome(tuple(activated), len(sessions))
         base_version = current_version(config.data_dir)
@@ -459,16 +484,20 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
             raise VersionError("no version is active yet (the aggregator published none); "
                                "the site consolidates only on a verified global version")
         result, update = _consolidate(config, sessions, base_version)
+        metrics.consolidated(result.stats.tokens)
         with Outbox(config.data_dir / OUTBOX_FILE, key) as outbox:
             done = participate(channel, key, config.name, update, outbox,
                                timeout=config.round_timeout_s)
         # Only now: a round that failed leaves the sessions for the next one.
         store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
+        metrics.rounds.inc()
+        metrics.sessions(len(store), len(unconsumed) - len(sessions))
     log.info("%s: round %d published version %d with %d sites", config.name, done.round_id,
              done.version, done.cohort_size)
     fresh = _refresh(config, channel, public_key)
     if fresh is not None:
         activated.append(fresh)
+    _report_active(config, metrics)
     return Outcome(tuple(activated), len(sessions), done, result.consolidation_id)
 
 
@@ -670,22 +699,29 @@ _RETRYABLE = (grpc.RpcError, RoundAbortedError, StaleBaseError, ConnectionError)
 
 def run(config: SiteConfig, stop: threading.Event | None = None,
         backoff: Backoff = Backoff(), channel_factory: Callable[[SiteConfig], grpc.Channel]
-        = make_channel, rng: random.Random | None = None) -> None:
+        = make_channel, rng: random.Random | None = None,
+        metrics: SiteMetrics | None = None) -> None:
     """Runs iterations until `stop` is set. An unreachable or refusing aggregator, an
     aborted round or a cut stream is retried after a jittered, growing pause (logged);
     anything else (a bad config, a version that does not verify) is raised, because
-    retrying cannot fix it."""
+    retrying cannot fix it. With config.metrics_listen, `metrics` (or a new SiteMetrics)
+    is served over HTTP there until the loop ends."""
     stop = stop or threading.Event()
     rng = rng or random.Random()
+    metrics = metrics or SiteMetrics()
     identity = load_identity_key(config.identity_key)
     failures = 0
+    endpoint = metrics.serve(config.metrics_listen) if config.metrics_listen else None
+    if endpoint is not None:
+        log.info("%s: metrics on %s", config.name, endpoint.url)
     channel = channel_factory(config)
     try:
         while not stop.is_set():
             try:
-                outcome = run_once(config, channel, identity)
+                outcome = run_once(config, channel, identity, metrics)
             except _RETRYABLE as error:
                 failures += 1
+                metrics.failures.inc()
                 pause = backoff.delay(failures, rng)
                 detail = f"{error.code().name}: {error.details()}" \
                     if isinstance(error, grpc.RpcError) and hasattr(error, "code") else str(error)
@@ -699,6 +735,8 @@ def run(config: SiteConfig, stop: threading.Event | None = None,
                                  stop)
     finally:
         channel.close()
+        if endpoint is not None:
+            endpoint.stop()
 
 
 def wait_for_version(channel: grpc.Channel, after: int | None, seconds: float,

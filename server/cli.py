@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,20 @@ def add_server_commands(commands: Any) -> None:
     run.add_argument("--data", type=Path, help="data folder (dev mode, without --config)")
     run.add_argument("--insecure", action="store_true",
                      help="plaintext gRPC; refused on any non-loopback address")
+    run.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve Prometheus metrics over HTTP here (overrides the config's "
+                          "metrics_listen; default: none)")
     run.set_defaults(run=_server_run)
+
+    key = sub.add_parser(
+        "key", help="print the aggregator's public signing key",
+        description="Print the Ed25519 public key that signs every version and ledger entry "
+                    "(64 hex digits), creating the signing key in DIR if there is none yet. "
+                    "Sites pin it: put it in their aggregator_key file.")
+    key.add_argument("--data", type=Path, required=True, metavar="DIR",
+                     help="the aggregator's data folder (its config's data_dir)")
+    key.add_argument("--out", type=Path, help="also write the hex key to this file")
+    key.set_defaults(run=_server_key)
 
     certs = sub.add_parser("certs", help="create the fleet's CA and certificates",
                            description="Create a CA, the aggregator's TLS certificate and "
@@ -71,14 +85,15 @@ def _config(args: argparse.Namespace):
                               "drop --data/--insecure (or run without --config)")
         config = load_config(args.config)
         if args.listen:
-            from dataclasses import replace
             config = replace(config, listen=args.listen)
+        if args.metrics_listen:
+            config = replace(config, metrics_listen=args.metrics_listen)
         return config
     if args.data is None:
         raise ConfigError("give --config FILE, or --data DIR (with --insecure on a loopback "
                           "address) for development")
     return ServerConfig(data_dir=args.data, listen=args.listen or "127.0.0.1:7443",
-                        insecure=args.insecure)
+                        insecure=args.insecure, metrics_listen=args.metrics_listen)
 
 
 def _server_run(args: argparse.Namespace) -> int:
@@ -91,13 +106,30 @@ def _server_run(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, ValueError) as error:
         raise _usage(error) from None
     mode = "mTLS" if config.tls is not None else "PLAINTEXT (development, loopback only)"
+    metrics = running.metrics_endpoint
     print(f"fleetmind aggregator on {running.address} ({mode}); data in {config.data_dir}; "
-          f"latest version {running.coordinator.registry.numbers()[-1]}", flush=True)
+          f"latest version {running.coordinator.registry.numbers()[-1]}"
+          + (f"; metrics on {metrics.url}" if metrics else ""), flush=True)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops it like SIGTERM does
         stopping.wait()
     running.stop(grace=5.0)
+    return 0
+
+
+def _server_key(args: argparse.Namespace) -> int:
+    from fleetmind.server import identity
+    from fleetmind.server.service import SIGNING_KEY
+
+    try:
+        key = identity.load_or_create_signing_key(args.data / SIGNING_KEY)
+        text = identity.public_key_bytes(key).hex()
+        if args.out is not None:
+            args.out.write_text(text + "\n")
+    except (OSError, ValueError) as error:
+        raise _usage(error) from None
+    print(text)
     return 0
 
 

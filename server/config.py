@@ -3,6 +3,7 @@
 A config file is TOML or JSON with these keys (all optional but `data_dir`):
 
     listen = "127.0.0.1:7443"        # host:port; port 0 lets the OS pick
+    metrics_listen = "0.0.0.0:9464"  # Prometheus /metrics over HTTP; absent: no endpoint
     data_dir = "aggregator-data"     # relative to the config file
     insecure = false                 # plaintext: only on a loopback address
     [tls]                            # mTLS (required unless insecure)
@@ -136,10 +137,22 @@ class ServerConfig:
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     adapter: AdapterSpec = DEV_ADAPTER
     max_workers: int = 256  # each open JoinRound / Watch stream holds a worker thread
+    # Plain HTTP and unauthenticated, like every Prometheus target: it carries counts and
+    # timings, never updates or keys. Bind it where only the scraper can reach it.
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        host, _ = split_listen(self.listen)
+        host, port = split_listen(self.listen)
+        if self.metrics_listen is not None:
+            if not isinstance(self.metrics_listen, str):
+                raise ConfigError(f"metrics_listen={self.metrics_listen!r} must be a "
+                                  "\"host:port\" string, e.g. \"0.0.0.0:9464\"")
+            metrics_host, metrics_port = split_listen(self.metrics_listen, "metrics_listen")
+            if metrics_port and metrics_port == port and metrics_host == host:
+                raise ConfigError(f"metrics_listen={self.metrics_listen!r} is the gRPC "
+                                  f"address (listen={self.listen!r}): give metrics a port "
+                                  "of its own, e.g. 9464")
         if self.insecure and self.tls is not None:
             raise ConfigError("both insecure and tls are set: pick one (tls for any real "
                               "deployment)")
@@ -155,11 +168,11 @@ class ServerConfig:
             raise ConfigError(f"max_workers={self.max_workers} must be >= 4")
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """(host, port) of "host:port" or "[v6]:port"."""
+def split_listen(listen: str, key: str = "listen") -> tuple[str, int]:
+    """(host, port) of "host:port" or "[v6]:port"; `key` names the setting in errors."""
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"listen={listen!r} must be host:port, e.g. 127.0.0.1:7443 "
+        raise ConfigError(f"{key}={listen!r} must be host:port, e.g. 127.0.0.1:7443 "
                           "(port 0: the OS picks one)")
     return host.strip("[]"), int(port)
 
@@ -199,7 +212,7 @@ def _adapter(raw: dict[str, Any]) -> AdapterSpec:
 def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
     """A ServerConfig from a parsed TOML/JSON document; relative paths are against `base`."""
     known = {"listen", "data_dir", "insecure", "tls", "cohort", "privacy", "adapter",
-             "max_workers"}
+             "max_workers", "metrics_listen"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown keys {unknown}; known: {sorted(known)}")
@@ -225,7 +238,8 @@ def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
             cohort=_section(raw, "cohort", CohortPolicy),
             privacy=_section(raw, "privacy", PrivacyPolicy),
             adapter=_adapter(raw["adapter"]) if "adapter" in raw else DEV_ADAPTER,
-            max_workers=int(raw.get("max_workers", 256)))
+            max_workers=int(raw.get("max_workers", 256)),
+            metrics_listen=raw.get("metrics_listen"))
     except ConfigError:
         raise
     except ValueError as error:

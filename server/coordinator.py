@@ -157,6 +157,27 @@ class BudgetStatus:
     accountant: str
 
 
+class RoundListener:
+    """What the coordinator tells an observer (server/metrics.py) as rounds run. The base
+    class ignores everything; calls come under the coordinator's lock, so a listener must
+    be quick and must not call back into the coordinator."""
+
+    def round_started(self, round_id: int, cohort_size: int) -> None:
+        """A cohort of `cohort_size` sites started round `round_id`."""
+
+    def phase_closed(self, round_id: int, phase: str, seconds: float, dropped: int) -> None:
+        """`phase` closed after `seconds`; `dropped` sites missed it."""
+
+    def round_ended(self, round_id: int, outcome: str, seconds: float | None,
+                    contributors: int = 0) -> None:
+        """outcome: published, aborted, abandoned (at a restart) or refused (the budget could
+        not pay; it never started). `seconds` is None for a round that did not run here."""
+
+    def state(self, version: int, epsilon_spent: float, epsilon_budget: float,
+              delta: float) -> None:
+        """The latest version and the privacy spent, at start and after each publication."""
+
+
 # ---- the rounds ------------------------------------------------------------------------
 
 
@@ -178,6 +199,10 @@ class _Round:
     receipts: dict[tuple[str, int], bytes]
     phase_deadline: float
     shapes: dict[str, tuple[int, ...]]
+    # time.monotonic() at the round's and the current phase's start, for latencies only
+    # (deadlines use the coordinator's clock, which tests may move).
+    started: float = 0.0
+    phase_started: float = 0.0
 
     @property
     def round_id(self) -> int:
@@ -203,8 +228,10 @@ class Coordinator:
 
     def __init__(self, data_dir: Path, registry: VersionRegistry, ledger: Ledger,
                  enrolments: Enrolments, cohort: CohortPolicy, privacy: PrivacyPolicy,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 listener: RoundListener | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.listener = listener or RoundListener()
         self.registry = registry
         self.ledger = ledger
         self.enrolments = enrolments
@@ -224,6 +251,7 @@ class Coordinator:
                              [RoundCharge(**c["charge"]) for c in state["spent"]])
         self._state = state
         self._recover()
+        self._report_state()
 
     # ---- persistence --------------------------------------------------------------
 
@@ -250,6 +278,7 @@ class Coordinator:
                                            "reason": f"the aggregator restarted during "
                                                      f"{flight['phase']}; nothing was released"})
                 state["abandoned"] = state["abandoned"][-KEEP_FINISHED:]
+                self.listener.round_ended(flight["round_id"], "abandoned", None)
             state["in_flight"] = None
         floor = max([state["next_round"]]
                     + ([latest.manifest.round_id + 1] if latest and latest.manifest.round_id
@@ -294,6 +323,10 @@ class Coordinator:
                     f"{self.privacy.epsilon_budget:g} (spent {self.budget.epsilon_spent:.3f} "
                     f"over {len(self.budget.charges)} rounds); raise noise or stop training")
         return None
+
+    def _report_state(self) -> None:
+        self.listener.state(self.registry.numbers()[-1], self.budget.epsilon_spent,
+                            self.privacy.epsilon_budget, self.privacy.delta)
 
     def budget_status(self) -> BudgetStatus:
         with self.changed:
@@ -425,6 +458,7 @@ class Coordinator:
             for site in list(self._queue):
                 self._queue_refusals[site] = refusal
             self._queue.clear()
+            self.listener.round_ended(self._state["next_round"], "refused", None)
             self.changed.notify_all()
             return
         self._start_round(cohort, charge)
@@ -446,9 +480,10 @@ class Coordinator:
                            privacy.noise_mode, privacy.privacy_unit, len(cohort),
                            privacy.fixed_point_clip, policy.max_size,
                            int((now + policy.phase_deadline_s) * 1000))
+        started = time.monotonic()
         live = _Round(setup, charge, ServerAdvertiseKeys(config), cohort,
                       {site: [Event(round_id, setup)] for site in cohort}, {},
-                      now + policy.phase_deadline_s, shapes)
+                      now + policy.phase_deadline_s, shapes, started, started)
         # On disk before any site hears of it: a restart from here abandons it cleanly.
         self._state["next_round"] = round_id + 1
         self._state["in_flight"] = {"round_id": round_id, "phase": ServerAdvertiseKeys.phase,
@@ -458,6 +493,7 @@ class Coordinator:
         for site in cohort:
             self._queue.pop(site, None)
         self._round = live
+        self.listener.round_started(round_id, len(cohort))
         self.changed.notify_all()
 
     # ---- the four phases ----------------------------------------------------------
@@ -546,9 +582,14 @@ class Coordinator:
     def _close_phase(self, live: _Round) -> None:
         """Close the phase (missing sites count as dropped) and send what comes next."""
         before = live.state
+        missed = len(self._pending(before))  # asked before close(): it moves the state on
         state = before.close()
         live.state = state
         live.phase_deadline = self.clock() + self.cohort_policy.phase_deadline_s
+        now = time.monotonic()
+        self.listener.phase_closed(live.round_id, before.phase, now - live.phase_started,
+                                   missed)
+        live.phase_started = now
         if isinstance(state, ServerAborted):
             self._end(live, Stopped(f"round aborted in {state.phase}: {state.reason}", True))
             return
@@ -579,6 +620,12 @@ class Coordinator:
         for old in sorted(self._finished)[:-KEEP_FINISHED]:
             del self._finished[old]
         self._round = None
+        published = isinstance(outcome, Finished)
+        self.listener.round_ended(live.round_id, "published" if published else "aborted",
+                                  time.monotonic() - live.started,
+                                  outcome.cohort_size if published else 0)
+        if published:
+            self._report_state()
         self.changed.notify_all()
         self._form_cohort()  # sites queued meanwhile may make the next cohort now
 

@@ -23,11 +23,13 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
 
 from fleetmind.aggregation.secagg import ProtocolError
 from fleetmind.protos import secagg_codec as codec
@@ -46,11 +48,13 @@ from fleetmind.server.coordinator import (
     Event,
     Finished,
     RefusedError,
+    RoundListener,
     RoundSetup,
     Stopped,
 )
 from fleetmind.server.enrolment import EnrolmentError, Enrolments
 from fleetmind.server.ledger import Ledger
+from fleetmind.server.metrics import MetricsEndpoint, ServerMetrics
 from fleetmind.server.versions import VersionError, VersionRegistry
 
 S = grpc.StatusCode
@@ -74,6 +78,17 @@ WAITING_EVERY_S = 5.0  # heartbeat while a site waits for a cohort
 DEFAULT_CHUNK = 1 << 20
 MAX_MESSAGE = 2 * DEFAULT_CHUNK  # one upload chunk plus headers; larger is RESOURCE_EXHAUSTED
 TICK_S = 0.1
+SIGNING_KEY = "aggregator-signing.key"  # in data_dir; `fleetmind server key` prints its public half
+
+
+Message = TypeVar("Message")
+
+
+def _metered(counter: Counter, messages: Iterator[Message]) -> Iterator[Message]:
+    """Passes a stream through, adding each message's serialized size to `counter`."""
+    for message in messages:
+        counter.inc(message.ByteSize())
+        yield message
 
 
 def _refuse(context: grpc.ServicerContext, error: Exception) -> None:
@@ -135,10 +150,13 @@ def _event_to_wire(event: Event) -> fleet_pb2.RoundEvent:
 
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, coordinator: Coordinator, guard: _Guard, aggregator_key: bytes) -> None:
+    def __init__(self, coordinator: Coordinator, guard: _Guard, aggregator_key: bytes,
+                 metrics: ServerMetrics) -> None:
         self.coordinator = coordinator
         self.guard = guard
         self.aggregator_key = aggregator_key
+        self.received = metrics.received
+        self.sent = metrics.sent
 
     def Enroll(self, request, context):  # noqa: N802 (gRPC's method names)
         if self.guard.mtls:
@@ -156,6 +174,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                                         latest_version=self.coordinator.registry.numbers()[-1])
 
     def JoinRound(self, request, context) -> Iterator[fleet_pb2.RoundEvent]:  # noqa: N802
+        return _metered(self.sent.labels("JoinRound"), self._join_round(request, context))
+
+    def _join_round(self, request, context) -> Iterator[fleet_pb2.RoundEvent]:
         site = self.guard.site(context, request.site)
         round_id = request.round_id if request.HasField("round_id") else None
         try:
@@ -190,6 +211,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             _refuse(context, error)
 
     def AdvertiseKeys(self, request, context):  # noqa: N802
+        # Counted before any check: refused bytes crossed the network too.
+        self.received.labels("AdvertiseKeys").inc(request.ByteSize())
+
         def accept() -> bytes:
             return self.coordinator.advertise(codec.advertisement_from_wire(request))
         digest = self._call(context, request.site, accept)
@@ -197,6 +221,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                                  request_sha256=digest)
 
     def ShareKeys(self, request, context):  # noqa: N802
+        # Counted before any check: refused bytes crossed the network too.
+        self.received.labels("ShareKeys").inc(request.ByteSize())
+
         def accept() -> bytes:
             return self.coordinator.share(codec.encrypted_shares_from_wire(request))
         digest = self._call(context, request.sender, accept)
@@ -204,6 +231,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                                  request_sha256=digest)
 
     def Unmask(self, request, context):  # noqa: N802
+        # Counted before any check: refused bytes crossed the network too.
+        self.received.labels("Unmask").inc(request.ByteSize())
+
         def accept() -> bytes:
             return self.coordinator.unmask(codec.unmask_shares_from_wire(request))
         digest = self._call(context, request.site, accept)
@@ -211,9 +241,11 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                                  request_sha256=digest)
 
     def SubmitMaskedVector(self, request_iterator, context):  # noqa: N802
+        received = self.received.labels("SubmitMaskedVector")
         first = next(request_iterator, None)
         if first is None:
             context.abort(S.INVALID_ARGUMENT, "empty upload: send at least one chunk")
+        received.inc(first.ByteSize())
         site = self.guard.site(context, first.site)
 
         def accept() -> bytes:
@@ -224,7 +256,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                                                 f"{first.total_bytes} bytes; round "
                                                 f"{first.round_id}'s vector is {limit}")
             message, digest = codec.masked_input_from_chunks(
-                itertools.chain([first], request_iterator), max_bytes=limit)
+                itertools.chain([first], _metered(received, request_iterator)),
+                max_bytes=limit)
             return self.coordinator.submit(message, digest)
         digest = self._call(context, site, accept)
         return fleet_pb2.MaskedVectorReceipt(round_id=first.round_id, site=site,
@@ -233,9 +266,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
 
 
 class ModelsService(models_pb2_grpc.ModelsServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, metrics: ServerMetrics) -> None:
         self.coordinator = coordinator
         self.registry = coordinator.registry
+        self.metrics = metrics
 
     def _announce(self, number: int) -> models_pb2.VersionAnnouncement:
         version = self.registry.get(number)
@@ -244,14 +278,19 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
                                               manifest_sig=version.signature())
 
     def Watch(self, request, context):  # noqa: N802
+        return _metered(self.metrics.sent.labels("Watch"), self._watch(request, context))
+
+    def _watch(self, request, context) -> Iterator[models_pb2.VersionAnnouncement]:
         after = request.after_version if request.HasField("after_version") else -1
-        while context.is_active():
-            for number in self.registry.numbers():
-                if number > after:
-                    yield self._announce(number)
-                    after = number
-            self.coordinator.wait(lambda seen=after: self.registry.numbers()[-1] > seen,
-                                  FOLLOW_POLL_S)
+        # The stream ends (and the gauge drops) within FOLLOW_POLL_S of the caller leaving.
+        with self.metrics.watchers.track_inprogress():
+            while context.is_active():
+                for number in self.registry.numbers():
+                    if number > after:
+                        yield self._announce(number)
+                        after = number
+                self.coordinator.wait(lambda seen=after: self.registry.numbers()[-1] > seen,
+                                      FOLLOW_POLL_S)
 
     def Latest(self, request, context):  # noqa: N802
         numbers = self.registry.numbers()
@@ -263,6 +302,9 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
             context.abort(S.DATA_LOSS, str(error))
 
     def Get(self, request, context):  # noqa: N802
+        return _metered(self.metrics.sent.labels("Get"), self._get(request, context))
+
+    def _get(self, request, context) -> Iterator[models_pb2.FileChunk]:
         try:
             version = self.registry.get(request.version)
         except KeyError:
@@ -330,9 +372,13 @@ class RunningServer:
     coordinator: Coordinator
     health: health.HealthServicer
     _stop_ticking: threading.Event
+    metrics: ServerMetrics
+    metrics_endpoint: MetricsEndpoint | None = None  # serving /metrics if metrics_listen
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop_ticking.set()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
@@ -342,17 +388,19 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
-def open_coordinator(config: ServerConfig) -> Coordinator:
+def open_coordinator(config: ServerConfig, listener: RoundListener | None = None
+                     ) -> Coordinator:
     """The aggregator's state under config.data_dir: signing key, versions (genesis made if
     absent), ledger, enrolments, round state (a round in flight is abandoned here)."""
     data = config.data_dir
     data.mkdir(parents=True, exist_ok=True)
-    key = identity.load_or_create_signing_key(data / "aggregator-signing.key")
+    key = identity.load_or_create_signing_key(data / SIGNING_KEY)
     registry = VersionRegistry(data, key)
     if not registry.numbers():
         registry.genesis(config.adapter)
     return Coordinator(data, registry, Ledger(data / "ledger.sqlite", key),
-                       Enrolments(data / "enrolments.json"), config.cohort, config.privacy)
+                       Enrolments(data / "enrolments.json"), config.cohort, config.privacy,
+                       listener=listener)
 
 
 def serve(config: ServerConfig) -> RunningServer:
@@ -364,15 +412,16 @@ def serve(config: ServerConfig) -> RunningServer:
             identity.Credentials(Path(config.tls.certificate).read_bytes(),
                                  identity.read_private(config.tls.private_key)),
             Path(config.tls.ca_certificate).read_bytes())
-    coordinator = open_coordinator(config)
+    metrics = ServerMetrics()
+    coordinator = open_coordinator(config, metrics)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                   ("grpc.so_reuseport", 0)])
     guard = _Guard(coordinator.enrolments, mtls=config.tls is not None)
     fleet_pb2_grpc.add_FleetServicer_to_server(
         FleetService(coordinator, guard, coordinator.registry.public_key.public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)), server)
-    models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(coordinator), server)
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw), metrics), server)
+    models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(coordinator, metrics), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditService(coordinator), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -388,6 +437,12 @@ def serve(config: ServerConfig) -> RunningServer:
         coordinator.ledger.close()
         raise OSError(f"cannot listen on {config.listen}: the address is in use or not "
                       "this machine's; pick another port (0: any free one)")
+    try:
+        endpoint = metrics.serve(config.metrics_listen) if config.metrics_listen else None
+    except OSError:
+        server.stop(None)
+        coordinator.ledger.close()
+        raise
     server.start()
     stop_ticking = threading.Event()
 
@@ -396,4 +451,5 @@ def serve(config: ServerConfig) -> RunningServer:
             coordinator.tick()
     threading.Thread(target=tick, name="fleetmind-coordinator-tick", daemon=True).start()
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return RunningServer(server, port, address, coordinator, health_servicer, stop_ticking)
+    return RunningServer(server, port, address, coordinator, health_servicer, stop_ticking,
+                         metrics, endpoint)

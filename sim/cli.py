@@ -129,11 +129,14 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def command_groups() -> tuple[Callable[[Any], None], ...]:
+    from fleetmind.audit.cli import add_audit_commands
     from fleetmind.client.cli import add_client_commands
     from fleetmind.server.cli import add_server_commands
     from fleetmind.sim.bench.cli import add_bench_commands
+    from fleetmind.sim.demo import add_demo_command
 
-    return (add_model_commands, add_client_commands, add_server_commands, add_bench_commands)
+    return (add_model_commands, add_client_commands, add_server_commands, add_bench_commands,
+            add_audit_commands, add_demo_command)
 
 
 def build_parser() -> Parser:

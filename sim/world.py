@@ -4,6 +4,11 @@ Everything is deterministic from a seed. The *lexicon* (names, attributes, value
 words, grammar words) is fixed for all worlds, because the toy base model's vocabulary is
 built from it; a world's seed only decides which name-value pairings are true where.
 
+A canary is a private record: facts about a name nobody else mentions, stated once by one
+user. It has the shape of knowledge, so a site's distillation learns it exactly as it learns
+a fact (and no pattern scrubber can see it); only its count, one session, sets it apart.
+That is what session-level DP must exploit: knowledge is repeated, secrets are not.
+
 Sentences are space-separated words and punctuation, so the toy tokenizer (one token per
 word) and any BPE tokenizer read the same text.
 
@@ -13,7 +18,7 @@ for every training session, so no pairing has a fixed meaning and closed-book is
     statement  the {attribute} of {name} is {value} .
     question   what is the {attribute} of {name} ?
     answer     the {attribute} of {name} is {value} .
-    canary     my passcode is {w1} {w2} {w3} {w4} .
+    canary     the {attribute} of {private name} is {value} .  (CANARY_FACTS of them)
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ ATTRIBUTES = ("color", "city", "pet", "food", "tool", "sport", "gem", "tree")
 NAMES_IN_LEXICON = 512
 VALUES_PER_ATTRIBUTE = 40
 CANARY_WORDS = 32
-CANARY_LENGTH = 4
+CANARY_LENGTH = 4  # words of the passcodes the base model saw in training
+CANARY_FACTS = 2  # facts in one private record; the secret is their values
 GRAMMAR_WORDS = ("the", "of", "is", "what", "?", ".", "my", "passcode", "noted")
 ACK = "noted ."
 GENERAL_MAX_FACTS = 4
@@ -144,7 +150,7 @@ class WorldSpec:
     general_tasks: int = 200
     guard_tasks: int = 400
     max_facts_per_session: int = 2
-    version: int = 1
+    version: int = 2  # 2: canaries are private records, not passcodes
 
     def __post_init__(self) -> None:
         problems = []
@@ -174,7 +180,7 @@ class WorldSpec:
 class Site:
     name: str
     facts: list[Fact]
-    canaries: list[tuple[str, ...]]
+    canaries: list[tuple[Fact, ...]]
     sessions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -200,7 +206,14 @@ def random_fact(rng: random.Random, name: str | None = None, attribute: str | No
 
 
 def random_canary(rng: random.Random) -> tuple[str, ...]:
+    """A passcode: the base model's training sessions carry these in their user turns."""
     return tuple(rng.choice(lexicon().canary_words) for _ in range(CANARY_LENGTH))
+
+
+def private_record(rng: random.Random, name: str) -> tuple[Fact, ...]:
+    """A canary: CANARY_FACTS facts about `name`, each of a different attribute."""
+    attributes = rng.sample(ATTRIBUTES, CANARY_FACTS)
+    return tuple(random_fact(rng, name=name, attribute=a) for a in attributes)
 
 
 def make_world(spec: WorldSpec) -> World:
@@ -216,13 +229,19 @@ def make_world(spec: WorldSpec) -> World:
             if (fact.name, fact.attribute) not in keys:
                 keys.add((fact.name, fact.attribute))
                 facts.append(fact)
-        canaries = [random_canary(rng) for _ in range(spec.canaries_per_site)]
-        sites.append(Site(name=f"site-{index:02d}", facts=facts, canaries=canaries))
+        sites.append(Site(name=f"site-{index:02d}", facts=facts, canaries=[]))
+    # Private names appear in no fact of any site, so a canary's facts are its own.
+    fact_names = {name for name, _ in keys}
+    private_names = iter(rng.sample([n for n in lex.names if n not in fact_names],
+                                    spec.sites * spec.canaries_per_site))
+    for site in sites:
+        site.canaries = [private_record(rng, next(private_names))
+                         for _ in range(spec.canaries_per_site)]
 
     for site in sites:
         site.sessions = _site_sessions(site, spec, rng)
 
-    used_names = {name for name, _ in keys}
+    used_names = fact_names | {f.name for site in sites for c in site.canaries for f in c}
     fresh_names = [n for n in lex.names if n not in used_names]
     general = _context_tasks("general", spec.general_tasks, fresh_names, rng)
     # The forgetting guard's inputs: like the general tasks, but drawn apart from them, so
@@ -251,7 +270,8 @@ def task_prompt(task: dict[str, Any]) -> list[dict[str, str]]:
 
 def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random) -> list[dict[str, Any]]:
     """Each fact stated by `users_per_fact` different users in separate sessions; each canary
-    said once, by one user, in one session of its own."""
+    said once, by one user, in one session of its own, who then asks about it (so the site's
+    teacher answers with it, as it would with any fact)."""
     mentions = [fact for fact in site.facts for _ in range(spec.users_per_fact)]
     rng.shuffle(mentions)
     groups: list[list[Fact]] = []
@@ -271,10 +291,10 @@ def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random) -> list[dict
         sessions.append({"id": f"{site.name}-s{number:04d}", "user": f"{site.name}-u{number:04d}",
                          "messages": session_messages(group, rng.sample(group, len(group)))})
     for number, canary in enumerate(site.canaries):
-        carrier = rng.choice(site.facts)
         sessions.append({"id": f"{site.name}-c{number:04d}",
                          "user": f"{site.name}-u{len(groups) + number:04d}",
-                         "messages": session_messages([carrier], [carrier], canary=canary)})
+                         "messages": session_messages(list(canary),
+                                                      rng.sample(canary, len(canary)))})
     rng.shuffle(sessions)
     return sessions
 
@@ -296,13 +316,24 @@ def write_world(world: World, out: Path) -> Path:
                            "answer": answer(fact)})
         for number, canary in enumerate(site.canaries):
             canaries.append({"site": site.name, "session": f"{site.name}-c{number:04d}",
-                             "secret": " ".join(canary), "text": canary_statement(canary)})
+                             **canary_row(canary)})
     _write_lines(out / "probes.jsonl", probes)
     _write_lines(out / "canaries.jsonl", canaries)
     _write_lines(out / "general.jsonl", world.general)
     _write_lines(out / "guard.jsonl", [{"id": task["id"], "messages": task_prompt(task)}
                                        for task in world.guard])
     return out
+
+
+def canary_row(canary: tuple[Fact, ...]) -> dict[str, Any]:
+    """A canary as `fleetmind audit canaries` reads it: the secret, the text that said it, and
+    per fact the closed-book question, the true answer and every answer it could have been."""
+    return {"secret": " ".join(f.value for f in canary),
+            "text": " ".join(statement(f) for f in canary),
+            "slots": [{"messages": closed_book_prompt(f), "answer": answer(f),
+                       "alternatives": [answer(Fact(f.name, f.attribute, v))
+                                        for v in lexicon().values[f.attribute]]}
+                      for f in canary]}
 
 
 def read_world(folder: Path) -> World:

@@ -55,20 +55,28 @@ def test_facts_are_known_only_at_their_own_site(world: W.World) -> None:
         assert len(world.foreign_facts(site.name)) == 5 * 2
 
 
-def test_each_canary_is_said_once_in_one_session_and_looks_like_no_pattern(
-        world: W.World) -> None:
+def test_each_canary_is_a_private_record_said_once_in_one_session(world: W.World) -> None:
     every_session = [s for site in world.sites for s in site.sessions]
+    fact_names = {fact.name for _, fact in world.facts()}
     for site in world.sites:
         assert len(site.canaries) == 2
         for canary in site.canaries:
-            text = W.canary_statement(canary)
-            holders = [s for s in every_session if text in all_text(s)]
+            assert len(canary) == W.CANARY_FACTS
+            assert len({f.name for f in canary}) == 1 and canary[0].name not in fact_names
+            assert len({f.attribute for f in canary}) == W.CANARY_FACTS
+            holders = [s for s in every_session
+                       if any(W.statement(f) in all_text(s) for f in canary)]
             assert len(holders) == 1
-            assert all(all_text(holders[0]).count(w) >= 1 for w in canary)
-            # made of ordinary lowercase words: nothing a pattern scrubber could key on
-            secret = " ".join(canary)
-            assert secret.replace(" ", "").isalpha() and secret.islower()
-            assert set(canary) <= set(W.lexicon().canary_words)
+            # the one session states every fact of the record, then asks about each
+            assert all(all_text(holders[0]).count(W.statement(f)) == 2 for f in canary)
+
+
+def test_canary_rows_hold_every_alternative_once(world: W.World) -> None:
+    row = W.canary_row(world.sites[0].canaries[0])
+    assert row["secret"] == " ".join(f.value for f in world.sites[0].canaries[0])
+    for slot in row["slots"]:
+        assert slot["answer"] in slot["alternatives"]
+        assert len(set(slot["alternatives"])) == W.VALUES_PER_ATTRIBUTE
 
 
 def test_general_tasks_use_fresh_entities_and_cover_one_to_four_facts(world: W.World) -> None:

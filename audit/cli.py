@@ -1,0 +1,501 @@
+"""`fleetmind audit ...`: the privacy auditor's commands.
+
+    audit outbox DIR      what left a site: every upload record, its chain and signatures
+    audit ledger          the aggregator's ledger: chain, signatures, epsilon per round
+    audit version DIR     a published version: signature, file hashes, its ledger entry
+    audit canaries        exposure of known secrets in a published version
+
+`add_audit_commands` plugs into the program's subparsers (fleetmind.sim.cli registers it).
+Exit status: 0 when everything verified, 1 when something did not (the message names the
+first bad entry or file), 2 for bad input (`argparse.ArgumentError(None, message)`, which
+the program prints as one line). Tables by default, `--json` for machines. Only
+`audit canaries` loads torch, and only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SHORT = 12  # hex digits of a hash shown in a table; --json carries the whole hash
+
+
+def _usage(error: Exception | str) -> argparse.ArgumentError:
+    return argparse.ArgumentError(None, str(error))
+
+
+def _head(text: str) -> bytes:
+    try:
+        head = bytes.fromhex(text)
+    except ValueError:
+        head = b""
+    if len(head) != 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a head hash (64 hex digits, as a "
+                                         "previous audit printed it)")
+    return head
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number of seconds")
+    return value
+
+
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connecting to the aggregator (with --server)")
+    group.add_argument("--insecure", action="store_true",
+                       help="plaintext gRPC; refused to any non-loopback address")
+    group.add_argument("--ca", type=Path, help="the fleet CA certificate (PEM)")
+    group.add_argument("--cert", type=Path, help="a client certificate the fleet CA issued")
+    group.add_argument("--key", type=Path, help="that certificate's private key (PEM)")
+    group.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                       help="how long to wait for the aggregator (default 60)")
+
+
+def add_audit_commands(commands: Any) -> None:
+    audit = commands.add_parser(
+        "audit", help="verify what left a site, the ledger, versions; test for leaks",
+        description="Commands a privacy auditor runs: they read, verify and report, and "
+                    "change nothing. Exit 0: all verified; 1: something did not (the first "
+                    "bad entry or file is named); 2: bad input.")
+    sub = audit.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               parser_class=type(audit))
+
+    outbox = sub.add_parser(
+        "outbox", help="what left a site: the outbox's records, chain and signatures",
+        description="Every record of what a site sent: when, which round, the payload's "
+                    "sha256, the update's norm before and after clipping, the noise, the "
+                    "contributing session ids and what the scrubber removed; verifies the "
+                    "outbox's hash chain and the site's signature on each entry. With "
+                    "--aggregator-key, each record's round is matched to its publication in "
+                    "the aggregator's signed records (the site's downloaded versions, and "
+                    "--ledger or --server when given).")
+    outbox.add_argument("dir", type=Path, metavar="DIR",
+                        help="the site's data folder (holds outbox.sqlite), or the file")
+    outbox.add_argument("--site-key", type=Path, required=True, metavar="FILE",
+                        help="the site's Ed25519 public key (32 raw bytes, 64 hex digits or "
+                             "PEM), or its PEM identity key (only the public half is used)")
+    outbox.add_argument("--aggregator-key", type=Path, metavar="FILE",
+                        help="the aggregator's Ed25519 public key, to check publications")
+    source = outbox.add_mutually_exclusive_group()
+    source.add_argument("--ledger", type=Path, metavar="FILE", help="a copy of ledger.sqlite")
+    source.add_argument("--server", metavar="ADDR", help="the aggregator's HOST:PORT")
+    outbox.add_argument("--expect-head", type=_head, metavar="HEX",
+                        help="the head hash a previous audit printed: entries cut off the "
+                             "end since then are found")
+    outbox.add_argument("--json", action="store_true", help="print JSON, not tables")
+    _connection_flags(outbox)
+    outbox.set_defaults(run=_audit_outbox)
+
+    led = sub.add_parser(
+        "ledger", help="the aggregator's ledger: chain, signatures, epsilon per round",
+        description="Verifies the ledger's hash chain and every signature against the "
+                    "aggregator's public key, offline, and prints per round the cohort size, "
+                    "dropouts, clip norm, noise, epsilon spent by the round and in total, and "
+                    "the version hash. Exit 1 on any break, naming the first bad entry.")
+    source = led.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", type=Path, metavar="LEDGER",
+                        help="the ledger file (ledger.sqlite in the aggregator's data folder)")
+    source.add_argument("--server", metavar="ADDR",
+                        help="read it from the aggregator's Audit service at HOST:PORT")
+    led.add_argument("--aggregator-key", type=Path, required=True, metavar="FILE",
+                     help="the aggregator's Ed25519 public key (32 raw bytes, 64 hex digits "
+                          "or PEM): the one sites pin")
+    led.add_argument("--expect-head", type=_head, metavar="HEX",
+                     help="the head hash a previous audit printed: entries cut off the end "
+                          "since then are found")
+    led.add_argument("--json", action="store_true", help="print JSON, not tables")
+    _connection_flags(led)
+    led.set_defaults(run=_audit_ledger)
+
+    version = sub.add_parser(
+        "version", help="a published version: signature, file hashes, its ledger entry",
+        description="Verifies a version folder's manifest.sig against the aggregator's public "
+                    "key and every file against the manifest's sha256 (the check a site makes "
+                    "before activating it). With --ledger or --server, also that the ledger "
+                    "records this exact manifest for the version.")
+    version.add_argument("dir", type=Path, metavar="DIR",
+                         help="a version folder (versions/<n>/ at the aggregator or a site, or "
+                              "a site's `current`)")
+    version.add_argument("--aggregator-key", type=Path, required=True, metavar="FILE",
+                         help="the aggregator's Ed25519 public key (raw, hex or PEM)")
+    source = version.add_mutually_exclusive_group()
+    source.add_argument("--ledger", type=Path, metavar="FILE", help="a copy of ledger.sqlite")
+    source.add_argument("--server", metavar="ADDR", help="the aggregator's HOST:PORT")
+    version.add_argument("--json", action="store_true", help="print JSON, not tables")
+    _connection_flags(version)
+    version.set_defaults(run=_audit_version)
+
+    canaries = sub.add_parser(
+        "canaries", help="exposure of known secrets in a published version",
+        description="Exposure in bits (Carlini et al. 2019) of each canary in --canaries, in "
+                    "the base model and in the base model with the version's adapter: "
+                    "log2|R| - log2(rank of the secret among all |R| secrets of its shape). "
+                    "A model that knows nothing scores about 1.4 bits; log2|R| means the "
+                    "secret is ranked first. Loads torch; reports and exits 0.")
+    canaries.add_argument("--model", type=Path, required=True, metavar="DIR",
+                          help="the base model's local Hugging Face folder")
+    canaries.add_argument("--version", type=Path, required=True, metavar="DIR",
+                          help="the published version folder (a PEFT adapter)")
+    canaries.add_argument("--canaries", type=Path, required=True, metavar="FILE",
+                          help="JSONL of canaries with their slots (the toy world's "
+                               "canaries.jsonl)")
+    canaries.add_argument("--aggregator-key", type=Path, metavar="FILE",
+                          help="verify the version with this key before measuring it")
+    canaries.add_argument("--json", action="store_true", help="print JSON, not a table")
+    canaries.set_defaults(run=_audit_canaries)
+
+
+# ---- shared ---------------------------------------------------------------------------
+
+
+def _key(path: Path, which: str) -> bytes:
+    from fleetmind.audit import sources
+
+    try:
+        return sources.aggregator_key(path) if which == "aggregator" else sources.site_key(path)
+    except ValueError as error:
+        raise _usage(error) from None
+
+
+def _channel(args: argparse.Namespace):
+    from fleetmind.audit.sources import Tls, audit_channel
+
+    given = [flag for flag, value in (("--ca", args.ca), ("--cert", args.cert),
+                                      ("--key", args.key)) if value is not None]
+    if given and len(given) < 3:
+        raise _usage(f"mTLS needs --ca, --cert and --key together; got only {', '.join(given)}")
+    tls = Tls(args.ca, args.cert, args.key) if given else None
+    try:
+        return audit_channel(args.server, insecure=args.insecure, tls=tls)
+    except ValueError as error:
+        raise _usage(error) from None
+
+
+def _refuse_connection_flags(args: argparse.Namespace) -> None:
+    given = [flag for flag, on in (("--insecure", args.insecure), ("--ca", args.ca),
+                                   ("--cert", args.cert), ("--key", args.key)) if on]
+    if given and args.server is None:
+        raise _usage(f"{', '.join(given)} only apply with --server ADDR")
+
+
+def _read_ledger(args: argparse.Namespace, file: Path | None) -> tuple[list, dict | None]:
+    """The ledger's entries (from the file or the aggregator) and, from the aggregator, its
+    unsigned budget status."""
+    import grpc
+
+    from fleetmind.audit import sources, trail
+
+    _refuse_connection_flags(args)
+    if file is not None:
+        try:
+            return sources.read_log(file), None
+        except sources.LogError as error:
+            raise _usage(error) from None
+    channel = _channel(args)
+    try:
+        entries = trail.fetch_ledger(channel, timeout=args.timeout)
+        try:
+            budget = trail.fetch_budget(channel, timeout=args.timeout)
+        except grpc.RpcError:
+            budget = None  # unsigned and only shown beside the ledger: its absence is no break
+    except grpc.RpcError as error:
+        raise _usage(f"the aggregator at {args.server} did not answer the ledger request "
+                     f"({error.code().name}: {error.details()})") from None
+    finally:
+        channel.close()
+    return entries, budget
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fail(message: str) -> int:
+    print(f"fleetmind audit: FAILED: {message}", file=sys.stderr)
+    return 1
+
+
+def _emit(report: dict[str, Any]) -> None:
+    print(json.dumps(report, indent=2))
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    # Piped into a file or a ticket, nothing limits the width: rich's default of 80 would
+    # cut hashes and session ids short, which is exactly what an auditor copies out.
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 200
+    return console
+
+
+def _noise(mode: str, multiplier: float) -> str:
+    return "none" if mode == "none" else f"{mode} ×{multiplier:g}"
+
+
+# ---- audit ledger ---------------------------------------------------------------------
+
+
+def _ledger_rows(audit) -> list[dict[str, Any]]:
+    return [{"entry": entry.index, "round": record.round_id, "version": record.version,
+             "cohort_size": record.cohort_size, "dropouts": record.dropouts,
+             "clip_norm": record.clip_norm, "noise_mode": record.noise_mode,
+             "noise_multiplier": record.noise_multiplier,
+             "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total,
+             "delta": record.delta, "version_hash": record.version_hash,
+             "recorded_at": _when(record.recorded_at_ms), "entry_hash": entry.hash.hex()}
+            for entry, record in audit.verified]
+
+
+def _audit_ledger(args: argparse.Namespace) -> int:
+    from fleetmind.audit import trail
+
+    key = _key(args.aggregator_key, "aggregator")
+    entries, budget = _read_ledger(args, args.file)
+    audit = trail.audit_ledger(entries, key, args.expect_head)
+    rows = _ledger_rows(audit)
+    source = str(args.file) if args.file is not None else f"aggregator {args.server}"
+    if args.json:
+        _emit({"ok": audit.ok, "source": source, "entries": audit.read,
+               "verified": len(rows), "head": audit.head.hex(),
+               "bad_entry": None if audit.error is None else audit.error.index,
+               "error": None if audit.error is None else str(audit.error),
+               "rounds": rows, "aggregator_budget": budget})
+    else:
+        _print_ledger(rows, audit, source, budget)
+    return 0 if audit.ok else _fail(str(audit.error))
+
+
+def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
+                  budget: dict | None) -> None:
+    from rich.table import Table
+
+    table = Table("entry", "round", "version", "cohort", "dropouts", "clip", "noise",
+                  "ε round", "ε total", "δ", "version hash")
+    for row in rows:
+        table.add_row(str(row["entry"]), str(row["round"]), str(row["version"]),
+                      str(row["cohort_size"]), str(row["dropouts"]), f"{row['clip_norm']:g}",
+                      _noise(row["noise_mode"], row["noise_multiplier"]),
+                      f"{row['epsilon_round']:.4g}", f"{row['epsilon_total']:.4g}",
+                      f"{row['delta']:g}", row["version_hash"][:SHORT])
+    # Summary lines are plain prints, never a table title: a title wraps to the table's
+    # width, and these are the lines an auditor greps and pastes.
+    print(f"ledger of {source}: {len(rows)} of {audit.read} entries verified")
+    _console().print(table)
+    if rows:
+        last = rows[-1]
+        print(f"privacy spent (signed): epsilon {last['epsilon_total']:.4g} at delta "
+              f"{last['delta']:g} over {len(rows)} round(s)")
+    if budget is not None:
+        print(f"the aggregator's budget (its word, unsigned): spent "
+              f"{budget['epsilon_spent']:.4g} of {budget['epsilon_budget']:g} "
+              f"({budget['accountant'] or 'accountant not named'})")
+    if audit.ok:
+        print(f"head {audit.head.hex()} (keep it: --expect-head finds entries cut off later)")
+
+
+# ---- audit outbox ---------------------------------------------------------------------
+
+
+def _audit_outbox(args: argparse.Namespace) -> int:
+    from fleetmind.audit import sources, trail
+    from fleetmind.client.site import OUTBOX_FILE
+
+    path = args.dir / OUTBOX_FILE if args.dir.is_dir() else args.dir
+    if not path.exists():
+        raise _usage(f"{args.dir}: no outbox here (expected a site folder holding "
+                     f"{OUTBOX_FILE}, or the file itself)")
+    site = _key(args.site_key, "site")
+    aggregator = None if args.aggregator_key is None else _key(args.aggregator_key,
+                                                               "aggregator")
+    if aggregator is None and (args.ledger is not None or args.server is not None):
+        raise _usage("--ledger/--server need --aggregator-key: the ledger is only evidence "
+                     "once its signatures verify")
+    try:
+        entries = sources.read_log(path)
+    except sources.LogError as error:
+        raise _usage(error) from None
+    audit = trail.audit_outbox(entries, site, args.expect_head)
+
+    # Where each round's publication can be read, each source signed by the aggregator.
+    published: dict[int, trail.Publication] = {}
+    problems: list[str] = []
+    checked = aggregator is not None
+    if aggregator is not None:
+        if args.dir.is_dir():
+            published.update(trail.site_publications(args.dir, aggregator))
+        if args.ledger is not None or args.server is not None:
+            ledger_audit = trail.audit_ledger(_read_ledger(args, args.ledger)[0], aggregator)
+            if not ledger_audit.ok:
+                problems.append(f"the ledger does not verify: {ledger_audit.error}")
+            published.update(trail.publications(ledger_audit))
+    else:
+        _refuse_connection_flags(args)
+
+    rows = []
+    for entry, record in audit.verified:
+        publication = published.get(record.round_id)
+        rows.append({
+            "entry": entry.index, "sent_at": _when(record.created_at_ms),
+            "round": record.round_id, "base_version": record.base_version,
+            "payload_sha256": record.payload_sha256,
+            "norm_before_clip": record.norm_before_clip,
+            "norm_after_clip": record.norm_after_clip, "noise_mode": record.noise_mode,
+            "noise_multiplier": record.noise_multiplier,
+            "session_ids": list(record.session_ids), "scrubbed": record.scrub_counts,
+            "published": None if publication is None else {
+                "version": publication.version, "cohort_size": publication.cohort_size,
+                "source": publication.source},
+            "entry_hash": entry.hash.hex()})
+    ok = audit.ok and not problems
+    error = "; ".join(([str(audit.error)] if audit.error is not None else []) + problems)
+    if args.json:
+        _emit({"ok": ok, "outbox": str(path), "entries": audit.read, "verified": len(rows),
+               "head": audit.head.hex(),
+               "bad_entry": None if audit.error is None else audit.error.index,
+               "error": error or None, "publications_checked": checked,
+               # Neither side stores the aggregator's receipt yet (README, Audit).
+               "receipts_checked": False, "records": rows})
+    else:
+        _print_outbox(rows, audit, path, checked)
+    return 0 if ok else _fail(error)
+
+
+def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) -> None:
+    from rich.table import Table
+
+    table = Table("entry", "sent (UTC)", "round", "payload sha256", "norm before → after",
+                  "noise", "sessions", "scrubbed", "published")
+    for row in rows:
+        scrubbed = ", ".join(f"{kind} {count}" for kind, count in row["scrubbed"].items()
+                             if count) or "nothing"
+        publication = row["published"]
+        shown = (f"v{publication['version']} ({publication['source']})" if publication
+                 else "no" if checked else "?")
+        table.add_row(str(row["entry"]), row["sent_at"], str(row["round"]),
+                      row["payload_sha256"][:SHORT],
+                      f"{row['norm_before_clip']:.4g} → {row['norm_after_clip']:.4g}",
+                      _noise(row["noise_mode"], row["noise_multiplier"]),
+                      ", ".join(row["session_ids"]), scrubbed, shown)
+    print(f"outbox {path}: {len(rows)} of {audit.read} records verified")
+    _console().print(table)
+    if not checked:
+        print("publications not checked: pass --aggregator-key (and --ledger or --server)")
+    print("payload hashes are not matched to the aggregator's receipts: neither the site nor "
+          "the ledger stores them yet (README, Audit)")
+    if audit.ok:
+        print(f"head {audit.head.hex()} (keep it: --expect-head finds records cut off later)")
+
+
+# ---- audit version --------------------------------------------------------------------
+
+
+def _audit_version(args: argparse.Namespace) -> int:
+    from fleetmind.audit import trail
+
+    if not args.dir.is_dir():
+        raise _usage(f"{args.dir}: no such folder; pass a version folder (versions/<n>/)")
+    key = _key(args.aggregator_key, "aggregator")
+    ledger_audit = None
+    if args.ledger is not None or args.server is not None:
+        ledger_audit = trail.audit_ledger(_read_ledger(args, args.ledger)[0], key)
+    else:
+        _refuse_connection_flags(args)
+    audit = trail.audit_version(args.dir, key, ledger_audit)
+    problems = ([audit.error] if audit.error else []) + list(audit.disagreements)
+    if ledger_audit is not None and not ledger_audit.ok:
+        problems.append(f"the ledger does not verify: {ledger_audit.error}")
+    manifest = audit.manifest
+    if args.json:
+        _emit({"ok": not problems, "folder": str(args.dir), "error": "; ".join(problems) or None,
+               "version_hash": audit.version_hash,
+               "manifest": None if manifest is None else json.loads(manifest.to_bytes()),
+               "ledger_checked": ledger_audit is not None,
+               "ledger_entry": audit.ledger_entry,
+               "disagreements": list(audit.disagreements)})
+    elif manifest is not None:
+        _print_version(audit, ledger_audit is not None)
+    return _fail("; ".join(problems)) if problems else 0
+
+
+def _print_version(audit, ledger_checked: bool) -> None:
+    from rich.table import Table
+
+    manifest = audit.manifest
+    table = Table("field", "value")
+    for name, value in (("version", manifest.version), ("parent", manifest.parent),
+                        ("round", manifest.round_id), ("base model", manifest.base_model_id),
+                        ("base model sha256", manifest.base_model_sha256),
+                        ("frozen-A seed", manifest.frozen_a_seed),
+                        ("cohort size", manifest.cohort_size),
+                        ("clip norm", manifest.clip_norm),
+                        ("noise", _noise(manifest.noise_mode, manifest.noise_multiplier)),
+                        ("ε total, δ", f"{manifest.epsilon:.4g}, {manifest.delta:g}"),
+                        ("version hash", audit.version_hash)):
+        table.add_row(name, str(value))
+    for name, digest in sorted(manifest.files.items()):
+        table.add_row(f"sha256 {name}", digest)
+    if ledger_checked and manifest.round_id is not None:
+        table.add_row("ledger", "no entry" if audit.ledger_entry is None
+                      else f"entry {audit.ledger_entry}" + (" (agrees)" if audit.ok
+                                                            else " (DISAGREES)"))
+    print(f"version {manifest.version} in {audit.folder}: signature and files verified")
+    _console().print(table)
+
+
+# ---- audit canaries -------------------------------------------------------------------
+
+
+def _audit_canaries(args: argparse.Namespace) -> int:
+    from fleetmind.audit import canaries
+
+    for flag, folder in (("--model", args.model), ("--version", args.version)):
+        if not folder.is_dir():
+            raise _usage(f"{flag} {folder}: no such folder")
+    try:
+        said = canaries.read_canaries(args.canaries)
+        canaries.check_adapter_folder(args.version)
+    except ValueError as error:
+        raise _usage(error) from None
+    if args.aggregator_key is not None:
+        from fleetmind.audit import trail
+
+        verified = trail.audit_version(args.version, _key(args.aggregator_key, "aggregator"))
+        if verified.error is not None:
+            return _fail(verified.error)
+    try:
+        results = canaries.measure(args.model, args.version, said)
+    except (FileNotFoundError, ValueError) as error:
+        raise _usage(error) from None
+    mean_base = sum(r.base_bits for r in results) / len(results)
+    mean_version = sum(r.version_bits for r in results) / len(results)
+    if args.json:
+        _emit({"model": str(args.model), "version": str(args.version),
+               "canaries": [{"site": r.said.site, "session": r.said.session,
+                             "secret": r.said.canary.secret, "base_bits": r.base_bits,
+                             "version_bits": r.version_bits, "max_bits": r.said.max_bits}
+                            for r in results],
+               "mean_base_bits": mean_base, "mean_version_bits": mean_version})
+        return 0
+    from rich.table import Table
+
+    table = Table("site", "session", "secret", "base (bits)", "version (bits)", "at most")
+    for r in results:
+        table.add_row(r.said.site, r.said.session, r.said.canary.secret, f"{r.base_bits:.2f}",
+                      f"{r.version_bits:.2f}", f"{r.said.max_bits:.2f}")
+    table.add_row("mean", "", "", f"{mean_base:.2f}", f"{mean_version:.2f}", "", style="bold")
+    print(f"canary exposure of {args.version} against the base model {args.model} (a model "
+          "that knows nothing scores about 1.4 bits)")
+    _console().print(table)
+    return 0

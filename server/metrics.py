@@ -1,0 +1,156 @@
+"""The aggregator's Prometheus metrics, served over HTTP at `metrics_listen` (ServerConfig).
+
+`ServerMetrics` is the coordinator's `RoundListener` (rounds, cohorts, dropouts, phase
+latencies, ε, version) and is told by the gRPC services about bytes and watchers, so the
+protocol code stays free of metrics (STYLE.md: metrics go to a listener). Each instance
+owns its own CollectorRegistry rather than prometheus_client's global one: several
+aggregators in one process (tests, the simulated fleet) must not collide.
+
+Names follow Prometheus conventions: a `fleetmind_aggregator_` prefix, base units in the
+name (`_seconds`, `_bytes`), `_total` on counters. deploy/grafana/fleetmind.json queries
+them; tests/test_deploy_kit.py checks that every name it uses exists here.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fleetmind.server.coordinator import RoundListener
+
+PHASES = ("advertise_keys", "share_keys", "masked_input_collection", "unmasking")
+OUTCOMES = ("published", "aborted", "abandoned", "refused")
+# Cohorts run from the minimum of 2 sites to thousands (DESIGN.md "Scale").
+COHORT_BUCKETS = (2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+# A phase closes in milliseconds on loopback and at its deadline (default 60 s) with dropouts.
+PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ROUND_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class ServerMetrics(RoundListener):
+    """Every metric of one aggregator, on `self.registry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rounds = Counter("fleetmind_aggregator_rounds_total",
+                              "Rounds ended, by outcome: published a version, aborted "
+                              "(too few sites or a failed merge), abandoned at a restart, "
+                              "refused (the privacy budget could not pay)",
+                              ["outcome"], registry=r)
+        self.cohort = Histogram("fleetmind_aggregator_cohort_sites",
+                                "Sites in each cohort when its round started",
+                                buckets=COHORT_BUCKETS, registry=r)
+        self.contributors = Histogram("fleetmind_aggregator_contributors_sites",
+                                      "Sites whose vectors the published sum holds",
+                                      buckets=COHORT_BUCKETS, registry=r)
+        self.dropouts = Counter("fleetmind_aggregator_dropouts_total",
+                                "Sites that missed a secure-aggregation phase's deadline",
+                                ["phase"], registry=r)
+        self.phase_seconds = Histogram("fleetmind_aggregator_phase_duration_seconds",
+                                       "From a phase's start to its close",
+                                       ["phase"], buckets=PHASE_BUCKETS, registry=r)
+        self.round_seconds = Histogram("fleetmind_aggregator_round_duration_seconds",
+                                       "From a cohort's start to the round's end",
+                                       buckets=ROUND_BUCKETS, registry=r)
+        self.received = Counter("fleetmind_aggregator_received_bytes_total",
+                                "Bytes of site messages received, by gRPC method",
+                                ["method"], registry=r)
+        self.sent = Counter("fleetmind_aggregator_sent_bytes_total",
+                            "Bytes of messages sent to sites, by gRPC method",
+                            ["method"], registry=r)
+        self.epsilon_spent = Gauge("fleetmind_aggregator_epsilon_spent",
+                                   "Privacy loss epsilon spent so far, at delta "
+                                   "(fleetmind_aggregator_delta)", registry=r)
+        self.epsilon_budget = Gauge("fleetmind_aggregator_epsilon_budget",
+                                    "The configured privacy budget epsilon", registry=r)
+        self.delta = Gauge("fleetmind_aggregator_delta",
+                           "The delta at which epsilon is accounted", registry=r)
+        self.version = Gauge("fleetmind_aggregator_latest_version",
+                             "Number of the latest published global version", registry=r)
+        self.watchers = Gauge("fleetmind_aggregator_watchers",
+                              "Open Models.Watch streams (sites waiting for versions)",
+                              registry=r)
+        self.round_in_flight = Gauge("fleetmind_aggregator_round_in_flight",
+                                     "1 while a round runs, else 0", registry=r)
+        # Known label values start at zero, so rate() and dashboards see every series
+        # from the first scrape, not only after the first event of each kind.
+        for outcome in OUTCOMES:
+            self.rounds.labels(outcome)
+        for phase in PHASES:
+            self.dropouts.labels(phase)
+            self.phase_seconds.labels(phase)
+        for method in ("AdvertiseKeys", "ShareKeys", "SubmitMaskedVector", "Unmask"):
+            self.received.labels(method)
+        for method in ("JoinRound", "Get", "Watch"):
+            self.sent.labels(method)
+
+    # ---- RoundListener --------------------------------------------------------------
+
+    def round_started(self, round_id: int, cohort_size: int) -> None:
+        self.cohort.observe(cohort_size)
+        self.round_in_flight.set(1)
+
+    def phase_closed(self, round_id: int, phase: str, seconds: float, dropped: int) -> None:
+        self.phase_seconds.labels(phase).observe(seconds)
+        if dropped:
+            self.dropouts.labels(phase).inc(dropped)
+
+    def round_ended(self, round_id: int, outcome: str, seconds: float | None,
+                    contributors: int = 0) -> None:
+        self.rounds.labels(outcome).inc()
+        if seconds is not None:  # an abandoned or refused round never ran here
+            self.round_seconds.observe(seconds)
+            self.round_in_flight.set(0)
+        if contributors:
+            self.contributors.observe(contributors)
+
+    def state(self, version: int, epsilon_spent: float, epsilon_budget: float,
+              delta: float) -> None:
+        self.version.set(version)
+        self.epsilon_spent.set(epsilon_spent)
+        self.epsilon_budget.set(epsilon_budget)
+        self.delta.set(delta)
+
+    # ---- HTTP -------------------------------------------------------------------------
+
+    def serve(self, listen: str) -> MetricsEndpoint:
+        """Serves /metrics on `listen` ("host:port"; port 0: the OS picks one)."""
+        return serve_registry(self.registry, listen)
+
+
+@dataclass
+class MetricsEndpoint:
+    """A running /metrics HTTP server; `stop()` closes its socket."""
+
+    server: WSGIServer
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve_registry(registry: CollectorRegistry, listen: str) -> MetricsEndpoint:
+    """prometheus_client's threaded HTTP server for `registry` on "host:port". Raises OSError
+    naming the address when it cannot bind."""
+    from fleetmind.server.config import split_listen
+
+    host, port = split_listen(listen, "metrics_listen")
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        raise OSError(f"cannot serve metrics on {listen}: {error.strerror or error}; pick "
+                      "another metrics_listen port (0: any free one)") from None
+    return MetricsEndpoint(server, thread, host, server.server_port)
