@@ -48,6 +48,10 @@ class DistillConfig:
     dreams_per_lesson: int = 8
     dream_confidence: float = 0.5
     seed: int = 0
+    # Adam moves every coordinate by about lr per step, so its delta's norm is mostly noise;
+    # plain SGD keeps the delta in the gradients' few directions, which is what survives
+    # clipping to a small norm (session-level DP).
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +66,8 @@ class DistillConfig:
         if min(ratios) < 0 or sum(ratios) <= 0:
             problems.append(f"probe_ratio, dream_ratio, replay_ratio = {ratios}: need "
                             "non-negative ratios, not all zero")
+        if self.optimizer not in ("adam", "sgd"):
+            problems.append(f"optimizer={self.optimizer!r} must be adam or sgd")
         if not 0 <= self.dream_confidence <= 1:
             problems.append(f"dream_confidence={self.dream_confidence} must be in [0, 1]")
         if problems:
@@ -403,7 +409,8 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
     stop = turn_end_ids(tokenizer)
     start_b = lora.get_b(model)
     params = lora.trainable_parameters(model)
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
+                 else torch.optim.SGD(params, lr=cfg.lr))
     stats = DistillStats()
     started = time.perf_counter()
 

@@ -131,8 +131,23 @@ def test_consolidation_is_deterministic_under_a_seed(toy_model_dir) -> None:
     assert all(np.array_equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
 
 
+def test_sgd_keeps_a_session_delta_small_where_adam_spreads_it(toy_model_dir) -> None:
+    lessons, guard = lessons_and_guard(1)
+    norms = {}
+    for optimizer, lr in (("adam", 5e-3), ("sgd", 1.0)):
+        model, tokenizer = load_model(toy_model_dir)
+        peft_model = lora.attach_lora(model, seed=3)
+        cfg = distill.DistillConfig(steps=3, lr=lr, optimizer=optimizer, dreams_per_lesson=2)
+        delta = distill.consolidate(peft_model, tokenizer, lessons, guard, cfg,
+                                    progress=False).delta
+        norms[optimizer] = float(np.sqrt(sum(np.square(d).sum() for d in delta.values())))
+    # Adam moves every coordinate by about lr per step: 3 x 5e-3 x sqrt(18432) = 2.0.
+    assert norms["adam"] > 1.0
+    assert 0 < norms["sgd"] < norms["adam"] / 2
+
+
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0}, {"probe_ratio": -1},
-                                 {"dream_confidence": 2}])
+                                 {"dream_confidence": 2}, {"optimizer": "lion"}])
 def test_bad_config_is_refused(bad) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         distill.DistillConfig(**bad)

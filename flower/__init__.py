@@ -1,0 +1,1 @@
+"""fleetmind as a Flower app: the same consolidation and exact merge on Flower's engine."""

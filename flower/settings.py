@@ -1,0 +1,153 @@
+"""The Flower app's settings: Flower's run config (and, per SuperNode, its node config),
+typed and validated once, here.
+
+Run config keys are those of `flower/app/pyproject.toml` `[tool.flwr.app.config]`; the
+defaults below are the same values, so an in-process simulation (which has no run config)
+and `flwr run` behave alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fleetmind.client.distill import DistillConfig
+
+# Flower's simulation engine numbers its virtual SuperNodes with this node-config key.
+PARTITION_ID = "partition-id"
+
+
+@dataclass(frozen=True)
+class FlowerRun:
+    """world: a folder from `fleetmind model world` (sessions per site, spec.json, probes).
+    model: a local Hugging Face model folder ("" = the committed toy model).
+    state: where each site keeps its store and updates between runs (Flower's
+    `Context.state` does not survive a run), one folder per site.
+    out: where the ServerApp writes result.json, the merged B and the PEFT adapter.
+    sites: SuperNodes to wait for before round 1. rounds: server rounds.
+    server-learning-rate: eta in B_new = B + eta * mean(dB) (aggregation/merge.py).
+    dp-clip-norm, dp-noise-multiplier: Flower's client-side fixed clipping (0 = off).
+    steps ... distill-lr: the OPSD budget per site and round (client/distill.py)."""
+
+    world: str = "out/world"
+    model: str = ""
+    state: str = "out/flower/state"
+    out: str = "out/flower"
+    sites: int = 2
+    rounds: int = 1
+    fraction_train: float = 1.0
+    server_learning_rate: float = 1.0
+    lora_seed: int = 7
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
+    steps: int = 10
+    prompts_per_step: int = 4
+    samples_per_prompt: int = 2
+    dreams_per_lesson: int = 2
+    guard_prompts_per_step: int = 4
+    distill_lr: float = 5e-3
+    torch_threads: int = 1
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("sites", "rounds", "lora_rank", "torch_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{_key(name)}={getattr(self, name)} must be >= 1")
+        if not 0 < self.fraction_train <= 1:
+            problems.append(f"fraction-train={self.fraction_train} must be in (0, 1]")
+        for name in ("server_learning_rate", "lora_alpha", "round_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{_key(name)}={value} must be finite and > 0")
+        if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0:
+            problems.append("dp-clip-norm and dp-noise-multiplier must be >= 0 (0 = no DP)")
+        if self.dp_noise_multiplier > 0 and self.dp_clip_norm == 0:
+            problems.append("dp-noise-multiplier needs dp-clip-norm > 0: noise is calibrated "
+                            "to the clipping norm")
+        if not 0 < self.dp_delta < 1:
+            problems.append(f"dp-delta={self.dp_delta} must be in (0, 1)")
+        try:
+            self.distill  # noqa: B018 -- DistillConfig validates the OPSD settings
+        except ValueError as error:
+            problems.append(str(error))
+        if problems:
+            raise ValueError("invalid fleetmind Flower run config: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FlowerRun:
+        """From a Flower run config (hyphenated keys, as in pyproject.toml). Unknown keys are
+        refused, so a typo in `--run-config` is not silently ignored."""
+        known = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise ValueError(f"unknown fleetmind Flower run config keys {unknown}; known: "
+                             f"{sorted(known)}")
+        values = {}
+        for key, value in config.items():
+            kind = type(getattr(cls, known[key].name))
+            values[known[key].name] = kind(value)
+        return cls(**values)
+
+    def as_config(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def distill(self) -> DistillConfig:
+        return DistillConfig(steps=self.steps, lr=self.distill_lr,
+                             prompts_per_step=self.prompts_per_step,
+                             samples_per_prompt=self.samples_per_prompt,
+                             dreams_per_lesson=self.dreams_per_lesson,
+                             guard_prompts_per_step=self.guard_prompts_per_step)
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_clip_norm > 0
+
+    def model_path(self) -> Path:
+        if self.model:
+            return Path(self.model)
+        from fleetmind.sim.basemodel import toy_model_path
+
+        return toy_model_path(build=False)
+
+
+@dataclass(frozen=True)
+class SiteNode:
+    """What one SuperNode is: its site name, its sessions file and its state folder."""
+
+    name: str
+    sessions: Path
+    state: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], run: FlowerRun) -> SiteNode:
+        """A deployment names them (`flower-supernode --node-config 'site="a"
+        sessions="/data/a.jsonl" state="/var/lib/a"'`); a virtual SuperNode of the
+        simulation engine has only its partition id, the index of its site in the world."""
+        if "sessions" in node_config:
+            name = str(node_config.get("site", Path(str(node_config["sessions"])).parent.name))
+            state = Path(str(node_config.get("state", Path(run.state) / name)))
+            return cls(name, Path(str(node_config["sessions"])), state)
+        if PARTITION_ID not in node_config:
+            raise ValueError(f"node config {dict(node_config)} names no sessions file: start "
+                             "the SuperNode with --node-config 'sessions=\"PATH\"'")
+        names = json.loads((Path(run.world) / "spec.json").read_text())["sites"]
+        index = int(node_config[PARTITION_ID])
+        if not 0 <= index < len(names):
+            raise ValueError(f"partition-id={index}, but world {run.world} has "
+                             f"{len(names)} sites")
+        name = names[index]
+        return cls(name, Path(run.world) / "sites" / name / "sessions.jsonl",
+                   Path(run.state) / name)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")

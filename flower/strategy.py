@@ -1,0 +1,100 @@
+"""Flower's FedAvg with one method changed: `aggregate_train` is fleetmind's exact frozen-A
+merge.
+
+Flower's FedAvg averages every array it receives; for LoRA that averages A and B apart,
+and mean(B_i)·mean(A_i) != mean(B_i·A_i) (DESIGN.md "Exact merge"). Here A never travels:
+every party derives it from the public seed, only B does. A site replies with its adapted
+B (the B it was sent plus its delta), the form Flower's client-side clipping mod expects,
+since it clips the reply's difference to what was sent. The strategy takes those
+differences as the sites' deltas and merges them with `aggregation.merge`, unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from fleetmind.aggregation import merge
+from fleetmind.aggregation.update import Update, UpdateError, UpdateMetadata
+
+# The keys of the records a round's messages carry.
+ARRAYS = "arrays"
+METRICS = "metrics"
+# A site's aggregation weight, fleetmind's `UpdateMetadata.weight`: the staleness weight,
+# 1.0 in Flower's synchronous rounds.
+WEIGHT = "weight"
+
+
+def b_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """B per module as an ArrayRecord, in sorted-name order (the order every party uses;
+    Flower's clipping mod also requires a reply's keys in the order they were sent)."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(tensors[name], dtype=np.float32))
+                        for name in sorted(tensors)})
+
+
+def b_tensors(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: record[name].numpy() for name in record}
+
+
+class ExactLoRAMerge(FedAvg):
+    """FedAvg's sampling and messages; fleetmind's exact merge of the B deltas.
+
+    `optimizer` is fleetmind's server optimiser (`merge.FedAvg(eta)` or `merge.FedAdam`).
+    Client-side evaluation is off: the ServerApp measures transfer on the merged model."""
+
+    def __init__(self, optimizer: merge.FedAvg | merge.FedAdam, *, sites: int,
+                 fraction_train: float = 1.0) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
+                         min_train_nodes=max(1, round(fraction_train * sites)),
+                         min_available_nodes=sites, weighted_by_key=WEIGHT,
+                         arrayrecord_key=ARRAYS)
+        self.optimizer = optimizer
+        self.optimizer_state: merge.AdamMoments | None = None
+        self.sent: dict[str, np.ndarray] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        # The deltas are the replies' differences to exactly this B.
+        self.sent = b_tensors(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        updates, kept = [], []
+        for reply in valid:
+            try:
+                updates.append(self.update_of(reply, server_round))
+                kept.append(reply)
+            except UpdateError as error:
+                # One bad site must not sink the round: its reply is left out, as a dropout.
+                log(WARNING, "aggregate_train: reply from node %s left out: %s",
+                    reply.metadata.src_node_id, error)
+        if not updates:
+            return None, None
+        weighted, weight_sum = merge.weighted_delta_sum(updates)
+        new_b, self.optimizer_state = merge.exact_merge(self.sent, weighted, weight_sum,
+                                                        self.optimizer, self.optimizer_state)
+        metrics = self.train_metrics_aggr_fn([reply.content for reply in kept],
+                                             self.weighted_by_key)
+        return b_record(new_b), metrics
+
+    def update_of(self, reply: Message, server_round: int) -> Update:
+        """The site's delta (its B minus the B it was sent) as a fleetmind Update, checked
+        against the global shapes; UpdateError if it does not fit or is not finite."""
+        adapted = b_tensors(reply.content[ARRAYS])
+        metrics = reply.content[METRICS]
+        metadata = UpdateMetadata(
+            site=f"node-{reply.metadata.src_node_id}", base_version=server_round - 1,
+            weight=float(metrics[WEIGHT]), sessions=int(metrics.get("sessions", 0)),
+            tokens=int(metrics.get("tokens", 0)))
+        # Names, shapes, dtype and finiteness of what arrived, before any arithmetic on it.
+        Update(adapted, metadata).validate_against(
+            {name: tensor.shape for name, tensor in self.sent.items()})
+        return Update({name: adapted[name] - self.sent[name] for name in adapted}, metadata)

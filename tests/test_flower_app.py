@@ -1,0 +1,230 @@
+"""fleetmind as a Flower app: the strategy's merge is fleetmind's exact merge, Flower's
+client-side clipping applies only when asked, and a simulation on Flower's engine (Ray)
+with a few virtual sites merges exactly what the sites sent and raises transfer accuracy."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+import safetensors.numpy
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.task_identity import TaskIdentity
+from toy_fleet import FAST, TOY_SPEC
+
+from fleetmind.aggregation import accountant, merge
+from fleetmind.aggregation.update import Update, UpdateMetadata
+from fleetmind.client.store import SessionStore
+from fleetmind.flower.client_app import clip_when_asked, consolidate_site
+from fleetmind.flower.server_app import epsilon_spent, make_strategy
+from fleetmind.flower.settings import FlowerRun, SiteNode
+from fleetmind.flower.simulate import simulate, write_toy_world
+from fleetmind.flower.strategy import (
+    ARRAYS,
+    METRICS,
+    WEIGHT,
+    ExactLoRAMerge,
+    b_record,
+    b_tensors,
+)
+from fleetmind.sim import world as W
+
+APP = Path(__file__).resolve().parents[1] / "flower" / "app" / "pyproject.toml"
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps every Message with the running task's identity; outside a run there
+    is none, so the unit tests give them one."""
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+class FakeGrid:
+    """The one thing FedAvg's sampling asks of a Grid: which nodes are connected."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def reply(to: Message, adapted: dict[str, np.ndarray], weight: float) -> Message:
+    return Message(RecordDict({ARRAYS: b_record(adapted),
+                               METRICS: MetricRecord({WEIGHT: weight, "sessions": 3})}),
+                   reply_to=to)
+
+
+def test_aggregate_train_is_fleetmind_exact_merge_of_the_sites_deltas(task_identity: None
+                                                                       ) -> None:
+    rng = np.random.default_rng(0)
+    sent = {"layer.b": rng.normal(size=(6, 4)).astype(np.float32),
+            "layer.a": rng.normal(size=(3, 4)).astype(np.float32)}
+    strategy = ExactLoRAMerge(merge.FedAvg(2.0), sites=3)
+    messages = list(strategy.configure_train(1, b_record(sent), ConfigRecord(),
+                                             FakeGrid([11, 12, 13])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 13]
+    weights = [1.0, 0.5, 0.25]
+    replies, updates = [], []
+    for message, weight in zip(messages, weights, strict=True):
+        adapted = {n: (b + rng.normal(size=b.shape)).astype(np.float32)
+                   for n, b in b_tensors(message.content[ARRAYS]).items()}
+        replies.append(reply(message, adapted, weight))
+        updates.append(Update({n: adapted[n] - sent[n] for n in sent},
+                              UpdateMetadata(site=f"node-{message.metadata.dst_node_id}",
+                                             base_version=0, weight=weight)))
+    merged, _ = strategy.aggregate_train(1, replies)
+    expected, _ = merge.exact_merge(sent, *merge.weighted_delta_sum(updates), merge.FedAvg(2.0))
+    got = b_tensors(merged)
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    # Not a plain average of what the sites hold (Flower's FedAvg): weights and eta count.
+    plain = np.mean([b_tensors(r.content[ARRAYS])["layer.b"] for r in replies], axis=0)
+    assert not np.allclose(got["layer.b"], plain)
+
+
+def test_a_reply_that_does_not_fit_is_left_out_as_a_dropout(task_identity: None) -> None:
+    sent = {"b": np.zeros((2, 2), np.float32)}
+    strategy = ExactLoRAMerge(merge.FedAvg(), sites=3)
+    good, wrong_shape, not_finite = strategy.configure_train(
+        1, b_record(sent), ConfigRecord(), FakeGrid([1, 2, 3]))
+    replies = [reply(good, {"b": np.ones((2, 2), np.float32)}, 1.0),
+               reply(wrong_shape, {"b": np.ones((3, 2), np.float32)}, 1.0),
+               reply(not_finite, {"b": np.full((2, 2), np.nan, np.float32)}, 1.0)]
+    merged, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(b_tensors(merged)["b"], np.ones((2, 2), np.float32))
+
+
+def test_flower_clipping_applies_only_when_the_strategy_sends_a_norm(task_identity: None
+                                                                     ) -> None:
+    sent = {"b": np.zeros((4,), np.float32)}
+
+    def message(config: dict) -> Message:
+        return Message(RecordDict({ARRAYS: b_record(sent), "config": ConfigRecord(config)}),
+                       dst_node_id=1, message_type=MessageType.TRAIN)
+
+    def site(incoming: Message, context: Context) -> Message:
+        return reply(incoming, {"b": np.full((4,), 3.0, np.float32)}, 1.0)
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    clipped = clip_when_asked(message({KEY_CLIPPING_NORM: 1.5}), context, site)
+    assert np.linalg.norm(b_tensors(clipped.content[ARRAYS])["b"]) == pytest.approx(1.5)
+    untouched = clip_when_asked(message({}), context, site)
+    np.testing.assert_array_equal(b_tensors(untouched.content[ARRAYS])["b"], np.full(4, 3.0))
+
+
+def test_dp_wraps_the_merge_in_flowers_client_side_clipping_and_charges_z_over_eta(
+        task_identity: None) -> None:
+    run = FlowerRun(sites=3, dp_clip_norm=1.0, dp_noise_multiplier=2.0, server_learning_rate=2.0)
+    strategy = make_strategy(run)
+    assert isinstance(strategy, DifferentialPrivacyClientSideFixedClipping)
+    assert isinstance(strategy.strategy, ExactLoRAMerge)
+    messages = strategy.configure_train(1, b_record({"b": np.zeros(2, np.float32)}),
+                                        ConfigRecord(), FakeGrid([1, 2, 3]))
+    assert all(m.content["config"][KEY_CLIPPING_NORM] == 1.0 for m in messages)
+    # The merged B carries noise z*C/n for a mean delta scaled by eta: z/eta is what counts.
+    assert epsilon_spent(run, 3) == accountant.epsilon(1.0, 1.0, 3, run.dp_delta)
+    assert epsilon_spent(run, 3) > epsilon_spent(run, 1)
+    assert epsilon_spent(FlowerRun(), 3) is None
+
+
+def test_run_config_is_typed_and_refuses_unknown_keys() -> None:
+    declared = tomllib.loads(APP.read_text())["tool"]["flwr"]["app"]["config"]
+    # The app's pyproject and FlowerRun's defaults are one set of values.
+    assert FlowerRun.from_config(declared) == FlowerRun()
+    with pytest.raises(ValueError, match=r"unknown .* keys \[.stepz.\]"):
+        FlowerRun.from_config({"stepz": 3})
+    with pytest.raises(ValueError, match="dp-noise-multiplier needs dp-clip-norm"):
+        FlowerRun(dp_noise_multiplier=1.0)
+
+
+# ---- the simulation engine ----------------------------------------------------------------
+
+SITES = 3
+PYTHONPATH = os.environ.get("PYTHONPATH")
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[FlowerRun, dict]:
+    root = tmp_path_factory.mktemp("flower-sim")
+    world = write_toy_world(root / "world", SITES, facts_per_site=2, seed=3)
+    run = FlowerRun(world=str(world), state=str(root / "state"), out=str(root / "out"),
+                    sites=SITES, steps=10, server_learning_rate=SITES / 2,
+                    lora_seed=TOY_SPEC.frozen_a_seed, lora_rank=TOY_SPEC.rank,
+                    lora_alpha=TOY_SPEC.alpha, prompts_per_step=FAST.prompts_per_step,
+                    samples_per_prompt=FAST.samples_per_prompt,
+                    dreams_per_lesson=FAST.dreams_per_lesson,
+                    guard_prompts_per_step=FAST.guard_prompts_per_step)
+    result = simulate(run)
+    # Flower's Ray backend rewrites PYTHONPATH; later tests' subprocesses must not see it.
+    assert os.environ.get("PYTHONPATH") == PYTHONPATH
+    return run, result
+
+
+def test_simulation_merges_exactly_what_fleetmind_merges_from_the_same_deltas(
+        simulated: tuple[FlowerRun, dict]) -> None:
+    run, _ = simulated
+    names = [site.name for site in W.read_world(Path(run.world)).sites]
+    updates = [Update.from_bytes((Path(run.state) / name / "round-0001-update.safetensors")
+                                 .read_bytes()) for name in names]
+    assert sorted(u.metadata.site for u in updates) == sorted(names)
+    zero = {name: np.zeros_like(t) for name, t in updates[0].tensors.items()}
+    expected, _ = merge.exact_merge(zero, *merge.weighted_delta_sum(updates),
+                                    merge.FedAvg(run.server_learning_rate))
+    got = safetensors.numpy.load_file(str(Path(run.out) / "global_b.safetensors"))
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    assert any(np.abs(t).max() > 0 for t in got.values())
+
+
+def test_simulation_raises_transfer_accuracy_above_the_base_model(
+        simulated: tuple[FlowerRun, dict]) -> None:
+    run, result = simulated
+    assert result["base_transfer_accuracy"] <= 1 / W.VALUES_PER_ATTRIBUTE
+    assert result["transfer_accuracy"] > result["base_transfer_accuracy"]
+    assert (Path(run.out) / "adapter" / "adapter_config.json").is_file()
+
+
+def test_sites_remember_on_disk_which_sessions_they_consolidated(
+        simulated: tuple[FlowerRun, dict]) -> None:
+    run, _ = simulated
+    for site in W.read_world(Path(run.world)).sites:
+        with SessionStore(Path(run.state) / site.name) as store:
+            # The store keeps one copy of sessions with identical messages.
+            assert 0 < len(store) <= len(site.sessions)
+            assert store.unconsumed() == []
+            assert all(store.consolidations_using(session.id) for session in store)
+
+
+def test_a_site_with_nothing_new_replies_with_an_error_not_a_stale_delta(
+        simulated: tuple[FlowerRun, dict], task_identity: None) -> None:
+    run, _ = simulated
+    site = SiteNode.from_node_config({"partition-id": 1}, run)
+    assert site.name == "site-01" and site.state == Path(run.state) / "site-01"
+    merged = safetensors.numpy.load_file(str(Path(run.out) / "global_b.safetensors"))
+    message = Message(RecordDict({ARRAYS: b_record(merged),
+                                  "config": ConfigRecord({"server-round": 2})}),
+                      dst_node_id=1, message_type=MessageType.TRAIN)
+    answer = consolidate_site(message, run, site, server_round=2)
+    assert answer.has_error()
+    assert "nothing new" in answer.error.reason
+    assert not (site.state / "round-0002-update.safetensors").exists()
