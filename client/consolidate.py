@@ -99,9 +99,13 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
     dreams: list[distill.Dream] = []
     for group in groups:
         lora.set_b(model, start)
-        result = distill.consolidate(model, tokenizer, group, guard_prompts, cfg,
-                                     replay=replayed, scrub=lambda t: scrub_text(t)[0],
-                                     progress=progress)
+        if cfg.method == "sft_transcript":
+            result = distill.supervise(model, tokenizer,
+                                       distill.transcript_examples(tokenizer, group), cfg)
+        else:
+            result = distill.consolidate(model, tokenizer, group, guard_prompts, cfg,
+                                         replay=replayed, scrub=lambda t: scrub_text(t)[0],
+                                         progress=progress)
         for name, delta in result.delta.items():
             total[name] += delta
         if per_session:

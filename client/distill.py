@@ -52,6 +52,9 @@ class DistillConfig:
     # plain SGD keeps the delta in the gradients' few directions, which is what survives
     # clipping to a small norm (session-level DP).
     optimizer: str = "adam"
+    # "sft_transcript" is a BASELINE: cross-entropy on the whole transcript, which is what
+    # memorises what a user said (the demo and the benchmark compare against it).
+    method: str = "opsd"
 
     def __post_init__(self) -> None:
         problems = []
@@ -66,6 +69,8 @@ class DistillConfig:
         if min(ratios) < 0 or sum(ratios) <= 0:
             problems.append(f"probe_ratio, dream_ratio, replay_ratio = {ratios}: need "
                             "non-negative ratios, not all zero")
+        if self.method not in ("opsd", "sft_transcript"):
+            problems.append(f"method={self.method!r} must be opsd or sft_transcript")
         if self.optimizer not in ("adam", "sgd"):
             problems.append(f"optimizer={self.optimizer!r} must be adam or sgd")
         if not 0 <= self.dream_confidence <= 1:
@@ -408,9 +413,7 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
     rng = random.Random(cfg.seed)
     stop = turn_end_ids(tokenizer)
     start_b = lora.get_b(model)
-    params = lora.trainable_parameters(model)
-    optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
-                 else torch.optim.SGD(params, lr=cfg.lr))
+    optimizer = _optimizer(model, cfg)
     stats = DistillStats()
     started = time.perf_counter()
 
@@ -471,6 +474,59 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
     end_b = lora.get_b(model)
     delta = {name: end_b[name] - start_b[name] for name in start_b}
     return ConsolidationResult(delta, stats, dreams, [lesson.session_id for lesson in lessons])
+
+
+def transcript_examples(tokenizer: Any, lessons: Sequence[Lesson]
+                        ) -> list[tuple[list[int], list[int]]]:
+    """SFT baseline: each session's whole transcript, after its first token, as targets."""
+    out = []
+    for lesson in lessons:
+        ids = chat_ids(tokenizer, lesson.context, generation=False)
+        out.append((ids[:1], ids[1:]))
+    return out
+
+
+def supervise(model: Any, tokenizer: Any, examples: Sequence[tuple[list[int], list[int]]],
+              cfg: DistillConfig) -> ConsolidationResult:
+    """BASELINE ONLY: cross-entropy fine-tuning of the adapter on (prompt ids, target ids)
+    pairs, with cfg's steps, batch, lr and optimizer; returns B_after - B_before."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    start_b = lora.get_b(model)
+    optimizer = _optimizer(model, cfg)
+    stats = DistillStats()
+    started = time.perf_counter()
+    for _ in range(cfg.steps):
+        batch = rng.choices(examples, k=cfg.prompts_per_step * cfg.samples_per_prompt)
+        ids = pad_right([p + t for p, t in batch], tokenizer.pad_token_id)  # (B, T)
+        mask = completion_mask([len(p) for p, _ in batch], [len(t) for _, t in batch],
+                               ids.shape[1], 0)[:, :-1]
+        logits = model(input_ids=ids).logits[:, :-1]
+        target = ids[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                               reduction="none").view_as(target)
+        loss = (loss * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        stats.steps += 1
+        stats.tokens += int(mask.sum())
+        stats.loss.append(float(loss.detach()))
+    stats.seconds = time.perf_counter() - started
+    end_b = lora.get_b(model)
+    return ConsolidationResult({name: end_b[name] - start_b[name] for name in start_b}, stats,
+                               [], [])
+
+
+def _optimizer(model: Any, cfg: DistillConfig) -> Any:
+    import torch
+
+    params = lora.trainable_parameters(model)
+    return (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
+            else torch.optim.SGD(params, lr=cfg.lr))
 
 
 def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg: DistillConfig,

@@ -45,20 +45,24 @@ def attach_lora(model: Any, seed: int, rank: int = 8, alpha: float = 16.0,
     return peft_model
 
 
-def freeze_a(peft_model: Any) -> None:
+def freeze_a(peft_model: Any, frozen: bool = True) -> None:
+    """Freezes every A (the default), or lets A train (`frozen=False`): the FedIT baseline
+    only, whose merge is then no longer exact."""
     for layer in lora_layers(peft_model).values():
-        layer.lora_A[ADAPTER].weight.requires_grad_(False)
+        layer.lora_A[ADAPTER].weight.requires_grad_(not frozen)
 
 
 @contextmanager
 def adapter_disabled(peft_model: Any) -> Iterator[None]:
     """The frozen global model (the teacher). PEFT marks every adapter weight trainable
-    again when it re-enables the adapter, so A is frozen once more on the way out."""
+    again when it re-enables the adapter, so A's state is put back on the way out."""
+    a_frozen = not any(layer.lora_A[ADAPTER].weight.requires_grad
+                       for layer in lora_layers(peft_model).values())
     try:
         with peft_model.disable_adapter():
             yield
     finally:
-        freeze_a(peft_model)
+        freeze_a(peft_model, frozen=a_frozen)
 
 
 def lora_layers(peft_model: Any) -> dict[str, Any]:
@@ -68,32 +72,38 @@ def lora_layers(peft_model: Any) -> dict[str, Any]:
             if isinstance(module, LoraLayer)}
 
 
-def get_b(peft_model: Any) -> dict[str, np.ndarray]:
-    """B of every module, float32 copies: (out_features, rank)."""
-    return {name: layer.lora_B[ADAPTER].weight.detach().float().cpu().numpy().copy()
+def _factor(layer: Any, factor: str) -> Any:
+    return (layer.lora_B if factor == "B" else layer.lora_A)[ADAPTER].weight
+
+
+def get_b(peft_model: Any, factor: str = "B") -> dict[str, np.ndarray]:
+    """B of every module, float32 copies: (out_features, rank); A with factor="A"."""
+    return {name: _factor(layer, factor).detach().float().cpu().numpy().copy()
             for name, layer in lora_layers(peft_model).items()}
 
 
-def set_b(peft_model: Any, tensors: dict[str, np.ndarray]) -> None:
+def set_b(peft_model: Any, tensors: dict[str, np.ndarray], factor: str = "B") -> None:
     import torch
 
     layers = lora_layers(peft_model)
     missing = sorted(set(layers) - set(tensors))
     unknown = sorted(set(tensors) - set(layers))
     if missing or unknown:
-        raise ValueError(f"B tensors do not match the adapter: missing {missing[:3]}, "
+        raise ValueError(f"{factor} tensors do not match the adapter: missing {missing[:3]}, "
                          f"unknown {unknown[:3]}")
     for name, layer in layers.items():
-        weight = layer.lora_B[ADAPTER].weight
+        weight = _factor(layer, factor)
         if tuple(tensors[name].shape) != tuple(weight.shape):
-            raise ValueError(f"B for {name} has shape {tensors[name].shape}, the adapter "
-                             f"expects {tuple(weight.shape)}")
+            raise ValueError(f"{factor} for {name} has shape {tensors[name].shape}, the "
+                             f"adapter expects {tuple(weight.shape)}")
         with torch.no_grad():
             weight.copy_(torch.from_numpy(np.asarray(tensors[name], dtype=np.float32)))
 
 
 def trainable_parameters(peft_model: Any) -> list[Any]:
-    return [layer.lora_B[ADAPTER].weight for layer in lora_layers(peft_model).values()]
+    """Every B, and every A that `freeze_a(..., frozen=False)` let train."""
+    return [weight for layer in lora_layers(peft_model).values()
+            for weight in (_factor(layer, "A"), _factor(layer, "B")) if weight.requires_grad]
 
 
 def save_adapter(peft_model: Any, out: Path) -> Path:

@@ -2,9 +2,12 @@
 
 WAL journal with synchronous=FULL: a commit is on disk before it returns, so a session
 acknowledged as stored survives kill -9 and power loss, and readers (the distiller) never
-block the writer (ingest). Sessions are deduplicated by the SHA-256 of their messages'
-canonical JSON, and the store remembers which sessions each consolidation used: the
-outbox lists them, and the privacy accountant counts every re-use of a session.
+block the writer (ingest). Sessions are deduplicated by the SHA-256 of their user and
+messages' canonical JSON (the same user sending the same conversation twice is one session;
+two users saying the same thing are two, since what several users say is what the fleet
+should learn and session-level DP counts them apart), and the store remembers which
+sessions each consolidation used: the outbox lists them, and the privacy accountant counts
+every re-use of a session.
 
 Input is OpenAI chat JSONL, one session per line:
     {"id": "s1", "user": "u7", "messages": [{"role": "user", "content": "..."}, ...]}
@@ -137,7 +140,7 @@ class Session:
 
     @cached_property
     def content_hash(self) -> str:
-        return content_hash(self.messages)
+        return content_hash(self.messages, self.user)
 
 
 def _message_dicts(messages: Iterable[Message]) -> list[dict[str, str]]:
@@ -149,9 +152,14 @@ def _canonical_json(messages: Iterable[Message]) -> str:
                       ensure_ascii=False)
 
 
-def content_hash(messages: Iterable[Message]) -> str:
-    """SHA-256 (hex) of the messages' canonical JSON: what deduplication compares."""
-    return hashlib.sha256(_canonical_json(messages).encode()).hexdigest()
+def content_hash(messages: Iterable[Message], user: str | None = None) -> str:
+    """SHA-256 (hex) of the messages' canonical JSON, and of the user's id when there is one:
+    what deduplication compares."""
+    text = _canonical_json(messages)
+    if user is not None:
+        text = json.dumps({"user": user, "messages": json.loads(text)}, sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def parse_line(raw: bytes) -> Session | None:

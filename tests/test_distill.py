@@ -146,8 +146,23 @@ def test_sgd_keeps_a_session_delta_small_where_adam_spreads_it(toy_model_dir) ->
     assert 0 < norms["sgd"] < norms["adam"] / 2
 
 
+def test_the_sft_baseline_learns_the_transcript_text(student) -> None:
+    model, tokenizer = student
+    lessons, _ = lessons_and_guard(2)
+    examples = distill.transcript_examples(tokenizer, lessons)
+    assert [p + t for p, t in examples] == [distill.chat_ids(tokenizer, lesson.context,
+                                                             generation=False)
+                                            for lesson in lessons]
+    result = distill.supervise(model, tokenizer, examples,
+                               distill.DistillConfig(steps=6, lr=1e-2, method="sft_transcript"))
+    assert result.stats.steps == 6
+    assert result.stats.loss[-1] < result.stats.loss[0]
+    assert any(np.abs(d).max() > 0 for d in result.delta.values())
+
+
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0}, {"probe_ratio": -1},
-                                 {"dream_confidence": 2}, {"optimizer": "lion"}])
+                                 {"dream_confidence": 2}, {"optimizer": "lion"},
+                                 {"method": "dpo"}])
 def test_bad_config_is_refused(bad) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         distill.DistillConfig(**bad)

@@ -88,10 +88,14 @@ def test_a_line_without_an_id_is_named_by_its_content() -> None:
     assert session.content_hash == content_hash(session.messages)
 
 
-def test_the_content_hash_depends_on_messages_only() -> None:
-    a, b = Session.from_dict(chat(1, user="u1")), Session.from_dict({**chat(1), "id": "x"})
+def test_the_content_hash_depends_on_user_and_messages_not_the_id() -> None:
+    a, b = Session.from_dict(chat(1, user="u1")), Session.from_dict({**chat(1, user="u1"),
+                                                                     "id": "x"})
     assert a.content_hash == b.content_hash
-    assert a.content_hash != Session.from_dict(chat(2)).content_hash
+    assert a.content_hash != Session.from_dict(chat(2, user="u1")).content_hash
+    # two users saying the same thing are two sessions: the fleet learns what several say
+    assert a.content_hash != Session.from_dict(chat(1, user="u2")).content_hash
+    assert a.content_hash != Session.from_dict(chat(1)).content_hash
 
 
 def test_parse_line_handles_blank_bom_and_crlf() -> None:
@@ -121,6 +125,7 @@ def test_same_messages_are_a_duplicate_whatever_the_id(store: SessionStore) -> N
     assert store.add(chat(1)) is False
     assert store.add({**chat(1), "id": "another"}) is False
     assert len(store) == 1
+    assert store.add({**chat(1), "id": "another", "user": "u9"}) is True
 
 
 def test_a_taken_id_with_other_messages_is_refused(store: SessionStore) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import random
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -135,39 +134,17 @@ def run_sft(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillCo
             pairs: Callable[[Any, Any, list[Session]], list[tuple[list[int], list[int]]]]
             ) -> tuple[Any, Any]:
     """Supervised fine-tuning of B on (prompt ids, target ids) pairs, same steps and lr."""
-    import torch
-    import torch.nn.functional as F
-
     model, tokenizer = load_model(model_dir)
     peft_model = lora.attach_lora(model, seed=LORA_SEED)
-    optimizer = torch.optim.Adam(lora.trainable_parameters(peft_model), lr=cfg.lr)
-    rng = random.Random(cfg.seed)
     for half in halves(sessions):
-        examples = pairs(peft_model, tokenizer, half)
-        for _ in range(cfg.steps):
-            batch = rng.choices(examples, k=cfg.prompts_per_step * cfg.samples_per_prompt)
-            ids = distill.pad_right([p + t for p, t in batch], tokenizer.pad_token_id)
-            mask = distill.completion_mask([len(p) for p, _ in batch],
-                                           [len(t) for _, t in batch], ids.shape[1], 0)
-            logits = peft_model(input_ids=ids).logits[:, :-1]
-            target = ids[:, 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                   reduction="none").view_as(target)
-            loss = (loss * mask[:, :-1]).sum() / mask[:, :-1].sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        distill.supervise(peft_model, tokenizer, pairs(peft_model, tokenizer, half), cfg)
     return peft_model, tokenizer
 
 
 def transcript_pairs(model: Any, tokenizer: Any, sessions: list[Session]
                      ) -> list[tuple[list[int], list[int]]]:
     """The raw transcript, whole, as language-model targets."""
-    out = []
-    for lesson in lessons_from(sessions)[0]:
-        ids = distill.chat_ids(tokenizer, lesson.context, generation=False)
-        out.append((ids[:1], ids[1:]))
-    return out
+    return distill.transcript_examples(tokenizer, lessons_from(sessions)[0])
 
 
 def teacher_answer_pairs(model: Any, tokenizer: Any, sessions: list[Session]

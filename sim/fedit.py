@@ -1,0 +1,81 @@
+"""The demo's FedIT arm: the fleet's sessions, distillation, clipping, noise and server
+learning rate, but A trains too and the server averages A and B separately (FedIT, Zhang et
+al. 2023, "Towards Building the Federated GPT"), so the merge rule is the only difference.
+
+It runs in the demo's process, without gRPC or secure aggregation: the baseline needs the
+sites' A deltas, which fleetmind's protocol never carries (A is public and frozen there).
+Averaging factors is wrong because mean(B_i) mean(A_i) != mean(B_i A_i); this arm measures
+what that costs in transfer, beside the exact merge, in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class FeditArm:
+    model_dir: Path
+    distill: Any  # client.distill.DistillConfig, the fleet's
+    guard: Sequence[Any]
+    frozen_a_seed: int
+    clip_norm: float
+    noise_multiplier: float
+    server_learning_rate: float
+    seed: int = 0
+    model: Any = None
+    tokenizer: Any = None
+    global_a: dict[str, np.ndarray] = field(default_factory=dict)
+    global_b: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from fleetmind.client import lora
+        from fleetmind.client.model import load_model
+
+        model, self.tokenizer = load_model(self.model_dir)
+        # The genesis version's adapter: A from the public seed, B zero, as the fleet starts.
+        self.model = lora.attach_lora(model, seed=self.frozen_a_seed)
+        self.global_a = lora.get_b(self.model, "A")
+        self.global_b = lora.get_b(self.model)
+        self.rng = np.random.default_rng(self.seed)
+
+    def round(self, sessions_per_site: Sequence[Sequence[Any]]) -> None:
+        """One round: every session distilled alone from the global (A, B), its (dA, dB)
+        clipped to C together, summed over the cohort with Gaussian noise, then A and B
+        each moved by the server learning rate times their mean over sites."""
+        from fleetmind.client import distill, lora
+        from fleetmind.client.consolidate import lessons_from
+        from fleetmind.client.scrub import scrub_text
+
+        sum_a = {name: np.zeros_like(a) for name, a in self.global_a.items()}
+        sum_b = {name: np.zeros_like(b) for name, b in self.global_b.items()}
+        for sessions in sessions_per_site:
+            for lesson in lessons_from(sessions)[0]:
+                lora.set_b(self.model, self.global_a, "A")
+                lora.set_b(self.model, self.global_b)
+                lora.freeze_a(self.model, frozen=False)
+                distill.consolidate(self.model, self.tokenizer, [lesson], self.guard,
+                                    self.distill, scrub=lambda t: scrub_text(t)[0],
+                                    progress=False)
+                lora.freeze_a(self.model)
+                delta_a = {n: a - self.global_a[n] for n, a in lora.get_b(self.model, "A").items()}
+                delta_b = {n: b - self.global_b[n] for n, b in lora.get_b(self.model).items()}
+                norm = np.sqrt(sum(np.square(d).sum() for d in (*delta_a.values(),
+                                                               *delta_b.values())))
+                scale = min(1.0, self.clip_norm / norm) if norm > 0 else 0.0
+                for name in sum_a:
+                    sum_a[name] += scale * delta_a[name]
+                    sum_b[name] += scale * delta_b[name]
+        stddev = self.noise_multiplier * self.clip_norm
+        step = self.server_learning_rate / len(sessions_per_site)
+        for name in sum_a:
+            for factor, total in ((self.global_a, sum_a), (self.global_b, sum_b)):
+                noised = total[name] + self.rng.normal(0, stddev, total[name].shape)
+                factor[name] = (factor[name] + step * noised).astype(np.float32)
+        lora.set_b(self.model, self.global_a, "A")
+        lora.set_b(self.model, self.global_b)
