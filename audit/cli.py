@@ -346,6 +346,13 @@ def _audit_outbox(args: argparse.Namespace) -> int:
     rows = []
     for entry, record in audit.verified:
         publication = published.get(record.round_id)
+        # The ledger's receipts prove what the aggregator summed; a version folder does not.
+        receipt = (record.payload_sha256 in publication.receipts
+                   if publication is not None and publication.receipts else None)
+        if receipt is False:
+            problems.append(f"entry {entry.index}: round {record.round_id}'s payload "
+                            f"{record.payload_sha256[:SHORT]} is not among the aggregator's "
+                            "receipts in the ledger: it is not what was summed")
         rows.append({
             "entry": entry.index, "sent_at": _when(record.created_at_ms),
             "round": record.round_id, "base_version": record.base_version,
@@ -354,6 +361,7 @@ def _audit_outbox(args: argparse.Namespace) -> int:
             "norm_after_clip": record.norm_after_clip, "noise_mode": record.noise_mode,
             "noise_multiplier": record.noise_multiplier,
             "session_ids": list(record.session_ids), "scrubbed": record.scrub_counts,
+            "receipt_matched": receipt,
             "published": None if publication is None else {
                 "version": publication.version, "cohort_size": publication.cohort_size,
                 "source": publication.source},
@@ -365,8 +373,8 @@ def _audit_outbox(args: argparse.Namespace) -> int:
                "head": audit.head.hex(),
                "bad_entry": None if audit.error is None else audit.error.index,
                "error": error or None, "publications_checked": checked,
-               # Neither side stores the aggregator's receipt yet (README, Audit).
-               "receipts_checked": False, "records": rows})
+               "receipts_checked": any(r["receipt_matched"] is not None for r in rows),
+               "records": rows})
     else:
         _print_outbox(rows, audit, path, checked)
     return 0 if ok else _fail(error)
@@ -392,8 +400,13 @@ def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) 
     _console().print(table)
     if not checked:
         print("publications not checked: pass --aggregator-key (and --ledger or --server)")
-    print("payload hashes are not matched to the aggregator's receipts: neither the site nor "
-          "the ledger stores them yet (README, Audit)")
+    matched = [row["receipt_matched"] for row in rows if row["receipt_matched"] is not None]
+    if matched:
+        print(f"payload hashes matched to the aggregator's receipts in the ledger: "
+              f"{sum(matched)} of {len(rows)} records")
+    else:
+        print("payload hashes not matched to the aggregator's receipts: pass --ledger or "
+              "--server (ledger entries from before receipts were recorded have none)")
     if audit.ok:
         print(f"head {audit.head.hex()} (keep it: --expect-head finds records cut off later)")
 

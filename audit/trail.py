@@ -102,18 +102,20 @@ def fetch_budget(channel: grpc.Channel, timeout: float = 10.0) -> dict[str, Any]
 @dataclass(frozen=True)
 class Publication:
     """A round the aggregator published, as a signed source says: `source` is "ledger"
-    (a verified ledger entry) or "version" (a verified version folder's manifest)."""
+    (a verified ledger entry) or "version" (a verified version folder's manifest).
+    `receipts`: the masked vectors' sha256 the aggregator summed (ledger entries only)."""
 
     round_id: int
     version: int
     cohort_size: int
     source: str
+    receipts: tuple[str, ...] = ()
 
 
 def publications(verified: ChainAudit[ledger.RoundRecord]) -> dict[int, Publication]:
     """Round id -> its publication, from the ledger entries that verified."""
     return {record.round_id: Publication(record.round_id, record.version, record.cohort_size,
-                                         "ledger")
+                                         "ledger", record.payload_sha256s)
             for _, record in verified.verified}
 
 

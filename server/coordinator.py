@@ -297,7 +297,8 @@ class Coordinator:
                 noise_multiplier=self.privacy.noise_multiplier,
                 noise_mode=self.privacy.noise_mode, epsilon_round=outcome["epsilon_round"],
                 epsilon_total=outcome["epsilon_total"], delta=self.privacy.delta,
-                version=version.number, version_hash=version.manifest_sha256()))
+                version=version.number, version_hash=version.manifest_sha256(),
+                payload_sha256s=tuple(outcome.get("payload_sha256s", ()))))
         if all(c["round_id"] != flight["round_id"] for c in self._state["spent"]):
             self._state["spent"].append({"round_id": flight["round_id"],
                                          "charge": flight["charge"]})
@@ -667,7 +668,11 @@ class Coordinator:
         epsilon_total = self.budget.epsilon_after(live.charge)
         epsilon_round = epsilon_of([live.charge], privacy.delta, privacy.accountant)
         flight = self._state["in_flight"]
+        receipts = sorted({live.receipts[("masked vector", site)].hex()
+                           for site in result.contributors
+                           if ("masked vector", site) in live.receipts})
         flight["outcome"] = {"cohort_size": len(result.contributors), "dropouts": len(dropped),
+                             "payload_sha256s": receipts,
                              "epsilon_round": epsilon_round, "epsilon_total": epsilon_total}
         self._save()  # so a crash after publishing still writes the ledger at restart
         version = self.registry.publish(new_b, Release(

@@ -76,7 +76,10 @@ class RoundRecord:
     """What one published round did. cohort_size: sites whose vectors are in the sum;
     dropouts: sites that joined the cohort and left before the sum. epsilon_round: what
     this round spent; epsilon_total: the accountant's total after it, both at `delta`.
-    version_hash: sha256 (hex) of the published version's manifest.json."""
+    version_hash: sha256 (hex) of the published version's manifest.json. payload_sha256s:
+    the aggregator's receipts, sha256 (hex, sorted) of each masked vector in the sum, so a
+    site's auditor can match its outbox against what the aggregator summed (masked vectors
+    look random: their hashes reveal nothing). Entries written before it have none."""
 
     round_id: int
     cohort_size: int
@@ -89,6 +92,7 @@ class RoundRecord:
     delta: float
     version: int
     version_hash: str
+    payload_sha256s: tuple[str, ...] = ()
     recorded_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     def __post_init__(self) -> None:
@@ -117,9 +121,20 @@ class RoundRecord:
             raise ValueError(f"delta={self.delta} must be < 1")
         if not _SHA256.fullmatch(self.version_hash):
             raise ValueError(f"version_hash={self.version_hash!r} must be 64 lowercase hex")
+        if not isinstance(self.payload_sha256s, list | tuple) or not all(
+                isinstance(h, str) and _SHA256.fullmatch(h) for h in self.payload_sha256s):
+            raise ValueError("payload_sha256s must be a list of 64-hex-digit sha256 digests")
+        object.__setattr__(self, "payload_sha256s", tuple(self.payload_sha256s))
+        if list(self.payload_sha256s) != sorted(set(self.payload_sha256s)):
+            raise ValueError("payload_sha256s must be sorted and distinct")
 
     def to_body(self) -> bytes:
-        return canonical_json({f.name: getattr(self, f.name) for f in fields(self)})
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.payload_sha256s:  # entries from before receipts were recorded
+            del body["payload_sha256s"]
+        else:
+            body["payload_sha256s"] = list(self.payload_sha256s)
+        return canonical_json(body)
 
     @classmethod
     def from_body(cls, body: bytes) -> RoundRecord:

@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,10 @@ def aggregator(tmp_path: Path) -> dict:
                 round_id=round_id, cohort_size=3, dropouts=round_id % 2, clip_norm=1.0,
                 noise_multiplier=0.8, noise_mode="distributed", epsilon_round=0.5,
                 epsilon_total=epsilon, delta=1e-5, version=version.number,
-                version_hash=version.manifest_sha256()))
+                version_hash=version.manifest_sha256(),
+                # round 1 lists its receipts (the site's payload among them); the others
+                # are entries from before receipts were recorded
+                payload_sha256s=(f"{2:064x}", f"{7:064x}") if round_id == 1 else ()))
             published.append(version)
     keys = tmp_path / "keys"
     keys.mkdir()
@@ -337,6 +341,30 @@ def test_outbox_rounds_are_matched_to_their_publication(capsys, site, aggregator
         None, {"version": 2, "cohort_size": 3, "source": "version"}, None]
 
 
+def test_a_payload_the_aggregator_did_not_sum_fails(capsys, site, aggregator,
+                                                    tmp_path) -> None:
+    code, report, _ = run_json(capsys, "outbox", str(site["dir"]), "--site-key", site["pub"],
+                               "--aggregator-key", aggregator["pub"],
+                               "--ledger", str(aggregator["ledger"]))
+    assert code == 0 and report["receipts_checked"]
+    assert [r["receipt_matched"] for r in report["records"]] == [None, True, None]
+
+    # A ledger (signed by the same aggregator) whose round 1 summed other payloads.
+    with Ledger(aggregator["ledger"], aggregator["key"]) as source, \
+            Ledger(tmp_path / "other.sqlite", aggregator["key"]) as other:
+        for entry in source:
+            record = entry.record
+            if record.round_id == 1:
+                record = RoundRecord(**{**asdict(record), "payload_sha256s": (f"{7:064x}",)})
+            other.append(record)
+    code, report, _ = run_json(capsys, "outbox", str(site["dir"]), "--site-key", site["pub"],
+                               "--aggregator-key", aggregator["pub"],
+                               "--ledger", str(tmp_path / "other.sqlite"))
+    assert code == 1 and not report["ok"]
+    assert report["records"][1]["receipt_matched"] is False
+    assert "not among the aggregator's receipts" in report["error"]
+
+
 @pytest.mark.parametrize("column, index, message", [
     ("body", 1, "altered"),
     ("signature", 2, "signature does not verify with the site's identity key"),
@@ -547,6 +575,7 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
         [record] = report["records"]
         assert record["payload_sha256"] == results[0].payload_sha256
         assert record["published"] == {"version": 1, "cohort_size": 3, "source": "ledger"}
+        assert report["receipts_checked"] and record["receipt_matched"] is True
         assert record["session_ids"] == ["s0-a"] and record["noise_mode"] == "distributed"
 
         code, report, err = run_json(capsys, "ledger", *server)
