@@ -1,8 +1,10 @@
-"""The `bench` command group: `fleetmind bench aggregation|consolidate|wire --out DIR [--quick]`."""
+"""The `bench` command group: `fleetmind bench aggregation|consolidate|wire|all --out DIR
+[--quick]`, and `fleetmind bench report --out DIR`."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,23 @@ def add_bench_commands(commands: Any) -> None:
     wire.add_argument("--quick", action="store_true", help="10 sites and 10 watchers")
     wire.set_defaults(run=_bench_wire)
 
+    every = sub.add_parser(
+        "all", help="every benchmark, then one report",
+        description="Runs aggregation, consolidate and wire into DIR (each writes its JSON, "
+                    "the first two a plot), then writes DIR/report.json, DIR/report.md (the "
+                    "headline ratios against the peers measured in the same run) and "
+                    "DIR/wire.png.")
+    every.add_argument("--out", type=Path, required=True)
+    every.add_argument("--quick", action="store_true", help="every benchmark's smoke size")
+    every.set_defaults(run=_bench_all)
+
+    report = sub.add_parser(
+        "report", help="rebuild DIR/report.json and report.md from DIR's benchmark JSON",
+        description="Reads DIR/aggregation.json, consolidate.json and wire.json (nothing is "
+                    "measured) and writes DIR/report.json, DIR/report.md and DIR/wire.png.")
+    report.add_argument("--out", type=Path, required=True)
+    report.set_defaults(run=_bench_report)
+
 
 def _bench_aggregation(args: argparse.Namespace) -> int:
     from fleetmind.sim.bench import aggregation
@@ -61,4 +80,35 @@ def _bench_wire(args: argparse.Namespace) -> int:
     from fleetmind.sim.bench import wire
 
     wire.run(args.out, quick=args.quick)
+    return 0
+
+
+def _bench_all(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fleetmind.sim.bench import aggregation, consolidate, wire
+
+    console = Console()
+    started_all = time.perf_counter()
+    for name, bench in (("aggregation", aggregation), ("consolidate", consolidate),
+                        ("wire", wire)):
+        console.rule(f"[bold]bench {name}[/bold]{' (quick)' if args.quick else ''}")
+        started = time.perf_counter()
+        bench.run(args.out, quick=args.quick)
+        console.print(f"[green]{name} done[/green] in {time.perf_counter() - started:.0f} s")
+    console.rule(f"[bold]report[/bold] (benchmarks took {time.perf_counter() - started_all:.0f} s)")
+    return _bench_report(args)
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `bench all` only needs it once the benchmarks are done.
+    from fleetmind.sim.bench import report
+
+    try:
+        json_path, md_path = report.write(args.out)
+    except report.MissingBenchmarkError as error:
+        raise argparse.ArgumentError(None, str(error)) from error  # one line, exit 2
+    # The Markdown as it is, not rendered: it is what goes into a README, ready to copy.
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
     return 0
