@@ -97,6 +97,13 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
     total = {name: np.zeros_like(b) for name, b in start.items()}
     stats = distill.DistillStats()
     dreams: list[distill.Dream] = []
+    # Every session starts from the same frozen model, so the guard's examples are the
+    # same for all of them: sampled once here, not once per session.
+    guard_set = None
+    if per_session and cfg.method == "opsd" and cfg.guard_weight > 0 and len(groups) > 1:
+        guard_set = distill.guard_examples(model, tokenizer, guard_prompts, cfg,
+                                           random.Random(cfg.seed),
+                                           distill.turn_end_ids(tokenizer))
     for group in groups:
         lora.set_b(model, start)
         if cfg.method == "sft_transcript":
@@ -105,7 +112,7 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
         else:
             result = distill.consolidate(model, tokenizer, group, guard_prompts, cfg,
                                          replay=replayed, scrub=lambda t: scrub_text(t)[0],
-                                         progress=progress)
+                                         progress=progress, guard_set=guard_set)
         for name, delta in result.delta.items():
             total[name] += delta
         if per_session:

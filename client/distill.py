@@ -396,12 +396,16 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
                 guard_prompts: Sequence[Messages], cfg: DistillConfig,
                 replay: Sequence[tuple[Lesson, Dream]] = (),
                 scrub: Callable[[str], str] | None = None,
-                progress: bool = True) -> ConsolidationResult:
+                progress: bool = True,
+                guard_set: Sequence[tuple[list[int], list[int]]] | None = None
+                ) -> ConsolidationResult:
     """Trains the adapter's B on `lessons` and returns B_after - B_before.
 
     `model` is a PEFT model from `lora.attach_lora`; `guard_prompts` are general inputs
     (tasks that carry their own context included); `replay` pairs kept dreams from earlier
-    sessions with their session, so old lessons are rehearsed."""
+    sessions with their session, so old lessons are rehearsed. `guard_set`: the guard's
+    examples from `guard_examples`, when several consolidations from the same frozen model
+    share them (one per session), so they are sampled once."""
     import torch
 
     if not lessons:
@@ -442,8 +446,10 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
     if not sources:
         raise ValueError("no prompts to learn from: every source with a positive ratio is empty")
 
-    guard_set = guard_examples(model, tokenizer, guard_prompts, cfg, rng, stop) \
-        if cfg.guard_weight > 0 else []
+    if cfg.guard_weight <= 0:
+        guard_set = []
+    elif guard_set is None:
+        guard_set = guard_examples(model, tokenizer, guard_prompts, cfg, rng, stop)
     bar = _progress(progress)
     task = bar.add_task("consolidate", total=cfg.steps, loss=float("nan"), kl=float("nan"),
                         tps=0.0)

@@ -10,6 +10,7 @@ what that costs in transfer, beside the exact merge, in the same run.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ class FeditArm:
     global_b: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from fleetmind.client import lora
+        from fleetmind.client import distill, lora
         from fleetmind.client.model import load_model
 
         model, self.tokenizer = load_model(self.model_dir)
@@ -43,6 +44,10 @@ class FeditArm:
         self.global_a = lora.get_b(self.model, "A")
         self.global_b = lora.get_b(self.model)
         self.rng = np.random.default_rng(self.seed)
+        # The teacher is the frozen base model throughout, so the guard's examples are too.
+        self.guard_set = distill.guard_examples(self.model, self.tokenizer, self.guard,
+                                                self.distill, random.Random(self.seed),
+                                                distill.turn_end_ids(self.tokenizer))
 
     def round(self, sessions_per_site: Sequence[Sequence[Any]]) -> None:
         """One round: every session distilled alone from the global (A, B), its (dA, dB)
@@ -61,7 +66,7 @@ class FeditArm:
                 lora.freeze_a(self.model, frozen=False)
                 distill.consolidate(self.model, self.tokenizer, [lesson], self.guard,
                                     self.distill, scrub=lambda t: scrub_text(t)[0],
-                                    progress=False)
+                                    progress=False, guard_set=self.guard_set)
                 lora.freeze_a(self.model)
                 delta_a = {n: a - self.global_a[n] for n, a in lora.get_b(self.model, "A").items()}
                 delta_b = {n: b - self.global_b[n] for n, b in lora.get_b(self.model).items()}
