@@ -166,19 +166,20 @@ def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill
                                           progress=progress)
         finally:
             replay.close()
-        _write_atomic(out / "update.safetensors", result.update.to_bytes())
+        write_atomic(out / "update.safetensors", result.update.to_bytes())
         lora.save_adapter(peft_model, out / "adapter")
         record = {"consolidation": result.consolidation_id, "site": site,
                   "base_version": base_version, "sessions": [s.id for s in sessions],
                   "scrubbed": result.scrubbed.as_dict(), "steps": result.stats.steps,
                   "tokens": result.stats.tokens, "tokens_per_s": result.stats.tokens_per_s,
                   "dreams_kept": result.stats.dreams_kept}
-        _write_atomic(out / "consolidation.json", (json.dumps(record, indent=2) + "\n").encode())
+        write_atomic(out / "consolidation.json", (json.dumps(record, indent=2) + "\n").encode())
         store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
     return result
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path` whole or not at all: temp file, fsync, rename."""
     import os
 
     temporary = path.with_name(path.name + ".tmp")

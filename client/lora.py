@@ -45,9 +45,13 @@ def attach_lora(model: Any, seed: int, rank: int = 8, alpha: float = 16.0,
     return peft_model
 
 
+_A_TRAINS = "_fleetmind_a_trains"  # the intent, kept on the model: PEFT flips requires_grad
+
+
 def freeze_a(peft_model: Any, frozen: bool = True) -> None:
     """Freezes every A (the default), or lets A train (`frozen=False`): the FedIT baseline
     only, whose merge is then no longer exact."""
+    setattr(peft_model, _A_TRAINS, not frozen)
     for layer in lora_layers(peft_model).values():
         layer.lora_A[ADAPTER].weight.requires_grad_(not frozen)
 
@@ -55,14 +59,12 @@ def freeze_a(peft_model: Any, frozen: bool = True) -> None:
 @contextmanager
 def adapter_disabled(peft_model: Any) -> Iterator[None]:
     """The frozen global model (the teacher). PEFT marks every adapter weight trainable
-    again when it re-enables the adapter, so A's state is put back on the way out."""
-    a_frozen = not any(layer.lora_A[ADAPTER].weight.requires_grad
-                       for layer in lora_layers(peft_model).values())
+    again when it re-enables the adapter, so A is put back as `freeze_a` last left it."""
     try:
         with peft_model.disable_adapter():
             yield
     finally:
-        freeze_a(peft_model, frozen=a_frozen)
+        freeze_a(peft_model, frozen=not getattr(peft_model, _A_TRAINS, False))
 
 
 def lora_layers(peft_model: Any) -> dict[str, Any]:
@@ -101,9 +103,11 @@ def set_b(peft_model: Any, tensors: dict[str, np.ndarray], factor: str = "B") ->
 
 
 def trainable_parameters(peft_model: Any) -> list[Any]:
-    """Every B, and every A that `freeze_a(..., frozen=False)` let train."""
-    return [weight for layer in lora_layers(peft_model).values()
-            for weight in (_factor(layer, "A"), _factor(layer, "B")) if weight.requires_grad]
+    """Every B, and every A once `freeze_a(..., frozen=False)` let A train (the intent, not
+    requires_grad, which PEFT sets on every adapter weight when it re-enables one)."""
+    factors = ("A", "B") if getattr(peft_model, _A_TRAINS, False) else ("B",)
+    return [_factor(layer, factor) for layer in lora_layers(peft_model).values()
+            for factor in factors]
 
 
 def save_adapter(peft_model: Any, out: Path) -> Path:

@@ -12,7 +12,6 @@ leaves).
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ def consolidate_site(message: Message, run: FlowerRun, site: SiteNode,
     sessions). The reply carries the adapted B and the site's weight, or an error when
     every session was consolidated before."""
     from fleetmind.client import lora
-    from fleetmind.client.consolidate import consolidate_sessions, read_prompts
+    from fleetmind.client.consolidate import consolidate_sessions, read_prompts, write_atomic
     from fleetmind.client.replay import ReplayBuffer
     from fleetmind.client.store import SessionStore
 
@@ -84,8 +83,8 @@ def consolidate_site(message: Message, run: FlowerRun, site: SiteNode,
                                           progress=False)
         finally:
             replay.close()
-        _write_atomic(site.state / f"round-{server_round:04d}-update.safetensors",
-                      result.update.to_bytes())
+        write_atomic(site.state / f"round-{server_round:04d}-update.safetensors",
+                     result.update.to_bytes())
         store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
     # consolidate_sessions left B at (sent B + delta): the reply Flower's clipping expects.
     metrics = MetricRecord({WEIGHT: result.update.metadata.weight, "sessions": len(sessions),
@@ -109,15 +108,6 @@ def _adapted_model(model: str, seed: int, rank: int, alpha: float, threads: int
     torch.set_num_threads(threads)
     base, tokenizer = load_model(model)
     return lora.attach_lora(base, seed=seed, rank=rank, alpha=alpha), tokenizer
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 app = client_app()

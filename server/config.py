@@ -56,10 +56,11 @@ class CohortPolicy:
     dropout_rate: float = 0.1  # sizes the SecAgg+ neighbour graph (graph.secagg_plus_degree)
 
     def __post_init__(self) -> None:
-        if not 2 <= self.min_size <= self.target_size <= self.max_size:
-            raise ConfigError(f"cohort sizes must satisfy 2 <= min_size ({self.min_size}) <= "
+        if not 3 <= self.min_size <= self.target_size <= self.max_size:
+            raise ConfigError(f"cohort sizes must satisfy 3 <= min_size ({self.min_size}) <= "
                               f"target_size ({self.target_size}) <= max_size ({self.max_size}):"
-                              " a sum of one site is that site's update")
+                              " each site splits its secrets among at least two others, and a "
+                              "sum of two sites tells each the other's update")
         for name in ("deadline_s", "phase_deadline_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

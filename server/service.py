@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -56,6 +57,8 @@ from fleetmind.server.enrolment import EnrolmentError, Enrolments
 from fleetmind.server.ledger import Ledger
 from fleetmind.server.metrics import MetricsEndpoint, ServerMetrics
 from fleetmind.server.versions import VersionError, VersionRegistry
+
+log = logging.getLogger(__name__)
 
 S = grpc.StatusCode
 PROTOCOL_STATUS = {
@@ -448,7 +451,10 @@ def serve(config: ServerConfig) -> RunningServer:
 
     def tick() -> None:
         while not stop_ticking.wait(TICK_S):
-            coordinator.tick()
+            try:
+                coordinator.tick()
+            except Exception:  # a bug in one tick must not stop every later deadline
+                log.exception("coordinator tick failed; ticking on")
     threading.Thread(target=tick, name="fleetmind-coordinator-tick", daemon=True).start()
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return RunningServer(server, port, address, coordinator, health_servicer, stop_ticking,

@@ -71,9 +71,11 @@ class DemoConfig:
         if not self.server_learning_rate:
             object.__setattr__(self, "server_learning_rate", float(self.sites))
         problems = []
-        if self.sites < 2:
-            problems.append(f"--sites {self.sites}: the aggregator refuses a cohort below 2 "
-                            "sites (a sum of one site is that site's update); use 2 or more")
+        if self.sites < 3:
+            problems.append(f"--sites {self.sites}: the aggregator's smallest cohort is 3 "
+                            "sites (secure aggregation splits each site's secrets among two "
+                            "others, and a sum of two tells each the other's update); use 3 "
+                            "or more")
         if self.sites > 32:
             problems.append(f"--sites {self.sites}: every site is a process on this machine; "
                             "use at most 32 (Run on Flower scales further)")

@@ -38,7 +38,9 @@ def test_committed_model_is_the_default_recipe(toy_model_dir) -> None:
 
 def test_toy_model_reads_its_context_and_knows_nothing_closed_book(toy_model) -> None:
     model, tokenizer = toy_model
-    report = basemodel.measure(model, tokenizer, basemodel.heldout_world(tasks_per_size=100))
+    # 200 tasks per size, as the build reports: at 100 the 2-fact rate (about 0.92) sits
+    # within one standard deviation of the 0.9 line
+    report = basemodel.measure(model, tokenizer, basemodel.heldout_world(tasks_per_size=200))
     assert report["incontext_by_facts"]["1"] >= 0.9
     assert report["incontext_by_facts"]["2"] >= 0.9
     # chance is 1/40; 200 probes: 0.08 is > 5 standard deviations above it

@@ -1,5 +1,6 @@
-"""A reduced `fleetmind demo`: two site processes and the aggregator over real loopback gRPC,
-one round on a small world, and results.json holding every field the README promises."""
+"""A reduced `fleetmind demo`: three site processes (the smallest cohort secure aggregation
+allows) and the aggregator over real loopback gRPC, one round on a small world, and
+results.json holding every field the README promises."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ ROUND_FIELDS = ("round", "transfer_accuracy", "own_accuracy", "incontext_upper_b
 
 
 def test_reduced_demo_transfers_knowledge_between_sites(tmp_path: Path) -> None:
-    cfg = DemoConfig(sites=2, rounds=1, facts_per_site=2, canaries_per_site=1, steps=12,
+    cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, canaries_per_site=1, steps=12,
                      dp=False, merge="exact", out=tmp_path / "demo")
     run_demo(cfg)
     results = json.loads((cfg.out / RESULTS).read_text())
-    assert results["sites"] == ["site-00", "site-01"]
+    assert results["sites"] == ["site-00", "site-01", "site-02"]
     assert [r["round"] for r in results["rounds"]] == [0, 1]
     for measured in results["rounds"]:
         assert all(key in measured for key in ROUND_FIELDS)
@@ -29,12 +30,12 @@ def test_reduced_demo_transfers_knowledge_between_sites(tmp_path: Path) -> None:
     assert after["version"] == 1 and after["epsilon"] > 0
     # Each site learned facts it never saw, from the other site, through the fleet.
     assert after["transfer_accuracy"] > base["transfer_accuracy"]
-    assert results["config"]["sites"] == 2 and results["config"]["dp"] is False
+    assert results["config"]["sites"] == 3 and results["config"]["dp"] is False
     assert (cfg.out / PLOT).stat().st_size > 0
 
 
 @pytest.mark.parametrize("args, problem", [
-    (["--sites", "1"], "cohort below 2 sites"),
+    (["--sites", "2"], "smallest cohort is 3 sites"),
     (["--rounds", "0"], "--rounds 0"),
     (["--steps", "0"], "--steps 0"),
     (["--noise-multiplier", "-1"], "noise_multiplier"),

@@ -67,7 +67,7 @@ def test_a_toml_config_is_read_and_checked(tmp_path: Path) -> None:
     path.write_text('listen = "127.0.0.1:0"\ndata_dir = "data"\n'
                     '[tls]\ncertificate = "c/a.crt"\nprivate_key = "c/a.key"\n'
                     'ca_certificate = "c/ca.crt"\n'
-                    '[cohort]\nmin_size = 2\ntarget_size = 5\ndeadline_s = 10\n'
+                    '[cohort]\nmin_size = 3\ntarget_size = 5\ndeadline_s = 10\n'
                     '[privacy]\nclip_norm = 0.5\nnoise_multiplier = 1.2\nepsilon_budget = 8\n'
                     '[adapter]\nbase_model_id = "m"\nbase_model_sha256 = "' + "a" * 64 + '"\n'
                     'frozen_a_seed = 3\nrank = 2\n'
@@ -76,7 +76,7 @@ def test_a_toml_config_is_read_and_checked(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.data_dir == tmp_path / "data"
     assert config.tls.ca_certificate == tmp_path / "c" / "ca.crt"
-    assert (config.cohort.min_size, config.cohort.target_size) == (2, 5)
+    assert (config.cohort.min_size, config.cohort.target_size) == (3, 5)
     assert (config.privacy.clip_norm, config.privacy.epsilon_budget) == (0.5, 8)
     assert config.adapter.modules[0].out_features == 6
 
