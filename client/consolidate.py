@@ -92,6 +92,7 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
             if dream.session_id in by_id:
                 replayed.append((by_id[dream.session_id], dream))
     start = lora.get_b(model)
+    lora.hold_global(model)
     groups = [[lesson] for lesson in lessons] if per_session else [lessons]
     session_updates: list[tuple[str, dict[str, np.ndarray]]] = []
     total = {name: np.zeros_like(b) for name, b in start.items()}

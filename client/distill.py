@@ -229,7 +229,7 @@ class TeacherContext:
     def encode(cls, model: Any, ids: list[int]) -> TeacherContext:
         import torch
 
-        with torch.no_grad(), lora.adapter_disabled(model):
+        with torch.no_grad(), lora.frozen_global(model):
             out = model(input_ids=torch.tensor([ids]), use_cache=True)
         return cls(ids, out.cache)
 
@@ -240,7 +240,7 @@ class TeacherContext:
 
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(suffixes.shape[0])
-        with torch.no_grad(), lora.adapter_disabled(model):
+        with torch.no_grad(), lora.frozen_global(model):
             return model(input_ids=suffixes, cache=cache, use_cache=True).logits
 
 
@@ -313,7 +313,7 @@ def distill_loss(model: Any, tokenizer: Any, teachers: Sequence[TeacherContext |
         teacher = teachers[rows[0]]
         ids = pad_right([list(teacher_prompts[r]) + list(completions[r]) for r in rows], pad)
         if teacher is None:
-            with torch.no_grad(), lora.adapter_disabled(model):
+            with torch.no_grad(), lora.frozen_global(model):
                 logits = model(input_ids=ids).logits
         else:
             logits = teacher.logits(model, ids)  # (rows, Lt, V)
@@ -351,7 +351,7 @@ def dream(model: Any, tokenizer: Any, lesson: Lesson, count: int, max_new_tokens
 
     user_end = turn_end_ids(tokenizer)
     prefix = user_turn_prefix_ids(tokenizer, lesson.context)
-    with lora.adapter_disabled(model):
+    with lora.frozen_global(model):
         drafts = sample(model, tokenizer, [prefix], count, max_new_tokens, 1.0, user_end)
     seen = {p[0]["content"] for p in lesson.probes}
     candidates = []
@@ -365,7 +365,7 @@ def dream(model: Any, tokenizer: Any, lesson: Lesson, count: int, max_new_tokens
     kept = []
     if candidates:
         prompts = [chat_ids(tokenizer, [*lesson.context, *p], generation=True) for p in candidates]
-        with lora.adapter_disabled(model):
+        with lora.frozen_global(model):
             confidences = greedy_confidence(model, tokenizer, prompts, max_new_tokens, user_end)
         kept = [Dream(lesson.session_id, prompt, confidence)
                 for prompt, confidence in zip(candidates, confidences, strict=True)
@@ -417,6 +417,7 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
     rng = random.Random(cfg.seed)
     stop = turn_end_ids(tokenizer)
     start_b = lora.get_b(model)
+    lora.hold_global(model)
     optimizer = _optimizer(model, cfg)
     stats = DistillStats()
     started = time.perf_counter()
@@ -546,7 +547,7 @@ def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg:
     prompt_ids = [chat_ids(tokenizer, p, generation=True) for p in rng.sample(list(prompts),
                                                                               count)]
     completions: list[list[int]] = []
-    with lora.adapter_disabled(model):
+    with lora.frozen_global(model):
         for start in range(0, count, 64):
             completions += sample(model, tokenizer, prompt_ids[start:start + 64], 1,
                                   cfg.max_new_tokens, cfg.temperature, stop)

@@ -67,6 +67,41 @@ def adapter_disabled(peft_model: Any) -> Iterator[None]:
         freeze_a(peft_model, frozen=not getattr(peft_model, _A_TRAINS, False))
 
 
+_GLOBAL = "_fleetmind_global"  # the trainable factors' values when consolidation began
+
+
+def hold_global(peft_model: Any) -> None:
+    """Records the adapter as it is now as the frozen global model: what `frozen_global`
+    serves as the teacher and the forgetting guard's reference while B trains."""
+    factors = ("A", "B") if getattr(peft_model, _A_TRAINS, False) else ("B",)
+    setattr(peft_model, _GLOBAL, {(name, factor): _factor(layer, factor).detach().clone()
+                                  for name, layer in lora_layers(peft_model).items()
+                                  for factor in factors})
+
+
+@contextmanager
+def frozen_global(peft_model: Any) -> Iterator[None]:
+    """The frozen global model: the adapter as `hold_global` recorded it (the base model,
+    through `adapter_disabled`, when nothing was recorded). Disabling the adapter instead
+    would make every round's guard pull the model back to the base, undoing what earlier
+    rounds merged. Values are swapped through `.data`, which autograd does not track, and
+    put back on exit, so a student graph built before stays valid for its backward."""
+    held = getattr(peft_model, _GLOBAL, None)
+    if held is None:
+        with adapter_disabled(peft_model):
+            yield
+        return
+    layers = lora_layers(peft_model)
+    current = {key: _factor(layers[key[0]], key[1]).data.clone() for key in held}
+    try:
+        for key, value in held.items():
+            _factor(layers[key[0]], key[1]).data.copy_(value)
+        yield
+    finally:
+        for key, value in current.items():
+            _factor(layers[key[0]], key[1]).data.copy_(value)
+
+
 def lora_layers(peft_model: Any) -> dict[str, Any]:
     from peft.tuners.lora import LoraLayer
 

@@ -131,6 +131,30 @@ def test_consolidation_is_deterministic_under_a_seed(toy_model_dir) -> None:
     assert all(np.array_equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
 
 
+def test_the_frozen_global_model_is_the_adapter_when_consolidation_began(toy_model_dir
+                                                                           ) -> None:
+    model, tokenizer = load_model(toy_model_dir)
+    peft_model = lora.attach_lora(model, seed=2)
+    ids = torch.tensor([distill.chat_ids(tokenizer, [{"role": "user", "content":
+                                                      "what is the color of moukrain ?"}],
+                                         generation=True)])
+    shapes = lora.get_b(peft_model)
+    lora.set_b(peft_model, {n: np.full_like(b, 0.02) for n, b in shapes.items()})
+    lora.hold_global(peft_model)  # a later round: the global B is no longer zero
+    with torch.no_grad():
+        global_logits = peft_model(input_ids=ids).logits.clone()
+        with lora.adapter_disabled(peft_model):
+            base_logits = peft_model(input_ids=ids).logits.clone()
+    assert not torch.allclose(global_logits, base_logits)
+    lora.set_b(peft_model, {n: np.full_like(b, 0.05) for n, b in shapes.items()})
+    student_loss = peft_model(input_ids=ids).logits.square().mean()
+    with torch.no_grad(), lora.frozen_global(peft_model):
+        assert torch.allclose(peft_model(input_ids=ids).logits, global_logits)
+    student_loss.backward()  # the student's graph outlived the teacher's forward
+    assert all(np.allclose(b, 0.05) for b in lora.get_b(peft_model).values())
+    assert all(p.grad is not None for p in lora.trainable_parameters(peft_model))
+
+
 def test_sgd_keeps_a_session_delta_small_where_adam_spreads_it(toy_model_dir) -> None:
     lessons, guard = lessons_and_guard(1)
     norms = {}
