@@ -22,7 +22,7 @@ from fleetmind.aggregation.chain import ChainEntry
 # The site's own parser of the aggregator key (raw, hex or PEM), so the auditor accepts
 # exactly the files a site's `aggregator_key` setting does; and its loopback rule, so
 # plaintext is refused off this machine just as a site refuses it.
-from fleetmind.client.site import _is_loopback, _public_key_bytes, _split_address
+from fleetmind.client.site import is_loopback, public_key_bytes, split_address
 
 if TYPE_CHECKING:
     import grpc
@@ -50,7 +50,7 @@ def _read_key_file(path: Path, what: str) -> bytes:
 def aggregator_key(path: Path) -> bytes:
     """The aggregator's Ed25519 public key as 32 raw bytes, from a file holding it raw, as
     64 hex digits or as PEM (what a site's `aggregator_key` accepts). Raises ValueError."""
-    return _public_key_bytes(_read_key_file(path, "aggregator key"), str(path))
+    return public_key_bytes(_read_key_file(path, "aggregator key"), str(path))
 
 
 def site_key(path: Path) -> bytes:
@@ -66,7 +66,7 @@ def site_key(path: Path) -> bytes:
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 site key")
         return key.public_key().public_bytes_raw()
-    return _public_key_bytes(raw, str(path))
+    return public_key_bytes(raw, str(path))
 
 
 def read_log(path: Path) -> list[ChainEntry]:
@@ -121,12 +121,12 @@ def audit_channel(address: str, *, insecure: bool = False, tls: Tls | None = Non
     sites follow). Raises ValueError naming what is missing or refused."""
     import grpc
 
-    host, _ = _split_address(address)
+    host, _ = split_address(address)
     if insecure and tls is not None:
         raise ValueError("both --insecure and --ca/--cert/--key given: pick one (mTLS for any "
                          "real aggregator)")
     if insecure:
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise ValueError(f"plaintext refused to {address}: --insecure is only for a "
                              "loopback aggregator (127.0.0.1, ::1, localhost); pass --ca, "
                              "--cert and --key")

@@ -76,8 +76,9 @@ from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc, models_pb2,
 if TYPE_CHECKING:  # consolidate pulls in the distillation stack; only its type is needed
     from fleetmind.client.consolidate import SiteConsolidation
 
-__all__ = ["Backoff", "ConfigError", "Outcome", "SiteConfig", "SiteTls", "load_identity_key",
-           "make_channel", "run", "run_once"]
+__all__ = ["Backoff", "ConfigError", "Outcome", "SiteConfig", "SiteTls", "is_loopback",
+           "load_identity_key", "make_channel", "public_key_bytes", "run", "run_once",
+           "split_address"]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class SiteTls:
     private_key: Path
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     # Duplicated from the server's check on purpose: client code never imports the server.
     if host == "localhost":
         return True
@@ -116,7 +117,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _split_address(address: str) -> tuple[str, int]:
+def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -162,11 +163,11 @@ class SiteConfig:
             object.__setattr__(self, "aggregator_key", Path(self.aggregator_key))
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("name is empty: give the site the name it enrols under")
-        host, _ = _split_address(self.aggregator)
+        host, _ = split_address(self.aggregator)
         if self.insecure and self.tls is not None:
             raise ConfigError("both insecure and tls are set: pick one (tls for any real "
                               "aggregator)")
-        if self.insecure and not _is_loopback(host):
+        if self.insecure and not is_loopback(host):
             raise ConfigError(f"plaintext refused to {self.aggregator}: insecure is only for a "
                               "loopback aggregator (127.0.0.1, ::1, localhost); configure tls")
         if not self.insecure and self.tls is None:
@@ -209,7 +210,7 @@ class SiteConfig:
         """The pinned key as 32 raw bytes."""
         raw = bytes(self.aggregator_key) if isinstance(self.aggregator_key, bytes | bytearray) \
             else self.aggregator_key.read_bytes()
-        return _public_key_bytes(raw, str(self.aggregator_key)
+        return public_key_bytes(raw, str(self.aggregator_key)
                                  if isinstance(self.aggregator_key, Path) else "aggregator_key")
 
     @classmethod
@@ -270,7 +271,7 @@ class SiteConfig:
         return cls.from_mapping(raw, path.parent)
 
 
-def _public_key_bytes(raw: bytes, source: str) -> bytes:
+def public_key_bytes(raw: bytes, source: str) -> bytes:
     text = raw.strip()
     if len(raw) == 32:
         return raw
