@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,17 @@ def answer_correct(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]
     return results
 
 
+def fact_accuracy(model: Any, tokenizer: Any, facts: Sequence[W.Fact],
+                  prompt: Callable[[W.Fact], list[dict[str, str]]] = W.closed_book_prompt
+                  ) -> float:
+    """Share of `facts` answered exactly after `prompt(fact)`: closed-book by default; pass
+    `lambda f: W.context_prompt([f], f)` for the teacher's in-context accuracy."""
+    if not facts:
+        return 0.0
+    return _mean(answer_correct(model, tokenizer, [prompt(f) for f in facts],
+                                [W.answer(f) for f in facts]))
+
+
 def measure(model: Any, tokenizer: Any, world: W.World) -> dict[str, Any]:
     """In-context accuracy on the world's general tasks by number of facts, closed-book accuracy
     on its facts (which the model was never told), and chance."""
@@ -240,14 +252,12 @@ def measure(model: Any, tokenizer: Any, world: W.World) -> dict[str, Any]:
         answers.append(W.answer(asked))
     by_facts = {facts: _mean(answer_correct(model, tokenizer, prompts, answers))
                 for facts, (prompts, answers) in sorted(tasks.items())}
-    facts = [fact for _, fact in world.facts()]
-    closed_book = answer_correct(model, tokenizer, [W.closed_book_prompt(f) for f in facts],
-                                 [W.answer(f) for f in facts])
     small = [by_facts[k] for k in ("1", "2") if k in by_facts]
     return {
         "incontext_accuracy": sum(small) / len(small),
         "incontext_by_facts": by_facts,
-        "closed_book_accuracy": _mean(closed_book),
+        "closed_book_accuracy": fact_accuracy(model, tokenizer,
+                                              [fact for _, fact in world.facts()]),
         "chance_accuracy": 1 / W.VALUES_PER_ATTRIBUTE,
     }
 

@@ -295,28 +295,25 @@ class Evaluator:
     def __post_init__(self) -> None:
         from fleetmind.client import exposure
         from fleetmind.client.model import load_model
+        from fleetmind.sim.basemodel import fact_accuracy
 
         self.canaries = [(site.name, exposure.canary_from_row(W.canary_row(canary)))
                          for site in self.world.sites for canary in site.canaries]
         model, tokenizer = load_model(self.model_dir)
         self.base = self._measure(model, tokenizer)
         self.base["upper_bound"] = {
-            site.name: _accuracy(model, tokenizer,
-                                 [W.context_prompt([f], f)
-                                  for f in self.world.foreign_facts(site.name)],
-                                 self.world.foreign_facts(site.name))
+            site.name: fact_accuracy(model, tokenizer, self.world.foreign_facts(site.name),
+                                     lambda f: W.context_prompt([f], f))
             for site in self.world.sites}
 
     def _measure(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         from fleetmind.client.exposure import canary_exposure
-        from fleetmind.sim.basemodel import measure
+        from fleetmind.sim.basemodel import fact_accuracy, measure
 
         exposure = canary_exposure(model, tokenizer, [c for _, c in self.canaries])
         return {
             "incontext": measure(model, tokenizer, self.world)["incontext_accuracy"],
-            "closed_book": {site.name: _accuracy(model, tokenizer,
-                                                 [W.closed_book_prompt(f) for f in site.facts],
-                                                 site.facts)
+            "closed_book": {site.name: fact_accuracy(model, tokenizer, site.facts)
                             for site in self.world.sites},
             "exposure": exposure,
         }
@@ -357,15 +354,6 @@ class Evaluator:
         fleet = {key: sum(s[key] for s in sites) / len(sites)
                  for key in sites[0] if key != "site"}
         return {**fleet, "sites": sites}
-
-
-def _accuracy(model: Any, tokenizer: Any, prompts: list[Any], facts: list[W.Fact]) -> float:
-    from fleetmind.sim.basemodel import answer_correct
-
-    if not facts:
-        return 0.0
-    right = answer_correct(model, tokenizer, prompts, [W.answer(f) for f in facts])
-    return sum(right) / len(right)
 
 
 def _mean(weighted: list[float], weights: list[int]) -> float:

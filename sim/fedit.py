@@ -53,12 +53,16 @@ class FeditArm:
         """One round: every session distilled alone from the global (A, B), its (dA, dB)
         clipped to C together, summed over the cohort with Gaussian noise, then A and B
         each moved by the server learning rate times their mean over sites."""
+        from fleetmind.aggregation import dp
+        from fleetmind.aggregation.merge import flatten, unflatten
         from fleetmind.client import distill, lora
         from fleetmind.client.consolidate import lessons_from
         from fleetmind.client.scrub import scrub_text
 
-        sum_a = {name: np.zeros_like(a) for name, a in self.global_a.items()}
-        sum_b = {name: np.zeros_like(b) for name, b in self.global_b.items()}
+        start = self._factors(self.global_a, self.global_b)
+        shapes = {key: value.shape for key, value in start.items()}
+        start_flat = flatten(start, shapes)
+        total = np.zeros_like(start_flat)
         for sessions in sessions_per_site:
             for lesson in lessons_from(sessions)[0]:
                 lora.set_b(self.model, self.global_a, "A")
@@ -68,19 +72,19 @@ class FeditArm:
                                     self.distill, scrub=lambda t: scrub_text(t)[0],
                                     progress=False, guard_set=self.guard_set)
                 lora.freeze_a(self.model)
-                delta_a = {n: a - self.global_a[n] for n, a in lora.get_b(self.model, "A").items()}
-                delta_b = {n: b - self.global_b[n] for n, b in lora.get_b(self.model).items()}
-                norm = np.sqrt(sum(np.square(d).sum() for d in (*delta_a.values(),
-                                                               *delta_b.values())))
-                scale = min(1.0, self.clip_norm / norm) if norm > 0 else 0.0
-                for name in sum_a:
-                    sum_a[name] += scale * delta_a[name]
-                    sum_b[name] += scale * delta_b[name]
-        stddev = self.noise_multiplier * self.clip_norm
+                after = self._factors(lora.get_b(self.model, "A"), lora.get_b(self.model))
+                clipped, _ = dp.clip_to_norm(flatten(after, shapes) - start_flat, self.clip_norm)
+                total += clipped
+        noised = dp.add_gaussian_noise(total, self.noise_multiplier * self.clip_norm, self.rng)
         step = self.server_learning_rate / len(sessions_per_site)
-        for name in sum_a:
-            for factor, total in ((self.global_a, sum_a), (self.global_b, sum_b)):
-                noised = total[name] + self.rng.normal(0, stddev, total[name].shape)
-                factor[name] = (factor[name] + step * noised).astype(np.float32)
+        merged = unflatten((start_flat + step * noised).astype(np.float32), shapes)
+        self.global_a = {name: merged[f"A:{name}"] for name in self.global_a}
+        self.global_b = {name: merged[f"B:{name}"] for name in self.global_b}
         lora.set_b(self.model, self.global_a, "A")
         lora.set_b(self.model, self.global_b)
+
+    @staticmethod
+    def _factors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A and B of every module in one mapping: one vector to clip and noise together."""
+        return {**{f"A:{name}": t for name, t in a.items()},
+                **{f"B:{name}": t for name, t in b.items()}}

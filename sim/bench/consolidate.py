@@ -40,16 +40,6 @@ LORA_SEED = 1
 PEER = "trl.experimental.sdft.SDFTTrainer"
 
 
-def _accuracy(model: Any, tokenizer: Any, prompts: list, answers: list[str]) -> float:
-    results = basemodel.answer_correct(model, tokenizer, prompts, answers)
-    return sum(results) / len(results)
-
-
-def _closed_book(model: Any, tokenizer: Any, facts: Sequence[W.Fact]) -> float:
-    return _accuracy(model, tokenizer, [W.closed_book_prompt(f) for f in facts],
-                     [W.answer(f) for f in facts])
-
-
 def _general(model: Any, tokenizer: Any, world: W.World) -> float:
     by_facts = basemodel.measure(model, tokenizer, world)["incontext_by_facts"]
     return sum(by_facts.values()) / len(by_facts)
@@ -174,13 +164,13 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
     cfg = distill.DistillConfig(steps=10 if quick else distill.DistillConfig().steps)
 
     base, tokenizer = load_model(model_dir)
-    teacher = _accuracy(base, tokenizer, [W.context_prompt([f], f) for f in site.facts],
-                        [W.answer(f) for f in site.facts])
-    closed_before = _closed_book(base, tokenizer, site.facts)
+    teacher = basemodel.fact_accuracy(base, tokenizer, site.facts,
+                                      lambda f: W.context_prompt([f], f))
+    closed_before = basemodel.fact_accuracy(base, tokenizer, site.facts)
     general_before = _general(base, tokenizer, world)
 
     def score(model: Any, tok: Any) -> dict[str, float]:
-        closed = _closed_book(model, tok, site.facts)
+        closed = basemodel.fact_accuracy(model, tok, site.facts)
         return {"recovery": round(closed / teacher, 4) if teacher else 0.0,
                 "closed_book": closed,
                 "forgetting_points": round(100 * (general_before - _general(model, tok, world)),
