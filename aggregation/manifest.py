@@ -46,14 +46,16 @@ def canonical_json(value: Any) -> bytes:
 
 def check_release(round_id: int | None, cohort_size: int, clip_norm: float,
                   noise_multiplier: float, noise_mode: str, epsilon: float, delta: float,
-                  genesis: bool) -> None:
+                  genesis: bool, secure_aggregation: bool = True) -> None:
     """Raises ValueError unless these describe a publishable round (or genesis)."""
+    if not isinstance(secure_aggregation, bool):
+        raise ValueError(f"secure_aggregation={secure_aggregation!r} must be true or false")
     if genesis:
         # Genesis learned nothing from anyone: it spends no privacy and sums no sites.
-        if (cohort_size, clip_norm, noise_multiplier, noise_mode, epsilon, delta) != \
-                (0, 0.0, 0.0, "none", 0.0, 0.0):
-            raise ValueError("genesis (version 0) must have cohort_size 0, no clip, no noise "
-                             "and epsilon 0")
+        if (cohort_size, clip_norm, noise_multiplier, noise_mode, epsilon, delta,
+                secure_aggregation) != (0, 0.0, 0.0, "none", 0.0, 0.0, True):
+            raise ValueError("genesis (version 0) must have cohort_size 0, no clip, no noise, "
+                             "epsilon 0 and no secure_aggregation flag")
         return
     if round_id is None or round_id < 0:
         raise ValueError(f"round_id={round_id} must be >= 0")
@@ -90,6 +92,10 @@ class Manifest:
     delta: float
     files: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256 hex
     format: str = FORMAT
+    # False: the round's sum was taken without secure aggregation (the aggregator saw each
+    # site's vector; an ablation, loopback only). Written only when false, so manifests
+    # from before the flag keep their bytes and signatures.
+    secure_aggregation: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
@@ -118,7 +124,8 @@ class Manifest:
         if not SHA256_HEX.fullmatch(self.base_model_sha256):
             raise ValueError(f"base_model_sha256={self.base_model_sha256!r} is not a sha256")
         check_release(self.round_id, self.cohort_size, self.clip_norm, self.noise_multiplier,
-                      self.noise_mode, self.epsilon, self.delta, genesis)
+                      self.noise_mode, self.epsilon, self.delta, genesis,
+                      self.secure_aggregation)
         if set(self.files) != {ADAPTER_CONFIG, ADAPTER_WEIGHTS}:
             raise ValueError(f"manifest lists {sorted(self.files)}; a version holds exactly "
                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
@@ -130,6 +137,8 @@ class Manifest:
         """The canonical bytes: what manifest.json holds and manifest.sig signs."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["files"] = dict(self.files)
+        if self.secure_aggregation:
+            del values["secure_aggregation"]
         return canonical_json(values)
 
     @classmethod

@@ -244,6 +244,11 @@ def _noise(mode: str, multiplier: float) -> str:
     return "none" if mode == "none" else f"{mode} ×{multiplier:g}"
 
 
+def _summed(secure_aggregation: bool) -> str:
+    # Loud on purpose: a plain sum means the aggregator saw every site's update.
+    return "secure aggregation" if secure_aggregation else "PLAIN (unmasked)"
+
+
 # ---- audit ledger ---------------------------------------------------------------------
 
 
@@ -253,8 +258,9 @@ def _ledger_rows(audit) -> list[dict[str, Any]]:
              "clip_norm": record.clip_norm, "noise_mode": record.noise_mode,
              "noise_multiplier": record.noise_multiplier,
              "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total,
-             "delta": record.delta, "version_hash": record.version_hash,
-             "recorded_at": _when(record.recorded_at_ms), "entry_hash": entry.hash.hex()}
+             "delta": record.delta, "secure_aggregation": record.secure_aggregation,
+             "version_hash": record.version_hash, "recorded_at": _when(record.recorded_at_ms),
+             "entry_hash": entry.hash.hex()}
             for entry, record in audit.verified]
 
 
@@ -281,11 +287,12 @@ def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
                   budget: dict | None) -> None:
     from rich.table import Table
 
-    table = Table("entry", "round", "version", "cohort", "dropouts", "clip", "noise",
-                  "ε round", "ε total", "δ", "version hash")
+    table = Table("entry", "round", "version", "cohort", "dropouts", "summed by", "clip",
+                  "noise", "ε round", "ε total", "δ", "version hash")
     for row in rows:
         table.add_row(str(row["entry"]), str(row["round"]), str(row["version"]),
-                      str(row["cohort_size"]), str(row["dropouts"]), f"{row['clip_norm']:g}",
+                      str(row["cohort_size"]), str(row["dropouts"]),
+                      _summed(row["secure_aggregation"]), f"{row['clip_norm']:g}",
                       _noise(row["noise_mode"], row["noise_multiplier"]),
                       f"{row['epsilon_round']:.4g}", f"{row['epsilon_total']:.4g}",
                       f"{row['delta']:g}", row["version_hash"][:SHORT])
@@ -452,6 +459,7 @@ def _print_version(audit, ledger_checked: bool) -> None:
                         ("base model sha256", manifest.base_model_sha256),
                         ("frozen-A seed", manifest.frozen_a_seed),
                         ("cohort size", manifest.cohort_size),
+                        ("summed by", _summed(manifest.secure_aggregation)),
                         ("clip norm", manifest.clip_norm),
                         ("noise", _noise(manifest.noise_mode, manifest.noise_multiplier)),
                         ("ε total, δ", f"{manifest.epsilon:.4g}, {manifest.delta:g}"),

@@ -159,6 +159,7 @@ def ledger_disagreements(manifest: Manifest, version_hash: str, record: ledger.R
         "noise_mode": (manifest.noise_mode, record.noise_mode),
         "epsilon (total)": (manifest.epsilon, record.epsilon_total),
         "delta": (manifest.delta, record.delta),
+        "secure_aggregation": (manifest.secure_aggregation, record.secure_aggregation),
     }
     return [f"{name}: manifest {mine!r}, ledger {theirs!r}"
             for name, (mine, theirs) in expected.items() if mine != theirs]

@@ -1,6 +1,9 @@
 """The site's side of one round over gRPC: enrol, join a cohort, run secure aggregation
 (fleetmind.aggregation.secagg's site states, converted by fleetmind.protos.secagg_codec),
 and upload the masked update, writing the outbox record BEFORE the first byte of it leaves.
+A round whose config says `plain_sum` (the aggregator's loopback-only ablation without
+secure aggregation) skips the key and unmasking phases and uploads the update unmasked, if
+the caller allows it (an aggregator on this machine's loopback; see `participate`).
 
     site = enroll(channel, identity_key, "site-a")
     result = participate(channel, identity_key, "site-a", update, outbox)
@@ -22,18 +25,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetmind.aggregation import dp, merge
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.secagg import SiteAdvertiseKeys, crypto
+from fleetmind.aggregation.secagg.messages import MaskedInput
 from fleetmind.client.outbox import Outbox, OutboxEntry, OutboxRecord
 from fleetmind.client.scrub import ScrubReport
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc
 
-__all__ = ["Enrolment", "RoundAbortedError", "RoundResult", "SiteUpdate", "enroll",
-           "participate"]
+__all__ = ["Enrolment", "PlainSumRefusedError", "RoundAbortedError", "RoundResult",
+           "SiteUpdate", "enroll", "participate"]
 
 
 class StaleBaseError(RuntimeError):
     """The round merges deltas against a newer version than this update's: nothing was sent;
     activate the newer version and consolidate again."""
+
+
+class PlainSumRefusedError(RuntimeError):
+    """The aggregator asked for a round without secure aggregation, which would show it this
+    site's update unmasked, and the caller did not allow that (a site allows it only for an
+    aggregator on its own loopback, where the ablation runs): nothing was sent. Not retried:
+    an aggregator elsewhere that asks for it is misconfigured or compromised."""
 
 
 class RoundAbortedError(RuntimeError):
@@ -156,13 +167,16 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
                 update: SiteUpdate, outbox: Outbox, *, round_id: int | None = None,
                 add_noise: bool = True, rng: np.random.Generator | None = None,
                 chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                timeout: float = 30.0) -> RoundResult:
+                timeout: float = 30.0, allow_plain_sum: bool = False) -> RoundResult:
     """Runs one round for this site and returns what it published.
 
     The update is flattened in sorted-name order (merge.flatten), weighted, noised as the
     round's config says (distributed: this site's integer share in the ring; local: the full
     Gaussian; central: none here; `add_noise=False` turns site noise off, and the outbox
-    then records mode 'none'), encoded (merge.secagg_payload) and masked. The outbox record
+    then records mode 'none'), encoded (merge.secagg_payload) and masked. A round whose
+    config says `plain_sum` skips the key and unmasking phases and sends it unmasked, but
+    only with `allow_plain_sum` (pass it only for an aggregator on loopback: the server
+    itself refuses the mode anywhere else); without, PlainSumRefusedError. The outbox record
     is appended, durably, before SubmitMaskedVector is called. Raises RoundAbortedError if
     the aggregator aborts, grpc.RpcError on a refused call, ValueError on a config that does
     not fit the update."""
@@ -177,7 +191,6 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
     try:
         events = _Events(stream, me.site)
 
-        # Round 0: advertise keys under the round's config.
         event = events.expect("config")
         wire = event.config
         config = codec.round_config_from_wire(wire)
@@ -186,17 +199,16 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
                                  f"{wire.base_version}, this update is against "
                                  f"{update.base_version}: nothing was sent; re-consolidate on "
                                  "the newer version")
-        state = SiteAdvertiseKeys(config, me.site, identity_key)
-        fleet.AdvertiseKeys(codec.advertisement_to_wire(state.advertisement), timeout=timeout)
+        if wire.plain_sum and not allow_plain_sum:
+            raise PlainSumRefusedError(
+                f"site {me.site}: round {events.round_id} runs without secure aggregation, "
+                "which would show the aggregator this site's update unmasked; sites allow "
+                "that only with an aggregator on loopback (the measurement ablation): nothing "
+                "was sent; the aggregator's operator must set cohort.secure_aggregation = "
+                "true")
 
-        # Round 1: share keys with the neighbours.
-        keys = codec.advertised_keys_from_wire(events.expect("advertised_keys").advertised_keys)
-        state = state.receive(keys)
-        fleet.ShareKeys(codec.encrypted_shares_to_wire(state.encrypted_shares), timeout=timeout)
-
-        # Round 2: mask the encoded update.
-        bundle = codec.shares_for_site_from_wire(
-            events.expect("shares_for_site").shares_for_site)
+        # The encoded update, before any phase: a config that does not fit it stops the site
+        # before it sends anything.
         shapes = {name: np.shape(tensor) for name, tensor in update.delta.items()}
         flat = update.weight * merge.flatten(update.delta, shapes)
         norm_after = float(np.linalg.norm(flat.astype(np.float64)))
@@ -215,7 +227,26 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
             raise ValueError(f"the update encodes to {ring.size} ring words, the round expects "
                              f"{config.vector_length}: the adapter shapes differ from the "
                              "aggregator's")
-        masked, state = state.receive(bundle).mask(ring)
+
+        if wire.plain_sum:
+            # The ablation without secure aggregation (its ledger entry says so): no keys,
+            # no masks, no unmasking.
+            masked, unmasking = MaskedInput(config.round_id, me.site, ring), None
+        else:
+            # Round 0: advertise keys under the round's config.
+            state = SiteAdvertiseKeys(config, me.site, identity_key)
+            fleet.AdvertiseKeys(codec.advertisement_to_wire(state.advertisement),
+                                timeout=timeout)
+            # Round 1: share keys with the neighbours.
+            keys = codec.advertised_keys_from_wire(
+                events.expect("advertised_keys").advertised_keys)
+            state = state.receive(keys)
+            fleet.ShareKeys(codec.encrypted_shares_to_wire(state.encrypted_shares),
+                            timeout=timeout)
+            # Round 2: mask the encoded update.
+            bundle = codec.shares_for_site_from_wire(
+                events.expect("shares_for_site").shares_for_site)
+            masked, unmasking = state.receive(bundle).mask(ring)
         chunks = list(codec.masked_input_to_chunks(masked, config.ring_bits, chunk_bytes))
         payload_hash = chunks[0].payload_sha256.hex()
 
@@ -230,9 +261,12 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
             raise RuntimeError(f"the aggregator acknowledged payload {receipt.payload_sha256.hex()}"
                                f", the outbox recorded {payload_hash}: report this upload")
 
-        # Round 3: help unmask the cohort's sum.
-        unmask = codec.unmask_request_from_wire(events.expect("unmask_request").unmask_request)
-        fleet.Unmask(codec.unmask_shares_to_wire(state.respond(unmask)), timeout=timeout)
+        if unmasking is not None:
+            # Round 3: help unmask the cohort's sum.
+            unmask = codec.unmask_request_from_wire(
+                events.expect("unmask_request").unmask_request)
+            fleet.Unmask(codec.unmask_shares_to_wire(unmasking.respond(unmask)),
+                         timeout=timeout)
 
         done = events.expect("completed").completed
         return RoundResult(events.round_id, me.site, done.version, done.cohort_size,

@@ -462,7 +462,8 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
     min_new_sessions unconsumed sessions, consolidate them on the active version, join a
     round, record the consolidation once the round completed, and activate what it
     published. Raises grpc.RpcError (aggregator unreachable or refusing),
-    RoundAbortedError, or ConfigError/VersionError (fix the site, then run again).
+    RoundAbortedError, ConfigError/VersionError (fix the site, then run again), or
+    PlainSumRefusedError (an aggregator off loopback asked for unmasked updates).
     `metrics`, if given, is kept up to date (run() passes the one it serves)."""
     metrics = metrics or SiteMetrics()
     key = identity or load_identity_key(config.identity_key)
@@ -486,9 +487,12 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
                                "the site consolidates only on a verified global version")
         result, update = _consolidate(config, sessions, base_version)
         metrics.consolidated(result.stats.tokens)
+        # A plain_sum round (no secure aggregation) shows the aggregator this update: sent
+        # only to an aggregator on this machine, where that ablation runs.
+        on_loopback = is_loopback(split_address(config.aggregator)[0])
         with Outbox(config.data_dir / OUTBOX_FILE, key) as outbox:
             done = participate(channel, key, config.name, update, outbox,
-                               timeout=config.round_timeout_s)
+                               timeout=config.round_timeout_s, allow_plain_sum=on_loopback)
         # Only now: a round that failed leaves the sessions for the next one.
         store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
         metrics.rounds.inc()

@@ -12,6 +12,7 @@ A config file is TOML or JSON with these keys (all optional but `data_dir`):
     ca_certificate = "certs/ca.crt"
     [cohort]                         # CohortPolicy
     min_size = 3; target_size = 10; deadline_s = 60; phase_deadline_s = 60
+    secure_aggregation = true        # false: the plain-sum ablation, loopback listen only
     [privacy]                        # PrivacyPolicy
     clip_norm = 1.0; noise_multiplier = 1.0; noise_mode = "distributed"; epsilon_budget = 10
     [adapter]                        # what genesis adapts (only read for a fresh data dir)
@@ -45,7 +46,14 @@ class CohortPolicy:
     """A cohort closes when `target_size` sites are ready, or `deadline_s` after the first
     ready site if at least `min_size` are. Each secure-aggregation phase closes when every
     live site has answered or `phase_deadline_s` has passed (the rest count as dropped).
-    `max_size` is the ring's headroom: the most sites one sum may hold."""
+    `max_size` is the ring's headroom: the most sites one sum may hold.
+
+    `secure_aggregation = False` is an ablation for measuring what SecAgg+ costs: rounds
+    skip key advertisement, key sharing and unmasking, each site uploads its encoded
+    vector unmasked, and the aggregator sums what arrived by the phase deadline. The
+    aggregator then sees every site's update (with distributed noise, each carries only
+    its share of the noise), so ServerConfig allows it only on a loopback address, and the
+    ledger and manifest of each such round say it was not securely aggregated."""
 
     min_size: int = 3
     target_size: int = 10
@@ -54,6 +62,7 @@ class CohortPolicy:
     max_size: int = 200
     ring_bits: int = 32
     dropout_rate: float = 0.1  # sizes the SecAgg+ neighbour graph (graph.secagg_plus_degree)
+    secure_aggregation: bool = True
 
     def __post_init__(self) -> None:
         if not 3 <= self.min_size <= self.target_size <= self.max_size:
@@ -69,6 +78,9 @@ class CohortPolicy:
             raise ConfigError(f"cohort.ring_bits={self.ring_bits} must be one of {RING_BITS}")
         if not 0 <= self.dropout_rate < 0.5:
             raise ConfigError(f"cohort.dropout_rate={self.dropout_rate} must be in [0, 0.5)")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ConfigError(f"cohort.secure_aggregation={self.secure_aggregation!r} must be "
+                              "true or false (a TOML/JSON boolean, not a string)")
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,12 @@ class ServerConfig:
             raise ConfigError(f"plaintext refused on {self.listen}: --insecure only binds a "
                               "loopback address (127.0.0.1, ::1, localhost); configure tls "
                               "to listen elsewhere")
+        if not self.cohort.secure_aggregation and not is_loopback(host):
+            raise ConfigError(f"cohort.secure_aggregation=false refused on listen="
+                              f"{self.listen!r}: without secure aggregation the aggregator "
+                              "sees every site's update, so this ablation only listens on a "
+                              "loopback address (127.0.0.1, ::1, localhost); listen there, "
+                              "or set cohort.secure_aggregation = true (the default)")
         if not self.insecure and self.tls is None:
             raise ConfigError("no tls configured: give [tls] certificate, private_key and "
                               "ca_certificate (see `fleetmind server certs`), or --insecure "

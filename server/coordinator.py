@@ -10,6 +10,11 @@ Plain Python, no transport (the gRPC services in `service.py` call it, tests can
                        (aggregation.secagg); a phase closes early once every live site answered
     follow()           the events a site must see, in order, replayable from any index
 
+With `CohortPolicy.secure_aggregation` off (the loopback-only ablation) a round has one
+phase: sites upload their vectors unmasked through `submit`, and the library's
+ServerPlainInputCollection sums them; from the cohort sum on, both modes share every step
+below, and the round's version and ledger entry say it was not securely aggregated.
+
 One round runs at a time. Before it starts the round is charged to the privacy `Budget`
 (refused when the budget cannot pay) and written to `coordinator.json` as in flight. When
 the library yields the unmasked cohort sum the coordinator opens it (`open_secagg_sum`),
@@ -67,6 +72,9 @@ from fleetmind.aggregation.secagg.server_r1_share_keys import ServerShareKeys
 from fleetmind.aggregation.secagg.server_r2_masked_input_collection import (
     ServerMaskedInputCollection,
 )
+from fleetmind.aggregation.secagg.server_r2_plain_input_collection import (
+    ServerPlainInputCollection,
+)
 from fleetmind.aggregation.secagg.server_r3_unmasking import ServerUnmasking
 from fleetmind.protos.secagg_codec import encoding_codes
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy
@@ -96,7 +104,8 @@ class RefusedError(Exception):
 @dataclass(frozen=True)
 class RoundSetup:
     """The round's secure-aggregation config plus how sites encode their update
-    (fleet.proto RoundConfig)."""
+    (fleet.proto RoundConfig). Without `secure_aggregation` sites skip straight to the
+    upload, unmasked; the config's graph then only names the cohort."""
 
     config: RoundConfig
     base_version: int
@@ -108,6 +117,7 @@ class RoundSetup:
     fixed_point_clip: float
     cohort_max: int
     phase_deadline_unix_ms: int
+    secure_aggregation: bool
 
 
 @dataclass(frozen=True)
@@ -298,7 +308,10 @@ class Coordinator:
                 noise_mode=self.privacy.noise_mode, epsilon_round=outcome["epsilon_round"],
                 epsilon_total=outcome["epsilon_total"], delta=self.privacy.delta,
                 version=version.number, version_hash=version.manifest_sha256(),
-                payload_sha256s=tuple(outcome.get("payload_sha256s", ()))))
+                payload_sha256s=tuple(outcome.get("payload_sha256s", ())),
+                # From the signed manifest, not today's config: the mode may have changed
+                # between publishing and this restart.
+                secure_aggregation=version.manifest.secure_aggregation))
         if all(c["round_id"] != flight["round_id"] for c in self._state["spent"]):
             self._state["spent"].append({"round_id": flight["round_id"],
                                          "charge": flight["charge"]})
@@ -480,14 +493,17 @@ class Coordinator:
         setup = RoundSetup(config, latest.number, privacy.clip_norm, privacy.noise_multiplier,
                            privacy.noise_mode, privacy.privacy_unit, len(cohort),
                            privacy.fixed_point_clip, policy.max_size,
-                           int((now + policy.phase_deadline_s) * 1000))
+                           int((now + policy.phase_deadline_s) * 1000),
+                           policy.secure_aggregation)
+        first = ServerAdvertiseKeys(config) if policy.secure_aggregation \
+            else ServerPlainInputCollection(config)
         started = time.monotonic()
-        live = _Round(setup, charge, ServerAdvertiseKeys(config), cohort,
+        live = _Round(setup, charge, first, cohort,
                       {site: [Event(round_id, setup)] for site in cohort}, {},
                       now + policy.phase_deadline_s, shapes, started, started)
         # On disk before any site hears of it: a restart from here abandons it cleanly.
         self._state["next_round"] = round_id + 1
-        self._state["in_flight"] = {"round_id": round_id, "phase": ServerAdvertiseKeys.phase,
+        self._state["in_flight"] = {"round_id": round_id, "phase": first.phase,
                                     "cohort": list(cohort), "charge": _charge_json(charge),
                                     "outcome": None}
         self._save()
@@ -516,6 +532,10 @@ class Coordinator:
                     return digest  # a retry: same answer, no change
                 raise ProtocolError("replay", f"site {site} already sent a different {slot} "
                                               f"in round {round_id}")
+            if not found.setup.secure_aggregation and phase is not ServerMaskedInputCollection:
+                raise ProtocolError("wrong_round", f"round {round_id} runs without secure "
+                                                   f"aggregation: it takes no {slot}; upload "
+                                                   "the vector unmasked")
             if not isinstance(found.state, phase) or found is not self._round:
                 raise ProtocolError("wrong_round", f"round {round_id} is past {slot} (now "
                                                    f"{getattr(found.state, 'phase', 'ended')})")
@@ -571,7 +591,7 @@ class Coordinator:
         if isinstance(state, ServerShareKeys):
             return set(state.to_sites) - set(state.shares)
         if isinstance(state, ServerMaskedInputCollection):
-            return set(state.mask_keys) - state.contributors
+            return state.uploaders - state.contributors
         if isinstance(state, ServerUnmasking):
             return set(state.request.survivors) - state.responders
         return set()
@@ -678,7 +698,8 @@ class Coordinator:
         version = self.registry.publish(new_b, Release(
             round_id=live.round_id, cohort_size=len(result.contributors),
             clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
-            noise_mode=privacy.noise_mode, epsilon=epsilon_total, delta=privacy.delta))
+            noise_mode=privacy.noise_mode, epsilon=epsilon_total, delta=privacy.delta,
+            secure_aggregation=setup.secure_aggregation))
         self._record_published(version, flight)
         return version, dropped
 

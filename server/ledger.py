@@ -1,8 +1,9 @@
 """The aggregator's ledger: one entry per published round, append-only, hash-chained, signed.
 
 Each entry records what the round did to privacy and to the model: cohort size, dropouts,
-clip norm, noise, epsilon spent by the round and in total, and the sha256 of the version's
-manifest (which lists the sha256 of every file of the version). Entry i's hash is
+clip norm, noise, epsilon spent by the round and in total, whether the sum was securely
+aggregated, and the sha256 of the version's manifest (which lists the sha256 of every file
+of the version). Entry i's hash is
 
     sha256("fleetmind/ledger/v1" || uint64-le(i) || hash of entry i-1 || body)
 
@@ -79,7 +80,11 @@ class RoundRecord:
     version_hash: sha256 (hex) of the published version's manifest.json. payload_sha256s:
     the aggregator's receipts, sha256 (hex, sorted) of each masked vector in the sum, so a
     site's auditor can match its outbox against what the aggregator summed (masked vectors
-    look random: their hashes reveal nothing). Entries written before it have none."""
+    look random: their hashes reveal nothing). Entries written before it have none.
+    secure_aggregation: False when the round summed unmasked vectors (the loopback-only
+    ablation, config cohort.secure_aggregation): the aggregator saw each site's vector, and
+    the receipts are then hashes of plain updates. Written only when false, so an entry
+    without it (every entry from before the flag) was securely aggregated."""
 
     round_id: int
     cohort_size: int
@@ -93,6 +98,7 @@ class RoundRecord:
     version: int
     version_hash: str
     payload_sha256s: tuple[str, ...] = ()
+    secure_aggregation: bool = True
     recorded_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     def __post_init__(self) -> None:
@@ -111,6 +117,9 @@ class RoundRecord:
             raise ValueError(f"cohort_size={self.cohort_size}: a published sum has >= 2 sites")
         if self.clip_norm <= 0:
             raise ValueError(f"clip_norm={self.clip_norm} must be > 0")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ValueError(f"secure_aggregation={self.secure_aggregation!r} must be true or "
+                             "false")
         if self.noise_mode not in ("distributed", "central", "local", "none"):
             raise ValueError(f"noise_mode={self.noise_mode!r} must be distributed, central, "
                              "local or none")
@@ -134,6 +143,8 @@ class RoundRecord:
             del body["payload_sha256s"]
         else:
             body["payload_sha256s"] = list(self.payload_sha256s)
+        if self.secure_aggregation:  # entries from before the flag, and every masked round
+            del body["secure_aggregation"]
         return canonical_json(body)
 
     @classmethod

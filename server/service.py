@@ -137,6 +137,7 @@ def _event_to_wire(event: Event) -> fleet_pb2.RoundEvent:
         config.fixed_point_clip = payload.fixed_point_clip
         config.cohort_max = payload.cohort_max
         config.phase_deadline_unix_ms = payload.phase_deadline_unix_ms
+        config.plain_sum = not payload.secure_aggregation
         wire.config.CopyFrom(config)
     elif isinstance(payload, Finished):
         wire.completed.CopyFrom(fleet_pb2.RoundCompleted(
@@ -415,6 +416,10 @@ def serve(config: ServerConfig) -> RunningServer:
             identity.Credentials(Path(config.tls.certificate).read_bytes(),
                                  identity.read_private(config.tls.private_key)),
             Path(config.tls.ca_certificate).read_bytes())
+    if not config.cohort.secure_aggregation:
+        log.warning("secure aggregation is OFF (cohort.secure_aggregation = false): this "
+                    "aggregator sees every site's update unmasked; an ablation for "
+                    "measurements, on %s only", config.listen)
     metrics = ServerMetrics()
     coordinator = open_coordinator(config, metrics)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),

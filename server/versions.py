@@ -146,10 +146,12 @@ class Release:
     noise_mode: NoiseMode
     epsilon: float  # total spent after this round, at `delta`
     delta: float
+    secure_aggregation: bool = True  # False: summed unmasked (the loopback-only ablation)
 
     def __post_init__(self) -> None:
         check_release(self.round_id, self.cohort_size, self.clip_norm, self.noise_multiplier,
-                       self.noise_mode, self.epsilon, self.delta, genesis=False)
+                      self.noise_mode, self.epsilon, self.delta, genesis=False,
+                      secure_aggregation=self.secure_aggregation)
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,8 @@ class VersionRegistry:
         manifest = Manifest(base.version + 1, base.version, base.base_model_id,
                             base.base_model_sha256, base.frozen_a_seed, release.round_id,
                             release.cohort_size, release.clip_norm, release.noise_multiplier,
-                            release.noise_mode, release.epsilon, release.delta, _digests(files))
+                            release.noise_mode, release.epsilon, release.delta, _digests(files),
+                            secure_aggregation=release.secure_aggregation)
         return self._write(manifest, files)
 
     def _write(self, manifest: Manifest, files: Mapping[str, bytes]) -> Version:

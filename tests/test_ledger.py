@@ -109,7 +109,8 @@ def test_every_record_field_is_covered_by_the_hash(ledger, key) -> None:
         value = getattr(entries[2].record, field.name)
         edited = {"noise_mode": "central", "version_hash": "f" * 64,
                   "epsilon_round": 0.0, "delta": 1e-6,
-                  "payload_sha256s": ("e" * 64,)}.get(field.name)
+                  "payload_sha256s": ("e" * 64,),
+                  "secure_aggregation": False}.get(field.name)
         if edited is None:
             edited = value + 1
         bad = _replace(entries[2], body=dataclasses.replace(

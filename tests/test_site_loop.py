@@ -35,10 +35,13 @@ from fleetmind.sim.world import WorldSpec, make_world, task_prompt
 
 
 @pytest.fixture
-def aggregator(tmp_path: Path):
+def aggregator(tmp_path: Path, request):
+    # Parametrized False: the plain-sum ablation, which sites on loopback follow unasked.
+    secure = getattr(request, "param", True)
     running = serve(ServerConfig(
         data_dir=tmp_path / "aggregator", listen="127.0.0.1:0", insecure=True,
-        cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=120, phase_deadline_s=60),
+        cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=120, phase_deadline_s=60,
+                            secure_aggregation=secure),
         privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0),
         adapter=TOY_SPEC))
     yield running
@@ -55,6 +58,8 @@ def site_config(tmp_path: Path, site: str, model: Path, address: str, key: bytes
     return SiteConfig(**values)
 
 
+@pytest.mark.parametrize("aggregator", [True, False], indirect=True,
+                         ids=["secure-aggregation", "plain-sum"])
 def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_model_dir) -> None:
     world = make_world(WorldSpec(seed=0, sites=3))
     guard = tmp_path / "guard.jsonl"
@@ -94,6 +99,8 @@ def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_mod
         assert outcome.activated == (0, 1)  # genesis, then what the round published
         assert outcome.round is not None
         assert (outcome.round.version, outcome.round.cohort_size) == (1, 3)
+        assert outcome.round.round_config.plain_sum \
+            is not aggregator.coordinator.cohort_policy.secure_aggregation
         assert current_version(config.data_dir) == 1
         assert verify_folder(config.data_dir / "current", key).version == 1
         identity = load_identity_key(config.identity_key, create=False)

@@ -5,6 +5,8 @@ Google's federated-compute `fcp/secagg`):
     site_r0_advertise_keys -> site_r1_share_keys -> site_r2_masked_input -> site_r3_unmasking
     server_r0_advertise_keys -> server_r1_share_keys -> server_r2_masked_input_collection
         -> server_r3_unmasking -> server_completed (ServerCompleted | ServerAborted)
+    server_r2_plain_input_collection -> server_completed   (the ablation without secure
+        aggregation: unmasked inputs summed, rounds 0, 1 and 3 skipped; loopback only)
 
 `crypto` holds every primitive, `graph` the neighbour graph, `messages` the configuration,
 messages and refusals, `loopback` a one-process driver. The server only ever holds the

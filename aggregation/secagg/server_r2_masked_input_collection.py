@@ -31,6 +31,7 @@ class ServerMaskedInputCollection:
         self.config = config
         self.mask_keys = dict(mask_keys)  # sites that shared keys -> X25519 mask public key
         self.to_sites = dict(to_sites)
+        self.uploaders = frozenset(self.mask_keys)  # who may upload: the sites that shared keys
         self.masked_sum = np.zeros(config.vector_length, dtype=np.uint32)
         self.contributors: set[int] = set()
 
@@ -38,8 +39,9 @@ class ServerMaskedInputCollection:
         config = self.config
         check_round(config.round_id, message.round_id, "masked input")
         site = message.site
-        if site not in self.mask_keys:
-            raise ProtocolError("unknown_site", f"site {site} did not share keys this round")
+        if site not in self.uploaders:
+            raise ProtocolError("unknown_site", f"site {site} may not upload this round: it is "
+                                                "not in the cohort or did not share keys")
         if site in self.contributors:
             raise ProtocolError("replay", f"site {site} already sent its masked input")
         vector = message.masked_vector

@@ -75,7 +75,7 @@ class Neighbours(_message.Message):
     def __init__(self, sites: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_id", "graph", "threshold", "min_cohort", "vector_length", "ring_bits", "identities", "base_version", "clip_norm", "noise_multiplier", "noise_mode", "privacy_unit", "expected_cohort", "fixed_point_clip", "cohort_max", "phase_deadline_unix_ms")
+    __slots__ = ("round_id", "graph", "threshold", "min_cohort", "vector_length", "ring_bits", "identities", "base_version", "clip_norm", "noise_multiplier", "noise_mode", "privacy_unit", "expected_cohort", "fixed_point_clip", "cohort_max", "phase_deadline_unix_ms", "plain_sum")
     class GraphEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class RoundConfig(_message.Message):
     FIXED_POINT_CLIP_FIELD_NUMBER: _ClassVar[int]
     COHORT_MAX_FIELD_NUMBER: _ClassVar[int]
     PHASE_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_SUM_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     graph: _containers.MessageMap[int, Neighbours]
     threshold: int
@@ -122,7 +123,8 @@ class RoundConfig(_message.Message):
     fixed_point_clip: float
     cohort_max: int
     phase_deadline_unix_ms: int
-    def __init__(self, round_id: _Optional[int] = ..., graph: _Optional[_Mapping[int, Neighbours]] = ..., threshold: _Optional[int] = ..., min_cohort: _Optional[int] = ..., vector_length: _Optional[int] = ..., ring_bits: _Optional[int] = ..., identities: _Optional[_Mapping[int, bytes]] = ..., base_version: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., noise_mode: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., expected_cohort: _Optional[int] = ..., fixed_point_clip: _Optional[float] = ..., cohort_max: _Optional[int] = ..., phase_deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    plain_sum: bool
+    def __init__(self, round_id: _Optional[int] = ..., graph: _Optional[_Mapping[int, Neighbours]] = ..., threshold: _Optional[int] = ..., min_cohort: _Optional[int] = ..., vector_length: _Optional[int] = ..., ring_bits: _Optional[int] = ..., identities: _Optional[_Mapping[int, bytes]] = ..., base_version: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., noise_mode: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., expected_cohort: _Optional[int] = ..., fixed_point_clip: _Optional[float] = ..., cohort_max: _Optional[int] = ..., phase_deadline_unix_ms: _Optional[int] = ..., plain_sum: _Optional[bool] = ...) -> None: ...
 
 class KeyAdvertisement(_message.Message):
     __slots__ = ("round_id", "site", "mask_key", "share_key", "signature")

@@ -101,8 +101,9 @@ class FleetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitMaskedVector(self, request_iterator, context):
-        """Round 2: the masked vector in chunks. The receipt comes once every byte is stored and
-        the payload hash checked; only then is the upload acknowledged.
+        """Round 2: the masked vector in chunks (in a plain_sum round, the unmasked one). The
+        receipt comes once every byte is stored and the payload hash checked; only then is the
+        upload acknowledged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
