@@ -35,6 +35,7 @@ from fleetmind.sim import world as W
 RESULTS = "results.json"
 PLOT = "demo.png"
 ROUND_TIMEOUT_S = 900.0
+MERGES = ("both", "exact", "fedit")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class DemoConfig:
     seed: int = 0
     out: Path = Path("out/demo")
     dp: bool = True
+    secure_aggregation: bool = True
     dreams: bool = True
     steps: int = 24
     lr: float = 1.0
@@ -63,7 +65,9 @@ class DemoConfig:
     facts_per_site: int = 6
     users_per_fact: int = 3
     canaries_per_site: int = 4
-    merge: str = "both"  # "both": the fleet (exact) and the in-process FedIT arm; "exact"
+    # "both": the fleet (exact merge) and, beside it, the in-process FedIT arm; "exact": the
+    # fleet alone; "fedit": the FedIT arm alone (in-process: the protocol never carries A).
+    merge: str = "both"
     method: str = "opsd"  # or "sft_transcript": the baseline, sites fine-tune on transcripts
 
     def __post_init__(self) -> None:
@@ -82,9 +86,10 @@ class DemoConfig:
         if not 1 <= self.rounds <= 3 * self.facts_per_site:
             problems.append(f"--rounds {self.rounds}: use 1 to {3 * self.facts_per_site}; "
                             "every round needs new sessions at every site")
-        if self.merge not in ("both", "exact"):
+        if self.merge not in MERGES:
             problems.append(f"--merge {self.merge}: use both (the fleet's exact merge beside "
-                            "the FedIT arm) or exact (the fleet alone)")
+                            "the FedIT arm), exact (the fleet alone) or fedit (the FedIT arm "
+                            "alone)")
         if self.method not in ("opsd", "sft_transcript"):
             problems.append(f"method={self.method!r}: use opsd or sft_transcript")
         if self.steps < 1:
@@ -221,7 +226,8 @@ class Fleet:
             data_dir=cfg.out / "aggregator", listen="127.0.0.1:0", insecure=True,
             cohort=CohortPolicy(min_size=cfg.sites, target_size=cfg.sites,
                                 deadline_s=ROUND_TIMEOUT_S, phase_deadline_s=ROUND_TIMEOUT_S,
-                                max_size=max(cfg.sites, 10)),
+                                max_size=max(cfg.sites, 10),
+                                secure_aggregation=cfg.secure_aggregation),
             privacy=PrivacyPolicy(clip_norm=privacy["clip_norm"],
                                   noise_multiplier=privacy["noise_multiplier"],
                                   epsilon_budget=privacy["epsilon_budget"],
@@ -392,31 +398,42 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
         # The base model: what every site has without the fleet.
         rounds.append({"round": 0, "version": 0, "epsilon": 0.0, "seconds": 0.0,
                        **evaluator.summarize(evaluator.base)})
-        if cfg.merge == "both":
-            rounds[0]["fedit"] = _headline(rounds[0])
+        fleet_runs, fedit_runs = cfg.merge != "fedit", cfg.merge != "exact"
+        if fedit_runs:
+            if fleet_runs:
+                rounds[0]["fedit"] = _headline(rounds[0])
             progress.update(task, description="loading the FedIT arm")
             fedit = _fedit_arm(cfg, model_dir, world_dir)
-        progress.update(task, description="starting the aggregator and sites")
-        fleet.start()
+        if fleet_runs:
+            progress.update(task, description="starting the aggregator and sites")
+            fleet.start()
+        summed = "secure aggregation" if cfg.secure_aggregation else "plain sum"
         try:
             for number in range(1, cfg.rounds + 1):
-                progress.update(task, description=f"round {number}: sites consolidate, "
-                                                  "secure aggregation, publish")
                 round_started = time.perf_counter()
-                version = fleet.run_round(number, [site[number - 1] for site in slices])
-                folder = cfg.out / "site-00" / "current"
-                manifest = Manifest.from_bytes((folder / MANIFEST).read_bytes())
-                progress.update(task, description=f"round {number}: measuring version {version}")
-                measured = evaluator.version(folder)
-                rounds.append({"round": number, "version": version,
-                               "epsilon": manifest.epsilon,
-                               "seconds": time.perf_counter() - round_started, **measured})
-                if cfg.merge == "both":
+                row: dict[str, Any] = {"round": number}
+                if fleet_runs:
+                    progress.update(task, description=f"round {number}: sites consolidate, "
+                                                      f"{summed}, publish")
+                    version = fleet.run_round(number, [site[number - 1] for site in slices])
+                    folder = cfg.out / "site-00" / "current"
+                    manifest = Manifest.from_bytes((folder / MANIFEST).read_bytes())
+                    progress.update(task, description=f"round {number}: measuring version "
+                                                      f"{version}")
+                    row.update(version=version, epsilon=manifest.epsilon,
+                               seconds=time.perf_counter() - round_started,
+                               **evaluator.version(folder))
+                if fedit_runs:
                     progress.update(task, description=f"round {number}: the FedIT arm")
                     fedit.round([[Session.from_dict(s) for s in site[number - 1]]
                                   for site in slices])
-                    rounds[-1]["fedit"] = _headline(evaluator.compare(fedit.model,
-                                                                      fedit.tokenizer))
+                    measured = evaluator.compare(fedit.model, fedit.tokenizer)
+                    if fleet_runs:
+                        row["fedit"] = _headline(measured)
+                    else:
+                        row.update(version=None, epsilon=fedit_epsilon(cfg, number),
+                                   seconds=time.perf_counter() - round_started, **measured)
+                rounds.append(row)
                 progress.update(task, advance=1)
                 progress.console.print(round_table(rounds[-1]))
         finally:
@@ -442,6 +459,17 @@ def _headline(measured: dict[str, Any]) -> dict[str, float]:
     return {key: measured[key] for key in HEADLINE}
 
 
+def fedit_epsilon(cfg: DemoConfig, rounds: int) -> float:
+    """epsilon after `rounds` of the FedIT arm, which noises every round's sum once with the
+    fleet's multiplier, by the accountant and delta the aggregator uses."""
+    from fleetmind.aggregation.accountant import epsilon
+    from fleetmind.server.config import PrivacyPolicy
+
+    policy = PrivacyPolicy()
+    return epsilon(cfg.privacy()["noise_multiplier"], 1.0, rounds, policy.delta,
+                   method=policy.accountant)
+
+
 def _fedit_arm(cfg: DemoConfig, model_dir: Path, world_dir: Path) -> Any:
     from fleetmind.client.consolidate import read_prompts
     from fleetmind.sim.fedit import FeditArm
@@ -458,8 +486,10 @@ def round_table(measured: dict[str, Any]) -> Any:
 
     epsilon = (f"epsilon {measured['epsilon']:.2f}" if measured["epsilon"] < 1e6
                else "no DP noise")
-    table = Table(title=f"after round {measured['round']} (version {measured['version']}, "
-                        f"{epsilon}, {measured['seconds']:.0f} s)")
+    version = ("FedIT arm" if measured["version"] is None
+               else f"version {measured['version']}")
+    table = Table(title=f"after round {measured['round']} ({version}, {epsilon}, "
+                        f"{measured['seconds']:.0f} s)")
     columns = (("site", "site", "{}"), ("own", "own_accuracy", "{:.2f}"),
                ("transfer", "transfer_accuracy", "{:.2f}"),
                ("upper bound", "incontext_upper_bound", "{:.2f}"),
@@ -489,7 +519,8 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     x = [r["round"] for r in rounds]
     alone = rounds[0]["recovery"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(x, [r["recovery"] for r in rounds], marker="o", label="with the fleet")
+    fleet = "with the fleet" + (" (FedIT merge)" if results["config"]["merge"] == "fedit" else "")
+    left.plot(x, [r["recovery"] for r in rounds], marker="o", label=fleet)
     if "fedit" in rounds[0]:
         left.plot(x, [r["fedit"]["recovery"] for r in rounds], marker="s",
                   label="FedIT (A and B averaged)")
@@ -498,7 +529,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     left.set(xlabel="round", ylabel="transfer recovery", ylim=(0, 1.05),
              title="facts first seen at other sites")
     left.legend()
-    right.plot(x, [r["forgetting_points"] for r in rounds], marker="o", label="with the fleet")
+    right.plot(x, [r["forgetting_points"] for r in rounds], marker="o", label=fleet)
     right.plot(x, [0.0] * len(x), linestyle="--", label="without the fleet")
     right.axhline(2.0, color="grey", linewidth=0.8, linestyle=":", label="limit 2 points")
     right.set(xlabel="round", ylabel="forgetting (points)", title="base in-context skill")
@@ -535,10 +566,13 @@ def add_demo_command(commands: Any) -> None:
                       const="sft_transcript", default=defaults.method,
                       help="sites fine-tune on their raw transcripts instead of distilling "
                            "(the baseline: what a naive fleet would share)")
-    demo.add_argument("--merge", choices=("both", "exact"), default=defaults.merge,
+    demo.add_argument("--merge", choices=MERGES, default=defaults.merge,
                       help="both: the fleet's exact merge and, beside it, a FedIT arm "
                            "(A trained too, A and B averaged; in-process); exact: the "
-                           "fleet alone, faster")
+                           "fleet alone, faster; fedit: the FedIT arm alone")
+    demo.add_argument("--no-secagg", dest="secure_aggregation", action="store_false",
+                      help="the aggregator sums the sites' vectors unmasked (an ablation: "
+                           "same result, no secure-aggregation cost; loopback only)")
     demo.add_argument("--noise-multiplier", type=float, default=defaults.noise_multiplier)
     demo.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
     demo.add_argument("--server-lr", dest="server_learning_rate", type=float,
@@ -550,6 +584,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         cfg = DemoConfig(sites=args.sites, rounds=args.rounds, seed=args.seed, out=args.out,
                          steps=args.steps, dp=args.dp, dreams=args.dreams, merge=args.merge,
+                         secure_aggregation=args.secure_aggregation,
                          method=args.method,
                          noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm,
                          server_learning_rate=args.server_learning_rate)

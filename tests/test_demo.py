@@ -9,17 +9,23 @@ from pathlib import Path
 
 import pytest
 
+from fleetmind.aggregation.manifest import MANIFEST, Manifest
 from fleetmind.sim.cli import main
-from fleetmind.sim.demo import PLOT, RESULTS, DemoConfig, run_demo
+from fleetmind.sim.demo import PLOT, RESULTS, DemoConfig, fedit_epsilon, run_demo
 
 ROUND_FIELDS = ("round", "transfer_accuracy", "own_accuracy", "incontext_upper_bound",
                 "recovery", "forgetting_points", "canary_exposure_bits", "epsilon")
 
 
-def test_reduced_demo_transfers_knowledge_between_sites(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secure_aggregation", [True, False], ids=["secagg", "plain-sum"])
+def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool,
+                                                        tmp_path: Path) -> None:
     cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, canaries_per_site=1, steps=12,
-                     dp=False, merge="exact", out=tmp_path / "demo")
+                     dp=False, merge="exact", secure_aggregation=secure_aggregation,
+                     out=tmp_path / "demo")
     run_demo(cfg)
+    manifest = Manifest.from_bytes((cfg.out / "site-00" / "current" / MANIFEST).read_bytes())
+    assert manifest.secure_aggregation is secure_aggregation
     results = json.loads((cfg.out / RESULTS).read_text())
     assert results["sites"] == ["site-00", "site-01", "site-02"]
     assert [r["round"] for r in results["rounds"]] == [0, 1]
@@ -32,6 +38,20 @@ def test_reduced_demo_transfers_knowledge_between_sites(tmp_path: Path) -> None:
     assert after["transfer_accuracy"] > base["transfer_accuracy"]
     assert results["config"]["sites"] == 3 and results["config"]["dp"] is False
     assert (cfg.out / PLOT).stat().st_size > 0
+
+
+def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) -> None:
+    cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, canaries_per_site=1, steps=6,
+                     merge="fedit", out=tmp_path / "demo")
+    run_demo(cfg)
+    results = json.loads((cfg.out / RESULTS).read_text())
+    _, after = results["rounds"]
+    assert all(key in after for key in ROUND_FIELDS)
+    # No aggregator ran: no version, no site folders; epsilon is the arm's own accounting.
+    assert after["version"] is None and "fedit" not in after
+    assert not (cfg.out / "site-00").exists()
+    assert after["epsilon"] == pytest.approx(fedit_epsilon(cfg, 1))
+    assert results["config"]["merge"] == "fedit"
 
 
 @pytest.mark.parametrize("args, problem", [
