@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,20 +77,23 @@ def guard_prompts_from(lessons: Sequence[distill.Lesson]) -> list[distill.Messag
 def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session],
                          cfg: distill.DistillConfig, *, site: str, base_version: int,
                          seed: int, guard: Sequence[distill.Messages] = (),
-                         replay: ReplayBuffer | None = None, per_session: bool = False,
-                         progress: bool = True) -> SiteConsolidation:
+                         replay: ReplayBuffer | None = None,
+                         earlier: Callable[[str], Session] | None = None,
+                         per_session: bool = False, progress: bool = True) -> SiteConsolidation:
     """OPSD over `sessions` on the PEFT `model` (from `lora.attach_lora`). With `per_session`
     every session is distilled alone from the same starting B, so the aggregation library
-    can clip each session's influence (session-level DP); the update is then their mean."""
+    can clip each session's influence (session-level DP); the update is then their mean.
+
+    `replay` holds dreams of earlier consolidations and `earlier` finds their sessions by id
+    (`SessionStore.get`): the teacher needs a dream's session in its context. Replay is off
+    with `per_session`: a dream of session S' rehearsed inside session S's delta would make
+    S's privacy unit two sessions."""
     lessons, scrubbed = lessons_from(sessions)
     guard_prompts = list(guard) or guard_prompts_from(lessons)
     rng = random.Random(cfg.seed)
-    by_id = {lesson.session_id: lesson for lesson in lessons}
     replayed = []
-    if replay is not None and cfg.replay_ratio > 0:
-        for dream in replay.sample(4 * cfg.prompts_per_step, rng):
-            if dream.session_id in by_id:
-                replayed.append((by_id[dream.session_id], dream))
+    if replay is not None and cfg.replay_ratio > 0 and not per_session:
+        replayed = _replayed(replay.sample(4 * cfg.prompts_per_step, rng), lessons, earlier)
     start = lora.get_b(model)
     lora.hold_global(model)
     groups = [[lesson] for lesson in lessons] if per_session else [lessons]
@@ -142,6 +145,22 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
                              consolidation_id[:16])
 
 
+def _replayed(dreams: Sequence[distill.Dream], lessons: Sequence[distill.Lesson],
+              earlier: Callable[[str], Session] | None
+              ) -> list[tuple[distill.Lesson, distill.Dream]]:
+    """Each dream with its session's lesson; dreams whose session is gone are dropped."""
+    known = {lesson.session_id: lesson for lesson in lessons}
+    missing = sorted({d.session_id for d in dreams} - set(known))
+    found = []
+    for session_id in missing if earlier is not None else ():
+        try:
+            found.append(earlier(session_id))
+        except KeyError:
+            continue
+    known.update({lesson.session_id: lesson for lesson in lessons_from(found)[0]})
+    return [(known[d.session_id], d) for d in dreams if d.session_id in known]
+
+
 def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill.DistillConfig,
                       *, site: str = "site", base_version: int = 0, seed: int = 0,
                       rank: int = 8, alpha: float = 16.0, per_session: bool = False,
@@ -163,7 +182,8 @@ def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill
         try:
             result = consolidate_sessions(peft_model, tokenizer, sessions, cfg, site=site,
                                           base_version=base_version, seed=seed, guard=guard,
-                                          replay=replay, per_session=per_session,
+                                          replay=replay, earlier=store.get,
+                                          per_session=per_session,
                                           progress=progress)
         finally:
             replay.close()

@@ -485,7 +485,7 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
         if base_version is None:
             raise VersionError("no version is active yet (the aggregator published none); "
                                "the site consolidates only on a verified global version")
-        result, update = _consolidate(config, sessions, base_version)
+        result, update = _consolidate(config, sessions, base_version, store.get)
         metrics.consolidated(result.stats.tokens)
         # A plain_sum round (no secure aggregation) shows the aggregator this update: sent
         # only to an aggregator on this machine, where that ablation runs.
@@ -645,8 +645,8 @@ def _published_rounds(channel: grpc.Channel, public_key: bytes, after_version: i
     return rounds
 
 
-def _consolidate(config: SiteConfig, sessions: list[Session], base_version: int
-                 ) -> tuple[SiteConsolidation, SiteUpdate]:
+def _consolidate(config: SiteConfig, sessions: list[Session], base_version: int,
+                 earlier: Callable[[str], Session]) -> tuple[SiteConsolidation, SiteUpdate]:
     with _LOAD_LOCK:
         from fleetmind.client import lora
         from fleetmind.client.consolidate import consolidate_sessions, read_prompts
@@ -674,7 +674,8 @@ def _consolidate(config: SiteConfig, sessions: list[Session], base_version: int
         result = consolidate_sessions(peft_model, tokenizer, sessions, config.distill,
                                       site=config.name, base_version=base_version,
                                       seed=manifest.frozen_a_seed, guard=guard, replay=replay,
-                                      per_session=config.per_session, progress=False)
+                                      earlier=earlier, per_session=config.per_session,
+                                      progress=False)
     finally:
         replay.close()
     # Staleness is counted against the active version: it was just refreshed, so it is 0

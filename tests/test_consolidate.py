@@ -99,3 +99,23 @@ def test_guard_file_errors_name_the_line(tmp_path) -> None:
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": 3}\n')
     with pytest.raises(ValueError, match=r"guard.jsonl:2"):
         read_prompts(path)
+
+
+def test_replayed_dreams_find_their_earlier_sessions_and_skip_lost_ones(world) -> None:
+    from fleetmind.client.consolidate import _replayed, lessons_from
+
+    now, before = (Session.from_dict(s) for s in world.sites[0].sessions[:2])
+    prompt = ({"role": "user", "content": "what is it ?"},)
+    dreams = [distill.Dream(now.id, prompt, 0.9), distill.Dream(before.id, prompt, 0.8),
+              distill.Dream("forgotten", prompt, 0.7)]
+    earlier = {before.id: before}
+
+    def lookup(session_id: str) -> Session:
+        return earlier[session_id]  # KeyError for a session the store no longer has
+
+    pairs = _replayed(dreams, lessons_from([now])[0], lookup)
+    assert [(lesson.session_id, dream.session_id) for lesson, dream in pairs] == [
+        (now.id, now.id), (before.id, before.id)]
+    # The teacher reads the earlier session scrubbed, exactly as when it was first learned.
+    assert pairs[1][0] == lessons_from([before])[0][0]
+    assert [d.session_id for _, d in _replayed(dreams, lessons_from([now])[0], None)] == [now.id]
