@@ -36,6 +36,7 @@ RESULTS = "results.json"
 PLOT = "demo.png"
 ROUND_TIMEOUT_S = 900.0
 MERGES = ("both", "exact", "fedit")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class DemoConfig:
     facts_per_site: int = 6
     users_per_fact: int = 3
     canaries_per_site: int = 4
+    rank: int = 8
+    adapter_targets: tuple[str, ...] = MLP_PROJECTIONS
     # "both": the fleet (exact merge) and, beside it, the in-process FedIT arm; "exact": the
     # fleet alone; "fedit": the FedIT arm alone (in-process: the protocol never carries A).
     merge: str = "both"
@@ -92,6 +95,10 @@ class DemoConfig:
                             "alone)")
         if self.method not in ("opsd", "sft_transcript"):
             problems.append(f"method={self.method!r}: use opsd or sft_transcript")
+        if self.rank < 1 or not self.adapter_targets or \
+                not set(self.adapter_targets) <= set(MLP_PROJECTIONS):
+            problems.append(f"rank={self.rank}, adapter_targets={self.adapter_targets}: need "
+                            f"rank >= 1 and targets among {', '.join(MLP_PROJECTIONS)}")
         if self.steps < 1:
             problems.append(f"--steps {self.steps} must be at least 1")
         for name in ("lr", "clip_norm", "noise_multiplier", "server_learning_rate",
@@ -131,19 +138,19 @@ def schedule(world: W.World, rounds: int) -> list[list[list[dict[str, Any]]]]:
     return [[site.sessions[r::rounds] for r in range(rounds)] for site in world.sites]
 
 
-def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = 8, alpha: float = 16.0) -> Any:
-    """The genesis adapter for a Llama-shaped model: LoRA on every layer's MLP."""
+def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = 8, alpha: float = 16.0,
+                 targets: tuple[str, ...] = MLP_PROJECTIONS) -> Any:
+    """The genesis adapter for a Llama-shaped model: LoRA on `targets` of every layer's MLP."""
     import hashlib
 
     from fleetmind.server.versions import AdapterSpec, TargetModule
 
     config = json.loads((model_dir / "config.json").read_text())
     hidden, inner = config["hidden_size"], config["intermediate_size"]
-    modules = tuple(TargetModule(f"model.layers.{layer}.mlp.{name}", *shape)
-                    for layer in range(config["num_hidden_layers"])
-                    for name, shape in (("gate_proj", (hidden, inner)),
-                                        ("up_proj", (hidden, inner)),
-                                        ("down_proj", (inner, hidden))))
+    shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner),
+              "down_proj": (inner, hidden)}
+    modules = tuple(TargetModule(f"model.layers.{layer}.mlp.{name}", *shapes[name])
+                    for layer in range(config["num_hidden_layers"]) for name in targets)
     weights = sorted(model_dir.glob("*.safetensors"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in weights)).hexdigest()
     return AdapterSpec(model_dir.name, digest, modules, frozen_a_seed=frozen_a_seed, rank=rank,
@@ -233,7 +240,8 @@ class Fleet:
                                   epsilon_budget=privacy["epsilon_budget"],
                                   fixed_point_clip=max(4.0, privacy["clip_norm"]),
                                   server_learning_rate=cfg.server_learning_rate),
-            adapter=adapter_spec(self.model_dir, frozen_a_seed=cfg.seed)))
+            adapter=adapter_spec(self.model_dir, frozen_a_seed=cfg.seed, rank=cfg.rank,
+                                 alpha=2.0 * cfg.rank, targets=cfg.adapter_targets)))
         key = self.server.coordinator.registry.public_key.public_bytes_raw()
         distill = cfg.distill()
         guard = self.world_dir / "guard.jsonl"
@@ -476,7 +484,8 @@ def _fedit_arm(cfg: DemoConfig, model_dir: Path, world_dir: Path) -> Any:
 
     privacy = cfg.privacy()
     return FeditArm(model_dir, cfg.distill(), read_prompts(world_dir / "guard.jsonl"),
-                    frozen_a_seed=cfg.seed, clip_norm=privacy["clip_norm"],
+                    frozen_a_seed=cfg.seed, rank=cfg.rank, targets=cfg.adapter_targets,
+                    clip_norm=privacy["clip_norm"],
                     noise_multiplier=privacy["noise_multiplier"],
                     server_learning_rate=cfg.server_learning_rate, seed=cfg.seed)
 

@@ -25,6 +25,8 @@ class FeditArm:
     distill: Any  # client.distill.DistillConfig, the fleet's
     guard: Sequence[Any]
     frozen_a_seed: int
+    rank: int
+    targets: tuple[str, ...]
     clip_norm: float
     noise_multiplier: float
     server_learning_rate: float
@@ -40,7 +42,8 @@ class FeditArm:
 
         model, self.tokenizer = load_model(self.model_dir)
         # The genesis version's adapter: A from the public seed, B zero, as the fleet starts.
-        self.model = lora.attach_lora(model, seed=self.frozen_a_seed)
+        self.model = lora.attach_lora(model, seed=self.frozen_a_seed, rank=self.rank,
+                                      alpha=2.0 * self.rank, targets=self.targets)
         self.global_a = lora.get_b(self.model, "A")
         self.global_b = lora.get_b(self.model)
         self.rng = np.random.default_rng(self.seed)
