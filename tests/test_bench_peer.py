@@ -24,5 +24,9 @@ def test_peer_trains_only_b_and_reports_its_cost(toy_model_dir, tmp_path) -> Non
         a = layer.lora_A["default"].weight.detach().numpy()
         assert np.array_equal(a, frozen_a(LORA_SEED, name, *a.shape)), f"A moved in {name}"
     assert cost["steps"] == 4  # 2 steps in each of the two halves, as ours
-    for key in ("tokens", "seconds", "tokens_per_s", "peak_rss_mb"):
+    for key in ("tokens", "seconds", "tokens_per_s", "peak_rss_mb", "distilled_tokens_per_s"):
         assert cost[key] > 0, key
+    # Its loss saw every sampled completion (16 a step, at least one token each, at most
+    # max_new_tokens), counted as ours counts them.
+    samples = cost["steps"] * 4 * 4
+    assert samples <= cost["distilled_tokens"] <= samples * 12

@@ -1,4 +1,5 @@
 import math
+import random
 
 import numpy as np
 import pytest
@@ -58,21 +59,26 @@ def lessons_and_guard(sessions: int = 2):
     return lessons, guard
 
 
+def one_lesson_step(model, tokenizer, lesson, samples=4):
+    """The teacher's cached context of `lesson` and one batch of the student's samples on its
+    last prompt."""
+    context_ids = distill.chat_ids(tokenizer, lesson.context, generation=False)
+    contexts = distill.TeacherContexts.encode(model, {lesson.session_id: context_ids})
+    prompt = distill.LessonPrompt.encode(tokenizer, contexts, lesson, lesson.probes[-1])
+    ys = distill.sample(model, tokenizer, [prompt.student], samples, 8, 1.0,
+                        {tokenizer.eos_token_id})
+    batch = distill.LessonBatch([lesson.session_id] * samples, [prompt.student] * samples,
+                                [prompt.teacher_suffix] * samples, ys)
+    return contexts, batch
+
+
 def test_gradients_reach_only_b(student) -> None:
     model, tokenizer = student
     lessons, _ = lessons_and_guard(1)
     cfg = distill.DistillConfig(steps=1, dream_ratio=0, replay_ratio=0)
-    lesson = lessons[0]
-    context = distill.TeacherContext.encode(
-        model, distill.chat_ids(tokenizer, lesson.context, generation=False))
-    prompt = lesson.probes[-1]
-    s_ids = distill.chat_ids(tokenizer, prompt, generation=True)
-    t_ids = distill.teacher_suffix(tokenizer, context, lesson.context, prompt)
-    ys = distill.sample(model, tokenizer, [s_ids], 4, 8, 1.0, {tokenizer.eos_token_id})
+    contexts, batch = one_lesson_step(model, tokenizer, lessons[0])
     model.zero_grad(set_to_none=True)
-    loss, _ = distill.distill_loss(model, tokenizer, [context] * 4, [s_ids] * 4, [t_ids] * 4,
-                                   ys, cfg)
-    loss.backward()
+    distill.backpropagate(model, tokenizer, contexts, batch, [], None, cfg)
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad, "no gradient at all"
     assert all("lora_B" in n for n in with_grad), sorted(with_grad)[:3]
@@ -82,21 +88,95 @@ def test_gradients_reach_only_b(student) -> None:
 
 def test_cached_teacher_context_gives_the_uncached_logits(student) -> None:
     model, tokenizer = student
-    lessons, _ = lessons_and_guard(1)
-    lesson = lessons[0]
-    context = distill.TeacherContext.encode(
-        model, distill.chat_ids(tokenizer, lesson.context, generation=False))
-    suffixes = [distill.teacher_suffix(tokenizer, context, lesson.context, p)
-                for p in lesson.probes]
-    padded = distill.pad_right(suffixes, tokenizer.pad_token_id)
-    cached = context.logits(model, padded)
-    again = context.logits(model, padded)  # the cache must not have grown
-    for row, suffix in enumerate(suffixes):
-        full = torch.tensor([context.ids + suffix])
+    lessons, _ = lessons_and_guard(3)
+    lessons = lessons[1:]
+    contexts = distill.TeacherContexts.encode(
+        model, {lesson.session_id: distill.chat_ids(tokenizer, lesson.context, generation=False)
+                for lesson in lessons})
+    # Rows of both sessions, whose contexts differ in length (one is padded), in one pass.
+    assert len({len(ids) for ids in contexts.ids.values()}) == 2
+    rows = [(lesson, distill.LessonPrompt.encode(tokenizer, contexts, lesson, p))
+            for lesson in lessons for p in lesson.probes]
+    ys = [[5 + i, 6, 7][: 1 + i % 3] for i in range(len(rows))]
+    args = ([lesson.session_id for lesson, _ in rows], [p.teacher_suffix for _, p in rows], ys,
+            tokenizer.pad_token_id, 0)
+    cached, counts = contexts.log_probs(model, *args)
+    again, _ = contexts.log_probs(model, *args)  # the held cache must not have grown
+    assert counts == [len(y) for y in ys]
+    for (lesson, prompt), y, got, got_again in zip(rows, ys, cached.split(counts),
+                                                   again.split(counts), strict=True):
+        full = torch.tensor([contexts.ids[lesson.session_id] + prompt.teacher_suffix + y])
         with torch.no_grad(), lora.adapter_disabled(model):
-            plain = model(input_ids=full).logits[0, len(context.ids):]
-        assert torch.allclose(cached[row, : len(suffix)], plain, atol=1e-4)
-        assert torch.allclose(again[row, : len(suffix)], plain, atol=1e-4)
+            plain = torch.log_softmax(model(input_ids=full).logits[0], dim=-1)
+        plain = plain[-len(y) - 1:-1]  # the logits that predict y
+        assert torch.allclose(got, plain, atol=1e-4)
+        assert torch.allclose(got_again, plain, atol=1e-4)
+
+
+def test_the_loss_is_the_reverse_kl_of_each_rows_own_logits(student) -> None:
+    """Rows of different lengths, scored in one left-padded pass that keeps only the last
+    logits, give each row's per-token reverse KL as its own unpadded pass does."""
+    model, tokenizer = student
+    lessons, guard = lessons_and_guard(1)
+    lora.set_b(model, {n: np.full_like(b, 0.01) for n, b in lora.get_b(model).items()})
+    contexts, batch = one_lesson_step(model, tokenizer, lessons[0])
+    prompts = [distill.chat_ids(tokenizer, g, generation=True) for g in guard[:3]]
+    examples = [distill.GuardExample(p, y) for p, y in zip(prompts, [[5], [6, 7, 8], [9, 10]],
+                                                           strict=True)]
+    cfg = distill.DistillConfig(skip_first=1, guard_weight=0.5)
+    lesson_kl, guard_kl = distill.backpropagate(model, tokenizer, contexts, batch, examples,
+                                                None, cfg)
+
+    @torch.no_grad()
+    def row_kl(student_ids, teacher_ids, y):
+        student_logits = model(input_ids=torch.tensor([student_ids + y])).logits[0]
+        with lora.adapter_disabled(model):
+            teacher_logits = model(input_ids=torch.tensor([teacher_ids + y])).logits[0]
+        picked = slice(-len(y), -1)  # predicting y[1:]: skip_first=1
+        return distill.reverse_kl(student_logits[picked], teacher_logits[picked]).mean()
+
+    context = contexts.ids[lessons[0].session_id]
+    expected = [row_kl(p, context + t, y) for p, t, y in zip(
+        batch.student_prompts, batch.teacher_suffixes, batch.completions, strict=True)
+        if len(y) > 1]
+    assert lesson_kl == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
+    # The guard's first example has no token after the skipped one: it takes no part.
+    expected = [row_kl(g.prompt, g.prompt, g.completion) for g in examples[1:]]
+    assert guard_kl == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
+
+
+def test_the_held_guard_reference_is_the_frozen_models_pass(student, monkeypatch) -> None:
+    model, tokenizer = student
+    _, guard = lessons_and_guard(1)
+    cfg = distill.DistillConfig(guard_prompts_per_step=2)
+    examples = distill.guard_examples(model, tokenizer, guard, cfg, random.Random(0),
+                                      distill.turn_end_ids(tokenizer))
+    held = distill.hold_references(model, tokenizer, examples, cfg)
+    assert [r.shape[0] for r in held] == [len(g.completion) for g in examples]
+    for example, reference in zip(examples, held, strict=True):  # each alone, unpadded
+        assert torch.allclose(reference, distill.guard_reference(model, tokenizer, [example],
+                                                                 cfg), atol=1e-5)
+    # Over the memory budget nothing is held, and each step pays the frozen pass instead.
+    monkeypatch.setattr(distill, "GUARD_REFERENCE_MB", 0)
+    assert distill.hold_references(model, tokenizer, examples, cfg) is None
+
+
+def test_a_guard_set_from_an_earlier_frozen_model_is_scored_against_the_current_one(
+        toy_model_dir) -> None:
+    """The demo's FedIT arm samples its guard set once and keeps it for every round: the
+    reference must be the frozen model of the round, where the student starts, not the one
+    the set was sampled from."""
+    model, tokenizer = load_model(toy_model_dir)
+    peft_model = lora.attach_lora(model, seed=3, rank=4)
+    lessons, guard = lessons_and_guard(1)
+    cfg = distill.DistillConfig(steps=1, dream_ratio=0, replay_ratio=0)
+    guard_set = distill.guard_examples(peft_model, tokenizer, guard, cfg, random.Random(0),
+                                       distill.turn_end_ids(tokenizer))
+    lora.set_b(peft_model, {n: np.full_like(b, 0.05) for n, b in lora.get_b(peft_model).items()})
+    result = distill.consolidate(peft_model, tokenizer, lessons, guard, cfg, progress=False,
+                                 guard_set=guard_set)
+    # At the first step the student is the frozen model: nothing to pull back yet.
+    assert result.stats.guard_kl[0] < 1e-6
 
 
 def test_consolidation_moves_only_b_and_leaves_the_teacher_unchanged(student) -> None:

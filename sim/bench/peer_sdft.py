@@ -76,6 +76,7 @@ def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
                                   train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, optimizers=(optimizer, None))
             _check_same_inputs(trainer, tokenizer, pairs, rows)
+            _count_distilled(trainer, cost)
             trainer.train()
             steps += trainer.state.global_step
     cost["steps"] = steps
@@ -153,6 +154,20 @@ def _check_same_inputs(trainer: Any, tokenizer: Any,
         raise ValueError("the peer's student prompts differ from ours token by token")
     if [list(ids) for ids in teacher] != ours_teacher:
         raise ValueError("the peer's teacher prompts differ from ours token by token")
+
+
+def _count_distilled(trainer: Any, cost: dict[str, float]) -> None:
+    """Adds the completion tokens that enter the peer's loss (TRL's loss mask: the student's
+    own samples, the first `skip_first` left out) to cost["distilled_tokens"], as ours counts
+    them. Through TRL's private `_compute_teacher_student_logits` (trl is pinned to 1.16)."""
+    score = trainer._compute_teacher_student_logits
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        logits = score(*args, **kwargs)
+        cost["distilled_tokens"] += int(logits.loss_mask.sum())
+        return logits
+
+    trainer._compute_teacher_student_logits = counted
 
 
 # ---- one method, one process -----------------------------------------------------------------
