@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tiny_adapter import PRIVACY, SHAPES, SPEC
 
 from fleetmind.client.agent import RoundResult, SiteUpdate, participate
 from fleetmind.client.outbox import Outbox, verify_chain
@@ -20,16 +21,8 @@ from fleetmind.client.scrub import ScrubReport
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
 from fleetmind.server import versions
-from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
+from fleetmind.server.config import CohortPolicy, ServerConfig
 from fleetmind.server.service import serve
-from fleetmind.server.versions import AdapterSpec, TargetModule
-
-MODULES = (TargetModule("model.layers.0.mlp.gate_proj", 8, 12),
-           TargetModule("model.layers.0.mlp.down_proj", 12, 8))
-SPEC = AdapterSpec("toy", "cd" * 32, MODULES, frozen_a_seed=7, rank=2)
-SHAPES = {m.name: (m.out_features, 2) for m in MODULES}
-PRIVACY = PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0,
-                        fixed_point_clip=1.0)
 
 
 class UploadWatch(grpc.StreamUnaryClientInterceptor):

@@ -17,21 +17,17 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tiny_adapter import MODULES, SPEC
 
 from fleetmind.client.outbox import Outbox, OutboxRecord
 from fleetmind.server.ledger import Ledger, RoundRecord
 from fleetmind.server.versions import (
-    AdapterSpec,
     Release,
-    TargetModule,
     Version,
     VersionRegistry,
 )
 from fleetmind.sim.cli import main
 
-MODULES = (TargetModule("model.layers.0.mlp.gate_proj", 8, 12),
-           TargetModule("model.layers.0.mlp.down_proj", 12, 8))
-SPEC = AdapterSpec("toy", "cd" * 32, MODULES, frozen_a_seed=7, rank=2)
 ROUNDS = 4
 
 

@@ -52,6 +52,9 @@ def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) ->
     assert not (cfg.out / "site-00").exists()
     assert after["epsilon"] == pytest.approx(fedit_epsilon(cfg, 1))
     assert results["config"]["merge"] == "fedit"
+    # The arm's own server learning rate: by default a step of one sum, not the fleet's two.
+    assert results["config"]["fedit_server_learning_rate"] == 3.0
+    assert results["config"]["server_learning_rate"] == 6.0
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -59,6 +62,7 @@ def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) ->
     (["--rounds", "0"], "--rounds 0"),
     (["--steps", "0"], "--steps 0"),
     (["--noise-multiplier", "-1"], "noise_multiplier"),
+    (["--fedit-server-lr", "-1"], "fedit_server_learning_rate"),
 ])
 def test_impossible_settings_are_refused_in_one_line(args, problem, tmp_path, capsys) -> None:
     assert main(["demo", *args, "--out", str(tmp_path / "demo")]) == 2

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tiny_adapter import PRIVACY, SHAPES, SPEC
 
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum, secagg_payload
@@ -30,21 +31,14 @@ from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc
 from fleetmind.server.config import (
     CohortPolicy,
     ConfigError,
-    PrivacyPolicy,
     ServerConfig,
     load_config,
 )
 from fleetmind.server.ledger import RoundRecord
 from fleetmind.server.service import serve
-from fleetmind.server.versions import AdapterSpec, Manifest, TargetModule
+from fleetmind.server.versions import Manifest
 from fleetmind.sim.cli import main
 
-MODULES = (TargetModule("model.layers.0.mlp.gate_proj", 8, 12),
-           TargetModule("model.layers.0.mlp.down_proj", 12, 8))
-SPEC = AdapterSpec("toy", "cd" * 32, MODULES, frozen_a_seed=7, rank=2)
-SHAPES = {m.name: (m.out_features, 2) for m in MODULES}
-PRIVACY = PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0,
-                        fixed_point_clip=1.0)
 UPLOAD = "/fleetmind.v1.Fleet/SubmitMaskedVector"
 
 

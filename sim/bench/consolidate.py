@@ -75,14 +75,17 @@ def measured(model: Any) -> Iterator[dict[str, float]]:
     It credits a method for every pass it makes, the peer's re-reading of the session for
     every sample as ours' forgetting guard, so it is kept but is not the headline.
     seconds: wall time of the block; cpu_seconds: CPU time of the process's threads in it (a
-    check on wall time when the machine is shared). peak_rss_mb: the process's high-water mark
-    at the end; rss_before_mb: the mark on entry; rss_loaded_mb: the resident set on entry
-    (imports, loaded model); peak_above_loaded_mb = peak_rss_mb - rss_loaded_mb, what the
-    training added (the headline memory at the toy model's size, whose peak is mostly the
-    libraries each process imports). The peak is a method's own only when the process ran
-    nothing else, as in `peer_sdft.train_in_subprocess`."""
+    check on wall time when the machine is shared). rss_before_mb: the process's high-water
+    mark on entry (loading may set it: the benchmark's first run set its peak before training
+    began); the mark is then reset (Linux's clear_refs), so peak_rss_mb is the block's own
+    high-water mark; rss_loaded_mb: the resident set on entry (imports, loaded model);
+    peak_above_loaded_mb = peak_rss_mb - rss_loaded_mb, what the training added (the headline
+    memory at the toy model's size, whose resident set is mostly the libraries each process
+    imports). peak_reset: whether the reset worked; if not, the peak is the process's and may
+    predate the block. One method per process, as in `peer_sdft.train_in_subprocess`."""
     cost: dict[str, float] = {"tokens": 0, "distilled_tokens": 0,
                               "rss_before_mb": round(_peak_rss_mb(), 1),
+                              "peak_reset": _reset_peak_rss(),
                               "rss_loaded_mb": round(_rss_mb(), 1)}
 
     def count(_module: Any, args: tuple, kwargs: dict) -> None:
@@ -307,7 +310,21 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> Path:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's resident high-water mark since it started or since the last reset."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the resident high-water mark to the resident set now (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def _rss_mb() -> float:
