@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import queue
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,19 +47,22 @@ class DemoConfig:
     every coordinate). Each delta is clipped to `clip_norm` (which also keeps the sum of
     many deltas stable), and with DP the cohort's sum carries Gaussian noise; without DP
     the noise is negligible, so the two runs differ only in what the noise does. The
-    aggregator applies `server_learning_rate` (default: twice the number of sites) times the
-    cohort's mean, so with one unit of weight per site the global B moves by twice the sum
+    aggregator applies `server_learning_rate` (default: 0.75 x the number of sites) times the
+    cohort's mean, so with one unit of weight per site the global B moves by 3/4 of the sum
     of the session deltas. The FedIT arm has its own `fedit_server_learning_rate` (default:
-    the number of sites, so A and B each move by the sum of the session deltas): averaging
-    factors adds the cross term step^2 x sum(dB) sum(dA), and at the fleet's step of 2 that
-    term broke the model (95 points of forgetting without noise) where a step of 1 did not.
+    the fleet's, at most the number of sites): averaging factors adds the cross term
+    step^2 x sum(dB) sum(dA), and at a step of 2 that term broke the model (95 points of
+    forgetting without noise) where a step of 1 did not.
 
     The defaults come from sweeps (README "Demo"): LoRA on the MLPs' down projections only,
     because Gaussian noise on the gate and up projections' B (2 x 512 x 8 of the 18,432
     coordinates) broke the model at noise multiplier 1 (85-99 points of forgetting) where
-    down_proj alone lost 0-3; and two facts per site, because independently distilled
-    session deltas interfere when summed: summed over four sites they kept 5 of 24 facts,
-    and 5 of 8."""
+    down_proj alone lost 0-3; two facts per site, because independently distilled session
+    deltas interfere when summed (over four sites they kept 5 of 24 facts, and 5 of 8); and
+    each fact said by eight users, so a fact's session deltas add up while a canary's one
+    session, clipped like any other, stays one: with three users per fact the noise that
+    kept canary exposure near 1 bit (multiplier 0.3, epsilon 32) already cost transfer,
+    with eight a multiplier of 0.8 (epsilon 9) leaves the same transfer."""
 
     sites: int = 4
     rounds: int = 2
@@ -70,12 +74,12 @@ class DemoConfig:
     steps: int = 24
     lr: float = 1.0
     clip_norm: float = 0.5
-    noise_multiplier: float = 0.3
+    noise_multiplier: float = 0.8
     server_learning_rate: float = 0.0
     fedit_server_learning_rate: float = 0.0
     epsilon_budget: float = 1000.0
     facts_per_site: int = 2
-    users_per_fact: int = 3
+    users_per_fact: int = 8
     canaries_per_site: int = 4
     rank: int = 8
     adapter_targets: tuple[str, ...] = ("down_proj",)
@@ -87,9 +91,10 @@ class DemoConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
         if not self.server_learning_rate:
-            object.__setattr__(self, "server_learning_rate", 2.0 * self.sites)
+            object.__setattr__(self, "server_learning_rate", 0.75 * self.sites)
         if not self.fedit_server_learning_rate:
-            object.__setattr__(self, "fedit_server_learning_rate", float(self.sites))
+            object.__setattr__(self, "fedit_server_learning_rate",
+                               min(self.server_learning_rate, float(self.sites)))
         problems = []
         if self.sites < 3:
             problems.append(f"--sites {self.sites}: the aggregator's smallest cohort is 3 "
@@ -405,7 +410,7 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
     # spinning against each other on two cores are many times slower.
     torch.set_num_threads(1)
     started = time.perf_counter()
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(cfg.out)
     world = W.make_world(cfg.world_spec())
     world_dir = W.write_world(world, cfg.out / "world")
     model_dir = toy_model_path()
@@ -470,6 +475,27 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
     (cfg.out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     plot(results, cfg.out / PLOT)
     return results
+
+
+def clear_previous_run(out: Path) -> None:
+    """Makes `out` ready for a fresh run: a demo's own folders and files from an earlier run are
+    removed (its sites' stores and the aggregator's ledger would otherwise carry on from the
+    old state, and the numbers would be the old fleet's); anything else there is refused."""
+    import shutil
+
+    ours = {"world", "aggregator", RESULTS, PLOT}
+    out.mkdir(parents=True, exist_ok=True)
+    entries = list(out.iterdir())
+    strangers = sorted(e.name for e in entries
+                       if e.name not in ours and not re.fullmatch(r"site-\d{2,}", e.name))
+    if strangers:
+        raise ValueError(f"--out {out} holds {', '.join(strangers[:3])}, which no demo "
+                         "wrote; name an empty or new folder, or a previous demo's")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 HEADLINE = ("transfer_accuracy", "own_accuracy", "recovery", "forgetting_points",
@@ -599,10 +625,11 @@ def add_demo_command(commands: Any) -> None:
     demo.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
     demo.add_argument("--server-lr", dest="server_learning_rate", type=float, default=0.0,
                       help="the aggregator's learning rate on the cohort's mean (default: "
-                           "twice the number of sites)")
+                           "0.75 x the number of sites)")
     demo.add_argument("--fedit-server-lr", dest="fedit_server_learning_rate", type=float,
                       default=0.0, help="the FedIT arm's learning rate on the mean of the "
-                                        "sites' A and B deltas (default: the number of sites)")
+                                        "sites' A and B deltas (default: the fleet's, at "
+                                        "most the number of sites)")
     demo.set_defaults(run=_demo)
 
 
@@ -615,6 +642,7 @@ def _demo(args: argparse.Namespace) -> int:
                          noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm,
                          server_learning_rate=args.server_learning_rate,
                          fedit_server_learning_rate=args.fedit_server_learning_rate)
+        clear_previous_run(cfg.out)
     except ValueError as error:
         raise argparse.ArgumentError(None, str(error)) from None
     results = run_demo(cfg)

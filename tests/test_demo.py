@@ -11,7 +11,14 @@ import pytest
 
 from fleetmind.aggregation.manifest import MANIFEST, Manifest
 from fleetmind.sim.cli import main
-from fleetmind.sim.demo import PLOT, RESULTS, DemoConfig, fedit_epsilon, run_demo
+from fleetmind.sim.demo import (
+    PLOT,
+    RESULTS,
+    DemoConfig,
+    clear_previous_run,
+    fedit_epsilon,
+    run_demo,
+)
 
 ROUND_FIELDS = ("round", "transfer_accuracy", "own_accuracy", "incontext_upper_bound",
                 "recovery", "forgetting_points", "canary_exposure_bits", "epsilon")
@@ -52,9 +59,10 @@ def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) ->
     assert not (cfg.out / "site-00").exists()
     assert after["epsilon"] == pytest.approx(fedit_epsilon(cfg, 1))
     assert results["config"]["merge"] == "fedit"
-    # The arm's own server learning rate: by default a step of one sum, not the fleet's two.
-    assert results["config"]["fedit_server_learning_rate"] == 3.0
-    assert results["config"]["server_learning_rate"] == 6.0
+    # The arm's own server learning rate: by default the fleet's, at most one sum.
+    assert results["config"]["server_learning_rate"] == 2.25
+    assert results["config"]["fedit_server_learning_rate"] == 2.25
+    assert DemoConfig(server_learning_rate=12).fedit_server_learning_rate == 4.0
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -69,3 +77,21 @@ def test_impossible_settings_are_refused_in_one_line(args, problem, tmp_path, ca
     err = capsys.readouterr().err
     assert problem in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_previous_run_is_cleared_and_a_foreign_folder_refused(tmp_path, capsys) -> None:
+    previous = tmp_path / "previous"
+    for folder in ("world", "aggregator/versions", "site-00/versions", "site-11"):
+        (previous / folder).mkdir(parents=True)
+    (previous / "site-00" / "sessions.db").write_bytes(b"old sessions")
+    (previous / RESULTS).write_text("{}")
+    clear_previous_run(previous)
+    assert list(previous.iterdir()) == []  # the old fleet's state would carry on otherwise
+
+    foreign = tmp_path / "foreign"
+    (foreign / "site-00").mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("mine")
+    assert main(["demo", "--out", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "thesis.tex" in err and len(err.strip().splitlines()) == 1
+    assert sorted(e.name for e in foreign.iterdir()) == ["site-00", "thesis.tex"]
