@@ -13,7 +13,6 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tiny_adapter import PRIVACY, SHAPES, SPEC
 
 from fleetmind.client.agent import RoundResult, SiteUpdate, participate
 from fleetmind.client.outbox import Outbox, verify_chain
@@ -23,6 +22,7 @@ from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
 from fleetmind.server import versions
 from fleetmind.server.config import CohortPolicy, ServerConfig
 from fleetmind.server.service import serve
+from fleetmind.sim.bench.wire import PRIVACY, SHAPES, SPEC
 
 
 class UploadWatch(grpc.StreamUnaryClientInterceptor):

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tiny_adapter import MODULES, SPEC
 
 from fleetmind.client.outbox import Outbox, OutboxRecord
 from fleetmind.server.ledger import Ledger, RoundRecord
@@ -26,6 +25,7 @@ from fleetmind.server.versions import (
     Version,
     VersionRegistry,
 )
+from fleetmind.sim.bench.wire import MODULES, SPEC
 from fleetmind.sim.cli import main
 
 ROUNDS = 4

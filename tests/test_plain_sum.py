@@ -14,7 +14,6 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tiny_adapter import PRIVACY, SHAPES, SPEC
 
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum, secagg_payload
@@ -37,6 +36,7 @@ from fleetmind.server.config import (
 from fleetmind.server.ledger import RoundRecord
 from fleetmind.server.service import serve
 from fleetmind.server.versions import Manifest
+from fleetmind.sim.bench.wire import PRIVACY, SHAPES, SPEC
 from fleetmind.sim.cli import main
 
 UPLOAD = "/fleetmind.v1.Fleet/SubmitMaskedVector"

@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tiny_adapter import PRIVACY, SHAPES, SPEC
 
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.merge import secagg_payload
@@ -34,6 +33,7 @@ from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
 from fleetmind.server.ledger import LedgerEntry as StoredEntry
 from fleetmind.server.ledger import verify_chain
 from fleetmind.server.service import serve
+from fleetmind.sim.bench.wire import PRIVACY, SHAPES, SPEC
 
 
 def config(data: Path, privacy: PrivacyPolicy = PRIVACY) -> ServerConfig:

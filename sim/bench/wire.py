@@ -37,6 +37,7 @@ from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
 from fleetmind.server.service import DEFAULT_CHUNK, serve
 from fleetmind.server.versions import AdapterSpec, Release, TargetModule
 
+# The tiny two-module adapter a round is measured on here and tested on in tests/.
 MODULES = (TargetModule("model.layers.0.mlp.gate_proj", 8, 12),
            TargetModule("model.layers.0.mlp.down_proj", 12, 8))
 SPEC = AdapterSpec("toy", "cd" * 32, MODULES, frozen_a_seed=7, rank=2)
