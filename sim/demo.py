@@ -136,8 +136,10 @@ class DemoConfig:
         from fleetmind.client.distill import DistillConfig
 
         dreams = {} if self.dreams else {"dream_ratio": 0.0, "dreams_per_lesson": 0}
+        # The guard the demo's defaults were swept and measured with (README "Demo").
         return DistillConfig(steps=self.steps, lr=self.lr, optimizer="sgd", seed=self.seed,
-                             method=self.method, **dreams)
+                             method=self.method, guard_weight=2.0, guard_prompts_per_step=24,
+                             **dreams)
 
     def privacy(self) -> dict[str, Any]:
         """DP off still sends through the same protocol, with noise too small to matter (the
