@@ -152,11 +152,12 @@ def _replayed(dreams: Sequence[distill.Dream], lessons: Sequence[distill.Lesson]
     known = {lesson.session_id: lesson for lesson in lessons}
     missing = sorted({d.session_id for d in dreams} - set(known))
     found = []
-    for session_id in missing if earlier is not None else ():
-        try:
-            found.append(earlier(session_id))
-        except KeyError:
-            continue
+    if earlier is not None:
+        for session_id in missing:
+            try:
+                found.append(earlier(session_id))
+            except KeyError:
+                continue
     known.update({lesson.session_id: lesson for lesson in lessons_from(found)[0]})
     return [(known[d.session_id], d) for d in dreams if d.session_id in known]
 

@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetmind.client.lora import MLP_TARGETS
 from fleetmind.sim import world as W
 
 RESULTS = "results.json"
 PLOT = "demo.png"
 ROUND_TIMEOUT_S = 900.0
 MERGES = ("both", "exact", "fedit")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,9 @@ class DemoConfig:
         if self.method not in ("opsd", "sft_transcript"):
             problems.append(f"method={self.method!r}: use opsd or sft_transcript")
         if self.rank < 1 or not self.adapter_targets or \
-                not set(self.adapter_targets) <= set(MLP_PROJECTIONS):
+                not set(self.adapter_targets) <= set(MLP_TARGETS):
             problems.append(f"rank={self.rank}, adapter_targets={self.adapter_targets}: need "
-                            f"rank >= 1 and targets among {', '.join(MLP_PROJECTIONS)}")
+                            f"rank >= 1 and targets among {', '.join(MLP_TARGETS)}")
         if self.steps < 1:
             problems.append(f"--steps {self.steps} must be at least 1")
         for name in ("lr", "clip_norm", "noise_multiplier", "server_learning_rate",
@@ -159,7 +159,7 @@ def schedule(world: W.World, rounds: int) -> list[list[list[dict[str, Any]]]]:
 
 
 def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = 8, alpha: float = 16.0,
-                 targets: tuple[str, ...] = MLP_PROJECTIONS) -> Any:
+                 targets: tuple[str, ...] = MLP_TARGETS) -> Any:
     """The genesis adapter for a Llama-shaped model: LoRA on `targets` of every layer's MLP."""
     import hashlib
 
@@ -479,6 +479,10 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
     return results
 
 
+class ForeignOutputError(ValueError):
+    """--out holds files no demo wrote: the demo clears only its own."""
+
+
 def clear_previous_run(out: Path) -> None:
     """Makes `out` ready for a fresh run: a demo's own folders and files from an earlier run are
     removed (its sites' stores and the aggregator's ledger would otherwise carry on from the
@@ -491,8 +495,9 @@ def clear_previous_run(out: Path) -> None:
     strangers = sorted(e.name for e in entries
                        if e.name not in ours and not re.fullmatch(r"site-\d{2,}", e.name))
     if strangers:
-        raise ValueError(f"--out {out} holds {', '.join(strangers[:3])}, which no demo "
-                         "wrote; name an empty or new folder, or a previous demo's")
+        raise ForeignOutputError(f"--out {out} holds {', '.join(strangers[:3])}, which no "
+                                 "demo wrote; name an empty or new folder, or a previous "
+                                 "demo's")
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -644,10 +649,12 @@ def _demo(args: argparse.Namespace) -> int:
                          noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm,
                          server_learning_rate=args.server_learning_rate,
                          fedit_server_learning_rate=args.fedit_server_learning_rate)
-        clear_previous_run(cfg.out)
     except ValueError as error:
         raise argparse.ArgumentError(None, str(error)) from None
-    results = run_demo(cfg)
+    try:
+        results = run_demo(cfg)
+    except ForeignOutputError as error:
+        raise argparse.ArgumentError(None, str(error)) from None
     last = results["rounds"][-1]
     print(f"after {cfg.rounds} rounds: transfer recovery {last['recovery']:.2f}, forgetting "
           f"{last['forgetting_points']:+.1f} points, canary exposure "

@@ -14,8 +14,8 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_server_round import Site as SecAggSite
 
-from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum, secagg_payload
 from fleetmind.aggregation.secagg import NeighbourGraph, ProtocolError, RoundConfig, crypto
 from fleetmind.aggregation.secagg.messages import MaskedInput, unpack_ring
@@ -62,34 +62,12 @@ def quantisation_bound(wire: fleet_pb2.RoundConfig, weight_sum: float, count: in
         weight_sum * (weight_sum - e_w)) + 1e-6
 
 
-class Site:
+class Site(SecAggSite):
     """One site's side of a plain round over raw gRPC: join, read the config, upload."""
 
     def __init__(self, channel: grpc.Channel, name: str, seed: int) -> None:
-        self.fleet = fleet_pb2_grpc.FleetStub(channel)
-        self.key = Ed25519PrivateKey.generate()
-        public = crypto.identity_public_bytes(self.key)
-        self.id = self.fleet.Enroll(fleet_pb2.EnrollRequest(
-            site_name=name, identity_key=public,
-            proof=self.key.sign(enroll_signed_bytes(name, public))), timeout=5).site
-        self.rng = np.random.default_rng(seed)
-        self.delta = {n: self.rng.uniform(-0.3, 0.3, s).astype(np.float32)
-                      for n, s in SHAPES.items()}
-
-    def join(self, round_id: int | None = None) -> None:
-        request = fleet_pb2.JoinRoundRequest(site=self.id, base_version=0, contributing_units=1)
-        if round_id is not None:
-            request.round_id = round_id
-        self.stream = self.fleet.JoinRound(request, timeout=30)
-
-    def expect(self, kind: str) -> fleet_pb2.RoundEvent:
-        for event in self.stream:
-            which = event.WhichOneof("event")
-            if which == "waiting":
-                continue
-            assert which == kind, f"site {self.id} expected {kind}, got {event}"
-            return event
-        raise AssertionError(f"site {self.id}: stream ended before {kind}")
+        super().__init__(channel, name, seed)
+        self.rng = np.random.default_rng(seed)  # the payload's stochastic rounding
 
     def setup(self) -> None:
         """The round's config: a plain round's first and only instruction."""
@@ -107,6 +85,19 @@ class Site:
 
     def submit(self, chunks) -> fleet_pb2.MaskedVectorReceipt:
         return self.fleet.SubmitMaskedVector(iter(chunks), timeout=5)
+
+    def upload(self) -> fleet_pb2.MaskedVectorReceipt:
+        """The whole of a plain round from the site's side: its config, then its vector."""
+        self.setup()
+        return self.submit(self.chunks())
+
+
+def joined(channel: grpc.Channel, count: int, seed: int) -> list[Site]:
+    """`count` enrolled sites, each waiting in the open round."""
+    sites = [Site(channel, f"site-{i}", seed=seed + i) for i in range(count)]
+    for site in sites:
+        site.join()
+    return sites
 
 
 def mean_delta(sites: list[Site]) -> dict[str, np.ndarray]:
@@ -288,13 +279,10 @@ def test_a_site_that_never_uploads_leaves_the_others_merge(tmp_path) -> None:
     running = serve(plain_config(tmp_path / "data", target=4, phase_deadline_s=1.0))
     try:
         with grpc.insecure_channel(running.address) as channel:
-            sites = [Site(channel, f"site-{i}", seed=30 + i) for i in range(4)]
-            for s in sites:
-                s.join()
+            sites = joined(channel, 4, seed=30)
             survivors, gone = sites[:3], sites[3]
             for s in survivors:  # the fourth vanishes: the upload phase closes at its deadline
-                s.setup()
-                s.submit(s.chunks())
+                s.upload()
             done = {(d.version, d.cohort_size, tuple(d.dropped))
                     for d in (s.expect("completed").completed for s in sites[:3])}
             assert done == {(1, 3, (gone.id,))}
@@ -314,12 +302,9 @@ def test_a_plain_round_below_the_minimum_cohort_publishes_nothing(tmp_path) -> N
     running = serve(plain_config(tmp_path / "data", target=4, phase_deadline_s=1.0))
     try:
         with grpc.insecure_channel(running.address) as channel:
-            sites = [Site(channel, f"site-{i}", seed=40 + i) for i in range(4)]
-            for s in sites:
-                s.join()
+            sites = joined(channel, 4, seed=40)
             for s in sites[:2]:
-                s.setup()
-                s.submit(s.chunks())
+                s.upload()
             reason = sites[0].expect("aborted").aborted.reason
             assert "2 unmasked inputs, minimum cohort 3: refusing to sum" in reason
         assert running.coordinator.registry.numbers() == [0]
@@ -333,10 +318,8 @@ def test_bad_uploads_are_refused_with_their_status_and_change_nothing(tmp_path) 
     running = serve(plain_config(tmp_path / "data"))
     try:
         with grpc.insecure_channel(running.address) as channel:
-            sites = [Site(channel, f"site-{i}", seed=10 + i) for i in range(3)]
+            sites = joined(channel, 3, seed=10)
             a, b, c = sites
-            for s in sites:
-                s.join()
             for s in sites:
                 s.setup()
             mine = a.chunks()
@@ -387,11 +370,8 @@ def test_a_plain_round_in_flight_at_restart_is_abandoned_and_run_again(tmp_path)
     data = tmp_path / "data"
     running = serve(plain_config(data))
     channel = grpc.insecure_channel(running.address)
-    sites = [Site(channel, f"site-{i}", seed=20 + i) for i in range(3)]
-    for s in sites:
-        s.join()
-    sites[0].setup()
-    sites[0].submit(sites[0].chunks())  # one vector is in when the aggregator goes away
+    sites = joined(channel, 3, seed=20)
+    sites[0].upload()  # one vector is in when the aggregator goes away
     channel.close()
     running.stop(grace=None)
 
@@ -406,8 +386,7 @@ def test_a_plain_round_in_flight_at_restart_is_abandoned_and_run_again(tmp_path)
             for s in sites:
                 s.join()
             for s in sites:
-                s.setup()
-                s.submit(s.chunks())
+                s.upload()
             assert {s.round_id for s in sites} == {2}
             assert {s.expect("completed").completed.version for s in sites} == {1}
         head = running.coordinator.ledger.head().record
