@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server_round import Site as SecAggSite
+from test_server_round import bad_uploads
 
 from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum, secagg_payload
 from fleetmind.aggregation.secagg import NeighbourGraph, ProtocolError, RoundConfig, crypto
@@ -330,16 +331,7 @@ def test_bad_uploads_are_refused_with_their_status_and_change_nothing(tmp_path) 
                     share_key=b"\2" * 32, signature=bytes(64)), timeout=5)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "without secure aggregation" in refused.value.details()
-            corrupted = [fleet_pb2.MaskedVectorChunk() for _ in mine]
-            for copy, original in zip(corrupted, mine, strict=True):
-                copy.CopyFrom(original)
-            corrupted[-1].data = bytes(len(corrupted[-1].data))
-            oversized = fleet_pb2.MaskedVectorChunk()
-            oversized.CopyFrom(mine[0])
-            oversized.total_bytes = 10**9
-            for bad, status in ((mine[:-1], grpc.StatusCode.INVALID_ARGUMENT),
-                                (corrupted, grpc.StatusCode.INVALID_ARGUMENT),
-                                ([oversized], grpc.StatusCode.RESOURCE_EXHAUSTED)):
+            for bad, status in bad_uploads(mine):
                 with pytest.raises(grpc.RpcError) as refused:
                     a.submit(bad)
                 assert refused.value.code() == status

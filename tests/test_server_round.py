@@ -47,6 +47,23 @@ def code(error: grpc.RpcError) -> grpc.StatusCode:
     return error.code()
 
 
+def bad_uploads(chunks: list[fleet_pb2.MaskedVectorChunk]
+                ) -> list[tuple[list[fleet_pb2.MaskedVectorChunk], grpc.StatusCode]]:
+    """Torn, gapped, corrupted and oversized copies of an upload's chunks, each with the
+    status the aggregator must refuse it with."""
+    corrupted = [fleet_pb2.MaskedVectorChunk() for _ in chunks]
+    for copy, original in zip(corrupted, chunks, strict=True):
+        copy.CopyFrom(original)
+    corrupted[-1].data = bytes(len(corrupted[-1].data))
+    oversized = fleet_pb2.MaskedVectorChunk()
+    oversized.CopyFrom(chunks[0])
+    oversized.total_bytes = 10**9
+    return [(chunks[:-1], grpc.StatusCode.INVALID_ARGUMENT),
+            ([chunks[0], *chunks[2:]], grpc.StatusCode.INVALID_ARGUMENT),
+            (corrupted, grpc.StatusCode.INVALID_ARGUMENT),
+            ([oversized], grpc.StatusCode.RESOURCE_EXHAUSTED)]
+
+
 class Site:
     """One site's side of a round, a step at a time."""
 
@@ -242,17 +259,7 @@ def test_bad_inputs_are_refused_with_their_status_and_change_nothing(aggregator)
     # Round 2: torn, corrupted and oversized uploads; then the real one, retried.
     chunks = {s.id: s.masked_chunks() for s in sites}
     mine = chunks[a.id]
-    corrupted = [fleet_pb2.MaskedVectorChunk() for _ in mine]
-    for copy, original in zip(corrupted, mine, strict=True):
-        copy.CopyFrom(original)
-    corrupted[-1].data = bytes(len(corrupted[-1].data))
-    oversized = fleet_pb2.MaskedVectorChunk()
-    oversized.CopyFrom(mine[0])
-    oversized.total_bytes = 10**9
-    for bad, status in ((mine[:-1], grpc.StatusCode.INVALID_ARGUMENT),
-                        ([mine[0], *mine[2:]], grpc.StatusCode.INVALID_ARGUMENT),
-                        (corrupted, grpc.StatusCode.INVALID_ARGUMENT),
-                        ([oversized], grpc.StatusCode.RESOURCE_EXHAUSTED)):
+    for bad, status in bad_uploads(mine):
         with pytest.raises(grpc.RpcError) as refused:
             a.submit(bad)
         assert code(refused.value) == status
