@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server_round import Site as SecAggSite
-from test_server_round import bad_uploads
+from test_server_round import bad_uploads, reattach_after_restart
 
 from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum, secagg_payload
 from fleetmind.aggregation.secagg import NeighbourGraph, ProtocolError, RoundConfig, crypto
@@ -27,7 +27,7 @@ from fleetmind.aggregation.secagg.server_r2_plain_input_collection import (
 from fleetmind.client.agent import PlainSumRefusedError, RoundResult, SiteUpdate, participate
 from fleetmind.client.outbox import Outbox
 from fleetmind.protos import secagg_codec as codec
-from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc
+from fleetmind.protos.fleetmind.v1 import fleet_pb2
 from fleetmind.server.config import (
     CohortPolicy,
     ConfigError,
@@ -370,11 +370,7 @@ def test_a_plain_round_in_flight_at_restart_is_abandoned_and_run_again(tmp_path)
     running = serve(plain_config(data))
     try:
         with grpc.insecure_channel(running.address) as channel:
-            for s in sites:
-                s.fleet = fleet_pb2_grpc.FleetStub(channel)
-            sites[0].join(round_id=1)
-            aborted = sites[0].expect("aborted").aborted
-            assert aborted.retry and "restarted" in aborted.reason
+            reattach_after_restart(sites, channel)
             for s in sites:
                 s.join()
             for s in sites:

@@ -64,6 +64,16 @@ def bad_uploads(chunks: list[fleet_pb2.MaskedVectorChunk]
             ([oversized], grpc.StatusCode.RESOURCE_EXHAUSTED)]
 
 
+def reattach_after_restart(sites: list[Site], channel: grpc.Channel) -> None:
+    """Points the sites at the restarted aggregator; the first, re-attaching to round 1 (lost
+    in flight), must hear that it was abandoned and may be retried."""
+    for s in sites:
+        s.fleet = fleet_pb2_grpc.FleetStub(channel)
+    sites[0].join(round_id=1)
+    aborted = sites[0].expect("aborted").aborted
+    assert aborted.retry and "restarted" in aborted.reason
+
+
 class Site:
     """One site's side of a round, a step at a time."""
 
@@ -320,12 +330,7 @@ def test_a_round_in_flight_at_restart_is_abandoned_and_run_again(tmp_path: Path)
     running = serve(config(data))
     try:
         with grpc.insecure_channel(running.address) as channel:
-            for s in sites:
-                s.fleet = fleet_pb2_grpc.FleetStub(channel)
-            # A site re-attaching to the lost round hears it was abandoned, and re-joins.
-            sites[0].join(round_id=1)
-            aborted = sites[0].expect("aborted").aborted
-            assert aborted.retry and "restarted" in aborted.reason
+            reattach_after_restart(sites, channel)
             run_round(sites)
             assert {s.round_id for s in sites} == {2}
             assert {s.expect("completed").completed.version for s in sites} == {1}
