@@ -184,68 +184,77 @@ def positions(mask: Any) -> Any:
 def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], samples: int,
            max_new_tokens: int, temperature: float, stop_ids: set[int]) -> list[list[int]]:
     """`samples` completions per prompt from `model` as it is now (adapter on or off), each cut
-    after its first stop token. Batched over prompts and samples; left-padded."""
-    completions, _ = generate(model, tokenizer, [list(p) for p in prompts for _ in
-                                                  range(samples)],
-                               max_new_tokens, temperature, stop_ids)
+    after its first stop token, prompt by prompt."""
+    completions, _ = generate(model, tokenizer, prompts, samples, max_new_tokens, temperature,
+                              stop_ids)
     return completions
 
 
 def greedy_confidence(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
                       max_new_tokens: int, stop_ids: set[int]) -> list[float]:
     """Mean probability of each greedy answer's tokens: how sure the model is of it."""
-    _, confidences = generate(model, tokenizer, [list(p) for p in prompts], max_new_tokens,
-                               0.0, stop_ids)
+    _, confidences = generate(model, tokenizer, prompts, 1, max_new_tokens, 0.0, stop_ids)
     return confidences
 
 
-def generate(model: Any, tokenizer: Any, rows: list[list[int]], max_new_tokens: int,
-              temperature: float, stop_ids: set[int]) -> tuple[list[list[int]], list[float]]:
-    """A plain KV-cached decoding loop (left-padded batch): sampling at `temperature`, or
-    greedy when it is 0. Returns the completions, each cut after its first stop token, and
-    the mean probability of each completion's chosen tokens."""
+def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], samples: int,
+             max_new_tokens: int, temperature: float, stop_ids: set[int]
+             ) -> tuple[list[list[int]], list[float]]:
+    """A plain KV-cached decoding loop: `samples` continuations of each prompt, sampled at
+    `temperature` or greedy when it is 0. Each prompt is read once and its cache copied to its
+    samples (the prompts left-padded in one batch); a row leaves the batch at its first stop
+    token. Returns the completions, prompt by prompt, each ending at its first stop token,
+    and the mean probability of each one's tokens."""
     import torch
 
-    ids, mask = pad_left(rows, tokenizer.pad_token_id)  # (B, L)
-    position = positions(mask)
+    ids, mask = pad_left(prompts, tokenizer.pad_token_id)  # (P, L)
     stops = torch.tensor(sorted(stop_ids))
-    done = torch.zeros(len(rows), dtype=torch.bool)
-    chosen, probs = [], []
-    cache = None
-    step_ids = ids
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            # Only the last position reaches the vocabulary projection (logits_to_keep=1).
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=position,
-                        cache=cache, use_cache=True, logits_to_keep=1)
-            cache = out.cache
-            p = torch.softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    rows = len(prompts) * samples
+    tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long)
+    token_probs = torch.zeros((rows, max_new_tokens))
+    live = torch.arange(rows)  # the rows still decoding
+    with torch.inference_mode():
+        # Only the last position reaches the vocabulary projection (logits_to_keep=1).
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                    use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        cache.batch_repeat_interleave(samples)
+        logits = out.logits[:, -1].float().repeat_interleave(samples, dim=0)  # (B, V)
+        mask = mask.repeat_interleave(samples, dim=0)  # (B, L)
+        position = mask.sum(-1, keepdim=True) - 1  # (B, 1)
+        for step in range(max_new_tokens):
+            p = torch.softmax(logits, dim=-1)  # (live, V)
             if temperature > 0:
                 # Inverse-CDF sampling, the distribution torch.multinomial draws from, at 20
                 # against 325 microseconds per call on (16, 888) (multinomial draws an
                 # exponential per vocabulary entry). The uniform draw is scaled to the CDF's
                 # total, and right=True picks the first entry above it: never a token of
                 # probability zero.
-                cdf = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cumsum(-1)
-                draw = torch.rand(len(rows), 1) * cdf[:, -1:]
+                cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+                draw = torch.rand(len(live), 1) * cdf[:, -1:]
                 token = torch.searchsorted(cdf, draw, right=True)[:, 0]
             else:
                 token = p.argmax(-1)
-            chosen.append(token)
-            probs.append(p.gather(-1, token[:, None])[:, 0])
-            done = done | torch.isin(token, stops)
-            if bool(done.all()):
+            tokens[live, step] = token
+            token_probs[live, step] = p.gather(-1, token[:, None])[:, 0]
+            going = ~torch.isin(token, stops)
+            if step == max_new_tokens - 1 or not bool(going.any()):
                 break
-            step_ids = token[:, None]
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-            position = position[:, -1:] + 1
-    tokens = torch.stack(chosen, dim=1).tolist()  # (B, new)
-    token_probs = torch.stack(probs, dim=1)
+            if not bool(going.all()):
+                # Finished rows leave the batch: the others' decoding steps stop paying for them.
+                kept = going.nonzero()[:, 0]
+                live, token, mask, position = live[kept], token[kept], mask[kept], position[kept]
+                cache.batch_select_indices(kept)
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            position = position + 1
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                        cache=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
     completions, confidences = [], []
-    for i, row in enumerate(tokens):
-        cut = next((j + 1 for j, t in enumerate(row) if t in stop_ids), len(row))
-        completions.append(row[:cut])
-        confidences.append(float(token_probs[i, :cut].mean()))
+    for row, chosen in zip(tokens.tolist(), token_probs, strict=True):
+        length = next((j for j, t in enumerate(row) if t < 0), len(row))
+        completions.append(row[:length])
+        confidences.append(float(chosen[:length].mean()))
     return completions, confidences
 
 
@@ -253,16 +262,60 @@ def generate(model: Any, tokenizer: Any, rows: list[list[int]], max_new_tokens: 
 
 def completion_logits(model: Any, prompts: Sequence[Sequence[int]],
                       completions: Sequence[Sequence[int]], pad: int, skip_first: int,
-                      past: tuple[Any, Any] | None = None) -> tuple[Any, list[int]]:
+                      past: tuple[Any, Any] | None = None,
+                      owners: Sequence[int] | None = None) -> tuple[Any, list[int]]:
     """The logits that predict each row's completion tokens, the first `skip_first` of each
     left out, all rows' concatenated: (N, V), and how many each row has.
 
-    One forward pass. The rows are right-aligned (left-padded), so every completion ends at
-    the last position and only the last max(count) positions reach the vocabulary projection
-    (`logits_to_keep`), the backward pass included. Right-padded rows sliced one by one had
-    cost a zero-filled (B, L, V) gradient per row in the backward pass (17% of a step's CPU
-    time on the toy model, torch.profiler) and logits for every prompt position.
-    `past`: (cache, mask) of a context that every row continues (the teacher's sessions)."""
+    owners: the prompt each completion continues, when several continue one prompt (the
+    samples of a step); each prompt is then read once, and its KV cache, with its graph when
+    gradients are on, is copied to its completions: on the toy model a step's student and
+    teacher passes read 4 prompts where they read 16 rows' copies of them. None: completion i
+    continues prompt i, and both go through in one pass.
+    `past`: (cache, mask) of a context that each prompt continues (the teacher's sessions)."""
+    if owners is None:
+        return _own_prompt_logits(model, prompts, completions, pad, skip_first, past)
+    import torch
+
+    ids, mask = pad_left(prompts, pad)  # (P, Lp)
+    position = positions(mask)
+    cache = None
+    if past is not None:
+        cache, past_mask = past  # past_mask: (P, C)
+        position = position + past_mask.sum(-1, keepdim=True)
+        mask = torch.cat([past_mask, mask], dim=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    owner = torch.tensor(list(owners), dtype=torch.long)
+    logits = out.logits.index_select(0, owner)  # (N, 1, V): each completion's first token
+    width = max(len(y) for y in completions) - 1
+    if width > 0:
+        # The rest of each completion after its prompt's cache, right-padded.
+        cache = out.cache
+        cache.batch_select_indices(owner)
+        lengths = torch.tensor([max(len(y) - 1, 0) for y in completions])
+        rest_mask = (torch.arange(width) < lengths[:, None]).long()  # (N, width)
+        rest = model(input_ids=pad_right([y[:-1] or [pad] for y in completions], pad),
+                     attention_mask=torch.cat([mask.index_select(0, owner), rest_mask], dim=1),
+                     position_ids=position[:, -1:].index_select(0, owner) + 1
+                     + torch.arange(width), cache=cache, use_cache=True).logits
+        logits = torch.cat([logits, rest], dim=1)  # (N, width + 1, V)
+    counts = [max(len(y) - skip_first, 0) for y in completions]
+    index = torch.tensor([row * (width + 1) + k for row, y in enumerate(completions)
+                          for k in range(skip_first, len(y))], dtype=torch.long)
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, index), counts
+
+
+def _own_prompt_logits(model: Any, prompts: Sequence[Sequence[int]],
+                       completions: Sequence[Sequence[int]], pad: int, skip_first: int,
+                       past: tuple[Any, Any] | None) -> tuple[Any, list[int]]:
+    """`completion_logits` for rows with prompts of their own, in one forward pass.
+
+    The rows are right-aligned (left-padded), so every completion ends at the last position
+    and only the last max(count) positions reach the vocabulary projection (`logits_to_keep`),
+    the backward pass included. Right-padded rows sliced one by one had cost a zero-filled
+    (B, L, V) gradient per row in the backward pass (17% of a step's CPU time on the toy
+    model, torch.profiler) and logits for every prompt position."""
     import torch
 
     ids, mask = pad_left([[*p, *y[:-1]] for p, y in zip(prompts, completions, strict=True)],
@@ -319,11 +372,12 @@ class TeacherContexts:
                    mask)
 
     def log_probs(self, model: Any, sessions: Sequence[str], suffixes: Sequence[Sequence[int]],
-                  completions: Sequence[Sequence[int]], pad: int, skip_first: int
-                  ) -> tuple[Any, list[int]]:
-        """The frozen model's log-probabilities on each row's completion, the row reading its
-        session's context then its suffix: `completion_logits` over every row in one pass.
-        Each call builds its cache from the held tensors, so the held ones never change."""
+                  completions: Sequence[Sequence[int]], owners: Sequence[int], pad: int,
+                  skip_first: int) -> tuple[Any, list[int]]:
+        """The frozen model's log-probabilities on each completion, read after its prompt:
+        prompt i is session i's context then suffix i, and completion j continues prompt
+        owners[j] (`completion_logits`). Each call builds its cache from the held tensors,
+        so the held ones never change."""
         import torch
         from transformers import DynamicCache
 
@@ -332,7 +386,8 @@ class TeacherContexts:
                                              for k, v in self.layers], config=model.config)
         with torch.no_grad(), lora.frozen_global(model):
             logits, counts = completion_logits(model, suffixes, completions, pad, skip_first,
-                                               past=(cache, self.mask.index_select(0, index)))
+                                               past=(cache, self.mask.index_select(0, index)),
+                                               owners=owners)
         return torch.log_softmax(logits.float(), dim=-1), counts
 
 
@@ -420,12 +475,11 @@ class LessonPrompt:
 
 @dataclass(frozen=True)
 class LessonBatch:
-    """One step's on-policy rows: each student prompt's sampled completion, and what its
-    session's teacher reads after the session's cached context."""
+    """One step's on-policy rows: the step's prompts, and the student's sampled completions,
+    each with the index of the prompt it continues."""
 
-    sessions: list[str]
-    student_prompts: list[list[int]]
-    teacher_suffixes: list[list[int]]
+    prompts: list[LessonPrompt]
+    owners: list[int]
     completions: list[list[int]]
 
     def distilled_tokens(self, skip_first: int) -> int:
@@ -449,10 +503,13 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
     import torch
 
     pad = tokenizer.pad_token_id
-    student, counts = completion_logits(model, lesson.student_prompts, lesson.completions, pad,
-                                        cfg.skip_first)
-    teacher, _ = contexts.log_probs(model, lesson.sessions, lesson.teacher_suffixes,
-                                    lesson.completions, pad, cfg.skip_first)
+    # The teacher first: its pass is over before the student's graph is built.
+    teacher, _ = contexts.log_probs(model, [p.session_id for p in lesson.prompts],
+                                    [p.teacher_suffix for p in lesson.prompts],
+                                    lesson.completions, lesson.owners, pad, cfg.skip_first)
+    student, counts = completion_logits(model, [p.student for p in lesson.prompts],
+                                        lesson.completions, pad, cfg.skip_first,
+                                        owners=lesson.owners)
     loss = row_kl_sum(student, teacher, counts, cfg.top_k) / max(
         rows_with_tokens(lesson.completions, cfg.skip_first), 1)
     loss.backward()
@@ -738,9 +795,7 @@ def _lesson_batch(model: Any, tokenizer: Any, picks: Sequence[LessonPrompt],
     repeat = cfg.samples_per_prompt
     ys = sample(model, tokenizer, [p.student for p in picks], repeat, cfg.max_new_tokens,
                 cfg.temperature, stop)
-    return LessonBatch([p.session_id for p in picks for _ in range(repeat)],
-                       [p.student for p in picks for _ in range(repeat)],
-                       [p.teacher_suffix for p in picks for _ in range(repeat)], ys)
+    return LessonBatch(list(picks), [i for i in range(len(picks)) for _ in range(repeat)], ys)
 
 
 def _progress(enabled: bool) -> Any:

@@ -67,8 +67,7 @@ def one_lesson_step(model, tokenizer, lesson, samples=4):
     prompt = distill.LessonPrompt.encode(tokenizer, contexts, lesson, lesson.probes[-1])
     ys = distill.sample(model, tokenizer, [prompt.student], samples, 8, 1.0,
                         {tokenizer.eos_token_id})
-    batch = distill.LessonBatch([lesson.session_id] * samples, [prompt.student] * samples,
-                                [prompt.teacher_suffix] * samples, ys)
+    batch = distill.LessonBatch([prompt], [0] * samples, ys)
     return contexts, batch
 
 
@@ -93,24 +92,58 @@ def test_cached_teacher_context_gives_the_uncached_logits(student) -> None:
     contexts = distill.TeacherContexts.encode(
         model, {lesson.session_id: distill.chat_ids(tokenizer, lesson.context, generation=False)
                 for lesson in lessons})
-    # Rows of both sessions, whose contexts differ in length (one is padded), in one pass.
+    # Prompts of both sessions, whose contexts differ in length (one is padded), in one pass;
+    # two completions of different lengths continue each prompt, which is read once.
     assert len({len(ids) for ids in contexts.ids.values()}) == 2
-    rows = [(lesson, distill.LessonPrompt.encode(tokenizer, contexts, lesson, p))
-            for lesson in lessons for p in lesson.probes]
-    ys = [[5 + i, 6, 7][: 1 + i % 3] for i in range(len(rows))]
-    args = ([lesson.session_id for lesson, _ in rows], [p.teacher_suffix for _, p in rows], ys,
-            tokenizer.pad_token_id, 0)
+    prompts = [(lesson, distill.LessonPrompt.encode(tokenizer, contexts, lesson, p))
+               for lesson in lessons for p in lesson.probes]
+    owners = [i for i in range(len(prompts)) for _ in range(2)]
+    ys = [[5 + j, 6, 7][: 1 + j % 3] for j in range(len(owners))]
+    args = ([lesson.session_id for lesson, _ in prompts], [p.teacher_suffix for _, p in prompts],
+            ys, owners, tokenizer.pad_token_id, 0)
     cached, counts = contexts.log_probs(model, *args)
     again, _ = contexts.log_probs(model, *args)  # the held cache must not have grown
     assert counts == [len(y) for y in ys]
-    for (lesson, prompt), y, got, got_again in zip(rows, ys, cached.split(counts),
-                                                   again.split(counts), strict=True):
+    for owner, y, got, got_again in zip(owners, ys, cached.split(counts), again.split(counts),
+                                        strict=True):
+        lesson, prompt = prompts[owner]
         full = torch.tensor([contexts.ids[lesson.session_id] + prompt.teacher_suffix + y])
         with torch.no_grad(), lora.adapter_disabled(model):
             plain = torch.log_softmax(model(input_ids=full).logits[0], dim=-1)
         plain = plain[-len(y) - 1:-1]  # the logits that predict y
         assert torch.allclose(got, plain, atol=1e-4)
         assert torch.allclose(got_again, plain, atol=1e-4)
+
+
+def test_a_shared_prompt_gives_each_row_its_own_logits_and_gradient(student) -> None:
+    """Completions that share a prompt read it once and copy its cache: the logits and the
+    gradient into B are those of each row reading its own copy of the prompt."""
+    model, tokenizer = student
+    _, guard = lessons_and_guard(1)
+    lora.set_b(model, {n: np.full_like(b, 0.01) for n, b in lora.get_b(model).items()})
+    prompts = [distill.chat_ids(tokenizer, g, generation=True) for g in guard[:2]]
+    owners = [0, 0, 1, 1, 1]
+    ys = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15]]
+
+    def logits_and_grad(shared: bool):
+        model.zero_grad(set_to_none=True)
+        if shared:
+            logits, counts = distill.completion_logits(model, prompts, ys,
+                                                       tokenizer.pad_token_id, 1, owners=owners)
+        else:
+            logits, counts = distill.completion_logits(model, [prompts[i] for i in owners], ys,
+                                                       tokenizer.pad_token_id, 1)
+        (logits.float() ** 2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), counts, grads
+
+    shared, shared_counts, shared_grads = logits_and_grad(True)
+    own, own_counts, own_grads = logits_and_grad(False)
+    assert shared_counts == own_counts == [2, 0, 1, 3, 0]
+    assert torch.allclose(shared, own, atol=1e-4)
+    assert shared_grads.keys() == own_grads.keys() and shared_grads
+    for name, grad in shared_grads.items():
+        assert torch.allclose(grad, own_grads[name], atol=1e-6, rtol=1e-3), name
 
 
 def test_the_loss_is_the_reverse_kl_of_each_rows_own_logits(student) -> None:
@@ -136,9 +169,9 @@ def test_the_loss_is_the_reverse_kl_of_each_rows_own_logits(student) -> None:
         return distill.reverse_kl(student_logits[picked], teacher_logits[picked]).mean()
 
     context = contexts.ids[lessons[0].session_id]
-    expected = [row_kl(p, context + t, y) for p, t, y in zip(
-        batch.student_prompts, batch.teacher_suffixes, batch.completions, strict=True)
-        if len(y) > 1]
+    (prompt,) = batch.prompts
+    expected = [row_kl(prompt.student, context + prompt.teacher_suffix, y)
+                for y in batch.completions if len(y) > 1]
     assert lesson_kl == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
     # The guard's first example has no token after the skipped one: it takes no part.
     expected = [row_kl(g.prompt, g.prompt, g.completion) for g in examples[1:]]

@@ -178,7 +178,7 @@ def teacher_answer_pairs(model: Any, tokenizer: Any, sessions: list[Session]
         for probe in lesson.probes:
             teacher = distill.chat_ids(tokenizer, [*lesson.context, *probe], generation=True)
             with lora.adapter_disabled(model):
-                (answer,), _ = distill.generate(model, tokenizer, [teacher], 16, 0.0, stop)
+                (answer,), _ = distill.generate(model, tokenizer, [teacher], 1, 16, 0.0, stop)
             out.append((distill.chat_ids(tokenizer, probe, generation=True), answer))
     return out
 
