@@ -43,19 +43,33 @@ def test_measured_counts_what_a_method_distils_and_the_memory_it_adds() -> None:
     assert cost["tokens"] == 23  # the count stops with the block
 
 
+def test_tensor_peak_is_the_most_that_tensors_made_in_the_block_held_at_once() -> None:
+    before = torch.ones(2**20)  # 4 MB from before the block: not counted
+    with consolidate.tensor_peak() as peak:
+        first = torch.ones(2**20)  # 4 MB
+        second = torch.ones(2**21)  # 8 MB more: 12 MB live
+        del first, second
+        third = torch.ones(2**20)  # 4 MB, after the peak
+        del before  # freed inside the block, allocated before it
+    assert 12 <= peak["peak_tensor_mb"] < 12.1
+    assert third.numel() == 2**20
+
+
 def test_cost_table_puts_the_targets_on_the_fair_measures() -> None:
-    cost = {"distilled_tokens_per_s": 900.0, "peak_above_loaded_mb": 60.0,
+    cost = {"distilled_tokens_per_s": 900.0, "peak_tensor_mb": 10.0, "peak_above_loaded_mb": 60.0,
             "tokens_per_s": 15000.0, "peak_rss_mb": 470.0, "seconds": 30.0}
     peer = {"name": "trl.experimental.sdft.SDFTTrainer", "distilled_tokens_per_s": 300.0,
-            "peak_above_loaded_mb": 120.0, "tokens_per_s": 25000.0, "peak_rss_mb": 540.0,
-            "seconds": 20.0}
+            "peak_tensor_mb": 20.0, "peak_above_loaded_mb": 120.0, "tokens_per_s": 25000.0,
+            "peak_rss_mb": 540.0, "seconds": 20.0}
     ratios = {key: round(cost[key] / peer[key], 2) for key, _, _ in consolidate.COST_MEASURES}
     console = Console(width=100, record=True)
     console.print(consolidate._cost_table(cost, peer, ratios))
     lines = console.export_text().splitlines()
     distilled = next(line for line in lines if "distilled tokens/s" in line)
     assert "3.00×" in distilled and "≥ 2×" in distilled
+    tensors = next(line for line in lines if "tensor memory" in line)
+    assert "0.50×" in tensors and "≤ 0.6×" in tensors
     above = next(line for line in lines if "above loaded" in line)
-    assert "0.50×" in above and "≤ 0.6×" in above
+    assert "0.50×" in above and "≤" not in above  # kept, not judged
     forward = next(line for line in lines if "forward tokens/s" in line)
     assert "0.60×" in forward and "≥" not in forward  # kept, not judged

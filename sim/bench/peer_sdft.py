@@ -54,9 +54,10 @@ _MODULE = "fleetmind.sim.bench.peer_sdft"
 
 
 def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
-             workdir: Path) -> tuple[Any, Any, dict[str, float]]:
+             workdir: Path, tensors: bool = False) -> tuple[Any, Any, dict[str, float]]:
     """SDFTTrainer over the sessions in the same two halves as `run_opsd`:
-    (PEFT model, tokenizer, `measured` cost). Needs trl 1.16 (the `bench` extra)."""
+    (PEFT model, tokenizer, `measured` cost, with `tensors` passed on). Needs trl 1.16 (the
+    `bench` extra)."""
     import torch
     from datasets import Dataset
     from trl.experimental.sdft import SDFTTrainer
@@ -64,7 +65,7 @@ def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
     model, tokenizer = load_model(model_dir)
     peft_model = lora.attach_lora(model, seed=LORA_SEED)
     steps = 0
-    with measured(model) as cost:
+    with measured(model, tensors) as cost:
         for number, half in enumerate(halves(sessions)):
             pairs = _prompt_pairs(lessons_from(half)[0], cfg.prompts_per_step)
             rows = [{"prompt": list(probe),
@@ -173,8 +174,8 @@ def _count_distilled(trainer: Any, cost: dict[str, float]) -> None:
 # ---- one method, one process -----------------------------------------------------------------
 
 def train_in_subprocess(method: str, model_dir: Path, sessions: Sequence[Session],
-                        cfg: distill.DistillConfig, workdir: Path, threads: int = 1
-                        ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                        cfg: distill.DistillConfig, workdir: Path, threads: int = 1,
+                        tensors: bool = False) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Trains with `method` ("ours": `run_opsd`, "peer": `run_peer`) in a fresh Python
     process and returns the trained B and the cost measured there, so the peak memory is that
     method's own, not shared with, or inherited from, the bench or the other method.
@@ -182,7 +183,8 @@ def train_in_subprocess(method: str, model_dir: Path, sessions: Sequence[Session
     Both run on `threads` torch threads, recorded in the cost. The count is fixed because
     torch's default (one per core) collapses when another process shares the cores: on 2
     shared cores the full run took 166 s (ours) and 45 s (the peer) at the default, against
-    15 s and 10.5 s on one thread."""
+    15 s and 10.5 s on one thread. tensors: measure the peak tensor memory too
+    (`consolidate.tensor_peak`, which slows the run)."""
     from safetensors.numpy import load_file
 
     if method not in METHODS:
@@ -192,7 +194,7 @@ def train_in_subprocess(method: str, model_dir: Path, sessions: Sequence[Session
         "".join(json.dumps(session.to_dict()) + "\n" for session in sessions))
     (job / "config.json").write_text(json.dumps(asdict(cfg)))
     done = subprocess.run([sys.executable, "-m", _MODULE, method, str(model_dir), str(job),
-                           "--threads", str(threads)],
+                           "--threads", str(threads), *(["--tensors"] if tensors else [])],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{method}: training in its own process failed "
@@ -201,8 +203,8 @@ def train_in_subprocess(method: str, model_dir: Path, sessions: Sequence[Session
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The subprocess: METHOD MODEL_DIR JOB_DIR [--threads N], JOB_DIR holding sessions.jsonl
-    and config.json; writes b.safetensors and cost.json there."""
+    """The subprocess: METHOD MODEL_DIR JOB_DIR [--threads N] [--tensors], JOB_DIR holding
+    sessions.jsonl and config.json; writes b.safetensors and cost.json there."""
     import torch
     from safetensors.numpy import save_file
 
@@ -211,13 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model", type=Path)
     parser.add_argument("job", type=Path)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tensors", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sessions = [Session.from_dict(json.loads(line))
                 for line in (args.job / "sessions.jsonl").read_text().splitlines()]
     cfg = distill.DistillConfig(**json.loads((args.job / "config.json").read_text()))
     train = run_peer if args.method == "peer" else run_opsd
-    model, _, cost = train(args.model, sessions, cfg, args.job)
+    model, _, cost = train(args.model, sessions, cfg, args.job, args.tensors)
     cost["threads"] = args.threads
     save_file(lora.get_b(model), str(args.job / "b.safetensors"))
     (args.job / "cost.json").write_text(json.dumps(cost))
