@@ -273,9 +273,11 @@ def completion_logits(model: Any, prompts: Sequence[Sequence[int]],
     teacher passes read 4 prompts where they read 16 rows' copies of them. None: completion i
     continues prompt i, and both go through in one pass.
     `past`: (cache, mask) of a context that each prompt continues (the teacher's sessions)."""
-    if owners is None:
-        return _own_prompt_logits(model, prompts, completions, pad, skip_first, past)
+    if owners is None and past is None:
+        return _own_prompt_logits(model, prompts, completions, pad, skip_first)
     import torch
+
+    owners = range(len(prompts)) if owners is None else owners
 
     ids, mask = pad_left(prompts, pad)  # (P, Lp)
     position = positions(mask)
@@ -307,8 +309,8 @@ def completion_logits(model: Any, prompts: Sequence[Sequence[int]],
 
 
 def _own_prompt_logits(model: Any, prompts: Sequence[Sequence[int]],
-                       completions: Sequence[Sequence[int]], pad: int, skip_first: int,
-                       past: tuple[Any, Any] | None) -> tuple[Any, list[int]]:
+                       completions: Sequence[Sequence[int]], pad: int, skip_first: int
+                       ) -> tuple[Any, list[int]]:
     """`completion_logits` for rows with prompts of their own, in one forward pass.
 
     The rows are right-aligned (left-padded), so every completion ends at the last position
@@ -322,15 +324,8 @@ def _own_prompt_logits(model: Any, prompts: Sequence[Sequence[int]],
                          pad)  # (B, L)
     counts = [max(len(y) - skip_first, 0) for y in completions]
     keep = max(*counts, 1)
-    position = positions(mask)
-    extra: dict[str, Any] = {"use_cache": False}
-    if past is not None:
-        cache, past_mask = past  # past_mask: (B, P)
-        position = position + past_mask.sum(-1, keepdim=True)
-        mask = torch.cat([past_mask, mask], dim=1)
-        extra = {"cache": cache, "use_cache": True}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position,
-                   logits_to_keep=keep, **extra).logits  # (B, keep, V)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                   use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
     index = torch.tensor([row * keep + k for row, count in enumerate(counts)
                           for k in range(keep - count, keep)], dtype=torch.long)
     return logits.reshape(-1, logits.shape[-1]).index_select(0, index), counts

@@ -84,12 +84,11 @@ def measured(model: Any, tensors: bool = False) -> Iterator[dict[str, float]]:
     mark on entry (loading may set it: the benchmark's first run set its peak before training
     began); the mark is then reset (Linux's clear_refs), so peak_rss_mb is the block's own
     high-water mark; rss_loaded_mb: the resident set on entry (imports, loaded model);
-    peak_above_loaded_mb = peak_rss_mb - rss_loaded_mb, what the training added (the headline
-    memory at the toy model's size, whose resident set is mostly the libraries each process
-    imports). peak_reset: whether the reset worked; if not, the peak is the process's and may
-    predate the block. tensors: also peak_tensor_mb (`tensor_peak`), which slows the block, so
-    its times are then not the method's. One method per process, as in
-    `peer_sdft.train_in_subprocess`."""
+    peak_above_loaded_mb = peak_rss_mb - rss_loaded_mb, what the training added to the resident
+    set (kept, not judged: `tensor_peak` says why). peak_reset: whether the reset worked; if
+    not, the peak is the process's and may predate the block. tensors: also peak_tensor_mb
+    (`tensor_peak`), which slows the block, so its times are then not the method's. One method
+    per process, as in `peer_sdft.train_in_subprocess`."""
     cost: dict[str, float] = {"tokens": 0, "distilled_tokens": 0,
                               "rss_before_mb": round(_peak_rss_mb(), 1),
                               "peak_reset": _reset_peak_rss(),
@@ -122,8 +121,8 @@ def tensor_peak() -> Iterator[dict[str, float]]:
     """peak_tensor_mb: the most memory that tensors allocated inside the block held at once,
     from torch.profiler's record of every allocation and free: the CPU's counterpart of
     `torch.cuda.max_memory_allocated`, the measure a GPU run would judge. On the toy model
-    the RSS is not: a consolidation's live tensors peak near 12 MB while its resident set
-    grows by 40, the allocator keeping freed pages and the runtime its own buffers, alike for
+    the RSS is not: our consolidation's live tensors peak at 8 MB while its resident set
+    grows by 38, the allocator keeping freed pages and the runtime its own buffers, alike for
     every method. Tensors from before the block (the loaded model) are not counted."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -260,11 +259,11 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
 
     # Peak tensor memory, each method again in a process of its own, under the profiler.
     profiled = replace(cfg, steps=min(cfg.steps, TENSOR_PEAK_STEPS))
-    for method, cost in (("ours", ours_cost), ("peer", peer if "peer" in results else None)):
-        if cost is not None:
-            _, measured_tensors = peer_sdft.train_in_subprocess(method, model_dir, sessions,
-                                                                profiled, out, tensors=True)
-            cost["peak_tensor_mb"] = measured_tensors["peak_tensor_mb"]
+    costs = {"ours": ours_cost, **({"peer": peer} if "peer" in results else {})}
+    for method, cost in costs.items():
+        _, profiled_cost = peer_sdft.train_in_subprocess(method, model_dir, sessions, profiled,
+                                                         out, tensors=True)
+        cost["peak_tensor_mb"] = profiled_cost["peak_tensor_mb"]
 
     ablations = {"no_dreams": replace(cfg, dream_ratio=0.0),
                  "no_replay": replace(cfg, replay_ratio=0.0),
