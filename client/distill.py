@@ -181,6 +181,36 @@ def positions(mask: Any) -> Any:
 
 # ---- sampling ----------------------------------------------------------------------------
 
+@dataclass
+class PromptRead:
+    """A batch of prompts, left-padded, read once: the logits that predict each one's first
+    completion token (P, 1, V), their KV cache, the attention mask of their real tokens
+    (P, L), and each one's last position (P, 1)."""
+
+    logits: Any
+    cache: Any
+    mask: Any
+    last_position: Any
+
+
+def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int) -> PromptRead:
+    """One pass over the prompts, left-padded; only their last positions reach the vocabulary
+    projection."""
+    ids, mask = pad_left(prompts, pad)  # (P, L)
+    position = positions(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
+                logits_to_keep=1)
+    return PromptRead(out.logits, out.cache, mask, position[:, -1:])
+
+
+def kv_cache(model: Any, layers: Sequence[tuple[Any, Any]]) -> Any:
+    """A KV cache made of the given per-layer (keys, values), each (B, heads, L, head_dim),
+    without copying them; the cache's own updates replace its tensors, never change these."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(layers), config=model.config)
+
+
 def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], samples: int,
            max_new_tokens: int, temperature: float, stop_ids: set[int]) -> list[list[int]]:
     """`samples` completions per prompt from `model` as it is now (adapter on or off), each cut
@@ -198,30 +228,33 @@ def greedy_confidence(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], samples: int,
-             max_new_tokens: int, temperature: float, stop_ids: set[int]
-             ) -> tuple[list[list[int]], list[float]]:
+             max_new_tokens: int, temperature: float, stop_ids: set[int],
+             read: PromptRead | None = None) -> tuple[list[list[int]], list[float]]:
     """A plain KV-cached decoding loop: `samples` continuations of each prompt, sampled at
     `temperature` or greedy when it is 0. Each prompt is read once and its cache copied to its
     samples (the prompts left-padded in one batch); a row leaves the batch at its first stop
     token. Returns the completions, prompt by prompt, each ending at its first stop token,
-    and the mean probability of each one's tokens."""
+    and the mean probability of each one's tokens.
+
+    read: `prompts` as `read_prompts` already read them with the model as it is now (the
+    student's pass of a step, whose graph the loss reuses); decoding continues from a
+    detached copy of it, which leaves it as it was. None: they are read here."""
     import torch
 
-    ids, mask = pad_left(prompts, tokenizer.pad_token_id)  # (P, L)
     stops = torch.tensor(sorted(stop_ids))
     rows = len(prompts) * samples
     tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long)
     token_probs = torch.zeros((rows, max_new_tokens))
     live = torch.arange(rows)  # the rows still decoding
     with torch.inference_mode():
-        # Only the last position reaches the vocabulary projection (logits_to_keep=1).
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                    use_cache=True, logits_to_keep=1)
-        cache = out.cache
+        if read is None:
+            read = read_prompts(model, prompts, tokenizer.pad_token_id)
+        cache = kv_cache(model, [(layer.keys.detach(), layer.values.detach())
+                                 for layer in read.cache.layers])
         cache.batch_repeat_interleave(samples)
-        logits = out.logits[:, -1].float().repeat_interleave(samples, dim=0)  # (B, V)
-        mask = mask.repeat_interleave(samples, dim=0)  # (B, L)
-        position = mask.sum(-1, keepdim=True) - 1  # (B, 1)
+        logits = read.logits[:, -1].detach().float().repeat_interleave(samples, dim=0)  # (B, V)
+        mask = read.mask.repeat_interleave(samples, dim=0)  # (B, L)
+        position = read.last_position.repeat_interleave(samples, dim=0)  # (B, 1)
         for step in range(max_new_tokens):
             p = torch.softmax(logits, dim=-1)  # (live, V)
             if temperature > 0:
@@ -230,7 +263,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
                 # exponential per vocabulary entry). The uniform draw is scaled to the CDF's
                 # total, and right=True picks the first entry above it: never a token of
                 # probability zero.
-                cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+                cdf = (p if temperature == 1 else torch.softmax(logits / temperature, dim=-1)
+                       ).cumsum(-1)
                 draw = torch.rand(len(live), 1) * cdf[:, -1:]
                 token = torch.searchsorted(cdf, draw, right=True)[:, 0]
             else:
@@ -261,74 +295,85 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
 # ---- scoring completions -------------------------------------------------------------------
 
 def completion_logits(model: Any, prompts: Sequence[Sequence[int]],
-                      completions: Sequence[Sequence[int]], pad: int, skip_first: int,
-                      past: tuple[Any, Any] | None = None,
-                      owners: Sequence[int] | None = None) -> tuple[Any, list[int]]:
-    """The logits that predict each row's completion tokens, the first `skip_first` of each
-    left out, all rows' concatenated: (N, V), and how many each row has.
+                      completions: Sequence[Sequence[int]], skip_first: int,
+                      owners: Sequence[int] | None = None, read: PromptRead | None = None
+                      ) -> tuple[Any, list[int]]:
+    """The logits that predict each completion's tokens, the first `skip_first` of each left
+    out, all rows' concatenated: (N', V), and how many each row has. Completion j continues
+    prompt owners[j] (None: prompt j); all go through one packed pass (`packed_logits`).
 
-    owners: the prompt each completion continues, when several continue one prompt (the
-    samples of a step); each prompt is then read once, and its KV cache, with its graph when
-    gradients are on, is copied to its completions: on the toy model a step's student and
-    teacher passes read 4 prompts where they read 16 rows' copies of them. None: completion i
-    continues prompt i, and both go through in one pass.
-    `past`: (cache, mask) of a context that each prompt continues (the teacher's sessions)."""
-    if owners is None and past is None:
-        return _own_prompt_logits(model, prompts, completions, pad, skip_first)
+    read: the prompts as `read_prompts` read them (the student's pass of a step, which its
+    sampling used): the completions then continue its cache, and `prompts` past its rows
+    read alone (the forgetting guard's examples, in the lesson's pass)."""
+    owners = range(len(completions)) if owners is None else owners
+    if read is None:
+        return packed_logits(model, None, prompts, completions, owners, skip_first)
+    rows = len(read.mask)
+    return packed_logits(model, ([(layer.keys, layer.values) for layer in read.cache.layers],
+                                 read.mask),
+                         [*([] for _ in range(rows)), *prompts[rows:]], completions, owners,
+                         skip_first, read.logits[:, -1])
+
+
+def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None,
+                  suffixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                  owners: Sequence[int], skip_first: int, past_logits: Any = None
+                  ) -> tuple[Any, list[int]]:
+    """`completion_logits` in one forward pass over one packed row.
+
+    Completion j continues suffix owners[j]; suffix i continues row i of `past` when there is
+    one (keys and values per layer, each (R, heads, W, head_dim), and the mask of their real
+    positions (R, W)), and reads alone past them. The row holds every suffix, then every
+    completion but its last token; a 4D mask lets each token see its own past row's real
+    positions, its own suffix, and its own piece up to itself, so no position is padding (on
+    the toy model a step's 16 samples are 96 positions where right-padded rows were 176),
+    and only the positions that predict a completion token reach the vocabulary projection.
+    A completion whose suffix is empty takes its first token's logits from `past_logits`
+    (R, V), its past row's last logits."""
     import torch
 
-    owners = range(len(prompts)) if owners is None else owners
-
-    ids, mask = pad_left(prompts, pad)  # (P, Lp)
-    position = positions(mask)
-    cache = None
-    if past is not None:
-        cache, past_mask = past  # past_mask: (P, C)
-        position = position + past_mask.sum(-1, keepdim=True)
-        mask = torch.cat([past_mask, mask], dim=1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
-                use_cache=True, logits_to_keep=1)
+    rows = 0 if past is None else len(past[1])
+    pieces = [list(x) for x in suffixes] + [list(y[:-1]) for y in completions]
+    lengths = torch.tensor([len(x) for x in pieces], dtype=torch.long)
+    starts = lengths.cumsum(0) - lengths
+    piece = torch.repeat_interleave(torch.arange(len(pieces)), lengths)  # (T,) each token's
+    step = torch.arange(len(piece)) - starts[piece]  # and its index in it
+    is_rest = piece >= len(suffixes)
     owner = torch.tensor(list(owners), dtype=torch.long)
-    logits = out.logits.index_select(0, owner)  # (N, 1, V): each completion's first token
-    width = max(len(y) for y in completions) - 1
-    if width > 0:
-        # The rest of each completion after its prompt's cache, right-padded.
-        cache = out.cache
-        cache.batch_select_indices(owner)
-        lengths = torch.tensor([max(len(y) - 1, 0) for y in completions])
-        rest_mask = (torch.arange(width) < lengths[:, None]).long()  # (N, width)
-        rest = model(input_ids=pad_right([y[:-1] or [pad] for y in completions], pad),
-                     attention_mask=torch.cat([mask.index_select(0, owner), rest_mask], dim=1),
-                     position_ids=position[:, -1:].index_select(0, owner) + 1
-                     + torch.arange(width), cache=cache, use_cache=True).logits
-        logits = torch.cat([logits, rest], dim=1)  # (N, width + 1, V)
-    counts = [max(len(y) - skip_first, 0) for y in completions]
-    index = torch.tensor([row * (width + 1) + k for row, y in enumerate(completions)
-                          for k in range(skip_first, len(y))], dtype=torch.long)
-    return logits.reshape(-1, logits.shape[-1]).index_select(0, index), counts
+    suffix = torch.where(is_rest, owner[(piece - len(suffixes)).clamp(min=0)], piece)
+    own = ((piece[:, None] == piece[None, :]) & (step[:, None] >= step[None, :])
+           | is_rest[:, None] & (suffix[:, None] == piece[None, :]))  # (T, T)
+    position = torch.where(is_rest, lengths[suffix], 0) + step  # (T,)
+    mask, cache = own, None
+    if rows:
+        layers, past_mask = past
+        with_past = suffix < rows
+        past_row = suffix.clamp(max=rows - 1)
+        position = position + torch.where(with_past, past_mask.sum(-1)[past_row], 0)
+        seen = torch.zeros((len(piece), rows, past_mask.shape[1]), dtype=torch.bool)
+        seen[torch.arange(len(piece)), past_row] = (past_mask.bool().index_select(0, past_row)
+                                                   & with_past[:, None])
+        mask = torch.cat([seen.flatten(1), own], dim=1)
 
+        def one_row(tensor: Any) -> Any:  # (R, heads, W, head_dim) -> (1, heads, R * W, ...)
+            return tensor.transpose(0, 1).flatten(1, 2)[None]
 
-def _own_prompt_logits(model: Any, prompts: Sequence[Sequence[int]],
-                       completions: Sequence[Sequence[int]], pad: int, skip_first: int
-                       ) -> tuple[Any, list[int]]:
-    """`completion_logits` for rows with prompts of their own, in one forward pass.
-
-    The rows are right-aligned (left-padded), so every completion ends at the last position
-    and only the last max(count) positions reach the vocabulary projection (`logits_to_keep`),
-    the backward pass included. Right-padded rows sliced one by one had cost a zero-filled
-    (B, L, V) gradient per row in the backward pass (17% of a step's CPU time on the toy
-    model, torch.profiler) and logits for every prompt position."""
-    import torch
-
-    ids, mask = pad_left([[*p, *y[:-1]] for p, y in zip(prompts, completions, strict=True)],
-                         pad)  # (B, L)
-    counts = [max(len(y) - skip_first, 0) for y in completions]
-    keep = max(*counts, 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                   use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
-    index = torch.tensor([row * keep + k for row, count in enumerate(counts)
-                          for k in range(keep - count, keep)], dtype=torch.long)
-    return logits.reshape(-1, logits.shape[-1]).index_select(0, index), counts
+        cache = kv_cache(model, [(one_row(keys), one_row(values)) for keys, values in layers])
+    # Where each wanted logit is: -1 - r for past row r's last logits, else a packed position.
+    wanted = [(-1 - owners[j] if k == 0 and not suffixes[owners[j]]
+               else int(starts[owners[j]] + lengths[owners[j]]) - 1 if k == 0
+               else int(starts[len(suffixes) + j]) + k - 1)
+              for j, y in enumerate(completions) for k in range(skip_first, len(y))]
+    keep = sorted({w for w in wanted if w >= 0})
+    logits = model(input_ids=torch.tensor([[t for x in pieces for t in x]], dtype=torch.long),
+                   attention_mask=mask[None, None], position_ids=position[None], cache=cache,
+                   use_cache=cache is not None,
+                   logits_to_keep=torch.tensor(keep, dtype=torch.long)).logits[0]  # (K, V)
+    table = logits if past_logits is None else torch.cat([logits, past_logits])
+    slot = {w: i for i, w in enumerate(keep)}
+    index = torch.tensor([slot[w] if w >= 0 else len(keep) - 1 - w for w in wanted],
+                         dtype=torch.long)
+    return table.index_select(0, index), [max(len(y) - skip_first, 0) for y in completions]
 
 
 @dataclass
@@ -367,22 +412,20 @@ class TeacherContexts:
                    mask)
 
     def log_probs(self, model: Any, sessions: Sequence[str], suffixes: Sequence[Sequence[int]],
-                  completions: Sequence[Sequence[int]], owners: Sequence[int], pad: int,
+                  completions: Sequence[Sequence[int]], owners: Sequence[int],
                   skip_first: int) -> tuple[Any, list[int]]:
         """The frozen model's log-probabilities on each completion, read after its prompt:
         prompt i is session i's context then suffix i, and completion j continues prompt
-        owners[j] (`completion_logits`). Each call builds its cache from the held tensors,
-        so the held ones never change."""
+        owners[j], the first `skip_first` tokens of each left out (`completion_logits`). The
+        suffixes and completions go through in one packed pass after the held caches, which
+        never change."""
         import torch
-        from transformers import DynamicCache
 
         index = torch.tensor([self.row[s] for s in sessions], dtype=torch.long)
-        cache = DynamicCache(ddp_cache_data=[(k.index_select(0, index), v.index_select(0, index))
-                                             for k, v in self.layers], config=model.config)
+        layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers]
         with torch.no_grad(), lora.frozen_global(model):
-            logits, counts = completion_logits(model, suffixes, completions, pad, skip_first,
-                                               past=(cache, self.mask.index_select(0, index)),
-                                               owners=owners)
+            logits, counts = packed_logits(model, (layers, self.mask.index_select(0, index)),
+                                           suffixes, completions, owners, skip_first)
         return torch.log_softmax(logits.float(), dim=-1), counts
 
 
@@ -471,11 +514,14 @@ class LessonPrompt:
 @dataclass(frozen=True)
 class LessonBatch:
     """One step's on-policy rows: the step's prompts, and the student's sampled completions,
-    each with the index of the prompt it continues."""
+    each with the index of the prompt it continues; `student_read`: the student's pass over
+    the prompts that the samples continued, with its graph, which the loss reuses (None: the
+    loss reads the prompts itself)."""
 
     prompts: list[LessonPrompt]
     owners: list[int]
     completions: list[list[int]]
+    student_read: PromptRead | None = None
 
     def distilled_tokens(self, skip_first: int) -> int:
         """The student's sampled tokens that enter the loss."""
@@ -490,42 +536,51 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
     context + prompt), and on the guard's examples against the frozen model's log-probs
     (`references`, one per example, from `hold_references`; None: a frozen pass now).
 
-    Lesson and guard rows take student passes of their own: one pass over both pads the short
-    lesson rows to the guard's length, which cost more than the call it saves (196 against
-    164 ms of CPU per step on the toy model, the guard's 24 rows in one pass). The guard's
-    rows go GUARD_MICRO_BATCH at a time, each forward and backward on its own: the gradient
-    of a sum is the sum of the gradients, and only one micro-batch's activations are alive."""
+    The lesson's samples and the guard's first GUARD_MICRO_BATCH examples take one packed
+    student pass and one backward pass (on the toy model 22 against 26 ms a step for a pass
+    each); further examples go GUARD_MICRO_BATCH at a time, each forward and backward on its
+    own: the gradient of a sum is the sum of the gradients, and only one micro-batch's
+    activations are alive."""
     import torch
 
-    pad = tokenizer.pad_token_id
-    # The teacher first: its pass is over before the student's graph is built.
+    # The teacher first: its pass is over before most of the student's graph is built.
     teacher, _ = contexts.log_probs(model, [p.session_id for p in lesson.prompts],
                                     [p.teacher_suffix for p in lesson.prompts],
-                                    lesson.completions, lesson.owners, pad, cfg.skip_first)
-    student, counts = completion_logits(model, [p.student for p in lesson.prompts],
-                                        lesson.completions, pad, cfg.skip_first,
-                                        owners=lesson.owners)
-    loss = row_kl_sum(student, teacher, counts, cfg.top_k) / max(
-        rows_with_tokens(lesson.completions, cfg.skip_first), 1)
-    loss.backward()
-    rows = max(rows_with_tokens([g.completion for g in guard], cfg.skip_first), 1)
-    # By length, so each micro-batch pads little: 7% of the guard's positions are padding,
-    # against 19% in the sampled order (the toy world's guard rows run 32 to 53 tokens).
-    by_length = sorted(range(len(guard)),
-                       key=lambda i: len(guard[i].prompt) + len(guard[i].completion))
-    guard_loss = 0.0
-    for start in range(0, len(by_length), GUARD_MICRO_BATCH):
-        part = by_length[start:start + GUARD_MICRO_BATCH]
-        examples = [guard[i] for i in part]
-        student, counts = completion_logits(model, [g.prompt for g in examples],
-                                            [g.completion for g in examples], pad,
-                                            cfg.skip_first)
-        reference = (torch.cat([references[i] for i in part]) if references is not None
-                     else guard_reference(model, tokenizer, examples, cfg))
-        share = row_kl_sum(student, reference, counts, cfg.top_k) / rows
-        (cfg.guard_weight * share).backward()
-        guard_loss += float(share.detach())
-    return float(loss.detach()), guard_loss
+                                    lesson.completions, lesson.owners, cfg.skip_first)
+    read = lesson.student_read or read_prompts(model, [p.student for p in lesson.prompts],
+                                               tokenizer.pad_token_id)
+    lesson_rows = max(rows_with_tokens(lesson.completions, cfg.skip_first), 1)
+    guard_rows = max(rows_with_tokens([g.completion for g in guard], cfg.skip_first), 1)
+    lesson_loss = guard_loss = 0.0
+    for start in range(0, max(len(guard), 1), GUARD_MICRO_BATCH):
+        examples = guard[start:start + GUARD_MICRO_BATCH]
+        reference = None
+        if examples:
+            reference = (torch.cat(list(references[start:start + len(examples)]))
+                         if references is not None
+                         else guard_reference(model, examples, cfg))
+        prompts = [g.prompt for g in examples]
+        completions = [g.completion for g in examples]
+        if start == 0:
+            first = len(lesson.prompts)
+            logits, counts = completion_logits(
+                model, [*(p.student for p in lesson.prompts), *prompts],
+                [*lesson.completions, *completions], cfg.skip_first,
+                [*lesson.owners, *range(first, first + len(examples))], read)
+            split = sum(counts[:len(lesson.completions)])
+            total = row_kl_sum(logits[:split], teacher, counts[:len(lesson.completions)],
+                               cfg.top_k) / lesson_rows
+            lesson_loss = float(total.detach())
+            logits, counts = logits[split:], counts[len(lesson.completions):]
+        else:
+            logits, counts = completion_logits(model, prompts, completions, cfg.skip_first)
+            total = 0.0
+        if examples:
+            share = row_kl_sum(logits, reference, counts, cfg.top_k) / guard_rows
+            total = total + cfg.guard_weight * share
+            guard_loss += float(share.detach())
+        total.backward()
+    return lesson_loss, guard_loss
 
 
 # ---- dreaming ------------------------------------------------------------------------------
@@ -636,7 +691,7 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
         guard_set = []
     elif guard_set is None:
         guard_set = guard_examples(model, tokenizer, guard_prompts, cfg, rng, stop)
-    references = hold_references(model, tokenizer, guard_set, cfg) if guard_set else None
+    references = hold_references(model, guard_set, cfg) if guard_set else None
     bar = _progress(progress)
     task = bar.add_task("consolidate", total=cfg.steps, loss=float("nan"), kl=float("nan"),
                         tps=0.0)
@@ -747,7 +802,7 @@ def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg:
     return [GuardExample(p, y) for p, y in zip(prompt_ids, completions, strict=True)]
 
 
-def hold_references(model: Any, tokenizer: Any, examples: Sequence[GuardExample],
+def hold_references(model: Any, examples: Sequence[GuardExample],
                     cfg: DistillConfig) -> list[Any] | None:
     """The frozen model's log-probabilities on each example's completion, (tokens, V) each,
     computed once for a whole consolidation, or None when they would not fit in
@@ -765,12 +820,12 @@ def hold_references(model: Any, tokenizer: Any, examples: Sequence[GuardExample]
     references: list[Any] = []
     for start in range(0, len(examples), GUARD_MICRO_BATCH):
         references += torch.split(
-            guard_reference(model, tokenizer, examples[start:start + GUARD_MICRO_BATCH], cfg),
+            guard_reference(model, examples[start:start + GUARD_MICRO_BATCH], cfg),
             counts[start:start + GUARD_MICRO_BATCH])
     return references
 
 
-def guard_reference(model: Any, tokenizer: Any, examples: Sequence[GuardExample],
+def guard_reference(model: Any, examples: Sequence[GuardExample],
                     cfg: DistillConfig) -> Any:
     """One frozen pass: the frozen model's log-probabilities on the examples' completions,
     rows concatenated (N, V)."""
@@ -778,19 +833,23 @@ def guard_reference(model: Any, tokenizer: Any, examples: Sequence[GuardExample]
 
     with torch.no_grad(), lora.frozen_global(model):
         logits, _ = completion_logits(model, [g.prompt for g in examples],
-                                      [g.completion for g in examples],
-                                      tokenizer.pad_token_id, cfg.skip_first)
+                                      [g.completion for g in examples], cfg.skip_first)
     return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _lesson_batch(model: Any, tokenizer: Any, picks: Sequence[LessonPrompt],
                   cfg: DistillConfig, stop: set[int]) -> LessonBatch:
     """The student samples on every picked prompt in one batch; each sample is to be scored by
-    its own session's teacher."""
+    its own session's teacher. The student's pass over the prompts is made with gradients and
+    serves both the sampling and the loss: B does not change in between (on the toy model
+    one model call of a step's 13 fewer)."""
     repeat = cfg.samples_per_prompt
-    ys = sample(model, tokenizer, [p.student for p in picks], repeat, cfg.max_new_tokens,
-                cfg.temperature, stop)
-    return LessonBatch(list(picks), [i for i in range(len(picks)) for _ in range(repeat)], ys)
+    prompts = [p.student for p in picks]
+    read = read_prompts(model, prompts, tokenizer.pad_token_id)
+    ys, _ = generate(model, tokenizer, prompts, repeat, cfg.max_new_tokens, cfg.temperature,
+                     stop, read=read)
+    return LessonBatch(list(picks), [i for i in range(len(picks)) for _ in range(repeat)], ys,
+                       read)
 
 
 def _progress(enabled: bool) -> Any:

@@ -100,7 +100,7 @@ def test_cached_teacher_context_gives_the_uncached_logits(student) -> None:
     owners = [i for i in range(len(prompts)) for _ in range(2)]
     ys = [[5 + j, 6, 7][: 1 + j % 3] for j in range(len(owners))]
     args = ([lesson.session_id for lesson, _ in prompts], [p.teacher_suffix for _, p in prompts],
-            ys, owners, tokenizer.pad_token_id, 0)
+            ys, owners, 0)
     cached, counts = contexts.log_probs(model, *args)
     again, _ = contexts.log_probs(model, *args)  # the held cache must not have grown
     assert counts == [len(y) for y in ys]
@@ -115,40 +115,46 @@ def test_cached_teacher_context_gives_the_uncached_logits(student) -> None:
         assert torch.allclose(got_again, plain, atol=1e-4)
 
 
-def test_a_shared_prompt_gives_each_row_its_own_logits_and_gradient(student) -> None:
-    """Completions that share a prompt read it once and copy its cache: the logits and the
-    gradient into B are those of each row reading its own copy of the prompt."""
+def test_packed_rows_give_each_row_its_own_logits_and_gradient(student) -> None:
+    """Completions packed in one row, several continuing one prompt (read once, or read
+    before, as a step's sampling reads it), one prompt reading alone beside them: the logits
+    and the gradient into B are those of each row's own unpacked pass."""
     model, tokenizer = student
     _, guard = lessons_and_guard(1)
     lora.set_b(model, {n: np.full_like(b, 0.01) for n, b in lora.get_b(model).items()})
-    prompts = [distill.chat_ids(tokenizer, g, generation=True) for g in guard[:2]]
-    owners = [0, 0, 1, 1, 1]
-    ys = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15]]
+    prompts = [distill.chat_ids(tokenizer, g, generation=True) for g in guard[:3]]
+    owners = [0, 0, 1, 1, 1, 2]  # prompt 2 reads alone when the first two were read before
+    ys = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
 
-    def logits_and_grad(shared: bool):
+    def logits_and_grad(how: str):
         model.zero_grad(set_to_none=True)
-        if shared:
-            logits, counts = distill.completion_logits(model, prompts, ys,
-                                                       tokenizer.pad_token_id, 1, owners=owners)
-        else:
-            logits, counts = distill.completion_logits(model, [prompts[i] for i in owners], ys,
-                                                       tokenizer.pad_token_id, 1)
+        if how == "read before":
+            read = distill.read_prompts(model, prompts[:2], tokenizer.pad_token_id)
+            logits, counts = distill.completion_logits(model, prompts, ys, 1, owners, read)
+        elif how == "read once":
+            logits, counts = distill.completion_logits(model, prompts, ys, 1, owners)
+        else:  # each row its own plain pass
+            rows = [model(input_ids=torch.tensor([prompts[i] + y])).logits[0, len(prompts[i]):-1]
+                    for i, y in zip(owners, ys, strict=True)]
+            logits, counts = torch.cat(rows), [len(y) - 1 for y in ys]
         (logits.float() ** 2).mean().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return logits.detach(), counts, grads
 
-    shared, shared_counts, shared_grads = logits_and_grad(True)
-    own, own_counts, own_grads = logits_and_grad(False)
-    assert shared_counts == own_counts == [2, 0, 1, 3, 0]
-    assert torch.allclose(shared, own, atol=1e-4)
-    assert shared_grads.keys() == own_grads.keys() and shared_grads
-    for name, grad in shared_grads.items():
-        assert torch.allclose(grad, own_grads[name], atol=1e-6, rtol=1e-3), name
+    own, own_counts, own_grads = logits_and_grad("own")
+    assert own_counts == [2, 0, 1, 3, 0, 1] and own_grads
+    for how in ("read before", "read once"):
+        packed, counts, grads = logits_and_grad(how)
+        assert counts == own_counts
+        assert torch.allclose(packed, own, atol=1e-4), how
+        assert grads.keys() == own_grads.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(grad, own_grads[name], atol=1e-6, rtol=1e-3), (how, name)
 
 
 def test_the_loss_is_the_reverse_kl_of_each_rows_own_logits(student) -> None:
-    """Rows of different lengths, scored in one left-padded pass that keeps only the last
-    logits, give each row's per-token reverse KL as its own unpadded pass does."""
+    """Rows of different lengths, the lesson's and the guard's scored in one packed pass, give
+    each row's per-token reverse KL as its own unpadded pass does."""
     model, tokenizer = student
     lessons, guard = lessons_and_guard(1)
     lora.set_b(model, {n: np.full_like(b, 0.01) for n, b in lora.get_b(model).items()})
@@ -184,14 +190,14 @@ def test_the_held_guard_reference_is_the_frozen_models_pass(student, monkeypatch
     cfg = distill.DistillConfig(guard_prompts_per_step=2)
     examples = distill.guard_examples(model, tokenizer, guard, cfg, random.Random(0),
                                       distill.turn_end_ids(tokenizer))
-    held = distill.hold_references(model, tokenizer, examples, cfg)
+    held = distill.hold_references(model, examples, cfg)
     assert [r.shape[0] for r in held] == [len(g.completion) for g in examples]
     for example, reference in zip(examples, held, strict=True):  # each alone, unpadded
-        assert torch.allclose(reference, distill.guard_reference(model, tokenizer, [example],
-                                                                 cfg), atol=1e-5)
+        assert torch.allclose(reference, distill.guard_reference(model, [example], cfg),
+                              atol=1e-5)
     # Over the memory budget nothing is held, and each step pays the frozen pass instead.
     monkeypatch.setattr(distill, "GUARD_REFERENCE_MB", 0)
-    assert distill.hold_references(model, tokenizer, examples, cfg) is None
+    assert distill.hold_references(model, examples, cfg) is None
 
 
 def test_a_guard_set_from_an_earlier_frozen_model_is_scored_against_the_current_one(
