@@ -139,6 +139,7 @@ class DemoConfig:
         # The guard the demo's defaults were swept and measured with (README "Demo").
         return DistillConfig(steps=self.steps, lr=self.lr, optimizer="sgd", seed=self.seed,
                              method=self.method, guard_weight=2.0, guard_prompts_per_step=24,
+                             guard_every=1,
                              **dreams)
 
     def privacy(self) -> dict[str, Any]:

@@ -55,6 +55,13 @@ def test_tensor_peak_is_the_most_that_tensors_made_in_the_block_held_at_once() -
     assert third.numel() == 2**20
 
 
+def test_a_methods_cost_is_each_measures_median_over_its_runs() -> None:
+    runs = [{"seconds": 12.0, "distilled_tokens_per_s": 1000.0},
+            {"seconds": 10.0, "distilled_tokens_per_s": 1400.0},
+            {"seconds": 30.0, "distilled_tokens_per_s": 1200.0}]  # one slow run: outvoted
+    assert consolidate.median_cost(runs) == {"seconds": 12.0, "distilled_tokens_per_s": 1200.0}
+
+
 def test_cost_table_puts_the_targets_on_the_fair_measures() -> None:
     cost = {"distilled_tokens_per_s": 900.0, "peak_tensor_mb": 10.0, "peak_above_loaded_mb": 60.0,
             "tokens_per_s": 15000.0, "peak_rss_mb": 470.0, "seconds": 30.0}

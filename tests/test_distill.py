@@ -116,21 +116,21 @@ def test_cached_teacher_context_gives_the_uncached_logits(student) -> None:
 
 
 def test_packed_rows_give_each_row_its_own_logits_and_gradient(student) -> None:
-    """Completions packed in one row, several continuing one prompt (read once, or read
-    before, as a step's sampling reads it), one prompt reading alone beside them: the logits
-    and the gradient into B are those of each row's own unpacked pass."""
+    """Completions packed in one row, several continuing one prompt (read in the same pass,
+    or read before, as a step's sampling reads it): the logits and the gradient into B are
+    those of each row's own unpacked pass."""
     model, tokenizer = student
     _, guard = lessons_and_guard(1)
     lora.set_b(model, {n: np.full_like(b, 0.01) for n, b in lora.get_b(model).items()})
     prompts = [distill.chat_ids(tokenizer, g, generation=True) for g in guard[:3]]
-    owners = [0, 0, 1, 1, 1, 2]  # prompt 2 reads alone when the first two were read before
+    owners = [0, 0, 1, 1, 1, 2]
     ys = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
 
     def logits_and_grad(how: str):
         model.zero_grad(set_to_none=True)
         if how == "read before":
-            read = distill.read_prompts(model, prompts[:2], tokenizer.pad_token_id)
-            logits, counts = distill.completion_logits(model, prompts, ys, 1, owners, read)
+            read = distill.read_prompts(model, prompts, tokenizer.pad_token_id)
+            logits, counts = distill.completion_logits(model, [], ys, 1, owners, read)
         elif how == "read once":
             logits, counts = distill.completion_logits(model, prompts, ys, 1, owners)
         else:  # each row its own plain pass
@@ -218,6 +218,33 @@ def test_a_guard_set_from_an_earlier_frozen_model_is_scored_against_the_current_
     assert result.stats.guard_kl[0] < 1e-6
 
 
+def test_the_guard_every_nth_step_runs_at_n_times_the_weight(student) -> None:
+    model, tokenizer = student
+    lessons, guard = lessons_and_guard(1)
+    lora.set_b(model, {n: np.full_like(b, 0.01) for n, b in lora.get_b(model).items()})
+    contexts, batch = one_lesson_step(model, tokenizer, lessons[0])
+    examples = distill.guard_examples(model, tokenizer, guard, distill.DistillConfig(),
+                                      random.Random(0), distill.turn_end_ids(tokenizer))[:4]
+    lora.hold_global(model)
+    lora.set_b(model, {n: np.full_like(b, 0.02) for n, b in lora.get_b(model).items()})
+
+    def grads(cfg):
+        model.zero_grad(set_to_none=True)
+        distill.backpropagate(model, tokenizer, contexts, batch, examples, None, cfg)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    every_third = grads(distill.DistillConfig(guard_weight=2.0, guard_every=3))
+    tripled = grads(distill.DistillConfig(guard_weight=6.0, guard_every=1))
+    unguarded = grads(distill.DistillConfig(guard_weight=0.0))
+    for name, grad in every_third.items():
+        assert torch.allclose(grad, tripled[name], atol=1e-7, rtol=1e-4), name
+    assert any(not torch.allclose(g, unguarded[n]) for n, g in every_third.items())
+    result = distill.consolidate(model, tokenizer, lessons, guard,
+                                 distill.DistillConfig(steps=5, guard_every=2, dream_ratio=0,
+                                                       replay_ratio=0), progress=False)
+    assert len(result.stats.kl) == 5 and len(result.stats.guard_kl) == 3  # steps 0, 2, 4
+
+
 def test_consolidation_moves_only_b_and_leaves_the_teacher_unchanged(student) -> None:
     model, tokenizer = student
     lessons, guard = lessons_and_guard(2)
@@ -303,9 +330,9 @@ def test_the_sft_baseline_learns_the_transcript_text(student) -> None:
     assert any(np.abs(d).max() > 0 for d in result.delta.values())
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0}, {"probe_ratio": -1},
-                                 {"dream_confidence": 2}, {"optimizer": "lion"},
-                                 {"method": "dpo"}])
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"guard_every": 0}, {"lr": 0},
+                                 {"probe_ratio": -1}, {"dream_confidence": 2},
+                                 {"optimizer": "lion"}, {"method": "dpo"}])
 def test_bad_config_is_refused(bad) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         distill.DistillConfig(**bad)

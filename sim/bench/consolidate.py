@@ -8,9 +8,10 @@ same sessions, in one run:
 - ablations: without dreams, without replay, without the guard;
 - the peer: TRL's SDFTTrainer on the same model, adapter, prompts and steps (peer_sdft.py).
 Ours and the peer each train in a process of their own, so each one's peak memory is its
-own, and are measured alike (`measured`): tokens distilled per second and peak RSS above the
-loaded model are the headline, beside every forward pass's tokens per second and the whole
-peak RSS; `COST_MEASURES` lists them and the table prints ours÷peer for each.
+own, COST_RUNS times, alternated, and are measured alike (`measured`, `tensor_peak`): tokens
+distilled per second and peak tensor memory are the headline, beside the RSS and every
+forward pass's tokens per second; `COST_MEASURES` lists them and the table prints ours÷peer
+for each.
 The sessions are consolidated in two halves, one after the other, so replay has earlier
 lessons to keep. recovery = closed-book accuracy on the site's facts afterwards / the
 teacher's in-context accuracy on them; forgetting = drop (points) of in-context accuracy on
@@ -24,6 +25,7 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -41,6 +43,11 @@ from fleetmind.sim import world as W
 
 LORA_SEED = 1
 PEER = "trl.experimental.sdft.SDFTTrainer"
+# Timed runs of each method, alternated (ours, peer, ours, ...), each measure the median of
+# a method's runs: one run's time on the 2-core machine varies by up to 20% (three of each,
+# the same hour: ours 10.3-11.9 s, the peer 19.2-20.9 s), so a single pair could not tell
+# 1.8x from 2.2x.
+COST_RUNS = 3
 # Steps per half in the separate run that measures peak tensor memory (`tensor_peak`): the
 # profiler records every allocation and slows training, so that run is apart and shorter.
 TENSOR_PEAK_STEPS = 10
@@ -216,6 +223,11 @@ def teacher_answer_pairs(model: Any, tokenizer: Any, sessions: list[Session]
     return out
 
 
+def median_cost(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One method's cost over its runs: each measure's median (COST_RUNS says why)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[str, Any]:
     from rich.console import Console
 
@@ -241,21 +253,31 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
                 "forgetting_points": round(100 * (general_before - _general(model, tok, world)),
                                            2)}
 
-    # Ours and the peer first, back to back, each in a fresh process: their costs are
+    # Ours and the peer first, alternated, each run in a fresh process: their costs are
     # compared, so each peak is its own and both see the machine in the same state.
-    results: dict[str, dict[str, float]] = {}
-    b, ours_cost = peer_sdft.train_in_subprocess("ours", model_dir, sessions, cfg, out)
-    results["ours"] = {**score(*with_b(model_dir, b)), "seconds": ours_cost["seconds"]}
+    methods = ["ours"]
     peer: dict[str, Any] = {"name": PEER}
     if importlib.util.find_spec("trl") is None:
         peer["status"] = "trl not installed: pip install -e '.[bench]'"
     else:
-        b, peer_cost = peer_sdft.train_in_subprocess("peer", model_dir, sessions, cfg, out)
-        results["peer"] = {**score(*with_b(model_dir, b)), "seconds": peer_cost["seconds"]}
+        methods.append("peer")
+    runs: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
+    trained = {}
+    for _ in range(1 if quick else COST_RUNS):
+        for method in methods:
+            trained[method], cost = peer_sdft.train_in_subprocess(method, model_dir, sessions,
+                                                                  cfg, out)
+            runs[method].append(cost)
+    results: dict[str, dict[str, float]] = {}
+    for method in methods:
+        results[method] = {**score(*with_b(model_dir, trained[method])),
+                           "seconds": median_cost(runs[method])["seconds"]}
+    ours_cost = median_cost(runs["ours"])
+    if "peer" in results:
         peer.update({"version": importlib.metadata.version("trl"),
                      **{k: results["peer"][k] for k in
                         ("recovery", "forgetting_points", "closed_book")},
-                     **peer_cost})
+                     **median_cost(runs["peer"])})
 
     # Peak tensor memory, each method again in a process of its own, under the profiler.
     profiled = replace(cfg, steps=min(cfg.steps, TENSOR_PEAK_STEPS))
@@ -291,6 +313,8 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
         "ratios": ratios,
         "config": {"distill": cfg.__dict__, "quick": quick, "model": str(model_dir),
                    "tensor_peak_steps_per_half": profiled.steps,
+                   "cost_runs": len(runs["ours"]),
+                   "seconds_per_run": {m: [c["seconds"] for c in runs[m]] for m in methods},
                    "facts": len(site.facts), "sessions": len(sessions)},
     }
     (out / "consolidate.json").write_text(json.dumps(report, indent=2) + "\n")
