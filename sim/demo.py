@@ -59,10 +59,13 @@ class DemoConfig:
     coordinates) broke the model at noise multiplier 1 (85-99 points of forgetting) where
     down_proj alone lost 0-3; two facts per site, because independently distilled session
     deltas interfere when summed (over four sites they kept 5 of 24 facts, and 5 of 8); and
-    each fact said by eight users, so a fact's session deltas add up while a canary's one
+    each fact said by sixteen users, so a fact's session deltas add up while a canary's one
     session, clipped like any other, stays one: with three users per fact the noise that
     kept canary exposure near 1 bit (multiplier 0.3, epsilon 32) already cost transfer,
-    with eight a multiplier of 0.8 (epsilon 9) leaves the same transfer."""
+    with eight a multiplier of 0.8 (epsilon 9) left the same transfer (recovery 0.75), and
+    with sixteen the same noise leaves 0.88. Eight canaries per site: exposure is a mean
+    over the 32 of the other sites, where 16 left a standard error of 0.4-0.5 bits. The
+    forgetting guard is consolidation's default (`DistillConfig`)."""
 
     sites: int = 4
     rounds: int = 2
@@ -79,8 +82,8 @@ class DemoConfig:
     fedit_server_learning_rate: float = 0.0
     epsilon_budget: float = 1000.0
     facts_per_site: int = 2
-    users_per_fact: int = 8
-    canaries_per_site: int = 4
+    users_per_fact: int = 16
+    canaries_per_site: int = 8
     rank: int = 8
     adapter_targets: tuple[str, ...] = ("down_proj",)
     # "both": the fleet (exact merge) and, beside it, the in-process FedIT arm; "exact": the
@@ -136,11 +139,8 @@ class DemoConfig:
         from fleetmind.client.distill import DistillConfig
 
         dreams = {} if self.dreams else {"dream_ratio": 0.0, "dreams_per_lesson": 0}
-        # The guard the demo's defaults were swept and measured with (README "Demo").
         return DistillConfig(steps=self.steps, lr=self.lr, optimizer="sgd", seed=self.seed,
-                             method=self.method, guard_weight=2.0, guard_prompts_per_step=24,
-                             guard_every=1,
-                             **dreams)
+                             method=self.method, **dreams)
 
     def privacy(self) -> dict[str, Any]:
         """DP off still sends through the same protocol, with noise too small to matter (the

@@ -27,8 +27,8 @@ ROUND_FIELDS = ("round", "transfer_accuracy", "own_accuracy", "incontext_upper_b
 @pytest.mark.parametrize("secure_aggregation", [True, False], ids=["secagg", "plain-sum"])
 def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool,
                                                         tmp_path: Path) -> None:
-    cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, canaries_per_site=1, steps=12,
-                     dp=False, merge="exact", secure_aggregation=secure_aggregation,
+    cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, users_per_fact=8, canaries_per_site=1,
+                     steps=12, dp=False, merge="exact", secure_aggregation=secure_aggregation,
                      out=tmp_path / "demo")
     run_demo(cfg)
     manifest = Manifest.from_bytes((cfg.out / "site-00" / "current" / MANIFEST).read_bytes())
@@ -48,8 +48,8 @@ def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool
 
 
 def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) -> None:
-    cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, canaries_per_site=1, steps=6,
-                     merge="fedit", out=tmp_path / "demo")
+    cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, users_per_fact=8, canaries_per_site=1,
+                     steps=6, merge="fedit", out=tmp_path / "demo")
     run_demo(cfg)
     results = json.loads((cfg.out / RESULTS).read_text())
     _, after = results["rounds"]
