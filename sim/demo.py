@@ -564,8 +564,9 @@ def round_table(measured: dict[str, Any]) -> Any:
 
 
 def plot(results: dict[str, Any], out: Path) -> Path:
-    """Transfer recovery and forgetting per round, with the fleet and without it (a site
-    alone never sees other sites' facts, so it keeps the base model's transfer)."""
+    """Transfer recovery and forgetting per round, with the fleet, with the FedIT arm when it
+    ran, and without the fleet (a site alone never sees other sites' facts, so it keeps the
+    base model's transfer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,6 +587,12 @@ def plot(results: dict[str, Any], out: Path) -> Path:
              title="facts first seen at other sites")
     left.legend()
     right.plot(x, [r["forgetting_points"] for r in rounds], marker="o", label=fleet)
+    if "fedit" in rounds[0]:
+        right.plot(x, [r["fedit"]["forgetting_points"] for r in rounds], marker="s",
+                   label="FedIT (A and B averaged)")
+        # FedIT's tens of points beside the fleet's one or two: linear up to 5, log beyond.
+        right.set_yscale("symlog", linthresh=5)
+        right.set_yticks([-2, 0, 2, 10, 100], labels=["-2", "0", "2", "10", "100"])
     right.plot(x, [0.0] * len(x), linestyle="--", label="without the fleet")
     right.axhline(2.0, color="grey", linewidth=0.8, linestyle=":", label="limit 2 points")
     right.set(xlabel="round", ylabel="forgetting (points)", title="base in-context skill")

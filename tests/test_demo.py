@@ -17,6 +17,7 @@ from fleetmind.sim.demo import (
     DemoConfig,
     clear_previous_run,
     fedit_epsilon,
+    plot,
     run_demo,
 )
 
@@ -95,3 +96,13 @@ def test_a_previous_run_is_cleared_and_a_foreign_folder_refused(tmp_path, capsys
     err = capsys.readouterr().err
     assert "thesis.tex" in err and len(err.strip().splitlines()) == 1
     assert sorted(e.name for e in foreign.iterdir()) == ["site-00", "thesis.tex"]
+
+
+def test_the_plot_with_the_fedit_arms_rounds_is_a_png(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    rounds = [{"round": r, "recovery": 0.4 * r, "forgetting_points": -r,
+               "fedit": {"recovery": 0.0, "forgetting_points": 99.0 * r}} for r in range(3)]
+    path = plot({"rounds": rounds, "sites": ["a", "b", "c"],
+                 "config": {"merge": "both", "dp": True}}, tmp_path / PLOT)
+    assert matplotlib.image.imread(path).shape[1] > 100
