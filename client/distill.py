@@ -370,10 +370,13 @@ def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None
                else int(starts[len(suffixes) + j]) + k - 1)
               for j, y in enumerate(completions) for k in range(skip_first, len(y))]
     keep = sorted({w for w in wanted if w >= 0})
-    logits = model(input_ids=torch.tensor([[t for x in pieces for t in x]], dtype=torch.long),
-                   attention_mask=mask[None, None], position_ids=position[None], cache=cache,
-                   use_cache=cache is not None,
-                   logits_to_keep=torch.tensor(keep, dtype=torch.long)).logits[0]  # (K, V)
+    if keep:
+        logits = model(input_ids=torch.tensor([[t for x in pieces for t in x]]),
+                       attention_mask=mask[None, None], position_ids=position[None],
+                       cache=cache, use_cache=cache is not None,
+                       logits_to_keep=torch.tensor(keep, dtype=torch.long)).logits[0]  # (K, V)
+    else:  # every wanted logit is a past row's own (one-token samples): no pass at all
+        logits = torch.zeros((0, model.config.vocab_size))
     table = logits if past_logits is None else torch.cat([logits, past_logits])
     slot = {w: i for i, w in enumerate(keep)}
     index = torch.tensor([slot[w] if w >= 0 else len(keep) - 1 - w for w in wanted],

@@ -152,6 +152,18 @@ def test_packed_rows_give_each_row_its_own_logits_and_gradient(student) -> None:
             assert torch.allclose(grad, own_grads[name], atol=1e-6, rtol=1e-3), (how, name)
 
 
+def test_one_token_samples_after_a_read_take_the_reads_logits(student) -> None:
+    model, tokenizer = student
+    _, guard = lessons_and_guard(1)
+    prompts = [distill.chat_ids(tokenizer, g, generation=True) for g in guard[:2]]
+    read = distill.read_prompts(model, prompts, tokenizer.pad_token_id)
+    logits, counts = distill.completion_logits(model, [], [[5], [6], [7]], 0, [1, 0, 1], read)
+    assert counts == [1, 1, 1]
+    assert torch.equal(logits, read.logits[:, -1][[1, 0, 1]])
+    logits, counts = distill.completion_logits(model, [], [[5], [6]], 1, [0, 1], read)
+    assert counts == [0, 0] and logits.shape == (0, model.config.vocab_size)
+
+
 def test_the_loss_is_the_reverse_kl_of_each_rows_own_logits(student) -> None:
     """Rows of different lengths, the lesson's and the guard's scored in one packed pass, give
     each row's per-token reverse KL as its own unpadded pass does."""
