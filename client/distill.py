@@ -72,6 +72,11 @@ class DistillConfig:
     # memorises what a user said (the demo and the benchmark compare against it).
     method: str = "opsd"
 
+    @property
+    def guard_step_weight(self) -> float:
+        """The guard's weight on the steps it runs."""
+        return self.guard_weight * self.guard_every
+
     def __post_init__(self) -> None:
         problems = []
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
@@ -191,23 +196,21 @@ def positions(mask: Any) -> Any:
 @dataclass
 class PromptRead:
     """A batch of prompts, left-padded, read once: the logits that predict each one's first
-    completion token (P, 1, V), their KV cache, the attention mask of their real tokens
-    (P, L), and each one's last position (P, 1)."""
+    completion token (P, 1, V), their KV cache, and the attention mask of their real tokens
+    (P, L)."""
 
     logits: Any
     cache: Any
     mask: Any
-    last_position: Any
 
 
 def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int) -> PromptRead:
     """One pass over the prompts, left-padded; only their last positions reach the vocabulary
     projection."""
     ids, mask = pad_left(prompts, pad)  # (P, L)
-    position = positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
-                logits_to_keep=1)
-    return PromptRead(out.logits, out.cache, mask, position[:, -1:])
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                use_cache=True, logits_to_keep=1)
+    return PromptRead(out.logits, out.cache, mask)
 
 
 def kv_cache(model: Any, layers: Sequence[tuple[Any, Any]]) -> Any:
@@ -261,7 +264,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
         cache.batch_repeat_interleave(samples)
         logits = read.logits[:, -1].detach().float().repeat_interleave(samples, dim=0)  # (B, V)
         mask = read.mask.repeat_interleave(samples, dim=0)  # (B, L)
-        position = read.last_position.repeat_interleave(samples, dim=0)  # (B, 1)
+        position = mask.sum(-1, keepdim=True) - 1  # (B, 1): each prompt's last position
         for step in range(max_new_tokens):
             p = torch.softmax(logits, dim=-1)  # (live, V)
             if temperature > 0:
@@ -327,17 +330,17 @@ def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None
     """`completion_logits` in one forward pass over one packed row.
 
     Completion j continues suffix owners[j]; suffix i continues row i of `past` (keys and
-    values per layer, each (R, heads, W, head_dim), and the mask of their real positions
-    (R, W)), or reads alone when there is no past. The row holds every suffix, then every
-    completion but its last token; a 4D mask lets each token see its own past row's real
-    positions, its own suffix, and its own piece up to itself, so no position is padding (on
-    the toy model a step's 16 samples are 96 positions where right-padded rows were 176),
-    and only the positions that predict a completion token reach the vocabulary projection.
+    values per layer, each (P, heads, W, head_dim), and the mask of their real positions
+    (P, W), a row per suffix), or reads alone when there is no past. The row holds every
+    suffix, then every completion but its last token; a 4D mask lets each token see its own
+    past row's real positions, its own suffix, and its own piece up to itself, so no position
+    is padding (on the toy model a step's 16 samples are 96 positions where right-padded rows
+    were 176), and only the positions that predict a completion token reach the vocabulary
+    projection.
     A completion whose suffix is empty takes its first token's logits from `past_logits`
-    (R, V), its past row's last logits."""
+    (P, V), its past row's last logits."""
     import torch
 
-    rows = 0 if past is None else len(past[1])
     pieces = [list(x) for x in suffixes] + [list(y[:-1]) for y in completions]
     lengths = torch.tensor([len(x) for x in pieces], dtype=torch.long)
     starts = lengths.cumsum(0) - lengths
@@ -350,25 +353,28 @@ def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None
            | is_rest[:, None] & (suffix[:, None] == piece[None, :]))  # (T, T)
     position = torch.where(is_rest, lengths[suffix], 0) + step  # (T,)
     mask, cache = own, None
-    if rows:
+    if past is not None:
         layers, past_mask = past
-        with_past = suffix < rows
-        past_row = suffix.clamp(max=rows - 1)
-        position = position + torch.where(with_past, past_mask.sum(-1)[past_row], 0)
-        seen = torch.zeros((len(piece), rows, past_mask.shape[1]), dtype=torch.bool)
-        seen[torch.arange(len(piece)), past_row] = (past_mask.bool().index_select(0, past_row)
-                                                   & with_past[:, None])
+        position = position + past_mask.sum(-1)[suffix]
+        seen = torch.zeros((len(piece), len(past_mask), past_mask.shape[1]), dtype=torch.bool)
+        seen[torch.arange(len(piece)), suffix] = past_mask.bool().index_select(0, suffix)
         mask = torch.cat([seen.flatten(1), own], dim=1)
 
-        def one_row(tensor: Any) -> Any:  # (R, heads, W, head_dim) -> (1, heads, R * W, ...)
+        def one_row(tensor: Any) -> Any:  # (P, heads, W, head_dim) -> (1, heads, P * W, ...)
             return tensor.transpose(0, 1).flatten(1, 2)[None]
 
         cache = kv_cache(model, [(one_row(keys), one_row(values)) for keys, values in layers])
-    # Where each wanted logit is: -1 - r for past row r's last logits, else a packed position.
-    wanted = [(-1 - owners[j] if k == 0 and not suffixes[owners[j]]
-               else int(starts[owners[j]] + lengths[owners[j]]) - 1 if k == 0
-               else int(starts[len(suffixes) + j]) + k - 1)
-              for j, y in enumerate(completions) for k in range(skip_first, len(y))]
+    def predicting(j: int, k: int) -> int:
+        """Where the logit that predicts completion j's token k is: a packed position, or
+        -1 - p for past row p's last logit."""
+        if k > 0:
+            return int(starts[len(suffixes) + j]) + k - 1  # after the completion's token k-1
+        if suffixes[owners[j]]:
+            return int(starts[owners[j]] + lengths[owners[j]]) - 1  # its suffix's last token
+        return -1 - owners[j]
+
+    wanted = [predicting(j, k) for j, y in enumerate(completions)
+              for k in range(skip_first, len(y))]
     keep = sorted({w for w in wanted if w >= 0})
     if keep:
         logits = model(input_ids=torch.tensor([[t for x in pieces for t in x]]),
@@ -572,7 +578,7 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
         reference = (torch.cat(list(references[start:start + len(examples)]))
                      if references is not None else guard_reference(model, examples, cfg))
         share = row_kl_sum(student, reference, counts, cfg.top_k) / rows
-        (cfg.guard_weight * cfg.guard_every * share).backward()
+        (cfg.guard_step_weight * share).backward()
         guard_loss += float(share.detach())
     return float(loss.detach()), guard_loss
 
@@ -704,7 +710,7 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
             optimizer.step()
             stats.steps += 1
             stats.tokens += lesson.distilled_tokens(cfg.skip_first)
-            stats.loss.append(kl + cfg.guard_weight * cfg.guard_every * guard)
+            stats.loss.append(kl + cfg.guard_step_weight * guard)
             stats.kl.append(kl)
             if chosen:
                 stats.guard_kl.append(guard)

@@ -268,16 +268,16 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
             trained[method], cost = peer_sdft.train_in_subprocess(method, model_dir, sessions,
                                                                   cfg, out)
             runs[method].append(cost)
-    results: dict[str, dict[str, float]] = {}
-    for method in methods:
-        results[method] = {**score(*with_b(model_dir, trained[method])),
-                           "seconds": median_cost(runs[method])["seconds"]}
-    ours_cost = median_cost(runs["ours"])
+    medians = {method: median_cost(runs[method]) for method in methods}
+    results: dict[str, dict[str, float]] = {
+        method: {**score(*with_b(model_dir, trained[method])),
+                 "seconds": medians[method]["seconds"]} for method in methods}
+    ours_cost = medians["ours"]
     if "peer" in results:
         peer.update({"version": importlib.metadata.version("trl"),
                      **{k: results["peer"][k] for k in
                         ("recovery", "forgetting_points", "closed_book")},
-                     **median_cost(runs["peer"])})
+                     **medians["peer"]})
 
     # Peak tensor memory, each method again in a process of its own, under the profiler.
     profiled = replace(cfg, steps=min(cfg.steps, TENSOR_PEAK_STEPS))
