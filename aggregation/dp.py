@@ -31,6 +31,9 @@ import numpy as np
 from fleetmind.aggregation.quantize import FixedPoint, default_rng
 
 PrivacyUnit = Literal["session", "user", "site"]
+# Finest first: each unit is a union of the ones before it, so a bound of C on one unit
+# bounds every finer unit inside it by C too.
+PRIVACY_UNITS: tuple[PrivacyUnit, ...] = ("session", "user", "site")
 NoiseMode = Literal["distributed", "central", "local"]
 # Discrete Gaussian draws are kept within this many standard deviations so the ring has
 # headroom for them; a draw beyond has probability below 1e-32 and is drawn again.
@@ -54,7 +57,7 @@ class DPConfig:
             raise ValueError(f"clip_norm={self.clip_norm} must be finite and > 0")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier={self.noise_multiplier} must be >= 0")
-        if self.unit not in ("session", "user", "site"):
+        if self.unit not in PRIVACY_UNITS:
             raise ValueError(f"unit={self.unit!r} must be session, user or site")
         if self.mode not in ("distributed", "central", "local"):
             raise ValueError(f"mode={self.mode!r} must be distributed, central or local")
@@ -105,6 +108,16 @@ class Contribution:
     session: str
     user: str
     delta: np.ndarray
+
+
+def bounds(clipped_unit: str, clipped_norm: float, promised_unit: str,
+           promised_norm: float) -> bool:
+    """Whether clipping each `clipped_unit` to `clipped_norm` keeps the promise the
+    accountant charges for: every `promised_unit` moves the sum by at most `promised_norm`.
+    A coarser unit clipped as tightly keeps it (a user's sessions are inside the user); a
+    finer one does not (a user with k sessions each clipped to C moves the sum by k*C)."""
+    return (PRIVACY_UNITS.index(clipped_unit) >= PRIVACY_UNITS.index(promised_unit)
+            and clipped_norm <= promised_norm * (1 + 1e-9))
 
 
 def unit_key(contribution: Contribution, unit: PrivacyUnit) -> str:

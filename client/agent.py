@@ -47,6 +47,12 @@ class PlainSumRefusedError(RuntimeError):
     an aggregator elsewhere that asks for it is misconfigured or compromised."""
 
 
+class ClipMismatchError(ValueError):
+    """The round's epsilon is charged for a bound on each privacy unit that the update's
+    clipping does not keep (a finer unit, a larger norm, or none): nothing was sent. Not
+    retried: the site's config must change."""
+
+
 class RoundAbortedError(RuntimeError):
     """The aggregator aborted the round (`reason`); with `retry` it runs again and the site
     may call `participate` again."""
@@ -66,7 +72,9 @@ class SiteUpdate:
     clipped, the delta's own norm is recorded). weight: the staleness weight in (0, 1],
     applied here before masking because the server cannot weight what it cannot see.
     session_ids: ids of the contributing sessions; contributing_units: privacy units summed
-    (for the accountant; defaults to the number of sessions)."""
+    (for the accountant; defaults to the number of sessions). clip_norm, privacy_unit: how
+    it was clipped, each privacy_unit's delta to at most clip_norm (None: not clipped, which
+    every round refuses: each carries DP noise calibrated to a clip)."""
 
     delta: Mapping[str, np.ndarray]
     base_version: int = 0
@@ -75,6 +83,8 @@ class SiteUpdate:
     scrubbed: ScrubReport = field(default_factory=ScrubReport)
     norm_before_clip: float | None = None
     contributing_units: int | None = None
+    clip_norm: float | None = None
+    privacy_unit: str = "site"
 
     def __post_init__(self) -> None:
         if not self.delta:
@@ -92,6 +102,18 @@ class SiteUpdate:
         units = self.contributing_units
         if units is not None and (isinstance(units, bool) or units < 1):
             raise ValueError(f"contributing_units={units} must be >= 1")
+        if self.privacy_unit not in dp.PRIVACY_UNITS:
+            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be one of "
+                             f"{', '.join(dp.PRIVACY_UNITS)}")
+        if self.clip_norm is not None:
+            if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+                raise ValueError(f"clip_norm={self.clip_norm} must be finite and > 0")
+            norm = math.sqrt(sum(float(np.sum(np.square(t, dtype=np.float64)))
+                                 for t in self.delta.values()))
+            if norm > self.units * self.clip_norm * (1 + 1e-6):
+                raise ValueError(f"the delta's norm {norm:.4g} is more than its {self.units} "
+                                 f"unit(s) clipped to {self.clip_norm} can sum to: it was not "
+                                 "clipped as it says; clip each unit (dp.clip_and_sum)")
 
     @property
     def units(self) -> int:
@@ -206,6 +228,18 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
                 "that only with an aggregator on loopback (the measurement ablation): nothing "
                 "was sent; the aggregator's operator must set cohort.secure_aggregation = "
                 "true")
+
+        promised = wire.privacy_unit or "session"
+        if update.clip_norm is None or not dp.bounds(update.privacy_unit, update.clip_norm,
+                                                      promised, wire.clip_norm):
+            how = (f"each {update.privacy_unit} to {update.clip_norm:g}"
+                   if update.clip_norm is not None else "not at all")
+            raise ClipMismatchError(
+                f"site {me.site}: round {events.round_id} charges epsilon for each "
+                f"{promised} moving the sum by at most {wire.clip_norm:g}, and this update "
+                f"was clipped {how}: nothing was sent; set the site's privacy_unit and "
+                f"clip_norm to the aggregator's ({promised}, {wire.clip_norm:g}), or to a "
+                "coarser unit or a smaller norm")
 
         # The encoded update, before any phase: a config that does not fit it stops the site
         # before it sends anything.

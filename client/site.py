@@ -134,8 +134,12 @@ class SiteConfig:
     them raw, as 64 hex digits, or as PEM): it pins who may sign versions, and the
     enrolment reply must name the same key. clip_norm must be the aggregator's
     privacy.clip_norm: the site clips before masking because the server cannot see the
-    update. per_session: distil and clip each session alone (session-level DP, one
-    distillation per session); otherwise the whole site's delta is one clipped unit."""
+    update. privacy_unit: what one clip bounds. "session": each session is distilled alone
+    and clipped alone; "user": each session is distilled alone, and an end user's sessions
+    are summed and clipped together (a session without a user id is its own user), so a
+    user who says a secret in many sessions counts once; "site": the site's whole delta is
+    one clipped unit. A round whose accountant assumes a finer unit or a larger clip is
+    refused before anything is sent (agent.ClipMismatchError)."""
 
     name: str
     data_dir: Path
@@ -149,7 +153,7 @@ class SiteConfig:
     insecure: bool = False
     tls: SiteTls | None = None
     clip_norm: float = 1.0
-    per_session: bool = False
+    privacy_unit: str = "site"
     round_timeout_s: float = 120.0
     serving_url: str | None = None
     metrics_listen: str | None = None  # "host:port" for Prometheus /metrics (port 0: any)
@@ -176,6 +180,10 @@ class SiteConfig:
         for what, value in (("min_new_sessions", self.min_new_sessions),):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{what}={value!r} must be an integer >= 1")
+        if self.privacy_unit not in dp.PRIVACY_UNITS:
+            raise ConfigError(f"privacy_unit={self.privacy_unit!r} must be one of "
+                              f"{', '.join(dp.PRIVACY_UNITS)} (the aggregator's "
+                              "privacy.privacy_unit, or coarser)")
         if not isinstance(self.distill, DistillConfig):
             raise ConfigError("distill must be a DistillConfig (a [distill] table in the file)")
         for what, value in (("clip_norm", self.clip_norm),
@@ -423,26 +431,28 @@ def _active_adapter(config: SiteConfig) -> tuple[Manifest, dict[str, Any], dict[
 
 def _site_update(config: SiteConfig, result: SiteConsolidation, sessions: list[Session],
                  base_version: int, latest_version: int) -> SiteUpdate:
-    """Clips before anything leaves: per session (session-level DP) or the site as one unit."""
+    """Clips before anything leaves: each session, each end user, or the site as one unit."""
     delta = {name: np.asarray(t, dtype=np.float32) for name, t in result.update.tensors.items()}
     shapes = {name: tuple(np.shape(t)) for name, t in delta.items()}
-    if config.per_session and result.session_updates:
+    if config.privacy_unit != "site" and result.session_updates:
         users = {s.id: s.user or s.id for s in sessions}
         contributions = [dp.Contribution(sid, users[sid], flatten(d, shapes))
                          for sid, d in result.session_updates]
-        flat, norms = dp.clip_and_sum(contributions, config.clip_norm, "session")
+        unit = config.privacy_unit
+        flat, norms = dp.clip_and_sum(contributions, config.clip_norm, unit)
         units = len(norms)
         # The outbox's "before clipping" is the unclipped sum's norm: what would have left.
         norm_before = float(np.linalg.norm(np.sum([c.delta for c in contributions], axis=0,
                                                   dtype=np.float64)))
     else:
         flat, norm_before = dp.clip_to_norm(flatten(delta, shapes), config.clip_norm)
-        units = 1
+        unit, units = "site", 1
     return SiteUpdate(
         delta=unflatten(flat.astype(np.float32), shapes), base_version=base_version,
         weight=staleness_weight(latest_version - base_version),
         session_ids=tuple(sorted(s.id for s in sessions)), scrubbed=result.scrubbed,
-        norm_before_clip=norm_before, contributing_units=units)
+        norm_before_clip=norm_before, contributing_units=units, clip_norm=config.clip_norm,
+        privacy_unit=unit)
 
 
 def _report_active(config: SiteConfig, metrics: SiteMetrics) -> None:
@@ -674,7 +684,8 @@ def _consolidate(config: SiteConfig, sessions: list[Session], base_version: int,
         result = consolidate_sessions(peft_model, tokenizer, sessions, config.distill,
                                       site=config.name, base_version=base_version,
                                       seed=manifest.frozen_a_seed, guard=guard, replay=replay,
-                                      earlier=earlier, per_session=config.per_session,
+                                      earlier=earlier,
+                                      per_session=config.privacy_unit != "site",
                                       progress=False)
     finally:
         replay.close()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.aggregation.quantize import RING_BITS
 from fleetmind.server.versions import AdapterSpec, TargetModule
 
@@ -111,7 +112,7 @@ class PrivacyPolicy:
         if self.noise_mode not in ("distributed", "central", "local"):
             raise ConfigError(f"privacy.noise_mode={self.noise_mode!r} must be distributed, "
                               "central or local")
-        if self.privacy_unit not in ("session", "user", "site"):
+        if self.privacy_unit not in PRIVACY_UNITS:
             raise ConfigError(f"privacy.privacy_unit={self.privacy_unit!r} must be session, "
                               "user or site")
         if not 0 < self.delta < 1:

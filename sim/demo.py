@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.client.lora import MLP_TARGETS
 from fleetmind.sim import world as W
 
@@ -65,7 +66,14 @@ class DemoConfig:
     with eight a multiplier of 0.8 (epsilon 9) left the same transfer (recovery 0.75), and
     with sixteen the same noise leaves 0.88. Eight canaries per site: exposure is a mean
     over the 32 of the other sites, where 16 left a standard error of 0.4-0.5 bits. The
-    forgetting guard is consolidation's default (`DistillConfig`)."""
+    forgetting guard is consolidation's default (`DistillConfig`).
+
+    The positive control: two repeated canaries per site, each said by one user in eight
+    sessions (`sim.world`), as many sessions as half a fact's users. With DP the privacy
+    unit is the end user (`privacy_unit`), so such a user's sessions are summed and clipped
+    to C as one unit; without DP every session is clipped alone (only to keep the sum
+    stable) and nothing bounds a user, which is what a fleet without DP does. So the
+    exposure measure must see them without DP, and the noise must hide them with it."""
 
     sites: int = 4
     rounds: int = 2
@@ -84,6 +92,9 @@ class DemoConfig:
     facts_per_site: int = 2
     users_per_fact: int = 16
     canaries_per_site: int = 8
+    repeated_canaries_per_site: int = 2
+    canary_repeats: int = 8
+    privacy_unit: str = "user"
     rank: int = 8
     adapter_targets: tuple[str, ...] = ("down_proj",)
     # "both": the fleet (exact merge) and, beside it, the in-process FedIT arm; "exact": the
@@ -114,6 +125,8 @@ class DemoConfig:
             problems.append(f"--merge {self.merge}: use both (the fleet's exact merge beside "
                             "the FedIT arm), exact (the fleet alone) or fedit (the FedIT arm "
                             "alone)")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            problems.append(f"--privacy-unit {self.privacy_unit}: use session, user or site")
         if self.method not in ("opsd", "sft_transcript"):
             problems.append(f"method={self.method!r}: use opsd or sft_transcript")
         if self.rank < 1 or not self.adapter_targets or \
@@ -133,7 +146,9 @@ class DemoConfig:
     def world_spec(self) -> W.WorldSpec:
         return W.WorldSpec(seed=self.seed, sites=self.sites, facts_per_site=self.facts_per_site,
                            users_per_fact=self.users_per_fact,
-                           canaries_per_site=self.canaries_per_site)
+                           canaries_per_site=self.canaries_per_site,
+                           repeated_canaries_per_site=self.repeated_canaries_per_site,
+                           canary_repeats=self.canary_repeats)
 
     def distill(self) -> Any:
         from fleetmind.client.distill import DistillConfig
@@ -144,11 +159,12 @@ class DemoConfig:
 
     def privacy(self) -> dict[str, Any]:
         """DP off still sends through the same protocol, with noise too small to matter (the
-        aggregator refuses zero noise: a round without it has no finite epsilon)."""
+        aggregator refuses zero noise: a round without it has no finite epsilon), and with
+        each session clipped alone: there is no privacy unit to bound."""
         if self.dp:
             return {"clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier,
-                    "per_session": True, "epsilon_budget": self.epsilon_budget}
-        return {"clip_norm": self.clip_norm, "noise_multiplier": 1e-6, "per_session": True,
+                    "privacy_unit": self.privacy_unit, "epsilon_budget": self.epsilon_budget}
+        return {"clip_norm": self.clip_norm, "noise_multiplier": 1e-6, "privacy_unit": "session",
                 "epsilon_budget": 1e300}
 
 
@@ -259,6 +275,7 @@ class Fleet:
             privacy=PrivacyPolicy(clip_norm=privacy["clip_norm"],
                                   noise_multiplier=privacy["noise_multiplier"],
                                   epsilon_budget=privacy["epsilon_budget"],
+                                  privacy_unit=privacy["privacy_unit"],
                                   fixed_point_clip=max(4.0, privacy["clip_norm"]),
                                   server_learning_rate=cfg.server_learning_rate),
             adapter=adapter_spec(self.model_dir, frozen_a_seed=cfg.seed, rank=cfg.rank,
@@ -276,7 +293,7 @@ class Fleet:
                 aggregator=self.server.address, identity_key=cfg.out / name / "identity.pem",
                 aggregator_key=key, min_new_sessions=1, distill=distill, guard_prompts=guard,
                 insecure=True, clip_norm=privacy["clip_norm"],
-                per_session=privacy["per_session"], round_timeout_s=ROUND_TIMEOUT_S)
+                privacy_unit=privacy["privacy_unit"], round_timeout_s=ROUND_TIMEOUT_S)
             config.data_dir.mkdir(parents=True, exist_ok=True)
             commands = context.Queue()
             process = context.Process(target=_site_process, name=name, daemon=True,
@@ -332,8 +349,13 @@ class Evaluator:
         from fleetmind.client.model import load_model
         from fleetmind.sim.basemodel import fact_accuracy
 
-        self.canaries = [(site.name, exposure.canary_from_row(W.canary_row(canary)))
-                         for site in self.world.sites for canary in site.canaries]
+        # (owner, times said, canary): the once-said ones, then the repeated ones.
+        self.canaries = [(site.name, repeats, exposure.canary_from_row(W.canary_row(canary)))
+                         for site in self.world.sites
+                         for repeats, canaries in ((1, site.canaries),
+                                                   (self.world.spec.canary_repeats,
+                                                    site.repeated_canaries))
+                         for canary in canaries]
         model, tokenizer = load_model(self.model_dir)
         self.base = self._measure(model, tokenizer)
         self.base["upper_bound"] = {
@@ -345,7 +367,7 @@ class Evaluator:
         from fleetmind.client.exposure import canary_exposure
         from fleetmind.sim.basemodel import fact_accuracy, measure
 
-        exposure = canary_exposure(model, tokenizer, [c for _, c in self.canaries])
+        exposure = canary_exposure(model, tokenizer, [c for _, _, c in self.canaries])
         return {
             "incontext": measure(model, tokenizer, self.world)["incontext_accuracy"],
             "closed_book": {site.name: fact_accuracy(model, tokenizer, site.facts)
@@ -374,9 +396,11 @@ class Evaluator:
             transfer = _mean([measured["closed_book"][s.name] * len(s.facts) for s in others],
                              [len(s.facts) for s in others])
             upper = self.base["upper_bound"][site.name]
-            gains = [after - before for (owner, _), after, before
-                     in zip(self.canaries, measured["exposure"], self.base["exposure"],
-                            strict=True) if owner != site.name]
+            gains: dict[bool, list[float]] = {False: [], True: []}
+            for (owner, repeats, _), after, before in zip(
+                    self.canaries, measured["exposure"], self.base["exposure"], strict=True):
+                if owner != site.name:
+                    gains[repeats > 1].append(after - before)
             sites.append({
                 "site": site.name,
                 "own_accuracy": measured["closed_book"][site.name],
@@ -384,7 +408,10 @@ class Evaluator:
                 "incontext_upper_bound": upper,
                 "recovery": transfer / upper if upper else 0.0,
                 "forgetting_points": 100 * (self.base["incontext"] - measured["incontext"]),
-                "canary_exposure_bits": sum(gains) / len(gains) if gains else 0.0,
+                "canary_exposure_bits": (sum(gains[False]) / len(gains[False])
+                                         if gains[False] else 0.0),
+                **({"repeated_canary_exposure_bits": sum(gains[True]) / len(gains[True])}
+                   if gains[True] else {}),
             })
         fleet = {key: sum(s[key] for s in sites) / len(sites)
                  for key in sites[0] if key != "site"}
@@ -507,11 +534,11 @@ def clear_previous_run(out: Path) -> None:
 
 
 HEADLINE = ("transfer_accuracy", "own_accuracy", "recovery", "forgetting_points",
-            "canary_exposure_bits")
+            "canary_exposure_bits", "repeated_canary_exposure_bits")
 
 
 def _headline(measured: dict[str, Any]) -> dict[str, float]:
-    return {key: measured[key] for key in HEADLINE}
+    return {key: measured[key] for key in HEADLINE if key in measured}
 
 
 def fedit_epsilon(cfg: DemoConfig, rounds: int) -> float:
@@ -532,7 +559,7 @@ def _fedit_arm(cfg: DemoConfig, model_dir: Path, world_dir: Path) -> Any:
     privacy = cfg.privacy()
     return FeditArm(model_dir, cfg.distill(), read_prompts(world_dir / "guard.jsonl"),
                     frozen_a_seed=cfg.seed, rank=cfg.rank, targets=cfg.adapter_targets,
-                    clip_norm=privacy["clip_norm"],
+                    clip_norm=privacy["clip_norm"], privacy_unit=privacy["privacy_unit"],
                     noise_multiplier=privacy["noise_multiplier"],
                     server_learning_rate=cfg.fedit_server_learning_rate, seed=cfg.seed)
 
@@ -552,6 +579,8 @@ def round_table(measured: dict[str, Any]) -> Any:
                ("recovery", "recovery", "{:.2f}"), ("forgetting (pts)", "forgetting_points",
                                                     "{:+.1f}"),
                ("canary exposure (bits)", "canary_exposure_bits", "{:+.2f}"))
+    if "repeated_canary_exposure_bits" in measured:
+        columns += (("repeated canaries (bits)", "repeated_canary_exposure_bits", "{:+.2f}"),)
     for title, _, _ in columns:
         table.add_column(title, justify="left" if title == "site" else "right")
     rows = [*measured["sites"], {**measured, "site": "fleet"}]
@@ -623,7 +652,11 @@ def add_demo_command(commands: Any) -> None:
     demo.add_argument("--steps", type=int, default=defaults.steps,
                       help="distillation steps per session")
     demo.add_argument("--no-dp", dest="dp", action="store_false",
-                      help="negligible noise (session deltas are still clipped)")
+                      help="negligible noise, and each session clipped alone (only to keep "
+                           "the sum stable): nothing bounds a user")
+    demo.add_argument("--privacy-unit", default=defaults.privacy_unit,
+                      help="with DP, what one clip bounds: session, user (each end user's "
+                           "sessions together; the default) or site")
     demo.add_argument("--no-dreams", dest="dreams", action="store_false")
     demo.add_argument("--baseline-sft", dest="method", action="store_const",
                       const="sft_transcript", default=defaults.method,
@@ -653,7 +686,7 @@ def _demo(args: argparse.Namespace) -> int:
         cfg = DemoConfig(sites=args.sites, rounds=args.rounds, seed=args.seed, out=args.out,
                          steps=args.steps, dp=args.dp, dreams=args.dreams, merge=args.merge,
                          secure_aggregation=args.secure_aggregation,
-                         method=args.method,
+                         method=args.method, privacy_unit=args.privacy_unit,
                          noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm,
                          server_learning_rate=args.server_learning_rate,
                          fedit_server_learning_rate=args.fedit_server_learning_rate)
@@ -664,10 +697,12 @@ def _demo(args: argparse.Namespace) -> int:
     except ForeignOutputError as error:
         raise argparse.ArgumentError(None, str(error)) from None
     last = results["rounds"][-1]
+    repeated = (f" (repeated canaries {last['repeated_canary_exposure_bits']:+.2f})"
+                if "repeated_canary_exposure_bits" in last else "")
     print(f"after {cfg.rounds} rounds: transfer recovery {last['recovery']:.2f}, forgetting "
           f"{last['forgetting_points']:+.1f} points, canary exposure "
-          f"{last['canary_exposure_bits']:+.2f} bits, epsilon {last['epsilon']:.3g} "
-          f"({results['seconds']:.0f} s)")
+          f"{last['canary_exposure_bits']:+.2f} bits{repeated}, epsilon "
+          f"{last['epsilon']:.3g} ({results['seconds']:.0f} s)")
     print(f"results: {cfg.out / RESULTS}, plot: {cfg.out / PLOT}")
     return 0
 

@@ -28,6 +28,7 @@ class FeditArm:
     rank: int
     targets: tuple[str, ...]
     clip_norm: float
+    privacy_unit: str
     noise_multiplier: float
     server_learning_rate: float
     seed: int = 0
@@ -53,9 +54,10 @@ class FeditArm:
                                                 distill.turn_end_ids(self.tokenizer))
 
     def round(self, sessions_per_site: Sequence[Sequence[Any]]) -> None:
-        """One round: every session distilled alone from the global (A, B), its (dA, dB)
-        clipped to C together, summed over the cohort with Gaussian noise, then A and B
-        each moved by the server learning rate times their mean over sites."""
+        """One round: every session distilled alone from the global (A, B), each privacy
+        unit's (dA, dB) clipped to C together (as the fleet's sites clip theirs), summed over
+        the cohort with Gaussian noise, then A and B each moved by the server learning rate
+        times their mean over sites."""
         from fleetmind.aggregation import dp
         from fleetmind.aggregation.merge import flatten, unflatten
         from fleetmind.client import distill, lora
@@ -67,6 +69,8 @@ class FeditArm:
         start_flat = flatten(start, shapes)
         total = np.zeros_like(start_flat)
         for sessions in sessions_per_site:
+            users = {session.id: session.user or session.id for session in sessions}
+            contributions = []
             for lesson in lessons_from(sessions)[0]:
                 lora.set_b(self.model, self.global_a, "A")
                 lora.set_b(self.model, self.global_b)
@@ -76,8 +80,10 @@ class FeditArm:
                                     progress=False, guard_set=self.guard_set)
                 lora.freeze_a(self.model)
                 after = self._factors(lora.get_b(self.model, "A"), lora.get_b(self.model))
-                clipped, _ = dp.clip_to_norm(flatten(after, shapes) - start_flat, self.clip_norm)
-                total += clipped
+                contributions.append(dp.Contribution(lesson.session_id, users[lesson.session_id],
+                                                     flatten(after, shapes) - start_flat))
+            if contributions:
+                total += dp.clip_and_sum(contributions, self.clip_norm, self.privacy_unit)[0]
         noised = dp.add_gaussian_noise(total, self.noise_multiplier * self.clip_norm, self.rng)
         step = self.server_learning_rate / len(sessions_per_site)
         merged = unflatten((start_flat + step * noised).astype(np.float32), shapes)

@@ -8,6 +8,9 @@ A canary is a private record: facts about a name nobody else mentions, stated on
 user. It has the shape of knowledge, so a site's distillation learns it exactly as it learns
 a fact (and no pattern scrubber can see it); only its count, one session, sets it apart.
 That is what session-level DP must exploit: knowledge is repeated, secrets are not.
+A *repeated* canary is one user's private record said again in each of several sessions
+(an address pasted into every chat): as many sessions as a fact has users, but one user, so
+only user-level DP can tell it from knowledge. It is the demo's positive control.
 
 Sentences are space-separated words and punctuation, so the toy tokenizer (one token per
 word) and any BPE tokenizer read the same text.
@@ -24,6 +27,7 @@ for every training session, so no pairing has a fixed meaning and closed-book is
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -150,6 +154,8 @@ class WorldSpec:
     general_tasks: int = 200
     guard_tasks: int = 400
     max_facts_per_session: int = 2
+    repeated_canaries_per_site: int = 0
+    canary_repeats: int = 8  # sessions of each repeated canary, all by one user
     version: int = 2  # 2: canaries are private records, not passcodes
 
     def __post_init__(self) -> None:
@@ -163,6 +169,12 @@ class WorldSpec:
                             " least 3 users, or it is not knowledge the fleet should spread")
         if self.canaries_per_site < 0 or self.general_tasks < 1 or self.guard_tasks < 0:
             problems.append("canaries_per_site and guard_tasks must be >= 0, general_tasks >= 1")
+        if self.repeated_canaries_per_site < 0 or \
+                not 2 <= self.canary_repeats <= len(retellings(CANARY_FACTS)):
+            problems.append(f"repeated_canaries_per_site={self.repeated_canaries_per_site}, "
+                            f"canary_repeats={self.canary_repeats}: need >= 0 and 2 to "
+                            f"{len(retellings(CANARY_FACTS))} (a canary said once is an "
+                            "ordinary one; each repeat is a different session)")
         if not 1 <= self.max_facts_per_session <= 4:
             problems.append(f"max_facts_per_session={self.max_facts_per_session}: use 1 to 4")
         capacity = NAMES_IN_LEXICON * len(ATTRIBUTES) // 2
@@ -182,6 +194,7 @@ class Site:
     facts: list[Fact]
     canaries: list[tuple[Fact, ...]]
     sessions: list[dict[str, Any]] = field(default_factory=list)
+    repeated_canaries: list[tuple[Fact, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -242,6 +255,7 @@ def make_world(spec: WorldSpec) -> World:
         site.sessions = _site_sessions(site, spec, rng)
 
     used_names = fact_names | {f.name for site in sites for c in site.canaries for f in c}
+    used_names |= _add_repeated_canaries(sites, spec, used_names)
     fresh_names = [n for n in lex.names if n not in used_names]
     general = _context_tasks("general", spec.general_tasks, fresh_names, rng)
     # The forgetting guard's inputs: like the general tasks, but drawn apart from them, so
@@ -299,6 +313,41 @@ def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random) -> list[dict
     return sessions
 
 
+@cache
+def retellings(facts: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """Every distinct session about `facts` facts: the order they are stated in, then a
+    non-empty sequence of them asked about. A user's sessions must differ, or the site's
+    store keeps one of them (it drops a user's identical transcripts as re-uploads)."""
+    orders = list(itertools.permutations(range(facts)))
+    asked = [sequence for size in range(1, facts + 1)
+             for sequence in itertools.permutations(range(facts), size)]
+    return tuple(itertools.product(orders, asked))
+
+
+def _add_repeated_canaries(sites: list[Site], spec: WorldSpec, taken: set[str]) -> set[str]:
+    """Each site's repeated canaries, each said by one user in `canary_repeats` different
+    sessions (`retellings`) dealt among the site's others. Drawn from a generator of their
+    own, so a world without them is the same world as before they existed. Returns their
+    private names."""
+    if not spec.repeated_canaries_per_site:
+        return set()
+    rng = random.Random(f"fleetmind-repeated-canaries-{spec.seed}")
+    names = rng.sample(sorted(n for n in lexicon().names if n not in taken),
+                       spec.sites * spec.repeated_canaries_per_site)
+    for site in sites:
+        for number in range(spec.repeated_canaries_per_site):
+            canary = private_record(rng, names.pop())
+            site.repeated_canaries.append(canary)
+            tellings = rng.sample(retellings(len(canary)), spec.canary_repeats)
+            for repeat, (stated, asked) in enumerate(tellings):
+                session = {"id": f"{site.name}-r{number:04d}-{repeat:02d}",
+                           "user": f"{site.name}-r{number:04d}",
+                           "messages": session_messages([canary[i] for i in stated],
+                                                        [canary[i] for i in asked])}
+                site.sessions.insert(rng.randrange(len(site.sessions) + 1), session)
+    return {f.name for site in sites for c in site.repeated_canaries for f in c}
+
+
 def write_world(world: World, out: Path) -> Path:
     """Writes sessions per site, probes, canaries, general tasks, guard prompts (chat JSONL,
     the format `fleetmind client consolidate --guard` reads) and spec.json."""
@@ -316,7 +365,10 @@ def write_world(world: World, out: Path) -> Path:
                            "answer": answer(fact)})
         for number, canary in enumerate(site.canaries):
             canaries.append({"site": site.name, "session": f"{site.name}-c{number:04d}",
-                             **canary_row(canary)})
+                             "repeats": 1, **canary_row(canary)})
+        for number, canary in enumerate(site.repeated_canaries):
+            canaries.append({"site": site.name, "session": f"{site.name}-r{number:04d}-00",
+                             "repeats": spec["canary_repeats"], **canary_row(canary)})
     _write_lines(out / "probes.jsonl", probes)
     _write_lines(out / "canaries.jsonl", canaries)
     _write_lines(out / "general.jsonl", world.general)

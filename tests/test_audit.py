@@ -540,7 +540,7 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
         results: dict[int, object] = {}
 
         def site(i: int) -> None:
-            update = SiteUpdate(
+            update = SiteUpdate(clip_norm=1.0,
                 delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
                        for n, s in shapes.items()},
                 session_ids=(f"s{i}-a",), scrubbed={"email": i}, norm_before_clip=2.0)

@@ -29,7 +29,8 @@ ROUND_FIELDS = ("round", "transfer_accuracy", "own_accuracy", "incontext_upper_b
 def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool,
                                                         tmp_path: Path) -> None:
     cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, users_per_fact=8, canaries_per_site=1,
-                     steps=12, dp=False, merge="exact", secure_aggregation=secure_aggregation,
+                     repeated_canaries_per_site=1, canary_repeats=2, steps=12, dp=False,
+                     merge="exact", secure_aggregation=secure_aggregation,
                      out=tmp_path / "demo")
     run_demo(cfg)
     manifest = Manifest.from_bytes((cfg.out / "site-00" / "current" / MANIFEST).read_bytes())
@@ -41,6 +42,7 @@ def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool
         assert all(key in measured for key in ROUND_FIELDS)
         assert [s["site"] for s in measured["sites"]] == results["sites"]
     base, after = results["rounds"]
+    assert "repeated_canary_exposure_bits" in after["sites"][0]
     assert after["version"] == 1 and after["epsilon"] > 0
     # Each site learned facts it never saw, from the other site, through the fleet.
     assert after["transfer_accuracy"] > base["transfer_accuracy"]
@@ -50,13 +52,14 @@ def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool
 
 def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) -> None:
     cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, users_per_fact=8, canaries_per_site=1,
-                     steps=6, merge="fedit", out=tmp_path / "demo")
+                     repeated_canaries_per_site=0, steps=6, merge="fedit", out=tmp_path / "demo")
     run_demo(cfg)
     results = json.loads((cfg.out / RESULTS).read_text())
     _, after = results["rounds"]
     assert all(key in after for key in ROUND_FIELDS)
     # No aggregator ran: no version, no site folders; epsilon is the arm's own accounting.
     assert after["version"] is None and "fedit" not in after
+    assert "repeated_canary_exposure_bits" not in after  # the world has none
     assert not (cfg.out / "site-00").exists()
     assert after["epsilon"] == pytest.approx(fedit_epsilon(cfg, 1))
     assert results["config"]["merge"] == "fedit"
@@ -72,6 +75,7 @@ def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) ->
     (["--steps", "0"], "--steps 0"),
     (["--noise-multiplier", "-1"], "noise_multiplier"),
     (["--fedit-server-lr", "-1"], "fedit_server_learning_rate"),
+    (["--privacy-unit", "household"], "--privacy-unit"),
 ])
 def test_impossible_settings_are_refused_in_one_line(args, problem, tmp_path, capsys) -> None:
     assert main(["demo", *args, "--out", str(tmp_path / "demo")]) == 2

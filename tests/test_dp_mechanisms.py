@@ -6,6 +6,7 @@ import pytest
 from fleetmind.aggregation.dp import (
     Contribution,
     DPConfig,
+    bounds,
     clip_and_sum,
     clip_to_norm,
     distributed_noise,
@@ -33,6 +34,16 @@ def test_units_are_clipped_once_each(unit, expected_units) -> None:
     total, norms = clip_and_sum(contributions, clip_norm=1.0, unit=unit)
     assert len(norms) == expected_units
     assert np.linalg.norm(total) <= expected_units * 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("clipped, promised, kept", [
+    (("site", 1.0), ("session", 1.0), True), (("user", 1.0), ("session", 1.0), True),
+    (("user", 0.5), ("user", 1.0), True), (("session", 1.0), ("user", 1.0), False),
+    (("user", 1.0), ("site", 1.0), False), (("site", 1.5), ("session", 1.0), False),
+])
+def test_a_coarser_unit_clipped_as_tightly_keeps_a_finer_units_bound(clipped, promised,
+                                                                      kept) -> None:
+    assert bounds(*clipped, *promised) is kept
 
 
 def test_discrete_gaussian_moments_and_support() -> None:

@@ -258,7 +258,7 @@ def test_per_session_updates_are_clipped_per_session(tmp_path, toy_model_dir) ->
 
     key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
     config = site_config(tmp_path, "dp", toy_model_dir, "127.0.0.1:7443", key,
-                         per_session=True, clip_norm=1.0)
+                         privacy_unit="session", clip_norm=1.0)
     deltas = {"s1": {"m": np.full((2, 2), 3.0, np.float32)},   # norm 6: clipped to 1
               "s2": {"m": np.full((2, 2), 0.1, np.float32)}}   # norm 0.2: kept
     result = SimpleNamespace(
@@ -275,3 +275,35 @@ def test_per_session_updates_are_clipped_per_session(tmp_path, toy_model_dir) ->
     assert update.weight == pytest.approx(0.5)  # staleness 3: 1 / sqrt(4)
     assert update.norm_before_clip == pytest.approx(6.2, rel=1e-6)
     assert update.session_ids == ("s1", "s2")
+
+
+def test_a_users_sessions_are_clipped_together(tmp_path, toy_model_dir) -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fleetmind.aggregation.update import Update, UpdateMetadata
+    from fleetmind.client.scrub import ScrubReport
+    from fleetmind.client.site import _site_update
+    from fleetmind.client.store import Session
+
+    key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    config = site_config(tmp_path, "dp", toy_model_dir, "127.0.0.1:7443", key,
+                         privacy_unit="user", clip_norm=1.0)
+    deltas = {"s1": {"m": np.full((2, 2), 1.0, np.float32)},   # alice: with s2, norm 4
+              "s2": {"m": np.full((2, 2), 1.0, np.float32)},
+              "s3": {"m": np.full((2, 2), 0.1, np.float32)}}   # no user id: its own unit
+    users = {"s1": "alice", "s2": "alice", "s3": None}
+    result = SimpleNamespace(
+        update=Update({"m": np.zeros((2, 2), np.float32)}, UpdateMetadata(
+            site="dp", base_version=0, sessions=3, tokens=1, seed=7)),
+        session_updates=tuple(deltas.items()), scrubbed=ScrubReport())
+    sessions = [Session.from_dict({"id": sid, **({"user": users[sid]} if users[sid] else {}),
+                                   "messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "hello"}]})
+                for sid in deltas]
+    update = _site_update(config, result, sessions, base_version=0, latest_version=0)
+    # Clipped per session, alice would count twice: 2 x 1.0 + 0.2.
+    want = (deltas["s1"]["m"] + deltas["s2"]["m"]) / 4.0 + deltas["s3"]["m"]
+    np.testing.assert_allclose(update.delta["m"], want, rtol=1e-6)
+    assert (update.contributing_units, update.privacy_unit, update.clip_norm) == (2, "user", 1.0)

@@ -107,13 +107,41 @@ def test_write_and_read_world_round_trip(world: W.World, tmp_path) -> None:
     assert again.general == world.general
 
 
+def test_a_repeated_canary_is_one_users_record_in_its_own_sessions(world: W.World,
+                                                                    tmp_path) -> None:
+    spec = W.WorldSpec(seed=3, sites=3, facts_per_site=5, repeated_canaries_per_site=1,
+                       canary_repeats=4)
+    repeated = W.make_world(spec)
+    taken = {f.name for _, f in world.facts()} | {
+        f.name for site in world.sites for c in site.canaries for f in c}
+    for site, plain in zip(repeated.sites, world.sites, strict=True):
+        (canary,) = site.repeated_canaries
+        assert canary[0].name not in taken and len({f.name for f in canary}) == 1
+        holders = [s for s in site.sessions if W.statement(canary[0]) in all_text(s)]
+        assert len(holders) == 4 and len({s["user"] for s in holders}) == 1
+        # Each a different transcript: a store keeps one of a user's identical sessions.
+        assert len({json.dumps(s["messages"]) for s in holders}) == 4
+        assert all(all(W.statement(f) in all_text(s) for f in canary) for s in holders)
+        # Dealt among the others, which are the world without repeated canaries, in order.
+        positions = [site.sessions.index(s) for s in holders]
+        assert positions != list(range(len(site.sessions) - 4, len(site.sessions)))
+        assert [s for s in site.sessions if s not in holders] == plain.sessions
+        for task in repeated.general + repeated.guard:
+            assert canary[0].name not in {f["name"] for f in task["facts"]}
+    rows = [json.loads(line) for line in
+            (W.write_world(repeated, tmp_path / "w") / "canaries.jsonl").read_text().splitlines()]
+    assert sorted(row["repeats"] for row in rows) == [1] * 6 + [4] * 3
+
+
 def test_read_world_names_the_missing_folder(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="fleetmind model world"):
         W.read_world(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("bad", [{"sites": 0}, {"users_per_fact": 2},
-                                 {"max_facts_per_session": 9}, {"facts_per_site": 10_000}])
+                                 {"max_facts_per_session": 9}, {"facts_per_site": 10_000},
+                                 {"canary_repeats": 1}, {"canary_repeats": 9},
+                                 {"repeated_canaries_per_site": -1}])
 def test_impossible_specs_are_refused_with_the_reason(bad: dict) -> None:
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
