@@ -27,11 +27,13 @@ __all__ = ["CanaryExposure", "SaidCanary", "check_adapter_folder", "measure", "r
 
 @dataclass(frozen=True)
 class SaidCanary:
-    """A canary and where it was said (site and session, as canaries.jsonl names them)."""
+    """A canary and where it was said (site and session, as canaries.jsonl names them), and
+    in how many sessions (`repeats`: 1 unless its row says; one user's repeated secret)."""
 
     site: str
     session: str
     canary: exposure.Canary
+    repeats: int = 1
 
     @property
     def max_bits(self) -> float:
@@ -48,7 +50,8 @@ class CanaryExposure:
 
 def read_canaries(path: Path) -> list[SaidCanary]:
     """The rows of a canaries JSONL file (the toy world's canaries.jsonl: "site", "session",
-    "secret", "text" and "slots"). Raises ValueError naming the file and line of a bad row."""
+    "repeats", "secret", "text" and "slots"). Raises ValueError naming the file and line of a
+    bad row."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
@@ -65,11 +68,16 @@ def read_canaries(path: Path) -> list[SaidCanary]:
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
             canary = exposure.canary_from_row(row)
+            repeats = row.get("repeats", 1)
+            if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+                raise ValueError(f"\"repeats\": {repeats!r} must be a whole number >= 1 (the "
+                                 "sessions that said the secret)")
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
         except ValueError as error:
             raise ValueError(f"{path}:{number}: {error}") from None
-        said.append(SaidCanary(str(row.get("site", "")), str(row.get("session", "")), canary))
+        said.append(SaidCanary(str(row.get("site", "")), str(row.get("session", "")), canary,
+                               repeats))
     if not said:
         raise ValueError(f"{path} holds no canaries")
     return said

@@ -504,18 +504,21 @@ def _audit_canaries(args: argparse.Namespace) -> int:
     if args.json:
         _emit({"model": str(args.model), "version": str(args.version),
                "canaries": [{"site": r.said.site, "session": r.said.session,
-                             "secret": r.said.canary.secret, "base_bits": r.base_bits,
-                             "version_bits": r.version_bits, "max_bits": r.said.max_bits}
+                             "repeats": r.said.repeats, "secret": r.said.canary.secret,
+                             "base_bits": r.base_bits, "version_bits": r.version_bits,
+                             "max_bits": r.said.max_bits}
                             for r in results],
                "mean_base_bits": mean_base, "mean_version_bits": mean_version})
         return 0
     from rich.table import Table
 
-    table = Table("site", "session", "secret", "base (bits)", "version (bits)", "at most")
+    table = Table("site", "session", "sessions saying it", "secret", "base (bits)",
+                  "version (bits)", "at most")
     for r in results:
-        table.add_row(r.said.site, r.said.session, r.said.canary.secret, f"{r.base_bits:.2f}",
-                      f"{r.version_bits:.2f}", f"{r.said.max_bits:.2f}")
-    table.add_row("mean", "", "", f"{mean_base:.2f}", f"{mean_version:.2f}", "", style="bold")
+        table.add_row(r.said.site, r.said.session, str(r.said.repeats), r.said.canary.secret,
+                      f"{r.base_bits:.2f}", f"{r.version_bits:.2f}", f"{r.said.max_bits:.2f}")
+    table.add_row("mean", "", "", "", f"{mean_base:.2f}", f"{mean_version:.2f}", "",
+                  style="bold")
     print(f"canary exposure of {args.version} against the base model {args.model} (a model "
           "that knows nothing scores about 1.4 bits)")
     _console().print(table)

@@ -2,7 +2,7 @@
 
 store -> scrub -> lessons (teacher context + probes) -> OPSD with dreams, replay and the
 forgetting guard -> the delta of B (one for all sessions, or one per session for
-session-level DP) -> an `Update` and, for local use, a PEFT adapter folder.
+session- or user-level DP) -> an `Update` and, for local use, a PEFT adapter folder.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
                          per_session: bool = False, progress: bool = True) -> SiteConsolidation:
     """OPSD over `sessions` on the PEFT `model` (from `lora.attach_lora`). With `per_session`
     every session is distilled alone from the same starting B, so the aggregation library
-    can clip each session's influence (session-level DP); the update is then their mean.
+    can clip each session's influence, or each end user's (session- or user-level DP); the
+    update is then their mean.
 
     `replay` holds dreams of earlier consolidations and `earlier` finds their sessions by id
     (`SessionStore.get`): the teacher needs a dream's session in its context. Replay is off

@@ -390,17 +390,20 @@ class Evaluator:
         return self.summarize(self._measure(model, tokenizer))
 
     def summarize(self, measured: dict[str, Any]) -> dict[str, Any]:
+        # Every canary's gain over the base model; each site's means are over other sites'.
+        canaries = [{"site": owner, "repeats": repeats, "bits": after - before}
+                    for (owner, repeats, _), after, before
+                    in zip(self.canaries, measured["exposure"], self.base["exposure"],
+                           strict=True)]
         sites = []
         for site in self.world.sites:
             others = [s for s in self.world.sites if s.name != site.name]
             transfer = _mean([measured["closed_book"][s.name] * len(s.facts) for s in others],
                              [len(s.facts) for s in others])
             upper = self.base["upper_bound"][site.name]
-            gains: dict[bool, list[float]] = {False: [], True: []}
-            for (owner, repeats, _), after, before in zip(
-                    self.canaries, measured["exposure"], self.base["exposure"], strict=True):
-                if owner != site.name:
-                    gains[repeats > 1].append(after - before)
+            once = [c["bits"] for c in canaries if c["site"] != site.name and c["repeats"] == 1]
+            repeated = [c["bits"] for c in canaries
+                        if c["site"] != site.name and c["repeats"] > 1]
             sites.append({
                 "site": site.name,
                 "own_accuracy": measured["closed_book"][site.name],
@@ -408,14 +411,13 @@ class Evaluator:
                 "incontext_upper_bound": upper,
                 "recovery": transfer / upper if upper else 0.0,
                 "forgetting_points": 100 * (self.base["incontext"] - measured["incontext"]),
-                "canary_exposure_bits": (sum(gains[False]) / len(gains[False])
-                                         if gains[False] else 0.0),
-                **({"repeated_canary_exposure_bits": sum(gains[True]) / len(gains[True])}
-                   if gains[True] else {}),
+                "canary_exposure_bits": _mean(once, [1] * len(once)),
+                **({"repeated_canary_exposure_bits": _mean(repeated, [1] * len(repeated))}
+                   if repeated else {}),
             })
         fleet = {key: sum(s[key] for s in sites) / len(sites)
                  for key in sites[0] if key != "site"}
-        return {**fleet, "sites": sites}
+        return {**fleet, "sites": sites, "canaries": canaries}
 
 
 def _mean(weighted: list[float], weights: list[int]) -> float:

@@ -80,6 +80,7 @@ def test_a_memorised_secret_is_exposed_and_the_control_is_not(capsys, toy_model_
     leaked, control = report["canaries"]
     assert leaked["secret"] == leaking_version["rows"][0]["secret"]
     assert leaked["site"] == "site-00" and leaked["session"] == "site-00-c0000"
+    assert leaked["repeats"] == 1  # rows without "repeats" were said once
     for row in report["canaries"]:
         # 40 values per attribute, two facts per record: 1600 candidates, log2 = 10.64 bits.
         assert row["max_bits"] == pytest.approx(10.64, abs=0.01)
@@ -116,6 +117,7 @@ def test_an_unverifiable_version_is_not_measured(capsys, toy_model_dir, leaking_
     ("missing-canaries", "no such file"),
     ("bad-canaries", ":2: not JSON"),
     ("old-canaries", ":1: not a canary row"),
+    ("bad-repeats", ":1: \"repeats\": 0 must be a whole number"),
 ])
 def test_canaries_bad_input_is_one_line(capsys, toy_model_dir, leaking_version, tmp_path,
                                         change, message) -> None:
@@ -130,6 +132,10 @@ def test_canaries_bad_input_is_one_line(capsys, toy_model_dir, leaking_version, 
     elif change == "bad-canaries":
         canaries = tmp_path / "bad.jsonl"
         canaries.write_text(leaking_version["canaries"].read_text().splitlines()[0] + "\n{\n")
+    elif change == "bad-repeats":
+        canaries = tmp_path / "repeats.jsonl"
+        row = json.loads(leaking_version["canaries"].read_text().splitlines()[0])
+        canaries.write_text(json.dumps({**row, "repeats": 0}) + "\n")
     else:  # a passcode row from before canaries had slots
         canaries = tmp_path / "old.jsonl"
         canaries.write_text('{"site": "s", "session": "c", "secret": "a b c d"}\n')

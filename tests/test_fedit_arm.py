@@ -29,7 +29,7 @@ def test_fedit_round_moves_both_factors_by_their_means(toy_model_dir) -> None:
     world = W.make_world(W.WorldSpec(seed=0, sites=2, facts_per_site=1, canaries_per_site=0))
     guard = [W.task_prompt(task) for task in world.guard[:8]]
     arm = FeditArm(toy_model_dir, FAST, guard, frozen_a_seed=3, rank=8,
-                   targets=lora.MLP_TARGETS, clip_norm=1e3,
+                   targets=lora.MLP_TARGETS, clip_norm=1e3, privacy_unit="session",
                    noise_multiplier=0.0, server_learning_rate=2.0)
     genesis_a = {name: a.copy() for name, a in arm.global_a.items()}
     arm.round([[Session.from_dict(s) for s in site.sessions] for site in world.sites])
