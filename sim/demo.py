@@ -645,7 +645,7 @@ def add_demo_command(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="a whole fleet on this machine, learning round by round",
         description="An aggregator and N sites over real loopback gRPC on a fresh toy world, "
-                    "with secure aggregation and session-level DP; a table per round, then "
+                    "with secure aggregation and user-level DP; a table per round, then "
                     "results.json and a plot in --out.")
     demo.add_argument("--sites", type=int, default=defaults.sites)
     demo.add_argument("--rounds", type=int, default=defaults.rounds)
