@@ -597,7 +597,8 @@ def round_table(measured: dict[str, Any]) -> Any:
 def plot(results: dict[str, Any], out: Path) -> Path:
     """Transfer recovery and forgetting per round, with the fleet, with the FedIT arm when it
     ran, and without the fleet (a site alone never sees other sites' facts, so it keeps the
-    base model's transfer)."""
+    base model's transfer); and the fleet's canary exposure per round, once-said and
+    repeated canaries apart."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -606,7 +607,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     rounds = results["rounds"]
     x = [r["round"] for r in rounds]
     alone = rounds[0]["recovery"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (left, right, privacy) = plt.subplots(1, 3, figsize=(15, 4))
     fleet = "with the fleet" + (" (FedIT merge)" if results["config"]["merge"] == "fedit" else "")
     left.plot(x, [r["recovery"] for r in rounds], marker="o", label=fleet)
     if "fedit" in rounds[0]:
@@ -627,9 +628,17 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     right.plot(x, [0.0] * len(x), linestyle="--", label="without the fleet")
     right.axhline(2.0, color="grey", linewidth=0.8, linestyle=":", label="limit 2 points")
     right.set(xlabel="round", ylabel="forgetting (points)", title="base in-context skill")
-    for axis in (left, right):
+    for key, label in (("canary_exposure_bits", "canaries said once"),
+                       ("repeated_canary_exposure_bits", "canaries one user repeats")):
+        if all(key in r for r in rounds):
+            privacy.plot(x, [r[key] for r in rounds], marker="o", label=label)
+    privacy.axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="limit with DP, 1 bit")
+    privacy.set(xlabel="round", ylabel="exposure (bits over the base model)",
+                title="other sites' canaries")
+    for axis in (left, right, privacy):
         axis.set_xticks(x)
     right.legend()
+    privacy.legend()
     figure.suptitle(f"fleetmind demo: {len(results['sites'])} sites, DP "
                     f"{'on' if results['config']['dp'] else 'off'}")
     figure.tight_layout()

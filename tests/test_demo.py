@@ -106,6 +106,7 @@ def test_the_plot_with_the_fedit_arms_rounds_is_a_png(tmp_path: Path) -> None:
     import matplotlib.image
 
     rounds = [{"round": r, "recovery": 0.4 * r, "forgetting_points": -r,
+               "canary_exposure_bits": 0.1 * r, "repeated_canary_exposure_bits": 0.3 * r,
                "fedit": {"recovery": 0.0, "forgetting_points": 99.0 * r}} for r in range(3)]
     path = plot({"rounds": rounds, "sites": ["a", "b", "c"],
                  "config": {"merge": "both", "dp": True}}, tmp_path / PLOT)
