@@ -244,6 +244,14 @@ def _noise(mode: str, multiplier: float) -> str:
     return "none" if mode == "none" else f"{mode} ×{multiplier:g}"
 
 
+def _clipped(unit: str | None, clip_norm: float | None) -> str:
+    """What one clip bounds, as a record says; records from before the unit was recorded
+    give only the norm (or, for an outbox, nothing)."""
+    if clip_norm is None:
+        return "not recorded"
+    return f"each {unit} to {clip_norm:g}" if unit else f"{clip_norm:g} (unit not recorded)"
+
+
 def _summed(secure_aggregation: bool) -> str:
     # Loud on purpose: a plain sum means the aggregator saw every site's update.
     return "secure aggregation" if secure_aggregation else "PLAIN (unmasked)"
@@ -255,8 +263,8 @@ def _summed(secure_aggregation: bool) -> str:
 def _ledger_rows(audit) -> list[dict[str, Any]]:
     return [{"entry": entry.index, "round": record.round_id, "version": record.version,
              "cohort_size": record.cohort_size, "dropouts": record.dropouts,
-             "clip_norm": record.clip_norm, "noise_mode": record.noise_mode,
-             "noise_multiplier": record.noise_multiplier,
+             "clip_norm": record.clip_norm, "privacy_unit": record.privacy_unit,
+             "noise_mode": record.noise_mode, "noise_multiplier": record.noise_multiplier,
              "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total,
              "delta": record.delta, "secure_aggregation": record.secure_aggregation,
              "version_hash": record.version_hash, "recorded_at": _when(record.recorded_at_ms),
@@ -292,7 +300,8 @@ def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
     for row in rows:
         table.add_row(str(row["entry"]), str(row["round"]), str(row["version"]),
                       str(row["cohort_size"]), str(row["dropouts"]),
-                      _summed(row["secure_aggregation"]), f"{row['clip_norm']:g}",
+                      _summed(row["secure_aggregation"]),
+                      _clipped(row["privacy_unit"], row["clip_norm"]),
                       _noise(row["noise_mode"], row["noise_multiplier"]),
                       f"{row['epsilon_round']:.4g}", f"{row['epsilon_total']:.4g}",
                       f"{row['delta']:g}", row["version_hash"][:SHORT])
@@ -365,8 +374,10 @@ def _audit_outbox(args: argparse.Namespace) -> int:
             "round": record.round_id, "base_version": record.base_version,
             "payload_sha256": record.payload_sha256,
             "norm_before_clip": record.norm_before_clip,
-            "norm_after_clip": record.norm_after_clip, "noise_mode": record.noise_mode,
+            "norm_after_clip": record.norm_after_clip, "clip_norm": record.clip_norm,
+            "privacy_unit": record.privacy_unit, "noise_mode": record.noise_mode,
             "noise_multiplier": record.noise_multiplier,
+            "secure_aggregation": record.secure_aggregation,
             "session_ids": list(record.session_ids), "scrubbed": record.scrub_counts,
             "receipt_matched": receipt,
             "published": None if publication is None else {
@@ -391,7 +402,7 @@ def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) 
     from rich.table import Table
 
     table = Table("entry", "sent (UTC)", "round", "payload sha256", "norm before → after",
-                  "noise", "sessions", "scrubbed", "published")
+                  "clipped", "noise", "summed by", "sessions", "scrubbed", "published")
     for row in rows:
         scrubbed = ", ".join(f"{kind} {count}" for kind, count in row["scrubbed"].items()
                              if count) or "nothing"
@@ -401,8 +412,10 @@ def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) 
         table.add_row(str(row["entry"]), row["sent_at"], str(row["round"]),
                       row["payload_sha256"][:SHORT],
                       f"{row['norm_before_clip']:.4g} → {row['norm_after_clip']:.4g}",
+                      _clipped(row["privacy_unit"], row["clip_norm"]),
                       _noise(row["noise_mode"], row["noise_multiplier"]),
-                      ", ".join(row["session_ids"]), scrubbed, shown)
+                      _summed(row["secure_aggregation"]), ", ".join(row["session_ids"]),
+                      scrubbed, shown)
     print(f"outbox {path}: {len(rows)} of {audit.read} records verified")
     _console().print(table)
     if not checked:

@@ -289,7 +289,9 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
             round_id=events.round_id, payload_sha256=payload_hash,
             norm_before_clip=norm_before, norm_after_clip=norm_after, noise_mode=noise_mode,
             noise_multiplier=noise_multiplier, session_ids=update.session_ids,
-            scrubbed=update.scrubbed, base_version=update.base_version))
+            scrubbed=update.scrubbed, base_version=update.base_version,
+            clip_norm=update.clip_norm, privacy_unit=update.privacy_unit,
+            secure_aggregation=not wire.plain_sum))
         receipt = fleet.SubmitMaskedVector(iter(chunks), timeout=timeout)
         if receipt.payload_sha256.hex() != payload_hash:
             raise RuntimeError(f"the aggregator acknowledged payload {receipt.payload_sha256.hex()}"

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
+from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.aggregation.manifest import canonical_json
 from fleetmind.client.scrub import KINDS, ScrubReport
 from fleetmind.client.store import MAX_ID_CHARS
@@ -139,7 +140,10 @@ class OutboxRecord:
     the round's mode implies). session_ids: ids of the contributing sessions (stored
     sorted). scrubbed: the scrubber's counts by kind (a ScrubReport or mapping; stored as
     (kind, count) pairs for every kind). base_version: the global version the delta is
-    against."""
+    against. clip_norm / privacy_unit: the bound each unit of the delta was clipped to, and
+    the unit (session, user or site). secure_aggregation: False when the payload went
+    unmasked (the loopback-only plain-sum ablation). Each is written only when set (true,
+    for secure_aggregation), so records from before them read and verify unchanged."""
 
     round_id: int
     payload_sha256: str
@@ -150,6 +154,9 @@ class OutboxRecord:
     session_ids: tuple[str, ...]
     scrubbed: tuple[tuple[str, int], ...]
     base_version: int
+    clip_norm: float | None = None
+    privacy_unit: str | None = None
+    secure_aggregation: bool = True
     created_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     def __post_init__(self) -> None:
@@ -172,6 +179,14 @@ class OutboxRecord:
                              f"{self.noise_multiplier}: say which mode adds the noise")
         object.__setattr__(self, "session_ids", _session_ids(self.session_ids))
         object.__setattr__(self, "scrubbed", _scrubbed(self.scrubbed))
+        if self.clip_norm is not None:
+            object.__setattr__(self, "clip_norm", _finite("clip_norm", self.clip_norm))
+        if self.privacy_unit is not None and self.privacy_unit not in PRIVACY_UNITS:
+            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be one of "
+                             f"{', '.join(PRIVACY_UNITS)}")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ValueError(f"secure_aggregation={self.secure_aggregation!r} must be true or "
+                             "false")
 
     @property
     def scrub_counts(self) -> dict[str, int]:
@@ -181,6 +196,11 @@ class OutboxRecord:
         value = {f.name: getattr(self, f.name) for f in fields(self)}
         value["scrubbed"] = dict(self.scrubbed)
         value["session_ids"] = list(self.session_ids)
+        for name in ("clip_norm", "privacy_unit"):
+            if value[name] is None:
+                del value[name]
+        if self.secure_aggregation:
+            del value["secure_aggregation"]
         return canonical_json(value)
 
     @classmethod

@@ -304,6 +304,7 @@ class Coordinator:
             self.ledger.append(RoundRecord(
                 round_id=flight["round_id"], cohort_size=outcome["cohort_size"],
                 dropouts=outcome["dropouts"], clip_norm=self.privacy.clip_norm,
+                privacy_unit=self.privacy.privacy_unit,
                 noise_multiplier=self.privacy.noise_multiplier,
                 noise_mode=self.privacy.noise_mode, epsilon_round=outcome["epsilon_round"],
                 epsilon_total=outcome["epsilon_total"], delta=self.privacy.delta,

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
+from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.server.durable import canonical_json
 
 DOMAIN = b"fleetmind/ledger/v1"
@@ -84,7 +85,9 @@ class RoundRecord:
     secure_aggregation: False when the round summed unmasked vectors (the loopback-only
     ablation, config cohort.secure_aggregation): the aggregator saw each site's vector, and
     the receipts are then hashes of plain updates. Written only when false, so an entry
-    without it (every entry from before the flag) was securely aggregated."""
+    without it (every entry from before the flag) was securely aggregated. privacy_unit:
+    what each clip of clip_norm bounds, and so what epsilon is for (session, user or site);
+    entries from before it was recorded have none, and say nothing about it."""
 
     round_id: int
     cohort_size: int
@@ -99,6 +102,7 @@ class RoundRecord:
     version_hash: str
     payload_sha256s: tuple[str, ...] = ()
     secure_aggregation: bool = True
+    privacy_unit: str | None = None
     recorded_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     def __post_init__(self) -> None:
@@ -120,6 +124,9 @@ class RoundRecord:
         if not isinstance(self.secure_aggregation, bool):
             raise ValueError(f"secure_aggregation={self.secure_aggregation!r} must be true or "
                              "false")
+        if self.privacy_unit is not None and self.privacy_unit not in PRIVACY_UNITS:
+            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be one of "
+                             f"{', '.join(PRIVACY_UNITS)}")
         if self.noise_mode not in ("distributed", "central", "local", "none"):
             raise ValueError(f"noise_mode={self.noise_mode!r} must be distributed, central, "
                              "local or none")
@@ -145,6 +152,8 @@ class RoundRecord:
             body["payload_sha256s"] = list(self.payload_sha256s)
         if self.secure_aggregation:  # entries from before the flag, and every masked round
             del body["secure_aggregation"]
+        if self.privacy_unit is None:  # entries from before the unit was recorded
+            del body["privacy_unit"]
         return canonical_json(body)
 
     @classmethod

@@ -157,6 +157,7 @@ def test_ledger_verifies_and_reports_every_round(capsys, aggregator) -> None:
         assert code == 0
         assert f"{ROUNDS} of {ROUNDS} entries verified" in out
         assert "epsilon 2 at delta 1e-05" in out and report["head"] in out
+        assert "1 (unit not recorded)" in out  # entries from before the unit was recorded
 
 
 @pytest.mark.parametrize("column, index, message", [
@@ -573,6 +574,11 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
         assert record["published"] == {"version": 1, "cohort_size": 3, "source": "ledger"}
         assert report["receipts_checked"] and record["receipt_matched"] is True
         assert record["session_ids"] == ["s0-a"] and record["noise_mode"] == "distributed"
+        assert (record["privacy_unit"], record["clip_norm"]) == ("site", 1.0)
+        assert record["secure_aggregation"] is True
+        code, out, _ = run(capsys, "outbox", str(tmp_path / "site-0"), "--site-key",
+                           str(site_key), *server)
+        assert code == 0 and "each site to 1" in out
 
         code, report, err = run_json(capsys, "ledger", *server)
         assert code == 0, err
@@ -580,6 +586,7 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
         assert (round_["round"], round_["version"], round_["cohort_size"],
                 round_["dropouts"]) == (results[0].round_id, 1, 3, 0)
         assert round_["epsilon_total"] > 0
+        assert (round_["privacy_unit"], round_["clip_norm"]) == ("session", 1.0)
         assert report["aggregator_budget"]["epsilon_spent"] == pytest.approx(
             round_["epsilon_total"])
 

@@ -110,7 +110,7 @@ def test_every_record_field_is_covered_by_the_hash(ledger, key) -> None:
         edited = {"noise_mode": "central", "version_hash": "f" * 64,
                   "epsilon_round": 0.0, "delta": 1e-6,
                   "payload_sha256s": ("e" * 64,),
-                  "secure_aggregation": False}.get(field.name)
+                  "secure_aggregation": False, "privacy_unit": "user"}.get(field.name)
         if edited is None:
             edited = value + 1
         bad = _replace(entries[2], body=dataclasses.replace(

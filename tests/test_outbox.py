@@ -181,6 +181,8 @@ def test_a_record_never_holds_session_text() -> None:
     ({"payload_sha256": "ABC"}, "64 lowercase hex"),
     ({"scrubbed": {"email": -1}}, "scrubbed"),
     ({"scrubbed": {"names": 3}}, "unknown kinds"),
+    ({"privacy_unit": "household"}, "privacy_unit"), ({"clip_norm": -1.0}, "clip_norm"),
+    ({"secure_aggregation": "no"}, "secure_aggregation"),
 ])
 def test_records_are_validated_at_construction(change, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -192,3 +194,14 @@ def test_a_non_canonical_body_is_refused() -> None:
     assert OutboxRecord.from_body(body) == record(0)
     with pytest.raises(ValueError, match="canonical"):
         OutboxRecord.from_body(body.replace(b",", b", ", 1))
+
+
+def test_records_from_before_the_clip_and_mode_fields_read_and_verify_unchanged(key) -> None:
+    old = record(3)
+    body = old.to_body()
+    assert b"privacy_unit" not in body and b"secure_aggregation" not in body
+    assert OutboxRecord.from_body(body) == old
+    new = record(3, clip_norm=0.5, privacy_unit="user", secure_aggregation=False)
+    read = OutboxRecord.from_body(new.to_body())
+    assert (read.clip_norm, read.privacy_unit, read.secure_aggregation) == (0.5, "user", False)
+    assert new.to_body() != body  # the fields are under the signature

@@ -209,6 +209,9 @@ def test_a_plain_round_publishes_the_librarys_merge_and_says_so(tmp_path, capsys
             assert hashlib.sha256(watch.sent).hexdigest() == result.payload_sha256
             [entry] = list(outboxes[i])
             assert entry.record.payload_sha256 == result.payload_sha256
+            # The site's own record says it went unmasked, and how it was clipped.
+            assert entry.record.secure_aggregation is False
+            assert (entry.record.privacy_unit, entry.record.clip_norm) == ("site", 1.0)
             outboxes[i].close()
             # Unmasked: the bytes sent decode to the site's own weighted update.
             ring = unpack_ring(bytes(watch.sent), wire.ring_bits)
@@ -237,6 +240,7 @@ def test_a_plain_round_publishes_the_librarys_merge_and_says_so(tmp_path, capsys
         # The auditor sees it: the ledger entry and the signed manifest both say so.
         record = running.coordinator.ledger.head().record
         assert (record.round_id, record.cohort_size, record.secure_aggregation) == (1, 3, False)
+        assert (record.privacy_unit, record.clip_norm) == ("session", 1.0)
         assert record.payload_sha256s == tuple(sorted(r.payload_sha256 for r in done))
         assert Manifest.from_bytes(running.coordinator.registry.get(1).manifest_bytes()) \
             .secure_aggregation is False
