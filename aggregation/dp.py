@@ -31,8 +31,7 @@ import numpy as np
 from fleetmind.aggregation.quantize import FixedPoint, default_rng
 
 PrivacyUnit = Literal["session", "user", "site"]
-# Finest first: each unit is a union of the ones before it, so a bound of C on one unit
-# bounds every finer unit inside it by C too.
+# Finest first: each unit is a union of the ones before it.
 PRIVACY_UNITS: tuple[PrivacyUnit, ...] = ("session", "user", "site")
 NoiseMode = Literal["distributed", "central", "local"]
 # Discrete Gaussian draws are kept within this many standard deviations so the ring has
@@ -113,11 +112,18 @@ class Contribution:
 def bounds(clipped_unit: str, clipped_norm: float, promised_unit: str,
            promised_norm: float) -> bool:
     """Whether clipping each `clipped_unit` to `clipped_norm` keeps the promise the
-    accountant charges for: every `promised_unit` moves the sum by at most `promised_norm`.
-    A coarser unit clipped as tightly keeps it (a user's sessions are inside the user); a
-    finer one does not (a user with k sessions each clipped to C moves the sum by k*C)."""
-    return (PRIVACY_UNITS.index(clipped_unit) >= PRIVACY_UNITS.index(promised_unit)
-            and clipped_norm <= promised_norm * (1 + 1e-9))
+    accountant charges for: adding or removing one `promised_unit` moves the sum by at most
+    `promised_norm`. The same unit keeps it at the same norm. A coarser one keeps it at
+    half: removing one session from a user clipped as a whole moves clip(user) to
+    clip(user without it), up to twice the clip apart. A finer one never does: a user
+    with k sessions each clipped to C moves the sum by k*C. Unknown units keep nothing."""
+    if clipped_unit not in PRIVACY_UNITS or promised_unit not in PRIVACY_UNITS:
+        return False
+    finer, coarser = PRIVACY_UNITS.index(promised_unit), PRIVACY_UNITS.index(clipped_unit)
+    if coarser < finer:
+        return False
+    bound = promised_norm if coarser == finer else promised_norm / 2
+    return clipped_norm <= bound * (1 + 1e-9)
 
 
 def unit_key(contribution: Contribution, unit: PrivacyUnit) -> str:

@@ -73,8 +73,10 @@ class SiteUpdate:
     applied here before masking because the server cannot weight what it cannot see.
     session_ids: ids of the contributing sessions; contributing_units: privacy units summed
     (for the accountant; defaults to the number of sessions). clip_norm, privacy_unit: how
-    it was clipped, each privacy_unit's delta to at most clip_norm (None: not clipped, which
-    every round refuses: each carries DP noise calibrated to a clip)."""
+    it was clipped, each privacy_unit's delta to at most clip_norm; every round refuses an
+    update without both (each round's noise is calibrated to a clip). The delta's norm is
+    checked against them (one unit for "site", `units` for the others), which catches a
+    mislabelled update, not a wrong clip inside it."""
 
     delta: Mapping[str, np.ndarray]
     base_version: int = 0
@@ -84,7 +86,7 @@ class SiteUpdate:
     norm_before_clip: float | None = None
     contributing_units: int | None = None
     clip_norm: float | None = None
-    privacy_unit: str = "site"
+    privacy_unit: str | None = None
 
     def __post_init__(self) -> None:
         if not self.delta:
@@ -102,7 +104,7 @@ class SiteUpdate:
         units = self.contributing_units
         if units is not None and (isinstance(units, bool) or units < 1):
             raise ValueError(f"contributing_units={units} must be >= 1")
-        if self.privacy_unit not in dp.PRIVACY_UNITS:
+        if self.privacy_unit is not None and self.privacy_unit not in dp.PRIVACY_UNITS:
             raise ValueError(f"privacy_unit={self.privacy_unit!r} must be one of "
                              f"{', '.join(dp.PRIVACY_UNITS)}")
         if self.clip_norm is not None:
@@ -110,10 +112,12 @@ class SiteUpdate:
                 raise ValueError(f"clip_norm={self.clip_norm} must be finite and > 0")
             norm = math.sqrt(sum(float(np.sum(np.square(t, dtype=np.float64)))
                                  for t in self.delta.values()))
-            if norm > self.units * self.clip_norm * (1 + 1e-6):
-                raise ValueError(f"the delta's norm {norm:.4g} is more than its {self.units} "
-                                 f"unit(s) clipped to {self.clip_norm} can sum to: it was not "
-                                 "clipped as it says; clip each unit (dp.clip_and_sum)")
+            units = 1 if self.privacy_unit == "site" else self.units
+            if norm > units * self.clip_norm * (1 + 1e-6):
+                raise ValueError(f"the delta's norm {norm:.4g} is more than {units} "
+                                 f"{self.privacy_unit or 'unit'}(s) clipped to "
+                                 f"{self.clip_norm} can sum to: it was not clipped as it "
+                                 "says; clip each unit (dp.clip_and_sum)")
 
     @property
     def units(self) -> int:
@@ -180,9 +184,14 @@ def _noise(wire: fleet_pb2.RoundConfig, add_noise: bool) -> tuple[dp.DPConfig | 
     multiplier) the outbox records: what THIS site's payload carries."""
     if not add_noise or wire.noise_multiplier == 0 or wire.noise_mode == "central":
         return None, "none", 0.0
-    config = dp.DPConfig(wire.clip_norm, wire.noise_multiplier, wire.privacy_unit or "session",
+    config = dp.DPConfig(wire.clip_norm, wire.noise_multiplier, _promised_unit(wire),
                          wire.noise_mode, max(1, wire.expected_cohort))
     return config, wire.noise_mode, wire.noise_multiplier
+
+
+def _promised_unit(wire: fleet_pb2.RoundConfig) -> str:
+    """The unit the round's epsilon is for; aggregators from before the field meant sessions."""
+    return wire.privacy_unit or "session"
 
 
 def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_name: str,
@@ -229,17 +238,20 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
                 "was sent; the aggregator's operator must set cohort.secure_aggregation = "
                 "true")
 
-        promised = wire.privacy_unit or "session"
-        if update.clip_norm is None or not dp.bounds(update.privacy_unit, update.clip_norm,
-                                                      promised, wire.clip_norm):
+        promised = _promised_unit(wire)
+        if update.clip_norm is None or update.privacy_unit is None or not dp.bounds(
+                update.privacy_unit, update.clip_norm, promised, wire.clip_norm):
             how = (f"each {update.privacy_unit} to {update.clip_norm:g}"
-                   if update.clip_norm is not None else "not at all")
+                   if update.clip_norm is not None and update.privacy_unit is not None
+                   else "without saying how")
+            fix = (f"set the site's privacy_unit and clip_norm to the aggregator's "
+                   f"({promised}, {wire.clip_norm:g}), or a coarser unit at half the norm"
+                   if promised in dp.PRIVACY_UNITS else
+                   "this site does not know that unit: upgrade it")
             raise ClipMismatchError(
                 f"site {me.site}: round {events.round_id} charges epsilon for each "
                 f"{promised} moving the sum by at most {wire.clip_norm:g}, and this update "
-                f"was clipped {how}: nothing was sent; set the site's privacy_unit and "
-                f"clip_norm to the aggregator's ({promised}, {wire.clip_norm:g}), or to a "
-                "coarser unit or a smaller norm")
+                f"was clipped {how}: nothing was sent; {fix}")
 
         # The encoded update, before any phase: a config that does not fit it stops the site
         # before it sends anything.

@@ -53,7 +53,8 @@ def add_client_commands(commands: Any) -> None:
                                   "the sessions themselves, which guard the model's reading of "
                                   "new context far less (README, Consolidation)")
     consolidate.add_argument("--per-session", action="store_true",
-                             help="one delta per session (for session- or user-level DP)")
+                             help="one delta per session, what session- and user-level DP "
+                                  "clip (the site agent clips; this command does not)")
     consolidate.set_defaults(run=_client_consolidate)
 
     rollback = sub.add_parser(

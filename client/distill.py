@@ -66,7 +66,7 @@ class DistillConfig:
     seed: int = 0
     # Adam moves every coordinate by about lr per step, so its delta's norm is mostly noise;
     # plain SGD keeps the delta in the gradients' few directions, which is what survives
-    # clipping to a small norm (session-level DP).
+    # clipping to a small norm (DP clips each session's or user's delta).
     optimizer: str = "adam"
     # "sft_transcript" is a BASELINE: cross-entropy on the whole transcript, which is what
     # memorises what a user said (the demo and the benchmark compare against it).

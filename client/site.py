@@ -136,10 +136,12 @@ class SiteConfig:
     privacy.clip_norm: the site clips before masking because the server cannot see the
     update. privacy_unit: what one clip bounds. "session": each session is distilled alone
     and clipped alone; "user": each session is distilled alone, and an end user's sessions
-    are summed and clipped together (a session without a user id is its own user), so a
-    user who says a secret in many sessions counts once; "site": the site's whole delta is
-    one clipped unit. A round whose accountant assumes a finer unit or a larger clip is
-    refused before anything is sent (agent.ClipMismatchError)."""
+    are summed and clipped together, so a user who says a secret in many sessions counts
+    once (a session without a user id is its own user, so give every session its user id;
+    the site logs how many had none); "site": the site's whole delta is one clipped unit.
+    The default, "session", is the aggregator's default. A round whose accountant assumes a
+    finer unit or a larger clip (a coarser unit keeps a finer one's bound only at half the
+    clip) is refused before anything is sent (agent.ClipMismatchError)."""
 
     name: str
     data_dir: Path
@@ -153,7 +155,7 @@ class SiteConfig:
     insecure: bool = False
     tls: SiteTls | None = None
     clip_norm: float = 1.0
-    privacy_unit: str = "site"
+    privacy_unit: str = "session"
     round_timeout_s: float = 120.0
     serving_url: str | None = None
     metrics_listen: str | None = None  # "host:port" for Prometheus /metrics (port 0: any)
@@ -226,6 +228,10 @@ class SiteConfig:
         """From a parsed JSON/TOML document; relative paths are relative to `base` (the
         config file's folder)."""
         known = {f.name for f in fields(cls)}
+        if "per_session" in raw:
+            raise ConfigError("per_session was replaced by privacy_unit: write privacy_unit = "
+                              "\"session\" (or \"user\", or \"site\" for per_session = "
+                              "false), the aggregator's privacy.privacy_unit or coarser")
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
@@ -436,6 +442,10 @@ def _site_update(config: SiteConfig, result: SiteConsolidation, sessions: list[S
     shapes = {name: tuple(np.shape(t)) for name, t in delta.items()}
     if config.privacy_unit != "site" and result.session_updates:
         users = {s.id: s.user or s.id for s in sessions}
+        anonymous = sum(1 for s in sessions if not s.user)
+        if config.privacy_unit == "user" and anonymous:
+            log.warning("%s: %d of %d sessions have no user id; each is clipped as its own "
+                        "user", config.name, anonymous, len(sessions))
         contributions = [dp.Contribution(sid, users[sid], flatten(d, shapes))
                          for sid, d in result.session_updates]
         unit = config.privacy_unit
@@ -472,8 +482,10 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
     min_new_sessions unconsumed sessions, consolidate them on the active version, join a
     round, record the consolidation once the round completed, and activate what it
     published. Raises grpc.RpcError (aggregator unreachable or refusing),
-    RoundAbortedError, ConfigError/VersionError (fix the site, then run again), or
-    PlainSumRefusedError (an aggregator off loopback asked for unmasked updates).
+    RoundAbortedError, ConfigError/VersionError (fix the site, then run again),
+    PlainSumRefusedError (an aggregator off loopback asked for unmasked updates), or
+    ClipMismatchError (the round's epsilon assumes a bound this site's clipping does not
+    keep: align privacy_unit and clip_norm with the aggregator's).
     `metrics`, if given, is kept up to date (run() passes the one it serves)."""
     metrics = metrics or SiteMetrics()
     key = identity or load_identity_key(config.identity_key)

@@ -45,9 +45,10 @@ MERGES = ("both", "exact", "fedit")
 class DemoConfig:
     """The demo's knobs. Every session is distilled alone for `steps` SGD steps (SGD keeps a
     session's delta in a few directions, so clipping keeps its lesson; Adam spreads it over
-    every coordinate). Each delta is clipped to `clip_norm` (which also keeps the sum of
-    many deltas stable), and with DP the cohort's sum carries Gaussian noise; without DP
-    the noise is negligible, so the two runs differ only in what the noise does. The
+    every coordinate). Each privacy unit's delta (with DP an end user's sessions summed,
+    without DP each session) is clipped to `clip_norm` (which also keeps the sum of many
+    deltas stable), and with DP the cohort's sum carries Gaussian noise; without DP the
+    noise is negligible and nothing bounds a user. The
     aggregator applies `server_learning_rate` (default: 0.75 x the number of sites) times the
     cohort's mean, so with one unit of weight per site the global B moves by 3/4 of the sum
     of the session deltas. The FedIT arm has its own `fedit_server_learning_rate` (default:
@@ -106,6 +107,8 @@ class DemoConfig:
         object.__setattr__(self, "out", Path(self.out))
         if not self.server_learning_rate:
             object.__setattr__(self, "server_learning_rate", 0.75 * self.sites)
+        if not self.dp:  # nothing bounds a user: each session is clipped alone
+            object.__setattr__(self, "privacy_unit", "session")
         if not self.fedit_server_learning_rate:
             object.__setattr__(self, "fedit_server_learning_rate",
                                min(self.server_learning_rate, float(self.sites)))
@@ -164,8 +167,8 @@ class DemoConfig:
         if self.dp:
             return {"clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier,
                     "privacy_unit": self.privacy_unit, "epsilon_budget": self.epsilon_budget}
-        return {"clip_norm": self.clip_norm, "noise_multiplier": 1e-6, "privacy_unit": "session",
-                "epsilon_budget": 1e300}
+        return {"clip_norm": self.clip_norm, "noise_multiplier": 1e-6,
+                "privacy_unit": self.privacy_unit, "epsilon_budget": 1e300}
 
 
 # ---- the world's sessions, spread over rounds ------------------------------------------------
@@ -632,7 +635,9 @@ def plot(results: dict[str, Any], out: Path) -> Path:
                        ("repeated_canary_exposure_bits", "canaries one user repeats")):
         if all(key in r for r in rounds):
             privacy.plot(x, [r[key] for r in rounds], marker="o", label=label)
-    privacy.axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="limit with DP, 1 bit")
+    if results["config"]["dp"]:
+        privacy.axhline(1.0, color="grey", linewidth=0.8, linestyle=":",
+                        label="limit with DP, 1 bit")
     privacy.set(xlabel="round", ylabel="exposure (bits over the base model)",
                 title="other sites' canaries")
     for axis in (left, right, privacy):

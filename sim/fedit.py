@@ -55,7 +55,8 @@ class FeditArm:
 
     def round(self, sessions_per_site: Sequence[Sequence[Any]]) -> None:
         """One round: every session distilled alone from the global (A, B), each privacy
-        unit's (dA, dB) clipped to C together (as the fleet's sites clip theirs), summed over
+        unit's (dA, dB) clipped to C together (as the fleet's sites clip theirs under a
+        session or user unit; a site unit here sums sessions distilled alone), summed over
         the cohort with Gaussian noise, then A and B each moved by the server learning rate
         times their mean over sites."""
         from fleetmind.aggregation import dp

@@ -181,6 +181,12 @@ class WorldSpec:
         if self.sites * self.facts_per_site > capacity:
             problems.append(f"sites x facts_per_site = {self.sites * self.facts_per_site}: the"
                             f" lexicon holds at most {capacity}; use fewer sites or facts")
+        private = self.sites * (self.canaries_per_site + self.repeated_canaries_per_site)
+        if private + min(NAMES_IN_LEXICON, self.sites * self.facts_per_site) > NAMES_IN_LEXICON:
+            problems.append(f"canaries_per_site + repeated_canaries_per_site: {private} canaries "
+                            "need a name each that no fact uses, and the "
+                            f"lexicon has {NAMES_IN_LEXICON} names; use fewer canaries, facts "
+                            "or sites")
         if problems:
             raise ValueError("invalid world spec: " + "; ".join(problems))
 

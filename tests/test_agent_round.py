@@ -81,7 +81,7 @@ def aggregator(tmp_path: Path):
 def test_three_sites_participate_and_publish_the_merge(aggregator, tmp_path) -> None:
     rng = np.random.default_rng(0)
     weights = (1.0, 0.5, 1.0 / np.sqrt(2.0))  # fresh, and two staleness weights
-    updates = [SiteUpdate(clip_norm=1.0,
+    updates = [SiteUpdate(clip_norm=1.0, privacy_unit="session",
         delta={n: rng.uniform(-0.3, 0.3, s).astype(np.float32) for n, s in SHAPES.items()},
         weight=float(weight), session_ids=(f"s{i}-a", f"s{i}-b"),
         scrubbed=ScrubReport(email=i), norm_before_clip=5.0) for i, weight in
@@ -138,8 +138,10 @@ def test_three_sites_participate_and_publish_the_merge(aggregator, tmp_path) -> 
 
 def test_site_noise_is_added_and_recorded(aggregator, tmp_path) -> None:
     rng = np.random.default_rng(1)
-    updates = [SiteUpdate(clip_norm=1.0, delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
-                                 for n, s in SHAPES.items()}, session_ids=(f"s{i}",))
+    updates = [SiteUpdate(
+        clip_norm=1.0, privacy_unit="session",
+        delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
+               for n, s in SHAPES.items()}, session_ids=(f"s{i}",))
                for i in range(3)]
     keys = [Ed25519PrivateKey.generate() for _ in updates]
     outboxes = [Outbox(tmp_path / f"site-{i}.sqlite", k) for i, k in enumerate(keys)]
@@ -166,6 +168,9 @@ def test_site_noise_is_added_and_recorded(aggregator, tmp_path) -> None:
     ({"contributing_units": 0}, "contributing_units"),
     ({"privacy_unit": "household"}, "privacy_unit"), ({"clip_norm": 0.0}, "clip_norm"),
     ({"delta": {"x": np.array([3.0, 4.0], np.float32)}}, "not clipped as it says"),
+    # A site is one unit however many sessions it summed.
+    ({"delta": {"x": np.array([3.0, 4.0], np.float32)}, "privacy_unit": "site",
+      "session_ids": ("a", "b", "c", "d", "e")}, "1 site"),
 ])
 def test_site_updates_are_validated(change, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -188,7 +193,7 @@ def test_an_update_against_an_older_version_sends_nothing_and_says_why(aggregato
     errors: dict[int, BaseException] = {}
 
     def run(i: int) -> None:
-        update = SiteUpdate(clip_norm=1.0,
+        update = SiteUpdate(clip_norm=1.0, privacy_unit="session",
             delta={n: rng.uniform(-0.15, 0.15, s).astype(np.float32) for n, s in SHAPES.items()},
             base_version=0, session_ids=(f"s{i}",), norm_before_clip=1.0)
         with grpc.insecure_channel(aggregator.address) as channel:
@@ -221,15 +226,18 @@ def test_a_round_that_promises_more_than_the_clipping_kept_gets_nothing(tmp_path
         cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=30, phase_deadline_s=30),
         privacy=replace(PRIVACY, privacy_unit="user"), adapter=SPEC))
     delta = {n: np.full(s, 0.01, np.float32) for n, s in SHAPES.items()}
-    # Per session (a user's k sessions would move the sum by k x C), a larger clip, none.
-    clippings = [{"privacy_unit": "session", "clip_norm": 1.0},
-                 {"privacy_unit": "site", "clip_norm": 2.0}, {"clip_norm": None}]
-    keys = [Ed25519PrivateKey.generate() for _ in clippings]
+    # Per session (a user's k sessions would move the sum by k x C); the whole site at the
+    # full clip (removing one user moves a clipped site by up to 2C); unsaid. One cohort.
+    refused = [{"privacy_unit": "session", "clip_norm": 1.0},
+               {"privacy_unit": "site", "clip_norm": 1.0}, {"clip_norm": None}]
+    kept = [{"privacy_unit": "user", "clip_norm": 1.0},
+            {"privacy_unit": "site", "clip_norm": 0.5}, {"privacy_unit": "user", "clip_norm": 0.5}]
+    keys = [Ed25519PrivateKey.generate() for _ in refused]
     outboxes = [Outbox(tmp_path / f"site-{i}" / "outbox.sqlite", k) for i, k in enumerate(keys)]
     errors: dict[int, BaseException] = {}
 
     def run(i: int) -> None:
-        update = SiteUpdate(delta=delta, session_ids=(f"s{i}",), **clippings[i])
+        update = SiteUpdate(delta=delta, session_ids=(f"s{i}",), **refused[i])
         with grpc.insecure_channel(running.address) as channel:
             try:
                 participate(channel, keys[i], f"site-{i}", update, outboxes[i], timeout=10)
@@ -237,18 +245,26 @@ def test_a_round_that_promises_more_than_the_clipping_kept_gets_nothing(tmp_path
                 errors[i] = error
 
     try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clippings))]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(refused))]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(60)
+        assert sorted(errors) == [0, 1, 2]
+        assert all(isinstance(e, ClipMismatchError) and "each user moving the sum by at most 1"
+                   in str(e) for e in errors.values()), errors
+        assert "clipped each session to 1" in str(errors[0])
+        assert "without saying how" in str(errors[2])
+        assert all(len(list(outbox)) == 0 for outbox in outboxes)  # nothing left the sites
+        # Reconfigured: the same unit at the same clip, or a coarser one at half of it.
+        channels = [grpc.insecure_channel(running.address) for _ in kept]
+        results = run_sites(channels, keys,
+                            [SiteUpdate(delta=delta, session_ids=(f"s{i}",), **clipping)
+                             for i, clipping in enumerate(kept)], outboxes, add_noise=False)
+        assert {result.version for result in results} == {1}
+        for channel in channels:
+            channel.close()
     finally:
         running.stop(grace=None)
-    assert sorted(errors) == [0, 1, 2]
-    assert all(isinstance(e, ClipMismatchError) and "each user moving the sum by at most 1"
-               in str(e) for e in errors.values()), errors
-    assert "clipped each session to 1" in str(errors[0])
-    assert "clipped not at all" in str(errors[2])
-    assert all(len(list(outbox)) == 0 for outbox in outboxes)  # nothing left the sites
     for outbox in outboxes:
         outbox.close()

@@ -541,7 +541,7 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
         results: dict[int, object] = {}
 
         def site(i: int) -> None:
-            update = SiteUpdate(clip_norm=1.0,
+            update = SiteUpdate(clip_norm=1.0, privacy_unit="session",
                 delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
                        for n, s in shapes.items()},
                 session_ids=(f"s{i}-a",), scrubbed={"email": i}, norm_before_clip=2.0)
@@ -574,11 +574,11 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
         assert record["published"] == {"version": 1, "cohort_size": 3, "source": "ledger"}
         assert report["receipts_checked"] and record["receipt_matched"] is True
         assert record["session_ids"] == ["s0-a"] and record["noise_mode"] == "distributed"
-        assert (record["privacy_unit"], record["clip_norm"]) == ("site", 1.0)
+        assert (record["privacy_unit"], record["clip_norm"]) == ("session", 1.0)
         assert record["secure_aggregation"] is True
         code, out, _ = run(capsys, "outbox", str(tmp_path / "site-0"), "--site-key",
                            str(site_key), *server)
-        assert code == 0 and "each site to 1" in out
+        assert code == 0 and "each session to 1" in out
 
         code, report, err = run_json(capsys, "ledger", *server)
         assert code == 0, err

@@ -195,8 +195,10 @@ def run_round(address: str, keys: list[Ed25519PrivateKey], base: int, outboxes: 
         channel = grpc.insecure_channel(address)
         if interceptor is not None:
             channel = grpc.intercept_channel(channel, interceptor)
-        update = SiteUpdate(clip_norm=1.0, delta={n: rng.uniform(-0.15, 0.15, s).astype(np.float32)
-                                   for n, s in SHAPES.items()}, base_version=base,
+        update = SiteUpdate(
+        clip_norm=1.0, privacy_unit="session",
+        delta={n: rng.uniform(-0.15, 0.15, s).astype(np.float32)
+               for n, s in SHAPES.items()}, base_version=base,
                             session_ids=(f"s{i}-{base}",))
         try:
             results[i] = participate(channel, keys[i], f"site-{i}", update, outboxes[i],
@@ -310,7 +312,8 @@ address, folder, shapes = sys.argv[1], Path(sys.argv[2]), eval(sys.argv[3])
 key = load_identity_key(folder / "identity.pem", create=False)
 channel = grpc.intercept_channel(grpc.insecure_channel(address), Stall())
 update = SiteUpdate(delta={n: np.full(s, 0.01, np.float32) for n, s in shapes.items()},
-                    session_ids=("k0", "k1"), clip_norm=1.0)
+                    session_ids=("k0", "k1"), clip_norm=1.0,
+                    privacy_unit="session")
 participate(channel, key, "killed", update, Outbox(folder / "outbox.sqlite", key),
             add_noise=False, chunk_bytes=64, timeout=30)
 """

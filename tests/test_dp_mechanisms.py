@@ -37,13 +37,24 @@ def test_units_are_clipped_once_each(unit, expected_units) -> None:
 
 
 @pytest.mark.parametrize("clipped, promised, kept", [
-    (("site", 1.0), ("session", 1.0), True), (("user", 1.0), ("session", 1.0), True),
-    (("user", 0.5), ("user", 1.0), True), (("session", 1.0), ("user", 1.0), False),
-    (("user", 1.0), ("site", 1.0), False), (("site", 1.5), ("session", 1.0), False),
+    (("session", 1.0), ("session", 1.0), True), (("user", 0.5), ("user", 1.0), True),
+    (("site", 0.5), ("session", 1.0), True), (("user", 0.5), ("session", 1.0), True),
+    (("site", 1.0), ("session", 1.0), False), (("user", 0.6), ("session", 1.0), False),
+    (("session", 1.0), ("user", 1.0), False), (("user", 1.0), ("site", 1.0), False),
+    (("session", 1.5), ("session", 1.0), False), (("session", 1.0), ("household", 1.0), False),
 ])
-def test_a_coarser_unit_clipped_as_tightly_keeps_a_finer_units_bound(clipped, promised,
-                                                                      kept) -> None:
+def test_a_coarser_unit_keeps_a_finer_units_bound_only_at_half_the_clip(clipped, promised,
+                                                                         kept) -> None:
     assert bounds(*clipped, *promised) is kept
+
+
+def test_removing_one_session_moves_a_clipped_user_by_up_to_twice_the_clip() -> None:
+    # Why `bounds` halves the clip for a coarser unit: the add/remove sensitivity.
+    opposite = [Contribution("s1", "bob", np.array([3.0, 0.0])),
+                Contribution("s2", "bob", np.array([-1.0, 0.0]))]
+    both, _ = clip_and_sum(opposite, clip_norm=1.0, unit="user")
+    alone, _ = clip_and_sum(opposite[1:], clip_norm=1.0, unit="user")
+    assert np.linalg.norm(both - alone) == pytest.approx(2.0)
 
 
 def test_discrete_gaussian_moments_and_support() -> None:

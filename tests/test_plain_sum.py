@@ -189,7 +189,7 @@ def test_a_plain_round_publishes_the_librarys_merge_and_says_so(tmp_path, capsys
     try:
         rng = np.random.default_rng(0)
         weights = (1.0, 0.5, 1.0 / np.sqrt(2.0))
-        updates = [SiteUpdate(clip_norm=1.0,
+        updates = [SiteUpdate(clip_norm=1.0, privacy_unit="session",
             delta={n: rng.uniform(-0.15, 0.15, s).astype(np.float32) for n, s in SHAPES.items()},
             weight=float(w), session_ids=(f"s{i}",)) for i, w in enumerate(weights)]
         keys = [Ed25519PrivateKey.generate() for _ in updates]
@@ -211,7 +211,7 @@ def test_a_plain_round_publishes_the_librarys_merge_and_says_so(tmp_path, capsys
             assert entry.record.payload_sha256 == result.payload_sha256
             # The site's own record says it went unmasked, and how it was clipped.
             assert entry.record.secure_aggregation is False
-            assert (entry.record.privacy_unit, entry.record.clip_norm) == ("site", 1.0)
+            assert (entry.record.privacy_unit, entry.record.clip_norm) == ("session", 1.0)
             outboxes[i].close()
             # Unmasked: the bytes sent decode to the site's own weighted update.
             ring = unpack_ring(bytes(watch.sent), wire.ring_bits)
@@ -263,8 +263,10 @@ def test_a_site_sends_nothing_unmasked_unless_it_allows_it(tmp_path) -> None:
     running = serve(plain_config(tmp_path / "data"))
     try:
         rng = np.random.default_rng(1)
-        updates = [SiteUpdate(clip_norm=1.0, delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
-                                     for n, s in SHAPES.items()}) for _ in range(3)]
+        updates = [SiteUpdate(
+        clip_norm=1.0, privacy_unit="session",
+        delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
+               for n, s in SHAPES.items()}) for _ in range(3)]
         keys = [Ed25519PrivateKey.generate() for _ in updates]
         outboxes = [Outbox(tmp_path / f"site-{i}.sqlite", k) for i, k in enumerate(keys)]
         watches = [CallWatch() for _ in updates]

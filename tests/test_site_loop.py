@@ -112,7 +112,9 @@ def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_mod
             assert record.payload_sha256 == outcome.round.payload_sha256
             assert record.session_ids == ids
             assert record.base_version == 0
-            assert record.norm_after_clip <= 1.0 + 1e-5  # clipped to the round's C
+            # Each session clipped to the round's C (the default unit), then summed.
+            assert (record.privacy_unit, record.clip_norm) == ("session", 1.0)
+            assert record.norm_after_clip <= len(ids) * 1.0 + 1e-5
         with SessionStore(config.data_dir) as store:
             assert store.unconsumed() == []
             assert tuple(store.sessions_used_by(outcome.consolidation_id)) == ids

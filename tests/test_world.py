@@ -141,7 +141,8 @@ def test_read_world_names_the_missing_folder(tmp_path) -> None:
 @pytest.mark.parametrize("bad", [{"sites": 0}, {"users_per_fact": 2},
                                  {"max_facts_per_session": 9}, {"facts_per_site": 10_000},
                                  {"canary_repeats": 1}, {"canary_repeats": 9},
-                                 {"repeated_canaries_per_site": -1}])
+                                 {"repeated_canaries_per_site": -1},
+                                 {"repeated_canaries_per_site": 200}])
 def test_impossible_specs_are_refused_with_the_reason(bad: dict) -> None:
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):

@@ -61,8 +61,10 @@ def bench_round(sites: int, work: Path) -> dict[str, Any]:
         cohort=CohortPolicy(min_size=sites, target_size=sites, max_size=max(200, sites),
                             deadline_s=ROUND_DEADLINE_S, phase_deadline_s=ROUND_DEADLINE_S),
         privacy=PRIVACY, adapter=SPEC, max_workers=max(256, 2 * sites + 16)))
-    updates = [SiteUpdate(clip_norm=1.0, delta={n: rng.uniform(-0.15, 0.15, s).astype(np.float32)
-                                 for n, s in SHAPES.items()}, session_ids=(f"s{i}",))
+    updates = [SiteUpdate(
+        clip_norm=1.0, privacy_unit="session",
+        delta={n: rng.uniform(-0.15, 0.15, s).astype(np.float32)
+               for n, s in SHAPES.items()}, session_ids=(f"s{i}",))
                for i in range(sites)]
     keys = [Ed25519PrivateKey.generate() for _ in range(sites)]
     outboxes = [Outbox(work / f"site-{i}.sqlite", k) for i, k in enumerate(keys)]
