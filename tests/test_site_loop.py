@@ -188,6 +188,7 @@ def test_config_loads_from_toml_and_json(tmp_path: Path, toy_model_dir) -> None:
     ({"aggregator_key": b"short"}, "Ed25519 public key"),
     ({"model_dir": Path("/nonexistent")}, "config.json"),
     ({"guard_prompts": Path("/nonexistent.jsonl")}, "guard_prompts"),
+    ({"privacy_unit": "household"}, "privacy_unit"),
 ])
 def test_bad_configs_are_refused(tmp_path: Path, toy_model_dir, change, message) -> None:
     key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -198,6 +199,9 @@ def test_bad_configs_are_refused(tmp_path: Path, toy_model_dir, change, message)
 def test_unknown_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         SiteConfig.from_mapping({"name": "a", "colour": "blue"})
+    # The setting privacy_unit replaced says what to write instead.
+    with pytest.raises(ConfigError, match='write privacy_unit = "session"'):
+        SiteConfig.from_mapping({"name": "a", "per_session": True})
 
 
 def test_run_backs_off_and_logs_while_the_aggregator_is_away(tmp_path, toy_model_dir,
@@ -279,7 +283,7 @@ def test_per_session_updates_are_clipped_per_session(tmp_path, toy_model_dir) ->
     assert update.session_ids == ("s1", "s2")
 
 
-def test_a_users_sessions_are_clipped_together(tmp_path, toy_model_dir) -> None:
+def test_a_users_sessions_are_clipped_together(tmp_path, toy_model_dir, caplog) -> None:
     from types import SimpleNamespace
 
     import numpy as np
@@ -309,3 +313,4 @@ def test_a_users_sessions_are_clipped_together(tmp_path, toy_model_dir) -> None:
     want = (deltas["s1"]["m"] + deltas["s2"]["m"]) / 4.0 + deltas["s3"]["m"]
     np.testing.assert_allclose(update.delta["m"], want, rtol=1e-6)
     assert (update.contributing_units, update.privacy_unit, update.clip_norm) == (2, "user", 1.0)
+    assert "1 of 3 sessions have no user id" in caplog.text
