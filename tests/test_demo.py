@@ -64,8 +64,8 @@ def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) ->
     assert after["epsilon"] == pytest.approx(fedit_epsilon(cfg, 1))
     assert results["config"]["merge"] == "fedit"
     # The arm's own server learning rate: by default the fleet's, at most one sum.
-    assert results["config"]["server_learning_rate"] == 2.25
-    assert results["config"]["fedit_server_learning_rate"] == 2.25
+    assert results["config"]["server_learning_rate"] == 1.5
+    assert results["config"]["fedit_server_learning_rate"] == 1.5
     assert DemoConfig(server_learning_rate=12).fedit_server_learning_rate == 4.0
 
 
