@@ -56,8 +56,7 @@ class DPConfig:
             raise ValueError(f"clip_norm={self.clip_norm} must be finite and > 0")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier={self.noise_multiplier} must be >= 0")
-        if self.unit not in PRIVACY_UNITS:
-            raise ValueError(f"unit={self.unit!r} must be session, user or site")
+        check_privacy_unit(self.unit, "unit")
         if self.mode not in ("distributed", "central", "local"):
             raise ValueError(f"mode={self.mode!r} must be distributed, central or local")
         if self.expected_cohort < 1:
@@ -107,6 +106,12 @@ class Contribution:
     session: str
     user: str
     delta: np.ndarray
+
+
+def check_privacy_unit(unit: object, name: str = "privacy_unit") -> None:
+    """Raises ValueError unless `unit` is one of PRIVACY_UNITS."""
+    if unit not in PRIVACY_UNITS:
+        raise ValueError(f"{name}={unit!r} must be one of {', '.join(PRIVACY_UNITS)}")
 
 
 def bounds(clipped_unit: str, clipped_norm: float, promised_unit: str,

@@ -104,9 +104,8 @@ class SiteUpdate:
         units = self.contributing_units
         if units is not None and (isinstance(units, bool) or units < 1):
             raise ValueError(f"contributing_units={units} must be >= 1")
-        if self.privacy_unit is not None and self.privacy_unit not in dp.PRIVACY_UNITS:
-            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be one of "
-                             f"{', '.join(dp.PRIVACY_UNITS)}")
+        if self.privacy_unit is not None:
+            dp.check_privacy_unit(self.privacy_unit)
         if self.clip_norm is not None:
             if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
                 raise ValueError(f"clip_norm={self.clip_norm} must be finite and > 0")

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
-from fleetmind.aggregation.dp import PRIVACY_UNITS
+from fleetmind.aggregation.dp import check_privacy_unit
 from fleetmind.aggregation.manifest import canonical_json
 from fleetmind.client.scrub import KINDS, ScrubReport
 from fleetmind.client.store import MAX_ID_CHARS
@@ -181,9 +181,8 @@ class OutboxRecord:
         object.__setattr__(self, "scrubbed", _scrubbed(self.scrubbed))
         if self.clip_norm is not None:
             object.__setattr__(self, "clip_norm", _finite("clip_norm", self.clip_norm))
-        if self.privacy_unit is not None and self.privacy_unit not in PRIVACY_UNITS:
-            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be one of "
-                             f"{', '.join(PRIVACY_UNITS)}")
+        if self.privacy_unit is not None:
+            check_privacy_unit(self.privacy_unit)
         if not isinstance(self.secure_aggregation, bool):
             raise ValueError(f"secure_aggregation={self.secure_aggregation!r} must be true or "
                              "false")

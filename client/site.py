@@ -442,8 +442,7 @@ def _site_update(config: SiteConfig, result: SiteConsolidation, sessions: list[S
     shapes = {name: tuple(np.shape(t)) for name, t in delta.items()}
     if config.privacy_unit != "site" and result.session_updates:
         users = {s.id: s.user or s.id for s in sessions}
-        anonymous = sum(1 for s in sessions if not s.user)
-        if config.privacy_unit == "user" and anonymous:
+        if config.privacy_unit == "user" and (anonymous := sum(not s.user for s in sessions)):
             log.warning("%s: %d of %d sessions have no user id; each is clipped as its own "
                         "user", config.name, anonymous, len(sessions))
         contributions = [dp.Contribution(sid, users[sid], flatten(d, shapes))

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
-from fleetmind.aggregation.dp import PRIVACY_UNITS
+from fleetmind.aggregation.dp import check_privacy_unit
 from fleetmind.server.durable import canonical_json
 
 DOMAIN = b"fleetmind/ledger/v1"
@@ -124,9 +124,8 @@ class RoundRecord:
         if not isinstance(self.secure_aggregation, bool):
             raise ValueError(f"secure_aggregation={self.secure_aggregation!r} must be true or "
                              "false")
-        if self.privacy_unit is not None and self.privacy_unit not in PRIVACY_UNITS:
-            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be one of "
-                             f"{', '.join(PRIVACY_UNITS)}")
+        if self.privacy_unit is not None:
+            check_privacy_unit(self.privacy_unit)
         if self.noise_mode not in ("distributed", "central", "local", "none"):
             raise ValueError(f"noise_mode={self.noise_mode!r} must be distributed, central, "
                              "local or none")

@@ -48,15 +48,14 @@ class DemoConfig:
     every coordinate). Each privacy unit's delta (with DP an end user's sessions summed,
     without DP each session) is clipped to `clip_norm` (which also keeps the sum of many
     deltas stable), and with DP the cohort's sum carries Gaussian noise; without DP the
-    noise is negligible and nothing bounds a user. The
-    aggregator applies `server_learning_rate` (default: 0.5 x the number of sites) times the
-    cohort's mean, so with one unit of weight per site the global B moves by half the sum
-    of the clipped deltas: 0.75 x the sites recovered as much, but the noise it carried cost
-    1 to 3 points of forgetting by round 2 (+3 in one run of four). The FedIT arm has its
-    own `fedit_server_learning_rate` (default: the fleet's, at most the number of sites):
-    averaging factors adds the cross term
-    step^2 x sum(dB) sum(dA), and at a step of 2 that term broke the model (95 points of
-    forgetting without noise) where a step of 1 did not.
+    noise is negligible and nothing bounds a user. The aggregator applies
+    `server_learning_rate` (default: 0.5 x the number of sites) times the cohort's mean, so
+    with one unit of weight per site the global B moves by half the sum of the clipped
+    deltas: 0.75 x the sites recovered as much, but the noise it carried cost 1 to 3 points
+    of forgetting by round 2 (+3 in one run of four). The FedIT arm has its own
+    `fedit_server_learning_rate` (default: the fleet's, at most the number of sites):
+    averaging factors adds the cross term step^2 x sum(dB) sum(dA), and at a step of 2 that
+    term broke the model (95 points of forgetting without noise) where a step of 1 did not.
 
     The defaults come from sweeps (README "Demo"): LoRA on the MLPs' down projections only,
     because Gaussian noise on the gate and up projections' B (2 x 512 x 8 of the 18,432
@@ -416,17 +415,18 @@ class Evaluator:
                 "incontext_upper_bound": upper,
                 "recovery": transfer / upper if upper else 0.0,
                 "forgetting_points": 100 * (self.base["incontext"] - measured["incontext"]),
-                "canary_exposure_bits": _mean(once, [1] * len(once)),
-                **({"repeated_canary_exposure_bits": _mean(repeated, [1] * len(repeated))}
-                   if repeated else {}),
+                "canary_exposure_bits": _mean(once),
+                **({"repeated_canary_exposure_bits": _mean(repeated)} if repeated else {}),
             })
         fleet = {key: sum(s[key] for s in sites) / len(sites)
                  for key in sites[0] if key != "site"}
         return {**fleet, "sites": sites, "canaries": canaries}
 
 
-def _mean(weighted: list[float], weights: list[int]) -> float:
-    return sum(weighted) / sum(weights) if sum(weights) else 0.0
+def _mean(weighted: list[float], weights: list[int] | None = None) -> float:
+    """sum(weighted) / sum(weights), every weight 1 when none are given; 0 when empty."""
+    total = len(weighted) if weights is None else sum(weights)
+    return sum(weighted) / total if total else 0.0
 
 
 # ---- the run ---------------------------------------------------------------------------------
