@@ -105,13 +105,15 @@ def _server_run(args: argparse.Namespace) -> int:
         running = serve(config)
     except (ConfigError, OSError, ValueError) as error:
         raise _usage(error) from None
+    # The handler goes in before the line that says the aggregator is up: a supervisor
+    # may stop it as soon as it reads that line.
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     mode = "mTLS" if config.tls is not None else "PLAINTEXT (development, loopback only)"
     metrics = running.metrics_endpoint
     print(f"fleetmind aggregator on {running.address} ({mode}); data in {config.data_dir}; "
           f"latest version {running.coordinator.registry.numbers()[-1]}"
           + (f"; metrics on {metrics.url}" if metrics else ""), flush=True)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops it like SIGTERM does
         stopping.wait()
     running.stop(grace=5.0)
