@@ -1,0 +1,1 @@
+"""The fleetmind program: each side registers its own commands here."""
