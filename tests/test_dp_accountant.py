@@ -77,3 +77,10 @@ def test_bad_budget_refused() -> None:
         Budget(epsilon_limit=1.0, delta=0.0)
     with pytest.raises(ValueError):
         Budget(epsilon_limit=1.0, delta=1e-5, method="moments")
+
+
+def test_numpy_scalars_are_numbers() -> None:
+    import numpy as np
+
+    charge = RoundCharge(np.float64(2.0), uses=np.int64(2))
+    assert epsilon_of([charge], 1e-5) == pytest.approx(epsilon(1.0, 1.0, 1, 1e-5), rel=1e-9)
