@@ -262,6 +262,28 @@ def measure(model: Any, tokenizer: Any, world: W.World) -> dict[str, Any]:
     }
 
 
+def context_accuracy(model: Any, tokenizer: Any, tasks: Sequence[tuple[list[W.Fact], W.Fact]],
+                     form: str = "strict") -> float:
+    """Share of in-context tasks (facts stated, one of them asked in `form`, a name in
+    W.QUESTION_FORMS) answered exactly."""
+    return _mean(answer_correct(model, tokenizer,
+                                [W.context_prompt(stated, asked, form) for stated, asked in tasks],
+                                [W.answer(asked) for _, asked in tasks]))
+
+
+def measure_forms(model: Any, tokenizer: Any, world: W.World,
+                  forms: Sequence[str] = tuple(W.QUESTION_FORMS)) -> dict[str, dict[str, float]]:
+    """In-context accuracy on the world's general tasks per question form, by number of facts:
+    whether the model reads a question in a form that no session (and no training session)
+    uses. The strict form's row is `measure`'s `incontext_by_facts`."""
+    sizes: dict[str, list[tuple[list[W.Fact], W.Fact]]] = {}
+    for task in world.general:
+        stated = [W.Fact(**fact) for fact in task["facts"]]
+        sizes.setdefault(str(len(stated)), []).append((stated, W.Fact(**task["asked"])))
+    return {form: {size: context_accuracy(model, tokenizer, tasks, form)
+                   for size, tasks in sorted(sizes.items())} for form in forms}
+
+
 def heldout_world(tasks_per_size: int = 200) -> W.World:
     """Entities and pairings the builder never used (it draws every pairing afresh)."""
     return W.make_world(W.WorldSpec(seed=HELDOUT_SEED, sites=8, facts_per_site=25,

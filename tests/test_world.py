@@ -97,6 +97,8 @@ def test_write_and_read_world_round_trip(world: W.World, tmp_path) -> None:
     probes = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
     assert len(probes) == 15
     assert all(p["answer"].split()[-2] == p["value"] for p in probes)
+    assert all(p["forms"]["strict"] == p["question"] for p in probes)
+    assert {form for p in probes for form in p["forms"]} == set(W.QUESTION_FORMS)
     canaries = (out / "canaries.jsonl").read_text().splitlines()
     assert len(canaries) == 6
     for site in world.sites:
