@@ -14,11 +14,27 @@ aggregator publishes with, and only then is the folder written (under a temporar
 fsynced, renamed into place). Activation flips a symlink with rename(2), so a reader (or a
 crash) sees the old version or the new one, never a mix. The links are relative, so the
 site folder can be moved.
+
+Activation only moves forward and always verifies (docs/hardening.md):
+
+    aggregator.pub   the key download_latest verified with: activate's key when none is
+                     passed; with neither, activation is refused
+    rollback.json    written by `rollback`: the version rolled back from. Until a version
+                     newer than it is published, download_latest and activate refuse it
+                     and everything older, so the site loop's next refresh cannot undo an
+                     operator's rollback; a newer version clears it
+
+A version older than the active one is refused (a downgrade: an old signed version
+announced as latest), and so is one whose B is not finite, is larger than MAX_ABS_B
+anywhere, or moved further than the manifest's clip and noise allow from its parent when
+the parent is here (`check_norms`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import re
 import secrets
@@ -28,9 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 from cryptography.exceptions import InvalidSignature
+from safetensors.numpy import load as load_safetensors
 
 from fleetmind.aggregation.manifest import (
+    ADAPTER_WEIGHTS,
     MANIFEST,
     SIGNATURE,
     Manifest,
@@ -45,6 +64,15 @@ from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
 VERSIONS = "versions"
 CURRENT = "current"
 PREVIOUS = "previous"
+TRUSTED_KEY = "aggregator.pub"
+ROLLBACK_PIN = "rollback.json"
+# A LoRA B entry beyond this is no honest round's (honest rounds: |B| < 1; the poisoned
+# version the adversarial review published had max |B| ~ 3e6).
+MAX_ABS_B = 1e3
+# The step from the parent, in clips: ||B - B_parent|| <= MAX_STEP_CLIPS * C * max(1, z *
+# sqrt(d)). Loose on purpose (the manifest does not say the cohort's units or weights);
+# the aggregator's own check (server/coordinator.py, _check_aggregate) is the tight one.
+MAX_STEP_CLIPS = 1000.0
 MAX_FILE_BYTES = 2 << 30  # no adapter is this large; more is a broken or hostile server
 CHUNK_RETRIES = 3  # bad chunks refetched per file before the download is refused
 _FOLDER = re.compile(r"\d{8}")
@@ -57,10 +85,12 @@ __all__ = [
     "RollbackError",
     "VersionError",
     "activate",
+    "check_norms",
     "current_version",
     "download_latest",
     "previous_version",
     "rollback",
+    "rollback_pin",
     "verify_folder",
 ]
 
@@ -110,6 +140,8 @@ def download_latest(channel: grpc.Channel, into: Path, public_key: bytes,
     if manifest.version != announcement.version:
         raise VersionError(f"the announcement says version {announcement.version} but its "
                            f"signed manifest is version {manifest.version}")
+    _record_key(Path(into), public_key)
+    _check_forward(Path(into), manifest.version)
 
     versions = Path(into) / VERSIONS
     target = versions / f"{manifest.version:08d}"
@@ -247,27 +279,117 @@ def verify_folder(folder: Path, public_key: bytes) -> Manifest:
 
 def activate(site_dir: Path, version_dir: Path, public_key: bytes | None = None) -> int:
     """Makes `version_dir` (a folder under site_dir/versions/, as download_latest returns)
-    the current version and keeps the one it replaces as `previous`. With `public_key`
-    the folder is verified again first. Returns the activated version number."""
+    the current version and keeps the one it replaces as `previous`. The folder is always
+    verified first, with `public_key` or else the key download_latest recorded (neither:
+    refused), and its norms checked (`check_norms`). Refuses a version older than the
+    active one, and one a rollback pinned out. Returns the activated version number."""
     site_dir = Path(site_dir)
     version_dir = Path(version_dir)
     number = _version_number(site_dir, version_dir)
-    if public_key is not None:
-        manifest = verify_folder(version_dir, public_key)
-        if manifest.version != number:
-            raise VersionError(f"{version_dir} holds version {manifest.version}, not {number}")
-    elif not (version_dir / MANIFEST).is_file() or not (version_dir / SIGNATURE).is_file():
-        raise VersionError(f"{version_dir} is not a downloaded version (no {MANIFEST} or "
-                           f"{SIGNATURE}); get it with download_latest")
+    key = public_key if public_key is not None else _recorded_key(site_dir)
+    if key is None:
+        raise VersionError(f"no aggregator key to verify {version_dir} with: pass the "
+                           "aggregator's public key (EnrollReply.aggregator_key), or download "
+                           "with download_latest, which records it")
+    manifest = verify_folder(version_dir, key)
+    if manifest.version != number:
+        raise VersionError(f"{version_dir} holds version {manifest.version}, not {number}")
     current = _target(site_dir, CURRENT)
     if current == version_dir.name:
         return number
+    _check_forward(site_dir, number)
+    check_norms(site_dir, version_dir, manifest)
     # previous first: a crash between the two flips leaves previous == current, which
     # rollback treats as "nothing to roll back to", never as a wrong version.
     if current is not None:
         _flip(site_dir, PREVIOUS, current)
     _flip(site_dir, CURRENT, version_dir.name)
+    (site_dir / ROLLBACK_PIN).unlink(missing_ok=True)  # _check_forward passed: newer than it
     return number
+
+
+def _check_forward(site_dir: Path, number: int) -> None:
+    """Refuses a downgrade (older than the active version) and, after a rollback, the
+    version rolled back from and anything older, until a newer one is published."""
+    current = _target(site_dir, CURRENT)
+    if current is not None and number < int(current):
+        raise VersionError(f"version {number} is older than the active version "
+                           f"{int(current)}: versions only move forward (an operator rolls "
+                           "back with `fleetmind client rollback`)")
+    pinned = rollback_pin(site_dir)
+    if pinned is not None and number <= pinned:
+        raise VersionError(f"version {number}: an operator rolled back from version "
+                           f"{pinned}; this site waits for a version newer than {pinned}")
+
+
+def rollback_pin(site_dir: Path) -> int | None:
+    """The version an operator rolled back from, while no newer one was activated."""
+    try:
+        return int(json.loads((Path(site_dir) / ROLLBACK_PIN).read_bytes())["from"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        raise VersionError(f"{Path(site_dir) / ROLLBACK_PIN} is unreadable; write "
+                           '{"from": <version rolled back from>} or remove it') from None
+
+
+def check_norms(site_dir: Path, version_dir: Path, manifest: Manifest) -> None:
+    """Refuses a version whose B holds a non-finite value or one beyond MAX_ABS_B, or, when
+    its parent is here, moved from it by more than MAX_STEP_CLIPS * C * max(1, z*sqrt(d))."""
+    b = _read_b(version_dir / ADAPTER_WEIGHTS)
+    for name, tensor in b.items():
+        if not np.isfinite(tensor).all():
+            raise VersionError(f"version {manifest.version}: {name} holds non-finite values; "
+                               "do not activate it")
+        peak = float(np.abs(tensor).max(initial=0.0))
+        if peak > MAX_ABS_B:
+            raise VersionError(f"version {manifest.version}: {name} reaches |B| = {peak:.4g}, "
+                               f"beyond {MAX_ABS_B:g}: a poisoned or broken version")
+    parent = None if manifest.parent is None else \
+        Path(site_dir) / VERSIONS / f"{manifest.parent:08d}"
+    if parent is None or not (parent / ADAPTER_WEIGHTS).is_file():
+        return
+    before = _read_b(parent / ADAPTER_WEIGHTS)
+    if set(before) != set(b):
+        raise VersionError(f"version {manifest.version} has other modules than its parent "
+                           f"{manifest.parent}")
+    d = sum(t.size for t in b.values())
+    step = math.sqrt(sum(float(np.sum((b[n].astype(np.float64) - before[n]) ** 2))
+                         for n in b))
+    bound = MAX_STEP_CLIPS * manifest.clip_norm * max(1.0, manifest.noise_multiplier
+                                                      * math.sqrt(d))
+    if not step <= bound:
+        raise VersionError(f"version {manifest.version} moved B by {step:.4g} from version "
+                           f"{manifest.parent}, beyond the {bound:.4g} its clip and noise "
+                           "allow: do not activate it")
+
+
+def _read_b(path: Path) -> dict[str, np.ndarray]:
+    try:
+        tensors = load_safetensors(path.read_bytes())
+    except Exception as error:  # safetensors raises its own error types
+        raise VersionError(f"{path} does not load as safetensors: {error}") from None
+    return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()
+            if k.endswith(".lora_B.weight")}
+
+
+def _record_key(site_dir: Path, public_key: bytes) -> None:
+    """Keeps the key download_latest verifies with, for activate() called without one."""
+    path = site_dir / TRUSTED_KEY
+    raw = bytes(public_key)
+    if path.is_file() and path.read_bytes() == raw:
+        return
+    site_dir.mkdir(parents=True, exist_ok=True)
+    temporary = site_dir / f".{TRUSTED_KEY}-{secrets.token_hex(4)}"
+    temporary.write_bytes(raw)
+    os.replace(temporary, path)
+
+
+def _recorded_key(site_dir: Path) -> bytes | None:
+    try:
+        return (site_dir / TRUSTED_KEY).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def rollback(site_dir: Path) -> tuple[int, int]:
@@ -282,6 +404,13 @@ def rollback(site_dir: Path) -> tuple[int, int]:
     if previous is None or previous == current or not (site_dir / PREVIOUS).is_dir():
         raise RollbackError(f"{site_dir}: version {int(current)} is active and no earlier "
                             "good version is kept (nothing to roll back to)")
+    # The pin first: a crash after it and before the flip leaves the old version active
+    # and pinned out of re-activation, which a newer version or a second rollback clears.
+    pin = site_dir / ROLLBACK_PIN
+    temporary = site_dir / f".{ROLLBACK_PIN}-{secrets.token_hex(4)}"
+    temporary.write_text(json.dumps({"from": max(int(current), rollback_pin(site_dir) or 0),
+                                     "to": int(previous)}))
+    os.replace(temporary, pin)
     _flip(site_dir, CURRENT, previous)
     (site_dir / PREVIOUS).unlink()
     _fsync_dir(site_dir)

@@ -24,6 +24,14 @@ charge as spent. A round in flight at restart is marked abandoned on disk (nothi
 released, so nothing was spent) and its sites are told to re-join: the round runs again
 under a new round id, since SecAgg keys and masks are bound to the round id.
 
+Before anything is signed the unmasked sum is checked (`_check_aggregate`): the weight sum
+within what the contributors' staleness weights allow, every value finite, the mean delta's
+norm within what the cohort's clip and noise allow (`_aggregate_bound`, derived there and in
+docs/hardening.md). A sum that fails ends the round (RoundAborted, retry) and is recorded
+under "rejected" in coordinator.json; its privacy charge is spent, since the aggregator saw
+it. Masked vectors cannot be checked alone; unmasked ones (no secure aggregation) are, at
+upload (`_check_plain_vector`).
+
 Every message is idempotent by (round, site): the same message again gets the same
 receipt; a different one for a slot already filled is refused as a replay. A refused
 message changes no state (the library's states check before they mutate, and a receipt is
@@ -39,7 +47,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +55,7 @@ import numpy as np
 
 from fleetmind.aggregation.accountant import Budget, RoundCharge, epsilon_of
 from fleetmind.aggregation.dp import DPConfig, noise_for_aggregator
+from fleetmind.aggregation.encoding import encoding_codes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, flatten, open_secagg_sum, unflatten
 from fleetmind.aggregation.quantize import FixedPoint
 from fleetmind.aggregation.secagg import (
@@ -76,16 +85,22 @@ from fleetmind.aggregation.secagg.server_r2_plain_input_collection import (
     ServerPlainInputCollection,
 )
 from fleetmind.aggregation.secagg.server_r3_unmasking import ServerUnmasking
-from fleetmind.protos.secagg_codec import encoding_codes
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy
 from fleetmind.server.durable import atomic_write, canonical_json
 from fleetmind.server.enrolment import Enrolments
 from fleetmind.server.ledger import Ledger, RoundRecord
+from fleetmind.server.limits import ServerLimits
 from fleetmind.server.versions import Release, Version, VersionRegistry
 
 STATE_FILE = "coordinator.json"
 KEEP_FINISHED = 16  # finished rounds kept in memory, so late re-attaches replay their end
+KEEP_REJECTED = 64  # rejected aggregates kept in coordinator.json, newest last
 RefusalKind = Literal["budget_exhausted", "too_large", "not_found", "malformed"]
+
+
+class AggregateRejectedError(ValueError):
+    """The unmasked aggregate is outside what the cohort's clip, weights and noise allow:
+    signing it would publish a poisoned version."""
 
 
 class RefusedError(Exception):
@@ -213,6 +228,7 @@ class _Round:
     # (deadlines use the coordinator's clock, which tests may move).
     started: float = 0.0
     phase_started: float = 0.0
+    units: dict[int, int] = field(default_factory=dict)  # contributing_units, from join
 
     @property
     def round_id(self) -> int:
@@ -239,8 +255,10 @@ class Coordinator:
     def __init__(self, data_dir: Path, registry: VersionRegistry, ledger: Ledger,
                  enrolments: Enrolments, cohort: CohortPolicy, privacy: PrivacyPolicy,
                  clock: Callable[[], float] = time.time,
-                 listener: RoundListener | None = None) -> None:
+                 listener: RoundListener | None = None,
+                 limits: ServerLimits | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.limits = limits or ServerLimits()
         self.listener = listener or RoundListener()
         self.registry = registry
         self.ledger = ledger
@@ -371,7 +389,16 @@ class Coordinator:
             live = self._round
             if live is not None and site in live.cohort and not self._ended(live, site):
                 return live.round_id, 0
+            held = self._state.get("quarantined", {}).get(str(site))
+            if held is not None:
+                raise ProtocolError("unknown_site", f"site {site} is quarantined ({held}); "
+                                                    "an operator releases it "
+                                                    "(Coordinator.release) after looking")
             latest = self.registry.numbers()[-1]
+            if not 1 <= units <= self.limits.max_units_per_site:
+                raise RefusedError("malformed", f"contributing_units={units} must be in 1.."
+                                                f"{self.limits.max_units_per_site} (the privacy "
+                                                "units summed in the site's delta)")
             if not 0 <= base_version <= latest:
                 raise RefusedError("malformed", f"base_version={base_version} is not a published "
                                            f"version (latest is {latest})")
@@ -463,7 +490,10 @@ class Coordinator:
             return
         ready = sorted(self._queue, key=lambda s: (self._queue[s].since, s))
         first = self._queue[ready[0]].since
+        ready = self._split_suspects(ready)
         if len(ready) < policy.target_size and self.clock() < first + policy.deadline_s:
+            return
+        if len(ready) < policy.min_size:
             return
         cohort = tuple(sorted(ready[:policy.target_size]))
         charge = self._charge_for(len(cohort))
@@ -477,6 +507,60 @@ class Coordinator:
             self.changed.notify_all()
             return
         self._start_round(cohort, charge)
+
+    # ---- finding the site behind rejected rounds ----------------------------------
+
+    def _split_suspects(self, ready: list[int]) -> list[int]:
+        """Group testing after a rejected round: a cohort takes at most half the suspects
+        (the sites in every rejected cohort since the last narrowing), so each further
+        rejection halves them and a publication clears its half. The ready sites in queue
+        order, less the suspects held back; all of them when that leaves too few."""
+        suspects = set(self._state.get("suspects", []))
+        if not suspects & set(ready):
+            return ready
+        allowed = max(1, len(suspects) // 2)
+        picked, held = [], 0
+        for site in ready:
+            if site in suspects:
+                if held >= allowed:
+                    continue
+                held += 1
+            picked.append(site)
+        return picked if len(picked) >= self.cohort_policy.min_size else ready
+
+    def _suspect(self, contributors: set[int], reason: str) -> None:
+        """A rejected round: the suspects narrow to those in this cohort too (or start as
+        it); one left alone is quarantined, refused at join until an operator releases it."""
+        suspects = set(self._state.get("suspects", [])) & contributors or set(contributors)
+        if len(suspects) == 1 and self._state.get("suspects"):
+            (site,) = suspects
+            self._state.setdefault("quarantined", {})[str(site)] = (
+                f"in every rejected cohort since the suspicion began; last: {reason}")
+            suspects = set()
+        self._state["suspects"] = sorted(suspects)
+
+    def _clear(self, contributors: set[int]) -> None:
+        """A published round: its contributors are beyond suspicion."""
+        if self._state.get("suspects"):
+            self._state["suspects"] = sorted(set(self._state["suspects"]) - contributors)
+            self._save()
+
+    def quarantined(self) -> dict[int, str]:
+        """Sites refused at join after group testing pinned rejected rounds on them."""
+        with self.changed:
+            return {int(s): why for s, why in self._state.get("quarantined", {}).items()}
+
+    def release(self, site: int) -> bool:
+        """An operator's decision: `site` may join again. Returns whether it was held."""
+        with self.changed:
+            held = self._state.get("quarantined", {}).pop(str(site), None) is not None
+            self._save()
+            return held
+
+    def cohort(self) -> tuple[int, ...]:
+        """The live round's cohort (empty between rounds)."""
+        with self.changed:
+            return self._round.cohort if self._round else ()
 
     def _start_round(self, cohort: tuple[int, ...], charge: RoundCharge) -> None:
         policy, privacy = self.cohort_policy, self.privacy
@@ -501,7 +585,8 @@ class Coordinator:
         started = time.monotonic()
         live = _Round(setup, charge, first, cohort,
                       {site: [Event(round_id, setup)] for site in cohort}, {},
-                      now + policy.phase_deadline_s, shapes, started, started)
+                      now + policy.phase_deadline_s, shapes, started, started,
+                      {site: self._queue[site].units for site in cohort})
         # On disk before any site hears of it: a restart from here abandons it cleanly.
         self._state["next_round"] = round_id + 1
         self._state["in_flight"] = {"round_id": round_id, "phase": first.phase,
@@ -558,21 +643,73 @@ class Coordinator:
         return self._accept(message.round_id, message.sender, ServerShareKeys, "share bundle",
                             _digest(*parts), lambda state: state.receive(message))
 
-    def upload_limit(self, round_id: int, site: int) -> int:
-        """Bytes of `site`'s masked vector in `round_id`; refuses a round it is not in."""
+    def check_upload(self, round_id: int, site: int, ring_bits: int, total_bytes: int,
+                     payload_sha256: bytes) -> int:
+        """Checks an upload's header at its first chunk, before anything is buffered: the
+        round runs and collects vectors now, `site` is in its cohort and has not sent a
+        different vector, and the ring and size are the round's. Returns the byte count."""
         with self.changed:
             found = self._find(round_id)
-            if found is None:
+            if found is None or found is not self._round:
                 raise ProtocolError("wrong_round", f"round {round_id} is not running")
             if site not in found.cohort:
                 raise ProtocolError("unknown_site", f"site {site} is not in round {round_id}'s "
                                                     "cohort")
+            earlier = found.receipts.get(("masked vector", site))
+            if earlier is not None and earlier != payload_sha256:
+                raise ProtocolError("replay", f"site {site} already sent a different masked "
+                                              f"vector in round {round_id}")
+            if earlier is None and not self._collecting(found):
+                raise ProtocolError("wrong_round", f"round {round_id} is not collecting vectors "
+                                                   f"(now {getattr(found.state, 'phase', '?')})")
             config = found.setup.config
-            return config.vector_length * config.ring_bits // 8
+            expected = config.vector_length * config.ring_bits // 8
+            if total_bytes > expected:
+                raise RefusedError("too_large", f"site {site}: upload announces {total_bytes} "
+                                                f"bytes; round {round_id}'s vector is {expected}")
+            if ring_bits != config.ring_bits or total_bytes != expected:
+                raise RefusedError("malformed", f"site {site}: upload header ring_bits="
+                                                f"{ring_bits}, total_bytes={total_bytes}; round "
+                                                f"{round_id} is {config.ring_bits}-bit, "
+                                                f"{expected} bytes")
+            return expected
+
+    @staticmethod
+    def _collecting(found: _Round) -> bool:
+        return isinstance(found.state, ServerMaskedInputCollection | ServerPlainInputCollection)
+
+    def collecting(self, round_id: int) -> bool:
+        """Whether `round_id` is the live round and still takes vectors: an upload still
+        arriving after this turns false is cancelled (uploads end with their phase)."""
+        with self.changed:
+            found = self._find(round_id)
+            return found is not None and found is self._round and self._collecting(found)
 
     def submit(self, message: MaskedInput, payload_sha256: bytes) -> bytes:
+        def deliver(state: object) -> None:
+            if isinstance(state, ServerPlainInputCollection):
+                self._check_plain_vector(self._round, message)
+            state.receive(message)
         return self._accept(message.round_id, message.site, ServerMaskedInputCollection,
-                            "masked vector", payload_sha256, lambda state: state.receive(message))
+                            "masked vector", payload_sha256, deliver)
+
+    def _check_plain_vector(self, live: _Round, message: MaskedInput) -> None:
+        """Without secure aggregation each vector is seen, so each is checked alone: its
+        weight in [min_site_weight, 1] and its delta within the site's clip and noise. (Under
+        secure aggregation only the sum can be checked: `_check_aggregate`.)"""
+        delta_code, weight_code = self.round_codes(live.setup)
+        ring = np.asarray(message.masked_vector)
+        weight = float(weight_code.decode_sum(ring[-1:])[0])
+        slack = 1 / weight_code.scale
+        if not self.limits.min_site_weight - slack <= weight <= 1 + slack:
+            raise ProtocolError("malformed", f"site {message.site}: weight {weight:.6g} is not "
+                                             f"in [{self.limits.min_site_weight}, 1]")
+        delta = delta_code.decode_sum(ring[:-1])
+        bound = self._aggregate_bound(live, 1, weight, (message.site,))
+        norm = float(np.linalg.norm(delta)) / weight
+        if not norm <= bound:
+            raise ProtocolError("malformed", f"site {message.site}: delta norm {norm:.6g} "
+                                             f"exceeds the round's bound {bound:.6g}")
 
     def unmask(self, message: UnmaskShares) -> bytes:
         parts: list[bytes | int] = [message.round_id, message.site]
@@ -654,10 +791,15 @@ class Coordinator:
     def _complete(self, live: _Round, result: ServerCompleted) -> None:
         try:
             version, dropped = self._publish(live, result)
+        except AggregateRejectedError as error:
+            self._reject(live, result, str(error))
+            self._end(live, Stopped(f"round {live.round_id} rejected: {error}", True))
+            return
         except (ValueError, ArithmeticError) as error:
             # Nothing was published, so nothing was spent; the round runs again.
             self._end(live, Stopped(f"round {live.round_id} could not be merged: {error}", True))
             return
+        self._clear(set(result.contributors))
         self._end(live, Finished(version.number, len(result.contributors), dropped))
 
     @staticmethod
@@ -668,23 +810,101 @@ class Coordinator:
                               setup.fixed_point_clip, setup.cohort_max,
                               setup.config.ring_bits)
 
+    def _noise_stddev(self, setup: RoundSetup, contributors: int) -> float:
+        """Standard deviation per coordinate of the noise in a sum of `contributors`
+        vectors: z*C in the cohort sum (distributed, central), z*C from each site (local)."""
+        dp = DPConfig(setup.clip_norm, setup.noise_multiplier, setup.privacy_unit,
+                      setup.noise_mode, setup.expected_cohort)
+        if dp.mode == "local":
+            return dp.noise_stddev * math.sqrt(contributors)
+        return dp.noise_stddev
+
+    def _aggregate_bound(self, live: _Round, contributors: int, weight_sum: float,
+                         sites: tuple[int, ...]) -> float:
+        """The largest L2 norm the mean delta sum_i w_i dB_i / sum_i w_i of honest sites can
+        have (docs/hardening.md, "The aggregate check"):
+
+            C * max_i min(u_i, c * sqrt(d) / C)  +  (k * sigma * sqrt(d) + n * sqrt(d) / s) / W
+
+        Each honest site's delta is a sum of u_i units clipped to C, so ||dB_i|| <= u_i*C,
+        and its words are clipped to c (the fixed-point clip) per coordinate, so also
+        <= c*sqrt(d); a weighted mean of vectors is no longer than the longest. The noise
+        (sigma per coordinate over d coordinates) has norm about sigma*sqrt(d), far below k
+        times that for k = 4 (Gaussian norm concentration); the fixed-point rounding adds
+        below 1/s per site and coordinate. Both are divided by the weight sum W."""
+        setup = live.setup
+        delta_code, _ = self.round_codes(setup)
+        d = setup.config.vector_length - 1
+        root_d = math.sqrt(d)
+        units = max((live.units.get(site, 1) for site in sites), default=1)
+        signal = min(units * setup.clip_norm, setup.fixed_point_clip * root_d)
+        noise = self.limits.noise_norm_multiple * self._noise_stddev(setup, contributors) \
+            * root_d
+        rounding = contributors * root_d / delta_code.scale
+        return signal + (noise + rounding) / weight_sum
+
+    def _check_aggregate(self, live: _Round, contributors: tuple[int, ...],
+                         weighted: np.ndarray, weight_sum: float) -> None:
+        """Refuses (AggregateRejectedError) an unmasked sum that honest sites could not have made:
+        the weight sum outside [n * min_site_weight, n * 1] (give or take the fixed-point
+        rounding), a non-finite value, or a mean delta longer than `_aggregate_bound`."""
+        n = len(contributors)
+        _, weight_code = self.round_codes(live.setup)
+        slack = n / weight_code.scale
+        low, high = n * self.limits.min_site_weight - slack, n * 1.0 + slack
+        if not (math.isfinite(weight_sum) and weight_sum > 0 and low <= weight_sum <= high):
+            raise AggregateRejectedError(f"the {n} sites' weights sum to {weight_sum:.6g}, outside "
+                                    f"({max(low, 0):.6g}, {high:.6g}]: a weight word was forged")
+        if not np.isfinite(weighted).all():
+            raise AggregateRejectedError("the aggregate holds non-finite values")
+        norm = float(np.linalg.norm(weighted)) / weight_sum
+        bound = self._aggregate_bound(live, n, weight_sum, contributors)
+        if not norm <= bound:
+            raise AggregateRejectedError(f"the mean delta's norm is {norm:.6g}, above the "
+                                    f"{bound:.6g} the cohort's clip and noise allow")
+
+    def _reject(self, live: _Round, result: ServerCompleted, reason: str) -> None:
+        """Records a rejected aggregate in coordinator.json, newest last. The aggregator saw
+        the (noised) sum, so the round's privacy charge is spent though nothing was published:
+        the accountant must cover what the aggregator observed."""
+        self._state.setdefault("rejected", []).append({
+            "round_id": live.round_id, "reason": reason,
+            "contributors": sorted(result.contributors),
+            "payload_sha256s": sorted(live.receipts[("masked vector", site)].hex()
+                                      for site in result.contributors
+                                      if ("masked vector", site) in live.receipts),
+            "rejected_at_ms": int(self.clock() * 1000)})
+        self._state["rejected"] = self._state["rejected"][-KEEP_REJECTED:]
+        self._suspect(set(result.contributors), reason)
+        self._state["spent"].append({"round_id": live.round_id,
+                                     "charge": _charge_json(live.charge)})
+        self.budget.charges.append(live.charge)
+        self._save()
+        self._report_state()
+
+    def rejected(self) -> list[dict]:
+        """The last KEEP_REJECTED rejected aggregates (round, reason, contributors, receipts)."""
+        with self.changed:
+            return [dict(r) for r in self._state.get("rejected", [])]
+
     def _publish(self, live: _Round, result: ServerCompleted) -> tuple[Version, tuple[int, ...]]:
         setup, privacy = live.setup, self.privacy
         delta_code, weight_code = self.round_codes(setup)
         weighted, weight_sum = open_secagg_sum(np.asarray(result.cohort_sum), live.shapes,
                                                delta_code, weight_code)
-        if not weight_sum > 0:
-            raise ValueError(f"the cohort's weights sum to {weight_sum}; each site's weight "
-                             "must be > 0")
         dp = DPConfig(privacy.clip_norm, privacy.noise_multiplier, privacy.privacy_unit,
                       privacy.noise_mode, setup.expected_cohort)
         # Central mode: the trusted aggregator noises the sum before anything is derived
         # from it (a no-op for distributed and local noise, which the sites added).
-        noised = noise_for_aggregator(flatten(weighted, live.shapes), dp)
-        weighted = unflatten(np.asarray(noised, dtype=np.float64), live.shapes)
+        noised = np.asarray(noise_for_aggregator(flatten(weighted, live.shapes), dp),
+                            dtype=np.float64)
+        self._check_aggregate(live, tuple(sorted(result.contributors)), noised, weight_sum)
+        weighted = unflatten(noised, live.shapes)
         parent = self.registry.latest()
         _, b = parent.tensors()
         new_b, _ = exact_merge(b, weighted, weight_sum, FedAvg(privacy.server_learning_rate))
+        if not all(np.isfinite(t).all() for t in new_b.values()):
+            raise AggregateRejectedError("the merged adapter holds non-finite values")
         dropped = tuple(sorted(set(live.cohort) - set(result.contributors)))
         epsilon_total = self.budget.epsilon_after(live.charge)
         epsilon_round = epsilon_of([live.charge], privacy.delta, privacy.accountant)

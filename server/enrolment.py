@@ -18,7 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 # The proof's bytes live in aggregation/ so a site can sign them without the server;
 # re-exported for the aggregator's callers.
-from fleetmind.aggregation.identity_proof import ENROL_DOMAIN, enroll_signed_bytes  # noqa: F401
+from fleetmind.aggregation.identity_proof import (  # noqa: F401
+    ENROL_DOMAIN,
+    enroll_signed_bytes,
+    is_small_order,
+)
 from fleetmind.server.durable import atomic_write, canonical_json
 from fleetmind.server.identity import SITE_NAME
 
@@ -59,6 +63,10 @@ class Enrolments:
         if len(identity_key) != 32:
             raise EnrolmentError("malformed", f"identity_key has {len(identity_key)} bytes; "
                                               "an Ed25519 public key has 32")
+        if is_small_order(identity_key):
+            raise EnrolmentError("malformed", "identity_key is a small-order Ed25519 point: "
+                                              "it verifies forged signatures, so it proves "
+                                              "nothing; generate a real key")
         try:
             Ed25519PublicKey.from_public_bytes(identity_key).verify(
                 proof, enroll_signed_bytes(site_name, identity_key))

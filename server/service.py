@@ -10,7 +10,15 @@ precise status and changes no state:
     unknown_site, unenrolled, wrong name   PERMISSION_DENIED
     replay (a different message again)     ALREADY_EXISTS
     bad_signature, bad enrolment proof     UNAUTHENTICATED
-    oversized upload, privacy budget       RESOURCE_EXHAUSTED
+    oversized upload, privacy budget,
+    capacity (calls, streams, upload bytes) RESOURCE_EXHAUSTED
+    a second upload of the same slot       ALREADY_EXISTS
+
+Every call passes `_Hardening` first (an interceptor): it admits the call against the
+capacity caps of `ServerLimits` (refusing RESOURCE_EXHAUSTED, never queueing), parses the
+request bytes itself (garbage is INVALID_ARGUMENT, not INTERNAL), range-checks every
+integer field (ids past 2^63-1 are INVALID_ARGUMENT), cuts error details to
+`max_details_chars`, and logs any unexpected exception with the RPC's name.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -55,6 +64,7 @@ from fleetmind.server.coordinator import (
 )
 from fleetmind.server.enrolment import EnrolmentError, Enrolments
 from fleetmind.server.ledger import Ledger
+from fleetmind.server.limits import INT63_MAX, ServerLimits
 from fleetmind.server.metrics import MetricsEndpoint, ServerMetrics
 from fleetmind.server.versions import VersionError, VersionRegistry
 
@@ -82,6 +92,13 @@ DEFAULT_CHUNK = 1 << 20
 MAX_MESSAGE = 2 * DEFAULT_CHUNK  # one upload chunk plus headers; larger is RESOURCE_EXHAUSTED
 TICK_S = 0.1
 SIGNING_KEY = "aggregator-signing.key"  # in data_dir; `fleetmind server key` prints its public half
+# Calls that stay open (a worker thread each, for as long as they last): the stream pool.
+STREAM_RPCS = frozenset({
+    "/fleetmind.v1.Fleet/JoinRound", "/fleetmind.v1.Models/Watch", "/fleetmind.v1.Models/Get",
+    "/fleetmind.v1.Audit/StreamLedger", "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"})
+# Answered from the reserved workers, outside both caps: a probe must get through a flood.
+RESERVED_RPCS = frozenset({"/grpc.health.v1.Health/Check"})
 
 
 Message = TypeVar("Message")
@@ -98,6 +115,287 @@ def _refuse(context: grpc.ServicerContext, error: Exception) -> None:
     """Aborts the call with the status the refusal maps to (raises)."""
     status = PROTOCOL_STATUS.get(getattr(error, "kind", ""), S.INVALID_ARGUMENT)
     context.abort(status, str(error))
+
+
+def _cap(details: str, limit: int) -> str:
+    """Error details cut to `limit` characters: they may quote hostile input."""
+    return details if len(details) <= limit else details[:limit - 1] + "…"
+
+
+class _Capped:
+    """A servicer context whose abort() and set_details() cut the details to a length;
+    everything else is the call's own context."""
+
+    def __init__(self, context: grpc.ServicerContext, limit: int) -> None:
+        self._context = context
+        self._limit = limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self._context.abort(code, _cap(details, self._limit))
+
+    def set_details(self, details: str) -> None:
+        self._context.set_details(_cap(details, self._limit))
+
+
+_INTEGER_TYPES = frozenset({3, 4, 5, 6, 13, 15, 16, 17, 18})  # FieldDescriptor.TYPE_*INT*
+
+
+def _integer_problem(message: Any, prefix: str = "") -> str | None:
+    """The first integer field (at any depth) above 2^63-1, described, or None: no id,
+    index or offset is that large, and SQLite and struct('<q') could not hold it."""
+    if not hasattr(message, "ListFields"):
+        return None
+    for descriptor, value in message.ListFields():
+        name = prefix + descriptor.name
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") \
+            else descriptor.label == descriptor.LABEL_REPEATED
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            items = [(key, value[key]) for key in value]
+            for key, item in items:
+                if isinstance(key, int) and key > INT63_MAX:
+                    return f"{name} key {key} is out of range (at most 2^63-1)"
+                problem = _integer_problem(item, f"{name}[{key}].") if hasattr(
+                    item, "ListFields") else (f"{name}[{key}]={item} is out of range"
+                                             if isinstance(item, int) and item > INT63_MAX
+                                             else None)
+                if problem:
+                    return problem
+            continue
+        values = list(value) if repeated else [value]
+        if descriptor.type in _INTEGER_TYPES:
+            for item in values:
+                if item > INT63_MAX:
+                    return f"{name}={item} is out of range (at most 2^63-1)"
+        elif descriptor.message_type is not None:
+            for item in values:
+                problem = _integer_problem(item, name + ".")
+                if problem:
+                    return problem
+    return None
+
+
+class _Capacity:
+    """Calls in progress, per pool ("stream" or "call") and per peer. A peer is the
+    certificate's name under mTLS; on plaintext (loopback only) there is no per-peer cap."""
+
+    def __init__(self, limits: ServerLimits, max_workers: int) -> None:
+        self._lock = threading.Lock()
+        self._caps = {"stream": (limits.streams(max_workers), limits.max_streams_per_peer),
+                      "call": (limits.max_calls, limits.max_calls_per_peer)}
+        self._open: Tally = Tally()
+
+    def admit(self, pool: str, peer: str | None) -> str | None:
+        """Takes a place, or returns why not."""
+        total, per_peer = self._caps[pool]
+        with self._lock:
+            if self._open[(pool, None)] >= total:
+                return (f"the aggregator is serving {total} {pool}s, its limit; try again "
+                        "later")
+            if peer is not None and self._open[(pool, peer)] >= per_peer:
+                return (f"{peer!r} already holds {per_peer} {pool}s, the per-peer limit; "
+                        "close one first")
+            self._open[(pool, None)] += 1
+            if peer is not None:
+                self._open[(pool, peer)] += 1
+            return None
+
+    def release(self, pool: str, peer: str | None) -> None:
+        with self._lock:
+            for key in ((pool, None), (pool, peer)) if peer is not None else ((pool, None),):
+                self._open[key] -= 1
+                if self._open[key] <= 0:
+                    del self._open[key]
+
+    def open(self, pool: str) -> int:
+        with self._lock:
+            return self._open[(pool, None)]
+
+
+class _Hardening(grpc.ServerInterceptor):
+    """Admission, parsing, integer ranges, capped details and logging for every call (see
+    the module docstring). Request bytes reach it unparsed: the handler it returns has no
+    deserializer, so a parse failure is the handler's to answer."""
+
+    def __init__(self, capacity: _Capacity, limits: ServerLimits, mtls: bool) -> None:
+        self.capacity = capacity
+        self.limits = limits
+        self.mtls = mtls
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        pool = None if method in RESERVED_RPCS else (
+            "stream" if method in STREAM_RPCS else "call")
+        parse = handler.request_deserializer or (lambda raw: raw)
+        serialize = handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, pool, parse, handler.unary_unary), None, serialize)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary_stream(method, pool, parse, handler.unary_stream), None, serialize)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._stream_unary(method, pool, parse, handler.stream_unary), None, serialize)
+        return grpc.stream_stream_rpc_method_handler(
+            self._stream_stream(method, pool, parse, handler.stream_stream), None, serialize)
+
+    # ---- the pieces every call goes through ----
+
+    def _enter(self, pool: str | None, context: _Capped) -> None:
+        """Admits the call (released when it ends) or aborts RESOURCE_EXHAUSTED."""
+        if pool is None:
+            return
+        peer = identity.peer_site_name(context) if self.mtls else None
+        refusal = self.capacity.admit(pool, peer)
+        if refusal is not None:
+            context.abort(S.RESOURCE_EXHAUSTED, refusal)
+        released = threading.Lock()
+
+        def release() -> None:
+            if released.acquire(blocking=False):
+                self.capacity.release(pool, peer)
+        if not context.add_callback(release):
+            release()  # the call already ended
+
+    @staticmethod
+    def _parse(method: str, parse: Callable[[bytes], Any], raw: bytes,
+               context: _Capped) -> Any:
+        try:
+            message = parse(raw)
+        except Exception:  # any decode failure: the bytes are not the message
+            context.abort(S.INVALID_ARGUMENT, f"{method}: the request is not a valid "
+                                              f"message ({len(raw)} bytes that do not parse)")
+        problem = _integer_problem(message)
+        if problem is not None:
+            context.abort(S.INVALID_ARGUMENT, f"{method}: {problem}")
+        return message
+
+    @staticmethod
+    def _failed(method: str, context: _Capped) -> None:
+        """Called with an exception in flight: an abort (a refusal) passes on; anything
+        else is logged with the RPC's name and answered INTERNAL."""
+        if context.code() is not None:
+            log.debug("%s refused: %s", method, context.code())
+            raise
+        if not context.is_active():
+            log.info("%s ended: the call was cancelled", method)
+            raise
+        log.exception("%s failed", method)
+        context.abort(S.INTERNAL, f"{method} failed on the aggregator; the error is logged "
+                                  "there")
+
+    def _raw_requests(self, method: str, parse, raw_iterator, context: _Capped):
+        for raw in raw_iterator:
+            yield self._parse(method, parse, raw, context)
+
+    def _unary(self, method, pool, parse, behaviour):
+        def handle(raw, context):
+            context = _Capped(context, self.limits.max_details_chars)
+            self._enter(pool, context)
+            request = self._parse(method, parse, raw, context)
+            try:
+                return behaviour(request, context)
+            except Exception:
+                self._failed(method, context)
+        return handle
+
+    def _unary_stream(self, method, pool, parse, behaviour):
+        def handle(raw, context):
+            context = _Capped(context, self.limits.max_details_chars)
+            self._enter(pool, context)
+            request = self._parse(method, parse, raw, context)
+            try:
+                yield from behaviour(request, context)
+            except Exception:
+                self._failed(method, context)
+        return handle
+
+    def _stream_unary(self, method, pool, parse, behaviour):
+        def handle(raw_iterator, context):
+            context = _Capped(context, self.limits.max_details_chars)
+            self._enter(pool, context)
+            try:
+                return behaviour(self._raw_requests(method, parse, raw_iterator, context),
+                                 context)
+            except Exception:
+                self._failed(method, context)
+        return handle
+
+    def _stream_stream(self, method, pool, parse, behaviour):
+        def handle(raw_iterator, context):
+            context = _Capped(context, self.limits.max_details_chars)
+            self._enter(pool, context)
+            try:
+                yield from behaviour(self._raw_requests(method, parse, raw_iterator, context),
+                                     context)
+            except Exception:
+                self._failed(method, context)
+        return handle
+
+
+@dataclass
+class _Upload:
+    round_id: int
+    site: int
+    total_bytes: int
+    context: grpc.ServicerContext
+    last_chunk: float = field(default_factory=time.monotonic)
+
+
+class _Uploads:
+    """Uploads being received: one per (round, site) at a time, their announced bytes
+    within `max_upload_bytes_in_flight` together, each cancelled when it idles past
+    `upload_idle_s` or its round stops collecting (`reap`, from the ticker)."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._open: dict[tuple[int, int], _Upload] = {}
+
+    def claim(self, round_id: int, site: int, total_bytes: int,
+              context: grpc.ServicerContext) -> _Upload:
+        with self._lock:
+            if (round_id, site) in self._open:
+                raise ProtocolError("replay", f"site {site} is already uploading its vector "
+                                              f"for round {round_id}: one upload at a time")
+            held = sum(u.total_bytes for u in self._open.values())
+            cap = self.limits.max_upload_bytes_in_flight
+            if held + total_bytes > cap:
+                raise RefusedError("too_large", f"uploads in flight hold {held} bytes; "
+                                                f"{total_bytes} more would pass the {cap}-byte "
+                                                "limit; retry shortly")
+            upload = _Upload(round_id, site, total_bytes, context)
+            self._open[(round_id, site)] = upload
+            return upload
+
+    def release(self, upload: _Upload) -> None:
+        with self._lock:
+            if self._open.get((upload.round_id, upload.site)) is upload:
+                del self._open[(upload.round_id, upload.site)]
+
+    def reap(self, collecting: Callable[[int], bool]) -> int:
+        """Cancels uploads idle too long or whose round left its upload phase."""
+        now = time.monotonic()
+        with self._lock:
+            open_ = list(self._open.values())
+        expired = [u for u in open_ if now - u.last_chunk > self.limits.upload_idle_s
+                   or not collecting(u.round_id)]
+        for upload in expired:
+            log.info("cancelling site %d's upload for round %d: idle or past its phase",
+                     upload.site, upload.round_id)
+            upload.context.cancel()
+            self.release(upload)
+        return len(expired)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
 
 
 class _Guard:
@@ -155,12 +453,15 @@ def _event_to_wire(event: Event) -> fleet_pb2.RoundEvent:
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
     def __init__(self, coordinator: Coordinator, guard: _Guard, aggregator_key: bytes,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, limits: ServerLimits | None = None,
+                 uploads: _Uploads | None = None) -> None:
         self.coordinator = coordinator
         self.guard = guard
         self.aggregator_key = aggregator_key
         self.received = metrics.received
         self.sent = metrics.sent
+        self.limits = limits or ServerLimits()
+        self.uploads = uploads if uploads is not None else _Uploads(self.limits)
 
     def Enroll(self, request, context):  # noqa: N802 (gRPC's method names)
         if self.guard.mtls:
@@ -191,7 +492,16 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         if round_id is None:
             context.add_callback(lambda: self.coordinator.leave(site, serial))
         cursor, heartbeat = 0, 0.0
+        ends = time.monotonic() + self.limits.stream_max_s
         while context.is_active():
+            if round_id is None and time.monotonic() >= ends:
+                # Queued past stream_max_s: the site is told to join again, so no stream
+                # (and no worker thread) is held forever by a cohort that never forms.
+                self.coordinator.leave(site, serial)
+                yield _event_to_wire(Event(0, Stopped(
+                    f"site {site} waited {self.limits.stream_max_s:g} s for a cohort; join "
+                    "again", True)))
+                return
             if round_id is None and time.monotonic() - heartbeat >= WAITING_EVERY_S:
                 waiting = self.coordinator.waiting()
                 heartbeat = time.monotonic()
@@ -251,29 +561,51 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             context.abort(S.INVALID_ARGUMENT, "empty upload: send at least one chunk")
         received.inc(first.ByteSize())
         site = self.guard.site(context, first.site)
+        upload: _Upload | None = None
 
         def accept() -> bytes:
-            # Size and round are checked at the first chunk, before anything is read.
-            limit = self.coordinator.upload_limit(first.round_id, site)
-            if first.total_bytes > limit:
-                raise RefusedError("too_large", f"site {site}: upload announces "
-                                                f"{first.total_bytes} bytes; round "
-                                                f"{first.round_id}'s vector is {limit}")
+            nonlocal upload
+            # The header is checked and the (round, site) slot claimed at the first chunk,
+            # before anything is buffered: a second upload of the slot is ALREADY_EXISTS.
+            limit = self.coordinator.check_upload(first.round_id, site, first.ring_bits,
+                                                  first.total_bytes, first.payload_sha256)
+            upload = self.uploads.claim(first.round_id, site, limit, context)
             message, digest = codec.masked_input_from_chunks(
-                itertools.chain([first], _metered(received, request_iterator)),
-                max_bytes=limit)
+                self._chunks(upload, itertools.chain(
+                    [first], _metered(received, request_iterator))), max_bytes=limit)
             return self.coordinator.submit(message, digest)
-        digest = self._call(context, site, accept)
+        try:
+            digest = self._call(context, site, accept)
+        finally:
+            if upload is not None:
+                self.uploads.release(upload)
         return fleet_pb2.MaskedVectorReceipt(round_id=first.round_id, site=site,
                                              received_bytes=first.total_bytes,
                                              payload_sha256=digest)
 
 
+    def _chunks(self, upload: _Upload, chunks: Iterator[fleet_pb2.MaskedVectorChunk]
+                ) -> Iterator[fleet_pb2.MaskedVectorChunk]:
+        """The chunks, each marking the upload alive; every chunk but the last must carry
+        at least min_chunk_bytes (a 1-byte chunk stream is a cheap way to hold a slot)."""
+        least = self.limits.min_chunk_bytes
+        for chunk in chunks:
+            upload.last_chunk = time.monotonic()
+            last = chunk.offset + len(chunk.data) >= chunk.total_bytes
+            if len(chunk.data) < least and not last:
+                raise ProtocolError("malformed", f"site {chunk.site}: a {len(chunk.data)}-byte "
+                                                 f"chunk at offset {chunk.offset}; chunks but "
+                                                 f"the last carry at least {least} bytes")
+            yield chunk
+
+
 class ModelsService(models_pb2_grpc.ModelsServicer):
-    def __init__(self, coordinator: Coordinator, metrics: ServerMetrics) -> None:
+    def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
+                 limits: ServerLimits | None = None) -> None:
         self.coordinator = coordinator
         self.registry = coordinator.registry
         self.metrics = metrics
+        self.limits = limits or ServerLimits()
 
     def _announce(self, number: int) -> models_pb2.VersionAnnouncement:
         version = self.registry.get(number)
@@ -287,8 +619,9 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
     def _watch(self, request, context) -> Iterator[models_pb2.VersionAnnouncement]:
         after = request.after_version if request.HasField("after_version") else -1
         # The stream ends (and the gauge drops) within FOLLOW_POLL_S of the caller leaving.
+        ends = time.monotonic() + self.limits.stream_max_s  # the caller watches again after
         with self.metrics.watchers.track_inprogress():
-            while context.is_active():
+            while context.is_active() and time.monotonic() < ends:
                 for number in self.registry.numbers():
                     if number > after:
                         yield self._announce(number)
@@ -335,13 +668,15 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
 
 
 class AuditService(audit_pb2_grpc.AuditServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, limits: ServerLimits | None = None) -> None:
         self.coordinator = coordinator
         self.ledger = coordinator.ledger
+        self.limits = limits or ServerLimits()
 
     def StreamLedger(self, request, context):  # noqa: N802
         index = request.from_index
-        while context.is_active():
+        ends = time.monotonic() + self.limits.stream_max_s  # a follower re-opens from its index
+        while context.is_active() and time.monotonic() < ends:
             for entry in self.ledger.entries(index):
                 yield audit_pb2.LedgerEntry(index=entry.index, prev_hash=entry.prev_hash,
                                             body=entry.body, hash=entry.hash,
@@ -378,6 +713,9 @@ class RunningServer:
     _stop_ticking: threading.Event
     metrics: ServerMetrics
     metrics_endpoint: MetricsEndpoint | None = None  # serving /metrics if metrics_listen
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    capacity: _Capacity | None = None  # calls in progress, by pool
+    uploads: _Uploads | None = None  # uploads being received
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop_ticking.set()
@@ -392,8 +730,8 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
-def open_coordinator(config: ServerConfig, listener: RoundListener | None = None
-                     ) -> Coordinator:
+def open_coordinator(config: ServerConfig, listener: RoundListener | None = None,
+                     limits: ServerLimits | None = None) -> Coordinator:
     """The aggregator's state under config.data_dir: signing key, versions (genesis made if
     absent), ledger, enrolments, round state (a round in flight is abandoned here)."""
     data = config.data_dir
@@ -404,12 +742,16 @@ def open_coordinator(config: ServerConfig, listener: RoundListener | None = None
         registry.genesis(config.adapter)
     return Coordinator(data, registry, Ledger(data / "ledger.sqlite", key),
                        Enrolments(data / "enrolments.json"), config.cohort, config.privacy,
-                       listener=listener)
+                       listener=listener, limits=limits)
 
 
-def serve(config: ServerConfig) -> RunningServer:
+def serve(config: ServerConfig, limits: ServerLimits | None = None) -> RunningServer:
     """Starts the aggregator on config.listen (port 0: the OS picks; see .port). Under
-    mTLS unless config.insecure, which ServerConfig only allows on a loopback address."""
+    mTLS unless config.insecure, which ServerConfig only allows on a loopback address.
+    `limits` (default ServerLimits(), its stream cap config.max_workers) bound what the
+    server takes on at once; the thread pool is sized so that nothing admitted queues."""
+    if limits is None:  # a ServerConfig with a [limits] table carries its own
+        limits = getattr(config, "limits", None) or ServerLimits()
     host, _ = split_listen(config.listen)  # ServerConfig refused plaintext off loopback
     if config.tls is not None:
         creds = identity.server_credentials(
@@ -421,16 +763,27 @@ def serve(config: ServerConfig) -> RunningServer:
                     "aggregator sees every site's update unmasked; an ablation for "
                     "measurements, on %s only", config.listen)
     metrics = ServerMetrics()
-    coordinator = open_coordinator(config, metrics)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
+    coordinator = open_coordinator(config, metrics, limits)
+    mtls = config.tls is not None
+    workers = limits.workers(config.max_workers)
+    capacity, uploads = _Capacity(limits, config.max_workers), _Uploads(limits)
+    # As many workers as calls admitted (both caps plus the reserve), and grpc itself
+    # refuses past that: an admitted call never waits for a thread, and a flood of calls
+    # is refused RESOURCE_EXHAUSTED instead of queueing ahead of Health.Check.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
+                                                    thread_name_prefix="fleetmind-rpc"),
+                         interceptors=[_Hardening(capacity, limits, mtls)],
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                  ("grpc.so_reuseport", 0)])
-    guard = _Guard(coordinator.enrolments, mtls=config.tls is not None)
+                                  ("grpc.so_reuseport", 0), *limits.channel_options()],
+                         maximum_concurrent_rpcs=workers)
+    guard = _Guard(coordinator.enrolments, mtls=mtls)
     fleet_pb2_grpc.add_FleetServicer_to_server(
         FleetService(coordinator, guard, coordinator.registry.public_key.public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw), metrics), server)
-    models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(coordinator, metrics), server)
-    audit_pb2_grpc.add_AuditServicer_to_server(AuditService(coordinator), server)
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw), metrics, limits,
+            uploads), server)
+    models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(coordinator, metrics, limits),
+                                                 server)
+    audit_pb2_grpc.add_AuditServicer_to_server(AuditService(coordinator, limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):
@@ -458,9 +811,10 @@ def serve(config: ServerConfig) -> RunningServer:
         while not stop_ticking.wait(TICK_S):
             try:
                 coordinator.tick()
+                uploads.reap(coordinator.collecting)
             except Exception:  # a bug in one tick must not stop every later deadline
                 log.exception("coordinator tick failed; ticking on")
     threading.Thread(target=tick, name="fleetmind-coordinator-tick", daemon=True).start()
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return RunningServer(server, port, address, coordinator, health_servicer, stop_ticking,
-                         metrics, endpoint)
+                         metrics, endpoint, limits, capacity, uploads)

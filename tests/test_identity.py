@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fleetmind.aggregation.identity_proof import is_small_order
 from fleetmind.server import identity
 
 WHOAMI = "/fleetmind.test.Echo/WhoAmI"
@@ -115,3 +116,33 @@ def test_signing_key_is_private_atomic_and_never_replaced(tmp_path: Path) -> Non
     os.chmod(path, 0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
         identity.load_signing_key(path)
+
+
+# The 8-torsion of Ed25519 in its canonical encodings (libsodium's blocklist), and the
+# non-canonical ones (y >= p, or x's sign set where x = 0).
+SMALL_ORDER = [
+    "0100000000000000000000000000000000000000000000000000000000000000",  # order 1
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+    "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "0100000000000000000000000000000000000000000000000000000000000080",  # non-canonical
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+]
+
+
+@pytest.mark.parametrize("encoded", SMALL_ORDER)
+def test_small_order_keys_are_recognised(encoded: str) -> None:
+    assert is_small_order(bytes.fromhex(encoded))
+
+
+def test_real_keys_are_not_small_order() -> None:
+    for _ in range(64):
+        key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        assert not is_small_order(key)
+    assert not is_small_order(b"\1" * 31)  # not a key at all: the length check refuses it

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetmind.aggregation.dp import DPConfig, distributed_noise
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.merge import secagg_payload
 from fleetmind.aggregation.secagg import SiteAdvertiseKeys, crypto
@@ -91,6 +92,7 @@ class Site:
         # Per-coordinate values well inside the fixed-point clip of 1.0.
         self.delta = {n: rng.uniform(-0.3, 0.3, s).astype(np.float32) for n, s in SHAPES.items()}
         self.weight = 1.0
+        self.noise = False  # True: this site's share of distributed DP noise, as sites add
         self.stream = None
         self.state = None
 
@@ -128,7 +130,12 @@ class Site:
         bundle = codec.shares_for_site_from_wire(self.expect("shares_for_site").shares_for_site)
         delta_code, weight_code = codec.payload_codes(self.wire_config)
         flat = np.concatenate([self.weight * self.delta[n].reshape(-1) for n in sorted(SHAPES)])
-        ring = secagg_payload(flat, self.weight, delta_code, weight_code)
+        w = self.wire_config
+        noise = distributed_noise(DPConfig(w.clip_norm, w.noise_multiplier, w.privacy_unit,
+                                           w.noise_mode, w.expected_cohort),
+                                  delta_code, flat.size) if self.noise else None
+        ring = secagg_payload(flat, self.weight, delta_code, weight_code,
+                              integer_noise=noise)
         masked, self.state = self.state.receive(bundle).mask(ring)
         return list(codec.masked_input_to_chunks(masked, self.config.ring_bits, chunk_bytes=64))
 
@@ -412,3 +419,19 @@ def test_a_site_dropping_in_any_other_phase_leaves_a_correct_merge(tmp_path: Pat
         assert running.coordinator.ledger.head().record.dropouts == expected_dropouts
     finally:
         running.stop(grace=None)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (1.0, 0.5, 0.02)],
+                         ids=["fresh", "stale-down-to-0.02"])
+def test_honest_noisy_rounds_pass_the_aggregate_check(aggregator, weights) -> None:
+    """The check before signing (coordinator._check_aggregate) must never refuse what honest
+    sites send: full distributed noise, clipped deltas, staleness weights down to near
+    min_site_weight. Three rounds each, so a rare noise draw would show."""
+    running, channel = aggregator
+    sites = [Site(channel, f"site-{i}", seed=40 + i) for i in range(3)]
+    for s, w in zip(sites, weights, strict=True):
+        s.noise, s.weight = True, w
+    for round_number in range(1, 4):
+        run_round(sites)
+        assert {s.expect("completed").completed.version for s in sites} == {round_number}
+    assert running.coordinator.rejected() == []

@@ -16,6 +16,7 @@ from fleetmind.aggregation.secagg import crypto
 from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc, models_pb2, models_pb2_grpc
 from fleetmind.server import identity, versions
 from fleetmind.server.config import ConfigError, ServerConfig, TlsPaths
+from fleetmind.server.limits import ServerLimits
 from fleetmind.server.service import serve
 
 
@@ -156,8 +157,29 @@ def test_a_queued_site_that_hangs_up_leaves_the_queue(plaintext) -> None:
     running, channel = plaintext
     fleet = fleet_pb2_grpc.FleetStub(channel)
     site = fleet.Enroll(enroll_request("site-a"), timeout=5).site
-    stream = fleet.JoinRound(fleet_pb2.JoinRoundRequest(site=site), timeout=30)
+    stream = fleet.JoinRound(fleet_pb2.JoinRoundRequest(site=site, contributing_units=1),
+                             timeout=30)
     waiting = next(stream).waiting
     assert (waiting.ready_sites, waiting.target_cohort) == (1, 10)
     stream.cancel()
     assert running.coordinator.wait(lambda: running.coordinator.waiting().ready_sites == 0, 5)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_calls", 0, "must be a finite number > 0"),
+    ("stream_max_s", float("inf"), "must be a finite number > 0"),
+    ("max_calls", 2.5, "must be an integer"),
+    ("min_site_weight", 2.0, "<= 1"),
+    ("stream_max_s", 1000.0, "must exceed stream_max_s"),
+    ("max_details_chars", 10, ">= 40"),
+    ("reserved_workers", True, "must be a finite number > 0"),
+])
+def test_limits_are_validated_at_construction(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerLimits(**{field: value})
+
+
+def test_the_pool_fits_both_caps_and_the_reserve() -> None:
+    limits = ServerLimits()
+    assert limits.streams(256) == 256 and ServerLimits(max_streams=10).streams(256) == 10
+    assert limits.workers(256) == 256 + limits.max_calls + limits.reserved_workers
