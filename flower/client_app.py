@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -29,7 +29,7 @@ from fleetmind.flower.strategy import ARRAYS, METRICS, WEIGHT, b_record, b_tenso
 def clip_when_asked(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's `fixedclipping_mod` when the strategy sent a clipping norm (its DP wrapper
     does), else nothing: the mod refuses messages without one, and DP is optional."""
-    config = next(iter(message.content.config_records.values()), {})
+    config = next(iter(message.content.config_records.values()), ConfigRecord())
     if KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(message, context, call_next)
     return call_next(message, context)
@@ -44,7 +44,7 @@ def client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     def train(message: Message, context: Context) -> Message:
         run = FlowerRun.from_config({**context.run_config, **(overrides or {})})
         site = SiteNode.from_node_config(context.node_config, run)
-        server_round = int(message.content["config"]["server-round"])
+        server_round = int(cast(int, message.content.config_records["config"]["server-round"]))
         return consolidate_site(message, run, site, server_round)
 
     return app
@@ -63,7 +63,7 @@ def consolidate_site(message: Message, run: FlowerRun, site: SiteNode,
 
     model, tokenizer = _adapted_model(str(run.model_path()), run.lora_seed, run.lora_rank,
                                       run.lora_alpha, run.torch_threads)
-    lora.set_b(model, b_tensors(message.content[ARRAYS]))
+    lora.set_b(model, b_tensors(message.content.array_records[ARRAYS]))
     site.state.mkdir(parents=True, exist_ok=True)
     guard_file = Path(run.world) / "guard.jsonl"
     guard = read_prompts(guard_file) if guard_file.is_file() else ()

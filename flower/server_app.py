@@ -1,16 +1,17 @@
-"""The ServerApp: rounds of `ExactLoRAMerge`, transfer accuracy of each merged model, and
-the result on disk (`result.json`, `global_b.safetensors`, `adapter/` as a PEFT folder).
+"""The ServerApp: rounds of `ExactLoRAMerge`, an evaluation of each merged model when the
+run config names one, and the result on disk (`result.json`, `global_b.safetensors`,
+`adapter/` as a PEFT folder).
 
-Transfer accuracy: closed-book accuracy (`sim.basemodel.answer_correct`) of the merged
-model on the facts first stated at *other* sites than the one scored, averaged over the
-world's sites. The server knows the toy world, so it scores every site at once; the
-base model is at chance (1/40) or below.
+The evaluation is a parameter, as in Flower's app templates: the run config's `evaluate`
+names a factory "module:function" (see `Evaluation`); the app knows no dataset.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +25,35 @@ from fleetmind.aggregation import accountant, merge
 from fleetmind.flower.settings import FlowerRun
 from fleetmind.flower.strategy import ExactLoRAMerge, b_record, b_tensors
 
+# What the run config's `evaluate` names: a factory called once with the run, the PEFT
+# model (the run's base model with its LoRA attached) and its tokenizer; it returns the
+# evaluation, called after every round (round 0: the starting B) once the merged B is set
+# on that model, which returns named metrics.
+Evaluation = Callable[[int], Mapping[str, float]]
+EvaluationFactory = Callable[[FlowerRun, Any, Any], Evaluation]
 
-class TransferEvaluation:
-    """Scores a B on the world's facts; also yields the zero B that round 1 starts from."""
 
-    def __init__(self, run: FlowerRun) -> None:
-        from fleetmind.client import lora
-        from fleetmind.client.model import load_model
-        from fleetmind.sim import world as W
+def load_evaluation(run: FlowerRun, model: Any, tokenizer: Any) -> Evaluation | None:
+    """The evaluation the run config names, or None when it names none."""
+    if not run.evaluate:
+        return None
+    module, _, name = run.evaluate.partition(":")
+    try:
+        factory: EvaluationFactory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"evaluate={run.evaluate!r}: {error}; name an importable "
+                         "'module:function'") from None
+    return factory(run, model, tokenizer)
 
-        base, self.tokenizer = load_model(run.model_path())
-        self.model = lora.attach_lora(base, seed=run.lora_seed, rank=run.lora_rank,
-                                      alpha=run.lora_alpha)
-        world = W.read_world(Path(run.world))
-        self.facts = world.facts()  # (site, fact), in site order
-        self.sites = [site.name for site in world.sites]
-        self.prompts = [W.closed_book_prompt(fact) for _, fact in self.facts]
-        self.answers = [W.answer(fact) for _, fact in self.facts]
 
-    def zero_b(self) -> dict[str, np.ndarray]:
-        from fleetmind.client import lora
+def adapted_model(run: FlowerRun) -> tuple[Any, Any]:
+    """The run's base model with its LoRA attached (A from the seed, B zero), and tokenizer."""
+    from fleetmind.client import lora
+    from fleetmind.client.model import load_model
 
-        return {name: np.zeros_like(b) for name, b in lora.get_b(self.model).items()}
-
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        from fleetmind.client import lora
-        from fleetmind.sim.basemodel import answer_correct
-
-        lora.set_b(self.model, b_tensors(arrays))
-        correct = np.array(answer_correct(self.model, self.tokenizer, self.prompts,
-                                          self.answers))
-        origin = np.array([site for site, _ in self.facts])
-        transfer = [correct[origin != site].mean() for site in self.sites
-                    if (origin != site).any()]
-        return MetricRecord({
-            "closed-book-accuracy": float(correct.mean()),
-            "transfer-accuracy": float(np.mean(transfer)) if transfer else 0.0,
-        })
+    base, tokenizer = load_model(run.model_path())
+    return lora.attach_lora(base, seed=run.lora_seed, rank=run.lora_rank,
+                            alpha=run.lora_alpha), tokenizer
 
 
 def make_strategy(run: FlowerRun) -> Strategy:
@@ -95,23 +88,29 @@ def run_fleet(grid: Grid, run: FlowerRun) -> dict[str, Any]:
     from fleetmind.client import lora
 
     started = time.perf_counter()
-    evaluation = TransferEvaluation(run)
-    result = make_strategy(run).start(grid=grid, initial_arrays=b_record(evaluation.zero_b()),
+    model, tokenizer = adapted_model(run)
+    zero_b = {name: np.zeros_like(b) for name, b in lora.get_b(model).items()}
+    evaluation = load_evaluation(run, model, tokenizer)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        assert evaluation is not None
+        lora.set_b(model, b_tensors(arrays))
+        return MetricRecord(dict(evaluation(server_round)))
+
+    result = make_strategy(run).start(grid=grid, initial_arrays=b_record(zero_b),
                                       num_rounds=run.rounds, timeout=run.round_timeout,
-                                      train_config=ConfigRecord(), evaluate_fn=evaluation)
-    final_b = b_tensors(result.arrays) if len(result.arrays) else evaluation.zero_b()
+                                      train_config=ConfigRecord(),
+                                      evaluate_fn=None if evaluation is None else evaluate)
+    final_b = b_tensors(result.arrays) if len(result.arrays) else zero_b
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(final_b, str(out / "global_b.safetensors"))
-    lora.set_b(evaluation.model, final_b)
-    lora.save_adapter(evaluation.model, out / "adapter")
-    rounds = {str(r): dict(metrics) for r, metrics in
-              sorted(result.evaluate_metrics_serverapp.items())}
+    lora.set_b(model, final_b)
+    lora.save_adapter(model, out / "adapter")
     summary = {
         "sites": run.sites, "rounds": run.rounds, "seconds": time.perf_counter() - started,
-        "evaluation": rounds,
-        "base_transfer_accuracy": rounds["0"]["transfer-accuracy"],
-        "transfer_accuracy": rounds[str(run.rounds)]["transfer-accuracy"],
+        "evaluation": {str(r): dict(metrics) for r, metrics in
+                       sorted(result.evaluate_metrics_serverapp.items())},
         "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
         "epsilon": epsilon_spent(run, run.rounds),
         "config": run.as_config(),

@@ -24,7 +24,10 @@ PARTITION_ID = "partition-id"
 @dataclass(frozen=True)
 class FlowerRun:
     """world: a folder from `fleetmind model world` (sessions per site, spec.json, probes).
-    model: a local Hugging Face model folder ("" = the committed toy model).
+    model: a local Hugging Face model folder (required to run; the simulator names its toy
+    model).
+    evaluate: "module:function", the ServerApp's evaluation after every round ("" = none);
+    see `flower/server_app.py` `Evaluation` (the toy world's: `fleetmind.sim.flower_run`).
     state: where each site keeps its store and updates between runs (Flower's
     `Context.state` does not survive a run), one folder per site.
     out: where the ServerApp writes result.json, the merged B and the PEFT adapter.
@@ -35,6 +38,7 @@ class FlowerRun:
 
     world: str = "out/world"
     model: str = ""
+    evaluate: str = ""
     state: str = "out/flower/state"
     out: str = "out/flower"
     sites: int = 2
@@ -74,6 +78,10 @@ class FlowerRun:
                             "to the clipping norm")
         if not 0 < self.dp_delta < 1:
             problems.append(f"dp-delta={self.dp_delta} must be in (0, 1)")
+        module, colon, function = self.evaluate.partition(":")
+        if self.evaluate and not (module and colon and function.isidentifier()):
+            problems.append(f"evaluate={self.evaluate!r} must be 'module:function' "
+                            "(or empty: no evaluation)")
         try:
             self.distill  # noqa: B018 -- DistillConfig validates the OPSD settings
         except ValueError as error:
@@ -112,11 +120,10 @@ class FlowerRun:
         return self.dp_clip_norm > 0
 
     def model_path(self) -> Path:
-        if self.model:
-            return Path(self.model)
-        from fleetmind.sim.basemodel import toy_model_path
-
-        return toy_model_path(build=False)
+        if not self.model:
+            raise ValueError("the Flower run config names no model: pass --run-config "
+                             "'model=\"PATH\"' (a local Hugging Face model folder)")
+        return Path(self.model)
 
 
 @dataclass(frozen=True)

@@ -88,13 +88,21 @@ class ExactLoRAMerge(FedAvg):
     def update_of(self, reply: Message, server_round: int) -> Update:
         """The site's delta (its B minus the B it was sent) as a fleetmind Update, checked
         against the global shapes; UpdateError if it does not fit or is not finite."""
-        adapted = b_tensors(reply.content[ARRAYS])
-        metrics = reply.content[METRICS]
+        adapted = b_tensors(reply.content.array_records[ARRAYS])
+        metrics = reply.content.metric_records[METRICS]
         metadata = UpdateMetadata(
             site=f"node-{reply.metadata.src_node_id}", base_version=server_round - 1,
-            weight=float(metrics[WEIGHT]), sessions=int(metrics.get("sessions", 0)),
-            tokens=int(metrics.get("tokens", 0)))
+            weight=_number(metrics, WEIGHT), sessions=int(_number(metrics, "sessions", 0)),
+            tokens=int(_number(metrics, "tokens", 0)))
         # Names, shapes, dtype and finiteness of what arrived, before any arithmetic on it.
         Update(adapted, metadata).validate_against(
             {name: tensor.shape for name, tensor in self.sent.items()})
         return Update({name: adapted[name] - self.sent[name] for name in adapted}, metadata)
+
+
+def _number(metrics: MetricRecord, key: str, default: float | None = None) -> float:
+    """A reply's scalar metric; UpdateError if it is missing (without a default) or a list."""
+    value = metrics.get(key, default)
+    if value is None or isinstance(value, list):
+        raise UpdateError(f"metric {key!r} is {value!r}, need a number")
+    return float(value)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 
-from fleetmind.aggregation.dp import NOISE_TAIL_SIGMAS, DPConfig
+from fleetmind.aggregation.encoding import encoding_codes
 from fleetmind.aggregation.quantize import FixedPoint
 from fleetmind.aggregation.secagg import crypto
 from fleetmind.aggregation.secagg.graph import NeighbourGraph
@@ -36,8 +36,6 @@ from fleetmind.protos.fleetmind.v1 import fleet_pb2
 DEFAULT_CHUNK_BYTES = 1 << 20
 SIGNATURE_BYTES = 64
 MAX_CIPHERTEXT_BYTES = 4096  # two shares plus AES-GCM overhead are ~100 bytes
-# A site's aggregation weight is its staleness weight 1/sqrt(1+tau) <= 1 (merge.staleness_weight).
-WEIGHT_CLIP = 1.0
 
 
 def _malformed(message: str) -> ProtocolError:
@@ -80,21 +78,9 @@ def round_config_from_wire(wire: fleet_pb2.RoundConfig) -> RoundConfig:
         raise _malformed(f"round config: {error}") from None
 
 
-def encoding_codes(clip_norm: float, noise_multiplier: float, noise_mode: str,
-                   privacy_unit: str, expected_cohort: int, fixed_point_clip: float,
-                   cohort_max: int, ring_bits: int) -> tuple[FixedPoint, FixedPoint]:
-    """The two fixed-point codes of a round's payload (merge.secagg_payload): the weighted
-    delta's, with ring headroom for `cohort_max` sites and, in distributed mode, for each
-    site's share of the integer noise; and the weight's. Raises ValueError."""
-    dp = DPConfig(clip_norm, noise_multiplier, privacy_unit, noise_mode, expected_cohort)
-    noise_bound = NOISE_TAIL_SIGMAS * dp.site_noise_stddev if dp.mode == "distributed" else 0.0
-    return (FixedPoint(fixed_point_clip, cohort_max, ring_bits, noise_bound),
-            FixedPoint(WEIGHT_CLIP, cohort_max, ring_bits))
-
-
 def payload_codes(wire: fleet_pb2.RoundConfig) -> tuple[FixedPoint, FixedPoint]:
-    """`encoding_codes` of a round's wire config: site and aggregator derive the codes from
-    the same fields, so they cannot disagree."""
+    """`aggregation.encoding.encoding_codes` of a round's wire config: site and aggregator
+    derive the codes from the same fields, so they cannot disagree."""
     try:
         return encoding_codes(wire.clip_norm, wire.noise_multiplier, wire.noise_mode,
                               wire.privacy_unit, wire.expected_cohort, wire.fixed_point_clip,

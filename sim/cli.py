@@ -1,25 +1,26 @@
-"""`fleetmind`: one program, a subcommand per capability.
+"""The simulator's commands: `model` (the toy world and base model), `bench` and `demo`.
 
-Heavy libraries (torch, transformers) are imported inside the commands that need them, so
-`fleetmind --help` and the aggregator's commands run on an install without torch. A
-command reports bad input by raising `argparse.ArgumentError(None, message)`.
+`add_sim_commands` plugs them into the program's subparsers (fleetmind.cli.main registers
+it). Heavy libraries (torch, transformers) are imported inside the commands that need them.
+A command reports bad input by raising `argparse.ArgumentError(None, message)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line naming the problem, then exit 2."""
+def add_sim_commands(commands: Any) -> None:
+    """Add `model`, `bench` and `demo` to the top-level subparsers `commands`."""
+    from fleetmind.sim.bench.cli import add_bench_commands
+    from fleetmind.sim.demo import add_demo_command
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+    add_model_commands(commands)
+    add_bench_commands(commands)
+    add_demo_command(commands)
 
 
 def positive_int(text: str) -> int:
@@ -35,8 +36,9 @@ def positive_int(text: str) -> int:
 def add_model_commands(commands: Any) -> None:
     model = commands.add_parser("model", help="the toy world and base model",
                                 description="Toy world, toy base model, and model evaluation.")
+    # Sub-commands use the caller's parser class (one-line errors, exit 2).
     sub = model.add_subparsers(dest="action", required=True, metavar="ACTION",
-                               parser_class=Parser)
+                               parser_class=type(model))
 
     world = sub.add_parser("world", help="write a toy world to a folder",
                            description="Write sessions per site, probes, canaries, general "
@@ -126,40 +128,3 @@ def _print_report(report: dict[str, Any]) -> None:
             table.add_row(key, f"{report[key]:.3f}" if isinstance(report[key], float)
                           else str(report[key]))
     Console().print(table)
-
-
-def command_groups() -> tuple[Callable[[Any], None], ...]:
-    from fleetmind.audit.cli import add_audit_commands
-    from fleetmind.client.cli import add_client_commands
-    from fleetmind.server.cli import add_server_commands
-    from fleetmind.sim.bench.cli import add_bench_commands
-    from fleetmind.sim.demo import add_demo_command
-
-    return (add_model_commands, add_client_commands, add_server_commands, add_bench_commands,
-            add_audit_commands, add_demo_command)
-
-
-def build_parser() -> Parser:
-    parser = Parser(prog="fleetmind", description="Federated continual learning for deployed "
-                    "language models.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     parser_class=Parser)
-    for add in command_groups():
-        add(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except argparse.ArgumentError as error:
-        # Every command group reports bad input this way (stdlib, so client/ and server/
-        # need nothing from this module): one line, exit status 2.
-        print(f"fleetmind: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

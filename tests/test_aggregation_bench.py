@@ -2,9 +2,9 @@
 
 import pytest
 
+from fleetmind.cli.main import Parser
 from fleetmind.sim.bench import aggregation
 from fleetmind.sim.bench.cli import add_bench_commands
-from fleetmind.sim.cli import Parser
 
 
 def test_exactness_ours_is_float_rounding_fedit_is_not() -> None:

@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from toy_fleet import TOY_SPEC
 
+from fleetmind.cli.main import main
 from fleetmind.server.versions import Release, VersionRegistry
 from fleetmind.sim import world as W
-from fleetmind.sim.cli import main
 
 
 def memorised_b(toy_model, slots: list[dict]) -> dict:

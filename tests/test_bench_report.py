@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from fleetmind.cli.main import main
 from fleetmind.sim.bench import report
-from fleetmind.sim.cli import main
 
 
 def sum_row(updates: int, parameters: int, gbps: float, memcpy_gbps: float) -> dict[str, Any]:

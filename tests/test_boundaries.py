@@ -9,17 +9,44 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# folder -> module prefixes its code may never import, anywhere (lazy imports included)
+HEAVY = ("torch", "transformers", "peft")
+# folder -> module prefixes its code may never import, anywhere (lazy imports included).
+# Every folder has its walls; `sim` (the simulator, the toy world, the benchmarks) may
+# import anything, and `cli` may import every side but holds no command of its own
+# (test_cli_holds_no_command_each_side_registers_its_own).
 FORBIDDEN = {
-    "aggregation": ("torch", "transformers", "peft", "grpc", "fleetmind.client",
-                    "fleetmind.server", "fleetmind.sim", "fleetmind.protos"),
-    "server": ("torch", "transformers", "peft", "fleetmind.client", "fleetmind.sim"),
-    "client": ("fleetmind.server", "fleetmind.sim"),
-    # The auditor reads both sides' records with their own code, but never the simulation
-    # (torch, transformers and peft load only inside `audit canaries`: test_audit.py runs
-    # the other commands with them absent).
-    "audit": ("fleetmind.sim",),
+    # Pure: the merge, DP, quantisation and secure aggregation know no transport, no I/O
+    # floor and neither side.
+    "aggregation": (*HEAVY, "grpc", "fleetmind.client", "fleetmind.server", "fleetmind.sim",
+                    "fleetmind.protos", "fleetmind.runtime", "fleetmind.audit",
+                    "fleetmind.flower", "fleetmind.cli"),
+    # The shared floor both sides stand on imports neither.
+    "runtime": (*HEAVY, "fleetmind.client", "fleetmind.server", "fleetmind.sim",
+                "fleetmind.audit", "fleetmind.flower", "fleetmind.cli"),
+    # The wire format: messages and their mapping, no side and no model code.
+    "protos": (*HEAVY, "fleetmind.client", "fleetmind.server", "fleetmind.sim",
+               "fleetmind.audit", "fleetmind.flower", "fleetmind.cli"),
+    "server": (*HEAVY, "fleetmind.client", "fleetmind.sim", "fleetmind.flower",
+               "fleetmind.cli"),
+    "client": ("fleetmind.server", "fleetmind.sim", "fleetmind.flower", "fleetmind.cli"),
+    # The auditor reads both sides' records, but never the simulation (torch, transformers
+    # and peft load only inside `audit canaries`: test_audit.py runs the other commands
+    # with them absent).
+    "audit": ("fleetmind.sim", "fleetmind.flower", "fleetmind.cli"),
+    # The Flower app takes its model and evaluation from the run config: the toy world is
+    # the simulator's (sim/flower_run.py).
+    "flower": ("fleetmind.sim", "fleetmind.server", "fleetmind.cli"),
+    "cli": (),
+    "sim": (),
 }
+# The auditor checks what the sides did with its own code, not theirs: key and address
+# parsing come from the shared floor, record schemas from next to the chain.
+AGENTS = ("fleetmind.client.site", "fleetmind.client.agent")
+
+
+def test_every_folder_has_walls() -> None:
+    folders = {link.name for link in (ROOT / "fleetmind").iterdir() if link.is_symlink()}
+    assert folders == set(FORBIDDEN)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -33,14 +60,56 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
-def test_folder_never_imports_the_forbidden(folder: str) -> None:
-    offences = []
+def offences(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    found = []
     for path in sorted((ROOT / folder).rglob("*.py")):
         for module in imported_modules(path):
-            if any(module == bad or module.startswith(bad + ".") for bad in FORBIDDEN[folder]):
-                offences.append(f"{path.relative_to(ROOT)} imports {module}")
-    assert offences == []
+            if any(module == bad or module.startswith(bad + ".") for bad in forbidden):
+                found.append(f"{path.relative_to(ROOT)} imports {module}")
+    return found
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_folder_never_imports_the_forbidden(folder: str) -> None:
+    assert offences(folder, FORBIDDEN[folder]) == []
+
+
+def test_audit_depends_on_neither_sides_agent_code() -> None:
+    assert offences("audit", AGENTS) == []
+    result = run_python(
+        "import sys, fleetmind.audit.cli, fleetmind.audit.sources, fleetmind.audit.trail\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({AGENTS!r})))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_cli_holds_no_command_each_side_registers_its_own() -> None:
+    import argparse
+
+    from fleetmind.cli.main import COMMAND_GROUPS, Parser, build_parser, command_group
+
+    # No argument or command is defined in cli/: it only asks the sides.
+    for path in sorted((ROOT / "cli").rglob("*.py")):
+        calls = {node.func.attr for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+        assert not calls & {"add_parser", "add_argument", "set_defaults"}, path
+    registered: dict[str, set[str]] = {}
+    for entry in COMMAND_GROUPS:
+        side = entry.split(":")[0].split(".")[1]
+        assert entry.startswith(f"fleetmind.{side}.") and side in {"client", "server", "audit",
+                                                                     "sim"}, entry
+        commands = Parser(prog="fleetmind").add_subparsers(parser_class=Parser)
+        command_group(entry)(commands)
+        assert commands.choices, f"{entry} registers no command"
+        assert not set(commands.choices) & set().union(*registered.values()), entry
+        registered.setdefault(side, set()).update(commands.choices)
+    assert {"client"} <= registered["client"] and {"server"} <= registered["server"]
+    assert registered["audit"] == {"audit"}
+    # The simulator registers only its own commands.
+    assert registered["sim"] == {"model", "bench", "demo"}
+    program = next(action for action in build_parser()._actions
+                   if isinstance(action, argparse._SubParsersAction))
+    assert set(program.choices) == set().union(*registered.values())
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -52,7 +121,8 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 def test_server_and_aggregation_load_neither_torch_nor_transformers() -> None:
     result = run_python(
         "import sys, fleetmind.server, fleetmind.aggregation, fleetmind.protos\n"
-        "import fleetmind.sim.cli\n"
+        "import fleetmind.runtime, fleetmind.cli.main\n"
+        "fleetmind.cli.main.build_parser()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'transformers', 'peft')))")
     assert result.returncode == 0, result.stderr
@@ -69,12 +139,24 @@ def test_aggregator_side_imports_with_torch_absent() -> None:
         "            raise ImportError('not installed: ' + name)\n"
         "sys.meta_path.insert(0, Refuse())\n"
         "import fleetmind.server, fleetmind.aggregation\n"
-        "from fleetmind.sim.cli import main\n"
+        "from fleetmind.cli.main import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit as stop:\n"
         "    assert stop.code == 0\n")
     assert result.returncode == 0, result.stderr
+
+
+def test_runtime_loads_no_side_and_no_torch() -> None:
+    result = run_python(
+        "import importlib, pkgutil, sys, fleetmind.runtime\n"
+        "for module in pkgutil.iter_modules(fleetmind.runtime.__path__):\n"
+        "    importlib.import_module('fleetmind.runtime.' + module.name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'peft') or m.startswith(('fleetmind.client', "
+        "'fleetmind.server', 'fleetmind.sim'))))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_client_does_not_load_the_server() -> None:

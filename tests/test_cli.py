@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetmind.sim.cli import build_parser, main
+from fleetmind.cli.main import build_parser, main
 
 
 def every_command(parser, prefix=()):
@@ -57,6 +57,14 @@ def test_eval_on_a_missing_model_is_one_line(tmp_path, capsys) -> None:
                  str(tmp_path / "w")])
     assert code == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["fleetmind.cli", "fleetmind.cli.main"])
+def test_program_runs_as_a_module(module: str) -> None:
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert all(name in result.stdout for name in ("client", "server", "audit", "demo"))
 
 
 def test_installed_program_runs() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fleetmind.cli import main as cli
 from fleetmind.client.store import SessionStore
-from fleetmind.sim import cli
 
 
 def session(number: int) -> str:

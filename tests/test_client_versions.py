@@ -13,12 +13,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetmind.aggregation import manifest as manifest_format
+from fleetmind.cli import main as cli
 from fleetmind.client import versions as site
 from fleetmind.protos.fleetmind.v1 import models_pb2
 from fleetmind.server import durable, service
 from fleetmind.server.config import ServerConfig
 from fleetmind.server.versions import ADAPTER_WEIGHTS, Release
-from fleetmind.sim import cli
 
 Hook = Callable[[object], object]
 

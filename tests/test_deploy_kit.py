@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 import yaml
 
+from fleetmind.cli.main import build_parser
 from fleetmind.client.metrics import SiteMetrics
-from fleetmind.client.site import SiteConfig
+from fleetmind.client.site_config import SiteConfig
 from fleetmind.server.config import ServerConfig, parse_config, split_listen
 from fleetmind.server.metrics import ServerMetrics
-from fleetmind.sim.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

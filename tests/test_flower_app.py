@@ -32,9 +32,8 @@ from fleetmind.aggregation import accountant, merge
 from fleetmind.aggregation.update import Update, UpdateMetadata
 from fleetmind.client.store import SessionStore
 from fleetmind.flower.client_app import clip_when_asked, consolidate_site
-from fleetmind.flower.server_app import epsilon_spent, make_strategy
+from fleetmind.flower.server_app import epsilon_spent, load_evaluation, make_strategy
 from fleetmind.flower.settings import FlowerRun, SiteNode
-from fleetmind.flower.simulate import simulate, write_toy_world
 from fleetmind.flower.strategy import (
     ARRAYS,
     METRICS,
@@ -44,6 +43,7 @@ from fleetmind.flower.strategy import (
     b_tensors,
 )
 from fleetmind.sim import world as W
+from fleetmind.sim.flower_run import simulate, toy_run, write_toy_world
 
 APP = Path(__file__).resolve().parents[1] / "flower" / "app" / "pyproject.toml"
 
@@ -156,6 +156,23 @@ def test_run_config_is_typed_and_refuses_unknown_keys() -> None:
         FlowerRun(dp_noise_multiplier=1.0)
 
 
+def fixed_evaluation(run: FlowerRun, model: object, tokenizer: object):
+    return lambda server_round: {"round": float(server_round), "sites": float(run.sites)}
+
+
+def test_the_evaluation_and_the_model_are_parameters_of_the_run_config() -> None:
+    # The app knows no dataset: no evaluation unless the run config names one.
+    assert load_evaluation(FlowerRun(), model=None, tokenizer=None) is None
+    named = FlowerRun(sites=3, evaluate=f"{__name__}:fixed_evaluation")
+    assert load_evaluation(named, model=None, tokenizer=None)(2) == {"round": 2.0, "sites": 3.0}
+    with pytest.raises(ValueError, match="must be 'module:function'"):
+        FlowerRun(evaluate="fleetmind.sim.flower_run")
+    with pytest.raises(ValueError, match=r"evaluate='fleetmind\.nowhere:f'"):
+        load_evaluation(FlowerRun(evaluate="fleetmind.nowhere:f"), model=None, tokenizer=None)
+    with pytest.raises(ValueError, match="names no model"):
+        FlowerRun().model_path()
+
+
 # ---- the simulation engine ----------------------------------------------------------------
 
 SITES = 3
@@ -166,13 +183,14 @@ PYTHONPATH = os.environ.get("PYTHONPATH")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[FlowerRun, dict]:
     root = tmp_path_factory.mktemp("flower-sim")
     world = write_toy_world(root / "world", SITES, facts_per_site=2, seed=3)
-    run = FlowerRun(world=str(world), state=str(root / "state"), out=str(root / "out"),
-                    sites=SITES, steps=10, server_learning_rate=SITES / 2,
-                    lora_seed=TOY_SPEC.frozen_a_seed, lora_rank=TOY_SPEC.rank,
-                    lora_alpha=TOY_SPEC.alpha, prompts_per_step=FAST.prompts_per_step,
-                    samples_per_prompt=FAST.samples_per_prompt,
-                    dreams_per_lesson=FAST.dreams_per_lesson,
-                    guard_prompts_per_step=FAST.guard_prompts_per_step)
+    # The toy base model and the transfer evaluation: the simulator's, not the app's.
+    run = toy_run(FlowerRun(world=str(world), state=str(root / "state"), out=str(root / "out"),
+                            sites=SITES, steps=10, server_learning_rate=SITES / 2,
+                            lora_seed=TOY_SPEC.frozen_a_seed, lora_rank=TOY_SPEC.rank,
+                            lora_alpha=TOY_SPEC.alpha, prompts_per_step=FAST.prompts_per_step,
+                            samples_per_prompt=FAST.samples_per_prompt,
+                            dreams_per_lesson=FAST.dreams_per_lesson,
+                            guard_prompts_per_step=FAST.guard_prompts_per_step))
     result = simulate(run)
     # Flower's Ray backend rewrites PYTHONPATH; later tests' subprocesses must not see it.
     assert os.environ.get("PYTHONPATH") == PYTHONPATH

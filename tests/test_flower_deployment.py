@@ -23,9 +23,9 @@ import safetensors.numpy
 
 from fleetmind.aggregation import merge
 from fleetmind.aggregation.update import Update
-from fleetmind.flower.simulate import write_toy_world
 from fleetmind.server.identity import create_ca, issue_server
 from fleetmind.sim import world as W
+from fleetmind.sim.flower_run import TRANSFER_EVALUATION, write_toy_world
 
 APP = Path(__file__).resolve().parents[1] / "flower" / "app"
 BIN = Path(sys.executable).parent  # flower-superlink, flwr ... of this environment
@@ -107,11 +107,14 @@ def fleet(tmp_path: Path) -> Iterator[dict]:
                 process.wait()
 
 
-def test_flwr_run_on_a_tls_deployment_merges_the_sites_deltas_exactly(fleet: dict) -> None:
+def test_flwr_run_on_a_tls_deployment_merges_the_sites_deltas_exactly(
+        fleet: dict, toy_model_dir: Path) -> None:
     root, out = fleet["root"], fleet["root"] / "out"
     eta = SITES / 2
+    # The app knows no dataset: the run config names the model and the evaluation.
     run_config = (f'world="{fleet["world"]}" state="{root}/state" out="{out}" sites={SITES} '
-                  f"steps=10 server-learning-rate={eta} prompts-per-step=2")
+                  f"steps=10 server-learning-rate={eta} prompts-per-step=2 "
+                  f'model="{toy_model_dir}" evaluate="{TRANSFER_EVALUATION}"')
     finished = subprocess.run(
         [str(BIN / "flwr"), "run", str(APP), "fleet", "--stream", "--run-config", run_config],
         env=fleet["env"], cwd=root, capture_output=True, text=True, timeout=300)
@@ -127,5 +130,5 @@ def test_flwr_run_on_a_tls_deployment_merges_the_sites_deltas_exactly(fleet: dic
     got = safetensors.numpy.load_file(str(out / "global_b.safetensors"))
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
-    result = json.loads((out / "result.json").read_text())
-    assert result["transfer_accuracy"] > result["base_transfer_accuracy"]
+    evaluation = json.loads((out / "result.json").read_text())["evaluation"]
+    assert evaluation["1"]["transfer-accuracy"] > evaluation["0"]["transfer-accuracy"]

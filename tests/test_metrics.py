@@ -26,9 +26,10 @@ from toy_fleet import FAST, TOY_SPEC
 
 from fleetmind.aggregation.accountant import RoundCharge, epsilon_of
 from fleetmind.aggregation.dp import DPConfig
+from fleetmind.cli.main import main
 from fleetmind.client.metrics import SiteMetrics
-from fleetmind.client.site import ConfigError as SiteConfigError
 from fleetmind.client.site import SiteConfig, run, run_once
+from fleetmind.client.site_config import ConfigError as SiteConfigError
 from fleetmind.client.store import SessionStore
 from fleetmind.protos.fleetmind.v1 import audit_pb2, audit_pb2_grpc, models_pb2, models_pb2_grpc
 from fleetmind.server import versions
@@ -40,7 +41,6 @@ from fleetmind.server.config import (
     parse_config,
 )
 from fleetmind.server.service import serve
-from fleetmind.sim.cli import main
 from fleetmind.sim.world import WorldSpec, make_world
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -395,7 +395,7 @@ def test_a_sites_metrics_listen_is_validated(tmp_path: Path, toy_model_dir) -> N
 
 def test_server_run_serves_metrics_with_the_flag(tmp_path: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "fleetmind.sim.cli", "server", "run", "--insecure",
+        [sys.executable, "-m", "fleetmind.cli.main", "server", "run", "--insecure",
          "--listen", "127.0.0.1:0", "--data", str(tmp_path / "data"),
          "--metrics-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

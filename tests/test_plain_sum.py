@@ -24,6 +24,7 @@ from fleetmind.aggregation.secagg.server_completed import ServerAborted, ServerC
 from fleetmind.aggregation.secagg.server_r2_plain_input_collection import (
     ServerPlainInputCollection,
 )
+from fleetmind.cli.main import main
 from fleetmind.client.agent import PlainSumRefusedError, RoundResult, SiteUpdate, participate
 from fleetmind.client.outbox import Outbox
 from fleetmind.protos import secagg_codec as codec
@@ -38,7 +39,6 @@ from fleetmind.server.ledger import RoundRecord
 from fleetmind.server.service import serve
 from fleetmind.server.versions import Manifest
 from fleetmind.sim.bench.wire import PRIVACY, SHAPES, SPEC
-from fleetmind.sim.cli import main
 
 UPLOAD = "/fleetmind.v1.Fleet/SubmitMaskedVector"
 

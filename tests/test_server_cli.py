@@ -20,13 +20,13 @@ from fleetmind.server.config import ConfigError, load_config
 
 
 def run(argv: list[str]) -> int:
-    # The program registers the group in fleetmind.sim.cli; a bare parser stands in here.
+    # The program registers the group in fleetmind.cli.main; a bare parser stands in here.
     parser = argparse.ArgumentParser(prog="fleetmind")
     add_server_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except argparse.ArgumentError as error:  # as fleetmind.sim.cli.main reports it
+    except argparse.ArgumentError as error:  # as fleetmind.cli.main.main reports it
         print(f"fleetmind: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,9 +1,11 @@
-"""Many virtual sites on Flower's simulation engine (Ray), in one command:
+"""The toy world on Flower: many virtual sites on Flower's simulation engine (Ray), in one
+command:
 
-    python -m fleetmind.flower.simulate --sites 100 --out out/flower-100
+    python -m fleetmind.sim.flower_run --sites 100 --out out/flower-100
 
 writes a toy world with that many sites, runs the Flower app over it (one virtual
-SuperNode per site) and prints the time and the transfer accuracy before and after;
+SuperNode per site, the toy base model, `transfer_evaluation` after every round) and
+prints the time and the transfer accuracy before and after;
 `OUT/result.json` has every number. `--ray-address auto` joins a running Ray cluster
 (`ray start --head` here, `ray start --address HEAD:6379` on each worker machine) instead
 of starting a local one, for thousands of sites.
@@ -17,22 +19,66 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fleetmind.flower.settings import FlowerRun
 
+# The run config's `evaluate` for the toy world (flower/server_app.py calls it).
+TRANSFER_EVALUATION = "fleetmind.sim.flower_run:transfer_evaluation"
+
+
+def transfer_evaluation(run: FlowerRun, model: Any, tokenizer: Any
+                        ) -> Callable[[int], dict[str, float]]:
+    """Closed-book accuracy (`sim.basemodel.answer_correct`) of the merged model on the
+    facts of the world in `run.world`, and transfer accuracy: the same on the facts first
+    stated at *other* sites than the one scored, averaged over the world's sites. The
+    server knows the toy world, so it scores every site at once; the base model is at
+    chance (1/40) or below."""
+    import numpy as np
+
+    from fleetmind.sim import world as W
+    from fleetmind.sim.basemodel import answer_correct
+
+    world = W.read_world(Path(run.world))
+    facts = world.facts()  # (site, fact), in site order
+    sites = [site.name for site in world.sites]
+    prompts = [W.closed_book_prompt(fact) for _, fact in facts]
+    answers = [W.answer(fact) for _, fact in facts]
+    origin = np.array([site for site, _ in facts])
+
+    def evaluate(server_round: int) -> dict[str, float]:
+        correct = np.array(answer_correct(model, tokenizer, prompts, answers))
+        transfer = [correct[origin != site].mean() for site in sites
+                    if (origin != site).any()]
+        return {"closed-book-accuracy": float(correct.mean()),
+                "transfer-accuracy": float(np.mean(transfer)) if transfer else 0.0}
+
+    return evaluate
+
+
+def toy_run(run: FlowerRun) -> FlowerRun:
+    """`run` with the toy base model and the transfer evaluation where it names neither."""
+    from fleetmind.sim.basemodel import toy_model_path
+
+    return replace(run, model=run.model or str(toy_model_path(build=False)),
+                   evaluate=run.evaluate or TRANSFER_EVALUATION)
+
 
 def simulate(run: FlowerRun, *, cpus_per_site: float = 1.0, ray_address: str = "",
              verbose: bool = False) -> dict[str, Any]:
-    """Runs the Flower app on `run.sites` virtual SuperNodes; returns result.json's content
-    with the wall time of the whole simulation (Ray's start included)."""
+    """Runs the Flower app on `run.sites` virtual SuperNodes (`toy_run(run)`: the toy model
+    and the transfer evaluation unless `run` names others); returns result.json's content
+    with the wall time of the whole simulation (Ray's start included) and the transfer
+    accuracy before round 1 and after the last round."""
     from flwr.simulation import run_simulation
 
     from fleetmind.flower.client_app import client_app
     from fleetmind.flower.server_app import server_app
 
+    run = toy_run(run)
     init_args: dict[str, Any] = {"address": ray_address} if ray_address else {}
     overrides = run.as_config()
     # Flower's Ray backend sets this process's PYTHONPATH to its whole sys.path for the
@@ -58,6 +104,10 @@ def simulate(run: FlowerRun, *, cpus_per_site: float = 1.0, ray_address: str = "
         raise RuntimeError(f"the simulation wrote no {result_file}: see Flower's log above")
     result = json.loads(result_file.read_text())
     result["simulation_seconds"] = seconds
+    evaluation = result["evaluation"]
+    if run.evaluate == TRANSFER_EVALUATION and evaluation:
+        result["base_transfer_accuracy"] = evaluation["0"]["transfer-accuracy"]
+        result["transfer_accuracy"] = evaluation[str(run.rounds)]["transfer-accuracy"]
     result_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -71,7 +121,7 @@ def write_toy_world(out: Path, sites: int, facts_per_site: int, seed: int) -> Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fleetmind.flower.simulate",
+    parser = argparse.ArgumentParser(prog="python -m fleetmind.sim.flower_run",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=100)
     parser.add_argument("--facts-per-site", type=int, default=1)
@@ -81,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-learning-rate", type=float, default=None,
                         help="eta of the merge; default sqrt(sites): the mean of N deltas, "
                         "each teaching its own facts, dilutes each N-fold, while their common "
-                        "part adds up (README, 'Run on Flower')")
+                        "part adds up (docs/flower.md)")
     parser.add_argument("--cpus-per-site", type=float, default=1.0,
                         help="Ray CPUs per virtual site: sites trained at once = CPUs / this")
     parser.add_argument("--ray-address", default="",
