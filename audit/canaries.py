@@ -22,7 +22,8 @@ from typing import Any
 from fleetmind.aggregation.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fleetmind.client import exposure
 
-__all__ = ["CanaryExposure", "SaidCanary", "check_adapter_folder", "measure", "read_canaries"]
+__all__ = ["CanaryExposure", "SaidCanary", "check_adapter_folder", "exposure_report", "measure",
+           "read_canaries"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,16 @@ def measure(model_dir: Path, version_dir: Path, canaries: list[SaidCanary]
     version = exposure.canary_exposure(adapted, tokenizer, plain)
     return [CanaryExposure(said, float(b), float(v))
             for said, b, v in zip(canaries, base, version, strict=True)]
+
+
+def exposure_report(model_dir: Path, version_dir: Path, results: list[CanaryExposure]
+                    ) -> dict[str, Any]:
+    """`audit canaries`' JSON document: each canary's exposure, and the means."""
+    return {"model": str(model_dir), "version": str(version_dir),
+            "canaries": [{"site": r.said.site, "session": r.said.session,
+                          "repeats": r.said.repeats, "secret": r.said.canary.secret,
+                          "base_bits": r.base_bits, "version_bits": r.version_bits,
+                          "max_bits": r.said.max_bits}
+                         for r in results],
+            "mean_base_bits": sum(r.base_bits for r in results) / len(results),
+            "mean_version_bits": sum(r.version_bits for r in results) / len(results)}

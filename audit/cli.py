@@ -5,7 +5,9 @@
     audit version DIR     a published version: signature, file hashes, its ledger entry
     audit canaries        exposure of known secrets in a published version
 
-`add_audit_commands` plugs into the program's subparsers (fleetmind.sim.cli registers it).
+`add_audit_commands` plugs into the program's subparsers (fleetmind.cli.main registers it).
+This file parses arguments and prints; what each command checks and reports is in
+audit/ledger_report.py, outbox_report.py, version_report.py and canaries.py.
 Exit status: 0 when everything verified, 1 when something did not (the message names the
 first bad entry or file), 2 for bad input (`argparse.ArgumentError(None, message)`, which
 the program prints as one line). Tables by default, `--json` for machines. Only
@@ -18,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +192,7 @@ def _refuse_connection_flags(args: argparse.Namespace) -> None:
 def _read_ledger(args: argparse.Namespace, file: Path | None) -> tuple[list, dict | None]:
     """The ledger's entries (from the file or the aggregator) and, from the aggregator, its
     unsigned budget status."""
-    import grpc
-
-    from fleetmind.audit import sources, trail
+    from fleetmind.audit import sources
 
     _refuse_connection_flags(args)
     if file is not None:
@@ -203,21 +202,11 @@ def _read_ledger(args: argparse.Namespace, file: Path | None) -> tuple[list, dic
             raise _usage(error) from None
     channel = _channel(args)
     try:
-        entries = trail.fetch_ledger(channel, timeout=args.timeout)
-        try:
-            budget = trail.fetch_budget(channel, timeout=args.timeout)
-        except grpc.RpcError:
-            budget = None  # unsigned and only shown beside the ledger: its absence is no break
-    except grpc.RpcError as error:
-        raise _usage(f"the aggregator at {args.server} did not answer the ledger request "
-                     f"({error.code().name}: {error.details()})") from None
+        return sources.ledger_from_aggregator(channel, args.server, args.timeout)
+    except ValueError as error:
+        raise _usage(error) from None
     finally:
         channel.close()
-    return entries, budget
-
-
-def _when(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _fail(message: str) -> int:
@@ -260,35 +249,18 @@ def _summed(secure_aggregation: bool) -> str:
 # ---- audit ledger ---------------------------------------------------------------------
 
 
-def _ledger_rows(audit) -> list[dict[str, Any]]:
-    return [{"entry": entry.index, "round": record.round_id, "version": record.version,
-             "cohort_size": record.cohort_size, "dropouts": record.dropouts,
-             "clip_norm": record.clip_norm, "privacy_unit": record.privacy_unit,
-             "noise_mode": record.noise_mode, "noise_multiplier": record.noise_multiplier,
-             "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total,
-             "delta": record.delta, "secure_aggregation": record.secure_aggregation,
-             "version_hash": record.version_hash, "recorded_at": _when(record.recorded_at_ms),
-             "entry_hash": entry.hash.hex()}
-            for entry, record in audit.verified]
-
-
 def _audit_ledger(args: argparse.Namespace) -> int:
-    from fleetmind.audit import trail
+    from fleetmind.audit.ledger_report import ledger_report
 
     key = _key(args.aggregator_key, "aggregator")
     entries, budget = _read_ledger(args, args.file)
-    audit = trail.audit_ledger(entries, key, args.expect_head)
-    rows = _ledger_rows(audit)
     source = str(args.file) if args.file is not None else f"aggregator {args.server}"
+    report = ledger_report(entries, key, source, args.expect_head, budget)
     if args.json:
-        _emit({"ok": audit.ok, "source": source, "entries": audit.read,
-               "verified": len(rows), "head": audit.head.hex(),
-               "bad_entry": None if audit.error is None else audit.error.index,
-               "error": None if audit.error is None else str(audit.error),
-               "rounds": rows, "aggregator_budget": budget})
+        _emit(report.as_json())
     else:
-        _print_ledger(rows, audit, source, budget)
-    return 0 if audit.ok else _fail(str(audit.error))
+        _print_ledger(report.rows, report.audit, source, budget)
+    return 0 if report.ok else _fail(str(report.audit.error))
 
 
 def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
@@ -325,8 +297,9 @@ def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
 
 
 def _audit_outbox(args: argparse.Namespace) -> int:
-    from fleetmind.audit import sources, trail
-    from fleetmind.client.site import OUTBOX_FILE
+    from fleetmind.audit import sources
+    from fleetmind.audit.outbox_report import outbox_report
+    from fleetmind.client.outbox import OUTBOX_FILE
 
     path = args.dir / OUTBOX_FILE if args.dir.is_dir() else args.dir
     if not path.exists():
@@ -342,60 +315,19 @@ def _audit_outbox(args: argparse.Namespace) -> int:
         entries = sources.read_log(path)
     except sources.LogError as error:
         raise _usage(error) from None
-    audit = trail.audit_outbox(entries, site, args.expect_head)
-
-    # Where each round's publication can be read, each source signed by the aggregator.
-    published: dict[int, trail.Publication] = {}
-    problems: list[str] = []
-    checked = aggregator is not None
-    if aggregator is not None:
-        if args.dir.is_dir():
-            published.update(trail.site_publications(args.dir, aggregator))
-        if args.ledger is not None or args.server is not None:
-            ledger_audit = trail.audit_ledger(_read_ledger(args, args.ledger)[0], aggregator)
-            if not ledger_audit.ok:
-                problems.append(f"the ledger does not verify: {ledger_audit.error}")
-            published.update(trail.publications(ledger_audit))
-    else:
+    ledger_entries = None
+    if aggregator is None:
         _refuse_connection_flags(args)
-
-    rows = []
-    for entry, record in audit.verified:
-        publication = published.get(record.round_id)
-        # The ledger's receipts prove what the aggregator summed; a version folder does not.
-        receipt = (record.payload_sha256 in publication.receipts
-                   if publication is not None and publication.receipts else None)
-        if receipt is False:
-            problems.append(f"entry {entry.index}: round {record.round_id}'s payload "
-                            f"{record.payload_sha256[:SHORT]} is not among the aggregator's "
-                            "receipts in the ledger: it is not what was summed")
-        rows.append({
-            "entry": entry.index, "sent_at": _when(record.created_at_ms),
-            "round": record.round_id, "base_version": record.base_version,
-            "payload_sha256": record.payload_sha256,
-            "norm_before_clip": record.norm_before_clip,
-            "norm_after_clip": record.norm_after_clip, "clip_norm": record.clip_norm,
-            "privacy_unit": record.privacy_unit, "noise_mode": record.noise_mode,
-            "noise_multiplier": record.noise_multiplier,
-            "secure_aggregation": record.secure_aggregation,
-            "session_ids": list(record.session_ids), "scrubbed": record.scrub_counts,
-            "receipt_matched": receipt,
-            "published": None if publication is None else {
-                "version": publication.version, "cohort_size": publication.cohort_size,
-                "source": publication.source},
-            "entry_hash": entry.hash.hex()})
-    ok = audit.ok and not problems
-    error = "; ".join(([str(audit.error)] if audit.error is not None else []) + problems)
+    elif args.ledger is not None or args.server is not None:
+        ledger_entries = _read_ledger(args, args.ledger)[0]
+    report = outbox_report(path, entries, site, expected_head=args.expect_head,
+                           site_dir=args.dir if args.dir.is_dir() else None,
+                           aggregator_key=aggregator, ledger_entries=ledger_entries)
     if args.json:
-        _emit({"ok": ok, "outbox": str(path), "entries": audit.read, "verified": len(rows),
-               "head": audit.head.hex(),
-               "bad_entry": None if audit.error is None else audit.error.index,
-               "error": error or None, "publications_checked": checked,
-               "receipts_checked": any(r["receipt_matched"] is not None for r in rows),
-               "records": rows})
+        _emit(report.as_json())
     else:
-        _print_outbox(rows, audit, path, checked)
-    return 0 if ok else _fail(error)
+        _print_outbox(report.rows, report.audit, path, report.checked)
+    return 0 if report.ok else _fail(report.error)
 
 
 def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) -> None:
@@ -435,31 +367,22 @@ def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) 
 
 
 def _audit_version(args: argparse.Namespace) -> int:
-    from fleetmind.audit import trail
+    from fleetmind.audit.version_report import version_report
 
     if not args.dir.is_dir():
         raise _usage(f"{args.dir}: no such folder; pass a version folder (versions/<n>/)")
     key = _key(args.aggregator_key, "aggregator")
-    ledger_audit = None
+    ledger_entries = None
     if args.ledger is not None or args.server is not None:
-        ledger_audit = trail.audit_ledger(_read_ledger(args, args.ledger)[0], key)
+        ledger_entries = _read_ledger(args, args.ledger)[0]
     else:
         _refuse_connection_flags(args)
-    audit = trail.audit_version(args.dir, key, ledger_audit)
-    problems = ([audit.error] if audit.error else []) + list(audit.disagreements)
-    if ledger_audit is not None and not ledger_audit.ok:
-        problems.append(f"the ledger does not verify: {ledger_audit.error}")
-    manifest = audit.manifest
+    report = version_report(args.dir, key, ledger_entries)
     if args.json:
-        _emit({"ok": not problems, "folder": str(args.dir), "error": "; ".join(problems) or None,
-               "version_hash": audit.version_hash,
-               "manifest": None if manifest is None else json.loads(manifest.to_bytes()),
-               "ledger_checked": ledger_audit is not None,
-               "ledger_entry": audit.ledger_entry,
-               "disagreements": list(audit.disagreements)})
-    elif manifest is not None:
-        _print_version(audit, ledger_audit is not None)
-    return _fail("; ".join(problems)) if problems else 0
+        _emit(report.as_json())
+    elif report.audit.manifest is not None:
+        _print_version(report.audit, report.ledger_audit is not None)
+    return _fail("; ".join(report.problems)) if report.problems else 0
 
 
 def _print_version(audit, ledger_checked: bool) -> None:
@@ -512,16 +435,9 @@ def _audit_canaries(args: argparse.Namespace) -> int:
         results = canaries.measure(args.model, args.version, said)
     except (FileNotFoundError, ValueError) as error:
         raise _usage(error) from None
-    mean_base = sum(r.base_bits for r in results) / len(results)
-    mean_version = sum(r.version_bits for r in results) / len(results)
+    report = canaries.exposure_report(args.model, args.version, results)
     if args.json:
-        _emit({"model": str(args.model), "version": str(args.version),
-               "canaries": [{"site": r.said.site, "session": r.said.session,
-                             "repeats": r.said.repeats, "secret": r.said.canary.secret,
-                             "base_bits": r.base_bits, "version_bits": r.version_bits,
-                             "max_bits": r.said.max_bits}
-                            for r in results],
-               "mean_base_bits": mean_base, "mean_version_bits": mean_version})
+        _emit(report)
         return 0
     from rich.table import Table
 
@@ -530,7 +446,8 @@ def _audit_canaries(args: argparse.Namespace) -> int:
     for r in results:
         table.add_row(r.said.site, r.said.session, str(r.said.repeats), r.said.canary.secret,
                       f"{r.base_bits:.2f}", f"{r.version_bits:.2f}", f"{r.said.max_bits:.2f}")
-    table.add_row("mean", "", "", "", f"{mean_base:.2f}", f"{mean_version:.2f}", "",
+    table.add_row("mean", "", "", "", f"{report['mean_base_bits']:.2f}",
+                  f"{report['mean_version_bits']:.2f}", "",
                   style="bold")
     print(f"canary exposure of {args.version} against the base model {args.model} (a model "
           "that knows nothing scores about 1.4 bits)")

@@ -1,118 +1,49 @@
 """Where an audit's evidence comes from: keys, the stored logs, the aggregator's Audit service.
 
 The auditor holds no private key and must change nothing it reads, so the logs are read
-here with a read-only SQLite connection rather than through `Ledger`/`Outbox`, which take
+with a read-only SQLite connection (`read_log`) rather than through `Ledger`/`Outbox`, which take
 the owner's signing key and open their file for appending (creating it when absent). What
 is read is only handed on: every check is the owning module's (`server.ledger`,
-`client.outbox`, `client.versions`).
+`client.outbox`, `client.versions`). Parsing keys and addresses, and reading a log
+read-only, are fleetmind.runtime's, shared with the sites and the aggregator.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+# The shared parsers (fleetmind.runtime): the auditor accepts exactly the key files a
+# site's `aggregator_key` setting does, and refuses plaintext off this machine just as a
+# site does. The read-only reader of a signed log is the log's own module's.
 from fleetmind.aggregation.chain import ChainEntry
-
-# The site's own parser of the aggregator key (raw, hex or PEM), so the auditor accepts
-# exactly the files a site's `aggregator_key` setting does; and its loopback rule, so
-# plaintext is refused off this machine just as a site refuses it.
-from fleetmind.client.site import is_loopback, public_key_bytes, split_address
+from fleetmind.runtime.addresses import is_loopback, split_host_port
+from fleetmind.runtime.keys import public_key_bytes, read_key_file
+from fleetmind.runtime.signed_log import LogError, read_log
+from fleetmind.runtime.tls import TlsFiles
 
 if TYPE_CHECKING:
     import grpc
 
-__all__ = ["LogError", "Tls", "aggregator_key", "audit_channel", "read_log", "site_key"]
-
-_COLUMNS = "idx, prev_hash, body, hash, signature"  # the ledger's and the outbox's schema
-
-
-class LogError(ValueError):
-    """A log file cannot be read at all (missing, not SQLite, not a fleetmind log)."""
-
-
-def _read_key_file(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{what} {path} is a folder; pass the key file") from None
-    except OSError as error:
-        raise ValueError(f"{what} {path}: cannot read it ({error.strerror})") from None
+__all__ = ["LogError", "Tls", "aggregator_key", "audit_channel", "fetch_budget", "fetch_ledger",
+           "ledger_from_aggregator", "read_log", "site_key"]
 
 
 def aggregator_key(path: Path) -> bytes:
     """The aggregator's Ed25519 public key as 32 raw bytes, from a file holding it raw, as
     64 hex digits or as PEM (what a site's `aggregator_key` accepts). Raises ValueError."""
-    return public_key_bytes(_read_key_file(path, "aggregator key"), str(path))
+    return public_key_bytes(read_key_file(path, "aggregator key"), str(path))
 
 
 def site_key(path: Path) -> bytes:
     """A site's Ed25519 public key as 32 raw bytes: from its public key (raw, hex, PEM), or
     from the site's PEM identity key, of which only the public half is kept (the operator
     auditing their own site holds that file, not a separate public key)."""
-    raw = _read_key_file(path, "site key")
-    if b"PRIVATE KEY-----" in raw:
-        try:
-            key = serialization.load_pem_private_key(raw.strip(), password=None)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"{path}: unreadable PEM private key ({error})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 site key")
-        return key.public_key().public_bytes_raw()
-    return public_key_bytes(raw, str(path))
+    return public_key_bytes(read_key_file(path, "site key"), str(path), private_ok=True)
 
 
-def read_log(path: Path) -> list[ChainEntry]:
-    """Every entry of a ledger or outbox file, in stored order, read without writing.
-    Raises LogError when the file is missing or is not such a log."""
-    path = Path(path)
-    if not path.is_file():
-        raise LogError(f"{path}: no such file" if not path.exists() else
-                       f"{path} is not a file")
-    # mode=ro: the auditor never writes an entry, creates, migrates or checkpoints the
-    # owner's file (SQLite may add the -wal/-shm side files it needs to read a WAL database
-    # while the owner appends). Where even those cannot be made (a read-only copy), the
-    # file is read as immutable: nobody is appending to it there.
-    rows = None
-    for mode in ("mode=ro", "immutable=1"):
-        try:
-            db = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True)
-        except sqlite3.Error as error:
-            raise LogError(f"{path}: cannot open it read-only ({error})") from None
-        try:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY idx").fetchall()
-            break
-        except sqlite3.OperationalError as error:
-            if "no such table" in str(error) or mode == "immutable=1":
-                raise LogError(f"{path} is not a fleetmind ledger or outbox ({error})") \
-                    from None
-        except sqlite3.DatabaseError as error:
-            raise LogError(f"{path} is not a fleetmind ledger or outbox ({error})") from None
-        finally:
-            db.close()
-    assert rows is not None
-    # Types are not trusted either: a cell of the wrong type is a bad entry for the chain
-    # check to name, so it becomes empty bytes rather than an exception here.
-    return [ChainEntry(int(row[0]) if isinstance(row[0], int) else -1,
-                       *(bytes(cell) if isinstance(cell, bytes | bytearray | memoryview)
-                         else b"" for cell in row[1:]))
-            for row in rows]
-
-
-@dataclass(frozen=True)
-class Tls:
-    """mTLS to the aggregator, as a site has it: the fleet CA, a certificate and its key."""
-
-    ca_certificate: Path
-    certificate: Path
-    private_key: Path
+# mTLS to the aggregator, as a site has it: the fleet CA, a certificate and its key.
+Tls = TlsFiles
 
 
 def audit_channel(address: str, *, insecure: bool = False, tls: Tls | None = None
@@ -121,7 +52,7 @@ def audit_channel(address: str, *, insecure: bool = False, tls: Tls | None = Non
     sites follow). Raises ValueError naming what is missing or refused."""
     import grpc
 
-    host, _ = split_address(address)
+    host, _ = split_host_port(address, "--server", any_port=False)
     if insecure and tls is not None:
         raise ValueError("both --insecure and --ca/--cert/--key given: pick one (mTLS for any "
                          "real aggregator)")
@@ -135,14 +66,49 @@ def audit_channel(address: str, *, insecure: bool = False, tls: Tls | None = Non
         raise ValueError(f"no credentials for {address}: pass --ca, --cert and --key (a "
                          "certificate the fleet's CA issued), or --insecure for a loopback "
                          "aggregator")
-    files = {}
-    for flag, path in (("--ca", tls.ca_certificate), ("--cert", tls.certificate),
-                       ("--key", tls.private_key)):
-        try:
-            files[flag] = Path(path).read_bytes()
-        except OSError as error:
-            raise ValueError(f"{flag} {path}: {error.strerror or error}") from None
-    credentials = grpc.ssl_channel_credentials(root_certificates=files["--ca"],
-                                               private_key=files["--key"],
-                                               certificate_chain=files["--cert"])
+    ca, key, certificate = tls.read({"ca_certificate": "--ca", "certificate": "--cert",
+                                     "private_key": "--key"})
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                               certificate_chain=certificate)
     return grpc.secure_channel(address, credentials)
+
+
+def fetch_ledger(channel: grpc.Channel, timeout: float = 60.0) -> list[ChainEntry]:
+    """The whole ledger from the aggregator's Audit service, as the exact bytes it hashed
+    and signed; nothing it says about them is trusted until `audit_ledger` checks them."""
+    from fleetmind.protos.fleetmind.v1 import audit_pb2, audit_pb2_grpc
+
+    stream = audit_pb2_grpc.AuditStub(channel).StreamLedger(
+        audit_pb2.StreamLedgerRequest(from_index=0, follow=False), timeout=timeout)
+    return [ChainEntry(entry.index, entry.prev_hash, entry.body, entry.hash, entry.signature)
+            for entry in stream]
+
+
+def fetch_budget(channel: grpc.Channel, timeout: float = 10.0) -> dict[str, Any]:
+    """The aggregator's word on its privacy budget (unsigned: shown beside the ledger's
+    signed totals, never instead of them)."""
+    from fleetmind.protos.fleetmind.v1 import audit_pb2, audit_pb2_grpc
+
+    reply = audit_pb2_grpc.AuditStub(channel).Budget(audit_pb2.BudgetRequest(),
+                                                     timeout=timeout)
+    return {"epsilon_spent": reply.epsilon_spent, "epsilon_budget": reply.epsilon_budget,
+            "delta": reply.delta, "rounds": reply.rounds, "accountant": reply.accountant}
+
+
+def ledger_from_aggregator(channel: grpc.Channel, address: str, timeout: float
+                           ) -> tuple[list[ChainEntry], dict[str, Any] | None]:
+    """The ledger from the aggregator at `address`, and its unsigned budget status (None
+    when it does not answer that: the budget is only shown beside the ledger). Raises
+    ValueError when the ledger itself cannot be read."""
+    import grpc
+
+    try:
+        entries = fetch_ledger(channel, timeout=timeout)
+    except grpc.RpcError as error:
+        raise ValueError(f"the aggregator at {address} did not answer the ledger request "
+                         f"({error.code().name}: {error.details()})") from None
+    try:
+        budget = fetch_budget(channel, timeout=timeout)
+    except grpc.RpcError:
+        budget = None  # unsigned and only shown beside the ledger: its absence is no break
+    return entries, budget

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
 from fleetmind.aggregation.manifest import MANIFEST, Manifest, VersionError
@@ -20,11 +20,8 @@ from fleetmind.client import outbox
 from fleetmind.client.versions import VERSIONS, verify_folder
 from fleetmind.server import ledger
 
-if TYPE_CHECKING:
-    import grpc
-
 __all__ = ["ChainAudit", "Publication", "VersionAudit", "audit_ledger", "audit_outbox",
-           "audit_version", "fetch_budget", "fetch_ledger", "publications", "site_publications"]
+           "audit_version", "publications", "site_publications"]
 
 R = TypeVar("R")
 
@@ -75,28 +72,6 @@ def audit_outbox(entries: Sequence[ChainEntry], site_key: bytes,
     """A site's outbox against the site's identity (public) key."""
     return _audit(entries, outbox.verify_chain, outbox.OutboxRecord.from_body, site_key,
                   expected_head)
-
-
-def fetch_ledger(channel: grpc.Channel, timeout: float = 60.0) -> list[ChainEntry]:
-    """The whole ledger from the aggregator's Audit service, as the exact bytes it hashed
-    and signed; nothing it says about them is trusted until `audit_ledger` checks them."""
-    from fleetmind.protos.fleetmind.v1 import audit_pb2, audit_pb2_grpc
-
-    stream = audit_pb2_grpc.AuditStub(channel).StreamLedger(
-        audit_pb2.StreamLedgerRequest(from_index=0, follow=False), timeout=timeout)
-    return [ChainEntry(entry.index, entry.prev_hash, entry.body, entry.hash, entry.signature)
-            for entry in stream]
-
-
-def fetch_budget(channel: grpc.Channel, timeout: float = 10.0) -> dict[str, Any]:
-    """The aggregator's word on its privacy budget (unsigned: shown beside the ledger's
-    signed totals, never instead of them)."""
-    from fleetmind.protos.fleetmind.v1 import audit_pb2, audit_pb2_grpc
-
-    reply = audit_pb2_grpc.AuditStub(channel).Budget(audit_pb2.BudgetRequest(),
-                                                     timeout=timeout)
-    return {"epsilon_spent": reply.epsilon_spent, "epsilon_budget": reply.epsilon_budget,
-            "delta": reply.delta, "rounds": reply.rounds, "accountant": reply.accountant}
 
 
 @dataclass(frozen=True)

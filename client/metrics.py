@@ -6,17 +6,16 @@ several sites in one process (tests, the simulated fleet) keep their numbers apa
 follow Prometheus conventions: a `fleetmind_site_` prefix, base units in the name,
 `_total` on counters; which site a series belongs to is the scrape target's label.
 
-The HTTP helper repeats server/metrics.py's on purpose: the client never imports the
-server (tests/test_boundaries.py).
+The HTTP endpoint is fleetmind.runtime.metrics_endpoint's, shared with the aggregator.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from fleetmind.runtime.metrics_endpoint import MetricsEndpoint, serve_registry
+
+__all__ = ["MetricsEndpoint", "SiteMetrics"]
 
 
 class SiteMetrics:
@@ -64,32 +63,5 @@ class SiteMetrics:
 
     def serve(self, listen: str) -> MetricsEndpoint:
         """Serves /metrics on `listen` ("host:port"; port 0: the OS picks one)."""
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]")
-        try:
-            server, thread = start_http_server(int(port), addr=host, registry=self.registry)
-        except OSError as error:
-            raise OSError(f"cannot serve metrics on {listen}: {error.strerror or error}; pick "
-                          "another metrics_listen port (0: any free one)") from None
-        self.endpoint = MetricsEndpoint(server, thread, host, server.server_port)
+        self.endpoint = serve_registry(self.registry, listen)
         return self.endpoint
-
-
-@dataclass
-class MetricsEndpoint:
-    """A running /metrics HTTP server; `stop()` closes its socket."""
-
-    server: WSGIServer
-    thread: threading.Thread
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)

@@ -10,9 +10,10 @@ verifies as a ledger entry or the other way round). The site's operator, or an a
 holding the site's public key, can check it (`Outbox.verify` / `verify_chain`) and compare
 payload hashes with what the aggregator says it received.
 
-Storage is SQLite in WAL mode with synchronous=FULL: a record that `append` returned
-survives a power cut, so a payload is never sent without its record on disk. Triggers
-refuse UPDATE and DELETE; the chain and signatures catch edits made by other means.
+Storage is fleetmind.runtime.signed_log's (SQLite, WAL, synchronous=FULL): a record that
+`append` returned survives a power cut, so a payload is never sent without its record on
+disk. Triggers refuse UPDATE and DELETE; the chain and signatures catch edits made by
+other means. This module holds the record, its rules, and the schema.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ import hashlib
 import json
 import math
 import re
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -36,14 +35,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
 from fleetmind.aggregation.dp import check_privacy_unit
-from fleetmind.aggregation.manifest import canonical_json
 from fleetmind.client.scrub import KINDS, ScrubReport
 from fleetmind.client.store import MAX_ID_CHARS
+from fleetmind.runtime.signed_log import SignedLog, canonical_json
 
-__all__ = ["DOMAIN", "GENESIS_HASH", "NOISE_MODES", "Outbox", "OutboxEntry", "OutboxError",
-           "OutboxRecord", "payload_sha256", "verify_chain"]
+__all__ = ["DOMAIN", "GENESIS_HASH", "NOISE_MODES", "OUTBOX_FILE", "Outbox", "OutboxEntry",
+           "OutboxError", "OutboxRecord", "payload_sha256", "verify_chain"]
 
 DOMAIN = b"fleetmind/outbox/v1"
+OUTBOX_FILE = "outbox.sqlite"  # in the site's data folder
 NOISE_MODES = ("none", "distributed", "central", "local")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A session id is a handle, not content: no whitespace, so a sentence pasted in by mistake
@@ -51,8 +51,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # control once shared with an auditor.
 _SESSION_ID = re.compile(r"\S+")
 _NORM_SLACK = 1e-6  # clipping in float32 can land a hair above the float64 norm it scaled
-_PAGE = 256
-_COLUMNS = "idx, prev_hash, body, hash, signature"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -244,30 +242,16 @@ def verify_chain(entries: Iterable[ChainEntry], public_key: Ed25519PublicKey | b
                               error=OutboxError)
 
 
-class Outbox:
-    """The outbox file of one site. Safe to use from several threads of the site process."""
+class Outbox(SignedLog[OutboxEntry]):
+    """The outbox file of one site (`OUTBOX_FILE` in its data folder), signed with the
+    site's identity key. Safe to use from several threads of the site process."""
+
+    DOMAIN = DOMAIN
+    SCHEMA = _SCHEMA
+    ENTRY = OutboxEntry
 
     def __init__(self, path: Path, identity_key: Ed25519PrivateKey) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._signing_key = identity_key
-        self.public_key = identity_key.public_key()
-        self._lock = threading.Lock()
-        # Autocommit mode: each append is one explicit IMMEDIATE transaction.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a returned append survives power loss
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(path, identity_key)
 
     def append(self, record: OutboxRecord) -> OutboxEntry:
         """Chains, signs and durably stores `record`; call it before sending the payload.
@@ -275,60 +259,17 @@ class Outbox:
         the last recorded one is refused."""
         if not isinstance(record, OutboxRecord):
             raise TypeError(f"append takes an OutboxRecord, not a {type(record).__name__}")
-        body = record.to_body()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                head = self._row(f"SELECT {_COLUMNS} FROM entries ORDER BY idx DESC LIMIT 1")
-                if head is not None and record.round_id < head.record.round_id:
-                    raise OutboxError(None, f"round {record.round_id} is before the last "
-                                            f"recorded round {head.record.round_id}")
-                index, prev_hash, digest, signature = chain.seal(DOMAIN, self._signing_key,
-                                                                 head, body)
-                entry = OutboxEntry(index, prev_hash, body, digest, signature)
-                self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-                                 (index, record.round_id, prev_hash, body, digest, signature))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return entry
 
-    def entries(self, from_index: int = 0) -> Iterator[OutboxEntry]:
-        """Entries in order from `from_index`, a page at a time (the lock is not held between
-        pages, so a slow reader never blocks an append)."""
-        index = from_index
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?",
-                    (index, _PAGE)).fetchall()
-            for row in rows:
-                yield OutboxEntry(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3]),
-                                  bytes(row[4]))
-            if len(rows) < _PAGE:
-                return
-            index = rows[-1][0] + 1
+        def admit(head: OutboxEntry | None) -> None:
+            if head is not None and record.round_id < head.record.round_id:
+                raise OutboxError(None, f"round {record.round_id} is before the last "
+                                        f"recorded round {head.record.round_id}")
 
-    def __iter__(self) -> Iterator[OutboxEntry]:
-        return self.entries()
-
-    def head(self) -> OutboxEntry | None:
-        with self._lock:
-            return self._row(f"SELECT {_COLUMNS} FROM entries ORDER BY idx DESC LIMIT 1")
+        return self._append(record.round_id, record.to_body(), admit)
 
     def for_round(self, round_id: int) -> list[OutboxEntry]:
         """Every record of `round_id`, oldest first (more than one if a send was retried)."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM entries WHERE round_id = ? "
-                                    "ORDER BY idx", (round_id,)).fetchall()
-        return [OutboxEntry(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3]), bytes(row[4]))
-                for row in rows]
+        return self._for_round(round_id)
 
     def verify(self, expected_head: bytes | None = None) -> bytes:
         return verify_chain(self.entries(), self.public_key, expected_head)
-
-    def _row(self, query: str, args: tuple = ()) -> OutboxEntry | None:
-        row = self._db.execute(query, args).fetchone()
-        return None if row is None else OutboxEntry(row[0], bytes(row[1]), bytes(row[2]),
-                                                    bytes(row[3]), bytes(row[4]))

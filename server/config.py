@@ -1,6 +1,8 @@
 """The aggregator's configuration: typed, validated once, at the edge (`load_config`).
 
-A config file is TOML or JSON with these keys (all optional but `data_dir`):
+A config file is TOML or JSON with these keys (all optional but `data_dir`); the
+environment overrides any of them (fleetmind.runtime.config): FLEETMIND_LISTEN,
+FLEETMIND_PRIVACY__CLIP_NORM, ...
 
     listen = "127.0.0.1:7443"        # host:port; port 0 lets the OS pick
     metrics_listen = "0.0.0.0:9464"  # Prometheus /metrics over HTTP; absent: no endpoint
@@ -23,23 +25,20 @@ A config file is TOML or JSON with these keys (all optional but `data_dir`):
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import json
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.aggregation.quantize import RING_BITS
+from fleetmind.runtime.addresses import LOOPBACK_NAMES, is_loopback, split_host_port
+from fleetmind.runtime.config import ConfigError, dataclass_types, load_document
 from fleetmind.server.versions import AdapterSpec, TargetModule
 
-LOOPBACK_NAMES = ("localhost",)
-
-
-class ConfigError(ValueError):
-    """The configuration is wrong; the message names the key, the value, and the fix."""
+__all__ = ["DEV_ADAPTER", "LOOPBACK_NAMES", "CohortPolicy", "ConfigError", "PrivacyPolicy",
+           "ServerConfig", "TlsPaths", "is_loopback", "load_config", "parse_config",
+           "split_listen"]
 
 
 @dataclass(frozen=True)
@@ -189,21 +188,9 @@ class ServerConfig:
 
 
 def split_listen(listen: str, key: str = "listen") -> tuple[str, int]:
-    """(host, port) of "host:port" or "[v6]:port"; `key` names the setting in errors."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{key}={listen!r} must be host:port, e.g. 127.0.0.1:7443 "
-                          "(port 0: the OS picks one)")
-    return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """(host, port) of "host:port" or "[v6]:port" (port 0: the OS picks one); `key` names
+    the setting in errors."""
+    return split_host_port(listen, key)
 
 
 def _section(raw: dict[str, Any], name: str, cls: type) -> Any:
@@ -267,17 +254,10 @@ def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
 
 
 def load_config(path: Path) -> ServerConfig:
-    """Reads a .toml or .json config file."""
+    """Reads a .toml or .json config file; FLEETMIND_<KEY> and FLEETMIND_<TABLE>__<KEY> in
+    the environment override what it says (fleetmind.runtime.config)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
-    try:
-        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}:"
-                          f" {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a table/object at the top")
-    return parse_config(raw, path.parent)
+    tables = {"tls": dataclass_types(TlsPaths), "cohort": dataclass_types(CohortPolicy),
+              "privacy": dataclass_types(PrivacyPolicy)}
+    return parse_config(load_document(path, dataclass_types(ServerConfig), tables),
+                        path.parent)

@@ -15,9 +15,10 @@ auditor kept from before (`expected_head`) reveals. The chaining, signing and ch
 are fleetmind.aggregation.chain's, shared with the site's outbox; this module adds the
 round record, what must hold between consecutive rounds, and storage.
 
-Storage is SQLite in WAL mode with synchronous=FULL: an append that returned survives a
-power cut. Triggers refuse UPDATE and DELETE, so code that tries to rewrite history fails
-loudly; the chain and signatures catch whoever edits the file by other means.
+Storage is fleetmind.runtime.signed_log's (SQLite, WAL, synchronous=FULL): an append that
+returned survives a power cut. Triggers refuse UPDATE and DELETE, so code that tries to
+rewrite history fails loudly; the chain and signatures catch whoever edits the file by
+other means.
 """
 
 from __future__ import annotations
@@ -25,30 +26,24 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
 from fleetmind.aggregation.dp import check_privacy_unit
-from fleetmind.server.durable import canonical_json
+from fleetmind.runtime.signed_log import SignedLog, canonical_json
 
 DOMAIN = b"fleetmind/ledger/v1"
 __all__ = ["DOMAIN", "GENESIS_HASH", "Ledger", "LedgerEntry", "LedgerError", "RoundRecord",
            "entry_hash", "verify_chain"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_PAGE = 256
-_COLUMNS = "idx, prev_hash, body, hash, signature"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -206,94 +201,37 @@ def verify_chain(entries: Iterable[ChainEntry], public_key: Ed25519PublicKey | b
                               error=LedgerError)
 
 
-class Ledger:
+class Ledger(SignedLog[LedgerEntry]):
     """The ledger file, appended to by the one aggregator process that owns it. Safe to use
     from several threads of that process."""
 
-    def __init__(self, path: Path, signing_key: Ed25519PrivateKey) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._signing_key = signing_key
-        self.public_key = signing_key.public_key()
-        self._lock = threading.Lock()
-        # Autocommit mode: each append is one explicit IMMEDIATE transaction.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a returned append survives power loss
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    DOMAIN = DOMAIN
+    SCHEMA = _SCHEMA
+    ENTRY = LedgerEntry
 
     def append(self, record: RoundRecord) -> LedgerEntry:
         """Chains, signs and stores `record`; refuses a round already recorded (look it up
         with `find_round` after a restart) or one older than the head."""
-        body = record.to_body()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                head = self._row(f"SELECT {_COLUMNS} FROM entries ORDER BY idx DESC LIMIT 1")
-                if head is not None:
-                    last = head.record
-                    if record.round_id <= last.round_id:
-                        raise LedgerError(None, f"round {record.round_id} is not after the "
-                                                f"last recorded round {last.round_id}")
-                    if record.version <= last.version:
-                        raise LedgerError(None, f"version {record.version} is not after the "
-                                                f"last recorded version {last.version}")
-                    if record.epsilon_total < last.epsilon_total:
-                        raise LedgerError(None, f"epsilon_total {record.epsilon_total} is below "
-                                                f"the recorded {last.epsilon_total}")
-                index, prev_hash, digest, signature = chain.seal(DOMAIN, self._signing_key,
-                                                                 head, body)
-                entry = LedgerEntry(index, prev_hash, body, digest, signature)
-                self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-                                 (index, record.round_id, prev_hash, body, digest,
-                                  entry.signature))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return entry
 
-    def entries(self, from_index: int = 0) -> Iterator[LedgerEntry]:
-        """Entries in order from `from_index`, read a page at a time (the lock is not held
-        between pages, so a slow reader never blocks an append)."""
-        index = from_index
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?",
-                    (index, _PAGE)).fetchall()
-            for row in rows:
-                yield LedgerEntry(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3]),
-                                  bytes(row[4]))
-            if len(rows) < _PAGE:
+        def admit(head: LedgerEntry | None) -> None:
+            if head is None:
                 return
-            index = rows[-1][0] + 1
+            last = head.record
+            if record.round_id <= last.round_id:
+                raise LedgerError(None, f"round {record.round_id} is not after the "
+                                        f"last recorded round {last.round_id}")
+            if record.version <= last.version:
+                raise LedgerError(None, f"version {record.version} is not after the "
+                                        f"last recorded version {last.version}")
+            if record.epsilon_total < last.epsilon_total:
+                raise LedgerError(None, f"epsilon_total {record.epsilon_total} is below "
+                                        f"the recorded {last.epsilon_total}")
 
-    def __iter__(self) -> Iterator[LedgerEntry]:
-        return self.entries()
-
-    def head(self) -> LedgerEntry | None:
-        with self._lock:
-            return self._row(f"SELECT {_COLUMNS} FROM entries ORDER BY idx DESC LIMIT 1")
+        return self._append(record.round_id, record.to_body(), admit)
 
     def find_round(self, round_id: int) -> LedgerEntry | None:
-        with self._lock:
-            return self._row(f"SELECT {_COLUMNS} FROM entries WHERE round_id = ?", (round_id,))
+        found = self._for_round(round_id)  # round_id is UNIQUE: at most one
+        return found[0] if found else None
 
     def verify(self, expected_head: bytes | None = None) -> bytes:
         return verify_chain(self.entries(), self.public_key, expected_head)
-
-    def _row(self, query: str, args: tuple = ()) -> LedgerEntry | None:
-        row = self._db.execute(query, args).fetchone()
-        return None if row is None else LedgerEntry(row[0], bytes(row[1]), bytes(row[2]),
-                                                    bytes(row[3]), bytes(row[4]))

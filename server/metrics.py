@@ -13,12 +13,9 @@ them; tests/test_deploy_kit.py checks that every name it uses exists here.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
+from fleetmind.runtime.metrics_endpoint import MetricsEndpoint, serve_registry
 from fleetmind.server.coordinator import RoundListener
 
 PHASES = ("advertise_keys", "share_keys", "masked_input_collection", "unmasking")
@@ -120,37 +117,3 @@ class ServerMetrics(RoundListener):
     def serve(self, listen: str) -> MetricsEndpoint:
         """Serves /metrics on `listen` ("host:port"; port 0: the OS picks one)."""
         return serve_registry(self.registry, listen)
-
-
-@dataclass
-class MetricsEndpoint:
-    """A running /metrics HTTP server; `stop()` closes its socket."""
-
-    server: WSGIServer
-    thread: threading.Thread
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
-def serve_registry(registry: CollectorRegistry, listen: str) -> MetricsEndpoint:
-    """prometheus_client's threaded HTTP server for `registry` on "host:port". Raises OSError
-    naming the address when it cannot bind."""
-    from fleetmind.server.config import split_listen
-
-    host, port = split_listen(listen, "metrics_listen")
-    try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as error:
-        raise OSError(f"cannot serve metrics on {listen}: {error.strerror or error}; pick "
-                      "another metrics_listen port (0: any free one)") from None
-    return MetricsEndpoint(server, thread, host, server.server_port)

@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetmind.cli.main import main
 from fleetmind.client.outbox import Outbox, OutboxRecord
 from fleetmind.server.ledger import Ledger, RoundRecord
 from fleetmind.server.versions import (
@@ -26,7 +27,6 @@ from fleetmind.server.versions import (
     VersionRegistry,
 )
 from fleetmind.sim.bench.wire import MODULES, SPEC
-from fleetmind.sim.cli import main
 
 ROUNDS = 4
 
@@ -220,7 +220,7 @@ def test_the_ledger_file_is_read_without_changing_it(capsys, aggregator) -> None
     (["--server", "127.0.0.1:1"], "pass --ca, --cert and --key"),
     (["--server", "127.0.0.1:1", "--ca", "{ledger}"], "together"),
     (["--server", "192.0.2.7:7443", "--insecure"], "only for a loopback aggregator"),
-    (["--server", "nonsense", "--insecure"], "HOST:PORT"),
+    (["--server", "nonsense", "--insecure"], "must be host:port"),
 ])
 def test_ledger_bad_input_is_one_line_and_exit_2(capsys, aggregator, tmp_path, argv,
                                                  message) -> None:
@@ -502,7 +502,7 @@ def test_audit_runs_without_torch(aggregator, site) -> None:
         "        if name.split('.')[0] in ('torch', 'transformers', 'peft'):\n"
         "            raise ImportError('not installed: ' + name)\n"
         "sys.meta_path.insert(0, Refuse())\n"
-        "from fleetmind.sim.cli import main\n"
+        "from fleetmind.cli.main import main\n"
         f"assert main(['audit', 'ledger', '--file', {str(aggregator['ledger'])!r}, "
         f"'--aggregator-key', {aggregator['pub']!r}, '--json']) == 0\n"
         f"assert main(['audit', 'outbox', {str(site['dir'])!r}, '--site-key', "

@@ -26,8 +26,11 @@ from toy_fleet import FAST, TOY_SPEC
 
 import fleetmind.client.site as site_module
 from fleetmind.client.agent import RoundResult, SiteUpdate, enroll, participate
+from fleetmind.client.identity import load_identity_key
 from fleetmind.client.outbox import Outbox, OutboxRecord
-from fleetmind.client.site import Outcome, SiteConfig, load_identity_key, run_once
+from fleetmind.client.recovery import settle_outbox
+from fleetmind.client.site import Outcome, run_once
+from fleetmind.client.site_config import SiteConfig
 from fleetmind.client.store import SessionStore
 from fleetmind.protos.fleetmind.v1 import (
     audit_pb2,
@@ -142,7 +145,7 @@ def test_a_record_of_a_round_that_never_ran_leaves_its_sessions_free(aggregator,
                                    session_ids=("s0", "s1"), scrubbed={}, base_version=0))
     with grpc.insecure_channel(aggregator.address) as channel, \
             SessionStore(config.data_dir) as store:
-        held = site_module._settle_outbox(config, channel, identity, key, store)
+        held = settle_outbox(config, channel, identity, key, store)
         assert held == set()
         assert [s.id for s in store.unconsumed()] == ["s0", "s1"]  # usable again
 
@@ -156,7 +159,7 @@ SHAPES = {m.name: (m.out_features, 2) for m in SMALL}
 
 def start_aggregator(config: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "fleetmind.sim.cli", "server", "run", "--config", str(config),
+        [sys.executable, "-m", "fleetmind.cli.main", "server", "run", "--config", str(config),
          "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -295,7 +298,7 @@ from pathlib import Path
 import grpc, numpy as np
 from fleetmind.client.agent import SiteUpdate, participate
 from fleetmind.client.outbox import Outbox
-from fleetmind.client.site import load_identity_key
+from fleetmind.client.identity import load_identity_key
 
 class Stall(grpc.StreamUnaryClientInterceptor):
     # Sends the first chunk of the masked vector, says so, then hangs: the kill lands here.
@@ -378,7 +381,7 @@ def test_a_site_killed_mid_upload_is_dropped_and_keeps_its_sessions(small_aggreg
         assert entry.record.session_ids == ("k0", "k1")
         with grpc.insecure_channel(address) as channel, \
                 SessionStore(config.data_dir) as store:
-            assert site_module._settle_outbox(config, channel, identity, key, store) == set()
+            assert settle_outbox(config, channel, identity, key, store) == set()
             assert [s.id for s in store.unconsumed()] == ["k0", "k1"]
     finally:
         if process.poll() is None:

@@ -17,16 +17,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from toy_fleet import FAST, TOY_SPEC
 
+from fleetmind.client.identity import load_identity_key
 from fleetmind.client.outbox import Outbox, verify_chain
-from fleetmind.client.site import (
-    Backoff,
-    ConfigError,
-    Outcome,
-    SiteConfig,
-    load_identity_key,
-    run,
-    run_once,
-)
+from fleetmind.client.site import Backoff, Outcome, run, run_once
+from fleetmind.client.site_config import ConfigError, SiteConfig
 from fleetmind.client.store import SessionStore
 from fleetmind.client.versions import current_version, verify_folder
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
@@ -159,7 +153,7 @@ def test_the_identity_key_is_created_private_once(tmp_path: Path) -> None:
         load_identity_key(tmp_path / "absent.pem", create=False)
 
 
-def test_config_loads_from_toml_and_json(tmp_path: Path, toy_model_dir) -> None:
+def test_config_loads_from_toml_and_json(tmp_path: Path, toy_model_dir, monkeypatch) -> None:
     key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
     (tmp_path / "aggregator.pub").write_text(key.hex() + "\n")
     (tmp_path / "site.toml").write_text(
@@ -176,12 +170,22 @@ def test_config_loads_from_toml_and_json(tmp_path: Path, toy_model_dir) -> None:
         "aggregator": "[::1]:7443", "identity_key": "id.pem",
         "aggregator_key": "aggregator.pub", "insecure": True}))
     assert SiteConfig.load(tmp_path / "site.json").min_new_sessions == 8
+    # The environment wins over the file, typed as the setting is, tables included.
+    monkeypatch.setenv("FLEETMIND_MIN_NEW_SESSIONS", "5")
+    monkeypatch.setenv("FLEETMIND_NAME", "007")
+    monkeypatch.setenv("FLEETMIND_DISTILL__STEPS", "9")
+    config = SiteConfig.load(tmp_path / "site.toml")
+    assert (config.min_new_sessions, config.name, config.distill.steps) == (5, "007", 9)
+    assert config.distill.dreams_per_lesson == 2  # the rest of the table is the file's
+    monkeypatch.setenv("FLEETMIND_AGGREGATOR", "agg.example:7443")
+    with pytest.raises(ConfigError, match="plaintext refused"):
+        SiteConfig.load(tmp_path / "site.json")
 
 
 @pytest.mark.parametrize("change, message", [
     ({"aggregator": "agg.example:7443"}, "plaintext refused"),
     ({"insecure": False}, "no tls"),
-    ({"aggregator": "127.0.0.1"}, "HOST:PORT"),
+    ({"aggregator": "127.0.0.1"}, "must be host:port"),
     ({"min_new_sessions": 0}, "min_new_sessions"),
     ({"clip_norm": float("nan")}, "clip_norm"),
     ({"name": ""}, "name"),
@@ -235,7 +239,7 @@ def test_run_backs_off_and_logs_while_the_aggregator_is_away(tmp_path, toy_model
 
 def test_cli_runs_one_iteration_and_refuses_bad_configs(aggregator, tmp_path, toy_model_dir,
                                                         capsys) -> None:
-    from fleetmind.sim import cli
+    from fleetmind.cli import main as cli
 
     key = aggregator.coordinator.registry.public_key.public_bytes_raw()
     (tmp_path / "aggregator.pub").write_bytes(key)
@@ -258,8 +262,8 @@ def test_per_session_updates_are_clipped_per_session(tmp_path, toy_model_dir) ->
     import numpy as np
 
     from fleetmind.aggregation.update import Update, UpdateMetadata
+    from fleetmind.client.contribution import site_update
     from fleetmind.client.scrub import ScrubReport
-    from fleetmind.client.site import _site_update
     from fleetmind.client.store import Session
 
     key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -274,7 +278,7 @@ def test_per_session_updates_are_clipped_per_session(tmp_path, toy_model_dir) ->
     sessions = [Session.from_dict({"id": sid, "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
         for sid in deltas]
-    update = _site_update(config, result, sessions, base_version=2, latest_version=5)
+    update = site_update(config, result, sessions, base_version=2, latest_version=5)
     want = deltas["s1"]["m"] / 6.0 + deltas["s2"]["m"]
     np.testing.assert_allclose(update.delta["m"], want, rtol=1e-6)
     assert update.contributing_units == 2
@@ -289,8 +293,8 @@ def test_a_users_sessions_are_clipped_together(tmp_path, toy_model_dir, caplog) 
     import numpy as np
 
     from fleetmind.aggregation.update import Update, UpdateMetadata
+    from fleetmind.client.contribution import site_update
     from fleetmind.client.scrub import ScrubReport
-    from fleetmind.client.site import _site_update
     from fleetmind.client.store import Session
 
     key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -308,7 +312,7 @@ def test_a_users_sessions_are_clipped_together(tmp_path, toy_model_dir, caplog) 
                                    "messages": [{"role": "user", "content": "hi"},
                                                 {"role": "assistant", "content": "hello"}]})
                 for sid in deltas]
-    update = _site_update(config, result, sessions, base_version=0, latest_version=0)
+    update = site_update(config, result, sessions, base_version=0, latest_version=0)
     # Clipped per session, alice would count twice: 2 x 1.0 + 0.2.
     want = (deltas["s1"]["m"] + deltas["s2"]["m"]) / 4.0 + deltas["s3"]["m"]
     np.testing.assert_allclose(update.delta["m"], want, rtol=1e-6)

@@ -1,0 +1,95 @@
+"""`audit outbox`'s report: what left a site, each upload matched to its publication in
+the aggregator's signed records (the site's downloaded versions, the ledger and its
+receipts), as one JSON-able document (the CLI prints it or tables it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleetmind.aggregation.chain import ChainEntry
+from fleetmind.audit import trail
+from fleetmind.audit.ledger_report import when
+
+__all__ = ["SHORT", "OutboxReport", "outbox_report"]
+
+SHORT = 12  # hex digits of a hash shown in a message or table; JSON carries the whole hash
+
+
+@dataclass(frozen=True)
+class OutboxReport:
+    """What `audit outbox` found. `checked`: publications were looked up (an aggregator
+    key was given); `problems`: what is wrong beyond the chain (a ledger that does not
+    verify, a payload the aggregator's receipts do not name)."""
+
+    path: Path
+    audit: trail.ChainAudit
+    rows: list[dict[str, Any]]
+    problems: list[str]
+    checked: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.audit.ok and not self.problems
+
+    @property
+    def error(self) -> str:
+        return "; ".join(([str(self.audit.error)] if self.audit.error is not None else [])
+                         + self.problems)
+
+    def as_json(self) -> dict[str, Any]:
+        audit = self.audit
+        return {"ok": self.ok, "outbox": str(self.path), "entries": audit.read,
+                "verified": len(self.rows), "head": audit.head.hex(),
+                "bad_entry": None if audit.error is None else audit.error.index,
+                "error": self.error or None, "publications_checked": self.checked,
+                "receipts_checked": any(r["receipt_matched"] is not None for r in self.rows),
+                "records": self.rows}
+
+
+def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
+                  expected_head: bytes | None = None, site_dir: Path | None = None,
+                  aggregator_key: bytes | None = None,
+                  ledger_entries: list[ChainEntry] | None = None) -> OutboxReport:
+    """Verifies the outbox `entries` (read from `path`) against the site's key. With the
+    aggregator's key, each record's round is looked up among the versions in `site_dir`
+    and the verified `ledger_entries`, and its payload among the ledger's receipts."""
+    audit = trail.audit_outbox(entries, site_key, expected_head)
+    # Where each round's publication can be read, each source signed by the aggregator.
+    published: dict[int, trail.Publication] = {}
+    problems: list[str] = []
+    if aggregator_key is not None:
+        if site_dir is not None:
+            published.update(trail.site_publications(site_dir, aggregator_key))
+        if ledger_entries is not None:
+            ledger_audit = trail.audit_ledger(ledger_entries, aggregator_key)
+            if not ledger_audit.ok:
+                problems.append(f"the ledger does not verify: {ledger_audit.error}")
+            published.update(trail.publications(ledger_audit))
+    rows = []
+    for entry, record in audit.verified:
+        publication = published.get(record.round_id)
+        # The ledger's receipts prove what the aggregator summed; a version folder does not.
+        receipt = (record.payload_sha256 in publication.receipts
+                   if publication is not None and publication.receipts else None)
+        if receipt is False:
+            problems.append(f"entry {entry.index}: round {record.round_id}'s payload "
+                            f"{record.payload_sha256[:SHORT]} is not among the aggregator's "
+                            "receipts in the ledger: it is not what was summed")
+        rows.append({
+            "entry": entry.index, "sent_at": when(record.created_at_ms),
+            "round": record.round_id, "base_version": record.base_version,
+            "payload_sha256": record.payload_sha256,
+            "norm_before_clip": record.norm_before_clip,
+            "norm_after_clip": record.norm_after_clip, "clip_norm": record.clip_norm,
+            "privacy_unit": record.privacy_unit, "noise_mode": record.noise_mode,
+            "noise_multiplier": record.noise_multiplier,
+            "secure_aggregation": record.secure_aggregation,
+            "session_ids": list(record.session_ids), "scrubbed": record.scrub_counts,
+            "receipt_matched": receipt,
+            "published": None if publication is None else {
+                "version": publication.version, "cohort_size": publication.cohort_size,
+                "source": publication.source},
+            "entry_hash": entry.hash.hex()})
+    return OutboxReport(Path(path), audit, rows, problems, aggregator_key is not None)
