@@ -174,7 +174,7 @@ class UnitEpsilon:
                              f"max_rounds={self.max_rounds}]")
         _accountant(self.accountant)  # type: ignore[arg-type]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"epsilon_per_unit": self.epsilon_per_unit, "delta": self.delta,
                 "max_rounds": self.max_rounds, "rounds_composed": self.rounds_composed,
                 "accountant": self.accountant}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -89,7 +89,7 @@ def public_key(key: Ed25519PublicKey | bytes) -> Ed25519PublicKey:
 
 def verify_chain(entries: Iterable[ChainEntry], key: Ed25519PublicKey | bytes, *,
                  domain: bytes, expected_head: bytes | None = None,
-                 check: BodyCheck | None = None, signer: str = "the signing key",
+                 check: BodyCheck[Any] | None = None, signer: str = "the signing key",
                  error: type[ChainError] = ChainError) -> bytes:
     """Checks every entry in order and returns the head hash (GENESIS_HASH when empty).
 

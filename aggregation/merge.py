@@ -114,7 +114,9 @@ class FedAvg:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
 
     def step(self, weights: Tensors, mean: Tensors,
-             state: None = None) -> tuple[dict[str, np.ndarray], None]:
+             state: AdamMoments | None = None) -> tuple[dict[str, np.ndarray], None]:
+        """Plain FedAvg keeps no state: `state` is accepted (and ignored) so both
+        optimisers share one signature."""
         return {name: (weights[name] + self.learning_rate * mean[name]).astype(np.float32)
                 for name in weights}, None
 

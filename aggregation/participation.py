@@ -23,6 +23,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fleetmind.aggregation.dp import check_privacy_unit
 
@@ -101,12 +102,12 @@ class ParticipationRecord:
             raise ValueError("counts lists a unit twice: each unit enters a round once")
         object.__setattr__(self, "counts", tuple(sorted(pairs)))
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"round_id": self.round_id, "privacy_unit": self.privacy_unit,
                 "max_rounds": self.max_rounds, "counts": dict(self.counts)}
 
     @classmethod
-    def from_json(cls, raw: Mapping) -> ParticipationRecord:
+    def from_json(cls, raw: Mapping[str, Any]) -> ParticipationRecord:
         if not isinstance(raw, Mapping) or set(raw) != {"round_id", "privacy_unit",
                                                         "max_rounds", "counts"}:
             raise ValueError(f"{raw!r:.80} is not a participation record: want round_id, "

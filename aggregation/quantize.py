@@ -55,7 +55,7 @@ class FixedPoint:
     @property
     def site_word_limit(self) -> int:
         """Largest |word| one site may contribute."""
-        return (2 ** (self.ring_bits - 1) - 1) // self.cohort_max
+        return int((2 ** (self.ring_bits - 1) - 1) // self.cohort_max)
 
     @property
     def scale(self) -> float:

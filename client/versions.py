@@ -46,6 +46,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.numpy import load as load_safetensors
 
 from fleetmind.aggregation.manifest import (
@@ -264,7 +265,7 @@ def _write_version(target: Path, contents: Mapping[str, bytes]) -> None:
     _fsync_dir(target.parent)
 
 
-def verify_folder(folder: Path, public_key: bytes) -> Manifest:
+def verify_folder(folder: Path, public_key: Ed25519PublicKey | bytes) -> Manifest:
     """Checks a version folder on disk (signature, every hash, nothing extra)."""
     folder = Path(folder)
     files: dict[str, bytes] = {}

@@ -59,7 +59,8 @@ class Credentials:
 
     @property
     def common_name(self) -> str:
-        return self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        value = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        return value if isinstance(value, str) else value.decode()
 
     def save(self, folder: Path, name: str) -> tuple[Path, Path]:
         """Writes `name.crt` (0644) and `name.key` (0600); refuses to overwrite either."""
@@ -125,6 +126,9 @@ def _issue(ca: Credentials, common_name: str, san: Sequence[x509.GeneralName],
            usage: x509.ObjectIdentifier, days: int) -> Credentials:
     ca_cert = ca.certificate
     ca_key = serialization.load_pem_private_key(ca.private_key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"the CA key is {type(ca_key).__name__}, not the EC key "
+                         "`fleetmind server certs ca` writes: make the CA with that command")
     key = _new_key()
     builder = (_builder(_name(common_name), ca_cert.subject, key.public_key(), days)
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

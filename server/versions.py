@@ -182,7 +182,8 @@ class Version:
 
 def read_lora(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     raw = load_safetensors(Path(path).read_bytes())
-    a, b = {}, {}
+    a: dict[str, np.ndarray] = {}
+    b: dict[str, np.ndarray] = {}
     for key, tensor in raw.items():
         if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight",
                                                                   ".lora_B.weight")):
