@@ -22,8 +22,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -51,6 +52,8 @@ POOL_BYTES = 256 * 2**20  # distinct update buffers: well past any cache
 # hour. Both sides use the same k and t; graph and dropouts are seeded.
 BENCH_FAILURE_LOG2 = 5
 
+T = TypeVar("T")
+
 
 def _best_of(repeats: int, work) -> float:
     best = math.inf
@@ -77,8 +80,11 @@ def bench_sum(updates: int, parameters: int, repeats: int) -> dict[str, Any]:
 
     seconds = _best_of(repeats, server_sum)
     destination = np.empty_like(pool[0])
-    copy_seconds = _best_of(repeats, lambda: [np.copyto(destination, pool[i % len(pool)])
-                                              for i in range(updates)])
+    def copy_all() -> None:
+        for i in range(updates):
+            np.copyto(destination, pool[i % len(pool)])
+
+    copy_seconds = _best_of(repeats, copy_all)
     gbps = updates * parameters * 4 / seconds / 1e9
     memcpy_gbps = updates * parameters * 4 / copy_seconds / 1e9
     return {"updates": updates, "parameters": parameters, "gbps": gbps,
@@ -149,7 +155,7 @@ def _flower_round(cohort: int, dropout: float, parameters: int, degree: int,
     inputs = {s: [rng.uniform(-1, 1, parameters).astype(np.float32)] for s in sites}
     dropped = set(range(1, round(dropout * cohort) + 1))
 
-    def timed(site, work):
+    def timed(site: int, work: Callable[[], T]) -> T:
         start = time.perf_counter()
         out = work()
         site_seconds[site] += time.perf_counter() - start
@@ -165,7 +171,9 @@ def _flower_round(cohort: int, dropout: float, parameters: int, degree: int,
         keys[s] = timed(s, setup)
         site_bytes[s] += len(keys[s][1]) + len(keys[s][3])
 
-    seeds, held, inbox = {}, {s: {} for s in sites}, {s: [] for s in sites}
+    seeds: dict[int, bytes] = {}
+    held: dict[int, dict[int, tuple[bytes, bytes]]] = {s: {} for s in sites}
+    inbox: dict[int, list[tuple[int, bytes]]] = {s: [] for s in sites}
     for s in sites:  # stage 1: share keys
         def share(s=s):
             seed = os.urandom(32)
@@ -186,7 +194,8 @@ def _flower_round(cohort: int, dropout: float, parameters: int, degree: int,
             inbox[holder].append((s, ciphertext))
             site_bytes[s] += len(ciphertext) + 8
 
-    masked_sum, server_seconds = None, 0.0
+    masked_sum: list[np.ndarray] | None = None
+    server_seconds = 0.0
     survivors = [s for s in sites if s not in dropped]
     for s in survivors:  # stage 2: collect masked vectors
         def mask(s=s):
@@ -196,8 +205,9 @@ def _flower_round(cohort: int, dropout: float, parameters: int, degree: int,
                 _, _, b_share, sk1_share = share_keys_plaintext_separate(
                     decrypt(shared, ciphertext))
                 held[s][src] = (b_share, sk1_share)
-            quantized = factor_combine(target_range, quantize(inputs[s], clipping_range,
-                                                              target_range))
+            # Flower annotates float64 inputs; it quantizes float32 alike.
+            quantized = factor_combine(target_range, quantize(cast(Any, inputs[s]),
+                                                              clipping_range, target_range))
             shapes = [a.shape for a in quantized]
             quantized = parameters_addition(quantized, pseudo_rand_gen(seeds[s], mod_range,
                                                                        shapes))
@@ -216,14 +226,15 @@ def _flower_round(cohort: int, dropout: float, parameters: int, degree: int,
 
     collected: dict[int, list[bytes]] = {s: [] for s in sites}
     for s in survivors:  # stage 3: unmask, site side
-        def unmask(s=s):
+        def unmask(s: int = s) -> list[tuple[int, bytes]]:
             return ([(owner, held[s][owner][0]) for owner in held[s] if owner not in dropped]
                     + [(owner, held[s][owner][1]) for owner in held[s] if owner in dropped])
-        for owner, share in timed(s, unmask):
-            collected[owner].append(share)
-            site_bytes[s] += len(share) + 8
+        for owner, key_share in timed(s, unmask):
+            collected[owner].append(key_share)
+            site_bytes[s] += len(key_share) + 8
 
     start = time.perf_counter()  # stage 3: unmask, server side
+    assert masked_sum is not None, "the cohort has no surviving site"
     vector = parameters_mod(masked_sum, mod_range)
     shapes = [a.shape for a in vector]
     for owner, shares in collected.items():
@@ -274,7 +285,7 @@ def bench_exactness(sites: int = 8, rank: int = 16, d_in: int = 512, d_out: int 
     frozen_a = (rng.normal(size=(rank, d_in)) / math.sqrt(d_in)).astype(np.float32)
     b_deltas = [rng.normal(0, 0.02, (d_out, rank)).astype(np.float32) for _ in range(sites)]
     # fleetmind: A frozen and shared, only B trained; merge B by the exact rule.
-    weighted = {"m": np.sum(b_deltas, axis=0, dtype=np.float64)}
+    weighted = {"m": np.asarray(np.sum(b_deltas, axis=0, dtype=np.float64))}
     merged, _ = exact_merge({"m": np.zeros((d_out, rank), np.float32)}, weighted, float(sites),
                             FedAvg(1.0))
     target = np.mean([b.astype(np.float64) @ frozen_a for b in b_deltas], axis=0)

@@ -28,7 +28,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,8 @@ def measured(model: Any, tensors: bool = False) -> Iterator[dict[str, float]]:
         cost["tokens"] += int(ids.numel())
 
     handle = model.register_forward_pre_hook(count, with_kwargs=True)
-    profiler = tensor_peak() if tensors else nullcontext({})
+    profiler: AbstractContextManager[dict[str, float]] = (tensor_peak() if tensors
+                                                          else nullcontext({}))
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
         with profiler as peak:
