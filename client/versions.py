@@ -61,6 +61,7 @@ from fleetmind.aggregation.manifest import (
     public_key as load_public_key,
 )
 from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
+from fleetmind.runtime.durable import atomic_write, fsync_dir
 
 VERSIONS = "versions"
 CURRENT = "current"
@@ -257,12 +258,12 @@ def _write_version(target: Path, contents: Mapping[str, bytes]) -> None:
                 stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
-        _fsync_dir(partial)
+        fsync_dir(partial)
         os.rename(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def verify_folder(folder: Path, public_key: Ed25519PublicKey | bytes) -> Manifest:
@@ -381,9 +382,7 @@ def _record_key(site_dir: Path, public_key: bytes) -> None:
     if path.is_file() and path.read_bytes() == raw:
         return
     site_dir.mkdir(parents=True, exist_ok=True)
-    temporary = site_dir / f".{TRUSTED_KEY}-{secrets.token_hex(4)}"
-    temporary.write_bytes(raw)
-    os.replace(temporary, path)
+    atomic_write(path, raw)
 
 
 def _recorded_key(site_dir: Path) -> bytes | None:
@@ -407,14 +406,11 @@ def rollback(site_dir: Path) -> tuple[int, int]:
                             "good version is kept (nothing to roll back to)")
     # The pin first: a crash after it and before the flip leaves the old version active
     # and pinned out of re-activation, which a newer version or a second rollback clears.
-    pin = site_dir / ROLLBACK_PIN
-    temporary = site_dir / f".{ROLLBACK_PIN}-{secrets.token_hex(4)}"
-    temporary.write_text(json.dumps({"from": max(int(current), rollback_pin(site_dir) or 0),
-                                     "to": int(previous)}))
-    os.replace(temporary, pin)
+    atomic_write(site_dir / ROLLBACK_PIN, json.dumps(
+        {"from": max(int(current), rollback_pin(site_dir) or 0), "to": int(previous)}).encode())
     _flip(site_dir, CURRENT, previous)
     (site_dir / PREVIOUS).unlink()
-    _fsync_dir(site_dir)
+    fsync_dir(site_dir)
     return int(current), int(previous)
 
 
@@ -467,12 +463,5 @@ def _flip(site_dir: Path, link: str, folder_name: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_dir(site_dir)
+    fsync_dir(site_dir)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

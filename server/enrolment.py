@@ -23,7 +23,8 @@ from fleetmind.aggregation.identity_proof import (  # noqa: F401
     enroll_signed_bytes,
     is_small_order,
 )
-from fleetmind.server.durable import atomic_write, canonical_json
+from fleetmind.runtime.durable import atomic_write
+from fleetmind.runtime.signed_log import canonical_json
 from fleetmind.server.identity import SITE_NAME
 
 

@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fleetmind.server.durable import atomic_write
+from fleetmind.runtime.durable import atomic_write
+from fleetmind.runtime.keys import private_key_from_bytes
 
 PRIVATE_MODE = 0o600
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -219,10 +220,7 @@ def create_signing_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(read_private(path), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} holds a {type(key).__name__}, need an Ed25519 key")
-    return key
+    return private_key_from_bytes(read_private(path), str(path))
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:

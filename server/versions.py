@@ -53,7 +53,8 @@ from fleetmind.aggregation.manifest import (  # noqa: F401
 )
 from fleetmind.aggregation.manifest import SHA256_HEX as _SHA256
 from fleetmind.aggregation.manifest import public_key as _public  # noqa: F401 (tests use it)
-from fleetmind.server.durable import canonical_json, fsync_dir, write_synced
+from fleetmind.runtime.durable import fsync_dir, write_synced
+from fleetmind.runtime.signed_log import canonical_json
 
 PEFT_PREFIX = "base_model.model."
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
