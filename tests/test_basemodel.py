@@ -79,4 +79,3 @@ def test_build_toy_reproduces_a_model_that_meets_the_targets(tmp_path) -> None:
     report = basemodel.build_toy(tmp_path / "toy", progress=False)
     assert report["incontext_accuracy"] >= 0.9
     assert report["closed_book_accuracy"] <= 0.08
-    assert report["build_seconds"] <= 20 * 60

@@ -5,7 +5,6 @@ met and unmet targets, a missing peer, a missing file."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -201,11 +200,9 @@ def test_a_missing_benchmark_names_the_file_and_the_command(tmp_path: Path, caps
 
 @pytest.mark.slow  # 116 s on the shared 2-core machine: Flower's Shamir, two trainings
 def test_bench_all_quick_end_to_end(tmp_path: Path) -> None:
-    start = time.perf_counter()
     assert main(["bench", "all", "--out", str(tmp_path), "--quick"]) == 0
     for name in ("aggregation.json", "consolidate.json", "wire.json", "report.json",
                  "report.md", "aggregation.png", "consolidate.png", "wire.png"):
         assert (tmp_path / name).is_file(), name
     written = json.loads((tmp_path / "report.json").read_text())
     assert all(written["quick"].values())
-    assert time.perf_counter() - start < 1800

@@ -4,16 +4,13 @@ a published version; wire.json has every key, with positive numbers."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from fleetmind.sim.bench import wire
 
 
 def test_quick_wire_bench_writes_positive_numbers(tmp_path: Path) -> None:
-    start = time.perf_counter()
     result = wire.run(tmp_path, quick=True)
-    assert time.perf_counter() - start < 30
     assert json.loads((tmp_path / "wire.json").read_text()) == result
     assert result["quick"] is True
     assert result["largest_feasible_cohort"] == 10
