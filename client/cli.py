@@ -1,6 +1,6 @@
 """`fleetmind client ...`: the site operator's commands.
 
-`add_client_commands` plugs into the program's subparsers (fleetmind.sim.cli). Handlers import
+`add_client_commands` plugs into the program's subparsers (fleetmind.cli.main). Handlers import
 what they need when they run, so the program's start stays light (no torch).
 """
 
@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fleetmind.client.serve.cli import register as add_serve_commands
+
 
 def add_client_commands(commands: Any) -> None:
     client = commands.add_parser("client", help="a site: its sessions and what it learns",
@@ -19,6 +21,7 @@ def add_client_commands(commands: Any) -> None:
     # The group's own subcommands use the caller's parser class (one-line usage errors).
     sub = client.add_subparsers(dest="action", required=True, metavar="ACTION",
                                 parser_class=type(client))
+    add_serve_commands(sub)  # serve, sessions, forget: the endpoint and what it captured
 
     ingest = sub.add_parser(
         "ingest", help="store chat sessions from JSONL files",

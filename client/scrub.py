@@ -284,17 +284,56 @@ def scrub_session(session: Session | Mapping[str, Any]
     dict (`{"messages": [...], ...}`) as a copy with its other keys untouched. The session
     and end-user ids stay: they never leave the site, and the privacy unit needs them."""
     if isinstance(session, Session):
-        scrubbed = [scrub_text(message.content) for message in session.messages]
-        messages = tuple(Message(role=message.role, content=text)
-                         for message, (text, _) in zip(session.messages, scrubbed, strict=True))
-        return (replace(session, messages=messages),
+        scrubbed = [scrub_message(message) for message in session.messages]
+        return (replace(session, messages=tuple(message for message, _ in scrubbed)),
                 ScrubReport.merge(report for _, report in scrubbed))
     if not isinstance(session, Mapping) or not isinstance(session.get("messages"), list):
         raise TypeError("scrub_session takes a Session or a chat dict with a 'messages' list, "
                         f"got {type(session).__name__}")
     messages, reports = [], []
     for message in session["messages"]:
-        text, report = scrub_text(message["content"])
-        messages.append({**message, "content": text})
+        clean, report = _scrub_chat_turn(message)
+        messages.append(clean)
         reports.append(report)
     return {**session, "messages": messages}, ScrubReport.merge(reports)
+
+
+def scrub_message(message: Message) -> tuple[Message, ScrubReport]:
+    """A turn's content and its tool calls' arguments scrubbed (a call's arguments carry
+    what the user said as often as the content does). Names and ids stay."""
+    text, report = scrub_text(message.content)
+    calls = []
+    for call in message.tool_calls:
+        arguments, found = scrub_text(call.arguments)
+        calls.append(replace(call, arguments=arguments))
+        report += found
+    return replace(message, content=text, tool_calls=tuple(calls)), report
+
+
+def _scrub_chat_turn(turn: Mapping[str, Any]) -> tuple[dict[str, Any], ScrubReport]:
+    """A chat dict's turn as the API writes it: string, null or parts content, tool calls."""
+    clean, report = dict(turn), ScrubReport()
+    content = turn.get("content")
+    if isinstance(content, str):
+        clean["content"], report = scrub_text(content)
+    elif isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                text, found = scrub_text(part["text"])
+                parts.append({**part, "text": text})
+                report += found
+            else:
+                parts.append(part)
+        clean["content"] = parts
+    if isinstance(turn.get("tool_calls"), list):
+        calls = []
+        for call in turn["tool_calls"]:
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping) and isinstance(function.get("arguments"), str):
+                arguments, found = scrub_text(function["arguments"])
+                call = {**call, "function": {**function, "arguments": arguments}}
+                report += found
+            calls.append(call)
+        clean["tool_calls"] = calls
+    return clean, report

@@ -1,6 +1,6 @@
 """`fleetmind server ...`: the aggregator operator's commands.
 
-`add_server_commands` plugs into the program's subparsers (fleetmind.sim.cli registers it).
+`add_server_commands` plugs into the program's subparsers (fleetmind.cli.main registers it).
 Bad input is reported as the program expects of every group: `argparse.ArgumentError(None,
 message)`, which its `main` prints as one line with exit status 2.
 """

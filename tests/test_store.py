@@ -57,11 +57,10 @@ def test_a_session_round_trips_through_its_dict() -> None:
     ({"id": "a", "messages": "hi"}, "'messages' must be a non-empty list"),
     ({"id": "a", "messages": [{"role": "user"}]}, "messages[0] must be an object"),
     ({"id": "a", "messages": [{"role": "user", "content": "q"},
-                              {"role": "tool", "content": "x"}]}, "messages[1].role='tool'"),
-    ({"id": "a", "messages": [{"role": "user", "content": "  "}]},
-     "messages[0].content is empty"),
+                              {"role": "robot", "content": "x"}]}, "messages[1].role='robot'"),
+    ({"id": "a", "messages": [{"role": "user", "content": "  "}]}, "no user turn"),
     ({"id": "a", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
-     "messages[0].content is a list"),
+     "messages[0].content[0] is a text part without a 'text'"),
     ({"id": "a", "messages": [{"role": "assistant", "content": "hi"}]}, "no user turn"),
     ({"id": "", "messages": [{"role": "user", "content": "q"}]}, "id=''"),
     ({"id": 7, "messages": [{"role": "user", "content": "q"}]}, "id=7"),
@@ -168,8 +167,8 @@ def test_ingest_stores_the_good_lines_and_reports_the_bad_by_line(store: Session
         "{not json",                                        # 2 bad JSON
         chat(2, user="u2"),                                 # 3 stored
         "",                                                 # 4 blank: ignored
-        {"id": "x", "messages": [{"role": "tool", "content": "t"}]},       # 5 wrong role
-        {"id": "y", "messages": [{"role": "user", "content": ""}]},        # 6 empty content
+        {"id": "x", "messages": [{"role": "robot", "content": "t"}]},      # 5 wrong role
+        {"id": "y", "messages": [{"role": "user", "content": ""}]},        # 6 nothing said
         {"id": "z"},                                        # 7 missing messages
         chat(1),                                            # 8 duplicate of line 1
         {**chat(3), "id": "s00001"},                        # 9 id taken, other messages
@@ -179,8 +178,8 @@ def test_ingest_stores_the_good_lines_and_reports_the_bad_by_line(store: Session
     assert (report.stored, report.duplicates, report.rejected) == (2, 1, 6)
     assert [p.line for p in report.problems] == [2, 5, 6, 7, 9, 10]
     assert str(report.problems[0]).startswith(f"{path}:2: not valid JSON")
-    assert "role='tool'" in report.problems[1].message
-    assert "content is empty" in report.problems[2].message
+    assert "role='robot'" in report.problems[1].message
+    assert "no user turn" in report.problems[2].message  # its empty turn was dropped first
     assert "unique id" in report.problems[4].message
     assert [s.id for s in store] == ["s00001", "s00002"]
     assert store.get("s00002").user == "u2"
@@ -288,3 +287,59 @@ def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path: Path, batch: 
         report = store.ingest_file(path)
         assert report.stored + report.duplicates == total
         assert len(store) == total
+
+
+# -- stitching, forgetting, retention ---------------------------------------------------------
+
+def test_replace_continues_an_unconsumed_session_in_place(store: SessionStore) -> None:
+    first = Session.from_dict(chat(1, user="u1"))
+    store.add(first)
+    store.add(chat(2))
+    longer = Session(id=first.id, user="u1", messages=(
+        *first.messages, Message("user", "and moukrain2 ?"), Message("assistant", "noted .")))
+    assert store.find(first.content_hash) == first.id
+    assert store.replace(longer) is True
+    assert store.get(first.id) == longer
+    assert [s.id for s in store] == [first.id, "s00002"]  # its place in arrival order
+    assert store.find(first.content_hash) is None
+    assert store.replace(longer) is False  # the same messages again: nothing to do
+    with pytest.raises(ValueError, match="no session 'nope' to replace"):
+        store.replace(Session(id="nope", messages=longer.messages))
+    store.record_consolidation("c1", [first.id])
+    with pytest.raises(ValueError, match="never rewritten"):
+        store.replace(Session(id=first.id, user="u1", messages=first.messages))
+
+
+def test_delete_user_removes_their_sessions_and_usage_records(store: SessionStore) -> None:
+    for number, user in enumerate(["a", "a", "b", None], start=1):
+        store.add(chat(number, user=user))
+    store.record_consolidation("c1", ["s00001", "s00003"])
+    assert store.user_sessions("a") == ["s00001", "s00002"]
+    assert store.delete_user("a") == ["s00001", "s00002"]
+    assert [s.id for s in store] == ["s00003", "s00004"]
+    assert store.sessions_used_by("c1") == ["s00003"]
+    assert store.delete_user("a") == []
+    with pytest.raises(ValueError, match="user=''"):
+        store.delete_user("")
+
+
+def test_expire_deletes_sessions_older_than_the_ttl(store: SessionStore) -> None:
+    store.add(chat(1))
+    store.add(chat(2))
+    store._db.execute("UPDATE sessions SET added_at = added_at - 7200 WHERE id = 's00001'")
+    assert store.expire(3600) == ["s00001"]
+    assert [s.id for s in store] == ["s00002"]
+    assert store.expire(3600, now=10**12) == ["s00002"]
+    with pytest.raises(ValueError, match="TTL"):
+        store.expire(0)
+
+
+def test_stats_count_sessions_users_and_the_unattributed(store: SessionStore) -> None:
+    for number, user in enumerate(["a", "a", "b", None, None], start=1):
+        store.add(chat(number, user=user))
+    store.record_consolidation("c1", ["s00001"])
+    stats = store.stats()
+    assert (stats.sessions, stats.users, stats.unconsumed, stats.without_user,
+            stats.consolidations) == (5, 2, 4, 2, 1)
+    assert stats.oldest_added_at <= stats.newest_added_at
+    assert set(stats.as_dict()) >= {"sessions", "users", "unconsumed", "without_user"}
