@@ -10,7 +10,7 @@ from typing import Any
 from fleetmind.aggregation.chain import ChainEntry
 from fleetmind.audit import trail
 
-__all__ = ["LedgerReport", "ledger_report", "ledger_rows", "when"]
+__all__ = ["LedgerReport", "epsilon_meaning", "ledger_report", "ledger_rows", "when"]
 
 
 def when(ms: int) -> str:
@@ -18,11 +18,25 @@ def when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def epsilon_meaning(privacy_unit: str | None, participation_cap: int | None) -> str:
+    """What a ledger entry's epsilon_total is: per unit over the fleet's life under a
+    participation cap K, or every round composed without one."""
+    unit = privacy_unit or "unit"
+    if participation_cap is not None:
+        return f"ε per {unit} under cap {participation_cap}"
+    return f"ε per {unit}, every round composed (no participation cap)"
+
+
 def ledger_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
-    """One row per verified ledger entry: the round's privacy and what it published."""
+    """One row per verified ledger entry: the round's privacy and what it published.
+    participation_cap: K when the round ran under a participation cap (None: none, or an
+    entry from before caps); epsilon_meaning says what epsilon_total is then."""
     return [{"entry": entry.index, "round": record.round_id, "version": record.version,
              "cohort_size": record.cohort_size, "dropouts": record.dropouts,
              "clip_norm": record.clip_norm, "privacy_unit": record.privacy_unit,
+             "participation_cap": record.participation_cap,
+             "epsilon_meaning": epsilon_meaning(record.privacy_unit,
+                                                record.participation_cap),
              "noise_mode": record.noise_mode, "noise_multiplier": record.noise_multiplier,
              "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total,
              "delta": record.delta, "secure_aggregation": record.secure_aggregation,
@@ -51,7 +65,18 @@ class LedgerReport:
                 "verified": len(self.rows), "head": audit.head.hex(),
                 "bad_entry": None if audit.error is None else audit.error.index,
                 "error": None if audit.error is None else str(audit.error),
-                "rounds": self.rows, "aggregator_budget": self.budget}
+                "rounds": self.rows, "aggregator_budget": self.budget,
+                "privacy_spent": self.privacy_spent}
+
+    @property
+    def privacy_spent(self) -> str | None:
+        """The last verified entry's epsilon, in words: "ε per user under cap 4: 5.68 at
+        δ 1e-05" (None: no entry verified)."""
+        if not self.rows:
+            return None
+        last = self.rows[-1]
+        return (f"{epsilon_meaning(last['privacy_unit'], last['participation_cap'])}: "
+                f"{last['epsilon_total']:.4g} at δ {last['delta']:g}")
 
 
 def ledger_report(entries: list[ChainEntry], aggregator_key: bytes, source: str,

@@ -4,11 +4,12 @@ receipts), as one JSON-able document (the CLI prints it or tables it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fleetmind.aggregation.chain import ChainEntry
+from fleetmind.aggregation.participation import participation_history
 from fleetmind.audit import trail
 from fleetmind.audit.ledger_report import when
 
@@ -21,13 +22,16 @@ SHORT = 12  # hex digits of a hash shown in a message or table; JSON carries the
 class OutboxReport:
     """What `audit outbox` found. `checked`: publications were looked up (an aggregator
     key was given); `problems`: what is wrong beyond the chain (a ledger that does not
-    verify, a payload the aggregator's receipts do not name)."""
+    verify, a payload the aggregator's receipts do not name, participation counts that do
+    not add up); `participation`: each privacy unit's count of rounds entered, recounted
+    from the verified records (units of uploads under no cap are not counted)."""
 
     path: Path
     audit: trail.ChainAudit
     rows: list[dict[str, Any]]
     problems: list[str]
     checked: bool
+    participation: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -45,7 +49,7 @@ class OutboxReport:
                 "bad_entry": None if audit.error is None else audit.error.index,
                 "error": self.error or None, "publications_checked": self.checked,
                 "receipts_checked": any(r["receipt_matched"] is not None for r in self.rows),
-                "records": self.rows}
+                "participation_counts": self.participation, "records": self.rows}
 
 
 def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
@@ -87,9 +91,21 @@ def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
             "noise_multiplier": record.noise_multiplier,
             "secure_aggregation": record.secure_aggregation,
             "session_ids": list(record.session_ids), "scrubbed": record.scrub_counts,
+            "participation_cap": None if record.participation is None
+            else record.participation["max_rounds"],
+            "participation": None if record.participation is None
+            else dict(record.participation["counts"]),
             "receipt_matched": receipt,
             "published": None if publication is None else {
                 "version": publication.version, "cohort_size": publication.cohort_size,
                 "source": publication.source},
             "entry_hash": entry.hash.hex()})
-    return OutboxReport(Path(path), audit, rows, problems, aggregator_key is not None)
+    counts: dict[str, int] = {}
+    try:
+        history = participation_history(
+            p for p in (record.participation_record for _, record in audit.verified)
+            if p is not None)
+        counts = {unit: len(rounds) for unit, rounds in sorted(history.items())}
+    except ValueError as error:
+        problems.append(f"participation counts: {error}")
+    return OutboxReport(Path(path), audit, rows, problems, aggregator_key is not None, counts)

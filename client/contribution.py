@@ -3,6 +3,16 @@ clipped per privacy unit (each session, each end user, or the whole site) into t
 that is masked and sent (agent.SiteUpdate).
 
     result, update = consolidate(config, sessions, base_version, store.get)
+
+Participation caps (aggregation/participation.py) are enforced here too, before anything is
+distilled: `within_cap` keeps the sessions whose privacy unit is still under the cap, and
+`Participation` is what agent.participate calls just before it writes the outbox record,
+the last guard before the payload leaves:
+
+    history, last_cap = outbox_participation(outbox)
+    cap = stricter_cap(config.participation_cap, last_cap)
+    kept, capped = within_cap(config, sessions, history, cap)
+    participation = Participation.for_sessions(config, kept, history)
 """
 
 from __future__ import annotations
@@ -10,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -24,7 +35,15 @@ from fleetmind.aggregation.manifest import (
     VersionError,
 )
 from fleetmind.aggregation.merge import flatten, staleness_weight, unflatten
+from fleetmind.aggregation.participation import (
+    CapReachedError,
+    ParticipationCap,
+    eligible_units,
+    participation_history,
+    record_round,
+)
 from fleetmind.client.agent import SiteUpdate
+from fleetmind.client.outbox import Outbox, participation_records
 from fleetmind.client.site_config import SiteConfig
 from fleetmind.client.store import Session
 from fleetmind.client.versions import CURRENT, verify_folder
@@ -32,7 +51,9 @@ from fleetmind.client.versions import CURRENT, verify_folder
 if TYPE_CHECKING:  # consolidate pulls in the distillation stack; only its type is needed
     from fleetmind.client.consolidate import SiteConsolidation
 
-__all__ = ["REPLAY_FILE", "active_adapter", "consolidate", "site_update"]
+__all__ = ["REPLAY_FILE", "Participation", "RoundCapError", "active_adapter", "consolidate",
+           "outbox_participation", "round_cap", "site_update", "stricter_cap", "unit_of",
+           "within_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +133,8 @@ def site_update(config: SiteConfig, result: SiteConsolidation, sessions: list[Se
         contributions = [dp.Contribution(sid, users[sid], flatten(d, shapes))
                          for sid, d in result.session_updates]
         unit = config.privacy_unit
-        flat, norms = dp.clip_and_sum(contributions, config.clip_norm, unit)
+        flat, norms = dp.clip_and_sum(contributions, config.clip_norm,
+                                      cast("dp.PrivacyUnit", unit))  # SiteConfig checked it
         units = len(norms)
         # The outbox's "before clipping" is the unclipped sum's norm: what would have left.
         norm_before = float(np.linalg.norm(np.sum([c.delta for c in contributions], axis=0,
@@ -126,3 +148,98 @@ def site_update(config: SiteConfig, result: SiteConsolidation, sessions: list[Se
         session_ids=tuple(sorted(s.id for s in sessions)), scrubbed=result.scrubbed,
         norm_before_clip=norm_before, contributing_units=units, clip_norm=config.clip_norm,
         privacy_unit=unit)
+
+
+# ---- participation caps -----------------------------------------------------------------
+
+
+def unit_of(config: SiteConfig, session: Session) -> str:
+    """The privacy unit `session` counts toward, by the rule clipping uses (site_update):
+    the session itself, its end user (a session without a user id is its own user), or the
+    whole site."""
+    if config.privacy_unit == "site":
+        return config.name
+    if config.privacy_unit == "user":
+        return session.user or session.id
+    return session.id
+
+
+def stricter_cap(*caps: int | None) -> ParticipationCap | None:
+    """The strictest of `caps` (None or 0: no cap), or None when none is set. The round's
+    accountant charges each unit for at most the round's K rounds, so a site may enforce a
+    smaller K of its own, never a larger one."""
+    known = [int(cap) for cap in caps if cap]
+    return ParticipationCap(min(known)) if known else None
+
+
+def round_cap(round_config: Any) -> int | None:
+    """The cap a round's config carries (fleet_pb2.RoundConfig.participation_cap; 0, or an
+    aggregator from before the field: none)."""
+    return int(getattr(round_config, "participation_cap", 0) or 0) or None
+
+
+def outbox_participation(outbox: Outbox) -> tuple[dict[str, tuple[int, ...]], int | None]:
+    """From the site's outbox: unit -> the rounds it entered (checked:
+    participation_history), and the cap in force at the last upload that carried one (None:
+    no upload did), so a site learns the fleet's cap once and enforces it before
+    distilling."""
+    records = participation_records(entry.record for entry in outbox.entries())
+    return participation_history(records), records[-1].max_rounds if records else None
+
+
+def within_cap(config: SiteConfig, sessions: Iterable[Session],
+               history: Mapping[str, Iterable[int]], cap: ParticipationCap | None
+               ) -> tuple[list[Session], list[Session]]:
+    """`sessions` split into those whose privacy unit (unit_of) is under `cap` and those
+    whose unit already entered cap.max_rounds rounds (all kept when cap is None)."""
+    sessions = list(sessions)
+    if cap is None:
+        return sessions, []
+    rounds = {unit: tuple(entered) for unit, entered in history.items()}
+    allowed = set(eligible_units([unit_of(config, s) for s in sessions], rounds, cap))
+    kept = [s for s in sessions if unit_of(config, s) in allowed]
+    return kept, [s for s in sessions if unit_of(config, s) not in allowed]
+
+
+class RoundCapError(CapReachedError):
+    """The round's cap (`round_cap`) is stricter than the one the site filtered its
+    sessions with, and some units of the update are at it: nothing was sent. Filter again
+    with `round_cap` and consolidate again."""
+
+    def __init__(self, message: str, round_cap: int | None) -> None:
+        super().__init__(message)
+        self.round_cap = round_cap
+
+
+@dataclass(frozen=True)
+class Participation:
+    """What a site passes to agent.participate (`participation=`): the privacy units its
+    update carries (unit_ids, by unit_of), the rounds each already entered (history, from
+    the outbox) and the site's own cap. The agent calls it with the round id and the
+    round's config just before it appends the outbox record: it returns the
+    ParticipationRecord's JSON for that record (None: no cap in force, nothing recorded),
+    or raises RoundCapError (a CapReachedError) if a unit is at the stricter of the two
+    caps: the last guard, before the payload leaves."""
+
+    privacy_unit: str
+    unit_ids: tuple[str, ...]
+    history: Mapping[str, tuple[int, ...]]
+    site_cap: int | None = None
+
+    @classmethod
+    def for_sessions(cls, config: SiteConfig, sessions: Iterable[Session],
+                     history: Mapping[str, tuple[int, ...]]) -> Participation:
+        units = tuple(dict.fromkeys(unit_of(config, s) for s in sessions))
+        return cls(config.privacy_unit, units, dict(history), config.participation_cap)
+
+    def __call__(self, round_id: int, round_config: Any = None) -> dict | None:
+        cap_of_round = round_cap(round_config)
+        cap = stricter_cap(self.site_cap, cap_of_round)
+        if cap is None:
+            return None
+        try:
+            record = record_round(self.unit_ids, self.history, cap, round_id,
+                                  self.privacy_unit)
+        except CapReachedError as error:
+            raise RoundCapError(str(error), cap_of_round) from None
+        return record.to_json()

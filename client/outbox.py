@@ -35,12 +35,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
 from fleetmind.aggregation.dp import check_privacy_unit
+from fleetmind.aggregation.participation import ParticipationRecord
 from fleetmind.client.scrub import KINDS, ScrubReport
 from fleetmind.client.store import MAX_ID_CHARS
 from fleetmind.runtime.signed_log import SignedLog, canonical_json
 
 __all__ = ["DOMAIN", "GENESIS_HASH", "NOISE_MODES", "OUTBOX_FILE", "Outbox", "OutboxEntry",
-           "OutboxError", "OutboxRecord", "payload_sha256", "verify_chain"]
+           "OutboxError", "OutboxRecord", "participation_records", "payload_sha256",
+           "verify_chain"]
 
 DOMAIN = b"fleetmind/outbox/v1"
 OUTBOX_FILE = "outbox.sqlite"  # in the site's data folder
@@ -140,8 +142,12 @@ class OutboxRecord:
     (kind, count) pairs for every kind). base_version: the global version the delta is
     against. clip_norm / privacy_unit: the bound each unit of the delta was clipped to, and
     the unit (session, user or site). secure_aggregation: False when the payload went
-    unmasked (the loopback-only plain-sum ablation). Each is written only when set (true,
-    for secure_aggregation), so records from before them read and verify unchanged."""
+    unmasked (the loopback-only plain-sum ablation). participation: the privacy units this
+    upload entered into the round under a participation cap, with each one's count of
+    rounds entered (aggregation.participation.ParticipationRecord.to_json(); a
+    ParticipationRecord is accepted too); None when no cap was in force. Each is written
+    only when set (true, for secure_aggregation), so records from before them read and
+    verify unchanged."""
 
     round_id: int
     payload_sha256: str
@@ -155,6 +161,7 @@ class OutboxRecord:
     clip_norm: float | None = None
     privacy_unit: str | None = None
     secure_aggregation: bool = True
+    participation: dict | None = None
     created_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     def __post_init__(self) -> None:
@@ -184,6 +191,21 @@ class OutboxRecord:
         if not isinstance(self.secure_aggregation, bool):
             raise ValueError(f"secure_aggregation={self.secure_aggregation!r} must be true or "
                              "false")
+        participation = self.participation_record
+        if participation is not None:
+            object.__setattr__(self, "participation", participation.to_json())
+
+    @property
+    def participation_record(self) -> ParticipationRecord | None:
+        """The participation record this upload carries (None: no cap was in force)."""
+        if self.participation is None:
+            return None
+        record = (self.participation if isinstance(self.participation, ParticipationRecord)
+                  else ParticipationRecord.from_json(self.participation))
+        if record.round_id != self.round_id:
+            raise ValueError(f"participation is for round {record.round_id}, the upload for "
+                             f"round {self.round_id}: a record counts the round it is sent in")
+        return record
 
     @property
     def scrub_counts(self) -> dict[str, int]:
@@ -193,7 +215,7 @@ class OutboxRecord:
         value = {f.name: getattr(self, f.name) for f in fields(self)}
         value["scrubbed"] = dict(self.scrubbed)
         value["session_ids"] = list(self.session_ids)
-        for name in ("clip_norm", "privacy_unit"):
+        for name in ("clip_norm", "privacy_unit", "participation"):
             if value[name] is None:
                 del value[name]
         if self.secure_aggregation:
@@ -273,3 +295,16 @@ class Outbox(SignedLog[OutboxEntry]):
 
     def verify(self, expected_head: bytes | None = None) -> bytes:
         return verify_chain(self.entries(), self.public_key, expected_head)
+
+    def participation_records(self) -> list[ParticipationRecord]:
+        """The participation records of every entry, oldest first (see
+        participation_records)."""
+        return participation_records(entry.record for entry in self.entries())
+
+
+def participation_records(records: Iterable[OutboxRecord]) -> list[ParticipationRecord]:
+    """The participation records the outbox `records` carry, in order (records without
+    one, written with no cap in force or before caps existed, are skipped): the input of
+    aggregation.participation.participation_history, so a site's counts survive restarts
+    and an auditor can recount them."""
+    return [p for p in (record.participation_record for record in records) if p is not None]

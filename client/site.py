@@ -17,6 +17,11 @@ or an aborted round leaves them to the next iteration; what a crash left between
 and that record is settled first (client/recovery.py). The rest has its own module:
 settings (site_config.py), the identity key (identity.py), the channel (channel.py), what
 is sent (contribution.py), telling a serving endpoint to load a version (notify_serving.py).
+
+Participation caps: sessions whose privacy unit already entered the cap's K rounds (counted
+from the outbox, so the count survives restarts) are held back before consolidating, and
+the upload's outbox record carries each entering unit's new count (contribution.py,
+docs/privacy-budget.md).
 """
 
 from __future__ import annotations
@@ -38,7 +43,14 @@ from fleetmind.client.agent import (
     participate,
 )
 from fleetmind.client.channel import make_channel
-from fleetmind.client.contribution import consolidate
+from fleetmind.client.contribution import (
+    Participation,
+    RoundCapError,
+    consolidate,
+    outbox_participation,
+    stricter_cap,
+    within_cap,
+)
 from fleetmind.client.identity import load_identity_key
 from fleetmind.client.metrics import SiteMetrics
 from fleetmind.client.notify_serving import notify_serving
@@ -127,21 +139,51 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
         held = settle_outbox(config, channel, key, public_key, store)
         unconsumed = store.unconsumed()
         metrics.sessions(len(store), len(unconsumed))
-        sessions = [s for s in unconsumed if s.id not in held]
-        if len(sessions) < config.min_new_sessions:
-            return Outcome(tuple(activated), len(sessions))
-        base_version = current_version(config.data_dir)
-        if base_version is None:
-            raise VersionError("no version is active yet (the aggregator published none); "
-                               "the site consolidates only on a verified global version")
-        result, update = consolidate(config, sessions, base_version, store.get)
-        metrics.consolidated(result.stats.tokens)
-        # A plain_sum round (no secure aggregation) shows the aggregator this update: sent
-        # only to an aggregator on this machine, where that ablation runs.
-        on_loopback = is_loopback(split_host_port(config.aggregator)[0])
-        with Outbox(config.data_dir / OUTBOX_FILE, key) as outbox:
-            done = participate(channel, key, config.name, update, outbox,
-                               timeout=config.round_timeout_s, allow_plain_sum=on_loopback)
+        free = [s for s in unconsumed if s.id not in held]
+        history, last_cap = _participation(config, key)
+        # The stricter of the site's cap and the fleet's, as last seen in the outbox; a
+        # round that carries a stricter one is learned below (RoundCapError).
+        cap = stricter_cap(config.participation_cap, last_cap)
+        while True:
+            # Held, not consumed: a unit at its cap never enters again, so its sessions are
+            # left out of the count toward min_new_sessions (and never marked as learned).
+            sessions, capped = within_cap(config, free, history, cap)
+            if capped:
+                log.info("%s: %d session(s) left out: their %s is at the participation cap "
+                         "of %d rounds", config.name, len(capped), config.privacy_unit,
+                         cap.max_rounds if cap else 0)
+            if len(sessions) < config.min_new_sessions:
+                return Outcome(tuple(activated), len(sessions))
+            base_version = current_version(config.data_dir)
+            if base_version is None:
+                raise VersionError("no version is active yet (the aggregator published "
+                                   "none); the site consolidates only on a verified global "
+                                   "version")
+            result, update = consolidate(config, sessions, base_version, store.get)
+            metrics.consolidated(result.stats.tokens)
+            # A plain_sum round (no secure aggregation) shows the aggregator this update:
+            # sent only to an aggregator on this machine, where that ablation runs.
+            on_loopback = is_loopback(split_host_port(config.aggregator)[0])
+            try:
+                with Outbox(config.data_dir / OUTBOX_FILE, key) as outbox:
+                    done = participate(channel, key, config.name, update, outbox,
+                                       timeout=config.round_timeout_s,
+                                       allow_plain_sum=on_loopback,
+                                       participation=Participation.for_sessions(
+                                           config, sessions, history))
+            except RoundCapError as error:
+                # Nothing was sent. The round's cap is stricter than the one filtered with:
+                # filter with it and consolidate again (once: it is then the strictest).
+                learned = stricter_cap(cap.max_rounds if cap else None, error.round_cap)
+                if learned is None or (cap is not None
+                                       and learned.max_rounds >= cap.max_rounds):
+                    raise
+                log.warning("%s: the round's participation cap is %d rounds, stricter than "
+                            "this site knew: leaving out the units at it and consolidating "
+                            "again", config.name, learned.max_rounds)
+                cap = learned
+                continue
+            break
         # Only now: a round that failed leaves the sessions for the next one.
         store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
         metrics.rounds.inc()
@@ -153,6 +195,17 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
         activated.append(fresh)
     _report_active(config, metrics)
     return Outcome(tuple(activated), len(sessions), done, result.consolidation_id)
+
+
+def _participation(config: SiteConfig, key: Ed25519PrivateKey
+                   ) -> tuple[dict[str, tuple[int, ...]], int | None]:
+    """Each privacy unit's rounds entered, and the last cap recorded, from the outbox (none
+    yet: nothing entered, no cap seen)."""
+    path = config.data_dir / OUTBOX_FILE
+    if not path.exists():
+        return {}, None
+    with Outbox(path, key) as outbox:
+        return outbox_participation(outbox)
 
 
 # ---- the loop ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetmind.aggregation import dp
+from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.client.distill import DistillConfig
 from fleetmind.runtime.addresses import is_loopback, split_host_port
 from fleetmind.runtime.config import ConfigError, dataclass_types, load_document
@@ -50,7 +51,11 @@ class SiteConfig:
     the site logs how many had none); "site": the site's whole delta is one clipped unit.
     The default, "session", is the aggregator's default. A round whose accountant assumes a
     finer unit or a larger clip (a coarser unit keeps a finer one's bound only at half the
-    clip) is refused before anything is sent (agent.ClipMismatchError)."""
+    clip) is refused before anything is sent (agent.ClipMismatchError).
+    participation_cap: K, the most rounds each of this site's privacy units (as
+    privacy_unit says) may enter over the fleet's life (None: no cap of the site's own).
+    The site enforces the stricter of this and the round's cap (RoundConfig.
+    participation_cap) and records each unit's count in its outbox (docs/privacy-budget.md)."""
 
     name: str
     data_dir: Path
@@ -65,6 +70,7 @@ class SiteConfig:
     tls: SiteTls | None = None
     clip_norm: float = 1.0
     privacy_unit: str = "session"
+    participation_cap: int | None = None
     round_timeout_s: float = 120.0
     serving_url: str | None = None
     metrics_listen: str | None = None  # "host:port" for Prometheus /metrics (port 0: any)
@@ -95,6 +101,11 @@ class SiteConfig:
             raise ConfigError(f"privacy_unit={self.privacy_unit!r} must be one of "
                               f"{', '.join(dp.PRIVACY_UNITS)} (the aggregator's "
                               "privacy.privacy_unit, or coarser)")
+        if self.participation_cap is not None:
+            try:
+                ParticipationCap(self.participation_cap)
+            except ValueError as error:
+                raise ConfigError(f"participation_cap: {error}") from None
         if not isinstance(self.distill, DistillConfig):
             raise ConfigError("distill must be a DistillConfig (a [distill] table in the file)")
         for what, value in (("clip_norm", self.clip_norm),

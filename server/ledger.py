@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
 from fleetmind.aggregation.dp import check_privacy_unit
+from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.runtime.signed_log import SignedLog, canonical_json
 
 DOMAIN = b"fleetmind/ledger/v1"
@@ -82,7 +83,12 @@ class RoundRecord:
     the receipts are then hashes of plain updates. Written only when false, so an entry
     without it (every entry from before the flag) was securely aggregated. privacy_unit:
     what each clip of clip_norm bounds, and so what epsilon is for (session, user or site);
-    entries from before it was recorded have none, and say nothing about it."""
+    entries from before it was recorded have none, and say nothing about it.
+    participation_cap: K, the most rounds each privacy unit may enter over the fleet's life
+    (aggregation.participation), when the round ran under one: epsilon_total is then the
+    most any one unit has lost over the fleet's life (accountant.epsilon_per_unit), not the
+    composition of every round. Written only when set, so entries without a cap (every
+    entry from before it) read and verify unchanged."""
 
     round_id: int
     cohort_size: int
@@ -98,6 +104,7 @@ class RoundRecord:
     payload_sha256s: tuple[str, ...] = ()
     secure_aggregation: bool = True
     privacy_unit: str | None = None
+    participation_cap: int | None = None
     recorded_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     def __post_init__(self) -> None:
@@ -121,6 +128,8 @@ class RoundRecord:
                              "false")
         if self.privacy_unit is not None:
             check_privacy_unit(self.privacy_unit)
+        if self.participation_cap is not None:
+            ParticipationCap(self.participation_cap)  # a whole number >= 1
         if self.noise_mode not in ("distributed", "central", "local", "none"):
             raise ValueError(f"noise_mode={self.noise_mode!r} must be distributed, central, "
                              "local or none")
@@ -148,6 +157,8 @@ class RoundRecord:
             del body["secure_aggregation"]
         if self.privacy_unit is None:  # entries from before the unit was recorded
             del body["privacy_unit"]
+        if self.participation_cap is None:  # rounds without a cap, and entries before caps
+            del body["participation_cap"]
         return canonical_json(body)
 
     @classmethod

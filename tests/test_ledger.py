@@ -110,7 +110,8 @@ def test_every_record_field_is_covered_by_the_hash(ledger, key) -> None:
         edited = {"noise_mode": "central", "version_hash": "f" * 64,
                   "epsilon_round": 0.0, "delta": 1e-6,
                   "payload_sha256s": ("e" * 64,),
-                  "secure_aggregation": False, "privacy_unit": "user"}.get(field.name)
+                  "secure_aggregation": False, "privacy_unit": "user",
+                  "participation_cap": 4}.get(field.name)
         if edited is None:
             edited = value + 1
         bad = _replace(entries[2], body=dataclasses.replace(
@@ -192,3 +193,20 @@ def test_records_are_validated_at_the_edge() -> None:
                             ({"noise_mode": "loud"}, "noise_mode"), ({"delta": 1.0}, "delta")]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(record(0), **change)
+
+
+def test_the_participation_cap_is_signed_and_left_out_when_absent(tmp_path, key) -> None:
+    old = record(2)
+    assert b"participation_cap" not in old.to_body()  # entries from before caps: unchanged
+    capped = dataclasses.replace(record(2), participation_cap=4)
+    assert b'"participation_cap":4' in capped.to_body()
+    assert RoundRecord.from_body(capped.to_body()) == capped
+    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
+        ledger.append(record(0))
+        ledger.append(dataclasses.replace(record(1), participation_cap=4))
+        entries = list(ledger)
+    assert verify_chain(entries, key.public_key()) == entries[-1].hash
+    assert [e.record.participation_cap for e in entries] == [None, 4]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_rounds"):
+            dataclasses.replace(record(0), participation_cap=bad)

@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetmind.aggregation import chain
+from fleetmind.aggregation.participation import ParticipationRecord
 from fleetmind.client.outbox import (
     DOMAIN,
     GENESIS_HASH,
@@ -16,6 +17,7 @@ from fleetmind.client.outbox import (
     OutboxEntry,
     OutboxError,
     OutboxRecord,
+    participation_records,
     payload_sha256,
     verify_chain,
 )
@@ -205,3 +207,43 @@ def test_records_from_before_the_clip_and_mode_fields_read_and_verify_unchanged(
     read = OutboxRecord.from_body(new.to_body())
     assert (read.clip_norm, read.privacy_unit, read.secure_aggregation) == (0.5, "user", False)
     assert new.to_body() != body  # the fields are under the signature
+
+
+def test_participation_is_signed_and_left_out_when_absent(tmp_path, key) -> None:
+    old = record(3)
+    assert b"participation" not in old.to_body()  # records from before caps: unchanged
+    counts = ParticipationRecord(3, "user", 2, (("bob", 1), ("alice", 2)))
+    new = record(3, privacy_unit="user", participation=counts)
+    assert new.participation == counts.to_json()  # stored as JSON, whichever form came in
+    assert new.participation_record == counts
+    assert OutboxRecord.from_body(new.to_body()) == new
+    assert new.to_body() != dataclasses.replace(new, participation=None).to_body()
+    with Outbox(tmp_path / "outbox.sqlite", key) as outbox:
+        first = outbox.append(record(1))
+        outbox.append(new)
+        outbox.append(record(4, participation=ParticipationRecord(4, "user", 2,
+                                                                  (("carol", 1),))))
+        assert outbox.participation_records() == [
+            counts, ParticipationRecord(4, "user", 2, (("carol", 1),))]
+        assert participation_records([first.record]) == []
+        entries = list(outbox)
+    assert verify_chain(entries, key.public_key()) == entries[-1].hash
+    # Understating a count is an edit like any other: the signature no longer matches.
+    forged = dataclasses.replace(new, participation=ParticipationRecord(
+        3, "user", 2, (("alice", 1), ("bob", 1)))).to_body()
+    entries[1] = OutboxEntry(entries[1].index, entries[1].prev_hash, forged, entries[1].hash,
+                             entries[1].signature)
+    with pytest.raises(OutboxError) as caught:
+        verify_chain(entries, key.public_key())
+    assert caught.value.index == 1
+
+
+@pytest.mark.parametrize("participation, message", [
+    ({"round_id": 3, "privacy_unit": "user", "max_rounds": 2, "counts": {"a": 3}}, "count"),
+    ({"round_id": 2, "privacy_unit": "user", "max_rounds": 2, "counts": {"a": 1}}, "round 2"),
+    ({"round_id": 3, "privacy_unit": "user", "counts": {"a": 1}}, "participation record"),
+    ({"round_id": 3, "privacy_unit": "user", "max_rounds": 0, "counts": {}}, "max_rounds"),
+])
+def test_participation_is_validated(participation, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        record(3, participation=participation)
