@@ -29,7 +29,9 @@ from fleetmind.runtime.config import ConfigError, dataclass_types, load_document
 from fleetmind.runtime.keys import public_key_bytes, read_key_file
 from fleetmind.runtime.tls import TlsFiles
 
-__all__ = ["ConfigError", "SiteConfig", "SiteTls"]
+__all__ = ["SERVE_TABLE", "ConfigError", "SiteConfig", "SiteTls"]
+
+SERVE_TABLE = "serve"  # the site config's table for `client serve`
 
 
 # mTLS to the aggregator: the fleet CA, and this site's certificate and key.
@@ -147,10 +149,11 @@ class SiteConfig:
             raise ConfigError("per_session was replaced by privacy_unit: write privacy_unit = "
                               "\"session\" (or \"user\", or \"site\" for per_session = "
                               "false), the aggregator's privacy.privacy_unit or coarser")
-        unknown = sorted(set(raw) - known)
+        # [serve] belongs to `client serve` (client/serve/settings.py), which checks it.
+        unknown = sorted(set(raw) - known - {SERVE_TABLE})
         if unknown:
             raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
-        values: dict[str, Any] = dict(raw)
+        values: dict[str, Any] = {k: v for k, v in raw.items() if k != SERVE_TABLE}
 
         def path(value: Any) -> Path:
             if not isinstance(value, str) or not value:

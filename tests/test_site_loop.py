@@ -318,3 +318,15 @@ def test_a_users_sessions_are_clipped_together(tmp_path, toy_model_dir, caplog) 
     np.testing.assert_allclose(update.delta["m"], want, rtol=1e-6)
     assert (update.contributing_units, update.privacy_unit, update.clip_norm) == (2, "user", 1.0)
     assert "1 of 3 sessions have no user id" in caplog.text
+
+
+def test_a_site_config_with_a_serve_table_still_loads(tmp_path: Path) -> None:
+    # `client serve` reads [serve] from the same SITE.toml that `client run` loads.
+    config = tmp_path / "site.toml"
+    config.write_text('name = "s"\ndata_dir = "d"\nmodel_dir = "m"\naggregator = "127.0.0.1:7443"\n'
+                      'identity_key = "k.pem"\naggregator_key = "' + "ab" * 32 + '"\n'
+                      'insecure = true\n[serve]\nlisten = "127.0.0.1:0"\n')
+    assert SiteConfig.load(config).name == "s"
+    config.write_text(config.read_text().replace("[serve]", "[served]"))
+    with pytest.raises(ConfigError, match="served"):
+        SiteConfig.load(config)

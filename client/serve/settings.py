@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetmind.client.model import check_device, dtype_name
+from fleetmind.client.site_config import SERVE_TABLE
 from fleetmind.client.store import MAX_SESSION_BYTES, TOOL_SETTINGS
 
 
@@ -130,7 +131,7 @@ class ServeConfig:
         """From a site config document: its `data_dir` and `model_dir`, and its `[serve]`
         table; the site's other settings (the agent's) are not this command's. Relative
         paths are relative to `base`; `overrides` (from the command line) win."""
-        table = raw.get("serve", {})
+        table = raw.get(SERVE_TABLE, {})
         if not isinstance(table, Mapping):
             raise ServeConfigError("serve must be a table of settings")
         known = {f.name for f in fields(cls)} - {"data_dir", "model_dir"}
