@@ -320,12 +320,17 @@ def test_a_users_sessions_are_clipped_together(tmp_path, toy_model_dir, caplog) 
     assert "1 of 3 sessions have no user id" in caplog.text
 
 
-def test_a_site_config_with_a_serve_table_still_loads(tmp_path: Path) -> None:
+
+def test_a_site_config_with_a_serve_table_still_loads(tmp_path: Path, toy_model_dir) -> None:
     # `client serve` reads [serve] from the same SITE.toml that `client run` loads.
+    key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    (tmp_path / "aggregator.pub").write_text(key.hex() + "\n")
     config = tmp_path / "site.toml"
-    config.write_text('name = "s"\ndata_dir = "d"\nmodel_dir = "m"\naggregator = "127.0.0.1:7443"\n'
-                      'identity_key = "k.pem"\naggregator_key = "' + "ab" * 32 + '"\n'
-                      'insecure = true\n[serve]\nlisten = "127.0.0.1:0"\n')
+    config.write_text(
+        f'name = "s"\ndata_dir = "data"\nmodel_dir = "{toy_model_dir}"\n'
+        'aggregator = "127.0.0.1:7443"\nidentity_key = "id.pem"\n'
+        'aggregator_key = "aggregator.pub"\ninsecure = true\n'
+        '[serve]\nlisten = "127.0.0.1:0"\n')
     assert SiteConfig.load(config).name == "s"
     config.write_text(config.read_text().replace("[serve]", "[served]"))
     with pytest.raises(ConfigError, match="served"):
