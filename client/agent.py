@@ -15,7 +15,7 @@ is one round. Version download and activation are not here (see client/versions.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetmind.aggregation import dp, merge
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
-from fleetmind.aggregation.secagg import SiteAdvertiseKeys, crypto
+from fleetmind.aggregation.secagg import DropReason, RoundPhase, SiteAdvertiseKeys, crypto
 from fleetmind.aggregation.secagg.messages import MaskedInput
 from fleetmind.client.outbox import Outbox, OutboxEntry, OutboxRecord
 from fleetmind.client.scrub import ScrubReport
@@ -32,7 +32,7 @@ from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc
 
 __all__ = ["Enrolment", "PlainSumRefusedError", "RoundAbortedError", "RoundResult",
-           "SiteUpdate", "enroll", "participate"]
+           "SiteUpdate", "enroll", "may_be_summed", "participate"]
 
 
 class StaleBaseError(RuntimeError):
@@ -53,14 +53,45 @@ class ClipMismatchError(ValueError):
     retried: the site's config must change."""
 
 
-class RoundAbortedError(RuntimeError):
-    """The aggregator aborted the round (`reason`); with `retry` it runs again and the site
-    may call `participate` again."""
+# Phases a site can leave (site_only) while its vector is not yet in the sum: a site that
+# missed unmasking had uploaded, and secure aggregation still sums its vector.
+_BEFORE_SUM = frozenset({fleet_pb2.ROUND_PHASE_COHORT, fleet_pb2.ROUND_PHASE_ADVERTISE_KEYS,
+                         fleet_pb2.ROUND_PHASE_SHARE_KEYS,
+                         fleet_pb2.ROUND_PHASE_MASKED_INPUT_COLLECTION})
 
-    def __init__(self, round_id: int, reason: str, retry: bool) -> None:
+
+def may_be_summed(aborted: fleet_pb2.RoundAborted) -> bool:
+    """Whether a version may still publish with this site's vector after `aborted`: False
+    when the whole round ended (no version comes of it) or this site alone left it before
+    its vector entered the sum; True when it left after uploading (the sum goes on with it).
+    An aggregator from before drop_reason (UNSPECIFIED) says it only in text, which is no
+    contract: True, because wrongly assuming "summed" only holds sessions back, while
+    wrongly assuming "not summed" could send them twice."""
+    if aborted.drop_reason == fleet_pb2.DROP_REASON_UNSPECIFIED:
+        return True
+    if not aborted.site_only:
+        return False
+    return aborted.phase not in _BEFORE_SUM
+
+
+class RoundAbortedError(RuntimeError):
+    """The aggregator aborted the round, or this site's part in it (`site_only`), in
+    `phase` for `drop_reason` (None: an aggregator from before these fields), `reason` in
+    words; with `retry` it runs again and the site may call `participate` again."""
+
+    def __init__(self, round_id: int, reason: str, retry: bool,
+                 phase: RoundPhase | None = None, drop_reason: DropReason | None = None,
+                 site_only: bool = False) -> None:
         super().__init__(f"round {round_id} aborted: {reason}"
                          + (" (it runs again: participate again)" if retry else ""))
         self.round_id, self.reason, self.retry = round_id, reason, retry
+        self.phase, self.drop_reason, self.site_only = phase, drop_reason, site_only
+
+    @classmethod
+    def from_wire(cls, round_id: int, aborted: fleet_pb2.RoundAborted) -> RoundAbortedError:
+        return cls(round_id, aborted.reason, aborted.retry,
+                   codec.round_phase_from_wire(aborted.phase),
+                   codec.drop_reason_from_wire(aborted.drop_reason), aborted.site_only)
 
 
 @dataclass(frozen=True)
@@ -167,7 +198,7 @@ class _Events:
                 continue
             self.round_id = event.round_id or self.round_id
             if which == "aborted":
-                raise RoundAbortedError(self.round_id, event.aborted.reason, event.aborted.retry)
+                raise RoundAbortedError.from_wire(self.round_id, event.aborted)
             if which != kind:
                 raise RuntimeError(f"site {self._site}: expected {kind} from the aggregator, "
                                    f"got {which} (round {self.round_id}): the protocol is out "
@@ -197,7 +228,9 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
                 update: SiteUpdate, outbox: Outbox, *, round_id: int | None = None,
                 add_noise: bool = True, rng: np.random.Generator | None = None,
                 chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                timeout: float = 30.0, allow_plain_sum: bool = False) -> RoundResult:
+                timeout: float = 30.0, allow_plain_sum: bool = False,
+                participation: Callable[[int, fleet_pb2.RoundConfig], dict | None] | None = None
+                ) -> RoundResult:
     """Runs one round for this site and returns what it published.
 
     The update is flattened in sorted-name order (merge.flatten), weighted, noised as the
@@ -302,7 +335,11 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
             noise_multiplier=noise_multiplier, session_ids=update.session_ids,
             scrubbed=update.scrubbed, base_version=update.base_version,
             clip_norm=update.clip_norm, privacy_unit=update.privacy_unit,
-            secure_aggregation=not wire.plain_sum))
+            secure_aggregation=not wire.plain_sum,
+            # The site's participation record (contribution.Participation): it raises
+            # CapReachedError for a unit at the cap, before the payload leaves.
+            participation=None if participation is None
+            else participation(events.round_id, wire)))
         receipt = fleet.SubmitMaskedVector(iter(chunks), timeout=timeout)
         if receipt.payload_sha256.hex() != payload_hash:
             raise RuntimeError(f"the aggregator acknowledged payload {receipt.payload_sha256.hex()}"

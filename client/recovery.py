@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from fleetmind.aggregation.manifest import Manifest, VersionError
-from fleetmind.client.agent import enroll
+from fleetmind.client.agent import enroll, may_be_summed
 from fleetmind.client.outbox import OUTBOX_FILE, Outbox, OutboxRecord
 from fleetmind.client.site_config import SiteConfig
 from fleetmind.client.store import SessionStore
@@ -111,14 +111,8 @@ def _my_part(config: SiteConfig, channel: grpc.Channel, key: Ed25519PrivateKey,
             if which == "completed":
                 return _OUT if me.site in event.completed.dropped else _IN
             if which == "aborted":
-                reason = event.aborted.reason
-                # "site N missed <phase> and left round R" ends this site's part only: a
-                # site that missed unmasking had uploaded, and secure aggregation still
-                # sums its vector; one that missed an earlier phase never counted.
-                if "and left round" in reason:
-                    return _OUT if any(f"missed {phase} " in reason for phase in _BEFORE_SUM) \
-                        else _RUNNING
-                return _OUT  # the whole round was aborted or abandoned at a restart
+                # From the outcome's phase and drop reason (agent.may_be_summed), not its text.
+                return _RUNNING if may_be_summed(event.aborted) else _OUT
     except grpc.RpcError as error:
         if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
             return _UNKNOWN  # neither running nor among the rounds it still remembers

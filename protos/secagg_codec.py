@@ -18,12 +18,14 @@ from fleetmind.aggregation.secagg import crypto
 from fleetmind.aggregation.secagg.graph import NeighbourGraph
 from fleetmind.aggregation.secagg.messages import (
     AdvertisedKeys,
+    DropReason,
     EncryptedShare,
     EncryptedShares,
     KeyAdvertisement,
     MaskedInput,
     ProtocolError,
     RoundConfig,
+    RoundPhase,
     SharesForSite,
     UnmaskRequest,
     UnmaskShares,
@@ -258,3 +260,26 @@ def unmask_shares_from_wire(wire: fleet_pb2.UnmaskShares) -> UnmaskShares:
     site = _site(wire.site, "site")
     return UnmaskShares(wire.round_id, site, _shamir_from_wire(wire.self_mask_shares, site),
                         _shamir_from_wire(wire.mask_key_shares, site))
+
+
+# ---- round outcomes: the protocol's enums <-> the wire's -----------------------------
+# By name: DropReason.X <-> DROP_REASON_X, RoundPhase.X <-> ROUND_PHASE_X. A value this
+# side does not know (a newer peer) or UNSPECIFIED (an older one) decodes to None.
+
+
+def drop_reason_to_wire(reason: DropReason) -> int:
+    return int(fleet_pb2.DropReason.Value(f"DROP_REASON_{reason.name}"))
+
+
+def drop_reason_from_wire(value: int) -> DropReason | None:
+    name = fleet_pb2.DropReason.Name(value) if value in fleet_pb2.DropReason.values() else ""
+    return DropReason.__members__.get(name.removeprefix("DROP_REASON_"))
+
+
+def round_phase_to_wire(phase: RoundPhase | str) -> int:
+    return int(fleet_pb2.RoundPhase.Value(f"ROUND_PHASE_{RoundPhase(phase).name}"))
+
+
+def round_phase_from_wire(value: int) -> RoundPhase | None:
+    name = fleet_pb2.RoundPhase.Name(value) if value in fleet_pb2.RoundPhase.values() else ""
+    return RoundPhase.__members__.get(name.removeprefix("ROUND_PHASE_"))

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from fleetmind.aggregation.dp import PRIVACY_UNITS
+from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.aggregation.quantize import RING_BITS
 from fleetmind.runtime.addresses import LOOPBACK_NAMES, is_loopback, split_host_port
 from fleetmind.runtime.config import ConfigError, dataclass_types, load_document
+from fleetmind.server.limits import ServerLimits
 from fleetmind.server.versions import AdapterSpec, TargetModule
 
 __all__ = ["DEV_ADAPTER", "LOOPBACK_NAMES", "CohortPolicy", "ConfigError", "PrivacyPolicy",
@@ -100,6 +102,9 @@ class PrivacyPolicy:
     unit_uses: int = 1
     fixed_point_clip: float = 4.0
     server_learning_rate: float = 1.0
+    # K: the most rounds one privacy unit may enter over the fleet's life; epsilon_budget is
+    # then per unit over K rounds (docs/privacy-budget.md). None: no cap, every round composes.
+    participation_cap: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("clip_norm", "noise_multiplier", "epsilon_budget", "fixed_point_clip",
@@ -120,6 +125,11 @@ class PrivacyPolicy:
             raise ConfigError(f"privacy.accountant={self.accountant!r} must be rdp or pld")
         if self.unit_uses < 1:
             raise ConfigError(f"privacy.unit_uses={self.unit_uses} must be >= 1")
+        if self.participation_cap is not None:
+            try:
+                ParticipationCap(self.participation_cap)
+            except ValueError as error:
+                raise ConfigError(f"privacy.participation_cap: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,9 @@ class ServerConfig:
     # Plain HTTP and unauthenticated, like every Prometheus target: it carries counts and
     # timings, never updates or keys. Bind it where only the scraper can reach it.
     metrics_listen: str | None = None
+    # What the server takes on at once ([limits], server/limits.py); serve() uses these
+    # unless it is handed its own.
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -219,7 +232,7 @@ def _adapter(raw: dict[str, Any]) -> AdapterSpec:
 def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
     """A ServerConfig from a parsed TOML/JSON document; relative paths are against `base`."""
     known = {"listen", "data_dir", "insecure", "tls", "cohort", "privacy", "adapter",
-             "max_workers", "metrics_listen"}
+             "max_workers", "metrics_listen", "limits"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown keys {unknown}; known: {sorted(known)}")
@@ -238,6 +251,12 @@ def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
             raise ConfigError(f"[tls] is missing {missing}")
         tls = TlsPaths(path(section["certificate"]), path(section["private_key"]),
                        path(section["ca_certificate"]))
+    if not isinstance(raw.get("limits", {}), dict):
+        raise ConfigError("[limits] must be a table of keys")
+    try:
+        limits = ServerLimits(**raw.get("limits", {}))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"[limits]: {error}; see server/limits.py for the keys") from None
     try:
         return ServerConfig(
             data_dir=path(raw["data_dir"]), listen=str(raw.get("listen", "127.0.0.1:0")),
@@ -246,7 +265,7 @@ def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
             privacy=_section(raw, "privacy", PrivacyPolicy),
             adapter=_adapter(raw["adapter"]) if "adapter" in raw else DEV_ADAPTER,
             max_workers=int(raw.get("max_workers", 256)),
-            metrics_listen=raw.get("metrics_listen"))
+            metrics_listen=raw.get("metrics_listen"), limits=limits)
     except ConfigError:
         raise
     except ValueError as error:

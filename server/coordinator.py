@@ -16,7 +16,9 @@ ServerPlainInputCollection sums them; from the cohort sum on, both modes share e
 below, and the round's version and ledger entry say it was not securely aggregated.
 
 One round runs at a time. Before it starts the round is charged to the privacy `Budget`
-(refused when the budget cannot pay) and written to `coordinator.json` as in flight. When
+(refused when the budget cannot pay; with `privacy.participation_cap` K, epsilon is per
+unit over K rounds, and the cap, saved in coordinator.json, may never fall) and written to
+`coordinator.json` (`CoordinatorState`) as in flight. When
 the library yields the unmasked cohort sum the coordinator opens it (`open_secagg_sum`),
 adds central noise if configured, applies FedAvg (`exact_merge`), publishes the version
 through `VersionRegistry.publish`, appends the ledger entry, and only then records the
@@ -32,6 +34,10 @@ under "rejected" in coordinator.json; its privacy charge is spent, since the agg
 it. Masked vectors cannot be checked alone; unmasked ones (no secure aggregation) are, at
 upload (`_check_plain_vector`).
 
+A round that ends without a version, or a site that leaves one, hears `Stopped` with the
+phase and a `DropReason` (site_only when only that site left): sites decide from those
+fields, never from the text, whether their vector may be in a sum.
+
 Every message is idempotent by (round, site): the same message again gets the same
 receipt; a different one for a slot already filled is refused as a replay. A refused
 message changes no state (the library's states check before they mutate, and a receipt is
@@ -46,10 +52,10 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -57,11 +63,14 @@ from fleetmind.aggregation.accountant import Budget, RoundCharge, epsilon_of
 from fleetmind.aggregation.dp import DPConfig, noise_for_aggregator
 from fleetmind.aggregation.encoding import encoding_codes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, flatten, open_secagg_sum, unflatten
+from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.aggregation.quantize import FixedPoint
 from fleetmind.aggregation.secagg import (
+    DropReason,
     NeighbourGraph,
     ProtocolError,
     RoundConfig,
+    RoundPhase,
     ServerAborted,
     ServerAdvertiseKeys,
     ServerCompleted,
@@ -85,7 +94,7 @@ from fleetmind.aggregation.secagg.server_r2_plain_input_collection import (
     ServerPlainInputCollection,
 )
 from fleetmind.aggregation.secagg.server_r3_unmasking import ServerUnmasking
-from fleetmind.server.config import CohortPolicy, PrivacyPolicy
+from fleetmind.server.config import CohortPolicy, ConfigError, PrivacyPolicy
 from fleetmind.server.durable import atomic_write, canonical_json
 from fleetmind.server.enrolment import Enrolments
 from fleetmind.server.ledger import Ledger, RoundRecord
@@ -133,6 +142,7 @@ class RoundSetup:
     cohort_max: int
     phase_deadline_unix_ms: int
     secure_aggregation: bool
+    participation_cap: int = 0  # K the accountant assumes; 0: none
 
 
 @dataclass(frozen=True)
@@ -146,11 +156,16 @@ class Finished:
 
 @dataclass(frozen=True)
 class Stopped:
-    """The round ended without a version (or the site left it); with `retry` the site may
-    join the next cohort."""
+    """The round ended without a version in `phase` (`site_only`: only this site left it, in
+    `phase`, and the round goes on); `drop_reason` says why for programs, `reason` for
+    people. With `retry` the site may join the next cohort. `phase` is None only for a round
+    abandoned before the phase was recorded (coordinator.json from older aggregators)."""
 
     reason: str
     retry: bool
+    phase: RoundPhase | None
+    drop_reason: DropReason
+    site_only: bool = False
 
 
 Payload = RoundSetup | AdvertisedKeys | SharesForSite | UnmaskRequest | Finished | Stopped
@@ -180,6 +195,155 @@ class BudgetStatus:
     delta: float
     rounds: int
     accountant: str
+    participation_cap: int | None = None  # K; epsilon_spent is then per unit
+
+
+# ---- what coordinator.json holds -------------------------------------------------------
+# Typed records over the JSON the file has always held: from_json reads files written
+# before these types (absent keys take their defaults) and to_json writes the same shape.
+
+
+def _charge_from_json(raw: Mapping[str, Any]) -> RoundCharge:
+    return RoundCharge(**raw)
+
+
+@dataclass
+class Outcome:
+    """A published round's numbers, saved before publishing so a crash after it still
+    writes the ledger entry at restart."""
+
+    cohort_size: int
+    dropouts: int
+    epsilon_round: float
+    epsilon_total: float
+    payload_sha256s: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cohort_size": self.cohort_size, "dropouts": self.dropouts,
+                "payload_sha256s": list(self.payload_sha256s),
+                "epsilon_round": self.epsilon_round, "epsilon_total": self.epsilon_total}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Outcome:
+        return cls(int(raw["cohort_size"]), int(raw["dropouts"]), float(raw["epsilon_round"]),
+                   float(raw["epsilon_total"]), tuple(raw.get("payload_sha256s", ())))
+
+
+@dataclass
+class InFlight:
+    """The running round, on disk before any site hears of it."""
+
+    round_id: int
+    phase: str
+    cohort: tuple[int, ...]
+    charge: RoundCharge
+    outcome: Outcome | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round_id": self.round_id, "phase": self.phase, "cohort": list(self.cohort),
+                "charge": _charge_json(self.charge),
+                "outcome": None if self.outcome is None else self.outcome.to_json()}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> InFlight:
+        outcome = raw.get("outcome")
+        return cls(int(raw["round_id"]), str(raw["phase"]), tuple(raw.get("cohort", ())),
+                   _charge_from_json(raw["charge"]),
+                   Outcome.from_json(outcome) if outcome else None)
+
+
+@dataclass
+class Spent:
+    """A round whose privacy charge is spent (published, or its sum seen and rejected)."""
+
+    round_id: int
+    charge: RoundCharge
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round_id": self.round_id, "charge": _charge_json(self.charge)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Spent:
+        return cls(int(raw["round_id"]), _charge_from_json(raw["charge"]))
+
+
+@dataclass
+class Abandoned:
+    """A round in flight at a restart: nothing was released. `phase` None: an older file."""
+
+    round_id: int
+    reason: str
+    phase: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        raw: dict[str, Any] = {"round_id": self.round_id, "reason": self.reason}
+        if self.phase is not None:
+            raw["phase"] = self.phase
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Abandoned:
+        return cls(int(raw["round_id"]), str(raw["reason"]), raw.get("phase"))
+
+
+@dataclass
+class Rejected:
+    """An unmasked sum that failed the aggregate check."""
+
+    round_id: int
+    reason: str
+    contributors: tuple[int, ...]
+    payload_sha256s: tuple[str, ...]
+    rejected_at_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round_id": self.round_id, "reason": self.reason,
+                "contributors": list(self.contributors),
+                "payload_sha256s": list(self.payload_sha256s),
+                "rejected_at_ms": self.rejected_at_ms}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Rejected:
+        return cls(int(raw["round_id"]), str(raw["reason"]), tuple(raw.get("contributors", ())),
+                   tuple(raw.get("payload_sha256s", ())), int(raw.get("rejected_at_ms", 0)))
+
+
+@dataclass
+class CoordinatorState:
+    """Everything in coordinator.json. participation_cap: the K the budget was accounted
+    under (None: no cap); at restart it may not fall, nor appear once rounds were spent."""
+
+    next_round: int = 1
+    spent: list[Spent] = field(default_factory=list)
+    in_flight: InFlight | None = None
+    abandoned: list[Abandoned] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    suspects: list[int] = field(default_factory=list)
+    quarantined: dict[int, str] = field(default_factory=dict)
+    participation_cap: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"next_round": self.next_round, "spent": [c.to_json() for c in self.spent],
+                "in_flight": None if self.in_flight is None else self.in_flight.to_json(),
+                "abandoned": [a.to_json() for a in self.abandoned],
+                "rejected": [r.to_json() for r in self.rejected],
+                "suspects": list(self.suspects),
+                "quarantined": {str(s): why for s, why in sorted(self.quarantined.items())},
+                "participation_cap": self.participation_cap}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> CoordinatorState:
+        flight = raw.get("in_flight")
+        cap = raw.get("participation_cap")
+        return cls(next_round=int(raw.get("next_round", 1)),
+                    spent=[Spent.from_json(c) for c in raw.get("spent", ())],
+                    in_flight=InFlight.from_json(flight) if flight else None,
+                    abandoned=[Abandoned.from_json(a) for a in raw.get("abandoned", ())],
+                    rejected=[Rejected.from_json(r) for r in raw.get("rejected", ())],
+                    suspects=[int(s) for s in raw.get("suspects", ())],
+                    quarantined={int(s): str(why)
+                                 for s, why in raw.get("quarantined", {}).items()},
+                    participation_cap=None if cap is None else int(cap))
 
 
 class RoundListener:
@@ -275,66 +439,85 @@ class Coordinator:
         self._finished: dict[int, _Round] = {}
         self._state_path = self.data_dir / STATE_FILE
         state = self._load_state()
+        cap = privacy.participation_cap
+        self._check_cap(state, cap)
         self.budget = Budget(privacy.epsilon_budget, privacy.delta, privacy.accountant,
-                             [RoundCharge(**c["charge"]) for c in state["spent"]])
+                             [c.charge for c in state.spent],
+                             cap=ParticipationCap(cap) if cap else None)
+        state.participation_cap = cap or None
         self._state = state
         self._recover()
         self._report_state()
 
     # ---- persistence --------------------------------------------------------------
 
-    def _load_state(self) -> dict:
+    def _load_state(self) -> CoordinatorState:
         if self._state_path.exists():
-            return json.loads(self._state_path.read_bytes())
-        return {"next_round": 1, "spent": [], "in_flight": None, "abandoned": []}
+            return CoordinatorState.from_json(json.loads(self._state_path.read_bytes()))
+        return CoordinatorState()
+
+    def _check_cap(self, state: CoordinatorState, cap: int | None) -> None:
+        """The participation cap may rise over a fleet's life, never fall (units may have
+        entered the higher number of rounds) nor appear once rounds were spent uncapped
+        (epsilon so far composed every round; per-unit accounting would undercount it)."""
+        saved = state.participation_cap
+        if saved is not None and (cap is None or cap < saved):
+            raise ConfigError(f"privacy.participation_cap={cap} is below the cap {saved} this "
+                             f"aggregator's {len(state.spent)} rounds were accounted under "
+                             f"({self._state_path}): units may have entered {saved} rounds; "
+                             f"set participation_cap >= {saved}")
+        if saved is None and cap is not None and state.spent:
+            raise ConfigError(f"privacy.participation_cap={cap} added after {len(state.spent)} "
+                             "rounds were spent without a cap: their epsilon composes every "
+                             "round; remove the cap, or start a new fleet (a new data_dir)")
 
     def _save(self) -> None:
-        atomic_write(self._state_path, canonical_json(self._state))
+        atomic_write(self._state_path, canonical_json(self._state.to_json()))
 
     def _recover(self) -> None:
         """Finish the bookkeeping of a round that published before a crash; abandon one
         that did not. Round ids only move forward, past anything on disk."""
         state = self._state
         latest = self.registry.latest()
-        flight = state["in_flight"]
+        flight = state.in_flight
         if flight is not None:
-            published = latest is not None and latest.manifest.round_id == flight["round_id"]
-            if published and flight.get("outcome"):
+            published = latest is not None and latest.manifest.round_id == flight.round_id
+            if published and flight.outcome is not None:
                 self._record_published(latest, flight)
             else:
-                state["abandoned"].append({"round_id": flight["round_id"],
-                                           "reason": f"the aggregator restarted during "
-                                                     f"{flight['phase']}; nothing was released"})
-                state["abandoned"] = state["abandoned"][-KEEP_FINISHED:]
-                self.listener.round_ended(flight["round_id"], "abandoned", None)
-            state["in_flight"] = None
-        floor = max([state["next_round"]]
+                state.abandoned.append(Abandoned(
+                    flight.round_id, f"the aggregator restarted during {flight.phase}; "
+                                     "nothing was released", flight.phase))
+                state.abandoned = state.abandoned[-KEEP_FINISHED:]
+                self.listener.round_ended(flight.round_id, "abandoned", None)
+            state.in_flight = None
+        floor = max([state.next_round]
                     + ([latest.manifest.round_id + 1] if latest and latest.manifest.round_id
                        is not None else [])
                     + ([self.ledger.head().record.round_id + 1] if self.ledger.head() else []))
-        state["next_round"] = floor
+        state.next_round = floor
         self._save()
 
-    def _record_published(self, version: Version, flight: dict) -> None:
+    def _record_published(self, version: Version, flight: InFlight) -> None:
         """The ledger entry and the spent charge of a published round, each at most once."""
-        outcome = flight["outcome"]
-        if self.ledger.find_round(flight["round_id"]) is None:
+        outcome = flight.outcome
+        assert outcome is not None  # saved before publishing
+        if self.ledger.find_round(flight.round_id) is None:
             self.ledger.append(RoundRecord(
-                round_id=flight["round_id"], cohort_size=outcome["cohort_size"],
-                dropouts=outcome["dropouts"], clip_norm=self.privacy.clip_norm,
+                round_id=flight.round_id, cohort_size=outcome.cohort_size,
+                dropouts=outcome.dropouts, clip_norm=self.privacy.clip_norm,
                 privacy_unit=self.privacy.privacy_unit,
                 noise_multiplier=self.privacy.noise_multiplier,
-                noise_mode=self.privacy.noise_mode, epsilon_round=outcome["epsilon_round"],
-                epsilon_total=outcome["epsilon_total"], delta=self.privacy.delta,
+                noise_mode=self.privacy.noise_mode, epsilon_round=outcome.epsilon_round,
+                epsilon_total=outcome.epsilon_total, delta=self.privacy.delta,
                 version=version.number, version_hash=version.manifest_sha256(),
-                payload_sha256s=tuple(outcome.get("payload_sha256s", ())),
+                payload_sha256s=outcome.payload_sha256s,
                 # From the signed manifest, not today's config: the mode may have changed
                 # between publishing and this restart.
                 secure_aggregation=version.manifest.secure_aggregation))
-        if all(c["round_id"] != flight["round_id"] for c in self._state["spent"]):
-            self._state["spent"].append({"round_id": flight["round_id"],
-                                         "charge": flight["charge"]})
-            self.budget.charges.append(RoundCharge(**flight["charge"]))
+        if all(c.round_id != flight.round_id for c in self._state.spent):
+            self._state.spent.append(Spent(flight.round_id, flight.charge))
+            self.budget.charges.append(flight.charge)
 
     # ---- privacy ------------------------------------------------------------------
 
@@ -349,13 +532,10 @@ class Coordinator:
         return RoundCharge(dp.effective_noise_multiplier(contributors), 1.0, privacy.unit_uses)
 
     def _check_budget(self, charge: RoundCharge) -> str | None:
-        after = self.budget.epsilon_after(charge)
-        if after > self.privacy.epsilon_budget:
-            return (f"privacy budget exhausted: the next round would raise epsilon to "
-                    f"{after:.3f} at delta={self.privacy.delta:g}, past the budget "
-                    f"{self.privacy.epsilon_budget:g} (spent {self.budget.epsilon_spent:.3f} "
-                    f"over {len(self.budget.charges)} rounds); raise noise or stop training")
-        return None
+        refusal = self.budget.refusal(charge)
+        if refusal is None:
+            return None
+        return f"privacy budget exhausted: {refusal}"
 
     def _report_state(self) -> None:
         self.listener.state(self.registry.numbers()[-1], self.budget.epsilon_spent,
@@ -363,9 +543,11 @@ class Coordinator:
 
     def budget_status(self) -> BudgetStatus:
         with self.changed:
+            cap = self.budget.cap
             return BudgetStatus(self.budget.epsilon_spent, self.privacy.epsilon_budget,
                                 self.privacy.delta, len(self.budget.charges),
-                                self.privacy.accountant)
+                                self.privacy.accountant,
+                                None if cap is None else cap.max_rounds)
 
     # ---- joining and following ----------------------------------------------------
 
@@ -377,7 +559,7 @@ class Coordinator:
             if round_id is not None:
                 found = self._find(round_id)
                 if found is None:
-                    if any(a["round_id"] == round_id for a in self._state["abandoned"]):
+                    if any(a.round_id == round_id for a in self._state.abandoned):
                         return round_id, 0  # follow() tells it the round was abandoned
                     raise ProtocolError("wrong_round", f"round {round_id} is unknown here "
                                                        "(finished long ago or never run); "
@@ -389,7 +571,7 @@ class Coordinator:
             live = self._round
             if live is not None and site in live.cohort and not self._ended(live, site):
                 return live.round_id, 0
-            held = self._state.get("quarantined", {}).get(str(site))
+            held = self._state.quarantined.get(site)
             if held is not None:
                 raise ProtocolError("unknown_site", f"site {site} is quarantined ({held}); "
                                                     "an operator releases it "
@@ -442,7 +624,9 @@ class Coordinator:
             while True:
                 if round_id is None:
                     if site in self._queue_refusals:
-                        return None, [Event(0, Stopped(self._queue_refusals.pop(site), False))]
+                        return None, [Event(0, Stopped(self._queue_refusals.pop(site), False,
+                                                       RoundPhase.COHORT,
+                                                       DropReason.QUEUE_REFUSED))]
                     live = self._round
                     if live is not None and site in live.cohort and site not in self._queue:
                         round_id, cursor = live.round_id, 0
@@ -459,9 +643,11 @@ class Coordinator:
         found = self._find(round_id)
         if found is not None:
             return list(found.events.get(site, ()))
-        for abandoned in self._state["abandoned"]:
-            if abandoned["round_id"] == round_id:
-                return [Event(round_id, Stopped(abandoned["reason"], True))]
+        for abandoned in self._state.abandoned:
+            if abandoned.round_id == round_id:
+                phase = None if abandoned.phase is None else RoundPhase(abandoned.phase)
+                return [Event(round_id, Stopped(abandoned.reason, True, phase,
+                                                DropReason.ABANDONED_AT_RESTART))]
         return []
 
     def _find(self, round_id: int) -> _Round | None:
@@ -503,7 +689,7 @@ class Coordinator:
             for site in list(self._queue):
                 self._queue_refusals[site] = refusal
             self._queue.clear()
-            self.listener.round_ended(self._state["next_round"], "refused", None)
+            self.listener.round_ended(self._state.next_round, "refused", None)
             self.changed.notify_all()
             return
         self._start_round(cohort, charge)
@@ -515,7 +701,7 @@ class Coordinator:
         (the sites in every rejected cohort since the last narrowing), so each further
         rejection halves them and a publication clears its half. The ready sites in queue
         order, less the suspects held back; all of them when that leaves too few."""
-        suspects = set(self._state.get("suspects", []))
+        suspects = set(self._state.suspects)
         if not suspects & set(ready):
             return ready
         allowed = max(1, len(suspects) // 2)
@@ -531,29 +717,29 @@ class Coordinator:
     def _suspect(self, contributors: set[int], reason: str) -> None:
         """A rejected round: the suspects narrow to those in this cohort too (or start as
         it); one left alone is quarantined, refused at join until an operator releases it."""
-        suspects = set(self._state.get("suspects", [])) & contributors or set(contributors)
-        if len(suspects) == 1 and self._state.get("suspects"):
+        suspects = set(self._state.suspects) & contributors or set(contributors)
+        if len(suspects) == 1 and self._state.suspects:
             (site,) = suspects
-            self._state.setdefault("quarantined", {})[str(site)] = (
+            self._state.quarantined[site] = (
                 f"in every rejected cohort since the suspicion began; last: {reason}")
             suspects = set()
-        self._state["suspects"] = sorted(suspects)
+        self._state.suspects = sorted(suspects)
 
     def _clear(self, contributors: set[int]) -> None:
         """A published round: its contributors are beyond suspicion."""
-        if self._state.get("suspects"):
-            self._state["suspects"] = sorted(set(self._state["suspects"]) - contributors)
+        if self._state.suspects:
+            self._state.suspects = sorted(set(self._state.suspects) - contributors)
             self._save()
 
     def quarantined(self) -> dict[int, str]:
         """Sites refused at join after group testing pinned rejected rounds on them."""
         with self.changed:
-            return {int(s): why for s, why in self._state.get("quarantined", {}).items()}
+            return dict(self._state.quarantined)
 
     def release(self, site: int) -> bool:
         """An operator's decision: `site` may join again. Returns whether it was held."""
         with self.changed:
-            held = self._state.get("quarantined", {}).pop(str(site), None) is not None
+            held = self._state.quarantined.pop(site, None) is not None
             self._save()
             return held
 
@@ -564,7 +750,7 @@ class Coordinator:
 
     def _start_round(self, cohort: tuple[int, ...], charge: RoundCharge) -> None:
         policy, privacy = self.cohort_policy, self.privacy
-        round_id = self._state["next_round"]
+        round_id = self._state.next_round
         latest = self.registry.latest()
         _, b = latest.tensors()
         shapes = {name: tuple(t.shape) for name, t in b.items()}
@@ -579,7 +765,7 @@ class Coordinator:
                            privacy.noise_mode, privacy.privacy_unit, len(cohort),
                            privacy.fixed_point_clip, policy.max_size,
                            int((now + policy.phase_deadline_s) * 1000),
-                           policy.secure_aggregation)
+                           policy.secure_aggregation, privacy.participation_cap or 0)
         first = ServerAdvertiseKeys(config) if policy.secure_aggregation \
             else ServerPlainInputCollection(config)
         started = time.monotonic()
@@ -588,10 +774,8 @@ class Coordinator:
                       now + policy.phase_deadline_s, shapes, started, started,
                       {site: self._queue[site].units for site in cohort})
         # On disk before any site hears of it: a restart from here abandons it cleanly.
-        self._state["next_round"] = round_id + 1
-        self._state["in_flight"] = {"round_id": round_id, "phase": first.phase,
-                                    "cohort": list(cohort), "charge": _charge_json(charge),
-                                    "outcome": None}
+        self._state.next_round = round_id + 1
+        self._state.in_flight = InFlight(round_id, first.phase, cohort, charge)
         self._save()
         for site in cohort:
             self._queue.pop(site, None)
@@ -721,27 +905,14 @@ class Coordinator:
 
     # ---- phase transitions --------------------------------------------------------
 
-    @staticmethod
-    def _pending(state: object) -> set[int]:
-        """Sites the current phase still waits for."""
-        if isinstance(state, ServerAdvertiseKeys):
-            return set(state.config.graph.sites) - set(state.advertisements)
-        if isinstance(state, ServerShareKeys):
-            return set(state.to_sites) - set(state.shares)
-        if isinstance(state, ServerMaskedInputCollection):
-            return state.uploaders - state.contributors
-        if isinstance(state, ServerUnmasking):
-            return set(state.request.survivors) - state.responders
-        return set()
-
     def _maybe_close(self, live: _Round) -> None:
-        if not self._pending(live.state):
+        if not live.state.pending():
             self._close_phase(live)
 
     def _close_phase(self, live: _Round) -> None:
         """Close the phase (missing sites count as dropped) and send what comes next."""
         before = live.state
-        missed = len(self._pending(before))  # asked before close(): it moves the state on
+        missed = len(before.pending())  # asked before close(): it moves the state on
         state = before.close()
         live.state = state
         live.phase_deadline = self.clock() + self.cohort_policy.phase_deadline_s
@@ -750,7 +921,8 @@ class Coordinator:
                                    missed)
         live.phase_started = now
         if isinstance(state, ServerAborted):
-            self._end(live, Stopped(f"round aborted in {state.phase}: {state.reason}", True))
+            self._end(live, Stopped(f"round aborted in {state.phase}: {state.reason}", True,
+                                    RoundPhase(state.phase), state.drop_reason))
             return
         if isinstance(state, ServerCompleted):
             self._complete(live, state)
@@ -764,8 +936,10 @@ class Coordinator:
                 live.events[site].append(Event(live.round_id, onward[site]))
             elif not self._ended(live, site):
                 live.events[site].append(Event(live.round_id, Stopped(
-                    f"site {site} missed {before.phase} and left round {live.round_id}", True)))
-        self._state["in_flight"]["phase"] = state.phase
+                    f"site {site} missed {before.phase} and left round {live.round_id}", True,
+                    RoundPhase(before.phase), DropReason.MISSED_DEADLINE, site_only=True)))
+        assert self._state.in_flight is not None
+        self._state.in_flight.phase = state.phase
         self._save()
         self.changed.notify_all()
 
@@ -773,7 +947,7 @@ class Coordinator:
         for site in live.cohort:
             if not self._ended(live, site):
                 live.events[site].append(Event(live.round_id, outcome))
-        self._state["in_flight"] = None
+        self._state.in_flight = None
         self._save()
         self._finished[live.round_id] = live
         for old in sorted(self._finished)[:-KEEP_FINISHED]:
@@ -793,11 +967,13 @@ class Coordinator:
             version, dropped = self._publish(live, result)
         except AggregateRejectedError as error:
             self._reject(live, result, str(error))
-            self._end(live, Stopped(f"round {live.round_id} rejected: {error}", True))
+            self._end(live, Stopped(f"round {live.round_id} rejected: {error}", True,
+                                    RoundPhase.MERGE, DropReason.UPDATE_REJECTED))
             return
         except (ValueError, ArithmeticError) as error:
             # Nothing was published, so nothing was spent; the round runs again.
-            self._end(live, Stopped(f"round {live.round_id} could not be merged: {error}", True))
+            self._end(live, Stopped(f"round {live.round_id} could not be merged: {error}", True,
+                                    RoundPhase.MERGE, DropReason.MERGE_FAILED))
             return
         self._clear(set(result.contributors))
         self._end(live, Finished(version.number, len(result.contributors), dropped))
@@ -867,17 +1043,15 @@ class Coordinator:
         """Records a rejected aggregate in coordinator.json, newest last. The aggregator saw
         the (noised) sum, so the round's privacy charge is spent though nothing was published:
         the accountant must cover what the aggregator observed."""
-        self._state.setdefault("rejected", []).append({
-            "round_id": live.round_id, "reason": reason,
-            "contributors": sorted(result.contributors),
-            "payload_sha256s": sorted(live.receipts[("masked vector", site)].hex()
-                                      for site in result.contributors
-                                      if ("masked vector", site) in live.receipts),
-            "rejected_at_ms": int(self.clock() * 1000)})
-        self._state["rejected"] = self._state["rejected"][-KEEP_REJECTED:]
+        self._state.rejected.append(Rejected(
+            live.round_id, reason, tuple(sorted(result.contributors)),
+            tuple(sorted(live.receipts[("masked vector", site)].hex()
+                         for site in result.contributors
+                         if ("masked vector", site) in live.receipts)),
+            int(self.clock() * 1000)))
+        self._state.rejected = self._state.rejected[-KEEP_REJECTED:]
         self._suspect(set(result.contributors), reason)
-        self._state["spent"].append({"round_id": live.round_id,
-                                     "charge": _charge_json(live.charge)})
+        self._state.spent.append(Spent(live.round_id, live.charge))
         self.budget.charges.append(live.charge)
         self._save()
         self._report_state()
@@ -885,7 +1059,7 @@ class Coordinator:
     def rejected(self) -> list[dict]:
         """The last KEEP_REJECTED rejected aggregates (round, reason, contributors, receipts)."""
         with self.changed:
-            return [dict(r) for r in self._state.get("rejected", [])]
+            return [r.to_json() for r in self._state.rejected]
 
     def _publish(self, live: _Round, result: ServerCompleted) -> tuple[Version, tuple[int, ...]]:
         setup, privacy = live.setup, self.privacy
@@ -908,13 +1082,13 @@ class Coordinator:
         dropped = tuple(sorted(set(live.cohort) - set(result.contributors)))
         epsilon_total = self.budget.epsilon_after(live.charge)
         epsilon_round = epsilon_of([live.charge], privacy.delta, privacy.accountant)
-        flight = self._state["in_flight"]
+        flight = self._state.in_flight
+        assert flight is not None
         receipts = sorted({live.receipts[("masked vector", site)].hex()
                            for site in result.contributors
                            if ("masked vector", site) in live.receipts})
-        flight["outcome"] = {"cohort_size": len(result.contributors), "dropouts": len(dropped),
-                             "payload_sha256s": receipts,
-                             "epsilon_round": epsilon_round, "epsilon_total": epsilon_total}
+        flight.outcome = Outcome(len(result.contributors), len(dropped), epsilon_round,
+                                 epsilon_total, tuple(receipts))
         self._save()  # so a crash after publishing still writes the ledger at restart
         version = self.registry.publish(new_b, Release(
             round_id=live.round_id, cohort_size=len(result.contributors),

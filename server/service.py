@@ -37,11 +37,13 @@ from typing import Any, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import Message as ProtoMessage
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
-from fleetmind.aggregation.secagg import ProtocolError
+from fleetmind.aggregation.secagg import DropReason, ProtocolError, RoundPhase
+from fleetmind.aggregation.secagg.messages import AdvertisedKeys, SharesForSite, UnmaskRequest
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import (
     audit_pb2,
@@ -146,7 +148,7 @@ _INTEGER_TYPES = frozenset({3, 4, 5, 6, 13, 15, 16, 17, 18})  # FieldDescriptor.
 def _integer_problem(message: Any, prefix: str = "") -> str | None:
     """The first integer field (at any depth) above 2^63-1, described, or None: no id,
     index or offset is that large, and SQLite and struct('<q') could not hold it."""
-    if not hasattr(message, "ListFields"):
+    if not isinstance(message, ProtoMessage):
         return None
     for descriptor, value in message.ListFields():
         name = prefix + descriptor.name
@@ -157,8 +159,8 @@ def _integer_problem(message: Any, prefix: str = "") -> str | None:
             for key, item in items:
                 if isinstance(key, int) and key > INT63_MAX:
                     return f"{name} key {key} is out of range (at most 2^63-1)"
-                problem = _integer_problem(item, f"{name}[{key}].") if hasattr(
-                    item, "ListFields") else (f"{name}[{key}]={item} is out of range"
+                problem = _integer_problem(item, f"{name}[{key}].") if isinstance(
+                    item, ProtoMessage) else (f"{name}[{key}]={item} is out of range"
                                              if isinstance(item, int) and item > INT63_MAX
                                              else None)
                 if problem:
@@ -436,18 +438,26 @@ def _event_to_wire(event: Event) -> fleet_pb2.RoundEvent:
         config.cohort_max = payload.cohort_max
         config.phase_deadline_unix_ms = payload.phase_deadline_unix_ms
         config.plain_sum = not payload.secure_aggregation
+        config.participation_cap = payload.participation_cap
         wire.config.CopyFrom(config)
     elif isinstance(payload, Finished):
         wire.completed.CopyFrom(fleet_pb2.RoundCompleted(
             version=payload.version, cohort_size=payload.cohort_size, dropped=payload.dropped))
     elif isinstance(payload, Stopped):
-        wire.aborted.CopyFrom(fleet_pb2.RoundAborted(reason=payload.reason, retry=payload.retry))
-    elif hasattr(payload, "advertisements"):
+        wire.aborted.CopyFrom(fleet_pb2.RoundAborted(
+            reason=payload.reason, retry=payload.retry,
+            phase=(fleet_pb2.ROUND_PHASE_UNSPECIFIED if payload.phase is None
+                   else codec.round_phase_to_wire(payload.phase)),
+            drop_reason=codec.drop_reason_to_wire(payload.drop_reason),
+            site_only=payload.site_only))
+    elif isinstance(payload, AdvertisedKeys):
         wire.advertised_keys.CopyFrom(codec.advertised_keys_to_wire(payload))
-    elif hasattr(payload, "recipient"):
+    elif isinstance(payload, SharesForSite):
         wire.shares_for_site.CopyFrom(codec.shares_for_site_to_wire(payload))
-    else:
+    elif isinstance(payload, UnmaskRequest):
         wire.unmask_request.CopyFrom(codec.unmask_request_to_wire(payload))
+    else:
+        raise TypeError(f"no wire form for round event {type(payload).__name__}")
     return wire
 
 
@@ -500,7 +510,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 self.coordinator.leave(site, serial)
                 yield _event_to_wire(Event(0, Stopped(
                     f"site {site} waited {self.limits.stream_max_s:g} s for a cohort; join "
-                    "again", True)))
+                    "again", True, RoundPhase.COHORT, DropReason.COHORT_WAIT_EXPIRED,
+                    site_only=True)))
                 return
             if round_id is None and time.monotonic() - heartbeat >= WAITING_EVERY_S:
                 waiting = self.coordinator.waiting()
@@ -695,7 +706,8 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         return audit_pb2.BudgetResponse(epsilon_spent=status.epsilon_spent,
                                         epsilon_budget=status.epsilon_budget,
                                         delta=status.delta, rounds=status.rounds,
-                                        accountant=status.accountant)
+                                        accountant=status.accountant,
+                                        participation_cap=status.participation_cap or 0)
 
 
 # ---- serve ---------------------------------------------------------------------------
@@ -750,8 +762,8 @@ def serve(config: ServerConfig, limits: ServerLimits | None = None) -> RunningSe
     mTLS unless config.insecure, which ServerConfig only allows on a loopback address.
     `limits` (default ServerLimits(), its stream cap config.max_workers) bound what the
     server takes on at once; the thread pool is sized so that nothing admitted queues."""
-    if limits is None:  # a ServerConfig with a [limits] table carries its own
-        limits = getattr(config, "limits", None) or ServerLimits()
+    if limits is None:  # the config's [limits] table (ServerLimits() when it has none)
+        limits = config.limits
     host, _ = split_listen(config.listen)  # ServerConfig refused plaintext off loopback
     if config.tls is not None:
         creds = identity.server_credentials(

@@ -14,11 +14,18 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fleetmind.client.agent import RoundResult, SiteUpdate, participate
+from fleetmind.aggregation.secagg import DropReason, RoundPhase
+from fleetmind.client.agent import (
+    RoundAbortedError,
+    RoundResult,
+    SiteUpdate,
+    may_be_summed,
+    participate,
+)
 from fleetmind.client.outbox import Outbox, verify_chain
 from fleetmind.client.scrub import ScrubReport
 from fleetmind.protos import secagg_codec as codec
-from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
+from fleetmind.protos.fleetmind.v1 import fleet_pb2, models_pb2, models_pb2_grpc
 from fleetmind.server import versions
 from fleetmind.server.config import CohortPolicy, ServerConfig
 from fleetmind.server.service import serve
@@ -268,3 +275,46 @@ def test_a_round_that_promises_more_than_the_clipping_kept_gets_nothing(tmp_path
         running.stop(grace=None)
     for outbox in outboxes:
         outbox.close()
+
+
+# ---- "was my vector summed?" from the outcome's fields -----------------------------------
+
+P, D = fleet_pb2, fleet_pb2
+SUMMED_TABLE = [
+    # (phase, drop_reason, site_only) -> may a version still hold this site's vector?
+    ((P.ROUND_PHASE_COHORT, D.DROP_REASON_COHORT_WAIT_EXPIRED, True), False),
+    ((P.ROUND_PHASE_ADVERTISE_KEYS, D.DROP_REASON_MISSED_DEADLINE, True), False),
+    ((P.ROUND_PHASE_SHARE_KEYS, D.DROP_REASON_MISSED_DEADLINE, True), False),
+    ((P.ROUND_PHASE_MASKED_INPUT_COLLECTION, D.DROP_REASON_MISSED_DEADLINE, True), False),
+    # It uploaded and then left: secure aggregation still sums its vector.
+    ((P.ROUND_PHASE_UNMASKING, D.DROP_REASON_MISSED_DEADLINE, True), True),
+    # The whole round ended: no version comes of it.
+    ((P.ROUND_PHASE_ADVERTISE_KEYS, D.DROP_REASON_BELOW_MIN_COHORT, False), False),
+    ((P.ROUND_PHASE_UNMASKING, D.DROP_REASON_TOO_FEW_SHARES, False), False),
+    ((P.ROUND_PHASE_MERGE, D.DROP_REASON_UPDATE_REJECTED, False), False),
+    ((P.ROUND_PHASE_SHARE_KEYS, D.DROP_REASON_ABANDONED_AT_RESTART, False), False),
+    ((P.ROUND_PHASE_COHORT, D.DROP_REASON_QUEUE_REFUSED, False), False),
+    # An aggregator from before the fields: only text, so the conservative answer.
+    ((P.ROUND_PHASE_UNSPECIFIED, D.DROP_REASON_UNSPECIFIED, False), True),
+    ((P.ROUND_PHASE_UNSPECIFIED, D.DROP_REASON_MISSED_DEADLINE, True), True),
+]
+
+
+@pytest.mark.parametrize(("fields", "summed"), SUMMED_TABLE)
+def test_may_be_summed_decides_from_the_fields(fields, summed) -> None:
+    phase, reason, site_only = fields
+    aborted = fleet_pb2.RoundAborted(reason="site 4 missed share_keys and left round 1",
+                                     retry=True, phase=phase, drop_reason=reason,
+                                     site_only=site_only)
+    assert may_be_summed(aborted) is summed
+
+
+def test_round_aborted_error_carries_the_enums() -> None:
+    aborted = fleet_pb2.RoundAborted(reason="x", retry=True,
+                                     phase=P.ROUND_PHASE_SHARE_KEYS,
+                                     drop_reason=D.DROP_REASON_MISSED_DEADLINE, site_only=True)
+    error = RoundAbortedError.from_wire(7, aborted)
+    assert (error.round_id, error.phase, error.drop_reason, error.site_only, error.retry) == (
+        7, RoundPhase.SHARE_KEYS, DropReason.MISSED_DEADLINE, True, True)
+    old = RoundAbortedError.from_wire(7, fleet_pb2.RoundAborted(reason="x", retry=True))
+    assert (old.phase, old.drop_reason, old.site_only) == (None, None, False)

@@ -42,7 +42,14 @@ from fleetmind.protos.fleetmind.v1 import (
     models_pb2_grpc,
 )
 from fleetmind.server import identity
-from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig, TlsPaths
+from fleetmind.server.config import (
+    CohortPolicy,
+    ConfigError,
+    PrivacyPolicy,
+    ServerConfig,
+    TlsPaths,
+    load_config,
+)
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.service import RunningServer, serve
 from fleetmind.server.versions import Release
@@ -482,7 +489,9 @@ def test_a_queued_join_ends_after_its_lifetime_and_leaves_the_queue(start) -> No
         fleet_pb2.JoinRoundRequest(site=site, contributing_units=1), timeout=30)
     events = [e for e in stream if e.WhichOneof("event") != "waiting"]
     assert [e.WhichOneof("event") for e in events] == ["aborted"]
-    assert events[0].aborted.retry
+    aborted = events[0].aborted
+    assert (aborted.retry, aborted.phase, aborted.drop_reason, aborted.site_only) == (
+        True, fleet_pb2.ROUND_PHASE_COHORT, fleet_pb2.DROP_REASON_COHORT_WAIT_EXPIRED, True)
     assert running.coordinator.waiting().ready_sites == 0
     assert wait_until(lambda: running.capacity.open("stream") == 0)
     assert_healthy(channel)
@@ -898,3 +907,31 @@ def test_a_signed_but_poisoned_version_is_not_activated(published, change, messa
     with pytest.raises(site_versions.VersionError, match=message):
         published.take_latest()
     assert site_versions.current_version(published.site) == 0
+
+
+# ---- limits from the config file -------------------------------------------------------
+
+
+def test_a_limits_table_in_the_config_file_reaches_serve(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text('data_dir = "data"\ninsecure = true\nlisten = "127.0.0.1:0"\n\n'
+                    "[limits]\nmax_calls = 7\nmax_upload_bytes_in_flight = 4096\n")
+    loaded = load_config(path)
+    assert (loaded.limits.max_calls, loaded.limits.max_upload_bytes_in_flight) == (7, 4096)
+    running = serve(loaded)
+    try:
+        assert running.limits == loaded.limits
+    finally:
+        running.stop(grace=None)
+
+
+@pytest.mark.parametrize(("table", "match"), [
+    ("[limits]\nmax_calls = -1\n", r"\[limits\]: limits.max_calls=-1"),
+    ("[limits]\nmax_callz = 4\n", r"\[limits\]: .*max_callz"),
+    ("limits = 3\n", r"\[limits\] must be a table"),
+])
+def test_a_bad_limits_table_is_refused_with_the_key(tmp_path: Path, table, match) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(f'data_dir = "data"\ninsecure = true\n{table}')
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)

@@ -39,7 +39,7 @@ def test_check_reports_a_stale_stub(tmp_path: Path) -> None:
             (tmp_path / "fleetmind" / "v1" / path.name).write_bytes(path.read_bytes())
     audit = tmp_path / "fleetmind" / "v1" / "audit.proto"
     audit.write_text(audit.read_text().replace("string accountant = 5;",
-                                               "string accountant = 5;\n  bool spare = 6;"))
+                                               "string accountant = 5;\n  bool spare = 99;"))
     assert regenerate.differences(tmp_path) == [
         "audit_pb2.py: differs from its .proto, run python -m fleetmind.protos.regenerate",
         "audit_pb2.pyi: differs from its .proto, run python -m fleetmind.protos.regenerate"]
@@ -183,3 +183,21 @@ def test_malformed_fields_are_refused_before_the_protocol_sees_them() -> None:
         codec.round_config_from_wire(fleet_pb2.RoundConfig(round_id=1, threshold=2,
                                                            min_cohort=2, vector_length=4,
                                                            ring_bits=32))
+
+
+def test_outcome_enums_map_one_to_one_onto_the_wire() -> None:
+    """Every protocol DropReason and RoundPhase has its wire value and back; UNSPECIFIED
+    (an older peer) and a value this side does not know (a newer one) decode to None."""
+    from fleetmind.aggregation.secagg import DropReason, RoundPhase
+    from fleetmind.protos import secagg_codec as codec
+    from fleetmind.protos.fleetmind.v1 import fleet_pb2
+
+    for reason in DropReason:
+        assert codec.drop_reason_from_wire(codec.drop_reason_to_wire(reason)) is reason
+    for phase in RoundPhase:
+        assert codec.round_phase_from_wire(codec.round_phase_to_wire(phase)) is phase
+    assert len(fleet_pb2.DropReason.values()) == len(DropReason) + 1
+    assert len(fleet_pb2.RoundPhase.values()) == len(RoundPhase) + 1
+    for unknown in (0, 999):
+        assert codec.drop_reason_from_wire(unknown) is None
+        assert codec.round_phase_from_wire(unknown) is None

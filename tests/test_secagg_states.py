@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fleetmind.aggregation.secagg import (
+    DropReason,
     NeighbourGraph,
     ProtocolError,
     RoundConfig,
@@ -126,6 +127,8 @@ def test_server_aborts_when_too_few_advertise() -> None:
     cohort.server.receive(cohort.sites[2].advertisement)
     result = cohort.server.close()
     assert isinstance(result, ServerAborted) and "2 sites advertised" in result.reason
+    assert (result.phase, result.drop_reason) == ("advertise_keys", DropReason.BELOW_MIN_COHORT)
+    assert result.pending() == frozenset()
 
 
 # --- round 1: share keys -----------------------------------------------------------------
@@ -256,6 +259,7 @@ def test_server_aborts_without_enough_shares() -> None:
         cohort.server.receive(cohort.sites[site].respond(cohort.server.request))
     result = cohort.server.close()
     assert isinstance(result, ServerAborted) and "fewer than 3 shares" in result.reason
+    assert (result.phase, result.drop_reason) == ("unmasking", DropReason.TOO_FEW_SHARES)
 
 
 def test_corrupted_mask_key_share_is_detected() -> None:
@@ -272,6 +276,7 @@ def test_corrupted_mask_key_share_is_detected() -> None:
         cohort.server.receive(answer)
     result = cohort.server.close()
     assert isinstance(result, ServerAborted)
+    assert result.drop_reason is DropReason.MASKS_NOT_REMOVABLE
 
 
 @pytest.mark.parametrize("ring_bits", [16, 24, 32])
@@ -290,3 +295,26 @@ def test_config_validated() -> None:
         dataclasses.replace(config, min_cohort=1)
     with pytest.raises(ValueError, match="ring_bits"):
         dataclasses.replace(config, ring_bits=20)
+
+
+def test_every_server_state_answers_whom_it_still_waits_for() -> None:
+    """fcp's NumberOfPendingClients: each state says who it waits for, so a caller never
+    asks which state it holds."""
+    cohort = Round()
+    everyone = frozenset(cohort.sites)
+    assert cohort.server.pending() == everyone
+    cohort.server.receive(cohort.sites[1].advertisement)
+    assert cohort.server.pending() == everyone - {1}
+    for s in sorted(everyone - {1}):
+        cohort.server.receive(cohort.sites[s].advertisement)
+    assert cohort.server.pending() == frozenset()
+    cohort.server = cohort.server.close()
+    cohort.sites = {s: site.receive(cohort.server.to_sites[s])
+                    for s, site in cohort.sites.items()}
+    assert cohort.server.pending() == everyone  # share keys
+    cohort.share()
+    assert cohort.server.pending() == everyone  # masked input collection
+    cohort.mask(skip={5})
+    assert cohort.server.pending() == everyone - {5}  # unmasking: the survivors
+    result = cohort.unmask()
+    assert isinstance(result, ServerCompleted) and result.pending() == frozenset()

@@ -73,6 +73,8 @@ def reattach_after_restart(sites: list[Site], channel: grpc.Channel) -> None:
     sites[0].join(round_id=1)
     aborted = sites[0].expect("aborted").aborted
     assert aborted.retry and "restarted" in aborted.reason
+    assert (aborted.drop_reason, aborted.site_only) == (
+        fleet_pb2.DROP_REASON_ABANDONED_AT_RESTART, False)
 
 
 class Site:
@@ -231,7 +233,8 @@ def test_a_round_of_three_sites_publishes_the_librarys_merge(aggregator, tmp_pat
     assert (record.round_id, record.cohort_size, record.dropouts, record.version) == (1, 3, 0, 1)
     assert record.version_hash == hashlib.sha256(announcement.manifest).hexdigest()
     budget = audit.Budget(audit_pb2.BudgetRequest(), timeout=5)
-    assert budget.rounds == 1
+    assert budget.rounds == 1 and budget.participation_cap == 0  # no cap configured
+    assert sites[0].wire_config.participation_cap == 0
     assert budget.epsilon_spent == pytest.approx(record.epsilon_total)
     assert 0 < budget.epsilon_spent <= budget.epsilon_budget
 
@@ -377,7 +380,12 @@ def test_a_site_dropping_after_sharing_keys_leaves_the_others_merge(tmp_path: Pa
                     for d in (s.expect("completed").completed for s in survivors)}
             assert done == {(1, 3, (gone.id,))}
             gone.expect("shares_for_site")  # what it never acted on
-            assert "missed" in gone.expect("aborted").aborted.reason
+            aborted = gone.expect("aborted").aborted
+            assert "missed" in aborted.reason
+            # The outcome in fields: this site alone left, at the upload, past its deadline.
+            assert (aborted.phase, aborted.drop_reason, aborted.site_only, aborted.retry) == (
+                fleet_pb2.ROUND_PHASE_MASKED_INPUT_COLLECTION,
+                fleet_pb2.DROP_REASON_MISSED_DEADLINE, True, True)
         _, merged = running.coordinator.registry.get(1).tensors()
         bound = quantisation_bound(survivors[0], 3)
         for name, want in expected_b(survivors).items():
@@ -435,3 +443,20 @@ def test_honest_noisy_rounds_pass_the_aggregate_check(aggregator, weights) -> No
         run_round(sites)
         assert {s.expect("completed").completed.version for s in sites} == {round_number}
     assert running.coordinator.rejected() == []
+
+
+def test_a_participation_cap_reaches_sites_and_the_budget_rpc(tmp_path: Path) -> None:
+    capped = PrivacyPolicy(clip_norm=1.0, noise_multiplier=4.0, epsilon_budget=10.0,
+                           fixed_point_clip=1.0, participation_cap=4)
+    running = serve(config(tmp_path / "data", capped))
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            sites = [Site(channel, f"site-{i}", seed=60 + i) for i in range(3)]
+            run_round(sites)
+            assert {s.expect("completed").completed.version for s in sites} == {1}
+            assert {s.wire_config.participation_cap for s in sites} == {4}
+            budget = audit_pb2_grpc.AuditStub(channel).Budget(audit_pb2.BudgetRequest(),
+                                                              timeout=5)
+            assert (budget.participation_cap, budget.rounds) == (4, 1)
+    finally:
+        running.stop(grace=None)

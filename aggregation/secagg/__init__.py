@@ -24,17 +24,24 @@ from fleetmind.aggregation.secagg.graph import (
     secagg_plus_degree,
 )
 from fleetmind.aggregation.secagg.loopback import Dropouts, LoopbackReport, run_round
-from fleetmind.aggregation.secagg.messages import ProtocolError, RoundConfig
+from fleetmind.aggregation.secagg.messages import (
+    DropReason,
+    ProtocolError,
+    RoundConfig,
+    RoundPhase,
+)
 from fleetmind.aggregation.secagg.server_completed import ServerAborted, ServerCompleted
 from fleetmind.aggregation.secagg.server_r0_advertise_keys import ServerAdvertiseKeys
 from fleetmind.aggregation.secagg.site_r0_advertise_keys import SiteAdvertiseKeys
 
 __all__ = [
+    "DropReason",
     "Dropouts",
     "LoopbackReport",
     "NeighbourGraph",
     "ProtocolError",
     "RoundConfig",
+    "RoundPhase",
     "ServerAborted",
     "ServerAdvertiseKeys",
     "ServerCompleted",

@@ -8,8 +8,9 @@ server code, and every message's payload size counted.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -60,7 +61,7 @@ def run_round(config: RoundConfig, identities: Mapping[int, Ed25519PrivateKey],
 
     refusals: dict[int, str] = {}
 
-    def at_site(site: int, work, *args):
+    def at_site(site: int, work: Callable[..., Any], *args: Any) -> Any:
         """Run site code; a site that refuses what it was sent leaves the round."""
         start = time.perf_counter()
         try:
@@ -71,14 +72,14 @@ def run_round(config: RoundConfig, identities: Mapping[int, Ed25519PrivateKey],
         finally:
             site_seconds[site] += time.perf_counter() - start
 
-    def at_server(work, *args):
+    def at_server(work: Callable[..., Any], *args: Any) -> Any:
         nonlocal server_seconds
         start = time.perf_counter()
         out = work(*args)
         server_seconds += time.perf_counter() - start
         return out
 
-    def report(result):
+    def report(result: ServerCompleted | ServerAborted) -> LoopbackReport:
         return LoopbackReport(result, site_seconds, server_seconds, site_bytes, server_bytes,
                               states, refusals)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum, StrEnum
 from types import MappingProxyType
 from typing import Literal
 
@@ -32,6 +33,36 @@ class ProtocolError(ValueError):
     def __init__(self, kind: RefusalKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class RoundPhase(StrEnum):
+    """Where a round was when a site left it or it ended (fleet.proto RoundPhase). The
+    values are the server states' `phase` names, so a state's phase compares equal to its
+    member; COHORT is before the protocol (queued, the cohort forming) and MERGE after it
+    (the unmasked sum checked, merged and published)."""
+
+    COHORT = "cohort"
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT_COLLECTION = "masked_input_collection"
+    UNMASKING = "unmasking"
+    MERGE = "merge"
+
+
+class DropReason(Enum):
+    """Why a site left a round, or the round ended without a sum (fcp's ClientDropReason;
+    fleet.proto DropReason). The protocol states set BELOW_MIN_COHORT, TOO_FEW_SHARES and
+    MASKS_NOT_REMOVABLE (ServerAborted); the coordinator the rest."""
+
+    MISSED_DEADLINE = "missed_deadline"  # this site did not answer the phase in time
+    BELOW_MIN_COHORT = "below_min_cohort"  # too few sites answered a phase: no sum
+    TOO_FEW_SHARES = "too_few_shares"  # a site's masks lack the threshold of shares
+    MASKS_NOT_REMOVABLE = "masks_not_removable"  # shares do not rebuild a mask (corrupted)
+    UPDATE_REJECTED = "update_rejected"  # the unmasked sum failed the aggregate check
+    MERGE_FAILED = "merge_failed"  # the sum could not be decoded or merged
+    ABANDONED_AT_RESTART = "abandoned_at_restart"  # the aggregator restarted mid-round
+    QUEUE_REFUSED = "queue_refused"  # the cohort was refused before it ran (the budget)
+    COHORT_WAIT_EXPIRED = "cohort_wait_expired"  # queued too long for a cohort to form
 
 
 def check_round(expected: int, got: int, what: str) -> None:

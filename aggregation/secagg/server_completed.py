@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fleetmind.aggregation.secagg.messages import DropReason
+
 
 @dataclass(frozen=True)
 class ServerCompleted:
@@ -19,11 +21,21 @@ class ServerCompleted:
     def __post_init__(self) -> None:
         self.cohort_sum.flags.writeable = False
 
+    def pending(self) -> frozenset[int]:
+        """A final state waits for nobody."""
+        return frozenset()
+
 
 @dataclass(frozen=True)
 class ServerAborted:
-    """The round ended without a sum; `reason` says why, naming sites and counts."""
+    """The round ended without a sum in `phase`: `drop_reason` says why for programs,
+    `reason` for people (naming sites and counts)."""
 
     round_id: int
     phase: str
     reason: str
+    drop_reason: DropReason
+
+    def pending(self) -> frozenset[int]:
+        """A final state waits for nobody."""
+        return frozenset()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fleetmind.aggregation.secagg.messages import (
+    DropReason,
     KeyAdvertisement,
     ProtocolError,
     RoundConfig,
@@ -21,6 +22,10 @@ class ServerAdvertiseKeys:
         self.config = config
         self.advertisements: dict[int, KeyAdvertisement] = {}
 
+    def pending(self) -> frozenset[int]:
+        """Cohort sites that have not advertised keys yet."""
+        return frozenset(self.config.graph.sites) - frozenset(self.advertisements)
+
     def receive(self, advertisement: KeyAdvertisement) -> None:
         check_round(self.config.round_id, advertisement.round_id, "key advertisement")
         site = advertisement.site
@@ -36,5 +41,6 @@ class ServerAdvertiseKeys:
         if len(self.advertisements) < self.config.min_cohort:
             return ServerAborted(self.config.round_id, self.phase,
                                  f"{len(self.advertisements)} sites advertised keys, minimum "
-                                 f"cohort {self.config.min_cohort}")
+                                 f"cohort {self.config.min_cohort}",
+                                 DropReason.BELOW_MIN_COHORT)
         return ServerShareKeys(self.config, self.advertisements)

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 from fleetmind.aggregation.secagg.messages import (
     AdvertisedKeys,
+    DropReason,
+    EncryptedShare,
     EncryptedShares,
     KeyAdvertisement,
     ProtocolError,
@@ -35,6 +37,10 @@ class ServerShareKeys:
             for site in sorted(advertised)}
         self.shares: dict[int, EncryptedShares] = {}
 
+    def pending(self) -> frozenset[int]:
+        """Sites that advertised keys and have not sent their shares yet."""
+        return frozenset(self.to_sites) - frozenset(self.shares)
+
     def receive(self, message: EncryptedShares) -> None:
         config = self.config
         check_round(config.round_id, message.round_id, "encrypted shares")
@@ -58,8 +64,8 @@ class ServerShareKeys:
         if len(shared) < config.min_cohort:
             return ServerAborted(config.round_id, self.phase,
                                  f"{len(shared)} sites shared keys, minimum cohort "
-                                 f"{config.min_cohort}")
-        inbox: dict[int, list] = {site: [] for site in shared}
+                                 f"{config.min_cohort}", DropReason.BELOW_MIN_COHORT)
+        inbox: dict[int, list[EncryptedShare]] = {site: [] for site in shared}
         for message in self.shares.values():
             for share in message.shares:
                 if share.recipient in shared:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fleetmind.aggregation.secagg.messages import (
+    DropReason,
     MaskedInput,
     ProtocolError,
     RoundConfig,
@@ -34,6 +35,10 @@ class ServerMaskedInputCollection:
         self.uploaders = frozenset(self.mask_keys)  # who may upload: the sites that shared keys
         self.masked_sum = np.zeros(config.vector_length, dtype=np.uint32)
         self.contributors: set[int] = set()
+
+    def pending(self) -> frozenset[int]:
+        """Sites that may upload and have not yet."""
+        return self.uploaders - frozenset(self.contributors)
 
     def receive(self, message: MaskedInput) -> None:
         config = self.config
@@ -62,6 +67,7 @@ class ServerMaskedInputCollection:
         if len(survivors) < config.min_cohort:
             return ServerAborted(config.round_id, self.phase,
                                  f"{len(survivors)} masked inputs, minimum cohort "
-                                 f"{config.min_cohort}: refusing to unmask")
+                                 f"{config.min_cohort}: refusing to unmask",
+                                 DropReason.BELOW_MIN_COHORT)
         request = UnmaskRequest(config.round_id, survivors, frozenset(self.mask_keys) - survivors)
         return ServerUnmasking(config, request, self.masked_sum, self.mask_keys)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleetmind.aggregation.secagg.messages import RoundConfig
+from fleetmind.aggregation.secagg.messages import DropReason, RoundConfig
 from fleetmind.aggregation.secagg.server_completed import ServerAborted, ServerCompleted
 from fleetmind.aggregation.secagg.server_r2_masked_input_collection import (
     ServerMaskedInputCollection,
@@ -28,13 +28,16 @@ class ServerPlainInputCollection(ServerMaskedInputCollection):
         super().__init__(config, mask_keys={}, to_sites={})
         self.uploaders = frozenset(config.graph.sites)  # no keys to share: the whole cohort
 
-    def close(self) -> ServerCompleted | ServerAborted:
+    # The same upload as its masked twin (isinstance checks rely on it), with no unmasking
+    # after it: it yields the sum itself.
+    def close(self) -> ServerCompleted | ServerAborted:  # type: ignore[override]
         config = self.config
         contributors = frozenset(self.contributors)
         if len(contributors) < config.min_cohort:
             return ServerAborted(config.round_id, self.phase,
                                  f"{len(contributors)} unmasked inputs, minimum cohort "
-                                 f"{config.min_cohort}: refusing to sum")
+                                 f"{config.min_cohort}: refusing to sum",
+                                 DropReason.BELOW_MIN_COHORT)
         total = self.masked_sum & np.uint32(config.ring_mask)
         return ServerCompleted(config.round_id, total, contributors,
                                self.uploaders - contributors)

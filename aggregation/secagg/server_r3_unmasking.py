@@ -9,6 +9,7 @@ import numpy as np
 
 from fleetmind.aggregation.secagg import crypto
 from fleetmind.aggregation.secagg.messages import (
+    DropReason,
     ProtocolError,
     RoundConfig,
     UnmaskRequest,
@@ -33,6 +34,10 @@ class ServerUnmasking:
         self.self_mask_shares: dict[int, list[crypto.Share]] = {s: [] for s in request.survivors}
         self.mask_key_shares: dict[int, list[crypto.Share]] = {s: [] for s in request.dropped}
         self.responders: set[int] = set()
+
+    def pending(self) -> frozenset[int]:
+        """Survivors that have not sent their unmask shares yet."""
+        return self.request.survivors - frozenset(self.responders)
 
     def receive(self, message: UnmaskShares) -> None:
         config = self.config
@@ -67,12 +72,13 @@ class ServerUnmasking:
         if short:
             return ServerAborted(config.round_id, self.phase,
                                  f"fewer than {config.threshold} shares for sites {short}: "
-                                 "their masks cannot be removed")
+                                 "their masks cannot be removed", DropReason.TOO_FEW_SHARES)
         try:
             total = self._strip_masks()
         except crypto.CryptoError as error:
             return ServerAborted(config.round_id, self.phase, f"masks cannot be removed: "
-                                                              f"{error}")
+                                                              f"{error}",
+                                 DropReason.MASKS_NOT_REMOVABLE)
         return ServerCompleted(config.round_id, total, self.request.survivors,
                                self.request.dropped)
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66leetmind/v1/audit.proto\x12\x0c\x66leetmind.v1\"9\n\x13StreamLedgerRequest\x12\x12\n\nfrom_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"^\n\x0bLedgerEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\tprev_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0c\n\x04hash\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x0f\n\rBudgetRequest\"r\n\x0e\x42udgetResponse\x12\x15\n\repsilon_spent\x18\x01 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x0e\n\x06rounds\x18\x04 \x01(\x04\x12\x12\n\naccountant\x18\x05 \x01(\t2\x9c\x01\n\x05\x41udit\x12N\n\x0cStreamLedger\x12!.fleetmind.v1.StreamLedgerRequest\x1a\x19.fleetmind.v1.LedgerEntry0\x01\x12\x43\n\x06\x42udget\x12\x1b.fleetmind.v1.BudgetRequest\x1a\x1c.fleetmind.v1.BudgetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66leetmind/v1/audit.proto\x12\x0c\x66leetmind.v1\"9\n\x13StreamLedgerRequest\x12\x12\n\nfrom_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"^\n\x0bLedgerEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\tprev_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0c\n\x04hash\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x0f\n\rBudgetRequest\"\x8d\x01\n\x0e\x42udgetResponse\x12\x15\n\repsilon_spent\x18\x01 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x0e\n\x06rounds\x18\x04 \x01(\x04\x12\x12\n\naccountant\x18\x05 \x01(\t\x12\x19\n\x11participation_cap\x18\x06 \x01(\r2\x9c\x01\n\x05\x41udit\x12N\n\x0cStreamLedger\x12!.fleetmind.v1.StreamLedgerRequest\x1a\x19.fleetmind.v1.LedgerEntry0\x01\x12\x43\n\x06\x42udget\x12\x1b.fleetmind.v1.BudgetRequest\x1a\x1c.fleetmind.v1.BudgetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEDGERENTRY']._serialized_end=195
   _globals['_BUDGETREQUEST']._serialized_start=197
   _globals['_BUDGETREQUEST']._serialized_end=212
-  _globals['_BUDGETRESPONSE']._serialized_start=214
-  _globals['_BUDGETRESPONSE']._serialized_end=328
-  _globals['_AUDIT']._serialized_start=331
-  _globals['_AUDIT']._serialized_end=487
+  _globals['_BUDGETRESPONSE']._serialized_start=215
+  _globals['_BUDGETRESPONSE']._serialized_end=356
+  _globals['_AUDIT']._serialized_start=359
+  _globals['_AUDIT']._serialized_end=515
 # @@protoc_insertion_point(module_scope)

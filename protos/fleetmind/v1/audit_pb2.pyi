@@ -31,15 +31,17 @@ class BudgetRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BudgetResponse(_message.Message):
-    __slots__ = ("epsilon_spent", "epsilon_budget", "delta", "rounds", "accountant")
+    __slots__ = ("epsilon_spent", "epsilon_budget", "delta", "rounds", "accountant", "participation_cap")
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPATION_CAP_FIELD_NUMBER: _ClassVar[int]
     epsilon_spent: float
     epsilon_budget: float
     delta: float
     rounds: int
     accountant: str
-    def __init__(self, epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., rounds: _Optional[int] = ..., accountant: _Optional[str] = ...) -> None: ...
+    participation_cap: int
+    def __init__(self, epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., rounds: _Optional[int] = ..., accountant: _Optional[str] = ..., participation_cap: _Optional[int] = ...) -> None: ...

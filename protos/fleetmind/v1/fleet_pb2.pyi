@@ -1,10 +1,51 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RoundPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_PHASE_UNSPECIFIED: _ClassVar[RoundPhase]
+    ROUND_PHASE_COHORT: _ClassVar[RoundPhase]
+    ROUND_PHASE_ADVERTISE_KEYS: _ClassVar[RoundPhase]
+    ROUND_PHASE_SHARE_KEYS: _ClassVar[RoundPhase]
+    ROUND_PHASE_MASKED_INPUT_COLLECTION: _ClassVar[RoundPhase]
+    ROUND_PHASE_UNMASKING: _ClassVar[RoundPhase]
+    ROUND_PHASE_MERGE: _ClassVar[RoundPhase]
+
+class DropReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DROP_REASON_UNSPECIFIED: _ClassVar[DropReason]
+    DROP_REASON_MISSED_DEADLINE: _ClassVar[DropReason]
+    DROP_REASON_BELOW_MIN_COHORT: _ClassVar[DropReason]
+    DROP_REASON_TOO_FEW_SHARES: _ClassVar[DropReason]
+    DROP_REASON_MASKS_NOT_REMOVABLE: _ClassVar[DropReason]
+    DROP_REASON_UPDATE_REJECTED: _ClassVar[DropReason]
+    DROP_REASON_MERGE_FAILED: _ClassVar[DropReason]
+    DROP_REASON_ABANDONED_AT_RESTART: _ClassVar[DropReason]
+    DROP_REASON_QUEUE_REFUSED: _ClassVar[DropReason]
+    DROP_REASON_COHORT_WAIT_EXPIRED: _ClassVar[DropReason]
+ROUND_PHASE_UNSPECIFIED: RoundPhase
+ROUND_PHASE_COHORT: RoundPhase
+ROUND_PHASE_ADVERTISE_KEYS: RoundPhase
+ROUND_PHASE_SHARE_KEYS: RoundPhase
+ROUND_PHASE_MASKED_INPUT_COLLECTION: RoundPhase
+ROUND_PHASE_UNMASKING: RoundPhase
+ROUND_PHASE_MERGE: RoundPhase
+DROP_REASON_UNSPECIFIED: DropReason
+DROP_REASON_MISSED_DEADLINE: DropReason
+DROP_REASON_BELOW_MIN_COHORT: DropReason
+DROP_REASON_TOO_FEW_SHARES: DropReason
+DROP_REASON_MASKS_NOT_REMOVABLE: DropReason
+DROP_REASON_UPDATE_REJECTED: DropReason
+DROP_REASON_MERGE_FAILED: DropReason
+DROP_REASON_ABANDONED_AT_RESTART: DropReason
+DROP_REASON_QUEUE_REFUSED: DropReason
+DROP_REASON_COHORT_WAIT_EXPIRED: DropReason
 
 class EnrollRequest(_message.Message):
     __slots__ = ("site_name", "identity_key", "proof")
@@ -75,7 +116,7 @@ class Neighbours(_message.Message):
     def __init__(self, sites: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_id", "graph", "threshold", "min_cohort", "vector_length", "ring_bits", "identities", "base_version", "clip_norm", "noise_multiplier", "noise_mode", "privacy_unit", "expected_cohort", "fixed_point_clip", "cohort_max", "phase_deadline_unix_ms", "plain_sum")
+    __slots__ = ("round_id", "graph", "threshold", "min_cohort", "vector_length", "ring_bits", "identities", "base_version", "clip_norm", "noise_multiplier", "noise_mode", "privacy_unit", "expected_cohort", "fixed_point_clip", "cohort_max", "phase_deadline_unix_ms", "plain_sum", "participation_cap")
     class GraphEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +148,7 @@ class RoundConfig(_message.Message):
     COHORT_MAX_FIELD_NUMBER: _ClassVar[int]
     PHASE_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PLAIN_SUM_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPATION_CAP_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     graph: _containers.MessageMap[int, Neighbours]
     threshold: int
@@ -124,7 +166,8 @@ class RoundConfig(_message.Message):
     cohort_max: int
     phase_deadline_unix_ms: int
     plain_sum: bool
-    def __init__(self, round_id: _Optional[int] = ..., graph: _Optional[_Mapping[int, Neighbours]] = ..., threshold: _Optional[int] = ..., min_cohort: _Optional[int] = ..., vector_length: _Optional[int] = ..., ring_bits: _Optional[int] = ..., identities: _Optional[_Mapping[int, bytes]] = ..., base_version: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., noise_mode: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., expected_cohort: _Optional[int] = ..., fixed_point_clip: _Optional[float] = ..., cohort_max: _Optional[int] = ..., phase_deadline_unix_ms: _Optional[int] = ..., plain_sum: _Optional[bool] = ...) -> None: ...
+    participation_cap: int
+    def __init__(self, round_id: _Optional[int] = ..., graph: _Optional[_Mapping[int, Neighbours]] = ..., threshold: _Optional[int] = ..., min_cohort: _Optional[int] = ..., vector_length: _Optional[int] = ..., ring_bits: _Optional[int] = ..., identities: _Optional[_Mapping[int, bytes]] = ..., base_version: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., noise_mode: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., expected_cohort: _Optional[int] = ..., fixed_point_clip: _Optional[float] = ..., cohort_max: _Optional[int] = ..., phase_deadline_unix_ms: _Optional[int] = ..., plain_sum: _Optional[bool] = ..., participation_cap: _Optional[int] = ...) -> None: ...
 
 class KeyAdvertisement(_message.Message):
     __slots__ = ("round_id", "site", "mask_key", "share_key", "signature")
@@ -261,9 +304,15 @@ class RoundCompleted(_message.Message):
     def __init__(self, version: _Optional[int] = ..., cohort_size: _Optional[int] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RoundAborted(_message.Message):
-    __slots__ = ("reason", "retry")
+    __slots__ = ("reason", "retry", "phase", "drop_reason", "site_only")
     REASON_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DROP_REASON_FIELD_NUMBER: _ClassVar[int]
+    SITE_ONLY_FIELD_NUMBER: _ClassVar[int]
     reason: str
     retry: bool
-    def __init__(self, reason: _Optional[str] = ..., retry: _Optional[bool] = ...) -> None: ...
+    phase: RoundPhase
+    drop_reason: DropReason
+    site_only: bool
+    def __init__(self, reason: _Optional[str] = ..., retry: _Optional[bool] = ..., phase: _Optional[_Union[RoundPhase, str]] = ..., drop_reason: _Optional[_Union[DropReason, str]] = ..., site_only: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,342 @@
+"""The coordinator driven directly, without gRPC: sites are the aggregation library's site
+states fed through `join`/`follow`/`advertise`/`share`/`submit`/`unmask`, and time is a
+clock the test moves. Covers a round that publishes, a site missing each phase (the
+outcome's phase, drop reason and site_only), whole-round aborts, the typed state in
+coordinator.json across a restart, and the participation cap."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetmind.aggregation.identity_proof import enroll_signed_bytes
+from fleetmind.aggregation.merge import secagg_payload
+from fleetmind.aggregation.secagg import DropReason, RoundPhase, SiteAdvertiseKeys, crypto
+from fleetmind.aggregation.secagg.messages import (
+    AdvertisedKeys,
+    SharesForSite,
+    UnmaskRequest,
+    pack_ring,
+)
+from fleetmind.server import identity
+from fleetmind.server.config import CohortPolicy, ConfigError, PrivacyPolicy
+from fleetmind.server.coordinator import (
+    STATE_FILE,
+    Coordinator,
+    CoordinatorState,
+    Finished,
+    RefusedError,
+    RoundSetup,
+    Stopped,
+)
+from fleetmind.server.enrolment import Enrolments
+from fleetmind.server.ledger import Ledger
+from fleetmind.server.versions import VersionRegistry
+from fleetmind.sim.bench.wire import SHAPES, SPEC
+
+PRIVACY = PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0,
+                        fixed_point_clip=1.0)
+PHASE_S = 30.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_coordinator(data: Path, clock: Clock, size: int = 4,
+                     privacy: PrivacyPolicy = PRIVACY) -> Coordinator:
+    data.mkdir(parents=True, exist_ok=True)
+    key = identity.load_or_create_signing_key(data / "signing.key")
+    registry = VersionRegistry(data, key)
+    if not registry.numbers():
+        registry.genesis(SPEC)
+    cohort = CohortPolicy(min_size=3, target_size=size, deadline_s=60,
+                          phase_deadline_s=PHASE_S)
+    return Coordinator(data, registry, Ledger(data / "ledger.sqlite", key),
+                       Enrolments(data / "enrolments.json"), cohort, privacy, clock=clock)
+
+
+class Site:
+    """One site, a step at a time, through the coordinator's public methods."""
+
+    def __init__(self, coordinator: Coordinator, name: str, seed: int) -> None:
+        self.coordinator = coordinator
+        self.key = Ed25519PrivateKey.generate()
+        public = crypto.identity_public_bytes(self.key)
+        self.id = coordinator.enrolments.enroll(
+            name, public, self.key.sign(enroll_signed_bytes(name, public))).site
+        rng = np.random.default_rng(seed)
+        self.delta = {n: rng.uniform(-0.05, 0.05, s).astype(np.float32)
+                      for n, s in SHAPES.items()}
+        self.round_id: int | None = None
+        self.cursor = 0
+
+    def next(self) -> object:
+        round_id, events = self.coordinator.follow(self.id, self.round_id, self.cursor, 0)
+        assert events, f"site {self.id}: nothing new in round {round_id}"
+        if round_id != self.round_id:
+            self.round_id, self.cursor = round_id, 0
+        self.cursor += 1
+        return events[0].payload
+
+    def outcome(self, round_id: int = 1) -> object:
+        """The last event of `round_id` for this site (its end, once it ended)."""
+        _, events = self.coordinator.follow(self.id, round_id, 0, 0)
+        return events[-1].payload
+
+    def join(self) -> None:
+        self.coordinator.join(self.id, None, 0, 1)
+
+    def advertise(self) -> None:
+        setup = self.next()
+        assert isinstance(setup, RoundSetup)
+        self.setup = setup
+        self.state = SiteAdvertiseKeys(setup.config, self.id, self.key)
+        self.coordinator.advertise(self.state.advertisement)
+
+    def share(self) -> None:
+        keys = self.next()
+        assert isinstance(keys, AdvertisedKeys)
+        self.state = self.state.receive(keys)
+        self.coordinator.share(self.state.encrypted_shares)
+
+    def submit(self, forge_weight: bool = False) -> None:
+        bundle = self.next()
+        assert isinstance(bundle, SharesForSite)
+        delta_code, weight_code = Coordinator.round_codes(self.setup)
+        flat = np.concatenate([self.delta[n].reshape(-1) for n in sorted(SHAPES)])
+        ring = secagg_payload(flat, 1.0, delta_code, weight_code)
+        if forge_weight:  # a weight word no honest site could send
+            ring = ring.copy()
+            ring[-1] = np.uint32((int(ring[-1]) + (1 << 30)) & self.setup.config.ring_mask)
+        masked, self.unmasking = self.state.receive(bundle).mask(ring)
+        digest = hashlib.sha256(pack_ring(masked.masked_vector, 32)).digest()
+        self.coordinator.submit(masked, digest)
+
+    def unmask(self) -> None:
+        request = self.next()
+        assert isinstance(request, UnmaskRequest)
+        self.coordinator.unmask(self.unmasking.respond(request))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    clock = Clock()
+    coordinator = open_coordinator(tmp_path / "data", clock)
+    sites = [Site(coordinator, f"site-{i}", seed=i) for i in range(4)]
+    yield coordinator, clock, sites
+    coordinator.ledger.close()
+
+
+def deadline_passes(coordinator: Coordinator, clock: Clock) -> None:
+    clock.now += PHASE_S + 1
+    coordinator.tick()
+
+
+STEPS = ("advertise", "share", "submit", "unmask")
+MISSED = {"advertise": RoundPhase.ADVERTISE_KEYS, "share": RoundPhase.SHARE_KEYS,
+          "submit": RoundPhase.MASKED_INPUT_COLLECTION}
+
+
+def run(coordinator: Coordinator, clock: Clock, sites: list[Site],
+        skip: tuple[Site, str] | None = None) -> None:
+    """One round; `skip` = (site, step): that site stops answering from that step on."""
+    for s in sites:
+        s.join()
+    gone: set[int] = set()
+    for step in STEPS:
+        for s in sites:
+            if skip is not None and s is skip[0] and step == skip[1]:
+                gone.add(s.id)
+            if s.id not in gone:
+                getattr(s, step)()
+        if skip is not None and step == skip[1] and coordinator.current_round() is not None:
+            deadline_passes(coordinator, clock)  # the phase closes without the quiet site
+        if coordinator.current_round() is None:
+            return
+
+
+def test_a_round_of_four_sites_publishes_version_1(fleet) -> None:
+    coordinator, clock, sites = fleet
+    run(coordinator, clock, sites)
+    outcomes = {s.id: s.outcome() for s in sites}
+    assert set(outcomes.values()) == {Finished(1, 4, ())}
+    assert coordinator.registry.numbers() == [0, 1]
+    assert coordinator.ledger.head().record.round_id == 1
+    assert coordinator.budget_status().rounds == 1
+
+
+@pytest.mark.parametrize("step", ["advertise", "share", "submit"])
+def test_a_site_missing_a_phase_hears_the_phase_and_missed_deadline(fleet, step) -> None:
+    coordinator, clock, sites = fleet
+    quiet = sites[3]
+    run(coordinator, clock, sites, skip=(quiet, step))
+    stopped = quiet.outcome()
+    assert isinstance(stopped, Stopped)
+    assert (stopped.phase, stopped.drop_reason, stopped.site_only, stopped.retry) == (
+        MISSED[step], DropReason.MISSED_DEADLINE, True, True)
+    # The rest finish without it: its vector is not in the sum.
+    for s in sites[:3]:
+        assert s.outcome() == Finished(1, 3, (quiet.id,))
+
+
+def test_a_site_missing_unmasking_is_in_the_sum(fleet) -> None:
+    coordinator, clock, sites = fleet
+    quiet = sites[3]
+    run(coordinator, clock, sites, skip=(quiet, "unmask"))
+    assert {s.outcome() for s in sites} == {Finished(1, 4, ())}
+
+
+def test_too_few_sites_abort_the_whole_round_below_min_cohort(tmp_path: Path) -> None:
+    clock = Clock()
+    coordinator = open_coordinator(tmp_path / "data", clock, size=3)
+    sites = [Site(coordinator, f"site-{i}", seed=i) for i in range(3)]
+    run(coordinator, clock, sites, skip=(sites[2], "share"))
+    for s in sites[:2]:
+        stopped = s.outcome()
+        assert (stopped.phase, stopped.drop_reason, stopped.site_only) == (
+            RoundPhase.SHARE_KEYS, DropReason.BELOW_MIN_COHORT, False)
+    coordinator.ledger.close()
+
+
+def test_a_rejected_aggregate_ends_the_round_in_merge(fleet) -> None:
+    coordinator, _, sites = fleet
+    for s in sites:
+        s.join()
+    for step in STEPS:
+        for s in sites:
+            s.submit(forge_weight=s is sites[0]) if step == "submit" else getattr(s, step)()
+    stopped = {s.outcome() for s in sites}
+    assert len(stopped) == 1
+    (outcome,) = stopped
+    assert (outcome.phase, outcome.drop_reason, outcome.site_only) == (
+        RoundPhase.MERGE, DropReason.UPDATE_REJECTED, False)
+    assert coordinator.rejected()[0]["round_id"] == 1
+
+
+def test_a_round_in_flight_at_restart_is_abandoned_with_its_phase(tmp_path: Path) -> None:
+    clock = Clock()
+    data = tmp_path / "data"
+    coordinator = open_coordinator(data, clock)
+    sites = [Site(coordinator, f"site-{i}", seed=i) for i in range(4)]
+    for s in sites:
+        s.join()
+    for s in sites:
+        s.advertise()  # now in share_keys
+    coordinator.ledger.close()
+
+    restarted = open_coordinator(data, clock)
+    _, events = restarted.follow(sites[0].id, 1, 0, 0)
+    (event,) = events
+    assert (event.payload.phase, event.payload.drop_reason, event.payload.site_only) == (
+        RoundPhase.SHARE_KEYS, DropReason.ABANDONED_AT_RESTART, False)
+    state = json.loads((data / STATE_FILE).read_bytes())
+    assert state["in_flight"] is None and state["next_round"] == 2
+    assert state["abandoned"] == [{"round_id": 1, "phase": "share_keys",
+                                   "reason": event.payload.reason}]
+    restarted.ledger.close()
+
+
+OLD_FILE = {  # coordinator.json as aggregators before the typed state wrote it
+    "next_round": 4,
+    "spent": [{"round_id": 1, "charge": {"noise_multiplier": 1.0, "sampling_rate": 1.0,
+                                         "uses": 1}}],
+    "in_flight": None,
+    "abandoned": [{"round_id": 2, "reason": "the aggregator restarted during share_keys; "
+                                            "nothing was released"}],
+    "rejected": [{"round_id": 3, "reason": "forged", "contributors": [1, 2, 3],
+                  "payload_sha256s": ["ab"], "rejected_at_ms": 5}],
+    "suspects": [1, 2, 3],
+    "quarantined": {"7": "in every rejected cohort"},
+}
+
+
+def test_the_typed_state_reads_an_older_file_and_round_trips() -> None:
+    state = CoordinatorState.from_json(OLD_FILE)
+    assert state.next_round == 4 and state.spent[0].charge.noise_multiplier == 1.0
+    assert state.abandoned[0].phase is None and state.quarantined == {7: "in every rejected "
+                                                                         "cohort"}
+    assert state.participation_cap is None
+    written = state.to_json()
+    assert {k: v for k, v in written.items() if k != "participation_cap"} == OLD_FILE
+    assert CoordinatorState.from_json(written) == state
+
+
+def test_an_older_abandoned_round_replays_without_a_phase(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / STATE_FILE).write_text(json.dumps(OLD_FILE))
+    coordinator = open_coordinator(data, Clock())
+    assert coordinator.quarantined() == {7: "in every rejected cohort"}
+    _, (event,) = coordinator.follow(1, 2, 0, 0)
+    assert (event.payload.phase, event.payload.drop_reason) == (
+        None, DropReason.ABANDONED_AT_RESTART)
+    assert coordinator.budget_status().rounds == 1
+    coordinator.ledger.close()
+
+
+# ---- the participation cap -------------------------------------------------------------
+
+CAPPED = PrivacyPolicy(clip_norm=1.0, noise_multiplier=4.0, epsilon_budget=10.0,
+                       fixed_point_clip=1.0, participation_cap=3)
+
+
+@pytest.mark.parametrize("cap", [0, -1, True, 2.5])
+def test_a_participation_cap_must_be_a_whole_number_of_rounds(cap) -> None:
+    with pytest.raises(ConfigError, match="participation_cap"):
+        PrivacyPolicy(participation_cap=cap)
+
+
+def test_the_cap_reaches_the_round_config_the_budget_and_the_state(tmp_path: Path) -> None:
+    clock = Clock()
+    data = tmp_path / "data"
+    coordinator = open_coordinator(data, clock, privacy=CAPPED)
+    sites = [Site(coordinator, f"site-{i}", seed=i) for i in range(4)]
+    run(coordinator, clock, sites)
+    assert sites[0].setup.participation_cap == 3
+    status = coordinator.budget_status()
+    assert status.participation_cap == 3 and status.rounds == 1
+    assert coordinator.budget.cap is not None and coordinator.budget.cap.max_rounds == 3
+    assert json.loads((data / STATE_FILE).read_bytes())["participation_cap"] == 3
+    coordinator.ledger.close()
+
+    # Lowering or dropping the cap is refused; raising it is allowed and saved.
+    for lower in (PrivacyPolicy(**{**CAPPED.__dict__, "participation_cap": 2}),
+                  PrivacyPolicy(**{**CAPPED.__dict__, "participation_cap": None})):
+        with pytest.raises(ConfigError, match="below the cap 3"):
+            open_coordinator(data, clock, privacy=lower)
+    raised = open_coordinator(data, clock,
+                              privacy=PrivacyPolicy(**{**CAPPED.__dict__,
+                                                       "participation_cap": 5}))
+    assert raised.budget_status().participation_cap == 5
+    raised.ledger.close()
+    assert json.loads((data / STATE_FILE).read_bytes())["participation_cap"] == 5
+
+
+def test_a_cap_cannot_be_added_once_rounds_were_spent_without_one(fleet, tmp_path) -> None:
+    coordinator, clock, sites = fleet
+    run(coordinator, clock, sites)
+    assert coordinator.budget_status().participation_cap is None
+    coordinator.ledger.close()
+    with pytest.raises(ConfigError, match="added after 1 rounds"):
+        open_coordinator(coordinator.data_dir, clock, privacy=CAPPED)
+
+
+def test_a_capped_budget_refuses_a_round_a_unit_could_not_enter_k_times(tmp_path) -> None:
+    tight = PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=2.0,
+                          fixed_point_clip=1.0, participation_cap=50)
+    coordinator = open_coordinator(tmp_path / "data", Clock(), privacy=tight)
+    site = Site(coordinator, "site-0", seed=0)
+    with pytest.raises(RefusedError, match="cap 50 rounds per unit") as refused:
+        coordinator.join(site.id, None, 0, 1)
+    assert refused.value.kind == "budget_exhausted"
+    coordinator.ledger.close()
