@@ -90,8 +90,6 @@ def _round_fate(config: SiteConfig, channel: grpc.Channel, key: Ed25519PrivateKe
 
 
 _IN, _OUT, _RUNNING, _UNKNOWN = "in", "out", "running", "unknown"
-# Phases a site can miss while its vector is still not in the sum.
-_BEFORE_SUM = ("advertise_keys", "share_keys", "masked_input_collection")
 
 
 def _my_part(config: SiteConfig, channel: grpc.Channel, key: Ed25519PrivateKey,

@@ -277,6 +277,7 @@ def load_config(path: Path) -> ServerConfig:
     the environment override what it says (fleetmind.runtime.config)."""
     path = Path(path)
     tables = {"tls": dataclass_types(TlsPaths), "cohort": dataclass_types(CohortPolicy),
-              "privacy": dataclass_types(PrivacyPolicy)}
+              "privacy": dataclass_types(PrivacyPolicy),
+              "limits": dataclass_types(ServerLimits)}
     return parse_config(load_document(path, dataclass_types(ServerConfig), tables),
                         path.parent)

@@ -507,6 +507,7 @@ class Coordinator:
                 round_id=flight.round_id, cohort_size=outcome.cohort_size,
                 dropouts=outcome.dropouts, clip_norm=self.privacy.clip_norm,
                 privacy_unit=self.privacy.privacy_unit,
+                participation_cap=self.privacy.participation_cap,
                 noise_multiplier=self.privacy.noise_multiplier,
                 noise_mode=self.privacy.noise_mode, epsilon_round=outcome.epsilon_round,
                 epsilon_total=outcome.epsilon_total, delta=self.privacy.delta,

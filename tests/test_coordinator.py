@@ -307,6 +307,7 @@ def test_the_cap_reaches_the_round_config_the_budget_and_the_state(tmp_path: Pat
     assert status.participation_cap == 3 and status.rounds == 1
     assert coordinator.budget.cap is not None and coordinator.budget.cap.max_rounds == 3
     assert json.loads((data / STATE_FILE).read_bytes())["participation_cap"] == 3
+    assert coordinator.ledger.head().record.participation_cap == 3  # epsilon's meaning
     coordinator.ledger.close()
 
     # Lowering or dropping the cap is refused; raising it is allowed and saved.
