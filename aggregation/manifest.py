@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Literal
@@ -42,6 +42,41 @@ def canonical_json(value: Any) -> bytes:
     checks), repeated here because aggregation/ may not import the server."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode()
+
+
+def base_model_digest(file_digests: Mapping[str, str]) -> str:
+    """The base model's sha256 from its weight files' sha256s (file name -> hex): the
+    sha256 of the lines `sha256sum` prints for them, sorted by name ("<hex>  <name>\n"), so
+    an operator can check it by hand with `sha256sum *.safetensors | sha256sum`. The sites
+    compute it from their model folder (fleetmind.client.model.base_model_hash) and refuse
+    a version whose manifest names another."""
+    if not file_digests:
+        raise ValueError("a base model has at least one weight file")
+    for name, digest in file_digests.items():
+        if not SHA256_HEX.fullmatch(digest) or "\n" in name:
+            raise ValueError(f"weight file {name!r}: sha256 {digest!r} is not 64 lowercase hex")
+    listing = "".join(f"{file_digests[name]}  {name}\n" for name in sorted(file_digests))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def peft_adapter_config(base_model_id: str, rank: int, alpha: float,
+                        target_modules: Sequence[str], fan_in_fan_out: bool = False) -> dict:
+    """PEFT's adapter_config.json for a version, with the fields vLLM's LoRA loader reads
+    (r, lora_alpha, target_modules, bias "none", no modules_to_save, no DoRA). Target
+    modules are full module paths: PEFT matches a full name exactly, so the adapter lands on
+    these layers and no others. `fan_in_fan_out`: the layers are Conv1D (GPT-2), whose
+    weight is stored (in, out); it travels in the aggregator's adapter spec, which knows no
+    torch."""
+    if not isinstance(fan_in_fan_out, bool):
+        raise ValueError(f"fan_in_fan_out={fan_in_fan_out!r} must be true or false")
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_id,
+        "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(target_modules),
+        "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "use_rslora": False, "use_dora": False,
+    }
 
 
 def check_release(round_id: int | None, cohort_size: int, clip_norm: float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from fleetmind.client.replay import ReplayBuffer
 from fleetmind.client.scrub import ScrubReport, scrub_session, scrub_text
 from fleetmind.client.store import Session, SessionStore
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SiteConsolidation:
@@ -42,6 +44,38 @@ def lessons_from(sessions: Sequence[Session]) -> tuple[list[distill.Lesson], Scr
         lessons.append(distill.Lesson.from_session(
             clean.id, [{"role": m.role, "content": m.content} for m in clean.messages]))
     return lessons, ScrubReport.merge(reports)
+
+
+def fit_lessons(model: Any, tokenizer: Any, lessons: Sequence[distill.Lesson],
+                cfg: distill.DistillConfig) -> tuple[list[distill.Lesson], int]:
+    """Each lesson's context cut to the model's context length by `model.fit_to_context`'s
+    rule (oldest whole turns first), leaving room for a prompt after it (the session's
+    longest user turn, or a dream of up to max_new_tokens) and a completion of
+    max_new_tokens. Returns the lessons and how many turns were dropped, which the caller
+    logs and records: a session is never cut silently."""
+    from fleetmind.client.model import context_length, fit_to_context
+
+    window = context_length(model.config)
+
+    def count(messages: Sequence[dict[str, str]]) -> int:
+        return len(distill.chat_ids(tokenizer, messages, generation=False))
+
+    fitted, dropped = [], 0
+    for lesson in lessons:
+        longest = max(len(distill.chat_ids(tokenizer, p, generation=True)) for p in lesson.probes)
+        room = window - max(longest, cfg.max_new_tokens) - cfg.max_new_tokens
+        try:
+            kept, cut = fit_to_context(lesson.context, count, room)
+        except ValueError as error:
+            raise ValueError(f"session {lesson.session_id}: {error}") from None
+        if cut:
+            log.warning("session %s: its %d oldest turns do not fit the model's %d-token "
+                        "context and are left out of this consolidation", lesson.session_id,
+                        cut, window)
+            lesson = distill.Lesson.from_session(lesson.session_id, kept)
+        fitted.append(lesson)
+        dropped += cut
+    return fitted, dropped
 
 
 def read_prompts(path: Path) -> list[distill.Messages]:
@@ -90,6 +124,7 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
     with `per_session`: a dream of session S' rehearsed inside session S's delta would make
     S's privacy unit two sessions."""
     lessons, scrubbed = lessons_from(sessions)
+    lessons, turns_dropped = fit_lessons(model, tokenizer, lessons, cfg)
     guard_prompts = list(guard) or guard_prompts_from(lessons)
     rng = random.Random(cfg.seed)
     replayed = []
@@ -100,7 +135,7 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
     groups = [[lesson] for lesson in lessons] if per_session else [lessons]
     session_updates: list[tuple[str, dict[str, np.ndarray]]] = []
     total = {name: np.zeros_like(b) for name, b in start.items()}
-    stats = distill.DistillStats()
+    stats = distill.DistillStats(turns_dropped=turns_dropped)
     dreams: list[distill.Dream] = []
     # Every session starts from the same frozen model, so the guard's examples are the
     # same for all of them: sampled once here, not once per session.
@@ -108,7 +143,7 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
     if per_session and cfg.method == "opsd" and cfg.guard_weight > 0 and len(groups) > 1:
         guard_set = distill.guard_examples(model, tokenizer, guard_prompts, cfg,
                                            random.Random(cfg.seed),
-                                           distill.turn_end_ids(tokenizer))
+                                           distill.turn_end_ids(tokenizer, model))
     for group in groups:
         lora.set_b(model, start)
         if cfg.method == "sft_transcript":
@@ -165,15 +200,17 @@ def _replayed(dreams: Sequence[distill.Dream], lessons: Sequence[distill.Lesson]
 
 def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill.DistillConfig,
                       *, site: str = "site", base_version: int = 0, seed: int = 0,
-                      rank: int = 8, alpha: float = 16.0, per_session: bool = False,
+                      rank: int = 8, alpha: float = 16.0,
+                      targets: str | Sequence[str] = "mlp", per_session: bool = False,
                       guard: Sequence[distill.Messages] = (),
                       progress: bool = True) -> SiteConsolidation:
     """The command line's consolidation: the store's unconsumed sessions into `out`
-    (update.safetensors, adapter/ as a PEFT folder, consolidation.json)."""
+    (update.safetensors, adapter/ as a PEFT folder, consolidation.json). The model runs on
+    cfg.device in cfg.dtype; `targets` as `lora.attach_lora` takes them."""
     from fleetmind.client.model import load_model
 
-    model, tokenizer = load_model(model_dir)
-    peft_model = lora.attach_lora(model, seed=seed, rank=rank, alpha=alpha)
+    model, tokenizer = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
+    peft_model = lora.attach_lora(model, seed=seed, rank=rank, alpha=alpha, targets=targets)
     with SessionStore(store_path) as store:
         sessions = store.unconsumed()
         if not sessions:
@@ -195,7 +232,8 @@ def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill
                   "base_version": base_version, "sessions": [s.id for s in sessions],
                   "scrubbed": result.scrubbed.as_dict(), "steps": result.stats.steps,
                   "tokens": result.stats.tokens, "tokens_per_s": result.stats.tokens_per_s,
-                  "dreams_kept": result.stats.dreams_kept}
+                  "dreams_kept": result.stats.dreams_kept,
+                  "turns_dropped": result.stats.turns_dropped}
         write_atomic(out / "consolidation.json", (json.dumps(record, indent=2) + "\n").encode())
         store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
     return result

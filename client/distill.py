@@ -34,6 +34,17 @@ GUARD_REFERENCE_MB = 512
 # and in every step: on the toy model the peak RSS above the loaded model fell from 96 to 64 MB
 # against 24 at a time (live tensors 54 -> 37 MB), CPU time per step the same within noise.
 GUARD_MICRO_BATCH = 8
+# top_k = AUTO_TOP_K lets the vocabulary decide: the whole vocabulary up to
+# FULL_KL_MAX_VOCAB tokens (the toy model's 888, Phi-3's 32,064), else the student's top
+# AUTO_TOP_K_TOKENS plus a tail bucket. The full sum keeps three (tokens, V) tensors for the
+# backward pass: at a 151k vocabulary, 1.8 GB for a step's 1,000 distilled tokens. The
+# bucketed KL is a lower bound of the full one (merging outcomes never raises a KL) and
+# exact on the top tokens, where a trained model's mass at temperature 1 sits; not measured
+# here on a trained model (random-initialised ones, the only ones built offline, spread
+# their mass almost evenly, which no top-K captures).
+AUTO_TOP_K = -1
+FULL_KL_MAX_VOCAB = 32768
+AUTO_TOP_K_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,9 @@ class DistillConfig:
     max_new_tokens: int = 12
     temperature: float = 1.0
     skip_first: int = 0
-    top_k: int = 0
+    # AUTO_TOP_K (-1): chosen from the vocabulary size (`resolve_top_k`); 0: the whole
+    # vocabulary; K > 0: the student's top K plus a tail bucket.
+    top_k: int = AUTO_TOP_K
     # Four guard rows a step at weight 6 forgot as little as 24 at weight 2 (1.25 against
     # 1.75 points on the benchmark's 800 fresh tasks; one standard error is about a point)
     # in 12.4 s against 21.1: the guard was 45% of a consolidation's time.
@@ -71,6 +84,12 @@ class DistillConfig:
     # "sft_transcript" is a BASELINE: cross-entropy on the whole transcript, which is what
     # memorises what a user said (the demo and the benchmark compare against it).
     method: str = "opsd"
+    # Where and in what precision the site's model runs while it consolidates: cpu, cuda
+    # (cuda:N) or mps; float32, bfloat16 or float16 (fp32, bf16, fp16 accepted). The adapter's
+    # factors stay float32 whatever the base's dtype (PEFT keeps them so), and every loss is
+    # computed in float32.
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def guard_step_weight(self) -> float:
@@ -85,8 +104,11 @@ class DistillConfig:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0 or self.temperature <= 0:
             problems.append("lr and temperature must be positive")
-        if self.skip_first < 0 or self.top_k < 0 or self.guard_weight < 0:
-            problems.append("skip_first, top_k and guard_weight must be >= 0")
+        if self.skip_first < 0 or self.guard_weight < 0:
+            problems.append("skip_first and guard_weight must be >= 0")
+        if self.top_k < AUTO_TOP_K:
+            problems.append(f"top_k={self.top_k} must be -1 (auto), 0 (whole vocabulary) or "
+                            "a number of tokens")
         ratios = (self.probe_ratio, self.dream_ratio, self.replay_ratio)
         if min(ratios) < 0 or sum(ratios) <= 0:
             problems.append(f"probe_ratio, dream_ratio, replay_ratio = {ratios}: need "
@@ -97,8 +119,23 @@ class DistillConfig:
             problems.append(f"optimizer={self.optimizer!r} must be adam or sgd")
         if not 0 <= self.dream_confidence <= 1:
             problems.append(f"dream_confidence={self.dream_confidence} must be in [0, 1]")
+        from fleetmind.client.model import check_device, dtype_name
+
+        try:
+            object.__setattr__(self, "dtype", dtype_name(self.dtype))
+            check_device(self.device)
+        except ValueError as error:
+            problems.append(str(error))
         if problems:
             raise ValueError("invalid distillation config: " + "; ".join(problems))
+
+
+def resolve_top_k(top_k: int, vocab_size: int) -> int:
+    """The top_k a consolidation uses: `top_k` itself unless it is AUTO_TOP_K, which picks
+    the whole vocabulary (0) up to FULL_KL_MAX_VOCAB tokens, else AUTO_TOP_K_TOKENS."""
+    if top_k != AUTO_TOP_K:
+        return top_k
+    return 0 if vocab_size <= FULL_KL_MAX_VOCAB else AUTO_TOP_K_TOKENS
 
 
 @dataclass(frozen=True)
@@ -140,6 +177,7 @@ class DistillStats:
     guard_kl: list[float] = field(default_factory=list)
     dreams_kept: int = 0
     dreams_rejected: int = 0
+    turns_dropped: int = 0  # the sessions' oldest turns left out to fit the model's context
 
     @property
     def tokens_per_s(self) -> float:
@@ -186,6 +224,11 @@ def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
     return ids, mask
 
 
+def model_device(model: Any) -> Any:
+    """The device the model's weights are on: where every input must be made."""
+    return next(model.parameters()).device
+
+
 def positions(mask: Any) -> Any:
     """Each real token's position in its own row, from a left-padded batch's mask."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -207,7 +250,9 @@ class PromptRead:
 def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int) -> PromptRead:
     """One pass over the prompts, left-padded; only their last positions reach the vocabulary
     projection."""
+    device = model_device(model)
     ids, mask = pad_left(prompts, pad)  # (P, L)
+    ids, mask = ids.to(device), mask.to(device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                 use_cache=True, logits_to_keep=1)
     return PromptRead(out.logits, out.cache, mask)
@@ -251,11 +296,12 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
     detached copy of it, which leaves it as it was. None: they are read here."""
     import torch
 
-    stops = torch.tensor(sorted(stop_ids))
+    device = model_device(model)
+    stops = torch.tensor(sorted(stop_ids), device=device)
     rows = len(prompts) * samples
-    tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long)
-    token_probs = torch.zeros((rows, max_new_tokens))
-    live = torch.arange(rows)  # the rows still decoding
+    tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long, device=device)
+    token_probs = torch.zeros((rows, max_new_tokens), device=device)
+    live = torch.arange(rows, device=device)  # the rows still decoding
     with torch.inference_mode():
         if read is None:
             read = read_prompts(model, prompts, tokenizer.pad_token_id)
@@ -275,7 +321,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
                 # probability zero.
                 cdf = (p if temperature == 1 else torch.softmax(logits / temperature, dim=-1)
                        ).cumsum(-1)
-                draw = torch.rand(len(live), 1) * cdf[:, -1:]
+                draw = torch.rand(len(live), 1, device=device) * cdf[:, -1:]
                 token = torch.searchsorted(cdf, draw, right=True)[:, 0]
             else:
                 token = p.argmax(-1)
@@ -289,13 +335,14 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
                 kept = going.nonzero()[:, 0]
                 live, token, mask, position = live[kept], token[kept], mask[kept], position[kept]
                 cache.batch_select_indices(kept)
-            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long,
+                                               device=device)], dim=1)
             position = position + 1
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
                         cache=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1].float()
     completions, confidences = [], []
-    for row, chosen in zip(tokens.tolist(), token_probs, strict=True):
+    for row, chosen in zip(tokens.tolist(), token_probs.cpu(), strict=True):
         length = next((j for j, t in enumerate(row) if t < 0), len(row))
         completions.append(row[:length])
         confidences.append(float(chosen[:length].mean()))
@@ -341,6 +388,7 @@ def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None
     (P, V), its past row's last logits."""
     import torch
 
+    device = model_device(model)
     pieces = [list(x) for x in suffixes] + [list(y[:-1]) for y in completions]
     lengths = torch.tensor([len(x) for x in pieces], dtype=torch.long)
     starts = lengths.cumsum(0) - lengths
@@ -355,6 +403,7 @@ def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None
     mask, cache = own, None
     if past is not None:
         layers, past_mask = past
+        past_mask = past_mask.cpu()  # the index arithmetic runs on the CPU, as above
         position = position + past_mask.sum(-1)[suffix]
         seen = torch.zeros((len(piece), len(past_mask), past_mask.shape[1]), dtype=torch.bool)
         seen[torch.arange(len(piece)), suffix] = past_mask.bool().index_select(0, suffix)
@@ -377,17 +426,20 @@ def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None
               for k in range(skip_first, len(y))]
     keep = sorted({w for w in wanted if w >= 0})
     if keep:
-        logits = model(input_ids=torch.tensor([[t for x in pieces for t in x]]),
-                       attention_mask=mask[None, None], position_ids=position[None],
-                       cache=cache, use_cache=cache is not None,
-                       logits_to_keep=torch.tensor(keep, dtype=torch.long)).logits[0]  # (K, V)
+        logits = model(input_ids=torch.tensor([[t for x in pieces for t in x]], device=device),
+                       attention_mask=mask[None, None].to(device),
+                       position_ids=position[None].to(device), cache=cache,
+                       use_cache=cache is not None,
+                       logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device)
+                       ).logits[0]  # (K, V)
     else:  # every wanted logit is a past row's own (one-token samples): no pass at all
-        logits = torch.zeros((0, model.config.vocab_size))
+        logits = torch.zeros((0, model.config.vocab_size), device=device)
     table = logits if past_logits is None else torch.cat([logits, past_logits])
     slot = {w: i for i, w in enumerate(keep)}
     index = torch.tensor([slot[w] if w >= 0 else len(keep) - 1 - w for w in wanted],
                          dtype=torch.long)
-    return table.index_select(0, index), [max(len(y) - skip_first, 0) for y in completions]
+    return (table.index_select(0, index.to(device)),
+            [max(len(y) - skip_first, 0) for y in completions])
 
 
 @dataclass
@@ -410,9 +462,11 @@ class TeacherContexts:
         import torch.nn.functional as F
 
         caches = []
+        device = model_device(model)
         with torch.no_grad(), lora.frozen_global(model):
             for ids in contexts.values():
-                out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+                out = model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+                            logits_to_keep=1)
                 caches.append([(layer.keys, layer.values) for layer in out.cache.layers])
         width = max(len(ids) for ids in contexts.values())
 
@@ -422,6 +476,7 @@ class TeacherContexts:
         layers = [tuple(torch.cat([padded(cache[i][kv]) for cache in caches])
                         for kv in (0, 1)) for i in range(len(caches[0]))]
         _, mask = pad_left(list(contexts.values()), 0)
+        mask = mask.to(device)
         return cls(dict(contexts), {session: i for i, session in enumerate(contexts)}, layers,
                    mask)
 
@@ -435,7 +490,8 @@ class TeacherContexts:
         never change."""
         import torch
 
-        index = torch.tensor([self.row[s] for s in sessions], dtype=torch.long)
+        index = torch.tensor([self.row[s] for s in sessions], dtype=torch.long,
+                             device=self.mask.device)
         layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers]
         with torch.no_grad(), lora.frozen_global(model):
             logits, counts = packed_logits(model, (layers, self.mask.index_select(0, index)),
@@ -499,9 +555,11 @@ def row_kl_sum(student_logits: Any, teacher_log_probs: Any, counts: Sequence[int
     if not kept:
         return student_logits.sum() * 0.0
     per_token = reverse_kl(student_logits[None], teacher_log_probs[None], top_k)[0]  # (N,)
-    owner = torch.repeat_interleave(torch.arange(len(kept)), torch.tensor(kept))
+    device = per_token.device
+    owner = torch.repeat_interleave(torch.arange(len(kept), device=device),
+                                    torch.tensor(kept, device=device))
     sums = per_token.new_zeros(len(kept)).index_add(0, owner, per_token)
-    return (sums / torch.tensor(kept, dtype=sums.dtype)).sum()
+    return (sums / torch.tensor(kept, dtype=sums.dtype, device=device)).sum()
 
 
 def rows_with_tokens(completions: Sequence[Sequence[int]], skip_first: int) -> int:
@@ -558,6 +616,7 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
     alive."""
     import torch
 
+    top_k = resolve_top_k(cfg.top_k, model.config.vocab_size)
     # The teacher first: its pass is over before most of the student's graph is built.
     teacher, _ = contexts.log_probs(model, [p.session_id for p in lesson.prompts],
                                     [p.teacher_suffix for p in lesson.prompts],
@@ -566,7 +625,7 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
                                                tokenizer.pad_token_id)
     student, counts = completion_logits(model, [], lesson.completions, cfg.skip_first,
                                         lesson.owners, read)
-    loss = row_kl_sum(student, teacher, counts, cfg.top_k) / max(
+    loss = row_kl_sum(student, teacher, counts, top_k) / max(
         rows_with_tokens(lesson.completions, cfg.skip_first), 1)
     loss.backward()
     rows = max(rows_with_tokens([g.completion for g in guard], cfg.skip_first), 1)
@@ -577,7 +636,7 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
                                             [g.completion for g in examples], cfg.skip_first)
         reference = (torch.cat(list(references[start:start + len(examples)]))
                      if references is not None else guard_reference(model, examples, cfg))
-        share = row_kl_sum(student, reference, counts, cfg.top_k) / rows
+        share = row_kl_sum(student, reference, counts, top_k) / rows
         (cfg.guard_step_weight * share).backward()
         guard_loss += float(share.detach())
     return float(loss.detach()), guard_loss
@@ -591,7 +650,7 @@ def dream(model: Any, tokenizer: Any, lesson: Lesson, count: int, max_new_tokens
     Duplicates, prompts already in the session, and prompts whose greedy answer the teacher
     gives with mean token probability below `threshold` are dropped. Returns kept, rejected."""
 
-    user_end = turn_end_ids(tokenizer)
+    user_end = turn_end_ids(tokenizer, model)
     prefix = user_turn_prefix_ids(tokenizer, lesson.context)
     with lora.frozen_global(model):
         drafts = sample(model, tokenizer, [prefix], count, max_new_tokens, 1.0, user_end)
@@ -615,13 +674,38 @@ def dream(model: Any, tokenizer: Any, lesson: Lesson, count: int, max_new_tokens
     return kept, len(drafts) - len(kept)
 
 
-def turn_end_ids(tokenizer: Any) -> set[int]:
-    ends = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ends.add(token_id)
-    return {t for t in ends if t is not None}
+def turn_end_ids(tokenizer: Any, model: Any = None) -> set[int]:
+    """The tokens that end a turn, where sampling stops: the tokenizer's end of sequence,
+    every `eos_token_id` of the model's generation config (Llama 3's <|eot_id|>, Gemma's
+    <end_of_turn>, Qwen's <|im_end|> list themselves there), and the special token the
+    chat template writes right after a message (`template_turn_end`), for model folders
+    without a generation config."""
+    ends = {tokenizer.eos_token_id, template_turn_end(tokenizer)}
+    config = getattr(model, "generation_config", None) if model is not None else None
+    listed = getattr(config, "eos_token_id", None)
+    ends.update(listed if isinstance(listed, list | tuple) else [listed])
+    return {t for t in ends if isinstance(t, int)}
+
+
+def template_turn_end(tokenizer: Any) -> int | None:
+    """The special token the chat template writes after an assistant message's content
+    (ChatML's <|im_end|>, Phi-3's <|end|>, Gemma's <end_of_turn>), or None when what follows
+    the content is not one special token."""
+    from jinja2 import TemplateError
+
+    marker = "\u2063fleetmind-turn\u2063"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False)
+    except (TemplateError, ValueError, TypeError):  # no template, or one that cannot render
+        return None  # a user-assistant exchange: it names no turn end
+    if marker not in text:
+        return None
+    after = text[text.index(marker) + len(marker):].lstrip()
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return ids[0] if ids and ids[0] in special else None
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -657,7 +741,7 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
                          "set guard_weight=0")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    stop = turn_end_ids(tokenizer)
+    stop = turn_end_ids(tokenizer, model)
     start_b = lora.get_b(model)
     lora.hold_global(model)
     optimizer = _optimizer(model, cfg)
@@ -749,6 +833,7 @@ def supervise(model: Any, tokenizer: Any, examples: Sequence[tuple[list[int], li
         ids = pad_right([p + t for p, t in batch], tokenizer.pad_token_id)  # (B, T)
         mask = completion_mask([len(p) for p, _ in batch], [len(t) for _, t in batch],
                                ids.shape[1], 0)[:, :-1]
+        ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
         logits = model(input_ids=ids).logits[:, :-1]
         target = ids[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),

@@ -20,21 +20,142 @@ ADAPTER = "default"
 # The MLPs, not attention: knowledge is stored in the MLPs, while reading the context is
 # attention's work, which the adapter must leave alone. Measured on the toy model (60 OPSD
 # steps, one site): recovery 1.0 both ways, forgetting 1.4-2.0 points on MLPs only against
-# 2.8-3.6 on all linear layers. The names are the Llama family's (Llama, Qwen, SmolLM,
-# Mistral); pass `targets` for other architectures.
+# 2.8-3.6 on all linear layers. Which modules are a family's MLP is PEFT's knowledge, not
+# ours (`target_names`); this is what it gives for the Llama family (Llama, Qwen, SmolLM,
+# Mistral, Gemma), kept for callers that name the toy model's targets.
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# `targets` settings besides an explicit list of module names:
+#   "mlp"        every linear layer of each block's MLP (the default, see above)
+#   "peft"       PEFT's own default LoRA targets for the model family (attention q, v)
+#   "all-linear" PEFT's every linear layer but the output head
+TARGET_CHOICES = ("mlp", "peft", "all-linear")
 _PREFIX = "base_model.model."
 
 
+def _linear_like(module: Any) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2's layers: weight stored (in, out))."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, torch.nn.Linear | Conv1D)
+
+
+def is_conv1d(module: Any) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def mlp_modules(model: Any) -> list[str]:
+    """The full names of every linear layer inside each block's MLP.
+
+    PEFT names each family's feed-forward output layer
+    (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING: `down_proj`, `mlp.c_proj`,
+    `dense_4h_to_h`...); the MLP is that layer's parent, and all its linear layers are
+    adapted (the Llama family's gate, up and down projections). A family PEFT does not list
+    (Phi-3) has its MLP found by the block's own attribute name, `mlp`."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+
+    named = dict(model.named_modules())
+    model_type = getattr(model.config, "model_type", None)
+    outputs = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+    if outputs:
+        parents = {name.rpartition(".")[0] for name, module in named.items()
+                   if _linear_like(module)
+                   and any(name == o or name.endswith("." + o) for o in outputs)}
+    else:
+        parents = {name for name in named if name.rpartition(".")[2] == "mlp"}
+    found = [name for name, module in named.items()
+             if _linear_like(module) and name.rpartition(".")[0] in parents]
+    if not found:
+        raise ValueError(f"no MLP linear layers found in this {model_type!r} model: pass "
+                         "targets as module names (e.g. [\"fc1\", \"fc2\"]), \"peft\" or "
+                         "\"all-linear\"")
+    return found
+
+
+def target_names(model: Any, targets: str | Sequence[str] = "mlp") -> str | list[str]:
+    """What PEFT's LoraConfig.target_modules gets for a `targets` setting: for "mlp", the
+    shortest name suffixes that match the MLP's layers and nothing else (the Llama family:
+    gate_proj, up_proj, down_proj; GPT-2: c_fc, mlp.c_proj, since attn.c_proj exists too);
+    for "peft", PEFT's per-family default (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING);
+    "all-linear" and explicit names pass through."""
+    if not isinstance(targets, str):
+        names = list(targets)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"targets={targets!r}: name at least one module")
+        return names
+    if targets == "all-linear":
+        return targets
+    if targets == "peft":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        model_type = getattr(model.config, "model_type", None)
+        names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if not names:
+            raise ValueError(f"PEFT has no default LoRA targets for model_type "
+                             f"{model_type!r}: use targets=\"mlp\", \"all-linear\" or names")
+        return list(names)
+    if targets != "mlp":
+        raise ValueError(f"targets={targets!r} must be one of {', '.join(TARGET_CHOICES)} or "
+                         "a list of module names")
+    chosen = mlp_modules(model)
+    others = [name for name, module in model.named_modules()
+              if _linear_like(module) and name not in set(chosen)]
+    suffixes: list[str] = []
+    for name in chosen:
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            suffix = ".".join(parts[cut:])
+            if not any(o == suffix or o.endswith("." + suffix) for o in others):
+                break
+        if suffix not in suffixes:
+            suffixes.append(suffix)
+    return suffixes
+
+
+def matched_modules(model: Any, names: str | Sequence[str]) -> dict[str, Any]:
+    """The model's modules that PEFT would adapt for target_modules `names`, by full name."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(target_modules=names if isinstance(names, str) else list(names))
+    if names == "all-linear":
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+        config = _maybe_include_all_linear_layers(config, model)
+    return {name: module for name, module in model.named_modules()
+            if name and _linear_like(module) and check_target_module_exists(config, name)}
+
+
+def fan_in_fan_out(modules: dict[str, Any]) -> bool:
+    """True when the adapted layers are Conv1D (GPT-2: weight stored (in, out)), which PEFT's
+    and vLLM's adapter config must say; a mix of Conv1D and Linear is refused, because one
+    adapter config holds one flag."""
+    kinds = {is_conv1d(module) for module in modules.values()}
+    if len(kinds) > 1:
+        conv = sorted(n for n, m in modules.items() if is_conv1d(m))[:2]
+        raise ValueError(f"the targets mix Conv1D layers ({conv}...) with Linear ones; one "
+                         "adapter config has one fan_in_fan_out: choose targets of one kind")
+    return kinds == {True}
+
+
 def attach_lora(model: Any, seed: int, rank: int = 8, alpha: float = 16.0,
-                targets: str | Sequence[str] = MLP_TARGETS) -> Any:
-    """Wraps `model` in PEFT LoRA (B = 0) and sets every A from `seed`, frozen."""
+                targets: str | Sequence[str] = "mlp") -> Any:
+    """Wraps `model` in PEFT LoRA (B = 0) and sets every A from `seed`, frozen. `targets`:
+    "mlp" (the default), "peft", "all-linear" or module names (`target_names`); a version's
+    adapter config gives the full module paths."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    target_modules = targets if isinstance(targets, str) else list(targets)
+    target_modules = target_names(model, targets)
+    modules = matched_modules(model, target_modules)
+    if not modules:
+        raise ValueError(f"targets {target_modules!r} match no linear layer of this "
+                         f"{getattr(model.config, 'model_type', '?')!r} model")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM")
+                        bias="none", task_type="CAUSAL_LM",
+                        fan_in_fan_out=fan_in_fan_out(modules))
     peft_model = get_peft_model(model, config)
     for name, layer in lora_layers(peft_model).items():
         weight = layer.lora_A[ADAPTER].weight  # (rank, in_features)

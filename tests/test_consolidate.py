@@ -119,3 +119,86 @@ def test_replayed_dreams_find_their_earlier_sessions_and_skip_lost_ones(world) -
     # The teacher reads the earlier session scrubbed, exactly as when it was first learned.
     assert pairs[1][0] == lessons_from([before])[0][0]
     assert [d.session_id for _, d in _replayed(dreams, lessons_from([now])[0], None)] == [now.id]
+
+
+def test_a_session_longer_than_the_context_loses_its_oldest_turns_whole() -> None:
+    from fleetmind.client.model import fit_to_context
+
+    def turns(*roles):
+        return [{"role": r, "content": f"{r} {i}"} for i, r in enumerate(roles)]
+
+    count = len  # one token a message, for the rule alone
+    session = turns("system", "user", "assistant", "user", "assistant", "user", "assistant")
+    assert fit_to_context(session, count, 7) == (session, 0)
+    kept, dropped = fit_to_context(session, count, 5)
+    assert kept == [session[0], *session[3:]] and dropped == 2  # system kept, starts at a user
+    kept, dropped = fit_to_context(session, count, 4)  # never starts at an answer
+    assert kept == [session[0], *session[5:]] and dropped == 4
+    kept, dropped = fit_to_context(session, count, 3)
+    assert kept == [session[0], *session[5:]] and dropped == 4
+    with pytest.raises(ValueError, match="last user turn"):
+        fit_to_context(session, count, 2)
+
+
+def test_the_context_length_comes_from_the_model_config() -> None:
+    from fleetmind.client.model import context_length
+
+    assert context_length({"max_position_embeddings": 4096}) == 4096
+    assert context_length({"n_positions": 1024}) == 1024  # GPT-2
+    assert context_length({"text_config": {"max_position_embeddings": 8192}}) == 8192
+    with pytest.raises(ValueError, match="no context length"):
+        context_length({})
+
+
+def test_consolidation_cuts_a_session_to_the_context_and_says_so(toy_model_dir, caplog) -> None:
+    from fleetmind.client.consolidate import fit_lessons
+
+    model, tokenizer = load_model(toy_model_dir)
+    long = [{"role": r, "content": "the cat sat on the mat " * 8}
+            for _ in range(12) for r in ("user", "assistant")]
+    lesson = distill.Lesson.from_session("long", long)
+    cfg = distill.DistillConfig()
+    with caplog.at_level("WARNING"):
+        (fitted,), dropped = fit_lessons(model, tokenizer, [lesson], cfg)
+    assert dropped > 0 and len(fitted.context) == len(long) - dropped
+    assert fitted.context[0]["role"] == "user" and "long" in caplog.text
+    window = model.config.max_position_embeddings
+    room = window - 2 * cfg.max_new_tokens
+    assert len(distill.chat_ids(tokenizer, fitted.context, False)) <= room
+
+
+def test_the_base_model_hash_is_sha256sum_of_the_weight_files(toy_model_dir, tmp_path) -> None:
+    import hashlib
+    import shutil
+
+    from fleetmind.aggregation.manifest import Manifest, VersionError
+    from fleetmind.client.model import base_model_hash, check_base_model
+
+    listing = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+                      for p in sorted(toy_model_dir.glob("*.safetensors")))
+    digest = base_model_hash(toy_model_dir)
+    assert digest == hashlib.sha256(listing.encode()).hexdigest()
+    copy = shutil.copytree(toy_model_dir, tmp_path / "copy")
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
+    assert base_model_hash(copy) == digest  # the weights, not the config, name the model
+    other = Manifest(0, None, "other", "ab" * 32, 0, None, 0, 0.0, 0.0, "none", 0.0, 0.0,
+                     {"adapter_config.json": "cd" * 32, "adapter_model.safetensors": "ef" * 32})
+    with pytest.raises(VersionError, match="not this site's model"):
+        check_base_model(other, toy_model_dir)
+
+
+def test_the_adapter_spec_of_the_toy_model_is_what_its_sites_train(toy_model_dir,
+                                                                    tmp_path) -> None:
+    import tomllib
+
+    from fleetmind.client.adapter_spec import write_adapter_spec
+    from fleetmind.client.model import base_model_hash
+
+    spec = write_adapter_spec(toy_model_dir, tmp_path / "adapter.toml", frozen_a_seed=3)
+    assert tomllib.loads((tmp_path / "adapter.toml").read_text())["adapter"] == spec
+    assert spec["base_model_sha256"] == base_model_hash(toy_model_dir)
+    model, _ = load_model(toy_model_dir)
+    peft_model = lora.attach_lora(model, seed=3)
+    assert {m["name"]: (m["out_features"], spec["rank"]) for m in spec["modules"]} == {
+        name: b.shape for name, b in lora.get_b(peft_model).items()}
+    assert (spec["rank"], spec["alpha"], spec["fan_in_fan_out"]) == (8, 16.0, False)

@@ -344,7 +344,45 @@ def test_the_sft_baseline_learns_the_transcript_text(student) -> None:
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"guard_every": 0}, {"lr": 0},
                                  {"probe_ratio": -1}, {"dream_confidence": 2},
-                                 {"optimizer": "lion"}, {"method": "dpo"}])
+                                 {"optimizer": "lion"}, {"method": "dpo"}, {"top_k": -2},
+                                 {"dtype": "int8"}, {"device": "tpu"}])
 def test_bad_config_is_refused(bad) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         distill.DistillConfig(**bad)
+
+
+def test_device_and_dtype_are_settings_with_short_names() -> None:
+    cfg = distill.DistillConfig(dtype="bf16", device="cuda:1")
+    assert (cfg.dtype, cfg.device) == ("bfloat16", "cuda:1")
+    assert distill.DistillConfig().dtype == "float32" and distill.DistillConfig().device == "cpu"
+
+
+def test_top_k_is_chosen_from_the_vocabulary_when_left_to_auto() -> None:
+    auto = distill.DistillConfig().top_k
+    assert distill.resolve_top_k(auto, 888) == 0  # the toy model: the whole vocabulary
+    assert distill.resolve_top_k(auto, distill.FULL_KL_MAX_VOCAB) == 0
+    assert distill.resolve_top_k(auto, 151_936) == distill.AUTO_TOP_K_TOKENS
+    assert distill.resolve_top_k(0, 151_936) == 0 and distill.resolve_top_k(20, 888) == 20
+
+
+def test_turn_ends_come_from_the_template_and_the_generation_config(toy_model) -> None:
+    model, tokenizer = toy_model
+    assert distill.template_turn_end(tokenizer) == tokenizer.eos_token_id
+    assert distill.turn_end_ids(tokenizer, model) == {tokenizer.eos_token_id}
+
+    class Listed:  # a model whose generation config lists several ends (Llama 3, Gemma)
+        generation_config = type("G", (), {"eos_token_id": [5, tokenizer.eos_token_id]})()
+
+    assert distill.turn_end_ids(tokenizer, Listed()) == {5, tokenizer.eos_token_id}
+
+
+def test_the_toy_models_mlp_targets_are_the_llama_familys(toy_model_dir) -> None:
+    model, _ = load_model(toy_model_dir)
+    assert lora.target_names(model) == list(lora.MLP_TARGETS)
+    assert lora.target_names(model, "peft") == ["q_proj", "v_proj"]
+    modules = lora.matched_modules(model, lora.target_names(model))
+    assert len(modules) == 6 and not lora.fan_in_fan_out(modules)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        lora.attach_lora(model, seed=0, targets=["no_such_proj"])
+    with pytest.raises(ValueError, match="must be one of"):
+        lora.target_names(model, "attention")
