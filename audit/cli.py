@@ -1,6 +1,7 @@
 """`fleetmind audit ...`: the privacy auditor's commands.
 
-    audit outbox DIR      what left a site: every upload record, its chain and signatures
+    audit outbox DIR      what left a site: every upload and deletion record, its chain and
+                          signatures
     audit ledger          the aggregator's ledger: chain, signatures, epsilon per round
     audit version DIR     a published version: signature, file hashes, its ledger entry
     audit canaries        exposure of known secrets in a published version
@@ -75,8 +76,11 @@ def add_audit_commands(commands: Any) -> None:
         "outbox", help="what left a site: the outbox's records, chain and signatures",
         description="Every record of what a site sent: when, which round, the payload's "
                     "sha256, the update's norm before and after clipping, the noise, the "
-                    "contributing session ids and what the scrubber removed; verifies the "
-                    "outbox's hash chain and the site's signature on each entry. With "
+                    "contributing session ids, what the scrubber removed and the "
+                    "participation counts under a cap; every deletion the site recorded "
+                    "(`fleetmind client forget`: the user's HMAC, the sessions deleted, how "
+                    "many were already consolidated and the rounds that sent them); verifies "
+                    "the outbox's hash chain and the site's signature on each entry. With "
                     "--aggregator-key, each record's round is matched to its publication in "
                     "the aggregator's signed records (the site's downloaded versions, and "
                     "--ledger or --server when given).")
@@ -224,8 +228,9 @@ def _console():
     console = Console()
     # Piped into a file or a ticket, nothing limits the width: rich's default of 80 would
     # cut hashes and session ids short, which is exactly what an auditor copies out.
+    # The outbox table (participation) and the ledger's (what ε is) need more than 200.
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console.width = 200
+        console.width = 320
     return console
 
 
@@ -268,7 +273,7 @@ def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
     from rich.table import Table
 
     table = Table("entry", "round", "version", "cohort", "dropouts", "summed by", "clip",
-                  "noise", "ε round", "ε total", "δ", "version hash")
+                  "noise", "ε round", "ε total", "ε total is", "δ", "version hash")
     for row in rows:
         table.add_row(str(row["entry"]), str(row["round"]), str(row["version"]),
                       str(row["cohort_size"]), str(row["dropouts"]),
@@ -276,15 +281,17 @@ def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
                       _clipped(row["privacy_unit"], row["clip_norm"]),
                       _noise(row["noise_mode"], row["noise_multiplier"]),
                       f"{row['epsilon_round']:.4g}", f"{row['epsilon_total']:.4g}",
-                      f"{row['delta']:g}", row["version_hash"][:SHORT])
+                      row["epsilon_meaning"], f"{row['delta']:g}",
+                      row["version_hash"][:SHORT])
     # Summary lines are plain prints, never a table title: a title wraps to the table's
     # width, and these are the lines an auditor greps and pastes.
     print(f"ledger of {source}: {len(rows)} of {audit.read} entries verified")
     _console().print(table)
     if rows:
+        # What the number is per (unit, cap), never a bare "epsilon X": ledger_report's words.
         last = rows[-1]
-        print(f"privacy spent (signed): epsilon {last['epsilon_total']:.4g} at delta "
-              f"{last['delta']:g} over {len(rows)} round(s)")
+        print(f"privacy spent (signed): {last['epsilon_meaning']}: "
+              f"{last['epsilon_total']:.4g} at δ {last['delta']:g} over {len(rows)} round(s)")
     if budget is not None:
         print(f"the aggregator's budget (its word, unsigned): spent "
               f"{budget['epsilon_spent']:.4g} of {budget['epsilon_budget']:g} "
@@ -326,15 +333,31 @@ def _audit_outbox(args: argparse.Namespace) -> int:
     if args.json:
         _emit(report.as_json())
     else:
-        _print_outbox(report.rows, report.audit, path, report.checked)
+        _print_outbox(report, path)
     return 0 if report.ok else _fail(report.error)
 
 
-def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) -> None:
+def _counts(counts: dict[str, int], most: int) -> str:
+    """`unit count, ...` for at most `most` units (--json lists every one)."""
+    shown = ", ".join(f"{unit} {count}" for unit, count in sorted(counts.items())[:most])
+    more = len(counts) - most
+    return shown + (f" (+{more} more: --json lists all)" if more > 0 else "")
+
+
+def _participation(row: dict[str, Any]) -> str:
+    """An upload's participation: the cap and each unit's count of rounds entered."""
+    if row["participation_cap"] is None:
+        return "no cap"
+    return f"cap {row['participation_cap']}: {_counts(row['participation'], 5) or 'no unit'}"
+
+
+def _print_outbox(report, path: Path) -> None:
     from rich.table import Table
 
+    rows, audit, checked = report.rows, report.audit, report.checked
     table = Table("entry", "sent (UTC)", "round", "payload sha256", "norm before → after",
-                  "clipped", "noise", "summed by", "sessions", "scrubbed", "published")
+                  "clipped", "noise", "summed by", "sessions", "scrubbed", "participation",
+                  "published")
     for row in rows:
         scrubbed = ", ".join(f"{kind} {count}" for kind, count in row["scrubbed"].items()
                              if count) or "nothing"
@@ -347,9 +370,18 @@ def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) 
                       _clipped(row["privacy_unit"], row["clip_norm"]),
                       _noise(row["noise_mode"], row["noise_multiplier"]),
                       _summed(row["secure_aggregation"]), ", ".join(row["session_ids"]),
-                      scrubbed, shown)
-    print(f"outbox {path}: {len(rows)} of {audit.read} records verified")
+                      scrubbed, _participation(row), shown)
+    deletions = report.deletions
+    print(f"outbox {path}: {len(audit.verified)} of {audit.read} records verified"
+          + (f" ({len(rows)} uploads, {len(deletions)} deletions)" if deletions else ""))
     _console().print(table)
+    if report.participation:
+        print("participation (rounds entered per unit, recounted from the records): "
+              + _counts(report.participation, 20))
+    else:
+        print("participation: no upload ran under a participation cap")
+    if deletions:
+        _print_deletions(deletions)
     if not checked:
         print("publications not checked: pass --aggregator-key (and --ledger or --server)")
     matched = [row["receipt_matched"] for row in rows if row["receipt_matched"] is not None]
@@ -361,6 +393,25 @@ def _print_outbox(rows: list[dict[str, Any]], audit, path: Path, checked: bool) 
               "--server (ledger entries from before receipts were recorded have none)")
     if audit.ok:
         print(f"head {audit.head.hex()} (keep it: --expect-head finds records cut off later)")
+
+
+def _print_deletions(deletions: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table("entry", "deleted (UTC)", "user (HMAC)", "salt sha256", "sessions",
+                  "already consolidated", "sent in rounds")
+    for row in deletions:
+        table.add_row(str(row["entry"]), row["deleted_at"], row["user_hmac"][:SHORT],
+                      row["salt_sha256"][:SHORT], ", ".join(row["session_ids"]),
+                      str(row["already_consolidated"]),
+                      ", ".join(map(str, row["sent_in_rounds"])) or "none")
+    print(f"deletions recorded (fleetmind client forget): {len(deletions)}; a user is named "
+          "only by HMAC-SHA256 under the site's forget salt (ask the site for it to check "
+          "a user id)")
+    _console().print(table)
+    if any(row["sent_in_rounds"] for row in deletions):
+        print("sessions already sent in a round's update stay in what that round "
+              "published, bounded only by its differential privacy")
 
 
 # ---- audit version --------------------------------------------------------------------

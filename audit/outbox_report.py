@@ -1,6 +1,7 @@
 """`audit outbox`'s report: what left a site, each upload matched to its publication in
 the aggregator's signed records (the site's downloaded versions, the ledger and its
-receipts), as one JSON-able document (the CLI prints it or tables it)."""
+receipts), and the deletions the site recorded (`fleetmind client forget`), as one JSON-able
+document (the CLI prints it or tables it)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from fleetmind.aggregation.chain import ChainEntry
 from fleetmind.aggregation.participation import participation_history
 from fleetmind.audit import trail
 from fleetmind.audit.ledger_report import when
+from fleetmind.client import outbox
+from fleetmind.client.outbox import ForgetRecord, OutboxRecord
 
-__all__ = ["SHORT", "OutboxReport", "outbox_report"]
+__all__ = ["SHORT", "OutboxReport", "audit_entries", "deletion_row", "outbox_report"]
 
 SHORT = 12  # hex digits of a hash shown in a message or table; JSON carries the whole hash
 
@@ -24,7 +27,9 @@ class OutboxReport:
     key was given); `problems`: what is wrong beyond the chain (a ledger that does not
     verify, a payload the aggregator's receipts do not name, participation counts that do
     not add up); `participation`: each privacy unit's count of rounds entered, recounted
-    from the verified records (units of uploads under no cap are not counted)."""
+    from the verified records (units of uploads under no cap are not counted); `rows`: the
+    verified uploads; `deletions`: the verified deletion records, each with the rounds
+    whose uploads (verified, before it) already named one of its sessions."""
 
     path: Path
     audit: trail.ChainAudit
@@ -32,6 +37,7 @@ class OutboxReport:
     problems: list[str]
     checked: bool
     participation: dict[str, int] = field(default_factory=dict)
+    deletions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -45,11 +51,33 @@ class OutboxReport:
     def as_json(self) -> dict[str, Any]:
         audit = self.audit
         return {"ok": self.ok, "outbox": str(self.path), "entries": audit.read,
-                "verified": len(self.rows), "head": audit.head.hex(),
+                "verified": len(audit.verified), "head": audit.head.hex(),
                 "bad_entry": None if audit.error is None else audit.error.index,
                 "error": self.error or None, "publications_checked": self.checked,
                 "receipts_checked": any(r["receipt_matched"] is not None for r in self.rows),
-                "participation_counts": self.participation, "records": self.rows}
+                "participation_counts": self.participation, "records": self.rows,
+                "deletions": self.deletions}
+
+
+def audit_entries(entries: list[ChainEntry], site_key: bytes,
+                  expected_head: bytes | None = None
+                  ) -> trail.ChainAudit[OutboxRecord | ForgetRecord]:
+    """The outbox's chain against the site's key, each verified entry read as an upload or
+    a deletion record (trail.audit_outbox reads uploads only)."""
+    return trail._audit(entries, outbox.verify_chain, outbox.parse_body, site_key,
+                        expected_head)
+
+
+def deletion_row(entry: ChainEntry, record: ForgetRecord,
+                 sent: dict[str, list[int]]) -> dict[str, Any]:
+    """One deletion as the report shows it; `sent`: session id -> the rounds whose
+    uploads named it before this deletion."""
+    rounds = sorted({r for s in record.session_ids for r in sent.get(s, ())})
+    return {"entry": entry.index, "deleted_at": when(record.created_at_ms),
+            "user_hmac": record.user_hmac, "salt_sha256": record.salt_sha256,
+            "sessions": len(record.session_ids), "session_ids": list(record.session_ids),
+            "already_consolidated": record.already_consolidated,
+            "sent_in_rounds": rounds, "entry_hash": entry.hash.hex()}
 
 
 def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
@@ -59,7 +87,7 @@ def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
     """Verifies the outbox `entries` (read from `path`) against the site's key. With the
     aggregator's key, each record's round is looked up among the versions in `site_dir`
     and the verified `ledger_entries`, and its payload among the ledger's receipts."""
-    audit = trail.audit_outbox(entries, site_key, expected_head)
+    audit = audit_entries(entries, site_key, expected_head)
     # Where each round's publication can be read, each source signed by the aggregator.
     published: dict[int, trail.Publication] = {}
     problems: list[str] = []
@@ -72,7 +100,16 @@ def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
                 problems.append(f"the ledger does not verify: {ledger_audit.error}")
             published.update(trail.publications(ledger_audit))
     rows = []
+    deletions = []
+    sent: dict[str, list[int]] = {}  # session id -> rounds whose uploads named it
+    uploads: list[OutboxRecord] = []
     for entry, record in audit.verified:
+        if isinstance(record, ForgetRecord):
+            deletions.append(deletion_row(entry, record, sent))
+            continue
+        uploads.append(record)
+        for session_id in record.session_ids:
+            sent.setdefault(session_id, []).append(record.round_id)
         publication = published.get(record.round_id)
         # The ledger's receipts prove what the aggregator summed; a version folder does not.
         receipt = (record.payload_sha256 in publication.receipts
@@ -103,9 +140,9 @@ def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
     counts: dict[str, int] = {}
     try:
         history = participation_history(
-            p for p in (record.participation_record for _, record in audit.verified)
-            if p is not None)
+            p for p in (record.participation_record for record in uploads) if p is not None)
         counts = {unit: len(rounds) for unit, rounds in sorted(history.items())}
     except ValueError as error:
         problems.append(f"participation counts: {error}")
-    return OutboxReport(Path(path), audit, rows, problems, aggregator_key is not None, counts)
+    return OutboxReport(Path(path), audit, rows, problems, aggregator_key is not None, counts,
+                        deletions)

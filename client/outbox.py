@@ -14,16 +14,34 @@ Storage is fleetmind.runtime.signed_log's (SQLite, WAL, synchronous=FULL): a rec
 `append` returned survives a power cut, so a payload is never sent without its record on
 disk. Triggers refuse UPDATE and DELETE; the chain and signatures catch edits made by
 other means. This module holds the record, its rules, and the schema.
+
+Deletions: `fleetmind client forget` appends a ForgetRecord to the same chain (a body with
+`"kind": "forget"`; an upload body has no `kind`, so every upload record, old or new, keeps
+its bytes). It names the user only as HMAC-SHA256(site salt, user id): the salt is 32
+random bytes kept with the site (`FORGET_SALT_FILE` in its data folder, never in the log;
+the record carries its sha256), which the operator hands an auditor on request, who then
+recomputes the HMAC from the user id (`ForgetRecord.names`). A plain sha256 of the id would
+be guessable from a list of emails; a hash keyed with a site secret that is never shared
+could not be checked by anyone. Deletions carry no round: the table's (unsigned) round_id
+column holds FORGET_ROUND (-1) for them, so the schema is unchanged, `for_round` never
+returns them, and the round-order rule applies to uploads only. `Outbox.entries()` and
+iteration give the upload entries, which is what everything that sends or counts reads;
+`chain()` gives every entry and `deletions()` the deletion records. An outbox holding a
+deletion is refused by fleetmind versions from before deletions (as "not a valid outbox
+record"), never misread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
 import math
+import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -38,15 +56,21 @@ from fleetmind.aggregation.dp import check_privacy_unit
 from fleetmind.aggregation.participation import ParticipationRecord
 from fleetmind.client.scrub import KINDS, ScrubReport
 from fleetmind.client.store import MAX_ID_CHARS
-from fleetmind.runtime.signed_log import SignedLog, canonical_json
+from fleetmind.runtime.durable import atomic_write
+from fleetmind.runtime.signed_log import COLUMNS, SignedLog, canonical_json
 
-__all__ = ["DOMAIN", "GENESIS_HASH", "NOISE_MODES", "OUTBOX_FILE", "Outbox", "OutboxEntry",
-           "OutboxError", "OutboxRecord", "participation_records", "payload_sha256",
-           "verify_chain"]
+__all__ = ["DOMAIN", "FORGET_KIND", "FORGET_ROUND", "FORGET_SALT_FILE", "GENESIS_HASH",
+           "NOISE_MODES", "OUTBOX_FILE", "ForgetRecord", "Outbox", "OutboxEntry",
+           "OutboxError", "OutboxRecord", "forget_salt", "parse_body",
+           "participation_records", "payload_sha256", "user_hmac", "verify_chain"]
 
 DOMAIN = b"fleetmind/outbox/v1"
 OUTBOX_FILE = "outbox.sqlite"  # in the site's data folder
 NOISE_MODES = ("none", "distributed", "central", "local")
+FORGET_KIND = "forget"  # the `kind` of a deletion record's body (uploads have none)
+FORGET_ROUND = -1  # the round_id column of a deletion's row: it belongs to no round
+FORGET_SALT_FILE = "forget.salt"  # in the site's data folder: the key of user_hmac
+_SALT_BYTES = 32
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A session id is a handle, not content: no whitespace, so a sentence pasted in by mistake
 # (or a session's text) is refused rather than written into a log that leaves the site's
@@ -233,20 +257,154 @@ class OutboxRecord:
         return record
 
 
+def user_hmac(salt: bytes, user: str) -> str:
+    """How a deletion record names an end user: hex HMAC-SHA256 keyed with the site's
+    forget salt (forget_salt), of the user id's UTF-8 bytes."""
+    if not isinstance(user, str) or not user.strip():
+        raise ValueError(f"user={user!r}: name the end user (a non-empty id)")
+    if not isinstance(salt, bytes) or len(salt) < 16:
+        raise ValueError("the forget salt must be at least 16 bytes")
+    return hmac.new(salt, user.encode(), hashlib.sha256).hexdigest()
+
+
+def forget_salt(data_dir: Path, create: bool = True) -> bytes:
+    """The site's forget salt (`FORGET_SALT_FILE` in `data_dir`): 32 random bytes, made on
+    first use (mode 0600, atomically: of two processes creating it, one wins and both use
+    its bytes). Keep it with the site's data: without it no deletion record can be matched
+    to a user id, by the operator or an auditor."""
+    path = Path(data_dir) / FORGET_SALT_FILE
+    if not path.exists() and create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            atomic_write(path, os.urandom(_SALT_BYTES), 0o600, replace=False)
+    try:
+        salt = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"no forget salt at {path}") from None
+    if len(salt) != _SALT_BYTES:
+        raise ValueError(f"{path} holds {len(salt)} bytes, not a {_SALT_BYTES}-byte salt")
+    return salt
+
+
+@dataclass(frozen=True)
+class ForgetRecord:
+    """A deletion at the site (`fleetmind client forget`), validated at construction.
+
+    user_hmac: user_hmac(salt, user id), never the id. salt_sha256: hex sha256 of that
+    salt, so whoever is handed a salt can tell it is the one used. session_ids: the
+    sessions deleted (stored sorted, at least one: a forget that found nothing records
+    nothing). already_consolidated: how many of them a consolidation had already used: the
+    deltas computed from them may have been sent (the upload records naming them say which
+    rounds), and what a published version learned from them stays in it, bounded only by
+    the rounds' differential privacy; deletion cannot recall it."""
+
+    user_hmac: str
+    salt_sha256: str
+    session_ids: tuple[str, ...]
+    already_consolidated: int
+    created_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    kind: str = FORGET_KIND
+
+    def __post_init__(self) -> None:
+        if self.kind != FORGET_KIND:
+            raise ValueError(f"kind={self.kind!r}: a deletion record's kind is "
+                             f"{FORGET_KIND!r}")
+        for name in ("user_hmac", "salt_sha256"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _SHA256.fullmatch(value):
+                raise ValueError(f"{name}={value!r:.80} must be 64 lowercase hex (a user id "
+                                 "is never recorded: use outbox.user_hmac)")
+        object.__setattr__(self, "session_ids", _session_ids(self.session_ids))
+        if not self.session_ids:
+            raise ValueError("session_ids is empty: a deletion record names the sessions "
+                             "it deleted")
+        _whole("created_at_ms", self.created_at_ms)
+        _whole("already_consolidated", self.already_consolidated)
+        if self.already_consolidated > len(self.session_ids):
+            raise ValueError(f"already_consolidated={self.already_consolidated} exceeds the "
+                             f"{len(self.session_ids)} sessions deleted")
+
+    @classmethod
+    def for_user(cls, salt: bytes, user: str, session_ids: Iterable[str],
+                 already_consolidated: int, created_at_ms: int | None = None
+                 ) -> ForgetRecord:
+        """The record of deleting `user`'s `session_ids`, naming the user by its HMAC."""
+        return cls(user_hmac(salt, user), hashlib.sha256(salt).hexdigest(),
+                   tuple(session_ids), already_consolidated,
+                   time.time_ns() // 1_000_000 if created_at_ms is None else created_at_ms)
+
+    def names(self, user: str, salt: bytes) -> bool:
+        """Whether this record is the deletion of `user`, given the site's salt (the
+        auditor's check). Raises ValueError when `salt` is not the one the record used."""
+        if hashlib.sha256(salt).hexdigest() != self.salt_sha256:
+            raise ValueError("this is not the salt the deletion was recorded with (its "
+                             "sha256 differs from the record's salt_sha256)")
+        return hmac.compare_digest(user_hmac(salt, user), self.user_hmac)
+
+    def to_body(self) -> bytes:
+        value = {f.name: getattr(self, f.name) for f in fields(self)}
+        value["session_ids"] = list(self.session_ids)
+        return canonical_json(value)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> ForgetRecord:
+        raw = json.loads(body)
+        if not isinstance(raw, dict) or raw.get("kind") != FORGET_KIND:
+            raise ValueError("body is not a deletion record")
+        record = cls(**raw)
+        if record.to_body() != body:
+            raise ValueError("body is not in canonical form")
+        return record
+
+
+def parse_body(body: bytes) -> OutboxRecord | ForgetRecord:
+    """An outbox body as its record: a deletion (`"kind": "forget"`) or an upload (no
+    kind). Raises ValueError or TypeError for anything else."""
+    raw = json.loads(body)
+    if isinstance(raw, dict) and "kind" in raw:
+        if raw["kind"] != FORGET_KIND:
+            raise ValueError(f"unknown record kind {raw['kind']!r:.40}")
+        return ForgetRecord.from_body(body)
+    return OutboxRecord.from_body(body)
+
+
 @dataclass(frozen=True)
 class OutboxEntry(ChainEntry):
-    """One chained, signed outbox entry, as stored."""
+    """One chained, signed outbox entry, as stored: an upload (`record`) or, where
+    `is_forget`, a deletion (`forget`)."""
+
+    @property
+    def is_forget(self) -> bool:
+        """Whether the body says it is a deletion (read from its kind alone; `forget`
+        validates it)."""
+        try:
+            raw = json.loads(self.body)
+        except ValueError:
+            return False
+        return isinstance(raw, dict) and raw.get("kind") == FORGET_KIND
 
     @property
     def record(self) -> OutboxRecord:
-        return OutboxRecord.from_body(self.body)
+        parsed = parse_body(self.body)
+        if isinstance(parsed, ForgetRecord):
+            raise ValueError(f"outbox entry {self.index} is a deletion record, not an "
+                             "upload: read entry.forget")
+        return parsed
+
+    @property
+    def forget(self) -> ForgetRecord:
+        return ForgetRecord.from_body(self.body)
 
 
-def _check_record(body: bytes, last: OutboxRecord | None) -> OutboxRecord:
+def _check_record(body: bytes, last: OutboxRecord | None) -> OutboxRecord | None:
+    """Checks one body; `last` is the last upload before it (None: none yet). Deletions
+    belong to no round, so the round order is kept among uploads only."""
     try:
-        record = OutboxRecord.from_body(body)
+        record = parse_body(body)
     except (ValueError, TypeError) as error:
         raise ValueError(f"body is not a valid outbox record: {error}") from None
+    if isinstance(record, ForgetRecord):
+        return last
     if last is not None and record.round_id < last.round_id:
         raise ValueError(f"round {record.round_id} after round {last.round_id}: a site's "
                          "rounds never go back")
@@ -280,21 +438,47 @@ class Outbox(SignedLog[OutboxEntry]):
         A retry of the same round appends again (each send is recorded); a round older than
         the last recorded one is refused."""
         if not isinstance(record, OutboxRecord):
-            raise TypeError(f"append takes an OutboxRecord, not a {type(record).__name__}")
+            raise TypeError(f"append takes an OutboxRecord, not a {type(record).__name__}"
+                            + (" (record a deletion with append_forget)"
+                               if isinstance(record, ForgetRecord) else ""))
 
         def admit(head: OutboxEntry | None) -> None:
-            if head is not None and record.round_id < head.record.round_id:
+            # The last upload, not the head: a deletion after it carries no round.
+            last = head if head is None or not head.is_forget else self._row(
+                f"SELECT {COLUMNS} FROM entries WHERE round_id >= 0 ORDER BY idx DESC "
+                "LIMIT 1")
+            if last is not None and record.round_id < last.record.round_id:
                 raise OutboxError(None, f"round {record.round_id} is before the last "
-                                        f"recorded round {head.record.round_id}")
+                                        f"recorded round {last.record.round_id}")
 
         return self._append(record.round_id, record.to_body(), admit)
 
+    def append_forget(self, record: ForgetRecord) -> OutboxEntry:
+        """Chains, signs and durably stores a deletion record (any time: it has no round)."""
+        if not isinstance(record, ForgetRecord):
+            raise TypeError(f"append_forget takes a ForgetRecord, not a "
+                            f"{type(record).__name__}")
+        return self._append(FORGET_ROUND, record.to_body(), lambda head: None)
+
+    def chain(self, from_index: int = 0) -> Iterator[OutboxEntry]:
+        """Every entry in order from `from_index`, deletions included: the whole chain."""
+        return super().entries(from_index)
+
+    def entries(self, from_index: int = 0) -> Iterator[OutboxEntry]:
+        """The upload entries in order from `from_index` (what iterating the outbox gives:
+        every caller that reads `entry.record`); `chain()` has the deletions too."""
+        return (entry for entry in self.chain(from_index) if not entry.is_forget)
+
+    def deletions(self) -> list[tuple[OutboxEntry, ForgetRecord]]:
+        """Every deletion recorded, oldest first, with its entry."""
+        return [(entry, entry.forget) for entry in self.chain() if entry.is_forget]
+
     def for_round(self, round_id: int) -> list[OutboxEntry]:
         """Every record of `round_id`, oldest first (more than one if a send was retried)."""
-        return self._for_round(round_id)
+        return self._for_round(round_id) if round_id >= 0 else []
 
     def verify(self, expected_head: bytes | None = None) -> bytes:
-        return verify_chain(self.entries(), self.public_key, expected_head)
+        return verify_chain(self.chain(), self.public_key, expected_head)
 
     def participation_records(self) -> list[ParticipationRecord]:
         """The participation records of every entry, oldest first (see

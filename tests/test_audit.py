@@ -5,6 +5,7 @@ real loopback aggregator too."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -18,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetmind.aggregation.participation import ParticipationRecord
 from fleetmind.cli.main import main
 from fleetmind.client.outbox import Outbox, OutboxRecord
 from fleetmind.server.ledger import Ledger, RoundRecord
@@ -156,7 +158,9 @@ def test_ledger_verifies_and_reports_every_round(capsys, aggregator) -> None:
                            "--aggregator-key", key)
         assert code == 0
         assert f"{ROUNDS} of {ROUNDS} entries verified" in out
-        assert "epsilon 2 at delta 1e-05" in out and report["head"] in out
+        # What ε is, in words, never a bare "epsilon X" (these entries carry no cap).
+        assert ("privacy spent (signed): ε per unit, every round composed (no participation "
+                "cap): 2 at δ 1e-05 over 4 round(s)") in out and report["head"] in out
         assert "1 (unit not recorded)" in out  # entries from before the unit was recorded
 
 
@@ -291,6 +295,27 @@ def test_an_unreachable_aggregator_is_one_line(capsys, aggregator) -> None:
     assert code == 2 and "did not answer" in err and err.count("\n") == 1
 
 
+def test_ledger_text_says_what_epsilon_is_per_row(capsys, tmp_path: Path) -> None:
+    # Rounds under a participation cap: ε is per user over the fleet's life under cap K.
+    key = Ed25519PrivateKey.generate()
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path, key) as ledger:
+        for round_id in range(2):
+            ledger.append(RoundRecord(
+                round_id=round_id, cohort_size=3, dropouts=0, clip_norm=1.0,
+                noise_multiplier=0.8, noise_mode="distributed", epsilon_round=0.5,
+                epsilon_total=1.25 * (round_id + 1), delta=1e-5, version=round_id + 1,
+                version_hash=f"{round_id:064x}", privacy_unit="user", participation_cap=4))
+    pub = tmp_path / "aggregator.pub"
+    pub.write_bytes(raw_public(key))
+    code, out, err = run(capsys, "ledger", "--file", str(path), "--aggregator-key", str(pub))
+    assert code == 0, err
+    assert "privacy spent (signed): ε per user under cap 4: 2.5 at δ 1e-05 over 2 round(s)" \
+        in out
+    assert "ε total is" in out and out.count("ε per user under cap 4") == 3  # 2 rows + total
+    assert "epsilon 2.5" not in out
+
+
 # ---- audit outbox -----------------------------------------------------------------------
 
 
@@ -314,6 +339,31 @@ def test_outbox_reports_every_record(capsys, site) -> None:
                        "--site-key", site["identity"])
     assert code == 0 and "3 of 3 records verified" in out
     assert "s-3-a, s-3-b" in out and "email 3, phone 1" in out
+    assert "participation: no upload ran under a participation cap" in out
+
+
+def test_outbox_text_shows_participation(capsys, tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    folder = tmp_path / "site"
+    with Outbox(folder / "outbox.sqlite", key) as outbox:
+        outbox.append(outbox_record(0))  # before a cap: no participation
+        for round_id, counts in ((1, (("alice", 1), ("bob", 1))), (2, (("alice", 2),))):
+            outbox.append(dataclasses.replace(
+                outbox_record(round_id), privacy_unit="user", clip_norm=1.0,
+                participation=ParticipationRecord(round_id, "user", 4, counts)))
+    pub = tmp_path / "site.pub"
+    pub.write_bytes(raw_public(key))
+    code, report, err = run_json(capsys, "outbox", str(folder), "--site-key", str(pub))
+    assert code == 0, err
+    assert report["participation_counts"] == {"alice": 2, "bob": 1}
+    assert report["deletions"] == []
+    code, out, err = run(capsys, "outbox", str(folder), "--site-key", str(pub))
+    assert code == 0, err
+    assert "participation" in out and "no cap" in out
+    assert "cap 4: alice 1, bob 1" in out and "cap 4: alice 2" in out
+    assert ("participation (rounds entered per unit, recounted from the records): alice 2, "
+            "bob 1") in out
+    assert "deletions recorded" not in out
 
 
 def test_outbox_rounds_are_matched_to_their_publication(capsys, site, aggregator) -> None:

@@ -78,14 +78,21 @@ def register(commands: Any) -> None:
     sessions.set_defaults(run=_sessions)
 
     forget = commands.add_parser(
-        "forget", help="delete an end user's sessions",
+        "forget", help="delete an end user's sessions, recorded in the outbox",
         description="Delete every session of an end user from the site's store (the right "
-                    "to erasure). What a published version already learned from them stays "
-                    "in it, bounded by the round's differential privacy; the command says how "
-                    "many of the deleted sessions were already used.")
+                    "to erasure) and record the deletion in the site's signed outbox: the "
+                    "user named only by HMAC-SHA256 under the site's forget salt "
+                    "(forget.salt in the data folder; give it to an auditor to check a user "
+                    "id), the deleted session ids and how many a consolidation had already "
+                    "used. What a published version already learned from those stays in "
+                    "it, bounded by the round's differential privacy: deletion cannot recall "
+                    "an update already sent. A forget that finds no session records nothing.")
     forget.add_argument("--user", required=True, help="the end-user id sessions are keyed to")
     forget.add_argument("--store", type=Path, required=True, metavar="DIR",
                         help="the site's data folder or its sessions.db")
+    forget.add_argument("--identity-key", type=Path, metavar="FILE",
+                        help="the site's identity key, which signs its outbox (default: "
+                             "identity.pem in the data folder, when there)")
     forget.add_argument("--json", action="store_true", help="print one JSON object")
     forget.set_defaults(run=_forget)
 
@@ -142,27 +149,97 @@ def _sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forget_key(args: argparse.Namespace, data_dir: Path) -> Any:
+    """The identity key that signs the site's outbox (None: none given or found, and the
+    site has no outbox yet). Checked against the outbox before anything is deleted."""
+    from cryptography.exceptions import InvalidSignature
+
+    from fleetmind.client.identity import load_identity_key
+    from fleetmind.client.outbox import OUTBOX_FILE, Outbox
+
+    path = args.identity_key
+    if path is None and (data_dir / "identity.pem").is_file():
+        path = data_dir / "identity.pem"
+    outbox_path = data_dir / OUTBOX_FILE
+    if path is None:
+        if outbox_path.exists():
+            raise argparse.ArgumentError(None, f"{outbox_path} exists but no identity key was "
+                                               "given: pass --identity-key (the site's "
+                                               "identity_key) so the deletion is recorded "
+                                               "in its outbox; nothing was deleted")
+        return None
+    try:
+        key = load_identity_key(path, create=False)
+    except ValueError as error:
+        raise argparse.ArgumentError(None, f"{error}; nothing was deleted") from None
+    if outbox_path.exists():
+        with Outbox(outbox_path, key) as outbox:
+            head = outbox.head()
+        if head is not None:
+            try:
+                key.public_key().verify(head.signature, head.hash)
+            except InvalidSignature:
+                raise argparse.ArgumentError(
+                    None, f"{path} did not sign {outbox_path}: pass the site's own identity "
+                          "key; nothing was deleted") from None
+    return key
+
+
 def _forget(args: argparse.Namespace) -> int:
-    with _open_store(args.store) as store:
+    from fleetmind.client.outbox import OUTBOX_FILE, ForgetRecord, Outbox, forget_salt
+
+    if not args.user.strip():
+        raise argparse.ArgumentError(None, "--user is empty: name the end user whose sessions "
+                                           "to delete")
+    store_path = args.store
+    data_dir = store_path if store_path.is_dir() else store_path.parent
+    with _open_store(store_path) as store:
+        key = _forget_key(args, data_dir)
         try:
-            ids = store.user_sessions(args.user)
-            used = sorted({s for s in ids if store.consolidations_using(s)})
+            used = {s for s in store.user_sessions(args.user) if store.consolidations_using(s)}
             deleted = store.delete_user(args.user)
         except ValueError as error:
             raise argparse.ArgumentError(None, str(error)) from None
-    # The outbox (client/outbox.py) has no record type for a deletion yet: until it does,
-    # this command says so rather than pretend it was recorded.
-    result = {"user": args.user, "deleted": len(deleted), "already_consolidated": len(used),
-              "session_ids": deleted, "recorded_in_outbox": False}
+    already = len(used.intersection(deleted))
+    result: dict[str, Any] = {"user": args.user, "deleted": len(deleted),
+                              "already_consolidated": already, "session_ids": deleted,
+                              "recorded_in_outbox": False, "outbox_entry": None}
+    code = 0
+    if not deleted:
+        result["reason"] = ("no session of this user: nothing deleted, nothing recorded (an "
+                            "earlier deletion stays in the outbox)")
+    elif key is None:
+        result["reason"] = ("no outbox and no identity key: nothing has left this site; pass "
+                            "--identity-key to record deletions")
+    else:
+        outbox_path = data_dir / OUTBOX_FILE
+        try:
+            salt = forget_salt(data_dir)
+            record = ForgetRecord.for_user(salt, args.user, deleted, already)
+            with Outbox(outbox_path, key) as outbox:
+                entry = outbox.append_forget(record)
+        except (OSError, ValueError) as error:
+            # The sessions are gone; say loudly that the record of it is not.
+            result["reason"] = f"deleted, but not recorded in {outbox_path}: {error}"
+            code = 1
+        else:
+            result.update(recorded_in_outbox=True, outbox_entry=entry.index,
+                          user_hmac=record.user_hmac, outbox=str(outbox_path))
     if args.json:
         print(json.dumps(result))
+    elif not deleted:
+        print(f"no session of user {args.user!r}: nothing deleted, nothing recorded")
     else:
-        print(f"deleted {len(deleted)} sessions of user {args.user!r} ({len(used)} of them "
-              "were already used by consolidations: published versions keep what they "
-              "learned, within the rounds' privacy bound)")
-        print("note: not recorded in the outbox (it has no deletion record yet)",
-              file=sys.stderr)
-    return 0
+        print(f"deleted {len(deleted)} sessions of user {args.user!r} ({already} of them "
+              "were already used by consolidations: an update already sent may carry them, "
+              "and published versions keep what they learned, within the rounds' privacy "
+              "bound)")
+        if result["recorded_in_outbox"]:
+            print(f"recorded in {result['outbox']} as entry {result['outbox_entry']} (user "
+                  f"HMAC {result['user_hmac'][:12]})")
+        else:
+            print(f"note: not recorded in the outbox: {result['reason']}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
