@@ -13,7 +13,6 @@ from fleetmind.aggregation.chain import ChainEntry
 from fleetmind.aggregation.participation import participation_history
 from fleetmind.audit import trail
 from fleetmind.audit.ledger_report import when
-from fleetmind.client import outbox
 from fleetmind.client.outbox import ForgetRecord, OutboxRecord
 
 __all__ = ["SHORT", "OutboxReport", "audit_entries", "deletion_row", "outbox_report"]
@@ -63,9 +62,8 @@ def audit_entries(entries: list[ChainEntry], site_key: bytes,
                   expected_head: bytes | None = None
                   ) -> trail.ChainAudit[OutboxRecord | ForgetRecord]:
     """The outbox's chain against the site's key, each verified entry read as an upload or
-    a deletion record (trail.audit_outbox reads uploads only)."""
-    return trail._audit(entries, outbox.verify_chain, outbox.parse_body, site_key,
-                        expected_head)
+    a deletion record."""
+    return trail.audit_outbox(entries, site_key, expected_head)
 
 
 def deletion_row(entry: ChainEntry, record: ForgetRecord,

@@ -68,10 +68,11 @@ def audit_ledger(entries: Sequence[ChainEntry], aggregator_key: bytes,
 
 
 def audit_outbox(entries: Sequence[ChainEntry], site_key: bytes,
-                 expected_head: bytes | None = None) -> ChainAudit[outbox.OutboxRecord]:
-    """A site's outbox against the site's identity (public) key."""
-    return _audit(entries, outbox.verify_chain, outbox.OutboxRecord.from_body, site_key,
-                  expected_head)
+                 expected_head: bytes | None = None
+                 ) -> ChainAudit[outbox.OutboxRecord | outbox.ForgetRecord]:
+    """A site's outbox against the site's identity (public) key; each verified entry read
+    as an upload or a deletion record."""
+    return _audit(entries, outbox.verify_chain, outbox.parse_body, site_key, expected_head)
 
 
 @dataclass(frozen=True)
