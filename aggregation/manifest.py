@@ -38,7 +38,7 @@ class VersionError(ValueError):
 
 def canonical_json(value: Any) -> bytes:
     """The one byte string a manifest signs as: sorted keys, no spaces, ASCII, no NaN or
-    infinity. Byte-for-byte the same as fleetmind.server.durable.canonical_json (a test
+    infinity. Byte-for-byte the same as fleetmind.runtime.signed_log.canonical_json (a test
     checks), repeated here because aggregation/ may not import the server."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode()

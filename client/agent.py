@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import numpy as np
@@ -214,8 +215,12 @@ def _noise(wire: fleet_pb2.RoundConfig, add_noise: bool) -> tuple[dp.DPConfig | 
     multiplier) the outbox records: what THIS site's payload carries."""
     if not add_noise or wire.noise_multiplier == 0 or wire.noise_mode == "central":
         return None, "none", 0.0
-    config = dp.DPConfig(wire.clip_norm, wire.noise_multiplier, _promised_unit(wire),
-                         wire.noise_mode, max(1, wire.expected_cohort))
+    # Both were checked before this is called: the unit by participate's dp.bounds check,
+    # the mode by codec.payload_codes (DPConfig refuses any other; it checks again here).
+    unit = cast(dp.PrivacyUnit, _promised_unit(wire))
+    mode = cast(dp.NoiseMode, wire.noise_mode)
+    config = dp.DPConfig(wire.clip_norm, wire.noise_multiplier, unit, mode,
+                         max(1, wire.expected_cohort))
     return config, wire.noise_mode, wire.noise_multiplier
 
 
@@ -312,19 +317,19 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
             masked, unmasking = MaskedInput(config.round_id, me.site, ring), None
         else:
             # Round 0: advertise keys under the round's config.
-            state = SiteAdvertiseKeys(config, me.site, identity_key)
-            fleet.AdvertiseKeys(codec.advertisement_to_wire(state.advertisement),
+            advertising = SiteAdvertiseKeys(config, me.site, identity_key)
+            fleet.AdvertiseKeys(codec.advertisement_to_wire(advertising.advertisement),
                                 timeout=timeout)
             # Round 1: share keys with the neighbours.
             keys = codec.advertised_keys_from_wire(
                 events.expect("advertised_keys").advertised_keys)
-            state = state.receive(keys)
-            fleet.ShareKeys(codec.encrypted_shares_to_wire(state.encrypted_shares),
+            sharing = advertising.receive(keys)
+            fleet.ShareKeys(codec.encrypted_shares_to_wire(sharing.encrypted_shares),
                             timeout=timeout)
             # Round 2: mask the encoded update.
             bundle = codec.shares_for_site_from_wire(
                 events.expect("shares_for_site").shares_for_site)
-            masked, unmasking = state.receive(bundle).mask(ring)
+            masked, unmasking = sharing.receive(bundle).mask(ring)
         chunks = list(codec.masked_input_to_chunks(masked, config.ring_bits, chunk_bytes))
         payload_hash = chunks[0].payload_sha256.hex()
 
@@ -333,7 +338,7 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
             round_id=events.round_id, payload_sha256=payload_hash,
             norm_before_clip=norm_before, norm_after_clip=norm_after, noise_mode=noise_mode,
             noise_multiplier=noise_multiplier, session_ids=update.session_ids,
-            scrubbed=update.scrubbed, base_version=update.base_version,
+            scrubbed=tuple(update.scrubbed.as_dict().items()), base_version=update.base_version,
             clip_norm=update.clip_norm, privacy_unit=update.privacy_unit,
             secure_aggregation=not wire.plain_sum,
             # The site's participation record (contribution.Participation): it raises

@@ -55,12 +55,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 
-from fleetmind.aggregation.accountant import Budget, RoundCharge, epsilon_of
-from fleetmind.aggregation.dp import DPConfig, noise_for_aggregator
+from fleetmind.aggregation.accountant import AccountingMethod, Budget, RoundCharge, epsilon_of
+from fleetmind.aggregation.dp import DPConfig, NoiseMode, PrivacyUnit, noise_for_aggregator
 from fleetmind.aggregation.encoding import encoding_codes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, flatten, open_secagg_sum, unflatten
 from fleetmind.aggregation.participation import ParticipationCap
@@ -94,8 +94,9 @@ from fleetmind.aggregation.secagg.server_r2_plain_input_collection import (
     ServerPlainInputCollection,
 )
 from fleetmind.aggregation.secagg.server_r3_unmasking import ServerUnmasking
+from fleetmind.runtime.durable import atomic_write
+from fleetmind.runtime.signed_log import canonical_json
 from fleetmind.server.config import CohortPolicy, ConfigError, PrivacyPolicy
-from fleetmind.server.durable import atomic_write, canonical_json
 from fleetmind.server.enrolment import Enrolments
 from fleetmind.server.ledger import Ledger, RoundRecord
 from fleetmind.server.limits import ServerLimits
@@ -105,6 +106,11 @@ STATE_FILE = "coordinator.json"
 KEEP_FINISHED = 16  # finished rounds kept in memory, so late re-attaches replay their end
 KEEP_REJECTED = 64  # rejected aggregates kept in coordinator.json, newest last
 RefusalKind = Literal["budget_exhausted", "too_large", "not_found", "malformed"]
+# The library's server state of a phase that takes messages (ServerPlainInputCollection is a
+# ServerMaskedInputCollection), and what a round's state may be: one of those or final.
+PhaseState = ServerAdvertiseKeys | ServerShareKeys | ServerMaskedInputCollection | ServerUnmasking
+RoundState = PhaseState | ServerCompleted | ServerAborted
+_Phase = TypeVar("_Phase", bound=PhaseState)
 
 
 class AggregateRejectedError(ValueError):
@@ -135,8 +141,8 @@ class RoundSetup:
     base_version: int
     clip_norm: float
     noise_multiplier: float
-    noise_mode: str
-    privacy_unit: str
+    noise_mode: NoiseMode
+    privacy_unit: PrivacyUnit
     expected_cohort: int
     fixed_point_clip: float
     cohort_max: int
@@ -382,7 +388,7 @@ class _Ticket:
 class _Round:
     setup: RoundSetup
     charge: RoundCharge
-    state: object  # the library's server state of the current phase, or a final state
+    state: RoundState  # the library's server state of the current phase, or a final state
     cohort: tuple[int, ...]
     events: dict[int, list[Event]]
     receipts: dict[tuple[str, int], bytes]
@@ -410,6 +416,27 @@ def _digest(*parts: bytes | int) -> bytes:
 
 def _charge_json(charge: RoundCharge) -> dict:
     return asdict(charge)
+
+
+# PrivacyPolicy (server/config.py) holds these as text and refuses, in __post_init__, any
+# value but the ones each Literal names: reading them off a PrivacyPolicy narrows, no more.
+
+
+def _noise_mode(privacy: PrivacyPolicy) -> NoiseMode:
+    return cast(NoiseMode, privacy.noise_mode)  # checked in PrivacyPolicy.__post_init__
+
+
+def _privacy_unit(privacy: PrivacyPolicy) -> PrivacyUnit:
+    return cast(PrivacyUnit, privacy.privacy_unit)  # checked in PrivacyPolicy.__post_init__
+
+
+def _accountant(privacy: PrivacyPolicy) -> AccountingMethod:
+    return cast(AccountingMethod, privacy.accountant)  # checked in PrivacyPolicy.__post_init__
+
+
+def _dp_config(privacy: PrivacyPolicy, expected_cohort: int) -> DPConfig:
+    return DPConfig(privacy.clip_norm, privacy.noise_multiplier, _privacy_unit(privacy),
+                    _noise_mode(privacy), expected_cohort)
 
 
 class Coordinator:
@@ -441,7 +468,7 @@ class Coordinator:
         state = self._load_state()
         cap = privacy.participation_cap
         self._check_cap(state, cap)
-        self.budget = Budget(privacy.epsilon_budget, privacy.delta, privacy.accountant,
+        self.budget = Budget(privacy.epsilon_budget, privacy.delta, _accountant(privacy),
                              [c.charge for c in state.spent],
                              cap=ParticipationCap(cap) if cap else None)
         state.participation_cap = cap or None
@@ -481,8 +508,8 @@ class Coordinator:
         latest = self.registry.latest()
         flight = state.in_flight
         if flight is not None:
-            published = latest is not None and latest.manifest.round_id == flight.round_id
-            if published and flight.outcome is not None:
+            if latest is not None and latest.manifest.round_id == flight.round_id \
+                    and flight.outcome is not None:
                 self._record_published(latest, flight)
             else:
                 state.abandoned.append(Abandoned(
@@ -491,10 +518,11 @@ class Coordinator:
                 state.abandoned = state.abandoned[-KEEP_FINISHED:]
                 self.listener.round_ended(flight.round_id, "abandoned", None)
             state.in_flight = None
+        head = self.ledger.head()
         floor = max([state.next_round]
                     + ([latest.manifest.round_id + 1] if latest and latest.manifest.round_id
                        is not None else [])
-                    + ([self.ledger.head().record.round_id + 1] if self.ledger.head() else []))
+                    + ([head.record.round_id + 1] if head else []))
         state.next_round = floor
         self._save()
 
@@ -526,11 +554,10 @@ class Coordinator:
         """What a round of `cohort_size` sites costs, charged before it runs. Sites that
         drop take their share of distributed noise with them, so it is charged as if only
         the minimum cohort contributed: the most a completed round can have spent."""
-        privacy = self.privacy
-        dp = DPConfig(privacy.clip_norm, privacy.noise_multiplier, privacy.privacy_unit,
-                      privacy.noise_mode, cohort_size)
+        dp = _dp_config(self.privacy, cohort_size)
         contributors = min(self.cohort_policy.min_size, cohort_size)
-        return RoundCharge(dp.effective_noise_multiplier(contributors), 1.0, privacy.unit_uses)
+        return RoundCharge(dp.effective_noise_multiplier(contributors), 1.0,
+                           self.privacy.unit_uses)
 
     def _check_budget(self, charge: RoundCharge) -> str | None:
         refusal = self.budget.refusal(charge)
@@ -749,10 +776,19 @@ class Coordinator:
         with self.changed:
             return self._round.cohort if self._round else ()
 
+    def _latest(self) -> Version:
+        """The newest version, which a round merges into (the registry always holds at
+        least the genesis version once the aggregator is set up)."""
+        latest = self.registry.latest()
+        if latest is None:
+            raise RuntimeError(f"{self.registry.folder} holds no version: publish version "
+                               "0 with genesis() before running rounds")
+        return latest
+
     def _start_round(self, cohort: tuple[int, ...], charge: RoundCharge) -> None:
         policy, privacy = self.cohort_policy, self.privacy
         round_id = self._state.next_round
-        latest = self.registry.latest()
+        latest = self._latest()
         _, b = latest.tensors()
         shapes = {name: tuple(t.shape) for name, t in b.items()}
         degree = secagg_plus_degree(len(cohort), policy.dropout_rate)
@@ -763,11 +799,11 @@ class Coordinator:
                              policy.ring_bits, self.enrolments.identities(list(cohort)))
         now = self.clock()
         setup = RoundSetup(config, latest.number, privacy.clip_norm, privacy.noise_multiplier,
-                           privacy.noise_mode, privacy.privacy_unit, len(cohort),
+                           _noise_mode(privacy), _privacy_unit(privacy), len(cohort),
                            privacy.fixed_point_clip, policy.max_size,
                            int((now + policy.phase_deadline_s) * 1000),
                            policy.secure_aggregation, privacy.participation_cap or 0)
-        first = ServerAdvertiseKeys(config) if policy.secure_aggregation \
+        first: PhaseState = ServerAdvertiseKeys(config) if policy.secure_aggregation \
             else ServerPlainInputCollection(config)
         started = time.monotonic()
         live = _Round(setup, charge, first, cohort,
@@ -786,8 +822,8 @@ class Coordinator:
 
     # ---- the four phases ----------------------------------------------------------
 
-    def _accept(self, round_id: int, site: int, phase: type, slot: str, digest: bytes,
-                deliver: Callable[[object], None]) -> bytes:
+    def _accept(self, round_id: int, site: int, phase: type[_Phase], slot: str, digest: bytes,
+                deliver: Callable[[_Phase], None]) -> bytes:
         with self.changed:
             found = self._find(round_id)
             if found is None:
@@ -807,10 +843,11 @@ class Coordinator:
                 raise ProtocolError("wrong_round", f"round {round_id} runs without secure "
                                                    f"aggregation: it takes no {slot}; upload "
                                                    "the vector unmasked")
-            if not isinstance(found.state, phase) or found is not self._round:
+            state = found.state
+            if not isinstance(state, phase) or found is not self._round:
                 raise ProtocolError("wrong_round", f"round {round_id} is past {slot} (now "
-                                                   f"{getattr(found.state, 'phase', 'ended')})")
-            deliver(found.state)
+                                                   f"{getattr(state, 'phase', 'ended')})")
+            deliver(state)
             found.receipts[(slot, site)] = digest
             self._maybe_close(found)
             return digest
@@ -871,9 +908,13 @@ class Coordinator:
             return found is not None and found is self._round and self._collecting(found)
 
     def submit(self, message: MaskedInput, payload_sha256: bytes) -> bytes:
-        def deliver(state: object) -> None:
+        def deliver(state: ServerMaskedInputCollection) -> None:
             if isinstance(state, ServerPlainInputCollection):
-                self._check_plain_vector(self._round, message)
+                live = self._round  # _accept checked that the message's round is this one
+                if live is None:
+                    raise ProtocolError("wrong_round", f"round {message.round_id} is not "
+                                                       "running")
+                self._check_plain_vector(live, message)
             state.receive(message)
         return self._accept(message.round_id, message.site, ServerMaskedInputCollection,
                             "masked vector", payload_sha256, deliver)
@@ -913,6 +954,8 @@ class Coordinator:
     def _close_phase(self, live: _Round) -> None:
         """Close the phase (missing sites count as dropped) and send what comes next."""
         before = live.state
+        if isinstance(before, ServerCompleted | ServerAborted):
+            raise RuntimeError(f"round {live.round_id} has ended: it has no phase to close")
         missed = len(before.pending())  # asked before close(): it moves the state on
         state = before.close()
         live.state = state
@@ -928,6 +971,7 @@ class Coordinator:
         if isinstance(state, ServerCompleted):
             self._complete(live, state)
             return
+        onward: Mapping[int, AdvertisedKeys | SharesForSite | UnmaskRequest]
         if isinstance(state, ServerShareKeys | ServerMaskedInputCollection):
             onward = state.to_sites
         else:  # ServerUnmasking
@@ -957,7 +1001,7 @@ class Coordinator:
         published = isinstance(outcome, Finished)
         self.listener.round_ended(live.round_id, "published" if published else "aborted",
                                   time.monotonic() - live.started,
-                                  outcome.cohort_size if published else 0)
+                                  outcome.cohort_size if isinstance(outcome, Finished) else 0)
         if published:
             self._report_state()
         self.changed.notify_all()
@@ -1067,22 +1111,21 @@ class Coordinator:
         delta_code, weight_code = self.round_codes(setup)
         weighted, weight_sum = open_secagg_sum(np.asarray(result.cohort_sum), live.shapes,
                                                delta_code, weight_code)
-        dp = DPConfig(privacy.clip_norm, privacy.noise_multiplier, privacy.privacy_unit,
-                      privacy.noise_mode, setup.expected_cohort)
+        dp = _dp_config(privacy, setup.expected_cohort)
         # Central mode: the trusted aggregator noises the sum before anything is derived
         # from it (a no-op for distributed and local noise, which the sites added).
         noised = np.asarray(noise_for_aggregator(flatten(weighted, live.shapes), dp),
                             dtype=np.float64)
         self._check_aggregate(live, tuple(sorted(result.contributors)), noised, weight_sum)
         weighted = unflatten(noised, live.shapes)
-        parent = self.registry.latest()
+        parent = self._latest()
         _, b = parent.tensors()
         new_b, _ = exact_merge(b, weighted, weight_sum, FedAvg(privacy.server_learning_rate))
         if not all(np.isfinite(t).all() for t in new_b.values()):
             raise AggregateRejectedError("the merged adapter holds non-finite values")
         dropped = tuple(sorted(set(live.cohort) - set(result.contributors)))
         epsilon_total = self.budget.epsilon_after(live.charge)
-        epsilon_round = epsilon_of([live.charge], privacy.delta, privacy.accountant)
+        epsilon_round = epsilon_of([live.charge], privacy.delta, _accountant(privacy))
         flight = self._state.in_flight
         assert flight is not None
         receipts = sorted({live.receipts[("masked vector", site)].hex()
@@ -1094,7 +1137,7 @@ class Coordinator:
         version = self.registry.publish(new_b, Release(
             round_id=live.round_id, cohort_size=len(result.contributors),
             clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
-            noise_mode=privacy.noise_mode, epsilon=epsilon_total, delta=privacy.delta,
+            noise_mode=_noise_mode(privacy), epsilon=epsilon_total, delta=privacy.delta,
             secure_aggregation=setup.secure_aggregation))
         self._record_published(version, flight)
         return version, dropped

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -103,7 +103,7 @@ STREAM_RPCS = frozenset({
 RESERVED_RPCS = frozenset({"/grpc.health.v1.Health/Check"})
 
 
-Message = TypeVar("Message")
+Message = TypeVar("Message", bound=ProtoMessage)
 
 
 def _metered(counter: Counter, messages: Iterator[Message]) -> Iterator[Message]:
@@ -113,10 +113,17 @@ def _metered(counter: Counter, messages: Iterator[Message]) -> Iterator[Message]
         yield message
 
 
-def _refuse(context: grpc.ServicerContext, error: Exception) -> None:
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """context.abort, typed: grpc's abort always raises, but grpc ships no type hints that
+    say so."""
+    context.abort(code, details)
+    raise RuntimeError(f"grpc context.abort({code}) returned instead of raising")
+
+
+def _refuse(context: grpc.ServicerContext, error: Exception) -> NoReturn:
     """Aborts the call with the status the refusal maps to (raises)."""
     status = PROTOCOL_STATUS.get(getattr(error, "kind", ""), S.INVALID_ARGUMENT)
-    context.abort(status, str(error))
+    _abort(context, status, str(error))
 
 
 def _cap(details: str, limit: int) -> str:
@@ -410,8 +417,8 @@ class _Guard:
     def site(self, context: grpc.ServicerContext, site: int) -> int:
         enrolled = self.enrolments.get(site)
         if enrolled is None:
-            context.abort(S.PERMISSION_DENIED, f"site {site} is not enrolled: call Enroll with "
-                                               "the site's identity key first")
+            _abort(context, S.PERMISSION_DENIED, f"site {site} is not enrolled: call Enroll "
+                                                 "with the site's identity key first")
         if self.mtls:
             name = identity.peer_site_name(context)
             if name is None:
@@ -446,9 +453,12 @@ def _event_to_wire(event: Event) -> fleet_pb2.RoundEvent:
     elif isinstance(payload, Stopped):
         wire.aborted.CopyFrom(fleet_pb2.RoundAborted(
             reason=payload.reason, retry=payload.retry,
+            # The codec looks each number up by name in the enum (Value), so it is one of
+            # the enum's; it returns them as int.
             phase=(fleet_pb2.ROUND_PHASE_UNSPECIFIED if payload.phase is None
-                   else codec.round_phase_to_wire(payload.phase)),
-            drop_reason=codec.drop_reason_to_wire(payload.drop_reason),
+                   else cast(fleet_pb2.RoundPhase, codec.round_phase_to_wire(payload.phase))),
+            drop_reason=cast(fleet_pb2.DropReason,
+                             codec.drop_reason_to_wire(payload.drop_reason)),
             site_only=payload.site_only))
     elif isinstance(payload, AdvertisedKeys):
         wire.advertised_keys.CopyFrom(codec.advertised_keys_to_wire(payload))
@@ -569,7 +579,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         received = self.received.labels("SubmitMaskedVector")
         first = next(request_iterator, None)
         if first is None:
-            context.abort(S.INVALID_ARGUMENT, "empty upload: send at least one chunk")
+            _abort(context, S.INVALID_ARGUMENT, "empty upload: send at least one chunk")
         received.inc(first.ByteSize())
         site = self.guard.site(context, first.site)
         upload: _Upload | None = None
@@ -637,8 +647,9 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
                     if number > after:
                         yield self._announce(number)
                         after = number
-                self.coordinator.wait(lambda seen=after: self.registry.numbers()[-1] > seen,
-                                      FOLLOW_POLL_S)
+                def newer(seen: int = after) -> bool:
+                    return self.registry.numbers()[-1] > seen
+                self.coordinator.wait(newer, FOLLOW_POLL_S)
 
     def Latest(self, request, context):  # noqa: N802
         numbers = self.registry.numbers()

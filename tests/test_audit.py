@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetmind.aggregation.participation import ParticipationRecord
 from fleetmind.cli.main import main
 from fleetmind.client.outbox import Outbox, OutboxRecord
+from fleetmind.client.scrub import ScrubReport
 from fleetmind.server.ledger import Ledger, RoundRecord
 from fleetmind.server.versions import (
     Release,
@@ -594,7 +595,7 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
             update = SiteUpdate(clip_norm=1.0, privacy_unit="session",
                 delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
                        for n, s in shapes.items()},
-                session_ids=(f"s{i}-a",), scrubbed={"email": i}, norm_before_clip=2.0)
+                session_ids=(f"s{i}-a",), scrubbed=ScrubReport(email=i), norm_before_clip=2.0)
             with grpc.insecure_channel(running.address) as channel, \
                     Outbox(tmp_path / f"site-{i}" / "outbox.sqlite", keys[i]) as outbox:
                 try:

@@ -16,7 +16,8 @@ from fleetmind.aggregation import manifest as manifest_format
 from fleetmind.cli import main as cli
 from fleetmind.client import versions as site
 from fleetmind.protos.fleetmind.v1 import models_pb2
-from fleetmind.server import durable, service
+from fleetmind.runtime.signed_log import canonical_json
+from fleetmind.server import service
 from fleetmind.server.config import ServerConfig
 from fleetmind.server.versions import ADAPTER_WEIGHTS, Release
 
@@ -238,7 +239,7 @@ def test_verify_manifest_is_pure_and_matches_the_servers_bytes() -> None:
         0, None, "m", "ab" * 32, 1, None, 0, 0.0, 0.0, "none", 0.0, 0.0,
         {name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
     raw = manifest.to_bytes()
-    assert raw == durable.canonical_json(json.loads(raw))  # one canonical form, both sides
+    assert raw == canonical_json(json.loads(raw))  # one canonical form, both sides
     public = key.public_key().public_bytes_raw()
     assert manifest_format.verify_manifest(raw, key.sign(raw), public, files) == manifest
     for changed, message in [({**files, "x.bin": b""}, "not in the manifest"),
@@ -258,3 +259,21 @@ def _assert_untouched(site_dir: Path) -> None:
     """Version 0 still active; nothing of version 1 (not even a partial folder) kept."""
     assert site.current_version(site_dir) == 0
     assert sorted(p.name for p in (site_dir / "versions").iterdir()) == ["00000000"]
+
+
+def test_a_version_for_another_base_model_is_refused_before_activation(
+        start, site_dir, tmp_path, toy_model_dir) -> None:
+    """The dev aggregator's versions are for the toy model: a site on it activates them, a
+    site on other weights refuses them and `current` does not move."""
+    aggregator = start()
+    genesis = site.download_latest(aggregator.channel, site_dir, aggregator.key)
+    assert site.activate(site_dir, genesis, model_dir=toy_model_dir) == 0
+    assert aggregator.publish() == 1
+    first = site.download_latest(aggregator.channel, site_dir, aggregator.key)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"not the toy model's weights")
+    with pytest.raises(manifest_format.VersionError, match="is for base model"):
+        site.activate(site_dir, first, model_dir=other)
+    assert site.current_version(site_dir) == 0 and site.previous_version(site_dir) is None
+    assert site.activate(site_dir, first, model_dir=toy_model_dir) == 1

@@ -82,11 +82,12 @@ def test_write_synced_never_widens_the_mode(tmp_path: Path) -> None:
 
 def test_the_server_and_the_manifest_use_the_one_implementation() -> None:
     from fleetmind.aggregation import manifest
-    from fleetmind.server import durable as server_durable
+    from fleetmind.server import coordinator, versions
 
-    assert server_durable.atomic_write is durable.atomic_write
-    assert server_durable.fsync_dir is durable.fsync_dir
-    assert server_durable.canonical_json is signed_log.canonical_json is manifest.canonical_json
+    assert coordinator.atomic_write is durable.atomic_write
+    assert versions.fsync_dir is durable.fsync_dir
+    assert coordinator.canonical_json is versions.canonical_json is signed_log.canonical_json \
+        is manifest.canonical_json
     assert signed_log.canonical_json({"b": 1, "a": [1.5, "é"]}) == b'{"a":[1.5,"\\u00e9"],"b":1}'
     with pytest.raises(ValueError):
         signed_log.canonical_json({"x": float("nan")})
