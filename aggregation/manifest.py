@@ -60,7 +60,8 @@ def base_model_digest(file_digests: Mapping[str, str]) -> str:
 
 
 def peft_adapter_config(base_model_id: str, rank: int, alpha: float,
-                        target_modules: Sequence[str], fan_in_fan_out: bool = False) -> dict:
+                        target_modules: Sequence[str], fan_in_fan_out: bool = False
+                        ) -> dict[str, Any]:
     """PEFT's adapter_config.json for a version, with the fields vLLM's LoRA loader reads
     (r, lora_alpha, target_modules, bias "none", no modules_to_save, no DoRA). Target
     modules are full module paths: PEFT matches a full name exactly, so the adapter lands on

@@ -473,8 +473,9 @@ class TeacherContexts:
         def padded(tensor: Any) -> Any:  # (1, heads, n, head_dim) -> (1, heads, width, ...)
             return F.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
 
-        layers = [tuple(torch.cat([padded(cache[i][kv]) for cache in caches])
-                        for kv in (0, 1)) for i in range(len(caches[0]))]
+        layers = [(torch.cat([padded(cache[i][0]) for cache in caches]),
+                   torch.cat([padded(cache[i][1]) for cache in caches]))
+                  for i in range(len(caches[0]))]
         _, mask = pad_left(list(contexts.values()), 0)
         mask = mask.to(device)
         return cls(dict(contexts), {session: i for i, session in enumerate(contexts)}, layers,
@@ -783,17 +784,17 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
         for step in range(cfg.steps):
             picks = [rng.choices(pool[s])[0] for s in rng.choices(
                 sources, weights=[weights[s] for s in sources], k=cfg.prompts_per_step)]
-            lesson = _lesson_batch(model, tokenizer, picks, cfg, stop)
+            batch = _lesson_batch(model, tokenizer, picks, cfg, stop)
             chosen = (rng.sample(range(len(guard_set)),
                                  min(cfg.guard_prompts_per_step, len(guard_set)))
                       if guard_set and step % cfg.guard_every == 0 else [])
             optimizer.zero_grad(set_to_none=True)
             kl, guard = backpropagate(
-                model, tokenizer, contexts, lesson, [guard_set[i] for i in chosen],
+                model, tokenizer, contexts, batch, [guard_set[i] for i in chosen],
                 None if references is None else [references[i] for i in chosen], cfg)
             optimizer.step()
             stats.steps += 1
-            stats.tokens += lesson.distilled_tokens(cfg.skip_first)
+            stats.tokens += batch.distilled_tokens(cfg.skip_first)
             stats.loss.append(kl + cfg.guard_step_weight * guard)
             stats.kl.append(kl)
             if chosen:

@@ -57,7 +57,7 @@ def mlp_modules(model: Any) -> list[str]:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
     named = dict(model.named_modules())
-    model_type = getattr(model.config, "model_type", None)
+    model_type = str(getattr(model.config, "model_type", ""))
     outputs = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
     if outputs:
         parents = {name.rpartition(".")[0] for name, module in named.items()
@@ -90,12 +90,12 @@ def target_names(model: Any, targets: str | Sequence[str] = "mlp") -> str | list
     if targets == "peft":
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-        model_type = getattr(model.config, "model_type", None)
-        names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-        if not names:
+        model_type = str(getattr(model.config, "model_type", ""))
+        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if not defaults:
             raise ValueError(f"PEFT has no default LoRA targets for model_type "
                              f"{model_type!r}: use targets=\"mlp\", \"all-linear\" or names")
-        return list(names)
+        return list(defaults)
     if targets != "mlp":
         raise ValueError(f"targets={targets!r} must be one of {', '.join(TARGET_CHOICES)} or "
                          "a list of module names")
@@ -116,10 +116,10 @@ def target_names(model: Any, targets: str | Sequence[str] = "mlp") -> str | list
 
 def matched_modules(model: Any, names: str | Sequence[str]) -> dict[str, Any]:
     """The model's modules that PEFT would adapt for target_modules `names`, by full name."""
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    config = LoraConfig(target_modules=names if isinstance(names, str) else list(names))
+    config: PeftConfig = LoraConfig(target_modules=names if isinstance(names, str) else list(names))
     if names == "all-linear":
         from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
@@ -153,7 +153,9 @@ def attach_lora(model: Any, seed: int, rank: int = 8, alpha: float = 16.0,
     if not modules:
         raise ValueError(f"targets {target_modules!r} match no linear layer of this "
                          f"{getattr(model.config, 'model_type', '?')!r} model")
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
+    # PEFT annotates lora_alpha as int but scales by lora_alpha / r in floats.
+    config = LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
+                        target_modules=target_modules, lora_dropout=0.0,
                         bias="none", task_type="CAUSAL_LM",
                         fan_in_fan_out=fan_in_fan_out(modules))
     peft_model = get_peft_model(model, config)

@@ -63,7 +63,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
                                                  dtype=getattr(torch, dtype))
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types its `to` wrapper unbound
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
