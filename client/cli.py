@@ -55,6 +55,18 @@ def add_client_commands(commands: Any) -> None:
                                   "adapted model must answer as the base model does; default: "
                                   "the sessions themselves, which guard the model's reading of "
                                   "new context far less (README, Consolidation)")
+    consolidate.add_argument("--device", default=None, choices=("cpu", "cuda", "mps"),
+                             help="where the model runs (default cpu)")
+    consolidate.add_argument("--dtype", default=None,
+                             help="the base model's dtype: float32 (default), bfloat16, "
+                                  "float16 (or fp32, bf16, fp16); LoRA stays float32")
+    consolidate.add_argument("--targets", default="mlp",
+                             help="the layers LoRA adapts: mlp (default: each block's MLP), "
+                                  "peft (PEFT's default for the family), all-linear, or "
+                                  "comma-separated module names")
+    consolidate.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    consolidate.add_argument("--alpha", type=float, default=16.0,
+                             help="LoRA alpha (default 16)")
     consolidate.add_argument("--per-session", action="store_true",
                              help="one delta per session, what session- and user-level DP "
                                   "clip (the site agent clips; this command does not)")
@@ -133,14 +145,23 @@ def _client_consolidate(args: argparse.Namespace) -> int:
 
     from fleetmind.client.consolidate import consolidate_store, read_prompts
     from fleetmind.client.distill import DistillConfig
+    from fleetmind.client.lora import TARGET_CHOICES
 
     try:
         cfg = DistillConfig()
         if args.steps is not None:
             cfg = replace(cfg, steps=args.steps)
+        if args.device is not None:
+            cfg = replace(cfg, device=args.device)
+        if args.dtype is not None:
+            cfg = replace(cfg, dtype=args.dtype)
+        targets = args.targets if args.targets in TARGET_CHOICES else [
+            name.strip() for name in args.targets.split(",") if name.strip()]
         guard = read_prompts(args.guard) if args.guard else []
         result = consolidate_store(args.model, args.store, args.out, cfg, site=args.site,
-                                   seed=args.seed, per_session=args.per_session, guard=guard)
+                                   seed=args.seed, rank=args.rank, alpha=args.alpha,
+                                   targets=targets, per_session=args.per_session,
+                                   guard=guard)
     except (FileNotFoundError, ValueError) as error:
         raise argparse.ArgumentError(None, str(error)) from None
     stats = result.stats

@@ -97,7 +97,9 @@ def consolidate(config: SiteConfig, sessions: list[Session], base_version: int,
             raise VersionError(f"{config.data_dir / CURRENT} holds version {manifest.version},"
                                f" the link says {base_version}: roll back or download again")
         guard = read_prompts(config.guard_prompts) if config.guard_prompts else []
-        model, tokenizer = load_model(config.model_dir)
+        # The site's own device and dtype ([distill] device/dtype in its config).
+        model, tokenizer = load_model(config.model_dir, dtype=config.distill.dtype,
+                                      device=config.distill.device)
         # The version's own adapter config: its exact module paths, rank and alpha, so the
         # delta's shapes are the aggregator's and A is the version's public frozen A.
         targets = adapter.get("target_modules") or list(lora.MLP_TARGETS)

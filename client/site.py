@@ -97,7 +97,14 @@ def _refresh(config: SiteConfig, channel: grpc.Channel, public_key: bytes) -> in
     number = int(folder.name)
     if current_version(config.data_dir) == number:
         return None
-    activate(config.data_dir, folder, public_key)
+    try:
+        activate(config.data_dir, folder, public_key, model_dir=config.model_dir)
+    except VersionError as error:
+        # Signed but not for this site (another base model, a downgrade, norms out of
+        # bounds): nothing was activated. Raised, not retried: the loop stops on it, since
+        # waiting cannot change the version or the site's model.
+        log.error("%s: refused version %d: %s", config.name, number, error)
+        raise
     log.info("%s: activated version %d", config.name, number)
     if config.serving_url:
         notify_serving(config.serving_url, f"{config.name}-v{number}", folder)

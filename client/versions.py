@@ -279,12 +279,15 @@ def verify_folder(folder: Path, public_key: Ed25519PublicKey | bytes) -> Manifes
 # ---- activation -----------------------------------------------------------------------
 
 
-def activate(site_dir: Path, version_dir: Path, public_key: bytes | None = None) -> int:
+def activate(site_dir: Path, version_dir: Path, public_key: bytes | None = None,
+             model_dir: Path | None = None) -> int:
     """Makes `version_dir` (a folder under site_dir/versions/, as download_latest returns)
     the current version and keeps the one it replaces as `previous`. The folder is always
     verified first, with `public_key` or else the key download_latest recorded (neither:
     refused), and its norms checked (`check_norms`). Refuses a version older than the
-    active one, and one a rollback pinned out. Returns the activated version number."""
+    active one, and one a rollback pinned out. With `model_dir` (the site's base model),
+    a version whose manifest names another base model's sha256 is refused before any link
+    moves (`model.check_base_model`). Returns the activated version number."""
     site_dir = Path(site_dir)
     version_dir = Path(version_dir)
     number = _version_number(site_dir, version_dir)
@@ -296,6 +299,10 @@ def activate(site_dir: Path, version_dir: Path, public_key: bytes | None = None)
     manifest = verify_folder(version_dir, key)
     if manifest.version != number:
         raise VersionError(f"{version_dir} holds version {manifest.version}, not {number}")
+    if model_dir is not None:
+        from fleetmind.client.model import check_base_model
+
+        check_base_model(manifest, model_dir)
     current = _target(site_dir, CURRENT)
     if current == version_dir.name:
         return number

@@ -62,7 +62,9 @@ def consolidate_site(message: Message, run: FlowerRun, site: SiteNode,
     from fleetmind.client.store import SessionStore
 
     model, tokenizer = _adapted_model(str(run.model_path()), run.lora_seed, run.lora_rank,
-                                      run.lora_alpha, run.torch_threads)
+                                      run.lora_alpha, run.torch_threads,
+                                      _hashable(run.lora_targets), run.device,
+                                      run.distill.dtype)
     lora.set_b(model, b_tensors(message.content.array_records[ARRAYS]))
     site.state.mkdir(parents=True, exist_ok=True)
     guard_file = Path(run.world) / "guard.jsonl"
@@ -93,9 +95,14 @@ def consolidate_site(message: Message, run: FlowerRun, site: SiteNode,
                    reply_to=message)
 
 
+def _hashable(targets: str | list[str]) -> str | tuple[str, ...]:
+    return targets if isinstance(targets, str) else tuple(targets)
+
+
 @functools.cache
-def _adapted_model(model: str, seed: int, rank: int, alpha: float, threads: int
-                   ) -> tuple[Any, Any]:
+def _adapted_model(model: str, seed: int, rank: int, alpha: float, threads: int,
+                   targets: str | tuple[str, ...] = "mlp", device: str = "cpu",
+                   dtype: str = "float32") -> tuple[Any, Any]:
     """One PEFT model per process, reused across rounds and across the virtual sites a
     simulation worker serves in turn (B is set from each message, A is the seed's)."""
     import torch
@@ -106,8 +113,10 @@ def _adapted_model(model: str, seed: int, rank: int, alpha: float, threads: int
     # Simulation workers share the machine's cores; one torch thread each avoids
     # oversubscribing them.
     torch.set_num_threads(threads)
-    base, tokenizer = load_model(model)
-    return lora.attach_lora(base, seed=seed, rank=rank, alpha=alpha), tokenizer
+    base, tokenizer = load_model(model, dtype=dtype, device=device)
+    return lora.attach_lora(base, seed=seed, rank=rank, alpha=alpha,
+                            targets=targets if isinstance(targets, str) else list(targets)
+                            ), tokenizer
 
 
 app = client_app()

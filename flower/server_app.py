@@ -53,7 +53,7 @@ def adapted_model(run: FlowerRun) -> tuple[Any, Any]:
 
     base, tokenizer = load_model(run.model_path())
     return lora.attach_lora(base, seed=run.lora_seed, rank=run.lora_rank,
-                            alpha=run.lora_alpha), tokenizer
+                            alpha=run.lora_alpha, targets=run.lora_targets), tokenizer
 
 
 def make_strategy(run: FlowerRun) -> Strategy:

@@ -34,7 +34,11 @@ class FlowerRun:
     sites: SuperNodes to wait for before round 1. rounds: server rounds.
     server-learning-rate: eta in B_new = B + eta * mean(dB) (aggregation/merge.py).
     dp-clip-norm, dp-noise-multiplier: Flower's client-side fixed clipping (0 = off).
-    steps ... distill-lr: the OPSD budget per site and round (client/distill.py)."""
+    steps ... distill-lr: the OPSD budget per site and round (client/distill.py).
+    targets: the layers LoRA adapts: mlp (each block's MLP), peft (PEFT's default for the
+    family), all-linear, or comma-separated module names (client/lora.py).
+    device, dtype: where each site's model runs and in what (cpu, cuda, cuda:N, mps;
+    float32, bfloat16, float16 or fp32, bf16, fp16); LoRA stays float32."""
 
     world: str = "out/world"
     model: str = ""
@@ -48,6 +52,9 @@ class FlowerRun:
     lora_seed: int = 7
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    targets: str = "mlp"
+    device: str = "cpu"
+    dtype: str = "float32"
     dp_clip_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 1e-5
@@ -78,6 +85,9 @@ class FlowerRun:
                             "to the clipping norm")
         if not 0 < self.dp_delta < 1:
             problems.append(f"dp-delta={self.dp_delta} must be in (0, 1)")
+        if not self.lora_targets:
+            problems.append(f"targets={self.targets!r} must be mlp, peft, all-linear or "
+                            "comma-separated module names")
         module, colon, function = self.evaluate.partition(":")
         if self.evaluate and not (module and colon and function.isidentifier()):
             problems.append(f"evaluate={self.evaluate!r} must be 'module:function' "
@@ -113,7 +123,15 @@ class FlowerRun:
                              prompts_per_step=self.prompts_per_step,
                              samples_per_prompt=self.samples_per_prompt,
                              dreams_per_lesson=self.dreams_per_lesson,
-                             guard_prompts_per_step=self.guard_prompts_per_step)
+                             guard_prompts_per_step=self.guard_prompts_per_step,
+                             device=self.device, dtype=self.dtype)
+
+    @property
+    def lora_targets(self) -> str | list[str]:
+        """`targets` as client.lora.attach_lora takes it: a named choice, or a list."""
+        if self.targets in ("mlp", "peft", "all-linear"):
+            return self.targets
+        return [name.strip() for name in self.targets.split(",") if name.strip()]
 
     @property
     def dp(self) -> bool:

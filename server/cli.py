@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import signal
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +44,31 @@ def add_server_commands(commands: Any) -> None:
                      help="serve Prometheus metrics over HTTP here (overrides the config's "
                           "metrics_listen; default: none)")
     run.set_defaults(run=_server_run)
+
+    adapter = sub.add_parser(
+        "adapter", help="write the genesis [adapter] table from a local model folder",
+        description="Write the aggregator's genesis adapter (base model id and sha256, "
+                    "modules and shapes, rank, alpha, frozen-A seed, fan_in_fan_out) from a "
+                    "local Hugging Face model folder, for a config's adapter_file. Reading a "
+                    "model needs the client extra (torch, transformers, peft); it runs as a "
+                    "process of its own, so the aggregator never imports them.")
+    adapter.add_argument("--model", type=Path, required=True, metavar="DIR",
+                         help="the base model's local Hugging Face folder")
+    adapter.add_argument("--out", type=Path, required=True, metavar="FILE",
+                         help="where to write the [adapter] table (.toml, or .json)")
+    adapter.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    adapter.add_argument("--alpha", type=float, default=16.0,
+                         help="LoRA alpha (default 16)")
+    adapter.add_argument("--targets", default="mlp",
+                         help="mlp (default), peft (PEFT's default for the family), "
+                              "all-linear, or comma-separated module names")
+    adapter.add_argument("--seed", type=int, default=0,
+                         help="the public seed every site derives the frozen A from "
+                              "(default 0)")
+    adapter.add_argument("--base-model-id", "--id", dest="base_model_id",
+                         help="the base model's name in manifests (default: the folder's "
+                              "name)")
+    adapter.set_defaults(run=_server_adapter)
 
     key = sub.add_parser(
         "key", help="print the aggregator's public signing key",
@@ -117,6 +145,35 @@ def _server_run(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops it like SIGTERM does
         stopping.wait()
     running.stop(grace=5.0)
+    return 0
+
+
+# What reading a model folder needs: the client extra. Named as strings and looked up, never
+# imported: the aggregator's image has none of them.
+CLIENT_EXTRA = ("torch", "transformers", "peft")
+ADAPTER_SPEC_MODULE = "fleetmind.client.adapter_spec"
+
+
+def _server_adapter(args: argparse.Namespace) -> int:
+    """Runs `python -m fleetmind.client.adapter_spec` with the same options."""
+    missing = [name for name in CLIENT_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise argparse.ArgumentError(None, f"server adapter needs the client extra: pip install "
+                                           f"'fleetmind[client]' (missing: {', '.join(missing)})"
+                                           "; or run it where the model and the client are, "
+                                           "and copy the file to the aggregator")
+    command = [sys.executable, "-m", ADAPTER_SPEC_MODULE, "--model", str(args.model),
+               "--out", str(args.out), "--rank", str(args.rank), "--alpha", str(args.alpha),
+               "--targets", args.targets, "--seed", str(args.seed)]
+    if args.base_model_id:
+        command += ["--id", args.base_model_id]
+    # Its line naming what it wrote goes straight through; an error comes back as ours.
+    done = subprocess.run(command, check=False, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise argparse.ArgumentError(None, last.split(" error: ", 1)[-1])
+    sys.stderr.write(done.stderr)
     return 0
 
 

@@ -17,14 +17,18 @@ FLEETMIND_PRIVACY__CLIP_NORM, ...
     secure_aggregation = true        # false: the plain-sum ablation, loopback listen only
     [privacy]                        # PrivacyPolicy
     clip_norm = 1.0; noise_multiplier = 1.0; noise_mode = "distributed"; epsilon_budget = 10
+    adapter_file = "adapter.toml"    # the [adapter] table `fleetmind server adapter` wrote,
+                                     # relative to the config file; or the table itself:
     [adapter]                        # what genesis adapts (only read for a fresh data dir)
     base_model_id = "..."; base_model_sha256 = "..."; frozen_a_seed = 0; rank = 8
+    alpha = 16.0; fan_in_fan_out = false   # true for Conv1D layers (GPT-2)
     modules = [{name = "model.layers.0.mlp.gate_proj", in_features = 64, out_features = 128}]
+
+Neither adapter_file nor [adapter]: DEV_ADAPTER, the committed toy model's (development).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,7 +38,7 @@ from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.aggregation.quantize import RING_BITS
 from fleetmind.runtime.addresses import LOOPBACK_NAMES, is_loopback, split_host_port
-from fleetmind.runtime.config import ConfigError, dataclass_types, load_document
+from fleetmind.runtime.config import ConfigError, dataclass_types, load_document, read_document
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.versions import AdapterSpec, TargetModule
 
@@ -141,13 +145,19 @@ class TlsPaths:
     ca_certificate: Path
 
 
-# For development without a config file: a small made-up adapter, so a bare
-# `fleetmind server run --insecure --data DIR` has a genesis version to serve.
+# For development without a config file: the committed toy model's MLPs (sim/toy_model,
+# Llama, hidden 128, intermediate 512, 2 layers), as `fleetmind server adapter --model
+# sim/toy_model` writes them with its defaults, so a bare `fleetmind server run --insecure
+# --data DIR` and a site on the toy model complete a round. Hard-coded because the server
+# never imports the client; tests/test_models_wiring.py checks it against the model folder.
+TOY_MODEL_SHA256 = "84524f6e569532cfeac2d9c97429bbd5712debec60fab20843390b6312660e19"
 DEV_ADAPTER = AdapterSpec(
-    base_model_id="fleetmind-dev", base_model_sha256=hashlib.sha256(b"fleetmind-dev").hexdigest(),
-    modules=(TargetModule("model.layers.0.mlp.gate_proj", 32, 64),
-             TargetModule("model.layers.0.mlp.down_proj", 64, 32)),
-    frozen_a_seed=0, rank=4)
+    base_model_id="toy_model", base_model_sha256=TOY_MODEL_SHA256,
+    modules=tuple(TargetModule(f"model.layers.{layer}.mlp.{name}", *shape)
+                  for layer in (0, 1)
+                  for name, shape in (("gate_proj", (128, 512)), ("up_proj", (128, 512)),
+                                      ("down_proj", (512, 128)))),
+    frozen_a_seed=0, rank=8, alpha=16.0)
 
 
 @dataclass(frozen=True)
@@ -220,22 +230,49 @@ def _section(raw: dict[str, Any], name: str, cls: type) -> Any:
         raise ConfigError(f"[{name}]: {error}") from None
 
 
-def _adapter(raw: dict[str, Any]) -> AdapterSpec:
+def _adapter(raw: Any, source: str = "[adapter]") -> AdapterSpec:
+    """The genesis AdapterSpec of an [adapter] table (fan_in_fan_out included)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a table of keys")
     values = dict(raw)
+    known = {f.name for f in fields(AdapterSpec)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source} has unknown keys {unknown}; known: {sorted(known)}")
     try:
         values["modules"] = tuple(TargetModule(**m) for m in values.get("modules", ()))
         return AdapterSpec(**values)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"[adapter]: {error}") from None
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _adapter_file(value: Any, base: Path) -> AdapterSpec:
+    """The [adapter] table of the file `adapter_file` names (as `fleetmind server adapter`
+    writes it: TOML, or JSON with an "adapter" object), relative to the config file."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"adapter_file={value!r} must be a path (a string), e.g. "
+                          "\"adapter.toml\" as `fleetmind server adapter --out` wrote it")
+    path = base / Path(value).expanduser()
+    try:
+        document = read_document(path)
+    except ConfigError as error:
+        raise ConfigError(f"adapter_file={value!r}: {error}; write it with `fleetmind "
+                          "server adapter --model DIR --out FILE`") from None
+    if "adapter" not in document:
+        raise ConfigError(f"adapter_file={value!r}: {path} has no [adapter] table")
+    return _adapter(document["adapter"], f"[adapter] of {path}")
 
 
 def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
     """A ServerConfig from a parsed TOML/JSON document; relative paths are against `base`."""
     known = {"listen", "data_dir", "insecure", "tls", "cohort", "privacy", "adapter",
-             "max_workers", "metrics_listen", "limits"}
+             "adapter_file", "max_workers", "metrics_listen", "limits"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown keys {unknown}; known: {sorted(known)}")
+    if "adapter" in raw and "adapter_file" in raw:
+        raise ConfigError("both [adapter] and adapter_file are given: keep one (adapter_file, "
+                          "as `fleetmind server adapter` wrote it, or the table itself)")
     if "data_dir" not in raw:
         raise ConfigError("data_dir is missing: name the folder for versions, ledger and "
                           "enrolments")
@@ -257,13 +294,19 @@ def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
         limits = ServerLimits(**raw.get("limits", {}))
     except (TypeError, ValueError) as error:
         raise ConfigError(f"[limits]: {error}; see server/limits.py for the keys") from None
+    if "adapter_file" in raw:
+        adapter = _adapter_file(raw["adapter_file"], base)
+    elif "adapter" in raw:
+        adapter = _adapter(raw["adapter"])
+    else:
+        adapter = DEV_ADAPTER
     try:
         return ServerConfig(
             data_dir=path(raw["data_dir"]), listen=str(raw.get("listen", "127.0.0.1:0")),
             insecure=bool(raw.get("insecure", False)), tls=tls,
             cohort=_section(raw, "cohort", CohortPolicy),
             privacy=_section(raw, "privacy", PrivacyPolicy),
-            adapter=_adapter(raw["adapter"]) if "adapter" in raw else DEV_ADAPTER,
+            adapter=adapter,
             max_workers=int(raw.get("max_workers", 256)),
             metrics_listen=raw.get("metrics_listen"), limits=limits)
     except ConfigError:
@@ -279,5 +322,5 @@ def load_config(path: Path) -> ServerConfig:
     tables = {"tls": dataclass_types(TlsPaths), "cohort": dataclass_types(CohortPolicy),
               "privacy": dataclass_types(PrivacyPolicy),
               "limits": dataclass_types(ServerLimits)}
-    return parse_config(load_document(path, dataclass_types(ServerConfig), tables),
-                        path.parent)
+    types = {**dataclass_types(ServerConfig), "adapter_file": "str"}
+    return parse_config(load_document(path, types, tables), path.parent)

@@ -49,6 +49,7 @@ from fleetmind.aggregation.manifest import (  # noqa: F401
     NoiseMode,
     VersionError,
     check_release,
+    peft_adapter_config,
     verify_manifest,
 )
 from fleetmind.aggregation.manifest import SHA256_HEX as _SHA256
@@ -102,6 +103,8 @@ class AdapterSpec:
     frozen_a_seed: int
     rank: int = 8
     alpha: float = 16.0
+    # The layers are Conv1D (GPT-2), whose weight is stored (in, out): PEFT must transpose.
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules", tuple(self.modules))
@@ -122,18 +125,15 @@ class AdapterSpec:
             raise ValueError(f"alpha={self.alpha} must be finite and > 0")
         if not 0 <= self.frozen_a_seed < 2**63:
             raise ValueError(f"frozen_a_seed={self.frozen_a_seed} must be in 0..2^63-1")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"fan_in_fan_out={self.fan_in_fan_out!r} must be true or false")
 
     def adapter_config(self) -> dict:
-        """PEFT's adapter_config.json. Target modules are the full module paths: PEFT
-        matches a full name exactly, so the adapter lands on these layers and no others."""
-        return {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": self.base_model_id,
-            "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": 0.0, "bias": "none",
-            "target_modules": sorted(module.name for module in self.modules),
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None, "use_rslora": False, "use_dora": False,
-        }
+        """PEFT's adapter_config.json (aggregation.manifest.peft_adapter_config): target
+        modules are the full module paths, so the adapter lands on these layers only."""
+        return peft_adapter_config(self.base_model_id, self.rank, self.alpha,
+                                   [module.name for module in self.modules],
+                                   self.fan_in_fan_out)
 
 
 @dataclass(frozen=True)

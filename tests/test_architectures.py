@@ -12,7 +12,6 @@ layers: fan_in_fan_out) and GPT-NeoX (OpenAssistant's <|prompter|> ... <|endofte
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import threading
@@ -150,10 +149,8 @@ PRIVACY = PrivacyPolicy(clip_norm=CLIP, noise_multiplier=1.0, epsilon_budget=10.
 
 def aggregator_spec(spec: dict) -> AdapterSpec:
     """The aggregator's AdapterSpec from `adapter_spec`'s table, as server/config.py reads
-    an [adapter] table (fan_in_fan_out once AdapterSpec carries it)."""
+    an [adapter] table, fan_in_fan_out included."""
     values = {k: v for k, v in spec.items() if k != "modules"}
-    if "fan_in_fan_out" not in {f.name for f in dataclasses.fields(AdapterSpec)}:
-        values.pop("fan_in_fan_out")
     return AdapterSpec(modules=tuple(TargetModule(**m) for m in spec["modules"]), **values)
 
 
@@ -204,9 +201,6 @@ def check_vllm_fields(config: dict, conv1d: bool) -> None:
     assert not config.get("use_dora") and not config.get("lora_bias")
     assert not config.get("layer_replication") and not config.get("rank_pattern")
     assert not config.get("alpha_pattern") and config.get("init_lora_weights", True) is True
-    if conv1d and "fan_in_fan_out" not in {f.name for f in dataclasses.fields(AdapterSpec)}:
-        pytest.xfail("the aggregator's AdapterSpec does not carry fan_in_fan_out yet "
-                     "(server/versions.py: aggregation.manifest.peft_adapter_config)")
     assert config.get("fan_in_fan_out", False) is conv1d
 
 

@@ -98,3 +98,27 @@ def test_the_client_commands_load_neither_torch_nor_the_server() -> None:
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_consolidate_passes_device_dtype_targets_rank_and_alpha(tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    from fleetmind.client import consolidate
+
+    seen: dict = {}
+
+    def fake(model, store, out, cfg, **settings):
+        seen.update(settings, cfg=cfg)
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(consolidate, "consolidate_store", fake)
+    argv = ["client", "consolidate", "--model", str(tmp_path), "--store", str(tmp_path),
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "bf16",
+            "--targets", "gate_proj, up_proj", "--rank", "4", "--alpha", "8"]
+    assert cli.main(argv) == 2 and "stopped here" in capsys.readouterr().err
+    assert (seen["cfg"].device, seen["cfg"].dtype) == ("cpu", "bfloat16")
+    assert (seen["targets"], seen["rank"], seen["alpha"]) == (["gate_proj", "up_proj"], 4, 8.0)
+    assert cli.main([*argv[:8], "--targets", "peft"]) == 2 and seen["targets"] == "peft"
+    capsys.readouterr()
+    assert cli.main([*argv[:8], "--dtype", "float8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "float8" in err

@@ -156,6 +156,22 @@ def test_run_config_is_typed_and_refuses_unknown_keys() -> None:
         FlowerRun(dp_noise_multiplier=1.0)
 
 
+def test_targets_device_and_dtype_are_run_config_settings(toy_model_dir) -> None:
+    from fleetmind.client import lora
+    from fleetmind.flower.server_app import adapted_model
+
+    run = FlowerRun.from_config({"targets": "gate_proj, up_proj", "device": "cpu",
+                                 "dtype": "bf16", "model": str(toy_model_dir)})
+    assert run.lora_targets == ["gate_proj", "up_proj"] and FlowerRun().lora_targets == "mlp"
+    assert (run.distill.device, run.distill.dtype) == ("cpu", "bfloat16")
+    with pytest.raises(ValueError, match="targets=' , '"):
+        FlowerRun(targets=" , ")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        FlowerRun(device="tpu")
+    model, _ = adapted_model(FlowerRun(model=str(toy_model_dir), targets="gate_proj"))
+    assert sorted(lora.get_b(model)) == [f"model.layers.{i}.mlp.gate_proj" for i in (0, 1)]
+
+
 def fixed_evaluation(run: FlowerRun, model: object, tokenizer: object):
     return lambda server_round: {"round": float(server_round), "sites": float(run.sites)}
 

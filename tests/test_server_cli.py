@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleetmind.server import identity
 from fleetmind.server.cli import add_server_commands
-from fleetmind.server.config import ConfigError, load_config
+from fleetmind.server.config import DEV_ADAPTER, ConfigError, load_config
 
 
 def run(argv: list[str]) -> int:
@@ -119,3 +119,26 @@ def test_dev_mode_serves_health_until_sigterm(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
     assert (tmp_path / "data" / "versions" / "00000000" / "manifest.sig").is_file()
+    # The dev default is the committed toy model's adapter: a site on it activates version 0.
+    manifest = json.loads((tmp_path / "data" / "versions" / "00000000" / "manifest.json")
+                          .read_text())
+    assert (manifest["base_model_id"], manifest["base_model_sha256"]) == (
+        "toy_model", DEV_ADAPTER.base_model_sha256)
+
+
+def test_adapter_help_names_its_options_and_loads_no_torch() -> None:
+    code = ("import sys, argparse\n"
+            "from fleetmind.server.cli import add_server_commands\n"
+            "p = argparse.ArgumentParser(prog='fleetmind')\n"
+            "add_server_commands(p.add_subparsers(dest='command'))\n"
+            "try:\n"
+            "    p.parse_args(['server', 'adapter', '--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "assert 'torch' not in sys.modules and 'fleetmind.client' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    for option in ("--model", "--out", "--rank", "--alpha", "--targets", "--seed",
+                   "--base-model-id"):
+        assert option in done.stdout

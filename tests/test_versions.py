@@ -74,6 +74,29 @@ def test_genesis_is_idempotent_and_refuses_another_spec(registry, tmp_path, key)
         again.genesis(other)
 
 
+def test_genesis_config_bytes_are_unchanged_without_fan_in_fan_out(registry) -> None:
+    """The adapter config of a Linear model's genesis is byte for byte what it always was,
+    so an existing data dir's genesis still matches its spec."""
+    expected = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "toy-llama",
+        "r": 4, "lora_alpha": 16.0, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(m.name for m in MODULES), "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False}
+    raw = (registry.get(0).folder / "adapter_config.json").read_bytes()
+    assert raw == json.dumps(expected, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_fan_in_fan_out_reaches_the_adapter_config(tmp_path, key) -> None:
+    conv1d = AdapterSpec("toy-gpt2", BASE_HASH, MODULES, frozen_a_seed=1234, rank=4,
+                         fan_in_fan_out=True)
+    genesis = VersionRegistry(tmp_path, key).genesis(conv1d)
+    config = json.loads((genesis.folder / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        AdapterSpec("m", BASE_HASH, MODULES, frozen_a_seed=0, fan_in_fan_out="yes")  # type: ignore[arg-type]
+
+
 def test_publish_keeps_a_carries_b_and_records_the_round(registry, key) -> None:
     b = new_b()
     published = registry.publish(b, RELEASE)

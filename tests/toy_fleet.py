@@ -1,7 +1,9 @@
 """Shared settings for tests that run whole sites on the toy model against an aggregator."""
 
 from fleetmind.client.distill import DistillConfig
+from fleetmind.client.model import base_model_hash
 from fleetmind.server.versions import AdapterSpec, TargetModule
+from fleetmind.sim.basemodel import toy_model_path
 
 # The toy model's MLPs (hidden 128, intermediate 512), as client/lora.py adapts them.
 TOY_MODULES = tuple(
@@ -9,7 +11,9 @@ TOY_MODULES = tuple(
     for layer in (0, 1)
     for name, shape in (("gate_proj", (128, 512)), ("up_proj", (128, 512)),
                         ("down_proj", (512, 128))))
-TOY_SPEC = AdapterSpec("toy", "ab" * 32, TOY_MODULES, frozen_a_seed=7, rank=8, alpha=16.0)
+# The toy model's own hash: sites refuse a version whose manifest names another model.
+TOY_HASH = base_model_hash(toy_model_path(build=False))
+TOY_SPEC = AdapterSpec("toy", TOY_HASH, TOY_MODULES, frozen_a_seed=7, rank=8, alpha=16.0)
 # A consolidation small enough for a test: the round, not the learning, is under test.
 FAST = DistillConfig(steps=2, dreams_per_lesson=2, prompts_per_step=2, samples_per_prompt=2,
                      guard_prompts_per_step=4)
