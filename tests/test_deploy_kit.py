@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import yaml
 
 from fleetmind.cli.main import build_parser
 from fleetmind.client.metrics import SiteMetrics
+from fleetmind.client.model import base_model_hash
 from fleetmind.client.site_config import SiteConfig
 from fleetmind.server.config import ServerConfig, parse_config, split_listen
 from fleetmind.server.metrics import ServerMetrics
@@ -148,9 +148,8 @@ def toy_adapter() -> dict[str, Any]:
                for layer in range(config["num_hidden_layers"])
                for name, (a, b) in (("gate_proj", (hidden, inner)), ("up_proj", (hidden, inner)),
                                     ("down_proj", (inner, hidden)))]
-    digest = hashlib.sha256(b"".join(p.read_bytes()
-                                     for p in sorted(TOY_MODEL.glob("*.safetensors"))))
-    return {"base_model_sha256": digest.hexdigest(), "modules": modules}
+    # The hash a site checks a version against before activating it.
+    return {"base_model_sha256": base_model_hash(TOY_MODEL), "modules": modules}
 
 
 # ---- where each command's config comes from ---------------------------------------------
