@@ -1,4 +1,5 @@
-"""The simulator's commands: `model` (the toy world and base model), `bench` and `demo`.
+"""The simulator's commands: `model` (the toy world and base model, and random-initialised
+models in real shapes), `bench` and `demo`.
 
 `add_sim_commands` plugs them into the program's subparsers (fleetmind.cli.main registers
 it). Heavy libraries (torch, transformers) are imported inside the commands that need them.
@@ -35,7 +36,8 @@ def positive_int(text: str) -> int:
 
 def add_model_commands(commands: Any) -> None:
     model = commands.add_parser("model", help="the toy world and base model",
-                                description="Toy world, toy base model, and model evaluation.")
+                                description="Toy world, toy base model, random-initialised "
+                                            "models in real shapes, and model evaluation.")
     # Sub-commands use the caller's parser class (one-line errors, exit 2).
     sub = model.add_subparsers(dest="action", required=True, metavar="ACTION",
                                parser_class=type(model))
@@ -67,6 +69,10 @@ def add_model_commands(commands: Any) -> None:
     evaluate.add_argument("--world", type=Path, required=True)
     evaluate.add_argument("--json", action="store_true", help="print JSON, not a table")
     evaluate.set_defaults(run=_model_eval)
+
+    from fleetmind.sim.random_model import register as register_build_random
+
+    register_build_random(sub, positive_int)
 
 
 def _model_world(args: argparse.Namespace) -> int:

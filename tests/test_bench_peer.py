@@ -30,3 +30,16 @@ def test_peer_trains_only_b_and_reports_its_cost(toy_model_dir, tmp_path) -> Non
     # max_new_tokens), counted as ours counts them.
     samples = cost["steps"] * 4 * 4
     assert samples <= cost["distilled_tokens"] <= samples * 12
+
+
+def test_peer_distils_over_the_top_k_ours_resolves_for_the_vocabulary(tmp_path) -> None:
+    from fleetmind.sim.bench.peer_sdft import sdft_config
+
+    auto = distill.DistillConfig()
+    for vocabulary, mode, top_k in ((888, "full_logits", None),
+                                    (49152, "topk_logits", distill.AUTO_TOP_K_TOKENS)):
+        resolved = distill.resolve_top_k(auto.top_k, vocabulary)  # as run_peer does
+        config = sdft_config(distill.DistillConfig(top_k=resolved), tmp_path)
+        assert config.distillation_mode == mode
+        if top_k is not None:
+            assert config.distillation_topk == top_k and config.distillation_add_tail

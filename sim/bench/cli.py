@@ -1,5 +1,6 @@
 """The `bench` command group: `fleetmind bench aggregation|consolidate|wire|all --out DIR
-[--quick]`, and `fleetmind bench report --out DIR`."""
+[--quick]`, `fleetmind bench consolidate --model DIR` (the cost alone, on any model folder),
+and `fleetmind bench report --out DIR`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import argparse
 import time
 from pathlib import Path
 from typing import Any
+
+from fleetmind.sim.cli import positive_int
 
 
 def add_bench_commands(commands: Any) -> None:
@@ -30,9 +33,21 @@ def add_bench_commands(commands: Any) -> None:
         "consolidate", help="one site's OPSD against baselines and ablations",
         description="Recovery and forgetting of OPSD against SFT on transcripts and off-policy "
                     "distillation, and without dreams, replay or the guard, in one run; "
-                    "writes DIR/consolidate.json.")
+                    "writes DIR/consolidate.json. With --model, on that model folder, the "
+                    "cost against TRL's SDFTTrainer alone (the rest needs the toy model); "
+                    "writes DIR/consolidate-model.json.")
     consolidate.add_argument("--out", type=Path, required=True)
     consolidate.add_argument("--quick", action="store_true", help="a few steps, a smoke run")
+    consolidate.add_argument("--model", type=Path, default=None,
+                             help="a local model folder (e.g. from `fleetmind model "
+                                  "build-random`): measure only the cost against the peer")
+    consolidate.add_argument("--steps", type=positive_int, default=None,
+                             help="distillation steps per half (default 90, 10 with --quick)")
+    consolidate.add_argument("--runs", type=positive_int, default=None,
+                             help="alternated runs of each method for the cost medians "
+                                  "(default 3, 1 with --quick)")
+    consolidate.add_argument("--threads", type=positive_int, default=1,
+                             help="torch threads of each method's process (default 1)")
     consolidate.set_defaults(run=_bench_consolidate)
 
     wire = sub.add_parser(
@@ -72,7 +87,14 @@ def _bench_aggregation(args: argparse.Namespace) -> int:
 def _bench_consolidate(args: argparse.Namespace) -> int:
     from fleetmind.sim.bench import consolidate
 
-    consolidate.run(args.out, quick=args.quick)
+    if args.model is not None and not (args.model / "config.json").is_file():
+        raise argparse.ArgumentError(None, f"--model {args.model}: no config.json there; pass "
+                                           "a local Hugging Face model folder")
+    try:
+        consolidate.run(args.out, quick=args.quick, model_dir=args.model, steps=args.steps,
+                        runs=args.runs, threads=args.threads)
+    except ValueError as error:  # a tokenizer that cannot encode the sessions
+        raise argparse.ArgumentError(None, str(error)) from None
     return 0
 
 

@@ -229,17 +229,64 @@ def median_cost(runs: Sequence[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[str, Any]:
-    from rich.console import Console
-
+def compare_cost(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
+                 out: Path, runs: int = COST_RUNS, threads: int = 1
+                 ) -> tuple[dict[str, Any], dict[str, float], dict[str, Any],
+                            dict[str, float] | None, dict[str, list[dict[str, float]]]]:
+    """Ours against the peer on `model_dir`: `runs` runs of each, alternated, each in a fresh
+    process on `threads` torch threads (so each peak is its own and both see the machine in
+    the same state), then one profiled run each for the peak tensor memory. Returns (the
+    trained B of each method's last run, ours' median cost, the peer's entry (its median cost,
+    or why it did not run), ours÷peer per COST_MEASURES or None, every run's cost)."""
     from fleetmind.sim.bench import peer_sdft  # it imports this module, so not at the top
 
+    methods = ["ours"]
+    peer: dict[str, Any] = {"name": PEER}
+    if importlib.util.find_spec("trl") is None:
+        peer["status"] = "trl not installed: pip install -e '.[bench]'"
+    else:
+        methods.append("peer")
+    every: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
+    trained = {}
+    for _ in range(runs):
+        for method in methods:
+            trained[method], cost = peer_sdft.train_in_subprocess(method, model_dir, sessions,
+                                                                  cfg, out, threads=threads)
+            every[method].append(cost)
+    medians = {method: median_cost(every[method]) for method in methods}
+    ours_cost = medians["ours"]
+    if "peer" in medians:
+        peer.update({"version": importlib.metadata.version("trl"), **medians["peer"]})
+
+    # Peak tensor memory, each method again in a process of its own, under the profiler.
+    profiled = replace(cfg, steps=min(cfg.steps, TENSOR_PEAK_STEPS))
+    costs = {"ours": ours_cost, **({"peer": peer} if "peer" in medians else {})}
+    for method, cost in costs.items():
+        _, profiled_cost = peer_sdft.train_in_subprocess(method, model_dir, sessions, profiled,
+                                                         out, threads=threads, tensors=True)
+        cost["peak_tensor_mb"] = profiled_cost["peak_tensor_mb"]
+        cost["tensor_peak_steps_per_half"] = profiled.steps
+    ratios = None
+    if "peer" in medians:
+        ratios = {key: round(ours_cost[key] / peer[key], 2) for key, _, _ in COST_MEASURES}
+    return trained, ours_cost, peer, ratios, every
+
+
+def run(out: Path, quick: bool = False, model_dir: Path | None = None, steps: int | None = None,
+        runs: int | None = None, threads: int = 1) -> dict[str, Any]:
+    """The whole benchmark on the toy model; with `model_dir`, the cost comparison alone on
+    that model folder (`run_cost`). steps: per half (default: the distillation's, 10 when
+    quick); runs: alternated runs of each method (default COST_RUNS, 1 when quick)."""
+    from rich.console import Console
+
+    if model_dir is not None:
+        return run_cost(out, model_dir, quick=quick, steps=steps, runs=runs, threads=threads)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = model_dir or basemodel.toy_model_path()
+    model_dir = basemodel.toy_model_path()
     world = bench_world(80 if quick else 800)
     site = world.sites[0]
     sessions = [Session.from_dict(s) for s in site.sessions]
-    cfg = distill.DistillConfig(steps=10 if quick else distill.DistillConfig().steps)
+    cfg = distill.DistillConfig(steps=steps or (10 if quick else distill.DistillConfig().steps))
 
     base, tokenizer = load_model(model_dir)
     teacher = basemodel.fact_accuracy(base, tokenizer, site.facts,
@@ -256,37 +303,16 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
 
     # Ours and the peer first, alternated, each run in a fresh process: their costs are
     # compared, so each peak is its own and both see the machine in the same state.
-    methods = ["ours"]
-    peer: dict[str, Any] = {"name": PEER}
-    if importlib.util.find_spec("trl") is None:
-        peer["status"] = "trl not installed: pip install -e '.[bench]'"
-    else:
-        methods.append("peer")
-    runs: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
-    trained = {}
-    for _ in range(1 if quick else COST_RUNS):
-        for method in methods:
-            trained[method], cost = peer_sdft.train_in_subprocess(method, model_dir, sessions,
-                                                                  cfg, out)
-            runs[method].append(cost)
-    medians = {method: median_cost(runs[method]) for method in methods}
+    trained, ours_cost, peer, ratios, every = compare_cost(
+        model_dir, sessions, cfg, out, runs or (1 if quick else COST_RUNS), threads)
+    methods = list(trained)
     results: dict[str, dict[str, float]] = {
         method: {**score(*with_b(model_dir, trained[method])),
-                 "seconds": medians[method]["seconds"]} for method in methods}
-    ours_cost = medians["ours"]
+                 "seconds": (ours_cost if method == "ours" else peer)["seconds"]}
+        for method in methods}
     if "peer" in results:
-        peer.update({"version": importlib.metadata.version("trl"),
-                     **{k: results["peer"][k] for k in
-                        ("recovery", "forgetting_points", "closed_book")},
-                     **medians["peer"]})
-
-    # Peak tensor memory, each method again in a process of its own, under the profiler.
-    profiled = replace(cfg, steps=min(cfg.steps, TENSOR_PEAK_STEPS))
-    costs = {"ours": ours_cost, **({"peer": peer} if "peer" in results else {})}
-    for method, cost in costs.items():
-        _, profiled_cost = peer_sdft.train_in_subprocess(method, model_dir, sessions, profiled,
-                                                         out, tensors=True)
-        cost["peak_tensor_mb"] = profiled_cost["peak_tensor_mb"]
+        peer.update({k: results["peer"][k] for k in
+                     ("recovery", "forgetting_points", "closed_book")})
 
     ablations = {"no_dreams": replace(cfg, dream_ratio=0.0),
                  "no_replay": replace(cfg, replay_ratio=0.0),
@@ -299,9 +325,6 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
         model, tok = run_sft(model_dir, sessions, cfg, pairs)
         results[name] = score(model, tok)
 
-    ratios = None
-    if "peer" in results:
-        ratios = {key: round(ours_cost[key] / peer[key], 2) for key, _, _ in COST_MEASURES}
     report = {
         **{k: results["ours"][k] for k in ("recovery", "forgetting_points")},
         "teacher_accuracy": teacher,
@@ -313,9 +336,9 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
         "peer": peer,
         "ratios": ratios,
         "config": {"distill": cfg.__dict__, "quick": quick, "model": str(model_dir),
-                   "tensor_peak_steps_per_half": profiled.steps,
-                   "cost_runs": len(runs["ours"]),
-                   "seconds_per_run": {m: [c["seconds"] for c in runs[m]] for m in methods},
+                   "tensor_peak_steps_per_half": min(cfg.steps, TENSOR_PEAK_STEPS),
+                   "cost_runs": len(every["ours"]), "threads": threads,
+                   "seconds_per_run": {m: [c["seconds"] for c in every[m]] for m in methods},
                    "facts": len(site.facts), "sessions": len(sessions)},
     }
     (out / "consolidate.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -325,6 +348,87 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None) -> dict[s
                                            f"closed-book before {closed_before:.2f}"))
     console.print(_cost_table(ours_cost, peer, ratios))
     return report
+
+
+# What `bench consolidate --model DIR` measures on any model folder, and what it leaves out:
+# recovery, forgetting, the baselines and the ablations score answers about the toy world's
+# facts, which only the toy model (trained on the world's grammar) can give.
+MODEL_SCOPE = {
+    "applies": ["cost against the peer: distilled tokens/s, peak tensor memory, RSS, forward "
+                "tokens/s, seconds (medians of alternated runs, each in its own process)"],
+    "left_out": ["recovery and forgetting (toy-world accuracy: needs the toy model)",
+                 "baselines (SFT on transcripts, off-policy distillation) and ablations (no "
+                 "dreams, replay or guard): scored by recovery and forgetting"],
+}
+MODEL_REPORT = "consolidate-model.json"
+
+
+def run_cost(out: Path, model_dir: Path, quick: bool = False, steps: int | None = None,
+             runs: int | None = None, threads: int = 1) -> dict[str, Any]:
+    """`bench consolidate --model DIR`: the cost comparison alone (MODEL_SCOPE), on the toy
+    world's site sessions (plain English-like text, which a byte-level tokenizer encodes; a
+    tokenizer that cannot, one mapping some of it to its unknown token, is refused), through
+    the model's own chat template. Writes DIR/consolidate-model.json (not consolidate.json,
+    which `bench report` reads for the toy model's whole benchmark)."""
+    from rich.console import Console
+
+    from fleetmind.client.model import context_length
+
+    out.mkdir(parents=True, exist_ok=True)
+    sessions = [Session.from_dict(s) for s in bench_world(1).sites[0].sessions]
+    cfg = distill.DistillConfig(steps=steps or (10 if quick else distill.DistillConfig().steps))
+    model, tokenizer = load_model(model_dir)
+    check_encodable(tokenizer, sessions)
+    shape = {"architecture": (model.config.architectures or [type(model).__name__])[0],
+             "parameters": sum(p.numel() for p in model.parameters()),
+             "vocab_size": model.config.vocab_size,
+             "context_length": context_length(model.config),
+             "top_k": distill.resolve_top_k(cfg.top_k, model.config.vocab_size)}
+    del model
+    _, ours_cost, peer, ratios, every = compare_cost(
+        model_dir, sessions, cfg, out, runs or (1 if quick else COST_RUNS), threads)
+    report = {
+        "scope": MODEL_SCOPE,
+        "model": {"path": str(model_dir), **shape, **_build_report(model_dir)},
+        "ours": ours_cost,
+        "peer": peer,
+        "ratios": ratios,
+        "config": {"distill": cfg.__dict__, "quick": quick,
+                   "tensor_peak_steps_per_half": min(cfg.steps, TENSOR_PEAK_STEPS),
+                   "cost_runs": len(every["ours"]), "threads": threads,
+                   "seconds_per_run": {m: [c["seconds"] for c in every[m]] for m in every},
+                   "sessions": len(sessions)},
+    }
+    (out / MODEL_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    console = Console()
+    console.print(f"{model_dir}: {shape['architecture']}, {shape['parameters']:,} parameters, "
+                  f"vocabulary {shape['vocab_size']:,}; measured: cost only (recovery, "
+                  "forgetting, baselines and ablations need the toy model)")
+    console.print(_cost_table(ours_cost, peer, ratios))
+    return report
+
+
+def check_encodable(tokenizer: Any, sessions: Sequence[Session]) -> None:
+    """Refuses a tokenizer that maps any of the sessions' text to its unknown token: the
+    sessions would not say to the model what they say."""
+    unknown = tokenizer.unk_token_id
+    if unknown is None:
+        return
+    for session in sessions:
+        for message in session.messages:
+            if unknown in tokenizer.encode(message.content, add_special_tokens=False):
+                raise ValueError(f"the tokenizer cannot encode the benchmark's sessions: "
+                                 f"{message.content!r} has a token it does not know")
+
+
+def _build_report(model_dir: Path) -> dict[str, Any]:
+    """What `fleetmind model build-random` recorded of the folder (random weights, the shape it
+    is like), if it built it."""
+    report = model_dir / "report.json"
+    if not report.is_file():
+        return {}
+    built = json.loads(report.read_text())
+    return {k: built[k] for k in ("like", "random_weights", "overrides") if k in built}
 
 
 def _variants_table(results: dict[str, dict[str, float]], title: str) -> Any:

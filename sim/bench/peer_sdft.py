@@ -17,7 +17,8 @@ trainers, not settings:
 - objective: full-vocabulary reverse KL (distillation_alpha=1) on the student's own samples
   at our temperature and length (TRL also divides the loss's logits by the temperature; at
   our 1.0 that changes nothing), the first `skip_first` tokens skipped, per-sequence mean;
-  top-K of the student plus a tail bucket when `top_k` is set, as ours. No importance-sampling
+  top-K of the student plus a tail bucket when ours uses one (`top_k` set, or automatic and
+  the vocabulary above `distill.FULL_KL_MAX_VOCAB`), as ours. No importance-sampling
   clip (ours has none; at one step per generation TRL would not apply it anyway).
 - optimisation: the same Adam (our lr, no weight decay), constant rate, no gradient clipping,
   `prompts_per_step` prompts x `samples_per_prompt` samples per step, `steps` steps per half,
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
 
     model, tokenizer = load_model(model_dir)
     peft_model = lora.attach_lora(model, seed=LORA_SEED)
+    # The same top-K as ours: an automatic one resolved from this model's vocabulary.
+    cfg = replace(cfg, top_k=distill.resolve_top_k(cfg.top_k, model.config.vocab_size))
     steps = 0
     with measured(model, tensors) as cost:
         for number, half in enumerate(halves(sessions)):
@@ -85,9 +88,11 @@ def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
 
 
 def sdft_config(cfg: distill.DistillConfig, output_dir: Path) -> Any:
-    """TRL's config with our settings (module docstring: what differs from TRL's defaults)."""
+    """TRL's config with our settings (module docstring: what differs from TRL's defaults);
+    `cfg.top_k` already resolved (`distill.resolve_top_k`): -1 is not TRL's to read."""
     from trl.experimental.sdft import SDFTConfig
 
+    loss: dict[str, Any]
     if cfg.top_k > 0:
         loss = {"distillation_mode": "topk_logits", "distillation_topk": cfg.top_k,
                 "distillation_add_tail": True}
