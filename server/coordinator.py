@@ -459,6 +459,9 @@ class Coordinator:
         self.clock = clock
         self.changed = threading.Condition(threading.RLock())
         self._queue: dict[int, _Ticket] = {}
+        # min(t.since) over the queue, or None when unknown (recomputed on demand): a
+        # heartbeat and every join read it, and scanning a 1,000-site queue each time cost.
+        self._queue_first: float | None = None
         self._queue_refusals: dict[int, str] = {}
         self._serial = 0
         self._join_refusal: tuple[int, str | None] | None = None  # (rounds spent, refusal)
@@ -604,7 +607,7 @@ class Coordinator:
                 raise ProtocolError("unknown_site", f"site {site} is quarantined ({held}); "
                                                     "an operator releases it "
                                                     "(Coordinator.release) after looking")
-            latest = self.registry.numbers()[-1]
+            latest = self.registry.newest()
             if not 1 <= units <= self.limits.max_units_per_site:
                 raise RefusedError("malformed", f"contributing_units={units} must be in 1.."
                                                 f"{self.limits.max_units_per_site} (the privacy "
@@ -621,8 +624,10 @@ class Coordinator:
                 raise RefusedError("budget_exhausted", self._join_refusal[1])
             ticket = self._queue.get(site)
             self._serial += 1
-            self._queue[site] = _Ticket(base_version, units,
-                                        ticket.since if ticket else self.clock(), self._serial)
+            since = ticket.since if ticket else self.clock()
+            self._queue[site] = _Ticket(base_version, units, since, self._serial)
+            if self._queue_first is not None:
+                self._queue_first = min(self._queue_first, since)
             self._queue_refusals.pop(site, None)
             self.changed.notify_all()
             self._form_cohort()
@@ -634,13 +639,22 @@ class Coordinator:
             ticket = self._queue.get(site)
             if ticket is not None and ticket.serial == serial:
                 del self._queue[site]
+                self._queue_first = None
                 self.changed.notify_all()
 
     def waiting(self) -> Waiting:
         with self.changed:
-            first = min((t.since for t in self._queue.values()), default=self.clock())
+            first = self._first_queued()
+            if first is None:
+                first = self.clock()
             return Waiting(len(self._queue), self.cohort_policy.target_size,
                            int((first + self.cohort_policy.deadline_s) * 1000))
+
+    def _first_queued(self) -> float | None:
+        """When the longest-waiting queued site joined (None: nobody is queued)."""
+        if self._queue_first is None:
+            self._queue_first = min((t.since for t in self._queue.values()), default=None)
+        return self._queue_first
 
     def follow(self, site: int, round_id: int | None, cursor: int, timeout: float
                ) -> tuple[int | None, list[Event]]:
@@ -702,6 +716,10 @@ class Coordinator:
         policy = self.cohort_policy
         if self._round is not None or len(self._queue) < policy.min_size:
             return
+        queued_first = self._first_queued()
+        if (len(self._queue) < policy.target_size and queued_first is not None
+                and self.clock() < queued_first + policy.deadline_s):
+            return  # what follows would return too: fewer ready than target, before deadline
         ready = sorted(self._queue, key=lambda s: (self._queue[s].since, s))
         first = self._queue[ready[0]].since
         ready = self._split_suspects(ready)
@@ -717,6 +735,7 @@ class Coordinator:
             for site in list(self._queue):
                 self._queue_refusals[site] = refusal
             self._queue.clear()
+            self._queue_first = None
             self.listener.round_ended(self._state.next_round, "refused", None)
             self.changed.notify_all()
             return
@@ -816,6 +835,7 @@ class Coordinator:
         self._save()
         for site in cohort:
             self._queue.pop(site, None)
+        self._queue_first = None
         self._round = live
         self.listener.round_started(round_id, len(cohort))
         self.changed.notify_all()

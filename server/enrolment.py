@@ -9,6 +9,7 @@ key is what neighbours verify key advertisements against.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from fleetmind.aggregation.identity_proof import (  # noqa: F401
     enroll_signed_bytes,
     is_small_order,
 )
-from fleetmind.runtime.durable import atomic_write
+from fleetmind.runtime.durable import atomic_write, fsync_dir
 from fleetmind.runtime.signed_log import canonical_json
 from fleetmind.server.identity import SITE_NAME
 
@@ -44,18 +45,81 @@ class Enrolled:
     identity_key: bytes
 
 
+COMPACT_EVERY = 256  # log lines past which the table is rewritten whole (and the log emptied)
+
+
 class Enrolments:
-    """The enrolment file `path` (JSON, rewritten atomically on each new site)."""
+    """The enrolment file `path`: a JSON table {name: {site, identity_key}} rewritten
+    atomically now and then, plus `path`.log, one JSON line per site enrolled since, each
+    appended and fsynced before the site is answered. Rewriting and fsyncing the whole
+    table on every enrolment made enrolling N sites O(N^2); the log keeps each O(1), and
+    compaction (every COMPACT_EVERY lines) folds it back. Loading reads the table, then
+    the log (a torn last line, from a crash mid-append, was never acknowledged: skipped).
+    Lookups by site, name and key are dict lookups."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.log_path = self.path.with_name(self.path.name + ".log")
         self._lock = threading.Lock()
         self._by_name: dict[str, Enrolled] = {}
+        self._by_key: dict[bytes, Enrolled] = {}
+        self._by_site: dict[int, Enrolled] = {}
         if self.path.exists():
             for name, entry in json.loads(self.path.read_bytes()).items():
-                self._by_name[name] = Enrolled(entry["site"], name,
-                                               bytes.fromhex(entry["identity_key"]))
-        self._by_site = {e.site: e for e in self._by_name.values()}
+                self._add(Enrolled(entry["site"], name, bytes.fromhex(entry["identity_key"])))
+        self._logged = 0
+        if self.log_path.exists():
+            raw = self.log_path.read_bytes()
+            lines = raw.split(b"\n")
+            for number, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    enrolled = Enrolled(entry["site"], entry["name"],
+                                        bytes.fromhex(entry["identity_key"]))
+                except (ValueError, KeyError, TypeError):
+                    if number == len(lines) - 1:  # torn by a crash: never acknowledged
+                        break
+                    raise
+                if self._by_name.get(enrolled.name) != enrolled:  # not already compacted
+                    self._add(enrolled)
+                self._logged += 1
+            if not raw.endswith(b"\n") and raw:  # drop the torn tail before appending
+                self._compact()
+        self._next_site = max(self._by_site, default=0) + 1
+
+    def _add(self, entry: Enrolled) -> None:
+        self._by_name[entry.name] = entry
+        self._by_key[entry.identity_key] = entry
+        self._by_site[entry.site] = entry
+
+    def _compact(self) -> None:
+        """Rewrites the table whole (atomically, durably), then empties the log: a crash
+        between the two leaves log lines the table already holds, which loading skips."""
+        table = {e.name: {"site": e.site, "identity_key": e.identity_key.hex()}
+                 for e in self._by_name.values()}
+        atomic_write(self.path, canonical_json(table))
+        if self.log_path.exists():
+            os.unlink(self.log_path)
+        self._logged = 0
+
+    def _append(self, entry: Enrolled) -> None:
+        """One log line, durable before it returns."""
+        line = canonical_json({"name": entry.name, "site": entry.site,
+                               "identity_key": entry.identity_key.hex()}) + b"\n"
+        created = not self.log_path.exists()
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.log_path.parent)
+        self._logged += 1
 
     def enroll(self, site_name: str, identity_key: bytes, proof: bytes) -> Enrolled:
         if not SITE_NAME.fullmatch(site_name):
@@ -83,15 +147,15 @@ class Enrolments:
                                                      "another identity key; a site keeps its "
                                                      "key (enrol a new name to start afresh)")
                 return known
-            if any(e.identity_key == identity_key for e in self._by_name.values()):
+            if identity_key in self._by_key:
                 raise EnrolmentError("conflict", "this identity key is enrolled under another "
                                                  "site name")
-            entry = Enrolled(max(self._by_site, default=0) + 1, site_name, identity_key)
-            table = {e.name: {"site": e.site, "identity_key": e.identity_key.hex()}
-                     for e in (*self._by_name.values(), entry)}
-            atomic_write(self.path, canonical_json(table))  # durable before it is answered
-            self._by_name[site_name] = entry
-            self._by_site[entry.site] = entry
+            entry = Enrolled(self._next_site, site_name, identity_key)
+            self._append(entry)  # durable before it is answered
+            self._add(entry)
+            self._next_site += 1
+            if self._logged >= COMPACT_EVERY:
+                self._compact()
             return entry
 
     def get(self, site: int) -> Enrolled | None:

@@ -42,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
+from fleetmind.aggregation.manifest import Manifest
 from fleetmind.aggregation.secagg import DropReason, ProtocolError, RoundPhase
 from fleetmind.aggregation.secagg.messages import AdvertisedKeys, SharesForSite, UnmaskRequest
 from fleetmind.protos import secagg_codec as codec
@@ -68,7 +69,7 @@ from fleetmind.server.enrolment import EnrolmentError, Enrolments
 from fleetmind.server.ledger import Ledger
 from fleetmind.server.limits import INT63_MAX, ServerLimits
 from fleetmind.server.metrics import MetricsEndpoint, ServerMetrics
-from fleetmind.server.versions import VersionError, VersionRegistry
+from fleetmind.server.versions import Version, VersionError, VersionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ WAITING_EVERY_S = 5.0  # heartbeat while a site waits for a cohort
 DEFAULT_CHUNK = 1 << 20
 MAX_MESSAGE = 2 * DEFAULT_CHUNK  # one upload chunk plus headers; larger is RESOURCE_EXHAUSTED
 TICK_S = 0.1
+CACHED_VERSIONS = 2  # versions whose announcement and download chunks the aggregator keeps
+MAX_CHUNKINGS = 4  # (offset, chunk size) pairs cached per file of a version
 SIGNING_KEY = "aggregator-signing.key"  # in data_dir; `fleetmind server key` prints its public half
 # Calls that stay open (a worker thread each, for as long as they last): the stream pool.
 STREAM_RPCS = frozenset({
@@ -430,23 +433,59 @@ class _Guard:
         return site
 
 
+class _SetupWireCache:
+    """The wire RoundConfig of the latest few RoundSetups, encoded once per round: every
+    site of a cohort receives the same setup, and encoding its graph and keys is
+    O(cohort) each time. Keyed by the setup object (held here, so its id is not reused
+    while cached); bounded to `size` entries."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: dict[int, tuple[RoundSetup, fleet_pb2.RoundConfig]] = {}
+
+    def get(self, setup: RoundSetup) -> fleet_pb2.RoundConfig:
+        """The setup's wire config: shared, so callers copy it and never mutate it."""
+        with self._lock:
+            entry = self._entries.get(id(setup))
+            if entry is not None and entry[0] is setup:
+                return entry[1]
+        config = _setup_to_wire(setup)
+        with self._lock:
+            self._entries[id(setup)] = (setup, config)
+            while len(self._entries) > self.size:
+                del self._entries[next(iter(self._entries))]
+        return config
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+def _setup_to_wire(payload: RoundSetup) -> fleet_pb2.RoundConfig:
+    config = codec.round_config_to_wire(payload.config)
+    config.base_version = payload.base_version
+    config.clip_norm = payload.clip_norm
+    config.noise_multiplier = payload.noise_multiplier
+    config.noise_mode = payload.noise_mode
+    config.privacy_unit = payload.privacy_unit
+    config.expected_cohort = payload.expected_cohort
+    config.fixed_point_clip = payload.fixed_point_clip
+    config.cohort_max = payload.cohort_max
+    config.phase_deadline_unix_ms = payload.phase_deadline_unix_ms
+    config.plain_sum = not payload.secure_aggregation
+    config.participation_cap = payload.participation_cap
+    return config
+
+
+_SETUP_WIRE = _SetupWireCache()
+
+
 def _event_to_wire(event: Event) -> fleet_pb2.RoundEvent:
     payload = event.payload
     wire = fleet_pb2.RoundEvent(round_id=event.round_id)
     if isinstance(payload, RoundSetup):
-        config = codec.round_config_to_wire(payload.config)
-        config.base_version = payload.base_version
-        config.clip_norm = payload.clip_norm
-        config.noise_multiplier = payload.noise_multiplier
-        config.noise_mode = payload.noise_mode
-        config.privacy_unit = payload.privacy_unit
-        config.expected_cohort = payload.expected_cohort
-        config.fixed_point_clip = payload.fixed_point_clip
-        config.cohort_max = payload.cohort_max
-        config.phase_deadline_unix_ms = payload.phase_deadline_unix_ms
-        config.plain_sum = not payload.secure_aggregation
-        config.participation_cap = payload.participation_cap
-        wire.config.CopyFrom(config)
+        wire.config.CopyFrom(_SETUP_WIRE.get(payload))
     elif isinstance(payload, Finished):
         wire.completed.CopyFrom(fleet_pb2.RoundCompleted(
             version=payload.version, cohort_size=payload.cohort_size, dropped=payload.dropped))
@@ -496,7 +535,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         except EnrolmentError as error:
             context.abort(ENROLMENT_STATUS[error.kind], str(error))
         return fleet_pb2.EnrollResponse(site=enrolled.site, aggregator_key=self.aggregator_key,
-                                        latest_version=self.coordinator.registry.numbers()[-1])
+                                        latest_version=self.coordinator.registry.newest())
 
     def JoinRound(self, request, context) -> Iterator[fleet_pb2.RoundEvent]:  # noqa: N802
         return _metered(self.sent.labels("JoinRound"), self._join_round(request, context))
@@ -627,12 +666,30 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
         self.registry = coordinator.registry
         self.metrics = metrics
         self.limits = limits or ServerLimits()
+        self._cache_lock = threading.Lock()
+        # version -> (the manifest it was built from, announcement); the latest few only.
+        self._announcements: dict[int, tuple[Manifest, models_pb2.VersionAnnouncement]] = {}
+        # version -> (its manifest, (file, offset, chunk size) -> the chunks to stream).
+        self._downloads: dict[int, tuple[Manifest, dict[tuple[str, int, int],
+                                                        list[models_pb2.FileChunk]]]] = {}
 
     def _announce(self, number: int) -> models_pb2.VersionAnnouncement:
+        """Version `number`'s announcement, built once per version and shared (never
+        mutated): registry.get still checks the folder's stamp on every call, and a folder
+        that changed re-verifies into a new manifest, which builds a new announcement."""
         version = self.registry.get(number)
-        return models_pb2.VersionAnnouncement(version=number,
-                                              manifest=version.manifest_bytes(),
-                                              manifest_sig=version.signature())
+        with self._cache_lock:
+            cached = self._announcements.get(number)
+            if cached is not None and cached[0] is version.manifest:
+                return cached[1]
+        announcement = models_pb2.VersionAnnouncement(version=number,
+                                                      manifest=version.manifest_bytes(),
+                                                      manifest_sig=version.signature())
+        with self._cache_lock:
+            self._announcements[number] = (version.manifest, announcement)
+            for old in sorted(self._announcements)[:-CACHED_VERSIONS]:
+                del self._announcements[old]
+        return announcement
 
     def Watch(self, request, context):  # noqa: N802
         return _metered(self.metrics.sent.labels("Watch"), self._watch(request, context))
@@ -643,12 +700,16 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
         ends = time.monotonic() + self.limits.stream_max_s  # the caller watches again after
         with self.metrics.watchers.track_inprogress():
             while context.is_active() and time.monotonic() < ends:
-                for number in self.registry.numbers():
-                    if number > after:
-                        yield self._announce(number)
-                        after = number
+                latest = self.registry.latest_number()
+                if latest is not None and latest > after:  # list the folder only then
+                    for number in self.registry.numbers():
+                        if number > after:
+                            yield self._announce(number)
+                            after = number
+                    after = max(after, latest)  # a folder gone from disk: never spin on it
                 def newer(seen: int = after) -> bool:
-                    return self.registry.numbers()[-1] > seen
+                    latest = self.registry.latest_number()
+                    return latest is not None and latest > seen
                 self.coordinator.wait(newer, FOLLOW_POLL_S)
 
     def Latest(self, request, context):  # noqa: N802
@@ -675,18 +736,50 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
             context.abort(S.NOT_FOUND, f"version {request.version} has no file "
                                        f"{request.file!r}; its files are "
                                        f"{sorted(version.manifest.files)}")
-        data = (version.folder / request.file).read_bytes()
-        if request.offset > len(data):
-            context.abort(S.OUT_OF_RANGE, f"offset {request.offset} is past the end of "
-                                          f"{request.file} ({len(data)} bytes)")
         size = min(request.max_chunk_bytes or DEFAULT_CHUNK, DEFAULT_CHUNK)
-        file_sha = bytes.fromhex(version.manifest.files[request.file])
-        for offset in range(request.offset, max(len(data), request.offset + 1), size):
+        chunks = self._chunks(version, request.file, request.offset, size)
+        if chunks is None:
+            total = (version.folder / request.file).stat().st_size
+            _abort(context, S.OUT_OF_RANGE, f"offset {request.offset} is past the end of "
+                                            f"{request.file} ({total} bytes)")
+        yield from chunks
+
+    def _chunks(self, version: Version, file: str, start: int, size: int
+                ) -> list[models_pb2.FileChunk] | None:
+        """The FileChunks of `file` from `start` in `size`-byte pieces (None: `start` is
+        past its end). A version never changes once published, so each (file, start,
+        size) is read and hashed once and then streamed as-is to every caller, for the
+        latest CACHED_VERSIONS versions, MAX_CHUNKINGS chunkings per file each. Keyed by
+        the manifest registry.get verified: a folder that changed re-verifies (or fails)
+        before anything cached is served."""
+        key = (file, start, size)
+        with self._cache_lock:
+            cached = self._downloads.get(version.number)
+            if cached is not None and cached[0] is version.manifest and key in cached[1]:
+                return cached[1][key]
+        data = (version.folder / file).read_bytes()
+        if start > len(data):
+            return None
+        file_sha = bytes.fromhex(version.manifest.files[file])
+        chunks = []
+        for offset in range(start, max(len(data), start + 1), size):
             chunk = data[offset:offset + size]
-            yield models_pb2.FileChunk(version=request.version, file=request.file,
-                                       offset=offset, data=chunk,
-                                       chunk_sha256=hashlib.sha256(chunk).digest(),
-                                       total_bytes=len(data), file_sha256=file_sha)
+            chunks.append(models_pb2.FileChunk(version=version.number, file=file,
+                                               offset=offset, data=chunk,
+                                               chunk_sha256=hashlib.sha256(chunk).digest(),
+                                               total_bytes=len(data), file_sha256=file_sha))
+        with self._cache_lock:
+            cached = self._downloads.get(version.number)
+            if cached is None or cached[0] is not version.manifest:
+                cached = self._downloads[version.number] = (version.manifest, {})
+                for old in sorted(self._downloads)[:-CACHED_VERSIONS]:
+                    del self._downloads[old]
+            if version.number in self._downloads:  # not an old version just evicted
+                ways = [k for k in cached[1] if k[0] == file]
+                if len(ways) >= MAX_CHUNKINGS:  # odd resume offsets: drop the oldest
+                    del cached[1][ways[0]]
+                cached[1][key] = chunks
+        return chunks
 
 
 class AuditService(audit_pb2_grpc.AuditServicer):

@@ -236,9 +236,23 @@ class VersionRegistry:
         self._verified: dict[int, tuple[tuple[tuple[str, int, int], ...], Manifest]] = {}
         for leftover in self.folder.glob(f"{_PARTIAL_PREFIX}*"):
             shutil.rmtree(leftover)  # a publication a crash cut short: never visible
+        # The highest published number, kept here (set at start and at each publication)
+        # so that watchers waking up need not list the folder.
+        self._latest: int | None = max(self.numbers(), default=None)
 
     def numbers(self) -> list[int]:
         return sorted(int(p.name) for p in self.folder.iterdir() if _FOLDER.fullmatch(p.name))
+
+    def latest_number(self) -> int | None:
+        """The highest published version number (None before genesis), from memory."""
+        return self._latest
+
+    def newest(self) -> int:
+        """latest_number() where a version must exist (after genesis): IndexError before,
+        as numbers()[-1] raises, without listing the folder."""
+        if self._latest is None:
+            raise IndexError("no version is published yet")
+        return self._latest
 
     def get(self, version: int) -> Version:
         """Version `version`, verified (signature and every hash) as it is read."""
@@ -339,6 +353,8 @@ class VersionRegistry:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         fsync_dir(self.folder)
+        if self._latest is None or manifest.version > self._latest:
+            self._latest = manifest.version
         return Version(target, manifest)
 
 

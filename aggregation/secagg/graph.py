@@ -19,6 +19,7 @@ import random
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 
 
@@ -68,11 +69,11 @@ class NeighbourGraph:
                 if site not in frozen.get(peer, ()):
                     raise ValueError(f"edge {site}-{peer} is not symmetric")
 
-    @property
+    @cached_property  # the graph never changes: computed once (writes __dict__ directly)
     def sites(self) -> frozenset[int]:
         return frozenset(self.neighbours)
 
-    @property
+    @cached_property
     def min_degree(self) -> int:
         return min(len(peers) for peers in self.neighbours.values())
 
