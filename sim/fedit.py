@@ -1,11 +1,15 @@
-"""The demo's FedIT arm: the fleet's sessions, distillation, clipping, noise and server
-learning rate, but A trains too and the server averages A and B separately (FedIT, Zhang et
-al. 2023, "Towards Building the Federated GPT"), so the merge rule is the only difference.
+"""The in-process fleets beside the real one: the fleet's sessions, per-unit distillation,
+clipping, noise and server learning rate, run in one process without gRPC or secure
+aggregation, so one thing can differ from the fleet and be measured in the same run.
 
-It runs in the demo's process, without gRPC or secure aggregation: the baseline needs the
-sites' A deltas, which fleetmind's protocol never carries (A is public and frozen there).
-Averaging factors is wrong because mean(B_i) mean(A_i) != mean(B_i A_i); this arm measures
-what that costs in transfer, beside the exact merge, in the same run.
+    merge="exact"  A frozen, B's deltas averaged: the fleet's own merge (with the distiller's
+                   method "sft_transcript" it is the SFT baseline: sites fine-tune on
+                   transcripts, merged exactly)
+    merge="fedit"  A trains too and the server averages A and B separately (FedIT, Zhang et
+                   al. 2023, "Towards Building the Federated GPT"); fleetmind's protocol never
+                   carries A (it is public and frozen there), hence in-process. Averaging
+                   factors is wrong because mean(B_i) mean(A_i) != mean(B_i A_i); this arm
+                   measures what that costs, beside the exact merge.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+MERGES = ("exact", "fedit")
+
 
 @dataclass
-class FeditArm:
+class InProcessFleet:
     model_dir: Path
-    distill: Any  # client.distill.DistillConfig, the fleet's
+    distill: Any  # client.distill.DistillConfig, the fleet's (its method included)
     guard: Sequence[Any]
     frozen_a_seed: int
     rank: int
@@ -31,6 +37,7 @@ class FeditArm:
     privacy_unit: str
     noise_multiplier: float
     server_learning_rate: float
+    merge: str = "fedit"
     seed: int = 0
     model: Any = None
     tokenizer: Any = None
@@ -38,9 +45,12 @@ class FeditArm:
     global_b: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from fleetmind.client import distill, lora
+        from fleetmind.client import lora
         from fleetmind.client.model import load_model
 
+        if self.merge not in MERGES:
+            raise ValueError(f"merge={self.merge!r}: use exact (A frozen, B averaged) or "
+                             "fedit (A and B each averaged)")
         model, self.tokenizer = load_model(self.model_dir)
         # The genesis version's adapter: A from the public seed, B zero, as the fleet starts.
         self.model = lora.attach_lora(model, seed=self.frozen_a_seed, rank=self.rank,
@@ -48,53 +58,85 @@ class FeditArm:
         self.global_a = lora.get_b(self.model, "A")
         self.global_b = lora.get_b(self.model)
         self.rng = np.random.default_rng(self.seed)
-        # The teacher is the frozen base model throughout, so the guard's examples are too.
-        self.guard_set = distill.guard_examples(self.model, self.tokenizer, self.guard,
-                                                self.distill, random.Random(self.seed),
-                                                distill.turn_end_ids(self.tokenizer))
 
     def round(self, sessions_per_site: Sequence[Sequence[Any]]) -> None:
-        """One round: every session distilled alone from the global (A, B), each privacy
-        unit's (dA, dB) clipped to C together (as the fleet's sites clip theirs under a
-        session or user unit; a site unit here sums sessions distilled alone), summed over
-        the cohort with Gaussian noise, then A and B each moved by the server learning rate
-        times their mean over sites."""
+        """One round: every session distilled alone from the global adapter (the factors the
+        merge trains), each privacy unit's delta clipped to C (as the fleet's sites clip
+        theirs; a site unit here sums sessions distilled alone), summed over the cohort with
+        Gaussian noise, then each factor moved by the server learning rate times its mean
+        over sites."""
         from fleetmind.aggregation import dp
         from fleetmind.aggregation.merge import flatten, unflatten
-        from fleetmind.client import distill, lora
-        from fleetmind.client.consolidate import lessons_from
-        from fleetmind.client.scrub import scrub_text
+        from fleetmind.client import lora
 
         start = self._factors(self.global_a, self.global_b)
         shapes = {key: value.shape for key, value in start.items()}
         start_flat = flatten(start, shapes)
         total = np.zeros_like(start_flat)
+        guard_set = self._guard_set()
         for sessions in sessions_per_site:
             users = {session.id: session.user or session.id for session in sessions}
             contributions = []
-            for lesson in lessons_from(sessions)[0]:
-                lora.set_b(self.model, self.global_a, "A")
-                lora.set_b(self.model, self.global_b)
-                lora.freeze_a(self.model, frozen=False)
-                distill.consolidate(self.model, self.tokenizer, [lesson], self.guard,
-                                    self.distill, scrub=lambda t: scrub_text(t)[0],
-                                    progress=False, guard_set=self.guard_set)
-                lora.freeze_a(self.model)
-                after = self._factors(lora.get_b(self.model, "A"), lora.get_b(self.model))
-                contributions.append(dp.Contribution(lesson.session_id, users[lesson.session_id],
-                                                     flatten(after, shapes) - start_flat))
+            for lesson, delta in self._unit_deltas(sessions, guard_set):
+                contributions.append(dp.Contribution(lesson, users[lesson],
+                                                     flatten(delta, shapes) - start_flat))
             if contributions:
-                total += dp.clip_and_sum(contributions, self.clip_norm, self.privacy_unit)[0]
+                total += dp.clip_and_sum(contributions, self.clip_norm,
+                                      cast(dp.PrivacyUnit, self.privacy_unit))[0]
         noised = dp.add_gaussian_noise(total, self.noise_multiplier * self.clip_norm, self.rng)
         step = self.server_learning_rate / len(sessions_per_site)
         merged = unflatten((start_flat + step * noised).astype(np.float32), shapes)
-        self.global_a = {name: merged[f"A:{name}"] for name in self.global_a}
         self.global_b = {name: merged[f"B:{name}"] for name in self.global_b}
+        if self.merge == "fedit":
+            self.global_a = {name: merged[f"A:{name}"] for name in self.global_a}
         lora.set_b(self.model, self.global_a, "A")
         lora.set_b(self.model, self.global_b)
 
-    @staticmethod
-    def _factors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A and B of every module in one mapping: one vector to clip and noise together."""
-        return {**{f"A:{name}": t for name, t in a.items()},
-                **{f"B:{name}": t for name, t in b.items()}}
+    def _guard_set(self) -> list[Any]:
+        """The forgetting guard's examples, drawn once a round from the global model, as each
+        site draws them once for all its sessions (`consolidate_sessions`)."""
+        from fleetmind.client import distill, lora
+
+        if self.distill.method != "opsd" or self.distill.guard_weight <= 0:
+            return []
+        lora.set_b(self.model, self.global_a, "A")
+        lora.set_b(self.model, self.global_b)
+        lora.hold_global(self.model)
+        return distill.guard_examples(self.model, self.tokenizer, self.guard, self.distill,
+                                      random.Random(self.distill.seed),
+                                      distill.turn_end_ids(self.tokenizer, self.model))
+
+    def _unit_deltas(self, sessions: Sequence[Any], guard_set: list[Any]
+                     ) -> list[tuple[str, dict[str, np.ndarray]]]:
+        """(session id, the merge's factors after distilling that session alone)."""
+        from fleetmind.client import distill, lora
+        from fleetmind.client.consolidate import fit_lessons, lessons_from
+        from fleetmind.client.scrub import scrub_text
+
+        lessons, _ = fit_lessons(self.model, self.tokenizer, lessons_from(sessions)[0],
+                                 self.distill)
+        out = []
+        for lesson in lessons:
+            lora.set_b(self.model, self.global_a, "A")
+            lora.set_b(self.model, self.global_b)
+            lora.freeze_a(self.model, frozen=self.merge == "exact")
+            if self.distill.method == "sft_transcript":
+                distill.supervise(self.model, self.tokenizer,
+                                  distill.transcript_examples(self.tokenizer, [lesson]),
+                                  self.distill)
+            else:
+                distill.consolidate(self.model, self.tokenizer, [lesson], self.guard,
+                                    self.distill, scrub=lambda t: scrub_text(t)[0],
+                                    progress=False, guard_set=guard_set)
+            lora.freeze_a(self.model)
+            out.append((lesson.session_id,
+                        self._factors(lora.get_b(self.model, "A"), lora.get_b(self.model))))
+        return out
+
+    def _factors(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+        """The factors the merge trains in one mapping: one vector to clip and noise."""
+        trained = {f"B:{name}": t for name, t in b.items()}
+        if self.merge == "fedit":
+            trained = {**{f"A:{name}": t for name, t in a.items()}, **trained}
+        return trained

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fleetmind.aggregation.manifest import MANIFEST, Manifest
-from fleetmind.sim.cli import main
+from fleetmind.cli.main import main
 from fleetmind.sim.demo import (
     PLOT,
     RESULTS,

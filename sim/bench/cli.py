@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleetmind.sim.bench.continual import add_continual_command
 from fleetmind.sim.bench.scale import add_scale_command
 from fleetmind.sim.cli import positive_int
 
@@ -60,6 +61,7 @@ def add_bench_commands(commands: Any) -> None:
     wire.add_argument("--quick", action="store_true", help="10 sites and 10 watchers")
     wire.set_defaults(run=_bench_wire)
     add_scale_command(sub)
+    add_continual_command(sub)
 
     every = sub.add_parser(
         "all", help="every benchmark, then one report",

@@ -1,0 +1,681 @@
+"""`fleetmind bench continual --out DIR`: knowledge arriving over rounds (`sim.world`'s
+continual world), learned by a fleet on the real services (`sim.fleet`: loopback gRPC,
+secure aggregation, DP) and, in the same run, by three arms in this process:
+
+    oracle  every round's sessions at one place, distilled jointly (`consolidate_sessions`,
+            per_session=False) from its own B, no clipping, no noise: the ceiling of what
+            the distiller can store
+    fedit   the fleet's sessions, per-unit distillation, clipping and noise, but A trains
+            and A and B are averaged apart (`sim.fedit`, merge="fedit")
+    sft     the SFT baseline: sites fine-tune on transcripts, merged exactly
+            (`sim.fedit`, merge="exact", method "sft_transcript")
+
+Round r (1..R) hands every site the sessions its users left in the world's round r-1, runs
+the round, and measures each arm's model on every fact said so far (`facts_known`):
+closed-book recovery in the sessions' form and in each other form (as a fraction of the
+base model's in-context accuracy on those facts in that form), retention of round 1's facts
+relative to their best so far, forgetting of the base model's in-context skill (points),
+exposure of once-said and repeated canaries (bits over the base model) and epsilon per
+privacy unit. DIR/continual.json and DIR/continual.png; docs/continual.md says what each
+number means.
+
+`add_continual_command(sub)` adds `continual` to the bench group's subparsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, cast
+
+from fleetmind.aggregation.dp import PRIVACY_UNITS
+from fleetmind.sim import world as W
+
+RESULTS = "continual.json"
+PLOT = "continual.png"
+SWEEP = "users_per_fact.json"
+SWEEP_PLOT = "users_per_fact.png"
+ARMS = ("oracle", "fedit", "sft")
+ROUND_KEYS = ("round", "facts_known", "recovery_strict", "recovery_other_forms",
+              "retention_first_round", "forgetting_points", "canary_exposure_bits",
+              "repeated_canary_exposure_bits", "epsilon_per_unit")
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """The bench's settings, validated once. The fleet's learning settings are the demo's
+    (`sim.demo_config.DemoConfig`: SGD per session, clip 0.5, multiplier 0.8, server step
+    0.5 x the sites, LoRA on down_proj); the size is issue 17's target (8 sites, 4 new facts
+    per site per round, 6 rounds, user-level DP). Eight users per fact, not the demo's
+    sixteen: each user is a session distilled alone, and sixteen doubles every arm's cost."""
+
+    out: Path = Path("out/bench/continual")
+    sites: int = 8
+    rounds: int = 6
+    facts_per_site_per_round: int = 4
+    users_per_fact: int = 8
+    seed: int = 0
+    dp: bool = True
+    secure_aggregation: bool = True
+    steps: int = 24
+    lr: float = 1.0
+    clip_norm: float = 0.5
+    noise_multiplier: float = 0.8
+    privacy_unit: str = "user"
+    server_learning_rate: float = 0.0  # 0: 0.5 x the sites, as the demo
+    fedit_server_learning_rate: float = 0.0  # 0: the fleet's, at most the sites (the demo's)
+    # The oracle's joint steps a round; 0: `steps` for every new fact of the round, so each
+    # fact gets a session's worth of steps (a joint pass over every session at the per-session
+    # count would cost as much as the whole fleet).
+    oracle_steps: int = 0
+    arms: tuple[str, ...] = ARMS
+    canaries_per_site_per_round: int = 1
+    repeated_canaries_per_site_per_round: int = 1
+    canary_repeats: int = 8
+    recalls_per_site_per_round: int = 2
+    general_tasks: int = 200
+    guard_tasks: int = 400
+    rank: int = 8
+    adapter_targets: tuple[str, ...] = ("down_proj",)
+    dreams: bool = True
+    epsilon_budget: float = 1000.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "arms", tuple(self.arms))
+        if not self.server_learning_rate:
+            object.__setattr__(self, "server_learning_rate", 0.5 * self.sites)
+        if not self.fedit_server_learning_rate:
+            object.__setattr__(self, "fedit_server_learning_rate",
+                               min(self.server_learning_rate, float(self.sites)))
+        if not self.oracle_steps:
+            object.__setattr__(self, "oracle_steps",
+                               self.steps * self.sites * self.facts_per_site_per_round)
+        if not self.dp:  # nothing bounds a user: each session is clipped alone
+            object.__setattr__(self, "privacy_unit", "session")
+        problems = []
+        if not 3 <= self.sites <= 32:
+            problems.append(f"--sites {self.sites}: use 3 (the smallest cohort secure "
+                            "aggregation allows) to 32 (every site is a process here)")
+        unknown = sorted(set(self.arms) - set(ARMS))
+        if unknown:
+            problems.append(f"--arms {','.join(self.arms)}: {', '.join(unknown)} unknown; use "
+                            f"any of {', '.join(ARMS)} (the fleet always runs)")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            problems.append(f"--privacy-unit {self.privacy_unit}: use session, user or site")
+        for name in ("steps", "oracle_steps", "rank"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("lr", "clip_norm", "noise_multiplier", "server_learning_rate",
+                     "fedit_server_learning_rate", "epsilon_budget"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name}={value} must be a finite number > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.world_spec()  # the world's own checks (sizes, users per fact), here at the edge
+
+    def world_spec(self) -> W.ContinualSpec:
+        return W.ContinualSpec(
+            seed=self.seed, sites=self.sites, rounds=self.rounds,
+            facts_per_site_per_round=self.facts_per_site_per_round,
+            users_per_fact=self.users_per_fact,
+            recalls_per_site_per_round=self.recalls_per_site_per_round,
+            canaries_per_site_per_round=self.canaries_per_site_per_round,
+            repeated_canaries_per_site_per_round=self.repeated_canaries_per_site_per_round,
+            canary_repeats=self.canary_repeats, general_tasks=self.general_tasks,
+            guard_tasks=self.guard_tasks)
+
+    def distill(self, method: str = "opsd", steps: int | None = None) -> Any:
+        from fleetmind.sim.demo_config import distill_config
+
+        return distill_config(steps or self.steps, self.lr, self.seed, method, self.dreams)
+
+    def privacy(self) -> dict[str, Any]:
+        from fleetmind.sim.demo_config import privacy_policy
+
+        return privacy_policy(self.dp, self.clip_norm, self.noise_multiplier,
+                              self.privacy_unit, self.epsilon_budget)
+
+    def fleet(self) -> Any:
+        from fleetmind.sim.fleet import FleetSettings
+
+        return FleetSettings(out=self.out / "fleet", sites=self.sites, seed=self.seed,
+                             secure_aggregation=self.secure_aggregation,
+                             server_learning_rate=self.server_learning_rate, rank=self.rank,
+                             adapter_targets=self.adapter_targets, privacy=self.privacy(),
+                             distill=self.distill())
+
+
+# ---- pure measures -----------------------------------------------------------------------
+
+def recovery(closed_book: Sequence[bool], in_context: Sequence[bool]) -> float | None:
+    """Closed-book accuracy over the base model's in-context accuracy on the same facts in
+    the same form (what distillation could at best store); None for no facts, 0.0 where
+    the base model reads none of them in context."""
+    if len(closed_book) != len(in_context):
+        raise ValueError(f"{len(closed_book)} closed-book answers against {len(in_context)} "
+                         "in-context ones: pass both for the same facts")
+    if not closed_book:
+        return None
+    upper = sum(in_context)
+    return sum(closed_book) / upper if upper else 0.0
+
+
+def retention(history: Sequence[float | None]) -> float | None:
+    """The last value over the best so far (1.0 while it is at its best); None before any
+    value or while the best is 0 (nothing learned, nothing to retain)."""
+    seen = [h for h in history if h is not None]
+    if not seen or history[-1] is None or max(seen) <= 0:
+        return None
+    return history[-1] / max(seen)
+
+
+def most_rounds_entered(world: W.ContinualWorld, through: int) -> int:
+    """The most rounds any one user left sessions in, over the world's rounds 0..through: the
+    participation cap every user of this run kept (user-level accounting per unit)."""
+    rounds: dict[str, set[int]] = {}
+    for (_, r), records in world.records.items():
+        if r <= through:
+            for record in records:
+                rounds.setdefault(record.user, set()).add(r)
+    return max((len(v) for v in rounds.values()), default=0)
+
+
+# ---- measuring a model -------------------------------------------------------------------
+
+@dataclass
+class ContinualEvaluator:
+    """Per-fact answers of the base model (in context, every probe form) and its canary
+    exposure, computed once; `measure` compares a model with them after round r."""
+
+    world: W.ContinualWorld
+    model_dir: Path
+    base_incontext: dict[tuple[str, str], bool] = field(default_factory=dict)
+    base_skill: float = 0.0
+    base_exposure: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from fleetmind.client.model import load_model
+
+        model, tokenizer = load_model(self.model_dir)
+        facts = list(self.world.facts)
+        for form in W.PROBE_FORMS:
+            probes = self.world.probes(facts, form)
+            answers = self._answers(model, tokenizer, [p.context_messages for p in probes],
+                                    [p.answer for p in probes])
+            self.base_incontext.update({(f.key, form): a for f, a in zip(facts, answers,
+                                                                         strict=True)})
+        self.base_skill = self._skill(model, tokenizer)
+        self.base_exposure = self._exposure(model, tokenizer)
+
+    @staticmethod
+    def _answers(model: Any, tokenizer: Any, prompts: list[Any], answers: list[str]
+                 ) -> list[bool]:
+        from fleetmind.sim.basemodel import answer_correct
+
+        return answer_correct(model, tokenizer, prompts, answers) if prompts else []
+
+    def _skill(self, model: Any, tokenizer: Any) -> float:
+        """In-context accuracy on the world's general tasks, as the demo measures it."""
+        from fleetmind.sim.basemodel import measure
+
+        general = W.World(spec=self.world.spec, sites=[], general=self.world.general,  # type: ignore[arg-type]
+                          guard=[])
+        return measure(model, tokenizer, general)["incontext_accuracy"]
+
+    def _exposure(self, model: Any, tokenizer: Any) -> list[float]:
+        from fleetmind.client.exposure import canary_exposure, canary_from_row
+
+        canaries = [canary_from_row(W.canary_row(c.facts)) for c in self.world.canaries]
+        return canary_exposure(model, tokenizer, canaries) if canaries else []
+
+    def measure(self, model: Any, tokenizer: Any, round_number: int) -> dict[str, Any]:
+        """After round `round_number` (1..R: the world's rounds 0..round_number-1 were said)."""
+        known = self.world.facts_known_before(round_number)
+        by_form = {}
+        for form in W.PROBE_FORMS:
+            probes = self.world.probes(known, form)
+            by_form[form] = self._answers(model, tokenizer, [p.messages for p in probes],
+                                          [p.answer for p in probes])
+
+        def recovered(form: str, keep: Any) -> float | None:
+            pairs = [(answer, self.base_incontext[(f.key, form)])
+                     for f, answer in zip(known, by_form[form], strict=True) if keep(f)]
+            return recovery([a for a, _ in pairs], [b for _, b in pairs])
+
+        gained = [after - before for after, before
+                  in zip(self._exposure(model, tokenizer), self.base_exposure, strict=True)]
+        arrived = [(c.repeats, bits) for c, bits in zip(self.world.canaries, gained, strict=True)
+                   if c.round < round_number]
+        once = [bits for repeats, bits in arrived if repeats == 1]
+        repeated = [bits for repeats, bits in arrived if repeats > 1]
+        return {
+            "round": round_number,
+            "facts_known": len(known),
+            "recovery_strict": recovered("strict", lambda f: True),
+            "recovery_other_forms": {form: recovered(form, lambda f: True)
+                                     for form in W.OTHER_FORMS},
+            # The issue's target set: facts said at least one round before this one.
+            "recovery_strict_earlier_rounds": recovered(
+                "strict", lambda f: f.round < round_number - 1),
+            "first_round_recovery": recovered("strict", lambda f: f.round == 0),
+            "forgetting_points": 100 * (self.base_skill - self._skill(model, tokenizer)),
+            "canary_exposure_bits": sum(once) / len(once) if once else None,
+            "repeated_canary_exposure_bits": sum(repeated) / len(repeated) if repeated
+            else None,
+        }
+
+
+# ---- the arms ----------------------------------------------------------------------------
+
+@dataclass
+class CentralOracle:
+    """Every session at one place: each round's sessions distilled jointly, continuing from
+    the oracle's own B; nothing clipped, nothing noised."""
+
+    model_dir: Path
+    distill: Any
+    guard: Sequence[Any]
+    frozen_a_seed: int
+    rank: int
+    targets: tuple[str, ...]
+    model: Any = None
+    tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        from fleetmind.client import lora
+        from fleetmind.client.model import load_model
+
+        model, self.tokenizer = load_model(self.model_dir)
+        self.model = lora.attach_lora(model, seed=self.frozen_a_seed, rank=self.rank,
+                                      alpha=2.0 * self.rank, targets=self.targets)
+
+    def round(self, sessions_per_site: Sequence[Sequence[Any]], round_number: int) -> None:
+        from fleetmind.client.consolidate import consolidate_sessions
+
+        sessions = [s for site in sessions_per_site for s in site]
+        consolidate_sessions(self.model, self.tokenizer, sessions, self.distill,
+                             site="oracle", base_version=round_number - 1,
+                             seed=self.distill.seed, guard=self.guard, per_session=False,
+                             progress=False)
+
+
+def in_process_epsilon(cfg: ContinualConfig, rounds: int) -> float | None:
+    """epsilon after `rounds` of an in-process arm that noises each round's sum once with the
+    fleet's multiplier, by the aggregator's accountant and delta; None without DP."""
+    if not cfg.dp:
+        return None
+    from fleetmind.aggregation.accountant import AccountingMethod, epsilon
+    from fleetmind.server.config import PrivacyPolicy
+
+    policy = PrivacyPolicy()
+    return epsilon(cfg.noise_multiplier, 1.0, rounds, policy.delta,
+                   method=cast(AccountingMethod, policy.accountant))
+
+
+def capped_epsilon(cfg: ContinualConfig, world: W.ContinualWorld, rounds: int
+                   ) -> dict[str, Any] | None:
+    """epsilon per unit from a participation cap (`accountant.epsilon_per_unit`): every user
+    of this world entered at most K rounds so far, so a cap of K held; None without DP or
+    where the accountant has no per-unit accounting yet."""
+    if not cfg.dp or rounds < 1:
+        return None
+    try:
+        from fleetmind.aggregation.accountant import (
+            AccountingMethod,
+            RoundCharge,
+            epsilon_per_unit,
+        )
+        from fleetmind.aggregation.participation import ParticipationCap
+    except ImportError:
+        return None
+    from fleetmind.server.config import PrivacyPolicy
+
+    policy = PrivacyPolicy()
+    cap = most_rounds_entered(world, rounds - 1) if cfg.privacy_unit == "user" else rounds
+    charges = [RoundCharge(cfg.noise_multiplier)] * rounds
+    return {"max_rounds": cap, "epsilon": epsilon_per_unit(
+        charges, ParticipationCap(max(cap, 1)), policy.delta,
+        method=cast(AccountingMethod, policy.accountant))}
+
+
+def _arm(cfg: ContinualConfig, name: str, model_dir: Path, guard: list[Any]) -> Any:
+    from fleetmind.sim.fedit import InProcessFleet
+
+    if name == "oracle":
+        return CentralOracle(model_dir, cfg.distill(steps=cfg.oracle_steps), guard,
+                             frozen_a_seed=cfg.seed, rank=cfg.rank, targets=cfg.adapter_targets)
+    privacy = cfg.privacy()
+    fedit = name == "fedit"
+    return InProcessFleet(
+        model_dir, cfg.distill(method="opsd" if fedit else "sft_transcript"), guard,
+        frozen_a_seed=cfg.seed, rank=cfg.rank, targets=cfg.adapter_targets,
+        clip_norm=privacy["clip_norm"], privacy_unit=privacy["privacy_unit"],
+        noise_multiplier=privacy["noise_multiplier"],
+        server_learning_rate=cfg.fedit_server_learning_rate if fedit
+        else cfg.server_learning_rate, merge="fedit" if fedit else "exact", seed=cfg.seed)
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def prepare_out(out: Path) -> None:
+    """A fresh `out`: this bench's own files from an earlier run are removed (the fleet's
+    stores and ledger would carry on from the old state); anything else there is refused."""
+    ours = {"world", "fleet", "sweep", RESULTS, PLOT, SWEEP, SWEEP_PLOT}
+    out.mkdir(parents=True, exist_ok=True)
+    entries = list(out.iterdir())
+    strangers = sorted(e.name for e in entries if e.name not in ours)
+    if strangers:
+        raise FileExistsError(f"--out {out} holds {', '.join(strangers[:3])}, which this bench "
+                              "did not write; name an empty or new folder")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
+    """Runs the fleet and the arms round by round; writes continual.json and the plot."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("round {task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console) as progress:
+        # The bar shows from the first second; torch and transformers load under it.
+        task = progress.add_task("loading torch and transformers", total=cfg.rounds)
+        import torch
+        from peft import PeftModel
+
+        from fleetmind.aggregation.manifest import MANIFEST, Manifest
+        from fleetmind.client.consolidate import read_prompts
+        from fleetmind.client.model import load_model
+        from fleetmind.client.store import Session
+        from fleetmind.sim.basemodel import toy_model_path
+        from fleetmind.sim.fleet import Fleet, quiet
+
+        progress.update(task, description="writing the continual world")
+        quiet()
+        torch.set_num_threads(1)  # tiny matrices; the site processes share the cores
+        prepare_out(cfg.out)
+        world = W.make_continual_world(cfg.world_spec())
+        world_dir = W.write_continual_world(world, cfg.out / "world")
+        model_dir = toy_model_path()
+        guard = read_prompts(world_dir / "guard.jsonl")
+        progress.update(task, description="measuring the base model")
+        evaluator = ContinualEvaluator(world, model_dir)
+        arms: dict[str, Any] = {}
+        for name in cfg.arms:
+            progress.update(task, description=f"loading the {name} arm")
+            arms[name] = _arm(cfg, name, model_dir, guard)
+        progress.update(task, description="starting the aggregator and sites")
+        fleet = Fleet(cfg.fleet(), model_dir, world_dir / "guard.jsonl")
+        fleet.start()
+        rounds: list[dict[str, Any]] = []
+        arm_rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in cfg.arms}
+        arm_seconds = dict.fromkeys(["fleet", *cfg.arms], 0.0)
+        try:
+            for number in range(1, cfg.rounds + 1):
+                sessions = [world.sessions_for_round(site, number - 1)
+                            for site in world.site_names]
+                # The sites run the round in their processes while this one runs the arms.
+                clock = time.perf_counter()
+                fleet.submit(number, sessions)
+                for name, arm in arms.items():
+                    progress.update(task, description=f"round {number}: the {name} arm "
+                                                      "(the fleet's sites run meanwhile)")
+                    arm_clock = time.perf_counter()
+                    as_sessions = [[Session.from_dict(s) for s in site] for site in sessions]
+                    if name == "oracle":
+                        arm.round(as_sessions, number)
+                    else:
+                        arm.round(as_sessions)
+                    arm_seconds[name] += time.perf_counter() - arm_clock
+                    measured = evaluator.measure(arm.model, arm.tokenizer, number)
+                    measured["epsilon_per_unit"] = (None if name == "oracle"
+                                                    else in_process_epsilon(cfg, number))
+                    arm_rounds[name].append(measured)
+                progress.update(task, description=f"round {number}: the fleet's sites "
+                                                  "(consolidate, clip, "
+                                                  + ("secure aggregation, " if
+                                                     cfg.secure_aggregation else "")
+                                                  + ("DP, " if cfg.dp else "") + "publish)")
+                version = fleet.collect(number)
+                arm_seconds["fleet"] += time.perf_counter() - clock
+                folder = fleet.current()
+                manifest = Manifest.from_bytes((folder / MANIFEST).read_bytes())
+                progress.update(task, description=f"round {number}: measuring version "
+                                                  f"{version}")
+                base, tokenizer = load_model(model_dir)
+                row = evaluator.measure(PeftModel.from_pretrained(base, folder).eval(),
+                                        tokenizer, number)
+                row.update(version=version,
+                           epsilon_per_unit=manifest.epsilon if cfg.dp else None,
+                           epsilon_per_unit_capped=capped_epsilon(cfg, world, number))
+                rounds.append(row)
+                for series in (rounds, *arm_rounds.values()):
+                    series[-1]["retention_first_round"] = retention(
+                        [r["first_round_recovery"] for r in series])
+                progress.update(task, advance=1)
+                progress.console.print(round_line(rounds[-1], arm_rounds))
+        finally:
+            fleet.stop()
+    results = {
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                   "privacy": cfg.privacy(), "model": str(model_dir),
+                   "world": world.spec.digest(), "probe_forms": list(W.PROBE_FORMS)},
+        "base": {"incontext_accuracy": evaluator.base_skill,
+                 "incontext_by_form": {form: _share([v for (_, f), v in
+                                                     evaluator.base_incontext.items()
+                                                     if f == form])
+                                       for form in W.PROBE_FORMS}},
+        "rounds": rounds,
+        "arms": {name: arm_rounds.get(name) for name in ARMS},
+        "arm_seconds": arm_seconds,
+        "seconds": time.perf_counter() - started,
+    }
+    (cfg.out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, cfg.out / PLOT)
+    return results
+
+
+def _share(values: list[bool]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def round_line(fleet: dict[str, Any], arms: dict[str, list[dict[str, Any]]]) -> str:
+    """One line per round: every arm's strict recovery and forgetting."""
+    def show(name: str, row: dict[str, Any]) -> str:
+        value = row["recovery_strict"]
+        return (f"{name} {'-' if value is None else f'{value:.2f}'} "
+                f"({row['forgetting_points']:+.1f} pts)")
+
+    epsilon = fleet.get("epsilon_per_unit")
+    return (f"round {fleet['round']}: {fleet['facts_known']} facts known; recovery "
+            + ", ".join([show("fleet", fleet), *(show(n, rows[-1]) for n, rows in arms.items())])
+            + ("" if epsilon is None else f"; epsilon {epsilon:.3g}"))
+
+
+def plot(results: dict[str, Any], out: Path) -> Path:
+    """Per round, a curve per arm: recovery in the sessions' form and in the other forms,
+    retention of round 1's facts, forgetting, and the fleet's canary exposure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {"fleet": results["rounds"],
+              **{name: rows for name, rows in results["arms"].items() if rows}}
+    figure, axes = plt.subplots(1, 5, figsize=(24, 4.2))
+    strict, other, kept, forgot, canaries = axes
+    markers = {"fleet": "o", "oracle": "^", "fedit": "s", "sft": "x"}
+
+    def curve(axis: Any, key: Any, name: str, rows: list[dict[str, Any]], **style: Any) -> None:
+        x = [r["round"] for r in rows]
+        y = [key(r) for r in rows]
+        axis.plot(x, [math.nan if v is None else v for v in y],
+                  marker=markers.get(name, "o"), label=name, **style)
+
+    for name, rows in series.items():
+        curve(strict, lambda r: r["recovery_strict"], name, rows)
+        for form in results["config"]["probe_forms"][1:]:
+            curve(other, lambda r, f=form: r["recovery_other_forms"].get(f), name, rows)
+        curve(kept, lambda r: r["retention_first_round"], name, rows)
+        curve(forgot, lambda r: r["forgetting_points"], name, rows)
+    for key, label in (("canary_exposure_bits", "canaries said once"),
+                       ("repeated_canary_exposure_bits", "canaries one user repeats")):
+        curve(canaries, lambda r, k=key: r[k], "fleet", results["rounds"])
+        canaries.lines[-1].set_label(label)
+    strict.axhline(0.8, color="grey", linewidth=0.8, linestyle=":", label="target 0.80")
+    other.axhline(0.6, color="grey", linewidth=0.8, linestyle=":", label="target 0.60")
+    kept.axhline(0.8, color="grey", linewidth=0.8, linestyle=":", label="target 0.80")
+    forgot.axhline(2.0, color="grey", linewidth=0.8, linestyle=":", label="limit 2 points")
+    if results["config"]["dp"]:
+        canaries.axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="limit 1 bit")
+    strict.set(ylabel="recovery", ylim=(0, 1.05), title="every fact said so far")
+    other.set(ylabel="recovery", ylim=(0, 1.05), title="asked in a form no session used")
+    kept.set(ylabel="of their best", ylim=(0, 1.05), title="round 1's facts, retained")
+    forgot.set(ylabel="points", title="forgetting of in-context skill")
+    canaries.set(ylabel="bits over the base model", title="the fleet's canary exposure")
+    for axis in axes:
+        axis.set_xlabel("round")
+        axis.set_xticks([r["round"] for r in results["rounds"]])
+        axis.legend(fontsize=8)
+    config = results["config"]
+    figure.suptitle(f"fleetmind bench continual: {config['sites']} sites, "
+                    f"{config['facts_per_site_per_round']} new facts per site per round, "
+                    f"{config['users_per_fact']} users per fact, DP "
+                    f"{'on (' + config['privacy_unit'] + ')' if config['dp'] else 'off'}")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+# ---- recovery against users per fact -------------------------------------------------------
+
+def users_per_fact_curve(cfg: ContinualConfig, values: Sequence[int],
+                         console: Any = None) -> dict[str, Any]:
+    """The fleet alone (no arms), once per users-per-fact value, each run in
+    DIR/sweep/users-N; writes DIR/users_per_fact.json and its plot: the last round's
+    recovery (strict and other forms) and epsilon against users per fact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for value in values:
+        run_cfg = replace(cfg, users_per_fact=value, arms=(),
+                          out=cfg.out / "sweep" / f"users-{value}")
+        last = run(run_cfg, console)["rounds"][-1]
+        points.append({"users_per_fact": value, **{k: last.get(k) for k in (
+            "recovery_strict", "recovery_other_forms", "recovery_strict_earlier_rounds",
+            "forgetting_points", "epsilon_per_unit")}})
+    curve = {"config": {**{k: (str(v) if isinstance(v, Path) else v)
+                           for k, v in asdict(cfg).items()}, "users_per_fact": list(values)},
+             "points": points}
+    (cfg.out / SWEEP).write_text(json.dumps(curve, indent=2) + "\n")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    x = [p["users_per_fact"] for p in points]
+    axis.plot(x, [math.nan if p["recovery_strict"] is None else p["recovery_strict"]
+                  for p in points], marker="o", label="strict form")
+    for form in W.OTHER_FORMS:
+        axis.plot(x, [math.nan if p["recovery_other_forms"].get(form) is None
+                      else p["recovery_other_forms"][form] for p in points], marker="s",
+                  label=form)
+    axis.set(xscale="log", xlabel="users per fact", ylabel="recovery after the last round",
+             ylim=(0, 1.05), title="how much agreement a fact needs to spread")
+    axis.set_xticks(x, labels=[str(v) for v in x])
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(cfg.out / SWEEP_PLOT, dpi=110)
+    plt.close(figure)
+    return curve
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+def add_continual_command(commands: Any) -> None:
+    """Adds `continual` to the bench group's subparsers `commands`."""
+    defaults = ContinualConfig()
+    parser = commands.add_parser(
+        "continual", help="knowledge arriving over rounds: the fleet against its arms",
+        description="A fleet on the real services (loopback gRPC, secure aggregation, DP) over "
+                    "rounds of arriving knowledge, beside a centralised oracle, FedIT and the "
+                    "SFT baseline in the same run; writes DIR/continual.json and "
+                    "DIR/continual.png.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sites", type=int, default=defaults.sites)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--facts-per-site-per-round", type=int,
+                        default=defaults.facts_per_site_per_round)
+    parser.add_argument("--users-per-fact", type=int, default=defaults.users_per_fact)
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="distillation steps per session")
+    parser.add_argument("--oracle-steps", type=int, default=0,
+                        help="the oracle's joint steps a round (default: --steps for every "
+                             "new fact of the round)")
+    parser.add_argument("--arms", default=",".join(defaults.arms),
+                        help="comma-separated in-process arms beside the fleet: oracle, fedit, "
+                             "sft (empty: the fleet alone)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--no-dp", dest="dp", action="store_false",
+                        help="negligible noise and each session clipped alone; "
+                             "epsilon_per_unit is null")
+    parser.add_argument("--privacy-unit", default=defaults.privacy_unit)
+    parser.add_argument("--noise-multiplier", type=float, default=defaults.noise_multiplier)
+    parser.add_argument("--users-per-fact-sweep", default="",
+                        help="e.g. 2,4,8,16: also run the fleet alone at each value and write "
+                             "DIR/users_per_fact.json and its plot")
+    parser.set_defaults(run=_continual)
+
+
+def _numbers(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentError(None, f"{flag} {text}: use whole numbers separated by "
+                                           "commas, e.g. 2,4,8,16") from None
+
+
+def _continual(args: argparse.Namespace) -> int:
+    try:
+        cfg = ContinualConfig(
+            out=args.out, sites=args.sites, rounds=args.rounds,
+            facts_per_site_per_round=args.facts_per_site_per_round,
+            users_per_fact=args.users_per_fact, steps=args.steps,
+            oracle_steps=args.oracle_steps, seed=args.seed, dp=args.dp,
+            privacy_unit=args.privacy_unit, noise_multiplier=args.noise_multiplier,
+            arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()))
+        sweep = _numbers(args.users_per_fact_sweep, "--users-per-fact-sweep")
+        for value in sweep:
+            replace(cfg, users_per_fact=value)
+    except ValueError as error:
+        raise argparse.ArgumentError(None, str(error)) from None
+    try:
+        results = run(cfg)
+    except FileExistsError as error:
+        raise argparse.ArgumentError(None, str(error)) from None
+    last = results["rounds"][-1]
+    print(round_line(last, {n: rows for n, rows in results["arms"].items() if rows}))
+    print(f"results: {cfg.out / RESULTS}, plot: {cfg.out / PLOT} "
+          f"({results['seconds']:.0f} s)")
+    if sweep:
+        users_per_fact_curve(cfg, sweep)
+        print(f"users-per-fact curve: {cfg.out / SWEEP}, plot: {cfg.out / SWEEP_PLOT}")
+    return 0
+
+
+__all__ = ["ContinualConfig", "add_continual_command", "recovery", "retention", "run",
+           "users_per_fact_curve"]

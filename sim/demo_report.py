@@ -1,0 +1,90 @@
+"""What the demo shows: a table per round (`round_table`) and the plot of its results
+(`plot`): recovery, forgetting and canary exposure per round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def round_table(measured: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    epsilon = (f"epsilon {measured['epsilon']:.2f}" if measured["epsilon"] < 1e6
+               else "no DP noise")
+    version = ("FedIT arm" if measured["version"] is None
+               else f"version {measured['version']}")
+    table = Table(title=f"after round {measured['round']} ({version}, {epsilon}, "
+                        f"{measured['seconds']:.0f} s)")
+    columns: tuple[tuple[str, str, str], ...] = (
+        ("site", "site", "{}"), ("own", "own_accuracy", "{:.2f}"),
+        ("transfer", "transfer_accuracy", "{:.2f}"),
+        ("upper bound", "incontext_upper_bound", "{:.2f}"),
+        ("recovery", "recovery", "{:.2f}"), ("forgetting (pts)", "forgetting_points", "{:+.1f}"),
+        ("canary exposure (bits)", "canary_exposure_bits", "{:+.2f}"))
+    if "repeated_canary_exposure_bits" in measured:
+        columns += (("repeated canaries (bits)", "repeated_canary_exposure_bits", "{:+.2f}"),)
+    for title, _, _ in columns:
+        table.add_column(title, justify="left" if title == "site" else "right")
+    rows = [*measured["sites"], {**measured, "site": "fleet"}]
+    if "fedit" in measured:
+        rows.append({**measured["fedit"], "site": "FedIT arm",
+                     "incontext_upper_bound": measured["incontext_upper_bound"]})
+    for row in rows:
+        table.add_row(*(fmt.format(row[key]) for _, key, fmt in columns))
+    return table
+
+
+def plot(results: dict[str, Any], out: Path) -> Path:
+    """Transfer recovery and forgetting per round, with the fleet, with the FedIT arm when it
+    ran, and without the fleet (a site alone never sees other sites' facts, so it keeps the
+    base model's transfer); and the fleet's canary exposure per round, once-said and
+    repeated canaries apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = results["rounds"]
+    x = [r["round"] for r in rounds]
+    alone = rounds[0]["recovery"]
+    figure, (left, right, privacy) = plt.subplots(1, 3, figsize=(15, 4))
+    fleet = "with the fleet" + (" (FedIT merge)" if results["config"]["merge"] == "fedit" else "")
+    left.plot(x, [r["recovery"] for r in rounds], marker="o", label=fleet)
+    if "fedit" in rounds[0]:
+        left.plot(x, [r["fedit"]["recovery"] for r in rounds], marker="s",
+                  label="FedIT (A and B averaged)")
+    left.plot(x, [alone] * len(x), linestyle="--", label="without the fleet")
+    left.axhline(0.8, color="grey", linewidth=0.8, linestyle=":", label="target 0.80")
+    left.set(xlabel="round", ylabel="transfer recovery", ylim=(0, 1.05),
+             title="facts first seen at other sites")
+    left.legend()
+    right.plot(x, [r["forgetting_points"] for r in rounds], marker="o", label=fleet)
+    if "fedit" in rounds[0]:
+        right.plot(x, [r["fedit"]["forgetting_points"] for r in rounds], marker="s",
+                   label="FedIT (A and B averaged)")
+        # FedIT's tens of points beside the fleet's one or two: linear up to 5, log beyond.
+        right.set_yscale("symlog", linthresh=5)
+        right.set_yticks([-2, 0, 2, 10, 100], labels=["-2", "0", "2", "10", "100"])
+    right.plot(x, [0.0] * len(x), linestyle="--", label="without the fleet")
+    right.axhline(2.0, color="grey", linewidth=0.8, linestyle=":", label="limit 2 points")
+    right.set(xlabel="round", ylabel="forgetting (points)", title="base in-context skill")
+    for key, label in (("canary_exposure_bits", "canaries said once"),
+                       ("repeated_canary_exposure_bits", "canaries one user repeats")):
+        if all(key in r for r in rounds):
+            privacy.plot(x, [r[key] for r in rounds], marker="o", label=label)
+    if results["config"]["dp"]:
+        privacy.axhline(1.0, color="grey", linewidth=0.8, linestyle=":",
+                        label="limit with DP, 1 bit")
+    privacy.set(xlabel="round", ylabel="exposure (bits over the base model)",
+                title="other sites' canaries")
+    for axis in (left, right, privacy):
+        axis.set_xticks(x)
+    right.legend()
+    privacy.legend()
+    figure.suptitle(f"fleetmind demo: {len(results['sites'])} sites, DP "
+                    f"{'on' if results['config']['dp'] else 'off'}")
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

@@ -1,0 +1,202 @@
+"""A fleet on this machine: the aggregator in this process (`server.service.serve`,
+plaintext on loopback) and every site its own process running the real site agent
+(`client.site.run_once`: consolidate, clip, mask, upload, download, verify, activate),
+driven round by round. The demo and `bench continual` run the same fleet."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetmind.client.lora import MLP_TARGETS
+
+ROUND_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """What the aggregator and the sites run with. `privacy`: clip_norm, noise_multiplier,
+    privacy_unit and epsilon_budget (`demo_config.privacy_policy`); `distill`: every site's
+    `DistillConfig`."""
+
+    out: Path
+    sites: int
+    seed: int
+    secure_aggregation: bool
+    server_learning_rate: float
+    rank: int
+    adapter_targets: tuple[str, ...]
+    privacy: dict[str, Any]
+    distill: Any
+
+
+def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = 8, alpha: float = 16.0,
+                 targets: tuple[str, ...] = MLP_TARGETS) -> Any:
+    """The genesis adapter for a Llama-shaped model: LoRA on `targets` of every layer's MLP."""
+    from fleetmind.client.model import base_model_hash
+    from fleetmind.server.versions import AdapterSpec, TargetModule
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner),
+              "down_proj": (inner, hidden)}
+    modules = tuple(TargetModule(f"model.layers.{layer}.mlp.{name}", *shapes[name])
+                    for layer in range(config["num_hidden_layers"]) for name in targets)
+    # The hash sites check a version against before activating it (client.model).
+    return AdapterSpec(model_dir.name, base_model_hash(model_dir), modules,
+                       frozen_a_seed=frozen_a_seed, rank=rank, alpha=alpha)
+
+
+def quiet() -> None:
+    """The runs' own progress and tables are the output: no per-load bars or notices from
+    transformers in any of their processes."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def _site_process(config: Any, threads: int, commands: Any, replies: Any) -> None:
+    """A site's whole life: for each round, ingest its new sessions and run the agent once."""
+    import logging
+
+    import grpc
+    import torch
+
+    from fleetmind.client.site import run_once
+    from fleetmind.client.store import SessionStore
+
+    logging.basicConfig(level=logging.WARNING)
+    quiet()
+    torch.set_num_threads(threads)
+    channel = grpc.insecure_channel(config.aggregator)
+    parent = os.getppid()
+    while True:
+        try:
+            command = commands.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the driver died without saying stop
+                break
+            continue
+        if command is None:
+            break
+        round_number, sessions = command
+        started = time.perf_counter()
+        try:
+            with SessionStore(config.data_dir) as store:
+                for session in sessions:
+                    store.add(session)
+            outcome = run_once(config, channel)
+            version = outcome.round.version if outcome.round else None
+            replies.put((config.name, round_number, version, None,
+                         time.perf_counter() - started))
+        except Exception as error:  # reported to the driver, which stops the run
+            replies.put((config.name, round_number, None, f"{type(error).__name__}: {error}",
+                         time.perf_counter() - started))
+    channel.close()
+
+
+@dataclass
+class Fleet:
+    """The aggregator (in this process) and the site processes, named site-00, site-01, ...
+    under `settings.out`; `guard` is the forgetting guard's prompts (chat JSONL)."""
+
+    settings: FleetSettings
+    model_dir: Path
+    guard: Path
+    server: Any = None
+    processes: list[Any] = field(default_factory=list)
+    commands: list[Any] = field(default_factory=list)
+    replies: Any = None
+
+    def start(self) -> None:
+        from fleetmind.client.site import SiteConfig
+        from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
+        from fleetmind.server.service import serve
+
+        cfg, privacy = self.settings, self.settings.privacy
+        self.server = serve(ServerConfig(
+            data_dir=cfg.out / "aggregator", listen="127.0.0.1:0", insecure=True,
+            cohort=CohortPolicy(min_size=cfg.sites, target_size=cfg.sites,
+                                deadline_s=ROUND_TIMEOUT_S, phase_deadline_s=ROUND_TIMEOUT_S,
+                                max_size=max(cfg.sites, 10),
+                                secure_aggregation=cfg.secure_aggregation),
+            privacy=PrivacyPolicy(clip_norm=privacy["clip_norm"],
+                                  noise_multiplier=privacy["noise_multiplier"],
+                                  epsilon_budget=privacy["epsilon_budget"],
+                                  privacy_unit=privacy["privacy_unit"],
+                                  fixed_point_clip=max(4.0, privacy["clip_norm"]),
+                                  server_learning_rate=cfg.server_learning_rate),
+            adapter=adapter_spec(self.model_dir, frozen_a_seed=cfg.seed, rank=cfg.rank,
+                                 alpha=2.0 * cfg.rank, targets=cfg.adapter_targets)))
+        key = self.server.coordinator.registry.public_key.public_bytes_raw()
+        context = multiprocessing.get_context("spawn")  # grpc and torch do not survive fork
+        self.replies = context.Queue()
+        threads = max(1, (os.cpu_count() or 1) // (cfg.sites + 1))
+        for number in range(cfg.sites):
+            name = f"site-{number:02d}"
+            config = SiteConfig(
+                name=name, data_dir=cfg.out / name, model_dir=self.model_dir,
+                aggregator=self.server.address, identity_key=cfg.out / name / "identity.pem",
+                aggregator_key=key, min_new_sessions=1, distill=cfg.distill,
+                guard_prompts=self.guard, insecure=True, clip_norm=privacy["clip_norm"],
+                privacy_unit=privacy["privacy_unit"], round_timeout_s=ROUND_TIMEOUT_S)
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            commands = context.Queue()
+            process = context.Process(target=_site_process, name=name, daemon=True,
+                                      args=(config, threads, commands, self.replies))
+            process.start()
+            self.processes.append(process)
+            self.commands.append(commands)
+
+    def run_round(self, round_number: int, sessions: list[list[dict[str, Any]]]) -> int:
+        """Hands each site its sessions for this round; returns the version they activated."""
+        self.submit(round_number, sessions)
+        return self.collect(round_number)
+
+    def submit(self, round_number: int, sessions: list[list[dict[str, Any]]]) -> None:
+        """Hands each site its sessions for this round and returns at once: the sites run
+        the round while this process does other work (`collect` waits for them)."""
+        for commands, site_sessions in zip(self.commands, sessions, strict=True):
+            commands.put((round_number, site_sessions))
+
+    def collect(self, round_number: int) -> int:
+        """Waits for every site to finish the submitted round; the version they activated."""
+        versions, failures = set(), []
+        for _ in self.commands:
+            try:
+                name, _, version, error, _ = self.replies.get(timeout=ROUND_TIMEOUT_S)
+            except queue.Empty:
+                raise RuntimeError(f"round {round_number}: a site did not finish within "
+                                   f"{ROUND_TIMEOUT_S:.0f} s") from None
+            if error:
+                failures.append(f"{name}: {error}")
+            versions.add(version)
+        if failures:
+            raise RuntimeError(f"round {round_number} failed: " + "; ".join(failures))
+        if len(versions) != 1:
+            raise RuntimeError(f"round {round_number}: sites ended on versions {versions}")
+        return versions.pop()
+
+    def current(self) -> Path:
+        """The version folder the first site activated (every site activates the same)."""
+        return self.settings.out / "site-00" / "current"
+
+    def stop(self) -> None:
+        for commands in self.commands:
+            commands.put(None)
+        for process in self.processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+        if self.server is not None:
+            self.server.stop(grace=None)

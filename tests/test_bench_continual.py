@@ -1,0 +1,153 @@
+"""`fleetmind bench continual`: the measures on hand-made numbers, and a reduced run (three
+site processes and the aggregator over loopback gRPC with secure aggregation, two rounds of
+arriving knowledge, every arm) writing every key the issue names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fleetmind.sim import world as W
+from fleetmind.sim.bench.continual import (
+    ARMS,
+    PLOT,
+    RESULTS,
+    ROUND_KEYS,
+    ContinualConfig,
+    add_continual_command,
+    capped_epsilon,
+    in_process_epsilon,
+    most_rounds_entered,
+    recovery,
+    retention,
+    run,
+)
+
+SMALL = dict(sites=3, rounds=2, facts_per_site_per_round=1, users_per_fact=2, steps=2,
+             canary_repeats=2, recalls_per_site_per_round=1, general_tasks=40, guard_tasks=40)
+
+
+def test_recovery_is_closed_book_over_the_base_models_in_context_accuracy() -> None:
+    assert recovery([True, False, True, False], [True, True, True, False]) == pytest.approx(2 / 3)
+    assert recovery([], []) is None  # no facts known yet
+    assert recovery([False, False], [False, False]) == 0.0  # the base reads none in context
+    with pytest.raises(ValueError, match="same facts"):
+        recovery([True], [True, False])
+
+
+def test_retention_is_the_last_value_over_the_best_so_far() -> None:
+    assert retention([0.5, 1.0, 0.8]) == pytest.approx(0.8)
+    assert retention([0.4, 0.2, 0.4]) == 1.0
+    assert retention([0.0, 0.0]) is None  # nothing learned, nothing to retain
+    assert retention([None]) is None
+    assert retention([0.5, None]) is None
+
+
+def test_the_cap_is_the_most_rounds_any_user_entered() -> None:
+    world = W.make_continual_world(W.ContinualSpec(sites=3, rounds=3, facts_per_site_per_round=2,
+                                                   users_per_fact=2, returning_share=1.0,
+                                                   general_tasks=4, guard_tasks=4))
+    assert most_rounds_entered(world, 0) == 1
+    assert 2 <= most_rounds_entered(world, 2) <= 3  # returning users come back
+
+
+def test_without_dp_no_arm_reports_an_epsilon() -> None:
+    world = W.make_continual_world(W.ContinualSpec(sites=3, rounds=2, facts_per_site_per_round=1,
+                                                   users_per_fact=2, general_tasks=4,
+                                                   guard_tasks=4))
+    assert in_process_epsilon(ContinualConfig(dp=False), 2) is None
+    assert capped_epsilon(ContinualConfig(dp=False), world, 2) is None
+    with_dp = ContinualConfig(sites=3, rounds=2)
+    composed = in_process_epsilon(with_dp, 2)
+    capped = capped_epsilon(with_dp, world, 2)
+    assert composed > in_process_epsilon(with_dp, 1) > 0
+    # a cap of K rounds never costs more than composing every round
+    assert capped["max_rounds"] <= 2 and capped["epsilon"] <= composed + 1e-9
+
+
+def test_impossible_settings_are_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--sites 2"):
+        ContinualConfig(sites=2)
+    with pytest.raises(ValueError, match="centralised"):
+        ContinualConfig(arms=("centralised",))
+    with pytest.raises(ValueError, match="users_per_fact"):
+        ContinualConfig(users_per_fact=1)
+    assert ContinualConfig(dp=False).privacy_unit == "session"
+
+
+def test_the_command_is_registered_with_the_bench_group() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_continual_command(parser.add_subparsers(dest="action"))
+    args = parser.parse_args(["continual", "--out", "x", "--sites", "3", "--arms", "oracle",
+                              "--no-dp", "--users-per-fact-sweep", "2,4"])
+    assert (args.sites, args.arms, args.dp, args.users_per_fact_sweep) == (3, "oracle", False,
+                                                                          "2,4")
+
+
+def _check_rounds(rows: list[dict], rounds: int, dp: bool) -> None:
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    for row in rows:
+        assert all(key in row for key in ROUND_KEYS), sorted(set(ROUND_KEYS) - set(row))
+        assert isinstance(row["facts_known"], int)
+        assert isinstance(row["recovery_strict"], float)
+        assert set(row["recovery_other_forms"]) == set(W.OTHER_FORMS)
+        assert all(isinstance(v, float) for v in row["recovery_other_forms"].values())
+        assert row["retention_first_round"] is None or \
+            isinstance(row["retention_first_round"], float)
+        for key in ("forgetting_points", "canary_exposure_bits",
+                    "repeated_canary_exposure_bits"):
+            assert isinstance(row[key], float), key
+        assert (row["epsilon_per_unit"] is None) is (not dp)
+    known = [r["facts_known"] for r in rows]
+    assert known == sorted(known) and known[0] < known[-1]  # knowledge keeps arriving
+
+
+def test_a_reduced_run_writes_every_key_for_the_fleet_and_every_arm(tmp_path: Path) -> None:
+    cfg = ContinualConfig(out=tmp_path / "continual", **SMALL)
+    run(cfg)
+    results = json.loads((cfg.out / RESULTS).read_text())
+    config = results["config"]
+    assert (config["sites"], config["facts_per_site_per_round"], config["rounds"],
+            config["users_per_fact"], config["privacy_unit"]) == (3, 1, 2, 2, "user")
+    assert isinstance(results["seconds"], float)
+    _check_rounds(results["rounds"], 2, dp=True)
+    assert results["rounds"][0]["facts_known"] == 3  # one new fact at each of three sites
+    assert results["rounds"][-1]["version"] == 2
+    assert set(results["arms"]) == set(ARMS)
+    for name in ARMS:
+        _check_rounds(results["arms"][name], 2, dp=name != "oracle")
+    assert results["arms"]["oracle"][0]["epsilon_per_unit"] is None  # no DP: the ceiling
+    assert (cfg.out / PLOT).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_without_dp_epsilon_per_unit_is_null(tmp_path: Path) -> None:
+    cfg = ContinualConfig(out=tmp_path / "continual", dp=False, arms=("sft",), **SMALL)
+    run(cfg)
+    results = json.loads((cfg.out / RESULTS).read_text())
+    assert results["config"]["privacy_unit"] == "session"
+    _check_rounds(results["rounds"], 2, dp=False)
+    _check_rounds(results["arms"]["sft"], 2, dp=False)
+    assert results["arms"]["oracle"] is None and results["arms"]["fedit"] is None
+
+
+def test_the_users_per_fact_curve_collects_each_runs_last_round(tmp_path, monkeypatch) -> None:
+    from fleetmind.sim.bench import continual
+
+    def fake_run(cfg: ContinualConfig, console: object = None) -> dict:
+        assert cfg.arms == () and cfg.out.parent == tmp_path / "sweep"
+        share = cfg.users_per_fact / 16
+        return {"rounds": [{"recovery_strict": share, "recovery_strict_earlier_rounds": share,
+                            "recovery_other_forms": {form: share / 2 for form in W.OTHER_FORMS},
+                            "forgetting_points": 0.0, "epsilon_per_unit": 9.2}]}
+
+    monkeypatch.setattr(continual, "run", fake_run)
+    curve = continual.users_per_fact_curve(ContinualConfig(out=tmp_path, sites=3), [2, 4, 8, 16])
+    assert [p["users_per_fact"] for p in curve["points"]] == [2, 4, 8, 16]
+    assert curve["points"][-1]["recovery_strict"] == 1.0
+    assert json.loads((tmp_path / continual.SWEEP).read_text())["points"] == curve["points"]
+    assert (tmp_path / continual.SWEEP_PLOT).stat().st_size > 0
