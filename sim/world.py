@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -341,18 +342,8 @@ def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random) -> list[dict
     said once, by one user, in one session of its own, who then asks about it (so the site's
     teacher answers with it, as it would with any fact)."""
     mentions = [fact for fact in site.facts for _ in range(spec.users_per_fact)]
-    rng.shuffle(mentions)
-    groups: list[list[Fact]] = []
-    while mentions:
-        size = rng.randint(1, spec.max_facts_per_session)
-        group: list[Fact] = []
-        for fact in list(mentions):
-            if len(group) == size:
-                break
-            if fact not in group:
-                group.append(fact)
-                mentions.remove(fact)
-        groups.append(group)
+    groups = _deal(mentions, spec.max_facts_per_session, rng,
+                   lambda fact, group: fact not in group)
     # One user per session: a fact's mentions sit in distinct sessions, so distinct users.
     sessions = []
     for number, group in enumerate(groups):
@@ -837,15 +828,24 @@ def _group_mentions(new: list[Fact], spec: ContinualSpec, rng: random.Random
     contexts, against 0.99 for distinct attributes; docs/continual-world.md), and the
     session is the teacher's context."""
     mentions = [fact for fact in new for _ in range(spec.users_per_fact)]
+    return _deal(mentions, spec.max_facts_per_session, rng,
+                 lambda fact, group: all(fact != f and fact.attribute != f.attribute
+                                         for f in group))
+
+
+def _deal(mentions: list[Fact], max_facts: int, rng: random.Random,
+          fits: Callable[[Fact, list[Fact]], bool]) -> list[list[Fact]]:
+    """Shuffles `mentions` and deals them into sessions of 1 to `max_facts` facts, each
+    taken only where `fits(fact, session so far)`; a fact left over starts a later one."""
     rng.shuffle(mentions)
     groups: list[list[Fact]] = []
     while mentions:
-        size = rng.randint(1, spec.max_facts_per_session)
+        size = rng.randint(1, max_facts)
         group: list[Fact] = []
         for fact in list(mentions):
             if len(group) == size:
                 break
-            if all(fact != f and fact.attribute != f.attribute for f in group):
+            if fits(fact, group):
                 group.append(fact)
                 mentions.remove(fact)
         groups.append(group)
