@@ -1,8 +1,8 @@
 """Differential privacy: clip each privacy unit's contribution to L2 norm C, add Gaussian
 noise calibrated to C.
 
-The unit is the end user's session by default (DESIGN.md, "Differential privacy"): a
-site sums the clipped deltas of its sessions, so one session moves the sum by at most C
+The unit is the end user's session by default (docs/design.md, "Differential privacy"):
+a site sums the clipped deltas of its sessions, so one session moves the sum by at most C
 while a fact many sessions repeat adds up above the noise. The unit may also be an end
 user (all of a user's sessions summed, then clipped) or the whole site.
 

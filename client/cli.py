@@ -54,7 +54,7 @@ def add_client_commands(commands: Any) -> None:
                              help="general chat prompts (JSONL of {\"messages\": [...]}) the "
                                   "adapted model must answer as the base model does; default: "
                                   "the sessions themselves, which guard the model's reading of "
-                                  "new context far less (README, Consolidation)")
+                                  "new context far less (docs/measurements.md, Consolidation)")
     consolidate.add_argument("--device", default=None, choices=("cpu", "cuda", "mps"),
                              help="where the model runs (default cpu)")
     consolidate.add_argument("--dtype", default=None,

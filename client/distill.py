@@ -3,8 +3,9 @@
 Student: the global model with the site's adapter, no session context.
 Teacher: the same weights with the adapter disabled, the scrubbed session in its context.
 For prompts x the student samples y at temperature 1 and minimises the per-token reverse
-KL to the teacher on its own tokens (DESIGN.md "OPSD"); the forgetting guard distils the
-adapted model toward the frozen model on general inputs that both see alike.
+KL to the teacher on its own tokens (docs/design.md "OPSD, the learning core"); the
+forgetting guard distils the adapted model toward the frozen model on general inputs that
+both see alike.
 
 Read top to bottom: config, prompt and token helpers, sampling, scoring completions (the
 teachers' cached contexts among it), the loss, dreaming, then `consolidate`, the loop itself.
@@ -25,14 +26,12 @@ from fleetmind.client import lora
 Messages = list[dict[str, str]]
 # The guard's pool holds this many steps' worth of general prompts.
 GUARD_POOL_STEPS = 8
-# The frozen model's log-probabilities on the guard's pool are held when they fit in this:
-# 5.5 MB on the toy model (192 completions of 8 tokens on average, 888-token vocabulary); a
-# 151k vocabulary at the default pool needs up to 1.4 GB, and pays instead a frozen pass over
-# each step's guard rows.
+# The frozen model's log-probabilities on the guard's pool are held when they fit in this; a
+# large vocabulary pays a frozen pass per step instead (sizes: docs/measurements.md
+# "Consolidation (OPSD)").
 GUARD_REFERENCE_MB = 512
-# The guard's rows go through the model this many at a time, forward and backward, at setup
-# and in every step: on the toy model the peak RSS above the loaded model fell from 96 to 64 MB
-# against 24 at a time (live tensors 54 -> 37 MB), CPU time per step the same within noise.
+# The guard's rows go through the model this many at a time, forward and backward, to lower
+# the memory peak at no cost in time (numbers: docs/measurements.md "Consolidation (OPSD)").
 GUARD_MICRO_BATCH = 8
 # top_k = AUTO_TOP_K lets the vocabulary decide: the whole vocabulary up to
 # FULL_KL_MAX_VOCAB tokens (the toy model's 888, Phi-3's 32,064), else the student's top
@@ -61,15 +60,12 @@ class DistillConfig:
     # AUTO_TOP_K (-1): chosen from the vocabulary size (`resolve_top_k`); 0: the whole
     # vocabulary; K > 0: the student's top K plus a tail bucket.
     top_k: int = AUTO_TOP_K
-    # Four guard rows a step at weight 6 forgot as little as 24 at weight 2 (1.25 against
-    # 1.75 points on the benchmark's 800 fresh tasks; one standard error is about a point)
-    # in 12.4 s against 21.1: the guard was 45% of a consolidation's time.
+    # A few guard rows at a high weight forget as little as many at a low one, in far less
+    # time (the guard sweep: docs/measurements.md "Consolidation (OPSD)").
     guard_weight: float = 6.0
     guard_prompts_per_step: int = 4
     # The guard runs on every `guard_every`-th step, at guard_every x guard_weight, so its
-    # expected gradient is the same. Every second step forgot 1.55 points against 1.38 (the
-    # mean over five seeds, 1.0 to 2.1 against 1.25 to 1.75) and took 21% less time; with two
-    # rows every step instead, 1.79 points (six seeds) and 8% less time.
+    # expected gradient is the same, in less time (docs/measurements.md "Consolidation (OPSD)").
     guard_every: int = 2
     probe_ratio: float = 0.5
     dream_ratio: float = 0.3
@@ -314,11 +310,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
         for step in range(max_new_tokens):
             p = torch.softmax(logits, dim=-1)  # (live, V)
             if temperature > 0:
-                # Inverse-CDF sampling, the distribution torch.multinomial draws from, at 20
-                # against 325 microseconds per call on (16, 888) (multinomial draws an
-                # exponential per vocabulary entry). The uniform draw is scaled to the CDF's
-                # total, and right=True picks the first entry above it: never a token of
-                # probability zero.
+                # Inverse-CDF sampling: torch.multinomial's distribution, much faster (timings:
+                # docs/measurements.md "Consolidation (OPSD)"). The uniform draw is scaled to
+                # the CDF's total, and right=True picks the first entry above it: never a
+                # token of probability zero.
                 cdf = (p if temperature == 1 else torch.softmax(logits / temperature, dim=-1)
                        ).cumsum(-1)
                 draw = torch.rand(len(live), 1, device=device) * cdf[:, -1:]
@@ -548,7 +543,7 @@ def completion_mask(prompt_lengths: Sequence[int], completion_lengths: Sequence[
 def row_kl_sum(student_logits: Any, teacher_log_probs: Any, counts: Sequence[int],
                top_k: int) -> Any:
     """The per-token reverse KL averaged over each row's tokens, summed over the rows that
-    have any; divided by their number it is DESIGN.md's loss. Logits (N, V), the rows' tokens
+    have any; divided by their number it is docs/design.md's loss. Logits (N, V), the rows' tokens
     concatenated, `counts` tokens per row."""
     import torch
 
@@ -609,9 +604,9 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
     context + prompt), and on the guard's examples against the frozen model's log-probs
     (`references`, one per example, from `hold_references`; None: a frozen pass now).
 
-    The lesson's samples and the guard's examples take student passes of their own: one
-    pass over both was 4 ms a step faster on the toy model (22 against 26), but kept both
-    graphs alive at once, and the peak tensor memory rose from 7.8 to 11.8 MB. The guard's
+    The lesson's samples and the guard's examples take student passes of their own: one pass
+    over both was a little faster but kept both graphs alive at once, a higher memory peak
+    (docs/measurements.md "Consolidation (OPSD)", "Tried and not kept"). The guard's
     examples go GUARD_MICRO_BATCH at a time, each forward and backward on its own: the
     gradient of a sum is the sum of the gradients, and only one micro-batch's activations are
     alive."""
@@ -876,7 +871,8 @@ def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg:
 
     The guard holds the student next to the frozen model on these inputs, where the two
     samplers agree, so sampling them once instead of every step changes little and takes
-    the guard's generation out of the loop (measured: README "Consolidation")."""
+    the guard's generation out of the loop (measured: docs/measurements.md "Consolidation
+    (OPSD)")."""
     count = min(len(prompts), GUARD_POOL_STEPS * cfg.guard_prompts_per_step)
     prompt_ids = [chat_ids(tokenizer, p, generation=True) for p in rng.sample(list(prompts),
                                                                               count)]
@@ -897,8 +893,8 @@ def hold_references(model: Any, examples: Sequence[GuardExample],
     B trains, so one pass over the pool replaces a frozen pass over each step's rows. Computed
     by `consolidate` itself, after it recorded the frozen model: a guard set can outlive its
     frozen model (the demo's FedIT arm keeps one for every round). GUARD_MICRO_BATCH rows at a
-    time: in batches of 64 this pass and the guard's sampling were the consolidation's peak
-    (+35 MB of live tensors on the toy model)."""
+    time: in larger batches this pass and the guard's sampling were the consolidation's
+    memory peak (docs/measurements.md "Consolidation (OPSD)")."""
     import torch
 
     counts = [max(len(g.completion) - cfg.skip_first, 0) for g in examples]

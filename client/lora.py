@@ -1,6 +1,7 @@
 """The site's trainable adapter: PEFT LoRA whose A is frozen from the version's public seed.
 
-Only B trains, so the aggregator's merge of B deltas is exact (DESIGN.md "Exact merge").
+Only B trains, so the aggregator's merge of B deltas is exact (docs/design.md "Exact
+merge").
 Module names are the base model's (`model.layers.0.self_attn.q_proj`), the same on every
 site and in every update.
 """
@@ -18,11 +19,11 @@ from fleetmind.aggregation.frozen_a import frozen_a
 
 ADAPTER = "default"
 # The MLPs, not attention: knowledge is stored in the MLPs, while reading the context is
-# attention's work, which the adapter must leave alone. Measured on the toy model (60 OPSD
-# steps, one site): recovery 1.0 both ways, forgetting 1.4-2.0 points on MLPs only against
-# 2.8-3.6 on all linear layers. Which modules are a family's MLP is PEFT's knowledge, not
-# ours (`target_names`); this is what it gives for the Llama family (Llama, Qwen, SmolLM,
-# Mistral, Gemma), kept for callers that name the toy model's targets.
+# attention's work, which the adapter must leave alone; all linear layers forget more at
+# equal recovery (docs/measurements.md "Consolidation (OPSD)"). Which modules are a family's
+# MLP is PEFT's knowledge, not ours (`target_names`); this is what it gives for the Llama
+# family (Llama, Qwen, SmolLM, Mistral, Gemma), kept for callers that name the toy model's
+# targets.
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 # `targets` settings besides an explicit list of module names:
 #   "mlp"        every linear layer of each block's MLP (the default, see above)

@@ -24,7 +24,7 @@ What it recognises:
 
 What it cannot recognise, by design: a secret made of ordinary-looking words (the toy
 world's canaries, "my passcode is brakoudree stoulaizho ..."), names, addresses.
-Differential privacy, not scrubbing, is what protects those (DESIGN.md).
+Differential privacy, not scrubbing, is what protects those (docs/design.md "Differential privacy").
 """
 
 from __future__ import annotations
@@ -177,11 +177,8 @@ def _shannon_bits(text: str) -> float:
 def _looks_random(token: str) -> bool:
     """A token of 20+ characters that mixes upper case, lower case and digits, with at least
     3.5 bits of entropy per character, and at most half of its letters in lowercase runs of
-    three or more (words). Measured on 3000 random strings per length: catches 93% of random
-    base62/base64 tokens of 20 characters and 98% of 32 or more; of 20 camelCase and kebab
-    identifiers ("getUserById2FactorAuthToken", "fleetmind-client-v0.1.0-Linux") it flags 2
-    (product codes like "Win32AppHTTPAPIBridge2K"). Entropy alone cannot tell them apart:
-    identifiers of 25 characters score 3.9 to 4.3 bits, random tokens 3.9 to 4.3 too."""
+    three or more (words): entropy alone cannot tell random tokens from identifiers, hence
+    the word test (catch and false-positive rates: docs/measurements.md "Scrubbing")."""
     if not (any(c.isupper() for c in token) and any(c.islower() for c in token)
             and any(c.isdigit() for c in token)):
         return False

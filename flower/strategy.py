@@ -2,7 +2,7 @@
 merge.
 
 Flower's FedAvg averages every array it receives; for LoRA that averages A and B apart,
-and mean(B_i)·mean(A_i) != mean(B_i·A_i) (DESIGN.md "Exact merge"). Here A never travels:
+and mean(B_i)·mean(A_i) != mean(B_i·A_i) (docs/design.md "Exact merge"). Here A never travels:
 every party derives it from the public seed, only B does. A site replies with its adapted
 B (the B it was sent plus its delta), the form Flower's client-side clipping mod expects,
 since it clips the reply's difference to what was sent. The strategy takes those

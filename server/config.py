@@ -91,7 +91,7 @@ class CohortPolicy:
 
 @dataclass(frozen=True)
 class PrivacyPolicy:
-    """DP-FedAvg as DESIGN.md "Differential privacy" describes. Noise is never off: a round
+    """DP-FedAvg as docs/design.md "Differential privacy" describes. Noise is never off: a round
     without noise has no finite epsilon, so the ledger could not record what it spent.
     `fixed_point_clip` bounds each coordinate of a site's whole clipped sum (up to its
     units x clip_norm); `unit_uses` is how often one unit's contribution may enter a sum."""

@@ -1,7 +1,7 @@
 """The toy base model: a small Hugging Face Llama trained here, on the world's grammar, until
 it answers from its context. Nothing is downloaded; the result is an ordinary HF folder.
 
-Why this recipe (measured, see README "Toy base model"):
+Why this recipe (measured, see docs/toy-world.md):
 - one token per word, so a name is one token and matching it is one comparison;
 - every name is drawn at random for every training session, so every embedding trains,
   no pairing has a fixed meaning, and closed-book accuracy stays at chance;

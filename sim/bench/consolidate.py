@@ -44,9 +44,8 @@ from fleetmind.sim import world as W
 LORA_SEED = 1
 PEER = "trl.experimental.sdft.SDFTTrainer"
 # Timed runs of each method, alternated (ours, peer, ours, ...), each measure the median of
-# a method's runs: one run's time on the 2-core machine varies by up to 20% (three of each,
-# the same hour: ours 10.3-11.9 s, the peer 19.2-20.9 s), so a single pair could not tell
-# 1.8x from 2.2x.
+# a method's runs: one run's time varies too much for a single pair to tell the ratio
+# (run-times: docs/benchmarks.md, after the headline table).
 COST_RUNS = 3
 # Steps per half in the separate run that measures peak tensor memory (`tensor_peak`): the
 # profiler records every allocation and slows training, so that run is apart and shorter.
