@@ -20,7 +20,8 @@ from fleetmind.server.coordinator import RoundListener
 
 PHASES = ("advertise_keys", "share_keys", "masked_input_collection", "unmasking")
 OUTCOMES = ("published", "aborted", "abandoned", "refused")
-# Cohorts run from the minimum of 2 sites to thousands (docs/design.md "Scale").
+# Cohorts run from the minimum of 3 sites to thousands (docs/design.md "Scale"); the 2
+# bucket stays so dashboards built on it keep their series.
 COHORT_BUCKETS = (2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 # A phase closes in milliseconds on loopback and at its deadline (default 60 s) with dropouts.
 PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
