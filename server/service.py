@@ -713,11 +713,11 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
                 self.coordinator.wait(newer, FOLLOW_POLL_S)
 
     def Latest(self, request, context):  # noqa: N802
-        numbers = self.registry.numbers()
-        if not numbers:
-            context.abort(S.NOT_FOUND, "no version is published yet")
+        latest = self.registry.latest_number()  # from memory: no folder listing per call
+        if latest is None:
+            _abort(context, S.NOT_FOUND, "no version is published yet")
         try:
-            return self._announce(numbers[-1])
+            return self._announce(latest)
         except VersionError as error:  # the folder on disk no longer verifies: never serve it
             context.abort(S.DATA_LOSS, str(error))
 
