@@ -13,7 +13,6 @@ import pytest
 from fleetmind.aggregation.secagg import crypto
 from fleetmind.aggregation.secagg.graph import NeighbourGraph
 from fleetmind.aggregation.secagg.messages import RoundConfig
-from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import models_pb2
 from fleetmind.server import service, versions
 from fleetmind.server.config import ServerConfig
@@ -30,20 +29,8 @@ def _setup(round_id: int, sites: list[int], base_version: int = 0) -> RoundSetup
 
 
 def _uncached(setup: RoundSetup) -> bytes:
-    """The wire config as encoded before the cache: afresh, field by field."""
-    config = codec.round_config_to_wire(setup.config)
-    config.base_version = setup.base_version
-    config.clip_norm = setup.clip_norm
-    config.noise_multiplier = setup.noise_multiplier
-    config.noise_mode = setup.noise_mode
-    config.privacy_unit = setup.privacy_unit
-    config.expected_cohort = setup.expected_cohort
-    config.fixed_point_clip = setup.fixed_point_clip
-    config.cohort_max = setup.cohort_max
-    config.phase_deadline_unix_ms = setup.phase_deadline_unix_ms
-    config.plain_sum = not setup.secure_aggregation
-    config.participation_cap = setup.participation_cap
-    return config.SerializeToString(deterministic=True)
+    """The wire config encoded afresh, past the cache."""
+    return service._setup_to_wire(setup).SerializeToString(deterministic=True)
 
 
 def test_two_sites_of_a_round_receive_identical_round_config() -> None:
