@@ -230,7 +230,7 @@ def _section(raw: dict[str, Any], name: str, cls: type) -> Any:
         raise ConfigError(f"[{name}]: {error}") from None
 
 
-def _adapter(raw: Any, source: str = "[adapter]") -> AdapterSpec:
+def adapter_from_table(raw: Any, source: str = "[adapter]") -> AdapterSpec:
     """The genesis AdapterSpec of an [adapter] table (fan_in_fan_out included)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a table of keys")
@@ -260,7 +260,7 @@ def _adapter_file(value: Any, base: Path) -> AdapterSpec:
                           "server adapter --model DIR --out FILE`") from None
     if "adapter" not in document:
         raise ConfigError(f"adapter_file={value!r}: {path} has no [adapter] table")
-    return _adapter(document["adapter"], f"[adapter] of {path}")
+    return adapter_from_table(document["adapter"], f"[adapter] of {path}")
 
 
 def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
@@ -297,7 +297,7 @@ def parse_config(raw: dict[str, Any], base: Path) -> ServerConfig:
     if "adapter_file" in raw:
         adapter = _adapter_file(raw["adapter_file"], base)
     elif "adapter" in raw:
-        adapter = _adapter(raw["adapter"])
+        adapter = adapter_from_table(raw["adapter"])
     else:
         adapter = DEV_ADAPTER
     try:

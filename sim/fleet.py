@@ -5,7 +5,6 @@ driven round by round. The demo and `bench continual` run the same fleet."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import queue
@@ -38,19 +37,14 @@ class FleetSettings:
 
 def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = 8, alpha: float = 16.0,
                  targets: tuple[str, ...] = MLP_TARGETS) -> Any:
-    """The genesis adapter for a Llama-shaped model: LoRA on `targets` of every layer's MLP."""
-    from fleetmind.client.model import base_model_hash
-    from fleetmind.server.versions import AdapterSpec, TargetModule
+    """The genesis adapter for the model in `model_dir`: LoRA on `targets`, as
+    `fleetmind server adapter` writes it (client.adapter_spec), read as the aggregator does."""
+    from fleetmind.client import adapter_spec as spec
+    from fleetmind.server.config import adapter_from_table
 
-    config = json.loads((model_dir / "config.json").read_text())
-    hidden, inner = config["hidden_size"], config["intermediate_size"]
-    shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner),
-              "down_proj": (inner, hidden)}
-    modules = tuple(TargetModule(f"model.layers.{layer}.mlp.{name}", *shapes[name])
-                    for layer in range(config["num_hidden_layers"]) for name in targets)
-    # The hash sites check a version against before activating it (client.model).
-    return AdapterSpec(model_dir.name, base_model_hash(model_dir), modules,
-                       frozen_a_seed=frozen_a_seed, rank=rank, alpha=alpha)
+    return adapter_from_table(spec.adapter_spec(
+        model_dir, rank=rank, alpha=alpha, frozen_a_seed=frozen_a_seed, targets=list(targets),
+        base_model_id=model_dir.name))
 
 
 def quiet() -> None:
