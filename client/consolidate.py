@@ -144,28 +144,23 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
         guard_set = distill.guard_examples(model, tokenizer, guard_prompts, cfg,
                                            random.Random(cfg.seed),
                                            distill.turn_end_ids(tokenizer, model))
-    for group in groups:
+    for chunk in _passes(model, groups, cfg):
         lora.set_b(model, start)
         if cfg.method == "sft_transcript":
-            result = distill.supervise(model, tokenizer,
-                                       distill.transcript_examples(tokenizer, group), cfg)
+            results = [distill.supervise(model, tokenizer,
+                                         distill.transcript_examples(tokenizer, chunk[0]), cfg)]
         else:
-            result = distill.consolidate(model, tokenizer, group, guard_prompts, cfg,
-                                         replay=replayed, scrub=lambda t: scrub_text(t)[0],
-                                         progress=progress, guard_set=guard_set)
-        for name, delta in result.delta.items():
-            total[name] += delta
-        if per_session:
-            session_updates.append((group[0].session_id, result.delta))
-        dreams += result.dreams
-        stats.steps += result.stats.steps
-        stats.tokens += result.stats.tokens
-        stats.seconds += result.stats.seconds
-        stats.loss += result.stats.loss
-        stats.kl += result.stats.kl
-        stats.guard_kl += result.stats.guard_kl
-        stats.dreams_kept += result.stats.dreams_kept
-        stats.dreams_rejected += result.stats.dreams_rejected
+            results = distill.consolidate_units(model, tokenizer, chunk, guard_prompts, cfg,
+                                                replay=replayed,
+                                                scrub=lambda t: scrub_text(t)[0],
+                                                progress=progress, guard_set=guard_set)
+        for group, result in zip(chunk, results, strict=True):
+            for name, delta in result.delta.items():
+                total[name] += delta
+            if per_session:
+                session_updates.append((group[0].session_id, result.delta))
+            dreams += result.dreams
+            stats.add(result.stats)
     if per_session:
         # DP-FedAvg over sessions: the site's update is the mean of its units' deltas (the
         # aggregation library clips each unit before this mean when DP is on).
@@ -179,6 +174,15 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
     consolidation_id = hashlib.sha256(json.dumps([site, base_version, ids]).encode()).hexdigest()
     return SiteConsolidation(Update(total, metadata), tuple(session_updates), scrubbed, stats,
                              consolidation_id[:16])
+
+
+def _passes(model: Any, groups: list[list[distill.Lesson]], cfg: distill.DistillConfig
+            ) -> list[list[list[distill.Lesson]]]:
+    """The groups, `cfg.units_per_pass` to a pass; one a pass where units cannot share one
+    (A trains, for the FedIT baseline; the SFT baseline's loop takes one)."""
+    size = (1 if lora.a_trains(model) or cfg.method == "sft_transcript"
+            else cfg.units_per_pass)
+    return [groups[i:i + size] for i in range(0, len(groups), size)]
 
 
 def _replayed(dreams: Sequence[distill.Dream], lessons: Sequence[distill.Lesson],

@@ -86,6 +86,9 @@ class DistillConfig:
     # computed in float32.
     device: str = "cpu"
     dtype: str = "float32"
+    # Privacy units distilled side by side in one pass, each its own delta (`lora.UnitDeltas`):
+    # the cost per unit falls with the pass (docs/measurements.md "Batched distillation").
+    units_per_pass: int = 8
 
     @property
     def guard_step_weight(self) -> float:
@@ -95,7 +98,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         problems = []
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-                     "guard_every"):
+                     "guard_every", "units_per_pass"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0 or self.temperature <= 0:
@@ -179,6 +182,17 @@ class DistillStats:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
+    def add(self, other: DistillStats) -> None:
+        """Counts `other`'s consolidation into this one's (a site's units into its total)."""
+        self.steps += other.steps
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+        self.loss += other.loss
+        self.kl += other.kl
+        self.guard_kl += other.guard_kl
+        self.dreams_kept += other.dreams_kept
+        self.dreams_rejected += other.dreams_rejected
+
 
 # ---- tokens ------------------------------------------------------------------------------
 
@@ -243,15 +257,42 @@ class PromptRead:
     mask: Any
 
 
-def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int) -> PromptRead:
+def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int,
+                 units: Sequence[int] | None = None) -> PromptRead:
     """One pass over the prompts, left-padded; only their last positions reach the vocabulary
-    projection."""
+    projection. units: each prompt's unit, whose delta its row adds (`lora.UnitDeltas`)."""
     device = model_device(model)
     ids, mask = pad_left(prompts, pad)  # (P, L)
     ids, mask = ids.to(device), mask.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                use_cache=True, logits_to_keep=1)
+    with lora.routed(model, unit_index(units, device)):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                    use_cache=True, logits_to_keep=1)
     return PromptRead(out.logits, out.cache, mask)
+
+
+def unit_index(units: Sequence[int] | None, device: Any) -> Any:
+    """Each row's unit as `lora.routed` takes it, (rows, 1); None for none."""
+    import torch
+
+    if units is None:
+        return None
+    return torch.tensor(list(units), dtype=torch.long, device=device)[:, None]
+
+
+def uniform(rows: Any, generators: Sequence[Any] | None, device: Any) -> Any:
+    """One uniform draw per row, (len(rows), 1): from each row's unit's own generator
+    (`rows` holds each row's unit), so a unit samples the same whichever units share its
+    pass; the global generator when there are none."""
+    import torch
+
+    if generators is None:
+        return torch.rand(len(rows), 1, device=device)
+    draw = torch.empty(len(rows), 1, device=device)
+    for unit, generator in enumerate(generators):
+        mine = (rows == unit).nonzero()[:, 0]
+        if len(mine):
+            draw[mine] = torch.rand(len(mine), 1, device=device, generator=generator)
+    return draw
 
 
 def kv_cache(model: Any, layers: Sequence[tuple[Any, Any]]) -> Any:
@@ -263,11 +304,12 @@ def kv_cache(model: Any, layers: Sequence[tuple[Any, Any]]) -> Any:
 
 
 def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], samples: int,
-           max_new_tokens: int, temperature: float, stop_ids: set[int]) -> list[list[int]]:
+           max_new_tokens: int, temperature: float, stop_ids: set[int],
+           generator: Any = None) -> list[list[int]]:
     """`samples` completions per prompt from `model` as it is now (adapter on or off), each cut
-    after its first stop token, prompt by prompt."""
+    after its first stop token, prompt by prompt; drawn from `generator` (None: torch's)."""
     completions, _ = generate(model, tokenizer, prompts, samples, max_new_tokens, temperature,
-                              stop_ids)
+                              stop_ids, generators=None if generator is None else [generator])
     return completions
 
 
@@ -280,7 +322,8 @@ def greedy_confidence(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], samples: int,
              max_new_tokens: int, temperature: float, stop_ids: set[int],
-             read: PromptRead | None = None) -> tuple[list[list[int]], list[float]]:
+             read: PromptRead | None = None, units: Sequence[int] | None = None,
+             generators: Sequence[Any] | None = None) -> tuple[list[list[int]], list[float]]:
     """A plain KV-cached decoding loop: `samples` continuations of each prompt, sampled at
     `temperature` or greedy when it is 0. Each prompt is read once and its cache copied to its
     samples (the prompts left-padded in one batch); a row leaves the batch at its first stop
@@ -289,18 +332,22 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
 
     read: `prompts` as `read_prompts` already read them with the model as it is now (the
     student's pass of a step, whose graph the loss reuses); decoding continues from a
-    detached copy of it, which leaves it as it was. None: they are read here."""
+    detached copy of it, which leaves it as it was. None: they are read here.
+    units: each prompt's unit (`lora.UnitDeltas`), None for none; generators: one per unit
+    (a single one without units), each unit's rows drawn from its own (`uniform`)."""
     import torch
 
     device = model_device(model)
     stops = torch.tensor(sorted(stop_ids), device=device)
     rows = len(prompts) * samples
+    row_units = (torch.zeros(rows, dtype=torch.long, device=device) if units is None else
+                 unit_index(units, device)[:, 0].repeat_interleave(samples))
     tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long, device=device)
     token_probs = torch.zeros((rows, max_new_tokens), device=device)
     live = torch.arange(rows, device=device)  # the rows still decoding
     with torch.inference_mode():
         if read is None:
-            read = read_prompts(model, prompts, tokenizer.pad_token_id)
+            read = read_prompts(model, prompts, tokenizer.pad_token_id, units)
         cache = kv_cache(model, [(layer.keys.detach(), layer.values.detach())
                                  for layer in read.cache.layers])
         cache.batch_repeat_interleave(samples)
@@ -316,7 +363,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
                 # token of probability zero.
                 cdf = (p if temperature == 1 else torch.softmax(logits / temperature, dim=-1)
                        ).cumsum(-1)
-                draw = torch.rand(len(live), 1, device=device) * cdf[:, -1:]
+                draw = uniform(row_units[live], generators, device) * cdf[:, -1:]
                 token = torch.searchsorted(cdf, draw, right=True)[:, 0]
             else:
                 token = p.argmax(-1)
@@ -333,8 +380,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long,
                                                device=device)], dim=1)
             position = position + 1
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                        cache=cache, use_cache=True, logits_to_keep=1)
+            with lora.routed(model, None if units is None else row_units[live][:, None]):
+                out = model(input_ids=token[:, None], attention_mask=mask,
+                            position_ids=position, cache=cache, use_cache=True,
+                            logits_to_keep=1)
             logits = out.logits[:, -1].float()
     completions, confidences = [], []
     for row, chosen in zip(tokens.tolist(), token_probs.cpu(), strict=True):
@@ -348,93 +397,167 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
 
 def completion_logits(model: Any, prompts: Sequence[Sequence[int]],
                       completions: Sequence[Sequence[int]], skip_first: int,
-                      owners: Sequence[int] | None = None, read: PromptRead | None = None
-                      ) -> tuple[Any, list[int]]:
+                      owners: Sequence[int] | None = None, read: PromptRead | None = None,
+                      units: Sequence[int] | None = None) -> tuple[Any, list[int]]:
     """The logits that predict each completion's tokens, the first `skip_first` of each left
     out, all rows' concatenated: (N', V), and how many each row has. Completion j continues
     prompt owners[j] (None: prompt j); all go through one packed pass (`packed_logits`).
 
     read: the prompts as `read_prompts` read them (the student's pass of a step, which its
-    sampling used; `prompts` is then not needed): the completions continue its cache."""
+    sampling used; `prompts` is then not needed): the completions continue its cache.
+    units: each prompt's unit (`lora.UnitDeltas`); a completion is its prompt's, and each
+    unit's rows are packed in a row of their own."""
     owners = range(len(completions)) if owners is None else owners
+    routed = units is not None
     if read is None:
-        return packed_logits(model, None, prompts, completions, owners, skip_first)
+        return packed_logits(model, None, prompts, completions, owners, skip_first,
+                             rows=units, routed=routed)
     return packed_logits(model, ([(layer.keys, layer.values) for layer in read.cache.layers],
                                  read.mask),
                          [[] for _ in range(len(read.mask))], completions, owners, skip_first,
-                         read.logits[:, -1])
+                         read.logits[:, -1], units, routed)
 
 
 def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None,
                   suffixes: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                  owners: Sequence[int], skip_first: int, past_logits: Any = None
+                  owners: Sequence[int], skip_first: int, past_logits: Any = None,
+                  rows: Sequence[int] | None = None, routed: bool = False
                   ) -> tuple[Any, list[int]]:
-    """`completion_logits` in one forward pass over one packed row.
+    """`completion_logits` in one forward pass over packed rows.
 
     Completion j continues suffix owners[j]; suffix i continues row i of `past` (keys and
     values per layer, each (P, heads, W, head_dim), and the mask of their real positions
-    (P, W), a row per suffix), or reads alone when there is no past. The row holds every
-    suffix, then every completion but its last token; a 4D mask lets each token see its own
-    past row's real positions, its own suffix, and its own piece up to itself, so no position
-    is padding (on the toy model a step's 16 samples are 96 positions where right-padded rows
-    were 176), and only the positions that predict a completion token reach the vocabulary
-    projection.
+    (P, W), a row per suffix), or reads alone when there is no past. A packed row holds its
+    suffixes, then their completions but each one's last token; a 4D mask lets each token see
+    its own past row's real positions, its own suffix, and its own piece up to itself, so no
+    position is padding (on the toy model a step's 16 samples are 96 positions where
+    right-padded rows were 176), and only the positions that predict a completion token
+    reach the vocabulary projection.
+    rows: the packed row of each suffix (its completions go with it), None for one row.
+    Each unit's rows in a row of their own keep attention's cost linear in the units (one
+    row of everything is quadratic). routed: row r adds unit r's delta (`lora.UnitDeltas`).
     A completion whose suffix is empty takes its first token's logits from `past_logits`
     (P, V), its past row's last logits."""
     import torch
 
     device = model_device(model)
-    pieces = [list(x) for x in suffixes] + [list(y[:-1]) for y in completions]
+    row_of = [0] * len(suffixes) if rows is None else list(rows)
+    members = [[i for i, r in enumerate(row_of) if r == row] for row in range(max(row_of) + 1)]
+    past_mask = None if past is None else past[1].cpu()  # index arithmetic runs on the CPU
+    packs = [_pack_row([suffixes[i] for i in member],
+                       [(j, member.index(owner)) for j, owner in enumerate(owners)
+                        if row_of[owner] == row],
+                       completions, None if past_mask is None else past_mask[member])
+             for row, member in enumerate(members)]
+    width = max(len(pack.ids) for pack in packs)
+    slots = max(len(member) for member in members)  # past rows per packed row
+    past_width = 0 if past_mask is None else slots * past_mask.shape[1]
+    ids = torch.zeros((len(packs), width), dtype=torch.long)
+    position = torch.zeros((len(packs), width), dtype=torch.long)
+    mask = torch.zeros((len(packs), width, past_width + width), dtype=torch.bool)
+    mask[:, range(width), [past_width + t for t in range(width)]] = True  # padding sees itself
+    for row, pack in enumerate(packs):
+        n = len(pack.ids)
+        ids[row, :n], position[row, :n] = pack.ids, pack.position
+        mask[row, :n, past_width:past_width + n] = pack.own
+        if pack.seen is not None:
+            mask[row, :n, :pack.seen.shape[1]] = pack.seen
+    cache = None
+    if past is not None:
+        def row_of_past(tensor: Any, member: list[int]) -> Any:
+            """(P, heads, W, head_dim) -> (heads, slots * W, head_dim): the row's past rows."""
+            picked = tensor[member]
+            padded = torch.nn.functional.pad(picked, (0, 0, 0, 0, 0, 0, 0, slots - len(member)))
+            return padded.transpose(0, 1).flatten(1, 2)
+
+        cache = kv_cache(model, [
+            (torch.stack([row_of_past(keys, member) for member in members]),
+             torch.stack([row_of_past(values, member) for member in members]))
+            for keys, values in past[0]])
+    keep = sorted({w for pack in packs for _, w in pack.wanted(skip_first) if w >= 0})
+    if keep:
+        route = torch.arange(len(packs), device=device)[:, None] if routed else None
+        with lora.routed(model, route):
+            logits = model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                           position_ids=position.to(device), cache=cache,
+                           use_cache=cache is not None,
+                           logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device)
+                           ).logits.flatten(0, 1)  # (rows * K, V)
+    else:  # every wanted logit is a past row's own (one-token samples): no pass at all
+        logits = torch.zeros((0, model.config.vocab_size), device=device)
+    table = logits if past_logits is None else torch.cat([logits, past_logits])
+    slot = {w: i for i, w in enumerate(keep)}
+    found = {}
+    for row, (pack, member) in enumerate(zip(packs, members, strict=True)):
+        for (j, k), w in pack.wanted(skip_first):
+            found[j, k] = (row * len(keep) + slot[w] if w >= 0
+                           else len(logits) + member[-1 - w])
+    index = torch.tensor([found[j, k] for j, y in enumerate(completions)
+                          for k in range(skip_first, len(y))], dtype=torch.long)
+    return (table.index_select(0, index.to(device)),
+            [max(len(y) - skip_first, 0) for y in completions])
+
+
+@dataclass
+class _PackedRow:
+    """One packed row's tokens, positions and mask (`packed_logits`): `own` (T, T) over the
+    row's tokens, `seen` (T, P * W) over its past rows' positions; completion (j, its suffix's
+    index in the row) for each of the row's completions."""
+
+    ids: Any
+    position: Any
+    own: Any
+    seen: Any
+    completions: list[tuple[int, int]]
+    starts: list[int]
+    lengths: list[int]
+    suffix_count: int
+    completion_lengths: dict[int, int]
+
+    def wanted(self, skip_first: int) -> list[tuple[tuple[int, int], int]]:
+        """(completion j, token k) and where the logit that predicts it is: a position in the
+        row, or -1 - p for the row's past row p's last logit."""
+        out = []
+        for piece, (j, owner) in enumerate(self.completions, start=self.suffix_count):
+            for k in range(skip_first, self.completion_lengths[j]):
+                if k > 0:
+                    where = self.starts[piece] + k - 1  # after the completion's token k-1
+                elif self.lengths[owner]:
+                    where = self.starts[owner] + self.lengths[owner] - 1  # its suffix's last
+                else:
+                    where = -1 - owner
+                out.append(((j, k), where))
+        return out
+
+
+def _pack_row(suffixes: Sequence[Sequence[int]], completions: Sequence[tuple[int, int]],
+              every_completion: Sequence[Sequence[int]], past_mask: Any) -> _PackedRow:
+    """A packed row of `suffixes` and `completions` ((j, the index of its suffix among
+    `suffixes`)), the completions' tokens from `every_completion`; `past_mask` (P, W): the
+    real positions of each suffix's past row, or None."""
+    import torch
+
+    pieces = [list(x) for x in suffixes] + [list(every_completion[j][:-1])
+                                            for j, _ in completions]
     lengths = torch.tensor([len(x) for x in pieces], dtype=torch.long)
     starts = lengths.cumsum(0) - lengths
     piece = torch.repeat_interleave(torch.arange(len(pieces)), lengths)  # (T,) each token's
     step = torch.arange(len(piece)) - starts[piece]  # and its index in it
     is_rest = piece >= len(suffixes)
-    owner = torch.tensor(list(owners), dtype=torch.long)
+    owner = torch.tensor([o for _, o in completions] or [0], dtype=torch.long)
     suffix = torch.where(is_rest, owner[(piece - len(suffixes)).clamp(min=0)], piece)
     own = ((piece[:, None] == piece[None, :]) & (step[:, None] >= step[None, :])
            | is_rest[:, None] & (suffix[:, None] == piece[None, :]))  # (T, T)
     position = torch.where(is_rest, lengths[suffix], 0) + step  # (T,)
-    mask, cache = own, None
-    if past is not None:
-        layers, past_mask = past
-        past_mask = past_mask.cpu()  # the index arithmetic runs on the CPU, as above
+    seen = None
+    if past_mask is not None:
         position = position + past_mask.sum(-1)[suffix]
         seen = torch.zeros((len(piece), len(past_mask), past_mask.shape[1]), dtype=torch.bool)
         seen[torch.arange(len(piece)), suffix] = past_mask.bool().index_select(0, suffix)
-        mask = torch.cat([seen.flatten(1), own], dim=1)
-
-        def one_row(tensor: Any) -> Any:  # (P, heads, W, head_dim) -> (1, heads, P * W, ...)
-            return tensor.transpose(0, 1).flatten(1, 2)[None]
-
-        cache = kv_cache(model, [(one_row(keys), one_row(values)) for keys, values in layers])
-    def predicting(j: int, k: int) -> int:
-        """Where the logit that predicts completion j's token k is: a packed position, or
-        -1 - p for past row p's last logit."""
-        if k > 0:
-            return int(starts[len(suffixes) + j]) + k - 1  # after the completion's token k-1
-        if suffixes[owners[j]]:
-            return int(starts[owners[j]] + lengths[owners[j]]) - 1  # its suffix's last token
-        return -1 - owners[j]
-
-    wanted = [predicting(j, k) for j, y in enumerate(completions)
-              for k in range(skip_first, len(y))]
-    keep = sorted({w for w in wanted if w >= 0})
-    if keep:
-        logits = model(input_ids=torch.tensor([[t for x in pieces for t in x]], device=device),
-                       attention_mask=mask[None, None].to(device),
-                       position_ids=position[None].to(device), cache=cache,
-                       use_cache=cache is not None,
-                       logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device)
-                       ).logits[0]  # (K, V)
-    else:  # every wanted logit is a past row's own (one-token samples): no pass at all
-        logits = torch.zeros((0, model.config.vocab_size), device=device)
-    table = logits if past_logits is None else torch.cat([logits, past_logits])
-    slot = {w: i for i, w in enumerate(keep)}
-    index = torch.tensor([slot[w] if w >= 0 else len(keep) - 1 - w for w in wanted],
-                         dtype=torch.long)
-    return (table.index_select(0, index.to(device)),
-            [max(len(y) - skip_first, 0) for y in completions])
+        seen = seen.flatten(1)
+    return _PackedRow(torch.tensor([t for x in pieces for t in x], dtype=torch.long), position,
+                      own, seen, list(completions), starts.tolist(), lengths.tolist(),
+                      len(suffixes), {j: len(every_completion[j]) for j, _ in completions})
 
 
 @dataclass
@@ -478,12 +601,12 @@ class TeacherContexts:
 
     def log_probs(self, model: Any, sessions: Sequence[str], suffixes: Sequence[Sequence[int]],
                   completions: Sequence[Sequence[int]], owners: Sequence[int],
-                  skip_first: int) -> tuple[Any, list[int]]:
+                  skip_first: int, rows: Sequence[int] | None = None) -> tuple[Any, list[int]]:
         """The frozen model's log-probabilities on each completion, read after its prompt:
         prompt i is session i's context then suffix i, and completion j continues prompt
         owners[j], the first `skip_first` tokens of each left out (`completion_logits`). The
         suffixes and completions go through in one packed pass after the held caches, which
-        never change."""
+        never change; rows: each prompt's packed row (`packed_logits`)."""
         import torch
 
         index = torch.tensor([self.row[s] for s in sessions], dtype=torch.long,
@@ -491,7 +614,8 @@ class TeacherContexts:
         layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers]
         with torch.no_grad(), lora.frozen_global(model):
             logits, counts = packed_logits(model, (layers, self.mask.index_select(0, index)),
-                                           suffixes, completions, owners, skip_first)
+                                           suffixes, completions, owners, skip_first,
+                                           rows=rows)
         return torch.log_softmax(logits.float(), dim=-1), counts
 
 
@@ -540,26 +664,37 @@ def completion_mask(prompt_lengths: Sequence[int], completion_lengths: Sequence[
     return mask
 
 
-def row_kl_sum(student_logits: Any, teacher_log_probs: Any, counts: Sequence[int],
-               top_k: int) -> Any:
-    """The per-token reverse KL averaged over each row's tokens, summed over the rows that
-    have any; divided by their number it is docs/design.md's loss. Logits (N, V), the rows' tokens
-    concatenated, `counts` tokens per row."""
+def unit_kl_sums(student_logits: Any, teacher_log_probs: Any, counts: Sequence[int],
+                 top_k: int, row_units: Sequence[int], units: int) -> Any:
+    """The per-token reverse KL averaged over each row's tokens, summed over each unit's rows
+    that have any: (units,); a unit's sum over its number of such rows is docs/design.md's
+    loss. Logits (N, V), the rows' tokens concatenated, `counts` tokens per row, row i of
+    unit row_units[i]."""
     import torch
 
-    kept = [c for c in counts if c > 0]
+    kept = [(c, u) for c, u in zip(counts, row_units, strict=True) if c > 0]
     if not kept:
-        return student_logits.sum() * 0.0
+        return student_logits.sum() * torch.zeros(units, device=student_logits.device)
     per_token = reverse_kl(student_logits[None], teacher_log_probs[None], top_k)[0]  # (N,)
     device = per_token.device
-    owner = torch.repeat_interleave(torch.arange(len(kept), device=device),
-                                    torch.tensor(kept, device=device))
+    tokens = torch.tensor([c for c, _ in kept], device=device)
+    owner = torch.repeat_interleave(torch.arange(len(kept), device=device), tokens)
     sums = per_token.new_zeros(len(kept)).index_add(0, owner, per_token)
-    return (sums / torch.tensor(kept, dtype=sums.dtype, device=device)).sum()
+    unit = torch.tensor([u for _, u in kept], device=device)
+    return per_token.new_zeros(units).index_add(0, unit, sums / tokens.to(sums.dtype))
 
 
 def rows_with_tokens(completions: Sequence[Sequence[int]], skip_first: int) -> int:
     return sum(len(y) > skip_first for y in completions)
+
+
+def unit_rows_with_tokens(completions: Sequence[Sequence[int]], row_units: Sequence[int],
+                          units: int, skip_first: int) -> list[int]:
+    """Each unit's rows that have a token in the loss (at least 1, a divisor)."""
+    rows = [0] * units
+    for completion, unit in zip(completions, row_units, strict=True):
+        rows[unit] += len(completion) > skip_first
+    return [max(r, 1) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -584,25 +719,39 @@ class LessonBatch:
     """One step's on-policy rows: the step's prompts, and the student's sampled completions,
     each with the index of the prompt it continues; `student_read`: the student's pass over
     the prompts that the samples continued, with its graph, which the loss reuses (None: the
-    loss reads the prompts itself)."""
+    loss reads the prompts itself); `units`: each prompt's unit when several units share the
+    step (`lora.UnitDeltas`), None for one unit trained on the adapter itself."""
 
     prompts: list[LessonPrompt]
     owners: list[int]
     completions: list[list[int]]
     student_read: PromptRead | None = None
+    units: list[int] | None = None
 
-    def distilled_tokens(self, skip_first: int) -> int:
-        """The student's sampled tokens that enter the loss."""
-        return sum(max(len(y) - skip_first, 0) for y in self.completions)
+    @property
+    def unit_count(self) -> int:
+        return 1 if self.units is None else max(self.units) + 1
+
+    def row_units(self) -> list[int]:
+        """Each completion's unit."""
+        return [0 if self.units is None else self.units[o] for o in self.owners]
+
+    def distilled_tokens(self, skip_first: int, unit: int = 0) -> int:
+        """The student's sampled tokens of `unit` that enter the loss."""
+        return sum(max(len(y) - skip_first, 0) for y, owner in
+                   zip(self.completions, self.row_units(), strict=True) if owner == unit)
 
 
 def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson: LessonBatch,
                   guard: Sequence[GuardExample], references: Sequence[Any] | None,
-                  cfg: DistillConfig) -> tuple[float, float]:
+                  cfg: DistillConfig) -> tuple[list[float], list[float]]:
     """Accumulates the gradient of lesson loss + guard_weight x guard loss into B and returns
-    both losses: the student (prompt only) against each row's teacher (its session's cached
-    context + prompt), and on the guard's examples against the frozen model's log-probs
-    (`references`, one per example, from `hold_references`; None: a frozen pass now).
+    both losses, one per unit: the student (prompt only) against each row's teacher (its
+    session's cached context + prompt), and on the guard's examples against the frozen
+    model's log-probs (`references`, one per example, from `hold_references`; None: a frozen
+    pass now). With several units (`lesson.units`) each unit's loss is its own rows' and the
+    guard's examples go through once per unit, under its delta: the gradient of the units'
+    summed losses is each unit's own in its own delta.
 
     The lesson's samples and the guard's examples take student passes of their own: one pass
     over both was a little faster but kept both graphs alive at once, a higher memory peak
@@ -613,43 +762,52 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
     import torch
 
     top_k = resolve_top_k(cfg.top_k, model.config.vocab_size)
+    units, row_units = lesson.unit_count, lesson.row_units()
     # The teacher first: its pass is over before most of the student's graph is built.
     teacher, _ = contexts.log_probs(model, [p.session_id for p in lesson.prompts],
                                     [p.teacher_suffix for p in lesson.prompts],
-                                    lesson.completions, lesson.owners, cfg.skip_first)
+                                    lesson.completions, lesson.owners, cfg.skip_first,
+                                    lesson.units)
     read = lesson.student_read or read_prompts(model, [p.student for p in lesson.prompts],
-                                               tokenizer.pad_token_id)
+                                               tokenizer.pad_token_id, lesson.units)
     student, counts = completion_logits(model, [], lesson.completions, cfg.skip_first,
-                                        lesson.owners, read)
-    loss = row_kl_sum(student, teacher, counts, top_k) / max(
-        rows_with_tokens(lesson.completions, cfg.skip_first), 1)
-    loss.backward()
+                                        lesson.owners, read, lesson.units)
+    loss = unit_kl_sums(student, teacher, counts, top_k, row_units, units) / torch.tensor(
+        unit_rows_with_tokens(lesson.completions, row_units, units, cfg.skip_first),
+        device=student.device)
+    loss.sum().backward()
     rows = max(rows_with_tokens([g.completion for g in guard], cfg.skip_first), 1)
-    guard_loss = 0.0
+    guard_loss = torch.zeros(units)
     for start in range(0, len(guard), GUARD_MICRO_BATCH):
         examples = guard[start:start + GUARD_MICRO_BATCH]
-        student, counts = completion_logits(model, [g.prompt for g in examples],
-                                            [g.completion for g in examples], cfg.skip_first)
         reference = (torch.cat(list(references[start:start + len(examples)]))
                      if references is not None else guard_reference(model, examples, cfg))
-        share = row_kl_sum(student, reference, counts, top_k) / rows
-        (cfg.guard_step_weight * share).backward()
-        guard_loss += float(share.detach())
-    return float(loss.detach()), guard_loss
+        every = [(unit, g) for unit in range(units) for g in examples]
+        student, counts = completion_logits(
+            model, [g.prompt for _, g in every], [g.completion for _, g in every],
+            cfg.skip_first, units=None if lesson.units is None else [u for u, _ in every])
+        share = unit_kl_sums(student, torch.cat([reference] * units), counts, top_k,
+                             [u for u, _ in every], units) / rows
+        (cfg.guard_step_weight * share.sum()).backward()
+        guard_loss += share.detach().cpu()
+    return loss.detach().cpu().tolist(), guard_loss.tolist()
 
 
 # ---- dreaming ------------------------------------------------------------------------------
 
 def dream(model: Any, tokenizer: Any, lesson: Lesson, count: int, max_new_tokens: int,
-          threshold: float, scrub: Callable[[str], str] | None = None) -> tuple[list[Dream], int]:
-    """The teacher, the session in context, writes the user's next turn `count` times.
-    Duplicates, prompts already in the session, and prompts whose greedy answer the teacher
-    gives with mean token probability below `threshold` are dropped. Returns kept, rejected."""
+          threshold: float, scrub: Callable[[str], str] | None = None,
+          generator: Any = None) -> tuple[list[Dream], int]:
+    """The teacher, the session in context, writes the user's next turn `count` times
+    (drawn from `generator`, None: torch's). Duplicates, prompts already in the session, and
+    prompts whose greedy answer the teacher gives with mean token probability below
+    `threshold` are dropped. Returns kept, rejected."""
 
     user_end = turn_end_ids(tokenizer, model)
     prefix = user_turn_prefix_ids(tokenizer, lesson.context)
     with lora.frozen_global(model):
-        drafts = sample(model, tokenizer, [prefix], count, max_new_tokens, 1.0, user_end)
+        drafts = sample(model, tokenizer, [prefix], count, max_new_tokens, 1.0, user_end,
+                        generator)
     seen = {p[0]["content"] for p in lesson.probes}
     candidates = []
     for draft in drafts:
@@ -728,77 +886,157 @@ def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
     sessions with their session, so old lessons are rehearsed. `guard_set`: the guard's
     examples from `guard_examples`, when several consolidations from the same frozen model
     share them (one per session), so they are sampled once."""
+    return consolidate_units(model, tokenizer, [lessons], guard_prompts, cfg, replay, scrub,
+                             progress, guard_set)[0]
+
+
+def consolidate_units(model: Any, tokenizer: Any, units: Sequence[Sequence[Lesson]],
+                      guard_prompts: Sequence[Messages], cfg: DistillConfig,
+                      replay: Sequence[tuple[Lesson, Dream]] = (),
+                      scrub: Callable[[str], str] | None = None,
+                      progress: bool = True,
+                      guard_set: Sequence[GuardExample] | None = None
+                      ) -> list[ConsolidationResult]:
+    """`consolidate` for each unit's lessons alone, every unit from the same B, and each
+    unit's B_after - B_before. One unit trains the adapter itself. Several share every pass,
+    each with its own delta (`lora.UnitDeltas`, A frozen), its own draws (a generator seeded
+    as one unit alone is) and its own loss, so a unit's delta is what distilling it alone
+    gives, up to float rounding, in a fraction of the time (docs/measurements.md "Batched
+    distillation"). Replay belongs to one unit: it is refused with several."""
     import torch
 
-    if not lessons:
+    lessons = [lesson for unit in units for lesson in unit]
+    if not units or not all(units):
         raise ValueError("nothing to consolidate: no sessions given")
     if cfg.guard_weight > 0 and not guard_prompts:
         raise ValueError("the forgetting guard needs general prompts; pass guard_prompts or "
                          "set guard_weight=0")
+    if replay and len(units) > 1:
+        raise ValueError("replayed dreams would join every unit sharing the pass: replay "
+                         "with one unit")
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    one = len(units) == 1
+    # One unit draws from torch's generator, as it always has; several, each from its own
+    # seeded alike, which draws the same numbers on the CPU.
+    generators = None if one else [_generator(model, cfg.seed) for _ in units]
+    rngs = [random.Random(cfg.seed) for _ in units]
     stop = turn_end_ids(tokenizer, model)
     start_b = lora.get_b(model)
     lora.hold_global(model)
-    optimizer = _optimizer(model, cfg)
-    stats = DistillStats()
-    started = time.perf_counter()
+    deltas = None if one else lora.UnitDeltas(model, len(units))
+    try:
+        optimizer = _optimizer(lora.trainable_parameters(model) if deltas is None
+                               else deltas.parameters(), cfg)
+        stats = [DistillStats() for _ in units]
+        started = time.perf_counter()
+        contexts = TeacherContexts.encode(
+            model, {lesson.session_id: chat_ids(tokenizer, lesson.context, generation=False)
+                    for lesson in [*lessons, *(replayed for replayed, _ in replay)]})
+        dreams = [_dreams(model, tokenizer, unit, cfg, scrub, stats[u],
+                          None if generators is None else generators[u])
+                  for u, unit in enumerate(units)]
+        pools = [_prompt_pool(tokenizer, contexts, unit, unit_dreams, replay)
+                 for unit, unit_dreams in zip(units, dreams, strict=True)]
+        weights = {"probe": cfg.probe_ratio, "dream": cfg.dream_ratio,
+                   "replay": cfg.replay_ratio}
+        sources = [[s for s in pool if pool[s] and weights[s] > 0] for pool in pools]
+        if not all(sources):
+            raise ValueError("no prompts to learn from: every source with a positive ratio is "
+                             "empty")
+        if cfg.guard_weight <= 0:
+            guard_set = []
+        elif guard_set is None:
+            guard_set = guard_examples(model, tokenizer, guard_prompts, cfg, rngs[0], stop,
+                                       None if generators is None else generators[0])
+            for rng in rngs[1:]:
+                rng.setstate(rngs[0].getstate())
+        references = hold_references(model, guard_set, cfg) if guard_set else None
+        bar = _progress(progress)
+        task = bar.add_task("consolidate", total=cfg.steps, loss=float("nan"),
+                            kl=float("nan"), tps=0.0)
+        with bar:
+            for step in range(cfg.steps):
+                picks: list[LessonPrompt] = []
+                for rng, pool, unit_sources in zip(rngs, pools, sources, strict=True):
+                    picks += [rng.choices(pool[s])[0] for s in rng.choices(
+                        unit_sources, weights=[weights[s] for s in unit_sources],
+                        k=cfg.prompts_per_step)]
+                chosen: list[int] = []
+                if guard_set and step % cfg.guard_every == 0:
+                    # Every unit draws the guard's rows, to stay in its own sequence; all
+                    # draw the same ones, as each would alone.
+                    draws = [rng.sample(range(len(guard_set)),
+                                        min(cfg.guard_prompts_per_step, len(guard_set)))
+                             for rng in rngs]
+                    chosen = draws[0]
+                batch = _lesson_batch(model, tokenizer, picks, cfg, stop,
+                                      None if one else [u for u in range(len(units))
+                                                        for _ in range(cfg.prompts_per_step)],
+                                      generators)
+                optimizer.zero_grad(set_to_none=True)
+                kls, guards = backpropagate(
+                    model, tokenizer, contexts, batch, [guard_set[i] for i in chosen],
+                    None if references is None else [references[i] for i in chosen], cfg)
+                optimizer.step()
+                seconds = time.perf_counter() - started
+                for u, unit_stats in enumerate(stats):
+                    unit_stats.steps += 1
+                    unit_stats.tokens += batch.distilled_tokens(cfg.skip_first, u)
+                    unit_stats.loss.append(kls[u] + cfg.guard_step_weight * guards[u])
+                    unit_stats.kl.append(kls[u])
+                    if chosen:
+                        unit_stats.guard_kl.append(guards[u])
+                    unit_stats.seconds = seconds / len(units)
+                bar.update(task, advance=1, loss=sum(s.loss[-1] for s in stats) / len(units),
+                           kl=sum(kls) / len(units),
+                           tps=sum(s.tokens for s in stats) / seconds)
+        if deltas is None:
+            end_b = lora.get_b(model)
+            unit_deltas = [{name: end_b[name] - start_b[name] for name in start_b}]
+        else:
+            unit_deltas = deltas.unit_deltas()
+    finally:
+        if deltas is not None:
+            deltas.detach()
+    return [ConsolidationResult(delta, unit_stats, unit_dreams,
+                                [lesson.session_id for lesson in unit])
+            for delta, unit_stats, unit_dreams, unit in zip(unit_deltas, stats, dreams, units,
+                                                            strict=True)]
 
-    contexts = TeacherContexts.encode(
-        model, {lesson.session_id: chat_ids(tokenizer, lesson.context, generation=False)
-                for lesson in [*lessons, *(replayed for replayed, _ in replay)]})
 
-    dreams: list[Dream] = []
+def _generator(model: Any, seed: int) -> Any:
+    import torch
+
+    generator = torch.Generator(device=model_device(model))
+    generator.manual_seed(seed)
+    return generator
+
+
+def _dreams(model: Any, tokenizer: Any, lessons: Sequence[Lesson], cfg: DistillConfig,
+            scrub: Callable[[str], str] | None, stats: DistillStats,
+            generator: Any) -> list[Dream]:
+    """A unit's kept dreams, lesson by lesson, counted in its stats."""
+    kept_all: list[Dream] = []
     if cfg.dream_ratio > 0 and cfg.dreams_per_lesson > 0:
         for lesson in lessons:
             kept, rejected = dream(model, tokenizer, lesson, cfg.dreams_per_lesson,
-                                   cfg.max_new_tokens, cfg.dream_confidence, scrub)
-            dreams += kept
+                                   cfg.max_new_tokens, cfg.dream_confidence, scrub, generator)
+            kept_all += kept
             stats.dreams_rejected += rejected
-        stats.dreams_kept = len(dreams)
+        stats.dreams_kept = len(kept_all)
+    return kept_all
+
+
+def _prompt_pool(tokenizer: Any, contexts: TeacherContexts, lessons: Sequence[Lesson],
+                 dreams: Sequence[Dream], replay: Sequence[tuple[Lesson, Dream]]
+                 ) -> dict[str, list[LessonPrompt]]:
+    """A unit's prompts by source: its sessions' own user turns, its dreams, the replay."""
     by_session = {lesson.session_id: lesson for lesson in lessons}
-    pool = {source: [LessonPrompt.encode(tokenizer, contexts, lesson, p) for lesson, p in pairs]
+    return {source: [LessonPrompt.encode(tokenizer, contexts, lesson, p) for lesson, p in pairs]
             for source, pairs in (
                 ("probe", [(lesson, p) for lesson in lessons for p in lesson.probes]),
                 ("dream", [(by_session[d.session_id], d.prompt) for d in dreams]),
                 ("replay", [(lesson, d.prompt) for lesson, d in replay]))}
-    weights = {"probe": cfg.probe_ratio, "dream": cfg.dream_ratio, "replay": cfg.replay_ratio}
-    sources = [s for s in pool if pool[s] and weights[s] > 0]
-    if not sources:
-        raise ValueError("no prompts to learn from: every source with a positive ratio is empty")
-
-    if cfg.guard_weight <= 0:
-        guard_set = []
-    elif guard_set is None:
-        guard_set = guard_examples(model, tokenizer, guard_prompts, cfg, rng, stop)
-    references = hold_references(model, guard_set, cfg) if guard_set else None
-    bar = _progress(progress)
-    task = bar.add_task("consolidate", total=cfg.steps, loss=float("nan"), kl=float("nan"),
-                        tps=0.0)
-    with bar:
-        for step in range(cfg.steps):
-            picks = [rng.choices(pool[s])[0] for s in rng.choices(
-                sources, weights=[weights[s] for s in sources], k=cfg.prompts_per_step)]
-            batch = _lesson_batch(model, tokenizer, picks, cfg, stop)
-            chosen = (rng.sample(range(len(guard_set)),
-                                 min(cfg.guard_prompts_per_step, len(guard_set)))
-                      if guard_set and step % cfg.guard_every == 0 else [])
-            optimizer.zero_grad(set_to_none=True)
-            kl, guard = backpropagate(
-                model, tokenizer, contexts, batch, [guard_set[i] for i in chosen],
-                None if references is None else [references[i] for i in chosen], cfg)
-            optimizer.step()
-            stats.steps += 1
-            stats.tokens += batch.distilled_tokens(cfg.skip_first)
-            stats.loss.append(kl + cfg.guard_step_weight * guard)
-            stats.kl.append(kl)
-            if chosen:
-                stats.guard_kl.append(guard)
-            stats.seconds = time.perf_counter() - started
-            bar.update(task, advance=1, loss=stats.loss[-1], kl=kl, tps=stats.tokens_per_s)
-    end_b = lora.get_b(model)
-    delta = {name: end_b[name] - start_b[name] for name in start_b}
-    return ConsolidationResult(delta, stats, dreams, [lesson.session_id for lesson in lessons])
 
 
 def transcript_examples(tokenizer: Any, lessons: Sequence[Lesson]
@@ -821,7 +1059,7 @@ def supervise(model: Any, tokenizer: Any, examples: Sequence[tuple[list[int], li
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     start_b = lora.get_b(model)
-    optimizer = _optimizer(model, cfg)
+    optimizer = _optimizer(lora.trainable_parameters(model), cfg)
     stats = DistillStats()
     started = time.perf_counter()
     for _ in range(cfg.steps):
@@ -847,10 +1085,9 @@ def supervise(model: Any, tokenizer: Any, examples: Sequence[tuple[list[int], li
                                [], [])
 
 
-def _optimizer(model: Any, cfg: DistillConfig) -> Any:
+def _optimizer(params: Sequence[Any], cfg: DistillConfig) -> Any:
     import torch
 
-    params = lora.trainable_parameters(model)
     return (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
             else torch.optim.SGD(params, lr=cfg.lr))
 
@@ -865,7 +1102,8 @@ class GuardExample:
 
 
 def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg: DistillConfig,
-                   rng: random.Random, stop: set[int]) -> list[GuardExample]:
+                   rng: random.Random, stop: set[int], generator: Any = None
+                   ) -> list[GuardExample]:
     """The guard's examples, completions drawn once from the frozen model, a step's worth of
     rows at a time.
 
@@ -881,7 +1119,7 @@ def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg:
         for start in range(0, count, cfg.guard_prompts_per_step):
             completions += sample(model, tokenizer,
                                   prompt_ids[start:start + cfg.guard_prompts_per_step], 1,
-                                  cfg.max_new_tokens, cfg.temperature, stop)
+                                  cfg.max_new_tokens, cfg.temperature, stop, generator)
     return [GuardExample(p, y) for p, y in zip(prompt_ids, completions, strict=True)]
 
 
@@ -921,18 +1159,19 @@ def guard_reference(model: Any, examples: Sequence[GuardExample],
 
 
 def _lesson_batch(model: Any, tokenizer: Any, picks: Sequence[LessonPrompt],
-                  cfg: DistillConfig, stop: set[int]) -> LessonBatch:
-    """The student samples on every picked prompt in one batch; each sample is to be scored by
-    its own session's teacher. The student's pass over the prompts is made with gradients and
-    serves both the sampling and the loss: B does not change in between (on the toy model
-    one model call of a step's 13 fewer)."""
+                  cfg: DistillConfig, stop: set[int], units: list[int] | None = None,
+                  generators: Sequence[Any] | None = None) -> LessonBatch:
+    """The student samples on every picked prompt in one batch (each under its unit's delta,
+    `units`); each sample is to be scored by its own session's teacher. The student's pass
+    over the prompts is made with gradients and serves both the sampling and the loss: B
+    does not change in between (on the toy model one model call of a step's 13 fewer)."""
     repeat = cfg.samples_per_prompt
     prompts = [p.student for p in picks]
-    read = read_prompts(model, prompts, tokenizer.pad_token_id)
+    read = read_prompts(model, prompts, tokenizer.pad_token_id, units)
     ys, _ = generate(model, tokenizer, prompts, repeat, cfg.max_new_tokens, cfg.temperature,
-                     stop, read=read)
+                     stop, read=read, units=units, generators=generators)
     return LessonBatch(list(picks), [i for i in range(len(picks)) for _ in range(repeat)], ys,
-                       read)
+                       read, units)
 
 
 def _progress(enabled: bool) -> Any:

@@ -180,6 +180,11 @@ def freeze_a(peft_model: Any, frozen: bool = True) -> None:
         layer.lora_A[ADAPTER].weight.requires_grad_(not frozen)
 
 
+def a_trains(peft_model: Any) -> bool:
+    """Whether `freeze_a(..., frozen=False)` let A train (the FedIT baseline)."""
+    return bool(getattr(peft_model, _A_TRAINS, False))
+
+
 @contextmanager
 def adapter_disabled(peft_model: Any) -> Iterator[None]:
     """The frozen global model (the teacher). PEFT marks every adapter weight trainable
@@ -224,6 +229,93 @@ def frozen_global(peft_model: Any) -> Iterator[None]:
     finally:
         for key, value in current.items():
             _factor(layers[key[0]], key[1]).data.copy_(value)
+
+
+_UNITS = "_fleetmind_units"  # the UnitDeltas attached to the model, if any
+
+
+class UnitDeltas:
+    """Many privacy units' own deltas of every B, trained side by side on one model.
+
+    Each unit u has its own delta D_u (out, rank) per adapted layer, over the adapter's one
+    frozen A: a pass adds scaling * (x A^T) D_u^T to a layer's output for the unit of each
+    row (or packed token) that `routed` names, and nothing for rows of no unit. PEFT's own B
+    stays at the global value, so the teacher and the guard's reference (`frozen_global`)
+    are unchanged. One pass over many units' rows replaces a pass per unit, as multi-adapter
+    serving (S-LoRA, punica) batches adapters; the units' rows never meet, so each unit's
+    gradient is its own (docs/design.md "Batched distillation"). A frozen A is what makes it
+    one matmul: x A^T is computed once for every unit."""
+
+    def __init__(self, peft_model: Any, units: int) -> None:
+        import torch
+
+        if getattr(peft_model, _A_TRAINS, False):
+            raise ValueError("units can share a pass only while A is frozen (A is the "
+                             "FedIT baseline's to train): distil them one at a time")
+        if getattr(peft_model, _UNITS, None) is not None:
+            raise ValueError("the model already trains a set of unit deltas")
+        self.units = units
+        self.route: Any = None  # (rows, 1) or (rows, tokens) unit indices, -1 for none
+        self.deltas: dict[str, Any] = {}
+        self._hooks = []
+        for name, layer in lora_layers(peft_model).items():
+            b = _factor(layer, "B")
+            b.requires_grad_(False)  # the global B holds still: gradients go to the deltas
+            self.deltas[name] = torch.nn.Parameter(
+                torch.zeros((units, *b.shape), dtype=b.dtype, device=b.device))
+            self._hooks.append(layer.register_forward_hook(self._adder(name)))
+        self._model = peft_model
+        setattr(peft_model, _UNITS, self)
+
+    def _adder(self, name: str) -> Any:
+        def add(layer: Any, args: tuple[Any, ...], output: Any) -> Any:
+            if self.route is None:
+                return output
+            import torch.nn.functional as F
+
+            a = layer.lora_A[ADAPTER]
+            h = a(args[0].to(a.weight.dtype))  # (rows, tokens, rank), shared by every unit
+            route = self.route.expand(h.shape[:-1])
+            # Each token's h placed in its unit's slot of a (units x rank) row, so one matmul
+            # with every unit's delta stacked applies each token's own unit's delta.
+            hot = F.one_hot(route.clamp(min=0), self.units).to(h.dtype) * (route >= 0)[..., None]
+            spread = (hot[..., None] * h[..., None, :]).flatten(-2)
+            delta = self.deltas[name]  # (units, out, rank)
+            stacked = delta.transpose(1, 2).reshape(-1, delta.shape[1])  # (units*rank, out)
+            return output + (layer.scaling[ADAPTER] * (spread @ stacked)).to(output.dtype)
+        return add
+
+    def parameters(self) -> list[Any]:
+        return list(self.deltas.values())
+
+    def unit_deltas(self) -> list[dict[str, np.ndarray]]:
+        """Each unit's delta of every B, float32 copies, unit by unit."""
+        return [{name: delta[u].detach().float().cpu().numpy().copy()
+                 for name, delta in self.deltas.items()} for u in range(self.units)]
+
+    def detach(self) -> None:
+        """Takes the hooks off the model; the model is as it was before."""
+        for hook in self._hooks:
+            hook.remove()
+        for layer in lora_layers(self._model).values():
+            _factor(layer, "B").requires_grad_(True)
+        delattr(self._model, _UNITS)
+
+
+@contextmanager
+def routed(peft_model: Any, units: Any) -> Iterator[None]:
+    """The passes inside add each row's (or packed token's) own unit's delta: `units` holds
+    unit indices, (rows, 1) or (rows, tokens), -1 for none; None, or a model without
+    UnitDeltas, adds nothing."""
+    deltas = getattr(peft_model, _UNITS, None)
+    if deltas is None or units is None:
+        yield
+        return
+    deltas.route = units
+    try:
+        yield
+    finally:
+        deltas.route = None
 
 
 def lora_layers(peft_model: Any) -> dict[str, Any]:

@@ -175,8 +175,8 @@ def test_the_loss_is_the_reverse_kl_of_each_rows_own_logits(student) -> None:
     examples = [distill.GuardExample(p, y) for p, y in zip(prompts, [[5], [6, 7, 8], [9, 10]],
                                                            strict=True)]
     cfg = distill.DistillConfig(skip_first=1, guard_weight=0.5)
-    lesson_kl, guard_kl = distill.backpropagate(model, tokenizer, contexts, batch, examples,
-                                                None, cfg)
+    (lesson_kl,), (guard_kl,) = distill.backpropagate(model, tokenizer, contexts, batch,
+                                                      examples, None, cfg)
 
     @torch.no_grad()
     def row_kl(student_ids, teacher_ids, y):
