@@ -1,5 +1,5 @@
-"""The `bench` command group: `fleetmind bench aggregation|consolidate|wire|all --out DIR
-[--quick]`, `fleetmind bench consolidate --model DIR` (the cost alone, on any model folder),
+"""The `bench` command group: `fleetmind bench aggregation|consolidate|wire|serve|all --out
+DIR [--quick]`, `fleetmind bench consolidate --model DIR` (the cost alone, on any model folder),
 and `fleetmind bench report --out DIR`."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleetmind.sim.bench.batched import add_batched_command
 from fleetmind.sim.bench.continual import add_continual_command
 from fleetmind.sim.bench.scale import add_scale_command
 from fleetmind.sim.cli import positive_int
@@ -62,6 +63,24 @@ def add_bench_commands(commands: Any) -> None:
     wire.set_defaults(run=_bench_wire)
     add_scale_command(sub)
     add_continual_command(sub)
+    add_batched_command(sub)
+
+    serve = sub.add_parser(
+        "serve", help="the site endpoint's overhead, proxy mode's and capture's",
+        description="Requests per second and p50/p99 latency of `client serve` on the toy "
+                    "model against its engine called in-process, of proxy mode against its "
+                    "upstream called directly, and with capture on against off, at 1, 8 and "
+                    "32 concurrent clients; writes DIR/serve.json and DIR/serve.png.")
+    serve.add_argument("--out", type=Path, required=True)
+    serve.add_argument("--quick", action="store_true",
+                       help="1 and 8 clients, 16 requests, one repeat: a smoke run")
+    serve.add_argument("--requests", type=positive_int, default=None,
+                       help="requests per arm, level and repeat (default 64)")
+    serve.add_argument("--repeats", type=positive_int, default=None,
+                       help="rotations of the arms per level, latencies pooled (default 2)")
+    serve.add_argument("--threads", type=positive_int, default=1,
+                       help="torch threads of each model's process (default 1)")
+    serve.set_defaults(run=_bench_serve)
 
     every = sub.add_parser(
         "all", help="every benchmark, then one report",
@@ -106,6 +125,14 @@ def _bench_wire(args: argparse.Namespace) -> int:
     from fleetmind.sim.bench import wire
 
     wire.run(args.out, quick=args.quick)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from fleetmind.sim.bench import serve
+
+    serve.run(args.out, quick=args.quick, requests=args.requests, repeats=args.repeats,
+              threads=args.threads)
     return 0
 
 
