@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -51,9 +51,9 @@ from fleetmind.client.versions import CURRENT, verify_folder
 if TYPE_CHECKING:  # consolidate pulls in the distillation stack; only its type is needed
     from fleetmind.client.consolidate import SiteConsolidation
 
-__all__ = ["REPLAY_FILE", "Participation", "RoundCapError", "active_adapter", "consolidate",
-           "outbox_participation", "round_cap", "site_update", "stricter_cap", "unit_of",
-           "within_cap"]
+__all__ = ["REPLAY_FILE", "ClippedDelta", "Participation", "RoundCapError", "active_adapter",
+           "clip_per_unit", "consolidate", "outbox_participation", "round_cap", "site_update",
+           "stricter_cap", "unit_id", "unit_of", "within_cap", "within_unit_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -125,43 +125,68 @@ def consolidate(config: SiteConfig, sessions: list[Session], base_version: int,
 def site_update(config: SiteConfig, result: SiteConsolidation, sessions: list[Session],
                 base_version: int, latest_version: int) -> SiteUpdate:
     """Clips before anything leaves: each session, each end user, or the site as one unit."""
+    clipped = clip_per_unit(result, sessions, cast("dp.PrivacyUnit", config.privacy_unit),
+                            config.clip_norm, config.name)  # SiteConfig checked the unit
+    return SiteUpdate(
+        delta=clipped.delta, base_version=base_version,
+        weight=staleness_weight(latest_version - base_version),
+        session_ids=tuple(sorted(s.id for s in sessions)), scrubbed=result.scrubbed,
+        norm_before_clip=clipped.norm_before, contributing_units=clipped.units,
+        clip_norm=config.clip_norm, privacy_unit=clipped.unit)
+
+
+@dataclass(frozen=True)
+class ClippedDelta:
+    """A consolidation's delta clipped per privacy unit: the sum of the units' clipped
+    deltas, its norm before clipping (the unclipped sum's), how many units it holds and
+    which unit was clipped ("site" when the consolidation kept no per-session deltas)."""
+
+    delta: dict[str, np.ndarray]
+    norm_before: float
+    units: int
+    unit: str
+
+
+def clip_per_unit(result: SiteConsolidation, sessions: Sequence[Session],
+                  privacy_unit: dp.PrivacyUnit, clip_norm: float, site: str) -> ClippedDelta:
+    """The one clipping rule of a site, on every transport (the site agent's site_update,
+    the Flower ClientApp): each session's or each end user's delta (a session without a
+    user id is its own user, as unit_id says) clipped to `clip_norm` and summed
+    (dp.clip_and_sum), or the whole delta clipped as one unit for "site"."""
     delta = {name: np.asarray(t, dtype=np.float32) for name, t in result.update.tensors.items()}
     shapes = {name: tuple(np.shape(t)) for name, t in delta.items()}
-    if config.privacy_unit != "site" and result.session_updates:
-        users = {s.id: s.user or s.id for s in sessions}
-        if config.privacy_unit == "user" and (anonymous := sum(not s.user for s in sessions)):
+    if privacy_unit != "site" and result.session_updates:
+        users = {s.id: unit_id("user", site, s) for s in sessions}
+        if privacy_unit == "user" and (anonymous := sum(not s.user for s in sessions)):
             log.warning("%s: %d of %d sessions have no user id; each is clipped as its own "
-                        "user", config.name, anonymous, len(sessions))
+                        "user", site, anonymous, len(sessions))
         contributions = [dp.Contribution(sid, users[sid], flatten(d, shapes))
                          for sid, d in result.session_updates]
-        unit = config.privacy_unit
-        flat, norms = dp.clip_and_sum(contributions, config.clip_norm,
-                                      cast("dp.PrivacyUnit", unit))  # SiteConfig checked it
-        units = len(norms)
+        flat, norms = dp.clip_and_sum(contributions, clip_norm, privacy_unit)
         # The outbox's "before clipping" is the unclipped sum's norm: what would have left.
         norm_before = float(np.linalg.norm(np.sum([c.delta for c in contributions], axis=0,
                                                   dtype=np.float64)))
-    else:
-        flat, norm_before = dp.clip_to_norm(flatten(delta, shapes), config.clip_norm)
-        unit, units = "site", 1
-    return SiteUpdate(
-        delta=unflatten(flat.astype(np.float32), shapes), base_version=base_version,
-        weight=staleness_weight(latest_version - base_version),
-        session_ids=tuple(sorted(s.id for s in sessions)), scrubbed=result.scrubbed,
-        norm_before_clip=norm_before, contributing_units=units, clip_norm=config.clip_norm,
-        privacy_unit=unit)
+        return ClippedDelta(unflatten(flat.astype(np.float32), shapes), norm_before,
+                            len(norms), privacy_unit)
+    flat, norm_before = dp.clip_to_norm(flatten(delta, shapes), clip_norm)
+    return ClippedDelta(unflatten(flat.astype(np.float32), shapes), norm_before, 1, "site")
 
 
 # ---- participation caps -----------------------------------------------------------------
 
 
 def unit_of(config: SiteConfig, session: Session) -> str:
-    """The privacy unit `session` counts toward, by the rule clipping uses (site_update):
+    """The privacy unit `session` counts toward under the site's config (unit_id)."""
+    return unit_id(cast("dp.PrivacyUnit", config.privacy_unit), config.name, session)
+
+
+def unit_id(privacy_unit: dp.PrivacyUnit, site: str, session: Session) -> str:
+    """The privacy unit `session` counts toward, by the rule clipping uses (clip_per_unit):
     the session itself, its end user (a session without a user id is its own user), or the
     whole site."""
-    if config.privacy_unit == "site":
-        return config.name
-    if config.privacy_unit == "user":
+    if privacy_unit == "site":
+        return site
+    if privacy_unit == "user":
         return session.user or session.id
     return session.id
 
@@ -192,15 +217,24 @@ def outbox_participation(outbox: Outbox) -> tuple[dict[str, tuple[int, ...]], in
 def within_cap(config: SiteConfig, sessions: Iterable[Session],
                history: Mapping[str, Iterable[int]], cap: ParticipationCap | None
                ) -> tuple[list[Session], list[Session]]:
-    """`sessions` split into those whose privacy unit (unit_of) is under `cap` and those
+    """within_unit_cap under the site's config."""
+    return within_unit_cap(cast("dp.PrivacyUnit", config.privacy_unit), config.name,
+                           sessions, history, cap)
+
+
+def within_unit_cap(privacy_unit: dp.PrivacyUnit, site: str, sessions: Iterable[Session],
+                    history: Mapping[str, Iterable[int]], cap: ParticipationCap | None
+                    ) -> tuple[list[Session], list[Session]]:
+    """`sessions` split into those whose privacy unit (unit_id) is under `cap` and those
     whose unit already entered cap.max_rounds rounds (all kept when cap is None)."""
     sessions = list(sessions)
     if cap is None:
         return sessions, []
     rounds = {unit: tuple(entered) for unit, entered in history.items()}
-    allowed = set(eligible_units([unit_of(config, s) for s in sessions], rounds, cap))
-    kept = [s for s in sessions if unit_of(config, s) in allowed]
-    return kept, [s for s in sessions if unit_of(config, s) not in allowed]
+    allowed = set(eligible_units([unit_id(privacy_unit, site, s) for s in sessions], rounds,
+                                 cap))
+    kept = [s for s in sessions if unit_id(privacy_unit, site, s) in allowed]
+    return kept, [s for s in sessions if unit_id(privacy_unit, site, s) not in allowed]
 
 
 class RoundCapError(CapReachedError):

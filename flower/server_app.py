@@ -1,5 +1,7 @@
-"""The ServerApp: rounds of `ExactLoRAMerge`, an evaluation of each merged model when the
-run config names one, and the result on disk (`result.json`, `global_b.safetensors`,
+"""The ServerApp: rounds of the exact merge (under secure aggregation, `SecureLoRAMerge`:
+it sees masked vectors and the cohort sum only), an evaluation of each merged model when
+the run config names one, and the result on disk (`result.json`, with the privacy spent
+per unit and each secure round's contributors and dropouts; `global_b.safetensors`;
 `adapter/` as a PEFT folder).
 
 The evaluation is a parameter, as in Flower's app templates: the run config's `evaluate`
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,12 @@ import numpy as np
 import safetensors.numpy
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.supercore import log
 
 from fleetmind.aggregation import accountant, merge
+from fleetmind.aggregation.accountant import RoundCharge
+from fleetmind.aggregation.participation import ParticipationCap
+from fleetmind.flower.secure import SecureLoRAMerge
 from fleetmind.flower.settings import FlowerRun
 from fleetmind.flower.strategy import ExactLoRAMerge, b_record, b_tensors
 
@@ -56,31 +63,31 @@ def adapted_model(run: FlowerRun) -> tuple[Any, Any]:
                             alpha=run.lora_alpha, targets=run.lora_targets), tokenizer
 
 
-def make_strategy(run: FlowerRun) -> Strategy:
-    """The exact merge, wrapped in Flower's client-side fixed-clipping DP when asked (each
-    site's ClientApp then clips with Flower's `fixedclipping_mod`)."""
-    strategy = ExactLoRAMerge(merge.FedAvg(run.server_learning_rate), sites=run.sites,
-                              fraction_train=run.fraction_train)
-    if not run.dp:
-        return strategy
-    return DifferentialPrivacyClientSideFixedClipping(
-        strategy, run.dp_noise_multiplier, run.dp_clip_norm,
-        max(1, round(run.fraction_train * run.sites)))
+def make_strategy(run: FlowerRun) -> ExactLoRAMerge:
+    """The exact merge, of deltas summed under SecAgg+ (`SecureLoRAMerge`) or, without
+    secure aggregation, of the sites' B replies in the clear."""
+    optimizer = merge.FedAvg(run.server_learning_rate)
+    if run.secure_aggregation:
+        return SecureLoRAMerge(optimizer, run)
+    return ExactLoRAMerge(optimizer, sites=run.sites, fraction_train=run.fraction_train)
 
 
-def epsilon_spent(run: FlowerRun, rounds: int) -> float | None:
-    """epsilon(dp-delta) after `rounds`, per site (the privacy unit Flower's clipping
-    bounds), or None without noise.
-
-    Flower's own accountant refuses any strategy whose aggregate_train is not FedAvg's, so
-    fleetmind's accountant counts. Flower's wrapper adds noise of z*C/n to the merged B;
-    with server learning rate eta the mean delta in it was scaled by eta, so the noise
-    multiplier the release really carried is z/eta, and that is what is charged. Sampling
-    counts as 1.0 (Flower samples a fixed-size cohort, not Poisson): no amplification."""
-    if not run.dp or run.dp_noise_multiplier == 0:
-        return None
-    return accountant.epsilon(run.dp_noise_multiplier / run.server_learning_rate,
-                              sampling_rate=1.0, rounds=rounds, delta=run.dp_delta)
+def privacy_spent(run: FlowerRun, charges: list[RoundCharge]) -> dict[str, Any]:
+    """What the run spent, per privacy unit, for result.json: the unit, C, z and the cap,
+    and epsilon(dp-delta) of one unit by fleetmind's accountant (the K most expensive
+    rounds under a participation cap K, every round without; `Budget.unit_epsilon`), or
+    None without noise. Each round's charge is the z its sum really carried."""
+    spent: dict[str, Any] = {
+        "privacy_unit": run.unit, "clip_norm": run.dp_clip_norm or None,
+        "noise_multiplier": run.dp_noise_multiplier, "noise": "distributed"
+        if run.dp_noise_multiplier else "none", "secure_aggregation": run.secure_aggregation,
+        "participation_cap": run.participation_cap or None, "rounds_charged": len(charges)}
+    if not run.dp_noise_multiplier:
+        return {**spent, "epsilon_per_unit": None, "delta": run.dp_delta}
+    cap = ParticipationCap(run.participation_cap) if run.participation_cap else None
+    # No limit: Flower rounds are not refused here; the budget only composes the charges.
+    budget = accountant.Budget(math.inf, run.dp_delta, charges=list(charges), cap=cap)
+    return {**spent, **budget.unit_epsilon().to_json()}
 
 
 def run_fleet(grid: Grid, run: FlowerRun) -> dict[str, Any]:
@@ -97,25 +104,30 @@ def run_fleet(grid: Grid, run: FlowerRun) -> dict[str, Any]:
         lora.set_b(model, b_tensors(arrays))
         return MetricRecord(dict(evaluation(server_round)))
 
-    result = make_strategy(run).start(grid=grid, initial_arrays=b_record(zero_b),
-                                      num_rounds=run.rounds, timeout=run.round_timeout,
-                                      train_config=ConfigRecord(),
-                                      evaluate_fn=None if evaluation is None else evaluate)
+    strategy = make_strategy(run)
+    result = strategy.start(grid=grid, initial_arrays=b_record(zero_b),
+                            num_rounds=run.rounds, timeout=run.round_timeout,
+                            train_config=ConfigRecord(),
+                            evaluate_fn=None if evaluation is None else evaluate)
     final_b = b_tensors(result.arrays) if len(result.arrays) else zero_b
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(final_b, str(out / "global_b.safetensors"))
     lora.set_b(model, final_b)
     lora.save_adapter(model, out / "adapter")
+    secure = strategy if isinstance(strategy, SecureLoRAMerge) else None
     summary = {
         "sites": run.sites, "rounds": run.rounds, "seconds": time.perf_counter() - started,
         "evaluation": {str(r): dict(metrics) for r, metrics in
                        sorted(result.evaluate_metrics_serverapp.items())},
         "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
-        "epsilon": epsilon_spent(run, run.rounds),
+        "privacy": privacy_spent(run, secure.charges if secure else []),
+        # Per round: contributors and dropouts, or the phase it aborted in and why.
+        "secure_rounds": secure.outcomes if secure else {},
         "config": run.as_config(),
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(INFO, "privacy spent: %s", summary["privacy"])
     return summary
 
 

@@ -13,8 +13,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from fleetmind.aggregation.dp import PRIVACY_UNITS, PrivacyUnit
+from fleetmind.aggregation.quantize import RING_BITS
 from fleetmind.client.distill import DistillConfig
 
 # Flower's simulation engine numbers its virtual SuperNodes with this node-config key.
@@ -33,7 +35,18 @@ class FlowerRun:
     out: where the ServerApp writes result.json, the merged B and the PEFT adapter.
     sites: SuperNodes to wait for before round 1. rounds: server rounds.
     server-learning-rate: eta in B_new = B + eta * mean(dB) (aggregation/merge.py).
-    dp-clip-norm, dp-noise-multiplier: Flower's client-side fixed clipping (0 = off).
+    secure-aggregation: fleetmind's SecAgg+ (aggregation/secagg) in Flower messages, so
+    the ServerApp sees masked vectors and the cohort sum only (flower/secure.py); needs
+    min-cohort >= 3 sites. false: each site replies with its B in the clear.
+    dp-clip-norm: C; each site clips each privacy-unit (session, user or site) to it, as
+    the site agent does (client.contribution.clip_per_unit); 0 = no clipping.
+    dp-noise-multiplier: z of the cohort sum, split among the sites as discrete Gaussian
+    noise in the ring (aggregation/dp.py, distributed mode); needs secure aggregation.
+    participation-cap: K, the most rounds one privacy unit enters (0 = none); epsilon is
+    then per unit over K rounds (accountant.epsilon_per_unit).
+    fixed-point-clip, ring-bits: the ring code (aggregation/quantize.py) of each site's
+    clipped delta. dropout-rate: sizes the SecAgg+ neighbour graph (graph.py).
+    min-cohort: the fewest sites whose sum the ServerApp may unmask.
     steps ... distill-lr: the OPSD budget per site and round (client/distill.py).
     targets: the layers LoRA adapts: mlp (each block's MLP), peft (PEFT's default for the
     family), all-linear, or comma-separated module names (client/lora.py).
@@ -45,7 +58,7 @@ class FlowerRun:
     evaluate: str = ""
     state: str = "out/flower/state"
     out: str = "out/flower"
-    sites: int = 2
+    sites: int = 3
     rounds: int = 1
     fraction_train: float = 1.0
     server_learning_rate: float = 1.0
@@ -55,9 +68,16 @@ class FlowerRun:
     targets: str = "mlp"
     device: str = "cpu"
     dtype: str = "float32"
+    secure_aggregation: bool = True
+    min_cohort: int = 3
+    privacy_unit: str = "session"
     dp_clip_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 1e-5
+    participation_cap: int = 0
+    fixed_point_clip: float = 4.0
+    ring_bits: int = 32
+    dropout_rate: float = 0.1
     steps: int = 10
     prompts_per_step: int = 4
     samples_per_prompt: int = 2
@@ -83,6 +103,25 @@ class FlowerRun:
         if self.dp_noise_multiplier > 0 and self.dp_clip_norm == 0:
             problems.append("dp-noise-multiplier needs dp-clip-norm > 0: noise is calibrated "
                             "to the clipping norm")
+        if self.dp_noise_multiplier > 0 and not self.secure_aggregation:
+            problems.append("dp-noise-multiplier needs secure-aggregation: the noise is split "
+                            "among the sites, and only masking hides each site's share")
+        if self.secure_aggregation and not 3 <= self.min_cohort <= round(
+                self.fraction_train * self.sites):
+            problems.append(f"min-cohort={self.min_cohort} must be >= 3 (a sum of two sites "
+                            "shows each to the other) and <= the sites sampled per round")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            problems.append(f"privacy-unit={self.privacy_unit!r} must be one of "
+                            f"{', '.join(PRIVACY_UNITS)}")
+        if self.participation_cap < 0:
+            problems.append(f"participation-cap={self.participation_cap} must be >= 0 "
+                            "(0 = no cap)")
+        if self.ring_bits not in RING_BITS:
+            problems.append(f"ring-bits={self.ring_bits} must be one of {RING_BITS}")
+        if not (math.isfinite(self.fixed_point_clip) and self.fixed_point_clip > 0):
+            problems.append(f"fixed-point-clip={self.fixed_point_clip} must be finite and > 0")
+        if not 0 <= self.dropout_rate < 0.5:
+            problems.append(f"dropout-rate={self.dropout_rate} must be in [0, 0.5)")
         if not 0 < self.dp_delta < 1:
             problems.append(f"dp-delta={self.dp_delta} must be in (0, 1)")
         if not self.lora_targets:
@@ -111,6 +150,9 @@ class FlowerRun:
         values = {}
         for key, value in config.items():
             kind = type(getattr(cls, known[key].name))
+            if kind is bool and not isinstance(value, bool):
+                # bool("false") is True: a switch must come as a TOML boolean.
+                raise ValueError(f"{key}={value!r} must be true or false")
             values[known[key].name] = kind(value)
         return cls(**values)
 
@@ -134,8 +176,10 @@ class FlowerRun:
         return [name.strip() for name in self.targets.split(",") if name.strip()]
 
     @property
-    def dp(self) -> bool:
-        return self.dp_clip_norm > 0
+    def unit(self) -> PrivacyUnit:
+        """The privacy unit each clip bounds: `privacy-unit`, or "site" without clipping
+        (the site then distils its sessions together, as one delta)."""
+        return cast(PrivacyUnit, self.privacy_unit) if self.dp_clip_norm > 0 else "site"
 
     def model_path(self) -> Path:
         if not self.model:

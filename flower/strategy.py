@@ -3,10 +3,11 @@ merge.
 
 Flower's FedAvg averages every array it receives; for LoRA that averages A and B apart,
 and mean(B_i)·mean(A_i) != mean(B_i·A_i) (docs/design.md "Exact merge"). Here A never travels:
-every party derives it from the public seed, only B does. A site replies with its adapted
-B (the B it was sent plus its delta), the form Flower's client-side clipping mod expects,
-since it clips the reply's difference to what was sent. The strategy takes those
-differences as the sites' deltas and merges them with `aggregation.merge`, unchanged.
+every party derives it from the public seed, only B does. Without secure aggregation a
+site replies with its adapted B (the B it was sent plus its clipped delta); the strategy
+takes those differences as the sites' deltas and merges them with `aggregation.merge`,
+unchanged. Under secure aggregation (the default) `flower/secure.py` sums the deltas
+instead, masked, and merges the sum the same way.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ WEIGHT = "weight"
 
 
 def b_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """B per module as an ArrayRecord, in sorted-name order (the order every party uses;
-    Flower's clipping mod also requires a reply's keys in the order they were sent)."""
+    """B per module as an ArrayRecord, in sorted-name order (the order every party uses)."""
     return ArrayRecord({name: Array(np.ascontiguousarray(tensors[name], dtype=np.float32))
                         for name in sorted(tensors)})
 

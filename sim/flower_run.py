@@ -4,8 +4,9 @@ command:
     python -m fleetmind.sim.flower_run --sites 100 --out out/flower-100
 
 writes a toy world with that many sites, runs the Flower app over it (one virtual
-SuperNode per site, the toy base model, `transfer_evaluation` after every round) and
-prints the time and the transfer accuracy before and after;
+SuperNode per site, secure aggregation on unless `--no-secure-aggregation`, the toy base
+model, `transfer_evaluation` after every round) and prints the time and the transfer
+accuracy before and after, and epsilon per privacy unit when `--noise-multiplier` is set;
 `OUT/result.json` has every number. `--ray-address auto` joins a running Ray cluster
 (`ray start --head` here, `ray start --address HEAD:6379` on each worker machine) instead
 of starting a local one, for thousands of sites.
@@ -132,6 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="eta of the merge; default sqrt(sites): the mean of N deltas, "
                         "each teaching its own facts, dilutes each N-fold, while their common "
                         "part adds up (docs/flower.md)")
+    parser.add_argument("--no-secure-aggregation", action="store_true",
+                        help="sites reply with their B in the clear (the ablation)")
+    parser.add_argument("--privacy-unit", choices=("session", "user", "site"),
+                        default="session", help="what one clip bounds (with --clip-norm)")
+    parser.add_argument("--clip-norm", type=float, default=0.0,
+                        help="C per privacy unit; 0: no clipping")
+    parser.add_argument("--noise-multiplier", type=float, default=0.0,
+                        help="z of the cohort sum, split among the sites (needs --clip-norm)")
+    parser.add_argument("--participation-cap", type=int, default=0,
+                        help="K rounds per privacy unit; 0: no cap")
     parser.add_argument("--cpus-per-site", type=float, default=1.0,
                         help="Ray CPUs per virtual site: sites trained at once = CPUs / this")
     parser.add_argument("--ray-address", default="",
@@ -147,13 +158,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     eta = args.server_learning_rate or math.sqrt(args.sites)
     run = FlowerRun(world=str(world), state=str(args.out / "state"), out=str(args.out),
                     sites=args.sites, rounds=args.rounds, steps=args.steps,
-                    server_learning_rate=eta)
+                    server_learning_rate=eta,
+                    secure_aggregation=not args.no_secure_aggregation,
+                    privacy_unit=args.privacy_unit, dp_clip_norm=args.clip_norm,
+                    dp_noise_multiplier=args.noise_multiplier,
+                    participation_cap=args.participation_cap)
     result = simulate(run, cpus_per_site=args.cpus_per_site, ray_address=args.ray_address,
                       verbose=args.verbose)
     print(f"{args.sites} sites, {args.rounds} round(s), {args.steps} OPSD steps each: "
           f"{result['simulation_seconds']:.1f} s; transfer accuracy "
           f"{result['base_transfer_accuracy']:.3f} -> {result['transfer_accuracy']:.3f} "
           f"({args.out / 'result.json'})")
+    privacy = result["privacy"]
+    if privacy["epsilon_per_unit"] is not None:
+        print(f"epsilon per {privacy['privacy_unit']}: {privacy['epsilon_per_unit']:.3f} at "
+              f"delta={privacy['delta']:g}")
     return 0
 
 
