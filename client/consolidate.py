@@ -23,6 +23,7 @@ from fleetmind.client import distill, lora
 from fleetmind.client.replay import ReplayBuffer
 from fleetmind.client.scrub import ScrubReport, scrub_session, scrub_text
 from fleetmind.client.store import Session, SessionStore
+from fleetmind.runtime.durable import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill
                                           progress=progress)
         finally:
             replay.close()
-        write_atomic(out / "update.safetensors", result.update.to_bytes())
+        atomic_write(out / "update.safetensors", result.update.to_bytes())
         lora.save_adapter(peft_model, out / "adapter")
         record = {"consolidation": result.consolidation_id, "site": site,
                   "base_version": base_version, "sessions": [s.id for s in sessions],
@@ -238,18 +239,6 @@ def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill
                   "tokens": result.stats.tokens, "tokens_per_s": result.stats.tokens_per_s,
                   "dreams_kept": result.stats.dreams_kept,
                   "turns_dropped": result.stats.turns_dropped}
-        write_atomic(out / "consolidation.json", (json.dumps(record, indent=2) + "\n").encode())
+        atomic_write(out / "consolidation.json", (json.dumps(record, indent=2) + "\n").encode())
         store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
     return result
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """`data` at `path` whole or not at all: temp file, fsync, rename."""
-    import os
-
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

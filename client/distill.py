@@ -33,14 +33,9 @@ GUARD_REFERENCE_MB = 512
 # The guard's rows go through the model this many at a time, forward and backward, to lower
 # the memory peak at no cost in time (numbers: docs/measurements.md "Consolidation (OPSD)").
 GUARD_MICRO_BATCH = 8
-# top_k = AUTO_TOP_K lets the vocabulary decide: the whole vocabulary up to
-# FULL_KL_MAX_VOCAB tokens (the toy model's 888, Phi-3's 32,064), else the student's top
-# AUTO_TOP_K_TOKENS plus a tail bucket. The full sum keeps three (tokens, V) tensors for the
-# backward pass: at a 151k vocabulary, 1.8 GB for a step's 1,000 distilled tokens. The
-# bucketed KL is a lower bound of the full one (merging outcomes never raises a KL) and
-# exact on the top tokens, where a trained model's mass at temperature 1 sits; not measured
-# here on a trained model (random-initialised ones, the only ones built offline, spread
-# their mass almost evenly, which no top-K captures).
+# top_k = AUTO_TOP_K: the whole vocabulary up to FULL_KL_MAX_VOCAB tokens, else the
+# student's top AUTO_TOP_K_TOKENS plus a tail bucket, a lower bound of the full KL that saves
+# its (tokens, vocabulary) tensors (docs/models.md "Large vocabularies").
 AUTO_TOP_K = -1
 FULL_KL_MAX_VOCAB = 32768
 AUTO_TOP_K_TOKENS = 256

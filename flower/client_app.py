@@ -148,10 +148,11 @@ def site_contribution(sent: dict[str, np.ndarray], run: FlowerRun, site: SiteNod
     (`clip_per_unit`); the units' participation is recorded before anything leaves. A
     reason (str) instead when there is nothing new to contribute."""
     from fleetmind.client import lora
-    from fleetmind.client.consolidate import consolidate_sessions, read_prompts, write_atomic
+    from fleetmind.client.consolidate import consolidate_sessions, read_prompts
     from fleetmind.client.contribution import clip_per_unit, unit_id, within_unit_cap
     from fleetmind.client.replay import ReplayBuffer
     from fleetmind.client.store import SessionStore
+    from fleetmind.runtime.durable import atomic_write
 
     model, tokenizer = _adapted_model(str(run.model_path()), run.lora_seed, run.lora_rank,
                                       run.lora_alpha, run.torch_threads,
@@ -190,7 +191,7 @@ def site_contribution(sent: dict[str, np.ndarray], run: FlowerRun, site: SiteNod
             append_participation(site.state, record_round(
                 [unit_id(run.unit, site.name, s) for s in sessions],
                 participation_history(records), cap, len(records), run.unit))
-        write_atomic(site.state / f"round-{server_round:04d}-update.safetensors",
+        atomic_write(site.state / f"round-{server_round:04d}-update.safetensors",
                      Update(delta, result.update.metadata).to_bytes())
         store.record_consolidation(result.consolidation_id, [s.id for s in sessions])
     return SiteContribution(delta, len(sessions), result.stats.tokens, units)

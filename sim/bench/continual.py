@@ -231,7 +231,7 @@ class ContinualEvaluator:
         return measure(model, tokenizer, general)["incontext_accuracy"]
 
     def _exposure(self, model: Any, tokenizer: Any) -> list[float]:
-        from fleetmind.client.exposure import canary_exposure, canary_from_row
+        from fleetmind.audit.exposure import canary_exposure, canary_from_row
 
         canaries = [canary_from_row(W.canary_row(c.facts)) for c in self.world.canaries]
         return canary_exposure(model, tokenizer, canaries) if canaries else []
@@ -635,6 +635,11 @@ def add_continual_command(commands: Any) -> None:
                              "epsilon_per_unit is null")
     parser.add_argument("--privacy-unit", default=defaults.privacy_unit)
     parser.add_argument("--noise-multiplier", type=float, default=defaults.noise_multiplier)
+    parser.add_argument("--rank", type=int, default=defaults.rank,
+                        help=f"LoRA rank on the adapter's targets (default {defaults.rank})")
+    parser.add_argument("--server-learning-rate", type=float, default=0.0,
+                        help="the aggregator's step on the cohort's sum (default 0.5 x the "
+                             "sites, as the demo)")
     parser.add_argument("--users-per-fact-sweep", default="",
                         help="e.g. 2,4,8,16: also run the fleet alone at each value and write "
                              "DIR/users_per_fact.json and its plot")
@@ -657,6 +662,7 @@ def _continual(args: argparse.Namespace) -> int:
             users_per_fact=args.users_per_fact, steps=args.steps,
             oracle_steps=args.oracle_steps, seed=args.seed, dp=args.dp,
             privacy_unit=args.privacy_unit, noise_multiplier=args.noise_multiplier,
+            rank=args.rank, server_learning_rate=args.server_learning_rate,
             arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()))
         sweep = _numbers(args.users_per_fact_sweep, "--users-per-fact-sweep")
         for value in sweep:
