@@ -113,7 +113,7 @@ def test_a_reduced_run_writes_every_key_for_the_fleet_and_every_arm(tmp_path: Pa
     config = results["config"]
     assert (config["sites"], config["facts_per_site_per_round"], config["rounds"],
             config["users_per_fact"], config["privacy_unit"]) == (3, 1, 2, 2, "user")
-    assert isinstance(results["seconds"], float)
+    assert isinstance(results["seconds"], float) and results["complete"] is True
     _check_rounds(results["rounds"], 2, dp=True)
     assert results["rounds"][0]["facts_known"] == 3  # one new fact at each of three sites
     assert results["rounds"][-1]["version"] == 2

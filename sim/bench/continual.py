@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from fleetmind.aggregation.dp import PRIVACY_UNITS
+from fleetmind.runtime.durable import atomic_write
 from fleetmind.sim import world as W
 
 RESULTS = "continual.json"
@@ -424,6 +425,27 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
         rounds: list[dict[str, Any]] = []
         arm_rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in cfg.arms}
         arm_seconds = dict.fromkeys(["fleet", *cfg.arms], 0.0)
+
+        def results_so_far(complete: bool) -> dict[str, Any]:
+            """continual.json: written after every round (`complete` false until the last),
+            so a run stopped early keeps the rounds it measured."""
+            return {
+                "config": {**{k: (str(v) if isinstance(v, Path) else v)
+                              for k, v in asdict(cfg).items()},
+                           "privacy": cfg.privacy(), "model": str(model_dir),
+                           "world": world.spec.digest(), "probe_forms": list(W.PROBE_FORMS)},
+                "base": {"incontext_accuracy": evaluator.base_skill,
+                         "incontext_by_form": {form: _share([v for (_, f), v in
+                                                             evaluator.base_incontext.items()
+                                                             if f == form])
+                                               for form in W.PROBE_FORMS}},
+                "rounds": rounds,
+                "arms": {name: arm_rounds.get(name) for name in ARMS},
+                "arm_seconds": arm_seconds,
+                "seconds": time.perf_counter() - started,
+                "complete": complete,
+            }
+
         try:
             for number in range(1, cfg.rounds + 1):
                 sessions = [world.sessions_for_round(site, number - 1)
@@ -468,23 +490,12 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
                         [r["first_round_recovery"] for r in series])
                 progress.update(task, advance=1)
                 progress.console.print(round_line(rounds[-1], arm_rounds))
+                atomic_write(cfg.out / RESULTS,
+                             (json.dumps(results_so_far(False), indent=2) + "\n").encode())
         finally:
             fleet.stop()
-    results = {
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                   "privacy": cfg.privacy(), "model": str(model_dir),
-                   "world": world.spec.digest(), "probe_forms": list(W.PROBE_FORMS)},
-        "base": {"incontext_accuracy": evaluator.base_skill,
-                 "incontext_by_form": {form: _share([v for (_, f), v in
-                                                     evaluator.base_incontext.items()
-                                                     if f == form])
-                                       for form in W.PROBE_FORMS}},
-        "rounds": rounds,
-        "arms": {name: arm_rounds.get(name) for name in ARMS},
-        "arm_seconds": arm_seconds,
-        "seconds": time.perf_counter() - started,
-    }
-    (cfg.out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    results = results_so_far(True)
+    atomic_write(cfg.out / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
     plot(results, cfg.out / PLOT)
     return results
 
