@@ -22,7 +22,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without loading every report
+    from fleetmind.audit.ledger_report import LedgerReport
 
 SHORT = 12  # hex digits of a hash shown in a table; --json carries the whole hash
 
@@ -264,13 +267,14 @@ def _audit_ledger(args: argparse.Namespace) -> int:
     if args.json:
         _emit(report.as_json())
     else:
-        _print_ledger(report.rows, report.audit, source, budget)
+        _print_ledger(report, source, budget)
     return 0 if report.ok else _fail(str(report.audit.error))
 
 
-def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
-                  budget: dict | None) -> None:
+def _print_ledger(report: LedgerReport, source: str, budget: dict | None) -> None:
     from rich.table import Table
+
+    rows, audit = report.rows, report.audit
 
     table = Table("entry", "round", "version", "cohort", "dropouts", "summed by", "clip",
                   "noise", "ε round", "ε total", "ε total is", "δ", "version hash")
@@ -285,19 +289,40 @@ def _print_ledger(rows: list[dict[str, Any]], audit, source: str,
                       row["version_hash"][:SHORT])
     # Summary lines are plain prints, never a table title: a title wraps to the table's
     # width, and these are the lines an auditor greps and pastes.
-    print(f"ledger of {source}: {len(rows)} of {audit.read} entries verified")
+    verified = len(rows) + len(report.stopped)
+    print(f"ledger of {source}: {verified} of {audit.read} entries verified")
     _console().print(table)
-    if rows:
+    if report.stopped:
+        _print_stopped(report.stopped)
+    if report.last is not None:
         # What the number is per (unit, cap), never a bare "epsilon X": ledger_report's words.
-        last = rows[-1]
-        print(f"privacy spent (signed): {last['epsilon_meaning']}: "
-              f"{last['epsilon_total']:.4g} at δ {last['delta']:g} over {len(rows)} round(s)")
+        print(f"privacy spent (signed): {report.privacy_spent} over {verified} round(s)")
     if budget is not None:
         print(f"the aggregator's budget (its word, unsigned): spent "
               f"{budget['epsilon_spent']:.4g} of {budget['epsilon_budget']:g} "
               f"({budget['accountant'] or 'accountant not named'})")
     if audit.ok:
         print(f"head {audit.head.hex()} (keep it: --expect-head finds entries cut off later)")
+
+
+def _print_stopped(stopped: list[dict[str, Any]]) -> None:
+    """The rounds that ended after unmasking without a version: which check refused them,
+    with its number against the range it had to lie in."""
+    from rich.table import Table
+
+    table = Table("entry", "round", "outcome", "phase", "check", "measured", "allowed",
+                  "contributors", "ε round", "ε total", "quarantined")
+    for row in stopped:
+        allowed = row["allowed"]
+        table.add_row(str(row["entry"]), str(row["round"]), row["outcome"], row["phase"],
+                      row["check"] or "-",
+                      "-" if row["measured"] is None else f"{row['measured']:.4g}",
+                      "-" if allowed is None else f"[{allowed[0]:.4g}, {allowed[1]:.4g}]",
+                      str(row["contributors"]), f"{row['epsilon_round']:.4g}",
+                      f"{row['epsilon_total']:.4g}",
+                      ", ".join(map(str, row["quarantined"])) or "-")
+    print(f"rounds stopped without a version (signed): {len(stopped)}")
+    _console().print(table)
 
 
 # ---- audit outbox ---------------------------------------------------------------------

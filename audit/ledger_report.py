@@ -1,5 +1,6 @@
-"""`audit ledger`'s report: the ledger's verified rounds, what they spent, and where the
-chain broke, as one JSON-able document (the CLI prints it or tables it)."""
+"""`audit ledger`'s report: the ledger's verified rounds (published, and stopped without a
+version), what they spent, and where the chain broke, as one JSON-able document (the CLI
+prints it or tables it)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 from fleetmind.aggregation.chain import ChainEntry
 from fleetmind.audit import trail
+from fleetmind.server.ledger import RoundRecord, StoppedRound
 
-__all__ = ["LedgerReport", "epsilon_meaning", "ledger_report", "ledger_rows", "when"]
+__all__ = ["LedgerReport", "epsilon_meaning", "ledger_report", "ledger_rows", "stopped_rows",
+           "when"]
 
 
 def when(ms: int) -> str:
@@ -28,9 +31,9 @@ def epsilon_meaning(privacy_unit: str | None, participation_cap: int | None) -> 
 
 
 def ledger_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
-    """One row per verified ledger entry: the round's privacy and what it published.
-    participation_cap: K when the round ran under a participation cap (None: none, or an
-    entry from before caps); epsilon_meaning says what epsilon_total is then."""
+    """One row per verified entry of a published round: the round's privacy and what it
+    published. participation_cap: K when the round ran under a participation cap (None:
+    none, or an entry from before caps); epsilon_meaning says what epsilon_total is then."""
     return [{"entry": entry.index, "round": record.round_id, "version": record.version,
              "cohort_size": record.cohort_size, "dropouts": record.dropouts,
              "clip_norm": record.clip_norm, "privacy_unit": record.privacy_unit,
@@ -42,7 +45,26 @@ def ledger_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
              "delta": record.delta, "secure_aggregation": record.secure_aggregation,
              "version_hash": record.version_hash, "recorded_at": when(record.recorded_at_ms),
              "entry_hash": entry.hash.hex()}
-            for entry, record in audit.verified]
+            for entry, record in audit.verified if isinstance(record, RoundRecord)]
+
+
+def stopped_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
+    """One row per verified entry of a round stopped after unmasking without a version
+    (ledger.StoppedRound): which round and phase, the outcome, the check that refused it
+    with its number and allowed range, what it spent, the sites it quarantined."""
+    return [{"entry": entry.index, "round": record.round_id, "outcome": record.outcome,
+             "phase": record.phase, "check": record.check, "measured": record.measured,
+             "allowed": None if record.allowed is None else list(record.allowed),
+             "contributors": record.contributors, "version": record.version,
+             "privacy_unit": record.privacy_unit,
+             "participation_cap": record.participation_cap,
+             "epsilon_meaning": epsilon_meaning(record.privacy_unit,
+                                                record.participation_cap),
+             "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total,
+             "delta": record.delta, "quarantined": list(record.quarantined),
+             "receipts": len(record.payload_sha256s),
+             "recorded_at": when(record.recorded_at_ms), "entry_hash": entry.hash.hex()}
+            for entry, record in audit.verified if isinstance(record, StoppedRound)]
 
 
 @dataclass(frozen=True)
@@ -52,6 +74,7 @@ class LedgerReport:
 
     audit: trail.ChainAudit
     rows: list[dict[str, Any]]
+    stopped: list[dict[str, Any]]
     source: str
     budget: dict | None
 
@@ -62,21 +85,27 @@ class LedgerReport:
     def as_json(self) -> dict[str, Any]:
         audit = self.audit
         return {"ok": audit.ok, "source": self.source, "entries": audit.read,
-                "verified": len(self.rows), "head": audit.head.hex(),
+                "verified": len(self.rows) + len(self.stopped), "head": audit.head.hex(),
                 "bad_entry": None if audit.error is None else audit.error.index,
                 "error": None if audit.error is None else str(audit.error),
-                "rounds": self.rows, "aggregator_budget": self.budget,
-                "privacy_spent": self.privacy_spent}
+                "rounds": self.rows, "stopped_rounds": self.stopped,
+                "aggregator_budget": self.budget, "privacy_spent": self.privacy_spent}
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """The last verified entry's row, published or stopped (a rejected round spends
+        too, so the last entry of either kind holds the total)."""
+        rows = sorted(self.rows + self.stopped, key=lambda row: row["entry"])
+        return rows[-1] if rows else None
 
     @property
     def privacy_spent(self) -> str | None:
         """The last verified entry's epsilon, in words: "ε per user under cap 4: 5.68 at
         δ 1e-05" (None: no entry verified)."""
-        if not self.rows:
+        last = self.last
+        if last is None:
             return None
-        last = self.rows[-1]
-        return (f"{epsilon_meaning(last['privacy_unit'], last['participation_cap'])}: "
-                f"{last['epsilon_total']:.4g} at δ {last['delta']:g}")
+        return f"{last['epsilon_meaning']}: {last['epsilon_total']:.4g} at δ {last['delta']:g}"
 
 
 def ledger_report(entries: list[ChainEntry], aggregator_key: bytes, source: str,
@@ -84,4 +113,4 @@ def ledger_report(entries: list[ChainEntry], aggregator_key: bytes, source: str,
                   ) -> LedgerReport:
     """Verifies `entries` against the aggregator's key and reports each round."""
     audit = trail.audit_ledger(entries, aggregator_key, expected_head)
-    return LedgerReport(audit, ledger_rows(audit), source, budget)
+    return LedgerReport(audit, ledger_rows(audit), stopped_rows(audit), source, budget)

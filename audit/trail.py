@@ -60,10 +60,11 @@ def _audit(entries: Sequence[ChainEntry], verify: Callable[..., bytes],
 
 
 def audit_ledger(entries: Sequence[ChainEntry], aggregator_key: bytes,
-                 expected_head: bytes | None = None) -> ChainAudit[ledger.RoundRecord]:
+                 expected_head: bytes | None = None) -> ChainAudit[ledger.LedgerRecord]:
     """The ledger against the aggregator's public key (hash chain, signatures, and what
-    must hold between rounds: rounds, versions and epsilon never go back)."""
-    return _audit(entries, ledger.verify_chain, ledger.RoundRecord.from_body, aggregator_key,
+    must hold between rounds: rounds, versions and epsilon never go back); each verified
+    entry read as a published round or a round stopped without a version."""
+    return _audit(entries, ledger.verify_chain, ledger.parse_body, aggregator_key,
                   expected_head)
 
 
@@ -88,11 +89,12 @@ class Publication:
     receipts: tuple[str, ...] = ()
 
 
-def publications(verified: ChainAudit[ledger.RoundRecord]) -> dict[int, Publication]:
-    """Round id -> its publication, from the ledger entries that verified."""
+def publications(verified: ChainAudit[ledger.LedgerRecord]) -> dict[int, Publication]:
+    """Round id -> its publication, from the ledger entries that verified (a stopped
+    round published nothing)."""
     return {record.round_id: Publication(record.round_id, record.version, record.cohort_size,
                                          "ledger", record.payload_sha256s)
-            for _, record in verified.verified}
+            for _, record in verified.verified if isinstance(record, ledger.RoundRecord)}
 
 
 def site_publications(site_dir: Path, aggregator_key: bytes) -> dict[int, Publication]:
@@ -161,7 +163,7 @@ class VersionAudit:
 
 
 def audit_version(folder: Path, aggregator_key: bytes,
-                  verified_ledger: ChainAudit[ledger.RoundRecord] | None = None
+                  verified_ledger: ChainAudit[ledger.LedgerRecord] | None = None
                   ) -> VersionAudit:
     """Signature and file hashes of a version folder (client.versions.verify_folder, the
     check every site makes before activating), and, given a verified ledger, that the
@@ -175,7 +177,7 @@ def audit_version(folder: Path, aggregator_key: bytes,
     if verified_ledger is None or manifest.round_id is None:
         return VersionAudit(folder, manifest, version_hash, None)
     for entry, record in verified_ledger.verified:
-        if record.version == manifest.version:
+        if isinstance(record, ledger.RoundRecord) and record.version == manifest.version:
             return VersionAudit(folder, manifest, version_hash, None, entry.index,
                                 tuple(ledger_disagreements(manifest, version_hash, record)))
     where = "the ledger" if verified_ledger.ok else "the ledger's entries before its break"

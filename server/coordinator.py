@@ -30,9 +30,11 @@ Before anything is signed the unmasked sum is checked (`_check_aggregate`): the 
 within what the contributors' staleness weights allow, every value finite, the mean delta's
 norm within what the cohort's clip and noise allow (`_aggregate_bound`, derived there and in
 docs/hardening.md). A sum that fails ends the round (RoundAborted, retry) and is recorded
-under "rejected" in coordinator.json; its privacy charge is spent, since the aggregator saw
-it. Masked vectors cannot be checked alone; unmasked ones (no secure aggregation) are, at
-upload (`_check_plain_vector`).
+under "rejected" in coordinator.json and as a signed ledger entry (ledger.StoppedRound: the
+check, its numbers, the sites quarantined); its privacy charge is spent, since the
+aggregator saw it. A sum that cannot be merged gets such an entry too, and spends nothing.
+Masked vectors cannot be checked alone; unmasked ones (no secure aggregation) are, at upload
+(`_check_plain_vector`).
 
 A round that ends without a version, or a site that leaves one, hears `Stopped` with the
 phase and a `DropReason` (site_only when only that site left): sites decide from those
@@ -52,7 +54,7 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -98,14 +100,15 @@ from fleetmind.runtime.durable import atomic_write
 from fleetmind.runtime.signed_log import canonical_json
 from fleetmind.server.config import CohortPolicy, ConfigError, PrivacyPolicy
 from fleetmind.server.enrolment import Enrolments
-from fleetmind.server.ledger import Ledger, RoundRecord
+from fleetmind.server.ledger import Ledger, RoundRecord, StoppedRound
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.versions import Release, Version, VersionRegistry
 
 STATE_FILE = "coordinator.json"
 KEEP_FINISHED = 16  # finished rounds kept in memory, so late re-attaches replay their end
 KEEP_REJECTED = 64  # rejected aggregates kept in coordinator.json, newest last
-RefusalKind = Literal["budget_exhausted", "too_large", "not_found", "malformed"]
+RefusalKind = Literal["budget_exhausted", "too_large", "upload_bytes", "not_found", "malformed",
+                      "quarantined"]
 # The library's server state of a phase that takes messages (ServerPlainInputCollection is a
 # ServerMaskedInputCollection), and what a round's state may be: one of those or final.
 PhaseState = ServerAdvertiseKeys | ServerShareKeys | ServerMaskedInputCollection | ServerUnmasking
@@ -115,13 +118,23 @@ _Phase = TypeVar("_Phase", bound=PhaseState)
 
 class AggregateRejectedError(ValueError):
     """The unmasked aggregate is outside what the cohort's clip, weights and noise allow:
-    signing it would publish a poisoned version."""
+    signing it would publish a poisoned version. `check` names the check (ledger.CHECKS);
+    `measured` and `allowed` are its number and range (None where it has none), as the
+    ledger records them."""
+
+    def __init__(self, message: str, check: str, measured: float | None = None,
+                 allowed: tuple[float, float] | None = None) -> None:
+        super().__init__(message)
+        self.check = check
+        self.measured = measured if measured is not None and math.isfinite(measured) else None
+        self.allowed = allowed
 
 
 class RefusedError(Exception):
     """A request the coordinator refuses outside the secure-aggregation protocol:
-    budget_exhausted / too_large -> RESOURCE_EXHAUSTED, not_found -> NOT_FOUND,
-    malformed -> INVALID_ARGUMENT. Nothing changed."""
+    budget_exhausted / too_large / upload_bytes (uploads in flight) -> RESOURCE_EXHAUSTED,
+    not_found -> NOT_FOUND, malformed -> INVALID_ARGUMENT, quarantined -> PERMISSION_DENIED.
+    Nothing changed."""
 
     def __init__(self, kind: RefusalKind, message: str) -> None:
         super().__init__(message)
@@ -372,6 +385,10 @@ class RoundListener:
               delta: float) -> None:
         """The latest version and the privacy spent, at start and after each publication."""
 
+    def refused(self, reason: str) -> None:
+        """Something was refused for `reason` (server/metrics.py REFUSAL_REASONS): here, an
+        unmasked sum the aggregate checks rejected."""
+
 
 # ---- the rounds ------------------------------------------------------------------------
 
@@ -457,7 +474,16 @@ class Coordinator:
         self.cohort_policy = cohort
         self.privacy = privacy
         self.clock = clock
-        self.changed = threading.Condition(threading.RLock())
+        # One lock guards every round. Waiters are woken by what they wait for, never all
+        # at once (1,000 JoinRound streams each woken by every join was a thundering herd,
+        # docs/scale.md): a condition per site on this lock, notified when that site's
+        # events or queue place change; versions and ledger entries have their own.
+        # `_changed` (any change) is for `wait`, which the services never use.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._site_waits: dict[int, threading.Condition] = {}
+        self._versions = threading.Condition()
+        self._ledger_appended = threading.Condition()
         self._queue: dict[int, _Ticket] = {}
         # min(t.since) over the queue, or None when unknown (recomputed on demand): a
         # heartbeat and every join read it, and scanning a 1,000-site queue each time cost.
@@ -547,6 +573,7 @@ class Coordinator:
                 # From the signed manifest, not today's config: the mode may have changed
                 # between publishing and this restart.
                 secure_aggregation=version.manifest.secure_aggregation))
+            self._notify(self._ledger_appended)
         if all(c.round_id != flight.round_id for c in self._state.spent):
             self._state.spent.append(Spent(flight.round_id, flight.charge))
             self.budget.charges.append(flight.charge)
@@ -573,7 +600,7 @@ class Coordinator:
                             self.privacy.epsilon_budget, self.privacy.delta)
 
     def budget_status(self) -> BudgetStatus:
-        with self.changed:
+        with self._lock:
             cap = self.budget.cap
             return BudgetStatus(self.budget.epsilon_spent, self.privacy.epsilon_budget,
                                 self.privacy.delta, len(self.budget.charges),
@@ -586,7 +613,7 @@ class Coordinator:
              ) -> tuple[int | None, int]:
         """Queue `site` for the next cohort (returns (None, serial); pass the serial to
         `leave`) or re-attach it to `round_id` / the round it is in (returns its id)."""
-        with self.changed:
+        with self._lock:
             if round_id is not None:
                 found = self._find(round_id)
                 if found is None:
@@ -604,9 +631,9 @@ class Coordinator:
                 return live.round_id, 0
             held = self._state.quarantined.get(site)
             if held is not None:
-                raise ProtocolError("unknown_site", f"site {site} is quarantined ({held}); "
-                                                    "an operator releases it "
-                                                    "(Coordinator.release) after looking")
+                raise RefusedError("quarantined", f"site {site} is quarantined ({held}); an "
+                                                  "operator releases it (Coordinator.release) "
+                                                  "after looking")
             latest = self.registry.newest()
             if not 1 <= units <= self.limits.max_units_per_site:
                 raise RefusedError("malformed", f"contributing_units={units} must be in 1.."
@@ -629,21 +656,21 @@ class Coordinator:
             if self._queue_first is not None:
                 self._queue_first = min(self._queue_first, since)
             self._queue_refusals.pop(site, None)
-            self.changed.notify_all()
+            self._wake((site,))
             self._form_cohort()
             return None, self._serial
 
     def leave(self, site: int, serial: int) -> None:
         """A queued site hung up (the stream of join `serial`) before a cohort took it."""
-        with self.changed:
+        with self._lock:
             ticket = self._queue.get(site)
             if ticket is not None and ticket.serial == serial:
                 del self._queue[site]
                 self._queue_first = None
-                self.changed.notify_all()
+                self._wake((site,))
 
     def waiting(self) -> Waiting:
-        with self.changed:
+        with self._lock:
             first = self._first_queued()
             if first is None:
                 first = self.clock()
@@ -662,7 +689,10 @@ class Coordinator:
         waits for a cohort to take the site and returns its round and events from 0.
         Waits up to `timeout` for something new."""
         deadline = time.monotonic() + timeout
-        with self.changed:
+        with self._lock:
+            wake = self._site_waits.get(site)
+            if wake is None:  # one per site that ever followed: bounded by the enrolled
+                wake = self._site_waits[site] = threading.Condition(self._lock)
             while True:
                 if round_id is None:
                     if site in self._queue_refusals:
@@ -679,7 +709,16 @@ class Coordinator:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return round_id, []
-                self.changed.wait(left)
+                wake.wait(left)
+
+    def _wake(self, sites: Iterable[int]) -> None:
+        """Wakes whoever follows these sites (call with the lock held): only they can have
+        something new, so nobody else re-checks."""
+        self._changed.notify_all()
+        for site in sites:
+            wake = self._site_waits.get(site)
+            if wake is not None:
+                wake.notify_all()
 
     def _events_of(self, site: int, round_id: int) -> list[Event]:
         found = self._find(round_id)
@@ -706,7 +745,7 @@ class Coordinator:
 
     def tick(self) -> None:
         """Close what is due: a cohort at its deadline, a phase at its deadline."""
-        with self.changed:
+        with self._lock:
             self._form_cohort()
             live = self._round
             if live is not None and self.clock() >= live.phase_deadline:
@@ -732,12 +771,13 @@ class Coordinator:
         refusal = self._check_budget(charge)
         if refusal:
             # Refused before anything ran: the queued sites are told, and nothing is spent.
-            for site in list(self._queue):
+            refused = list(self._queue)
+            for site in refused:
                 self._queue_refusals[site] = refusal
             self._queue.clear()
             self._queue_first = None
             self.listener.round_ended(self._state.next_round, "refused", None)
-            self.changed.notify_all()
+            self._wake(refused)
             return
         self._start_round(cohort, charge)
 
@@ -780,19 +820,19 @@ class Coordinator:
 
     def quarantined(self) -> dict[int, str]:
         """Sites refused at join after group testing pinned rejected rounds on them."""
-        with self.changed:
+        with self._lock:
             return dict(self._state.quarantined)
 
     def release(self, site: int) -> bool:
         """An operator's decision: `site` may join again. Returns whether it was held."""
-        with self.changed:
+        with self._lock:
             held = self._state.quarantined.pop(site, None) is not None
             self._save()
             return held
 
     def cohort(self) -> tuple[int, ...]:
         """The live round's cohort (empty between rounds)."""
-        with self.changed:
+        with self._lock:
             return self._round.cohort if self._round else ()
 
     def _latest(self) -> Version:
@@ -838,13 +878,13 @@ class Coordinator:
         self._queue_first = None
         self._round = live
         self.listener.round_started(round_id, len(cohort))
-        self.changed.notify_all()
+        self._wake(cohort)
 
     # ---- the four phases ----------------------------------------------------------
 
     def _accept(self, round_id: int, site: int, phase: type[_Phase], slot: str, digest: bytes,
                 deliver: Callable[[_Phase], None]) -> bytes:
-        with self.changed:
+        with self._lock:
             found = self._find(round_id)
             if found is None:
                 current = self._round.round_id if self._round else "none"
@@ -890,7 +930,7 @@ class Coordinator:
         """Checks an upload's header at its first chunk, before anything is buffered: the
         round runs and collects vectors now, `site` is in its cohort and has not sent a
         different vector, and the ring and size are the round's. Returns the byte count."""
-        with self.changed:
+        with self._lock:
             found = self._find(round_id)
             if found is None or found is not self._round:
                 raise ProtocolError("wrong_round", f"round {round_id} is not running")
@@ -923,7 +963,7 @@ class Coordinator:
     def collecting(self, round_id: int) -> bool:
         """Whether `round_id` is the live round and still takes vectors: an upload still
         arriving after this turns false is cancelled (uploads end with their phase)."""
-        with self.changed:
+        with self._lock:
             found = self._find(round_id)
             return found is not None and found is self._round and self._collecting(found)
 
@@ -1006,7 +1046,7 @@ class Coordinator:
         assert self._state.in_flight is not None
         self._state.in_flight.phase = state.phase
         self._save()
-        self.changed.notify_all()
+        self._wake(live.cohort)
 
     def _end(self, live: _Round, outcome: Finished | Stopped) -> None:
         for site in live.cohort:
@@ -1024,19 +1064,20 @@ class Coordinator:
                                   outcome.cohort_size if isinstance(outcome, Finished) else 0)
         if published:
             self._report_state()
-        self.changed.notify_all()
+        self._wake(live.cohort)
         self._form_cohort()  # sites queued meanwhile may make the next cohort now
 
     def _complete(self, live: _Round, result: ServerCompleted) -> None:
         try:
             version, dropped = self._publish(live, result)
         except AggregateRejectedError as error:
-            self._reject(live, result, str(error))
+            self._reject(live, result, error)
             self._end(live, Stopped(f"round {live.round_id} rejected: {error}", True,
                                     RoundPhase.MERGE, DropReason.UPDATE_REJECTED))
             return
         except (ValueError, ArithmeticError) as error:
             # Nothing was published, so nothing was spent; the round runs again.
+            self._record_stopped(live, result, None, 0.0, ())
             self._end(live, Stopped(f"round {live.round_id} could not be merged: {error}", True,
                                     RoundPhase.MERGE, DropReason.MERGE_FAILED))
             return
@@ -1094,36 +1135,69 @@ class Coordinator:
         slack = n / weight_code.scale
         low, high = n * self.limits.min_site_weight - slack, n * 1.0 + slack
         if not (math.isfinite(weight_sum) and weight_sum > 0 and low <= weight_sum <= high):
-            raise AggregateRejectedError(f"the {n} sites' weights sum to {weight_sum:.6g}, outside "
-                                    f"({max(low, 0):.6g}, {high:.6g}]: a weight word was forged")
+            raise AggregateRejectedError(
+                f"the {n} sites' weights sum to {weight_sum:.6g}, outside "
+                f"({max(low, 0):.6g}, {high:.6g}]: a weight word was forged",
+                "weight_sum", weight_sum, (max(low, 0.0), high))
         if not np.isfinite(weighted).all():
-            raise AggregateRejectedError("the aggregate holds non-finite values")
+            raise AggregateRejectedError("the aggregate holds non-finite values", "non_finite")
         norm = float(np.linalg.norm(weighted)) / weight_sum
         bound = self._aggregate_bound(live, n, weight_sum, contributors)
         if not norm <= bound:
             raise AggregateRejectedError(f"the mean delta's norm is {norm:.6g}, above the "
-                                    f"{bound:.6g} the cohort's clip and noise allow")
+                                         f"{bound:.6g} the cohort's clip and noise allow",
+                                         "norm", norm, (0.0, bound))
 
-    def _reject(self, live: _Round, result: ServerCompleted, reason: str) -> None:
-        """Records a rejected aggregate in coordinator.json, newest last. The aggregator saw
-        the (noised) sum, so the round's privacy charge is spent though nothing was published:
-        the accountant must cover what the aggregator observed."""
+    def _reject(self, live: _Round, result: ServerCompleted,
+                error: AggregateRejectedError) -> None:
+        """Records a rejected aggregate in coordinator.json (newest last) and the ledger. The
+        aggregator saw the (noised) sum, so the round's privacy charge is spent though
+        nothing was published: the accountant must cover what the aggregator observed."""
+        reason = str(error)
         self._state.rejected.append(Rejected(
             live.round_id, reason, tuple(sorted(result.contributors)),
-            tuple(sorted(live.receipts[("masked vector", site)].hex()
-                         for site in result.contributors
-                         if ("masked vector", site) in live.receipts)),
-            int(self.clock() * 1000)))
+            self._receipts(live, result), int(self.clock() * 1000)))
         self._state.rejected = self._state.rejected[-KEEP_REJECTED:]
+        held = set(self._state.quarantined)
         self._suspect(set(result.contributors), reason)
         self._state.spent.append(Spent(live.round_id, live.charge))
         self.budget.charges.append(live.charge)
         self._save()
+        self._record_stopped(live, result, error,
+                             epsilon_of([live.charge], self.privacy.delta,
+                                        _accountant(self.privacy)),
+                             tuple(sorted(set(self._state.quarantined) - held)))
+        self.listener.refused("aggregate_rejected")
         self._report_state()
+
+    @staticmethod
+    def _receipts(live: _Round, result: ServerCompleted) -> tuple[str, ...]:
+        """sha256 (hex, sorted) of each masked vector in the sum: what each outbox recorded."""
+        return tuple(sorted({live.receipts[("masked vector", site)].hex()
+                             for site in result.contributors
+                             if ("masked vector", site) in live.receipts}))
+
+    def _record_stopped(self, live: _Round, result: ServerCompleted,
+                        error: AggregateRejectedError | None, epsilon_round: float,
+                        quarantined: tuple[int, ...]) -> None:
+        """The ledger entry of a round stopped after unmasking: rejected by a check (`error`)
+        or not mergeable (None). Written after coordinator.json, so a crash between the two
+        loses this entry only, never the charge the budget and later entries count."""
+        self.ledger.append(StoppedRound(
+            round_id=live.round_id, outcome="merge_failed" if error is None else "rejected",
+            phase=RoundPhase.MERGE.value, check=None if error is None else error.check,
+            measured=None if error is None else error.measured,
+            allowed=None if error is None else error.allowed,
+            contributors=len(result.contributors), version=self.registry.newest(),
+            epsilon_round=epsilon_round, epsilon_total=self.budget.epsilon_spent,
+            delta=self.privacy.delta, payload_sha256s=self._receipts(live, result),
+            quarantined=quarantined, privacy_unit=self.privacy.privacy_unit,
+            participation_cap=self.privacy.participation_cap))
+        self._notify(self._ledger_appended)
 
     def rejected(self) -> list[dict]:
         """The last KEEP_REJECTED rejected aggregates (round, reason, contributors, receipts)."""
-        with self.changed:
+        with self._lock:
             return [r.to_json() for r in self._state.rejected]
 
     def _publish(self, live: _Round, result: ServerCompleted) -> tuple[Version, tuple[int, ...]]:
@@ -1142,34 +1216,56 @@ class Coordinator:
         _, b = parent.tensors()
         new_b, _ = exact_merge(b, weighted, weight_sum, FedAvg(privacy.server_learning_rate))
         if not all(np.isfinite(t).all() for t in new_b.values()):
-            raise AggregateRejectedError("the merged adapter holds non-finite values")
+            raise AggregateRejectedError("the merged adapter holds non-finite values",
+                                         "merged_non_finite")
         dropped = tuple(sorted(set(live.cohort) - set(result.contributors)))
         epsilon_total = self.budget.epsilon_after(live.charge)
         epsilon_round = epsilon_of([live.charge], privacy.delta, _accountant(privacy))
         flight = self._state.in_flight
         assert flight is not None
-        receipts = sorted({live.receipts[("masked vector", site)].hex()
-                           for site in result.contributors
-                           if ("masked vector", site) in live.receipts})
         flight.outcome = Outcome(len(result.contributors), len(dropped), epsilon_round,
-                                 epsilon_total, tuple(receipts))
+                                 epsilon_total, self._receipts(live, result))
         self._save()  # so a crash after publishing still writes the ledger at restart
         version = self.registry.publish(new_b, Release(
             round_id=live.round_id, cohort_size=len(result.contributors),
             clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
             noise_mode=_noise_mode(privacy), epsilon=epsilon_total, delta=privacy.delta,
             secure_aggregation=setup.secure_aggregation))
+        self._notify(self._versions)
         self._record_published(version, flight)
         return version, dropped
 
     # ---- for the read-only services ------------------------------------------------
 
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Waits (up to `timeout`) until `predicate()` holds; rounds, versions and ledger
-        entries all notify."""
-        with self.changed:
-            return self.changed.wait_for(predicate, timeout)
+        """Waits (up to `timeout`) until `predicate()` holds, re-checked at every change of
+        the queue or a round (for tests and tools: a service waits for its own thing)."""
+        with self._lock:
+            return self._changed.wait_for(predicate, timeout)
+
+    def wait_for_version(self, after: int, timeout: float) -> bool:
+        """Waits (up to `timeout`) for a version newer than `after`; woken only by a
+        publication. Returns whether there is one."""
+        def newer() -> bool:
+            latest = self.registry.latest_number()
+            return latest is not None and latest > after
+        with self._versions:
+            return self._versions.wait_for(newer, timeout)
+
+    def wait_for_ledger(self, index: int, timeout: float) -> bool:
+        """Waits (up to `timeout`) until the ledger holds entry `index`; woken only by an
+        append. Returns whether it does."""
+        def appended() -> bool:
+            head = self.ledger.head()
+            return head is not None and head.index >= index
+        with self._ledger_appended:
+            return self._ledger_appended.wait_for(appended, timeout)
+
+    @staticmethod
+    def _notify(condition: threading.Condition) -> None:
+        with condition:
+            condition.notify_all()
 
     def current_round(self) -> int | None:
-        with self.changed:
+        with self._lock:
             return self._round.round_id if self._round else None

@@ -1,9 +1,14 @@
-"""The aggregator's ledger: one entry per published round, append-only, hash-chained, signed.
+"""The aggregator's ledger: an entry per round that published or was stopped after unmasking;
+append-only, hash-chained, signed.
 
 Each entry records what the round did to privacy and to the model: cohort size, dropouts,
 clip norm, noise, epsilon spent by the round and in total, whether the sum was securely
 aggregated, and the sha256 of the version's manifest (which lists the sha256 of every file
-of the version). Entry i's hash is
+of the version). A round whose unmasked sum was refused (the aggregate checks) or could not
+be merged gets an entry too (`StoppedRound`, its body marked `"kind": "round_stopped"`):
+which round, which phase, which check, the numbers, the epsilon it spent and the sites it
+quarantined, so an auditor sees privacy spent without a version. Entries from before it
+have no "kind" and verify unchanged. Entry i's hash is
 
     sha256("fleetmind/ledger/v1" || uint64-le(i) || hash of entry i-1 || body)
 
@@ -41,8 +46,9 @@ from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.runtime.signed_log import SignedLog, canonical_json
 
 DOMAIN = b"fleetmind/ledger/v1"
-__all__ = ["DOMAIN", "GENESIS_HASH", "Ledger", "LedgerEntry", "LedgerError", "RoundRecord",
-           "entry_hash", "verify_chain"]
+__all__ = ["CHECKS", "DOMAIN", "GENESIS_HASH", "STOP_OUTCOMES", "Ledger", "LedgerEntry",
+           "LedgerError", "LedgerRecord", "RoundRecord", "StoppedRound", "entry_hash",
+           "parse_body", "verify_chain"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -109,16 +115,10 @@ class RoundRecord:
 
     def __post_init__(self) -> None:
         for name in ("round_id", "cohort_size", "dropouts", "version", "recorded_at_ms"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+            _whole(name, getattr(self, name))
         for name in ("clip_norm", "noise_multiplier", "epsilon_round", "epsilon_total",
                      "delta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
         if self.cohort_size < 2:
             raise ValueError(f"cohort_size={self.cohort_size}: a published sum has >= 2 sites")
         if self.clip_norm <= 0:
@@ -140,12 +140,7 @@ class RoundRecord:
             raise ValueError(f"delta={self.delta} must be < 1")
         if not _SHA256.fullmatch(self.version_hash):
             raise ValueError(f"version_hash={self.version_hash!r} must be 64 lowercase hex")
-        if not isinstance(self.payload_sha256s, list | tuple) or not all(
-                isinstance(h, str) and _SHA256.fullmatch(h) for h in self.payload_sha256s):
-            raise ValueError("payload_sha256s must be a list of 64-hex-digit sha256 digests")
-        object.__setattr__(self, "payload_sha256s", tuple(self.payload_sha256s))
-        if list(self.payload_sha256s) != sorted(set(self.payload_sha256s)):
-            raise ValueError("payload_sha256s must be sorted and distinct")
+        object.__setattr__(self, "payload_sha256s", _receipts(self.payload_sha256s))
 
     def to_body(self) -> bytes:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -169,6 +164,157 @@ class RoundRecord:
         return record
 
 
+STOPPED = "round_stopped"  # the "kind" of a StoppedRound's body
+# rejected: an aggregate check refused the sum (its charge is spent: the aggregator saw it);
+# merge_failed: the sum could not be merged into the adapter (nothing spent).
+STOP_OUTCOMES = ("rejected", "merge_failed")
+# The aggregate checks (server/coordinator.py, docs/hardening.md): the weight sum's range,
+# finite values in the sum, the mean delta's norm, finite values in the merged adapter.
+CHECKS = ("weight_sum", "non_finite", "norm", "merged_non_finite")
+
+
+@dataclass(frozen=True)
+class StoppedRound:
+    """A round that ended after its sum was unmasked without publishing a version.
+    outcome: one of STOP_OUTCOMES; phase: the round phase it stopped in (a RoundPhase
+    value, "merge" for both outcomes now); check: which of CHECKS refused it (None for
+    merge_failed); measured and allowed: the checked number and the closed range it had to
+    lie in (None where a check has no number: non-finite values, or measured was itself
+    not finite). contributors: sites whose vectors the sum held; version: the latest
+    version, which stays the latest; epsilon_round: what this round spent (0: nothing);
+    epsilon_total: the accountant's total after it, at `delta`; payload_sha256s: the masked
+    vectors' receipts (sorted), as a published entry carries; quarantined: the sites this
+    rejection quarantined (group testing), sorted; privacy_unit and participation_cap: what
+    epsilon is for, as in RoundRecord."""
+
+    round_id: int
+    outcome: str
+    phase: str
+    check: str | None
+    measured: float | None
+    allowed: tuple[float, float] | None
+    contributors: int
+    version: int
+    epsilon_round: float
+    epsilon_total: float
+    delta: float
+    payload_sha256s: tuple[str, ...] = ()
+    quarantined: tuple[int, ...] = ()
+    privacy_unit: str | None = None
+    participation_cap: int | None = None
+    kind: str = STOPPED
+    recorded_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+
+    def __post_init__(self) -> None:
+        if self.kind != STOPPED:
+            raise ValueError(f"kind={self.kind!r} must be {STOPPED!r}")
+        for name in ("round_id", "contributors", "version", "recorded_at_ms"):
+            _whole(name, getattr(self, name))
+        for name in ("epsilon_round", "epsilon_total", "delta"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        if self.outcome not in STOP_OUTCOMES:
+            raise ValueError(f"outcome={self.outcome!r} must be one of {STOP_OUTCOMES}")
+        if not isinstance(self.phase, str) or not re.fullmatch(r"[a-z_]{1,40}", self.phase):
+            raise ValueError(f"phase={self.phase!r} must be a round phase's name")
+        if (self.check is None) != (self.outcome == "merge_failed") or \
+                (self.check is not None and self.check not in CHECKS):
+            raise ValueError(f"check={self.check!r}: a rejected round names one of {CHECKS}, "
+                             "a failed merge none")
+        if self.measured is not None and (isinstance(self.measured, bool) or not isinstance(
+                self.measured, int | float) or not math.isfinite(self.measured)):
+            raise ValueError(f"measured={self.measured!r} must be a finite number or null")
+        if self.allowed is not None:
+            if not isinstance(self.allowed, list | tuple) or len(self.allowed) != 2:
+                raise ValueError(f"allowed={self.allowed!r} must be [low, high] or null")
+            low, high = (_finite("allowed", v) for v in self.allowed)
+            if low > high:
+                raise ValueError(f"allowed=[{low}, {high}] is empty")
+            object.__setattr__(self, "allowed", (low, high))
+        if self.epsilon_total < self.epsilon_round:
+            raise ValueError(f"epsilon_total={self.epsilon_total} is below this round's "
+                             f"epsilon_round={self.epsilon_round}")
+        if not self.delta < 1:
+            raise ValueError(f"delta={self.delta} must be < 1")
+        if self.privacy_unit is not None:
+            check_privacy_unit(self.privacy_unit)
+        if self.participation_cap is not None:
+            ParticipationCap(self.participation_cap)  # a whole number >= 1
+        object.__setattr__(self, "payload_sha256s", _receipts(self.payload_sha256s))
+        if not isinstance(self.quarantined, list | tuple):
+            raise ValueError("quarantined must be a list of site ids")
+        for site in self.quarantined:
+            _whole("quarantined", site)
+        object.__setattr__(self, "quarantined", tuple(self.quarantined))
+        if list(self.quarantined) != sorted(set(self.quarantined)):
+            raise ValueError("quarantined must be sorted and distinct")
+
+    def to_body(self) -> bytes:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["payload_sha256s"] = list(self.payload_sha256s)
+        body["quarantined"] = list(self.quarantined)
+        body["allowed"] = None if self.allowed is None else list(self.allowed)
+        return canonical_json(body)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> StoppedRound:
+        record = cls(**json.loads(body))
+        if record.to_body() != body:
+            raise ValueError("body is not in canonical form")
+        return record
+
+
+LedgerRecord = RoundRecord | StoppedRound
+
+
+def parse_body(body: bytes) -> LedgerRecord:
+    """An entry's record: a StoppedRound when its body says so, else a RoundRecord (every
+    entry from before stopped rounds were recorded)."""
+    raw = json.loads(body)
+    if isinstance(raw, dict) and "kind" in raw:
+        return StoppedRound.from_body(body)
+    return RoundRecord.from_body(body)
+
+
+def _whole(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} must be an integer >= 0")
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return float(value)
+
+
+def _receipts(hashes: object) -> tuple[str, ...]:
+    if not isinstance(hashes, list | tuple) or not all(
+            isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes):
+        raise ValueError("payload_sha256s must be a list of 64-hex-digit sha256 digests")
+    if list(hashes) != sorted(set(hashes)):
+        raise ValueError("payload_sha256s must be sorted and distinct")
+    return tuple(hashes)
+
+
+def _out_of_order(record: LedgerRecord, last: LedgerRecord) -> str | None:
+    """Why `record` may not follow `last` (None: it may): rounds increase; a published
+    round's version is above every earlier one, a stopped round's is the latest then (it
+    published nothing); epsilon spent never comes back."""
+    if record.round_id <= last.round_id:
+        return (f"round {record.round_id} is not after round {last.round_id}: rounds must "
+                "increase")
+    if isinstance(record, RoundRecord) and record.version <= last.version:
+        return (f"version {record.version} is not after version {last.version}: versions "
+                "must increase")
+    if isinstance(record, StoppedRound) and record.version < last.version:
+        return (f"a stopped round at version {record.version} is not after version "
+                f"{last.version}: versions never go back")
+    if record.epsilon_total < last.epsilon_total:
+        return (f"epsilon_total {record.epsilon_total} is below the recorded "
+                f"{last.epsilon_total}: privacy spent never comes back")
+    return None
+
+
 def entry_hash(index: int, prev_hash: bytes, body: bytes) -> bytes:
     return chain.entry_hash(DOMAIN, index, prev_hash, body)
 
@@ -178,26 +324,19 @@ class LedgerEntry(ChainEntry):
     """One chained, signed entry, as stored and as Audit.StreamLedger carries it."""
 
     @property
-    def record(self) -> RoundRecord:
-        return RoundRecord.from_body(self.body)
+    def record(self) -> LedgerRecord:
+        return parse_body(self.body)
 
 
-def _check_round(body: bytes, last: RoundRecord | None) -> RoundRecord:
+def _check_round(body: bytes, last: LedgerRecord | None) -> LedgerRecord:
     """What must hold between consecutive rounds, on top of the chain itself."""
     try:
-        record = RoundRecord.from_body(body)
+        record = parse_body(body)
     except (ValueError, TypeError) as error:
         raise ValueError(f"body is not a valid round record: {error}") from None
-    if last is not None:
-        if record.round_id <= last.round_id:
-            raise ValueError(f"round {record.round_id} after round {last.round_id}: rounds "
-                             "must increase")
-        if record.version <= last.version:
-            raise ValueError(f"version {record.version} after version {last.version}: "
-                             "versions must increase")
-        if record.epsilon_total < last.epsilon_total:
-            raise ValueError(f"epsilon_total fell from {last.epsilon_total} to "
-                             f"{record.epsilon_total}: privacy spent never comes back")
+    problem = None if last is None else _out_of_order(record, last)
+    if problem is not None:
+        raise ValueError(problem)
     return record
 
 
@@ -220,23 +359,14 @@ class Ledger(SignedLog[LedgerEntry]):
     SCHEMA = _SCHEMA
     ENTRY = LedgerEntry
 
-    def append(self, record: RoundRecord) -> LedgerEntry:
+    def append(self, record: LedgerRecord) -> LedgerEntry:
         """Chains, signs and stores `record`; refuses a round already recorded (look it up
-        with `find_round` after a restart) or one older than the head."""
+        with `find_round` after a restart) or one that may not follow the head."""
 
         def admit(head: LedgerEntry | None) -> None:
-            if head is None:
-                return
-            last = head.record
-            if record.round_id <= last.round_id:
-                raise LedgerError(None, f"round {record.round_id} is not after the "
-                                        f"last recorded round {last.round_id}")
-            if record.version <= last.version:
-                raise LedgerError(None, f"version {record.version} is not after the "
-                                        f"last recorded version {last.version}")
-            if record.epsilon_total < last.epsilon_total:
-                raise LedgerError(None, f"epsilon_total {record.epsilon_total} is below "
-                                        f"the recorded {last.epsilon_total}")
+            problem = None if head is None else _out_of_order(record, head.record)
+            if problem is not None:
+                raise LedgerError(None, f"refused: {problem}")
 
         return self._append(record.round_id, record.to_body(), admit)
 

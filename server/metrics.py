@@ -26,6 +26,17 @@ COHORT_BUCKETS = (2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 # A phase closes in milliseconds on loopback and at its deadline (default 60 s) with dropouts.
 PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ROUND_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# Why something was refused: a fixed set, so no input can grow the label space. The status
+# a call got is implied (docs/hardening.md, "Refusals"): capacity, per_peer, upload_bytes,
+# too_large, budget and resource_exhausted are RESOURCE_EXHAUSTED; quarantined is
+# PERMISSION_DENIED; upload_idle and upload_past_phase are uploads cancelled; queue_expired
+# is a JoinRound queued past stream_max_s; aggregate_rejected is an unmasked sum the
+# aggregate checks refused; the rest are named after their status.
+REFUSAL_REASONS = ("capacity", "per_peer", "upload_bytes", "too_large", "budget",
+                   "resource_exhausted", "invalid_argument", "unauthenticated",
+                   "permission_denied", "quarantined", "failed_precondition",
+                   "already_exists", "not_found", "out_of_range", "upload_idle",
+                   "upload_past_phase", "queue_expired", "aggregate_rejected")
 
 
 class ServerMetrics(RoundListener):
@@ -74,6 +85,9 @@ class ServerMetrics(RoundListener):
                               registry=r)
         self.round_in_flight = Gauge("fleetmind_aggregator_round_in_flight",
                                      "1 while a round runs, else 0", registry=r)
+        self.refusals = Counter("fleetmind_aggregator_refusals_total",
+                                "Calls refused or cancelled, and aggregates rejected, by "
+                                "reason (docs/hardening.md)", ["reason"], registry=r)
         # Known label values start at zero, so rate() and dashboards see every series
         # from the first scrape, not only after the first event of each kind.
         for outcome in OUTCOMES:
@@ -85,6 +99,8 @@ class ServerMetrics(RoundListener):
             self.received.labels(method)
         for method in ("JoinRound", "Get", "Watch"):
             self.sent.labels(method)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
 
     # ---- RoundListener --------------------------------------------------------------
 
@@ -112,6 +128,12 @@ class ServerMetrics(RoundListener):
         self.epsilon_spent.set(epsilon_spent)
         self.epsilon_budget.set(epsilon_budget)
         self.delta.set(delta)
+
+    def refused(self, reason: str) -> None:
+        """One refusal; `reason` must be one of REFUSAL_REASONS (the label set is fixed)."""
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"refusal reason {reason!r} is not one of {REFUSAL_REASONS}")
+        self.refusals.labels(reason).inc()
 
     # ---- HTTP -------------------------------------------------------------------------
 

@@ -2,12 +2,13 @@
 health checking and reflection, and `serve`, which starts them all.
 
 The servicers translate and authorise; the coordinator decides. Every refusal is a
-precise status and changes no state:
+precise status, changes no state, and is counted by reason (metrics.REFUSAL_REASONS):
 
     malformed                              INVALID_ARGUMENT
     wrong_round, below_threshold,
     inconsistent                           FAILED_PRECONDITION
-    unknown_site, unenrolled, wrong name   PERMISSION_DENIED
+    unknown_site, unenrolled, wrong name,
+    quarantined                            PERMISSION_DENIED
     replay (a different message again)     ALREADY_EXISTS
     bad_signature, bad enrolment proof     UNAUTHENTICATED
     oversized upload, privacy budget,
@@ -84,8 +85,19 @@ PROTOCOL_STATUS = {
     "bad_signature": S.UNAUTHENTICATED,
     "budget_exhausted": S.RESOURCE_EXHAUSTED,
     "too_large": S.RESOURCE_EXHAUSTED,
+    "upload_bytes": S.RESOURCE_EXHAUSTED,
     "not_found": S.NOT_FOUND,
+    "quarantined": S.PERMISSION_DENIED,
 }
+# The refusal counter's reason (server/metrics.py REFUSAL_REASONS) for a refusal kind that
+# says more than its status; any other refusal counts under its status's reason.
+KIND_REASONS = {"budget_exhausted": "budget", "too_large": "too_large",
+                "upload_bytes": "upload_bytes", "quarantined": "quarantined"}
+STATUS_REASONS = {S.INVALID_ARGUMENT: "invalid_argument", S.UNAUTHENTICATED: "unauthenticated",
+                  S.PERMISSION_DENIED: "permission_denied",
+                  S.FAILED_PRECONDITION: "failed_precondition",
+                  S.ALREADY_EXISTS: "already_exists", S.NOT_FOUND: "not_found",
+                  S.OUT_OF_RANGE: "out_of_range", S.RESOURCE_EXHAUSTED: "resource_exhausted"}
 ENROLMENT_STATUS = {"malformed": S.INVALID_ARGUMENT, "bad_proof": S.UNAUTHENTICATED,
                     "conflict": S.ALREADY_EXISTS}
 SERVICES = ("fleetmind.v1.Fleet", "fleetmind.v1.Models", "fleetmind.v1.Audit")
@@ -116,17 +128,23 @@ def _metered(counter: Counter, messages: Iterator[Message]) -> Iterator[Message]
         yield message
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str,
+           reason: str | None = None) -> NoReturn:
     """context.abort, typed: grpc's abort always raises, but grpc ships no type hints that
-    say so."""
-    context.abort(code, details)
+    say so. A call's context (_Capped) counts the refusal under `reason` (None: its
+    status's)."""
+    if isinstance(context, _Capped):
+        context.refuse(code, details, reason)
+    else:
+        context.abort(code, details)
     raise RuntimeError(f"grpc context.abort({code}) returned instead of raising")
 
 
 def _refuse(context: grpc.ServicerContext, error: Exception) -> NoReturn:
     """Aborts the call with the status the refusal maps to (raises)."""
-    status = PROTOCOL_STATUS.get(getattr(error, "kind", ""), S.INVALID_ARGUMENT)
-    _abort(context, status, str(error))
+    kind = getattr(error, "kind", "")
+    _abort(context, PROTOCOL_STATUS.get(kind, S.INVALID_ARGUMENT), str(error),
+           KIND_REASONS.get(kind))
 
 
 def _cap(details: str, limit: int) -> str:
@@ -135,17 +153,28 @@ def _cap(details: str, limit: int) -> str:
 
 
 class _Capped:
-    """A servicer context whose abort() and set_details() cut the details to a length;
-    everything else is the call's own context."""
+    """A servicer context whose abort() and set_details() cut the details to a length and
+    whose refusals are counted (`refused(reason)`); everything else is the call's own
+    context."""
 
-    def __init__(self, context: grpc.ServicerContext, limit: int) -> None:
+    def __init__(self, context: grpc.ServicerContext, limit: int,
+                 refused: Callable[[str], None]) -> None:
         self._context = context
         self._limit = limit
+        self._refused = refused
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.refuse(code, details, None)
+
+    def refuse(self, code: grpc.StatusCode, details: str, reason: str | None) -> None:
+        """Aborts with `code`, counted under `reason` or its status's (a failure such as
+        INTERNAL is no refusal and is not counted)."""
+        reason = reason or STATUS_REASONS.get(code)
+        if reason is not None:
+            self._refused(reason)
         self._context.abort(code, _cap(details, self._limit))
 
     def set_details(self, details: str) -> None:
@@ -199,16 +228,16 @@ class _Capacity:
                       "call": (limits.max_calls, limits.max_calls_per_peer)}
         self._open: Tally = Tally()
 
-    def admit(self, pool: str, peer: str | None) -> str | None:
-        """Takes a place, or returns why not."""
+    def admit(self, pool: str, peer: str | None) -> tuple[str, str] | None:
+        """Takes a place, or returns why not: (the refusal reason, the message)."""
         total, per_peer = self._caps[pool]
         with self._lock:
             if self._open[(pool, None)] >= total:
-                return (f"the aggregator is serving {total} {pool}s, its limit; try again "
-                        "later")
+                return "capacity", (f"the aggregator is serving {total} {pool}s, its limit; "
+                                    "try again later")
             if peer is not None and self._open[(pool, peer)] >= per_peer:
-                return (f"{peer!r} already holds {per_peer} {pool}s, the per-peer limit; "
-                        "close one first")
+                return "per_peer", (f"{peer!r} already holds {per_peer} {pool}s, the "
+                                    "per-peer limit; close one first")
             self._open[(pool, None)] += 1
             if peer is not None:
                 self._open[(pool, peer)] += 1
@@ -231,10 +260,12 @@ class _Hardening(grpc.ServerInterceptor):
     the module docstring). Request bytes reach it unparsed: the handler it returns has no
     deserializer, so a parse failure is the handler's to answer."""
 
-    def __init__(self, capacity: _Capacity, limits: ServerLimits, mtls: bool) -> None:
+    def __init__(self, capacity: _Capacity, limits: ServerLimits, mtls: bool,
+                 refused: Callable[[str], None]) -> None:
         self.capacity = capacity
         self.limits = limits
         self.mtls = mtls
+        self.refused = refused
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -266,7 +297,7 @@ class _Hardening(grpc.ServerInterceptor):
         peer = identity.peer_site_name(context) if self.mtls else None
         refusal = self.capacity.admit(pool, peer)
         if refusal is not None:
-            context.abort(S.RESOURCE_EXHAUSTED, refusal)
+            context.refuse(S.RESOURCE_EXHAUSTED, refusal[1], refusal[0])
         released = threading.Lock()
 
         def release() -> None:
@@ -308,7 +339,7 @@ class _Hardening(grpc.ServerInterceptor):
 
     def _unary(self, method, pool, parse, behaviour):
         def handle(raw, context):
-            context = _Capped(context, self.limits.max_details_chars)
+            context = _Capped(context, self.limits.max_details_chars, self.refused)
             self._enter(pool, context)
             request = self._parse(method, parse, raw, context)
             try:
@@ -319,7 +350,7 @@ class _Hardening(grpc.ServerInterceptor):
 
     def _unary_stream(self, method, pool, parse, behaviour):
         def handle(raw, context):
-            context = _Capped(context, self.limits.max_details_chars)
+            context = _Capped(context, self.limits.max_details_chars, self.refused)
             self._enter(pool, context)
             request = self._parse(method, parse, raw, context)
             try:
@@ -330,7 +361,7 @@ class _Hardening(grpc.ServerInterceptor):
 
     def _stream_unary(self, method, pool, parse, behaviour):
         def handle(raw_iterator, context):
-            context = _Capped(context, self.limits.max_details_chars)
+            context = _Capped(context, self.limits.max_details_chars, self.refused)
             self._enter(pool, context)
             try:
                 return behaviour(self._raw_requests(method, parse, raw_iterator, context),
@@ -341,7 +372,7 @@ class _Hardening(grpc.ServerInterceptor):
 
     def _stream_stream(self, method, pool, parse, behaviour):
         def handle(raw_iterator, context):
-            context = _Capped(context, self.limits.max_details_chars)
+            context = _Capped(context, self.limits.max_details_chars, self.refused)
             self._enter(pool, context)
             try:
                 yield from behaviour(self._raw_requests(method, parse, raw_iterator, context),
@@ -365,8 +396,9 @@ class _Uploads:
     within `max_upload_bytes_in_flight` together, each cancelled when it idles past
     `upload_idle_s` or its round stops collecting (`reap`, from the ticker)."""
 
-    def __init__(self, limits: ServerLimits) -> None:
+    def __init__(self, limits: ServerLimits, refused: Callable[[str], None]) -> None:
         self.limits = limits
+        self.refused = refused
         self._lock = threading.Lock()
         self._open: dict[tuple[int, int], _Upload] = {}
 
@@ -379,9 +411,9 @@ class _Uploads:
             held = sum(u.total_bytes for u in self._open.values())
             cap = self.limits.max_upload_bytes_in_flight
             if held + total_bytes > cap:
-                raise RefusedError("too_large", f"uploads in flight hold {held} bytes; "
-                                                f"{total_bytes} more would pass the {cap}-byte "
-                                                "limit; retry shortly")
+                raise RefusedError("upload_bytes", f"uploads in flight hold {held} bytes; "
+                                                   f"{total_bytes} more would pass the "
+                                                   f"{cap}-byte limit; retry shortly")
             upload = _Upload(round_id, site, total_bytes, context)
             self._open[(round_id, site)] = upload
             return upload
@@ -396,11 +428,16 @@ class _Uploads:
         now = time.monotonic()
         with self._lock:
             open_ = list(self._open.values())
-        expired = [u for u in open_ if now - u.last_chunk > self.limits.upload_idle_s
-                   or not collecting(u.round_id)]
-        for upload in expired:
-            log.info("cancelling site %d's upload for round %d: idle or past its phase",
-                     upload.site, upload.round_id)
+        expired = []
+        for upload in open_:
+            if now - upload.last_chunk > self.limits.upload_idle_s:
+                expired.append((upload, "upload_idle"))
+            elif not collecting(upload.round_id):
+                expired.append((upload, "upload_past_phase"))
+        for upload, reason in expired:
+            log.info("cancelling site %d's upload for round %d: %s", upload.site,
+                     upload.round_id, reason)
+            self.refused(reason)
             upload.context.cancel()
             self.release(upload)
         return len(expired)
@@ -519,8 +556,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self.aggregator_key = aggregator_key
         self.received = metrics.received
         self.sent = metrics.sent
+        self.refused = metrics.refused
         self.limits = limits or ServerLimits()
-        self.uploads = uploads if uploads is not None else _Uploads(self.limits)
+        self.uploads = uploads if uploads is not None else _Uploads(self.limits,
+                                                                    metrics.refused)
 
     def Enroll(self, request, context):  # noqa: N802 (gRPC's method names)
         if self.guard.mtls:
@@ -557,6 +596,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 # Queued past stream_max_s: the site is told to join again, so no stream
                 # (and no worker thread) is held forever by a cohort that never forms.
                 self.coordinator.leave(site, serial)
+                self.refused("queue_expired")
                 yield _event_to_wire(Event(0, Stopped(
                     f"site {site} waited {self.limits.stream_max_s:g} s for a cohort; join "
                     "again", True, RoundPhase.COHORT, DropReason.COHORT_WAIT_EXPIRED,
@@ -707,10 +747,7 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
                             yield self._announce(number)
                             after = number
                     after = max(after, latest)  # a folder gone from disk: never spin on it
-                def newer(seen: int = after) -> bool:
-                    latest = self.registry.latest_number()
-                    return latest is not None and latest > seen
-                self.coordinator.wait(newer, FOLLOW_POLL_S)
+                self.coordinator.wait_for_version(after, FOLLOW_POLL_S)
 
     def Latest(self, request, context):  # noqa: N802
         latest = self.registry.latest_number()  # from memory: no folder listing per call
@@ -799,11 +836,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
                 index = entry.index + 1
             if not request.follow:
                 return
-
-            def appended(wanted: int = index) -> bool:
-                head = self.ledger.head()
-                return head is not None and head.index >= wanted
-            self.coordinator.wait(appended, FOLLOW_POLL_S)
+            self.coordinator.wait_for_ledger(index, FOLLOW_POLL_S)
 
     def Budget(self, request, context):  # noqa: N802
         status = self.coordinator.budget_status()
@@ -882,13 +915,13 @@ def serve(config: ServerConfig, limits: ServerLimits | None = None) -> RunningSe
     coordinator = open_coordinator(config, metrics, limits)
     mtls = config.tls is not None
     workers = limits.workers(config.max_workers)
-    capacity, uploads = _Capacity(limits, config.max_workers), _Uploads(limits)
+    capacity, uploads = _Capacity(limits, config.max_workers), _Uploads(limits, metrics.refused)
     # As many workers as calls admitted (both caps plus the reserve), and grpc itself
     # refuses past that: an admitted call never waits for a thread, and a flood of calls
     # is refused RESOURCE_EXHAUSTED instead of queueing ahead of Health.Check.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="fleetmind-rpc"),
-                         interceptors=[_Hardening(capacity, limits, mtls)],
+                         interceptors=[_Hardening(capacity, limits, mtls, metrics.refused)],
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                   ("grpc.so_reuseport", 0), *limits.channel_options()],
                          maximum_concurrent_rpcs=workers)

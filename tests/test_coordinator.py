@@ -2,12 +2,14 @@
 states fed through `join`/`follow`/`advertise`/`share`/`submit`/`unmask`, and time is a
 clock the test moves. Covers a round that publishes, a site missing each phase (the
 outcome's phase, drop reason and site_only), whole-round aborts, the typed state in
-coordinator.json across a restart, and the participation cap."""
+coordinator.json across a restart, the participation cap, who is woken by what (no
+thundering herd), and the signed ledger entry of a rejected round."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from fleetmind.server.coordinator import (
     Stopped,
 )
 from fleetmind.server.enrolment import Enrolments
-from fleetmind.server.ledger import Ledger
+from fleetmind.server.ledger import Ledger, RoundRecord, StoppedRound
 from fleetmind.server.versions import VersionRegistry
 from fleetmind.sim.bench.wire import SHAPES, SPEC
 
@@ -208,6 +210,53 @@ def test_too_few_sites_abort_the_whole_round_below_min_cohort(tmp_path: Path) ->
     coordinator.ledger.close()
 
 
+class Notified(threading.Condition):
+    """A site's wake-up condition, counting how often it was notified."""
+
+    def __init__(self, lock) -> None:
+        super().__init__(lock)
+        self.count = 0
+
+    def notify_all(self) -> None:
+        self.count += 1
+        super().notify_all()
+
+
+def test_a_change_wakes_only_the_sites_it_concerns(fleet) -> None:
+    """No thundering herd: a join wakes the joining site's follower alone, a message wakes
+    nobody, and a cohort starting or a phase closing wakes each member once."""
+    coordinator, _, sites = fleet  # a cohort of 4
+    wakes = {s.id: Notified(coordinator._lock) for s in sites}
+    coordinator._site_waits.update(wakes)  # as if each site's JoinRound were following
+    for s in sites[:3]:
+        s.join()
+    assert [wakes[s.id].count for s in sites] == [1, 1, 1, 0]
+    sites[3].join()  # its join, then the cohort starts
+    assert [wakes[s.id].count for s in sites] == [2, 2, 2, 2]
+    for s in sites[:3]:
+        s.advertise()
+    assert [wakes[s.id].count for s in sites] == [2, 2, 2, 2]
+    sites[3].advertise()  # the last one closes the phase
+    assert [wakes[s.id].count for s in sites] == [3, 3, 3, 3]
+
+
+def test_watchers_and_ledger_followers_wake_only_at_a_publication(fleet) -> None:
+    coordinator, _, sites = fleet
+    coordinator._versions = versions = Notified(threading.Lock())
+    coordinator._ledger_appended = ledger = Notified(threading.Lock())
+    for s in sites:
+        s.join()
+    for step in STEPS[:-1]:
+        for s in sites:
+            getattr(s, step)()
+    assert (versions.count, ledger.count) == (0, 0)  # joins, messages, phases: not theirs
+    for s in sites:
+        s.unmask()
+    assert (versions.count, ledger.count) == (1, 1)  # version 1 and its ledger entry
+    assert coordinator.wait_for_version(0, 0) and not coordinator.wait_for_version(1, 0)
+    assert coordinator.wait_for_ledger(0, 0) and not coordinator.wait_for_ledger(1, 0)
+
+
 def test_a_rejected_aggregate_ends_the_round_in_merge(fleet) -> None:
     coordinator, _, sites = fleet
     for s in sites:
@@ -221,6 +270,38 @@ def test_a_rejected_aggregate_ends_the_round_in_merge(fleet) -> None:
     assert (outcome.phase, outcome.drop_reason, outcome.site_only) == (
         RoundPhase.MERGE, DropReason.UPDATE_REJECTED, False)
     assert coordinator.rejected()[0]["round_id"] == 1
+
+
+def test_a_rejected_round_leaves_a_signed_ledger_entry_and_the_next_round_follows(fleet
+                                                                                  ) -> None:
+    coordinator, clock, sites = fleet
+    for s in sites:
+        s.join()
+    for step in STEPS:
+        for s in sites:
+            s.submit(forge_weight=s is sites[0]) if step == "submit" else getattr(s, step)()
+    entry = coordinator.ledger.head()
+    stopped = entry.record
+    assert isinstance(stopped, StoppedRound)
+    assert (stopped.round_id, stopped.outcome, stopped.phase, stopped.check) == (
+        1, "rejected", "merge", "weight_sum")
+    low, high = stopped.allowed
+    assert not low <= stopped.measured <= high  # the forged weight word, as measured
+    assert (stopped.contributors, stopped.version, len(stopped.payload_sha256s)) == (4, 0, 4)
+    # The aggregator saw the sum: the charge is spent, and the ledger says so.
+    assert stopped.epsilon_round > 0
+    assert stopped.epsilon_total == coordinator.budget_status().epsilon_spent
+    assert b'"kind":"round_stopped"' in entry.body
+    # The same sites, honest now, publish round 2 after it; the chain holds both.
+    for s in sites:
+        s.round_id, s.cursor = None, 0
+    run(coordinator, clock, sites)
+    first, second = coordinator.ledger.entries()
+    assert first == entry and isinstance(second.record, RoundRecord)
+    assert (second.record.round_id, second.record.version) == (2, 1)
+    assert second.record.epsilon_total >= stopped.epsilon_total
+    assert b"kind" not in second.body  # published entries keep their old form
+    assert coordinator.ledger.verify() == second.hash
 
 
 def test_a_round_in_flight_at_restart_is_abandoned_with_its_phase(tmp_path: Path) -> None:

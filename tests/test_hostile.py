@@ -50,6 +50,7 @@ from fleetmind.server.config import (
     TlsPaths,
     load_config,
 )
+from fleetmind.server.ledger import StoppedRound
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.service import RunningServer, serve
 from fleetmind.server.versions import Release
@@ -693,7 +694,11 @@ def test_a_poisoned_aggregate_is_never_signed(start, forge, reason) -> None:
     ((retry, why),) = aborted
     assert retry and "rejected" in why and reason in why
     assert running.coordinator.registry.numbers() == [0]  # nothing signed or published
-    assert running.coordinator.ledger.head() is None
+    # No version; the rejection itself is a signed ledger entry, with the check that failed.
+    stopped = running.coordinator.ledger.head().record
+    assert isinstance(stopped, StoppedRound)
+    assert (stopped.round_id, stopped.outcome, stopped.phase, stopped.check) == (
+        1, "rejected", "merge", {"weights sum": "weight_sum", "norm": "norm"}[reason])
     rejected = running.coordinator.rejected()
     assert [r["round_id"] for r in rejected] == [1] and reason in rejected[0]["reason"]
     assert len(rejected[0]["payload_sha256s"]) == 3
@@ -770,6 +775,12 @@ def test_group_testing_quarantines_the_site_that_aborts_every_round(tmp_path: Pa
             outcomes.append((tuple(m.id for m in members), outcome.pop()))
             queued -= {m.id for m in members}
         assert coordinator.quarantined().keys() == {forger.id}, outcomes
+        # The rejection that pinned it is in the ledger, naming it; the chain verifies.
+        stops = [e.record for e in coordinator.ledger.entries()
+                 if isinstance(e.record, StoppedRound)]
+        assert stops[-1].quarantined == (forger.id,)
+        assert all(not stop.quarantined for stop in stops[:-1])
+        coordinator.ledger.verify()
         assert any(kind == "completed" for _, kind in outcomes)
         error = status_of(lambda: fleet_pb2_grpc.FleetStub(channel).JoinRound(
             fleet_pb2.JoinRoundRequest(site=forger.id, contributing_units=1), timeout=5))

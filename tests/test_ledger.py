@@ -1,21 +1,27 @@
 """The ledger: appends chain and sign; an auditor finds every edit, reordering, removal and
-forged signature, and is told which entry is the first bad one."""
+forged signature, and is told which entry is the first bad one. Rounds stopped without a
+version (rejected aggregates) chain between published ones under the same rules, and
+`audit ledger` shows them."""
 
 import dataclasses
 import itertools
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetmind.cli.main import main
 from fleetmind.server.ledger import (
     GENESIS_HASH,
     Ledger,
     LedgerEntry,
     LedgerError,
     RoundRecord,
+    StoppedRound,
     entry_hash,
+    parse_body,
     verify_chain,
 )
 
@@ -210,3 +216,98 @@ def test_the_participation_cap_is_signed_and_left_out_when_absent(tmp_path, key)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_rounds"):
             dataclasses.replace(record(0), participation_cap=bad)
+
+
+def stopped(round_id: int, version: int, epsilon_total: float, **changes) -> StoppedRound:
+    """Round `round_id` rejected by the weight-sum check at `version` (nothing published)."""
+    return StoppedRound(**{
+        "round_id": round_id, "outcome": "rejected", "phase": "merge", "check": "weight_sum",
+        "measured": 7.5, "allowed": (0.03, 3.0), "contributors": 3, "version": version,
+        "epsilon_round": 0.25, "epsilon_total": epsilon_total, "delta": 1e-5,
+        "payload_sha256s": (f"{1:064x}", f"{2:064x}"), "quarantined": (7,),
+        "recorded_at_ms": 1_700_000_000_000, **changes})
+
+
+def test_a_stopped_round_is_chained_between_published_rounds(tmp_path, key) -> None:
+    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
+        ledger.append(record(0))  # version 1, epsilon 0.25
+        ledger.append(stopped(1, 1, 0.5))
+        ledger.append(dataclasses.replace(record(2), version=2, epsilon_total=0.75))
+        entries = list(ledger)
+        assert ledger.find_round(1) == entries[1]
+    assert verify_chain(entries, key.public_key()) == entries[-1].hash
+    assert [type(e.record) for e in entries] == [RoundRecord, StoppedRound, RoundRecord]
+    assert entries[1].record == stopped(1, 1, 0.5)
+    assert parse_body(entries[1].body) == stopped(1, 1, 0.5)
+    # Published entries keep the form every older ledger has: no "kind".
+    assert entries[0].body == record(0).to_body() and b"kind" not in entries[0].body
+    assert b'"kind":"round_stopped"' in entries[1].body and b'"quarantined":[7]' in entries[1].body
+
+
+def test_a_stopped_round_must_follow_the_ledger_like_any_round(tmp_path, key) -> None:
+    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
+        ledger.append(record(0))  # round 0, version 1, epsilon 0.25
+        for bad, message in [(stopped(0, 1, 0.5), "round 0 is not after"),
+                             (stopped(1, 0, 0.5), "versions never go back"),
+                             (stopped(1, 1, 0.2, epsilon_round=0.1), "below the recorded")]:
+            with pytest.raises(LedgerError, match=message):
+                ledger.append(bad)
+        ledger.append(stopped(1, 1, 0.5))
+        # A published round after it still needs a new version and no less epsilon.
+        for bad, message in [(dataclasses.replace(record(2), version=1), "version 1 is not"),
+                             (dataclasses.replace(record(2), version=2, epsilon_total=0.4),
+                              "below the recorded")]:
+            with pytest.raises(LedgerError, match=message):
+                ledger.append(bad)
+        assert [e.index for e in ledger] == [0, 1]
+        entries = list(ledger)
+    # The same rules at verification: a stopped entry signed out of order is named.
+    forged = stopped(2, 0, 0.5).to_body()
+    digest = entry_hash(2, entries[1].hash, forged)
+    bad = LedgerEntry(2, entries[1].hash, forged, digest, key.sign(digest))
+    with pytest.raises(LedgerError, match="versions never go back") as caught:
+        verify_chain([*entries, bad], key.public_key())
+    assert caught.value.index == 2
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"outcome": "vanished"}, "outcome"),
+    ({"check": None}, "a rejected round names one of"),
+    ({"outcome": "merge_failed"}, "a failed merge none"),
+    ({"check": "vibes"}, "a rejected round names one of"),
+    ({"measured": float("nan")}, "measured"),
+    ({"allowed": (3.0, 1.0)}, "empty"),
+    ({"allowed": (1.0,)}, r"\[low, high\]"),
+    ({"quarantined": (9, 7)}, "sorted"),
+    ({"phase": "Merge; drop table"}, "phase"),
+    ({"kind": "round"}, "kind"),
+    ({"epsilon_round": 1.0}, "below this round's"),
+])
+def test_stopped_records_are_validated_at_the_edge(change, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        stopped(1, 1, 0.5, **change)
+
+
+def test_audit_ledger_shows_a_stopped_round_and_verifies_the_chain(tmp_path, key,
+                                                                     capsys) -> None:
+    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
+        ledger.append(record(0))
+        ledger.append(stopped(1, 1, 0.5))
+    pub = tmp_path / "aggregator.pub"
+    pub.write_bytes(key.public_key().public_bytes_raw())
+    argv = ["audit", "ledger", "--file", str(tmp_path / "ledger.sqlite"),
+            "--aggregator-key", str(pub)]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["verified"] == 2 and len(report["rounds"]) == 1
+    (row,) = report["stopped_rounds"]
+    assert {k: row[k] for k in ("entry", "round", "outcome", "phase", "check", "measured",
+                                "allowed", "quarantined", "epsilon_total")} == {
+        "entry": 1, "round": 1, "outcome": "rejected", "phase": "merge",
+        "check": "weight_sum", "measured": 7.5, "allowed": [0.03, 3.0], "quarantined": [7],
+        "epsilon_total": 0.5}
+    assert report["privacy_spent"].endswith(": 0.5 at δ 1e-05")  # the rejected round spent
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 entries verified" in out and "rounds stopped without a version" in out
+    assert "weight_sum" in out and "[0.03, 3]" in out
