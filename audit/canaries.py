@@ -5,7 +5,7 @@ exposure is log2|R| - log2(rank), where rank is the secret's place among all |R|
 of the same shape when the model scores them: 0 bits means the model puts the secret last,
 log2|R| means it ranks it first, and a model that knows nothing scores about 1.4 bits on
 average. What matters is the version against the base model. The measurement is
-client/exposure.py's (the demo uses the same); this module reads the canaries file, keeps
+audit/exposure.py's (the demo uses the same); this module reads the canaries file, keeps
 where each secret was said, and loads the two models: the base model alone, and the base
 model with the version's adapter. torch and peft are imported only inside `measure`, so the
 auditor's other commands run on an install without them.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetmind.aggregation.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from fleetmind.client import exposure
+from fleetmind.audit import exposure
 
 __all__ = ["CanaryExposure", "SaidCanary", "check_adapter_folder", "exposure_report", "measure",
            "read_canaries"]

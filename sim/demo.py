@@ -5,16 +5,22 @@ learning from each other round by round.
     fleetmind demo --sites 2 --rounds 1 --no-dp --out /tmp/demo
 
 The fleet (`sim.fleet`): the aggregator in this process, every site its own process running
-the real site agent. Sessions arrive over the rounds: each round every site ingests its next
+the real site agent. Sessions arrive over the rounds: each round every site gets its next
 slice of the world's sessions, so a fact's users are spread over time and each version builds
-on the last. After each round this process loads the version the sites activated and
-measures it (`sim.evaluation`), prints a table and, at the end, writes results.json and a
-plot (`sim.demo_report`). The settings are `sim.demo_config.DemoConfig`.
+on the last. With endpoints (`DemoConfig.endpoints`), each site also serves its active version
+at its own OpenAI-compatible endpoint (`client serve`), and a slice's users hold their
+conversations with it through the official `openai` client over HTTP: the sessions a site
+learns from are what its served model said, captured by the endpoint into the site's store.
+Without, each site ingests the world's transcripts as written. After each round this process
+loads the version the sites activated and measures it (`sim.evaluation`), with endpoints
+also on the answers each site's endpoint serves, prints a table and, at the end, writes
+results.json and a plot (`sim.demo_report`). The settings are `sim.demo_config.DemoConfig`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import time
@@ -35,6 +41,67 @@ PLOT = "demo.png"
 def schedule(world: W.World, rounds: int) -> list[list[list[dict[str, Any]]]]:
     """sessions[site][round]: a site's sessions dealt round-robin over the rounds."""
     return [[site.sessions[r::rounds] for r in range(rounds)] for site in world.sites]
+
+
+def converse(url: str, sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each session's user, in turn, says its user turns to the endpoint at `url` through
+    the official openai client, each reply joining the history the next turn is sent with;
+    the sessions as they went (the served replies in place of the world's). The endpoint
+    stores each as one session, keyed to the user, under the conversation header."""
+    import openai
+
+    from fleetmind.client.serve.settings import ServeConfig
+
+    header = ServeConfig.conversation_header  # the endpoint's default: the sites keep it
+    api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    held = []
+    try:
+        for session in sessions:
+            history: list[dict[str, Any]] = []
+            for turn in session["messages"]:
+                if turn["role"] != "user":
+                    continue
+                history.append(turn)
+                reply = api.chat.completions.create(
+                    model="fleetmind", messages=history, temperature=0,  # type: ignore[arg-type]
+                    user=session["user"],
+                    extra_headers={header: session["id"]})
+                history.append({"role": "assistant",
+                                "content": reply.choices[0].message.content or ""})
+            held.append({"id": session["id"], "user": session["user"], "messages": history})
+    finally:
+        api.close()
+    return held
+
+
+def converse_all(endpoints: dict[str, str], sessions: list[list[dict[str, Any]]]
+                 ) -> list[list[dict[str, Any]]]:
+    """`converse` at every site at once (each site's users one after another)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(endpoints)) as pool:
+        return list(pool.map(converse, endpoints.values(), sessions))
+
+
+def captured(fleet: Fleet) -> dict[str, dict[str, Any]]:
+    """What each site's store holds (`client sessions --json`'s numbers)."""
+    from fleetmind.client.store import SessionStore
+
+    stats = {}
+    for name in fleet.endpoints:
+        with SessionStore(fleet.settings.out / name) as store:
+            stats[name] = {k: v for k, v in store.stats().as_dict().items()
+                           if not k.endswith("_at")}
+    return stats
+
+
+def _with_served(row: dict[str, Any], served: dict[str, Any]) -> None:
+    """Adds the served measures to a round's row: fleet-wide keys, and each site's beside
+    its other numbers."""
+    by_site = {s["site"]: s for s in served["sites"]}
+    row.update({k: v for k, v in served.items() if k != "sites"})
+    for site in row["sites"]:
+        site.update({k: v for k, v in by_site[site["site"]].items() if k != "site"})
 
 
 def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
@@ -74,17 +141,30 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
             progress.update(task, description="loading the FedIT arm")
             fedit = _fedit_arm(cfg, model_dir, world_dir)
         if fleet_runs:
-            progress.update(task, description="starting the aggregator and sites")
+            progress.update(task, description="starting the aggregator and sites"
+                            + (" and their endpoints" if cfg.endpoints else ""))
             fleet.start()
         summed = "secure aggregation" if cfg.secure_aggregation else "plain sum"
         try:
+            if cfg.endpoints:
+                progress.update(task, description="asking every site's endpoint (base model)")
+                _with_served(rounds[0], evaluator.served(fleet.endpoints))
             for number in range(1, cfg.rounds + 1):
                 round_started = time.perf_counter()
                 row: dict[str, Any] = {"round": number}
+                sessions = [site[number - 1] for site in slices]
+                if cfg.endpoints:
+                    progress.update(task, description=f"round {number}: users chat with "
+                                                      "their sites' endpoints")
+                    chatted = time.perf_counter()
+                    sessions = converse_all(fleet.endpoints, sessions)
+                    row["chat_seconds"] = time.perf_counter() - chatted
                 if fleet_runs:
                     progress.update(task, description=f"round {number}: sites consolidate, "
                                                       f"{summed}, publish")
-                    version = fleet.run_round(number, [site[number - 1] for site in slices])
+                    # With endpoints, the sessions are in the sites' stores already.
+                    version = fleet.run_round(number, [[] if cfg.endpoints else site
+                                                       for site in sessions])
                     folder = fleet.current()
                     manifest = Manifest.from_bytes((folder / MANIFEST).read_bytes())
                     progress.update(task, description=f"round {number}: measuring version "
@@ -92,10 +172,16 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
                     row.update(version=version, epsilon=manifest.epsilon,
                                seconds=time.perf_counter() - round_started,
                                **evaluator.version(folder))
+                if cfg.endpoints:
+                    progress.update(task, description=f"round {number}: asking every "
+                                                      "site's endpoint")
+                    asked = time.perf_counter()
+                    _with_served(row, evaluator.served(fleet.endpoints))
+                    row["served_exam_seconds"] = time.perf_counter() - asked
+                    row["captured"] = captured(fleet)
                 if fedit_runs:
                     progress.update(task, description=f"round {number}: the FedIT arm")
-                    fedit.round([[Session.from_dict(s) for s in site[number - 1]]
-                                  for site in slices])
+                    fedit.round([[Session.from_dict(s) for s in site] for site in sessions])
                     measured = evaluator.compare(fedit.model, fedit.tokenizer)
                     if fleet_runs:
                         row["fedit"] = _headline(measured)
@@ -185,8 +271,10 @@ def add_demo_command(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="a whole fleet on this machine, learning round by round",
         description="An aggregator and N sites over real loopback gRPC on a fresh toy world, "
-                    "with secure aggregation and user-level DP; a table per round, then "
-                    "results.json and a plot in --out.")
+                    "with secure aggregation and user-level DP; each site serves its version "
+                    "at its own OpenAI-compatible endpoint, which its users chat with and "
+                    "which captures their sessions; a table per round, then results.json "
+                    "and a plot in --out.")
     demo.add_argument("--sites", type=int, default=defaults.sites)
     demo.add_argument("--rounds", type=int, default=defaults.rounds)
     demo.add_argument("--seed", type=int, default=defaults.seed)
@@ -211,6 +299,13 @@ def add_demo_command(commands: Any) -> None:
     demo.add_argument("--no-secagg", dest="secure_aggregation", action="store_false",
                       help="the aggregator sums the sites' vectors unmasked (an ablation: "
                            "same result, no secure-aggregation cost; loopback only)")
+    demo.add_argument("--endpoints", action=argparse.BooleanOptionalAction,
+                      default=defaults.endpoints,
+                      help="each site serves its version at its own OpenAI-compatible "
+                           "endpoint (`client serve`), its users chat with it over HTTP "
+                           "and it captures their sessions; accuracy is also measured on "
+                           "the answers served (--no-endpoints: sites ingest the world's "
+                           "transcripts)")
     demo.add_argument("--noise-multiplier", type=float, default=defaults.noise_multiplier)
     demo.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
     demo.add_argument("--server-lr", dest="server_learning_rate", type=float, default=0.0,
@@ -228,12 +323,18 @@ def _demo(args: argparse.Namespace) -> int:
         cfg = DemoConfig(sites=args.sites, rounds=args.rounds, seed=args.seed, out=args.out,
                          steps=args.steps, dp=args.dp, dreams=args.dreams, merge=args.merge,
                          secure_aggregation=args.secure_aggregation,
-                         method=args.method, privacy_unit=args.privacy_unit,
+                         endpoints=args.endpoints, method=args.method,
+                         privacy_unit=args.privacy_unit,
                          noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm,
                          server_learning_rate=args.server_learning_rate,
                          fedit_server_learning_rate=args.fedit_server_learning_rate)
     except ValueError as error:
         raise argparse.ArgumentError(None, str(error)) from None
+    if cfg.endpoints and importlib.util.find_spec("openai") is None:
+        raise argparse.ArgumentError(None, "the demo's users talk to the sites' endpoints "
+                                           "through the official openai client, which is not "
+                                           "installed: pip install openai (the dev extra has "
+                                           "it), or run with --no-endpoints")
     try:
         results = run_demo(cfg)
     except ForeignOutputError as error:
@@ -241,8 +342,10 @@ def _demo(args: argparse.Namespace) -> int:
     last = results["rounds"][-1]
     repeated = (f" (repeated canaries {last['repeated_canary_exposure_bits']:+.2f})"
                 if "repeated_canary_exposure_bits" in last else "")
-    print(f"after {cfg.rounds} rounds: transfer recovery {last['recovery']:.2f}, forgetting "
-          f"{last['forgetting_points']:+.1f} points, canary exposure "
+    served = (f" (served: {last['served_recovery']:.2f})" if "served_recovery" in last
+              else "")
+    print(f"after {cfg.rounds} rounds: transfer recovery {last['recovery']:.2f}{served}, "
+          f"forgetting {last['forgetting_points']:+.1f} points, canary exposure "
           f"{last['canary_exposure_bits']:+.2f} bits{repeated}, epsilon "
           f"{last['epsilon']:.3g} ({results['seconds']:.0f} s)")
     print(f"results: {cfg.out / RESULTS}, plot: {cfg.out / PLOT}")

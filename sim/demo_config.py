@@ -55,11 +55,17 @@ class DemoConfig:
     # fleet alone; "fedit": the FedIT arm alone (in-process: the protocol never carries A).
     merge: str = "both"
     method: str = "opsd"  # or "sft_transcript": the baseline, sites fine-tune on transcripts
+    # Each site serves its version at its own endpoint (`client serve`), its users chat with
+    # it over HTTP and it captures their sessions; False: sites ingest the world's
+    # transcripts. Off with merge="fedit", where no fleet (so no site) runs.
+    endpoints: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
         if not self.server_learning_rate:
             object.__setattr__(self, "server_learning_rate", 0.5 * self.sites)
+        if self.merge == "fedit":  # no site runs, so none serves
+            object.__setattr__(self, "endpoints", False)
         if not self.dp:  # nothing bounds a user: each session is clipped alone
             object.__setattr__(self, "privacy_unit", "session")
         if not self.fedit_server_learning_rate:
@@ -121,7 +127,7 @@ class DemoConfig:
                              secure_aggregation=self.secure_aggregation,
                              server_learning_rate=self.server_learning_rate, rank=self.rank,
                              adapter_targets=self.adapter_targets, privacy=self.privacy(),
-                             distill=self.distill())
+                             distill=self.distill(), serve=self.endpoints)
 
 
 def distill_config(steps: int, lr: float, seed: int, method: str, dreams: bool) -> Any:
@@ -134,12 +140,15 @@ def distill_config(steps: int, lr: float, seed: int, method: str, dreams: bool) 
 
 
 def privacy_policy(dp: bool, clip_norm: float, noise_multiplier: float, privacy_unit: str,
-                   epsilon_budget: float) -> dict[str, Any]:
+                   epsilon_budget: float, participation_cap: int | None = None
+                   ) -> dict[str, Any]:
     """DP off still sends through the same protocol, with noise too small to matter (the
     aggregator refuses zero noise: a round without it has no finite epsilon), and with
-    each session clipped alone: there is no privacy unit to bound."""
+    each session clipped alone: there is no privacy unit to bound. participation_cap: K,
+    the most rounds a unit enters (docs/privacy-budget.md), or None."""
     if dp:
         return {"clip_norm": clip_norm, "noise_multiplier": noise_multiplier,
-                "privacy_unit": privacy_unit, "epsilon_budget": epsilon_budget}
+                "privacy_unit": privacy_unit, "epsilon_budget": epsilon_budget,
+                "participation_cap": participation_cap}
     return {"clip_norm": clip_norm, "noise_multiplier": 1e-6, "privacy_unit": "session",
             "epsilon_budget": 1e300}

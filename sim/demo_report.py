@@ -1,5 +1,6 @@
 """What the demo shows: a table per round (`round_table`) and the plot of its results
-(`plot`): recovery, forgetting and canary exposure per round."""
+(`plot`): recovery (in-process, and on the answers the sites' endpoints served when they
+ran), forgetting and canary exposure per round."""
 
 from __future__ import annotations
 
@@ -24,14 +25,17 @@ def round_table(measured: dict[str, Any]) -> Any:
         ("canary exposure (bits)", "canary_exposure_bits", "{:+.2f}"))
     if "repeated_canary_exposure_bits" in measured:
         columns += (("repeated canaries (bits)", "repeated_canary_exposure_bits", "{:+.2f}"),)
+    if "served_transfer_accuracy" in measured:  # the answers the sites' endpoints served
+        columns += (("served transfer", "served_transfer_accuracy", "{:.2f}"),
+                    ("served recovery", "served_recovery", "{:.2f}"))
     for title, _, _ in columns:
         table.add_column(title, justify="left" if title == "site" else "right")
     rows = [*measured["sites"], {**measured, "site": "fleet"}]
     if "fedit" in measured:
         rows.append({**measured["fedit"], "site": "FedIT arm",
                      "incontext_upper_bound": measured["incontext_upper_bound"]})
-    for row in rows:
-        table.add_row(*(fmt.format(row[key]) for _, key, fmt in columns))
+    for row in rows:  # the FedIT arm is measured in-process only: no served columns
+        table.add_row(*(fmt.format(row[key]) if key in row else "—" for _, key, fmt in columns))
     return table
 
 
@@ -51,6 +55,9 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     figure, (left, right, privacy) = plt.subplots(1, 3, figsize=(15, 4))
     fleet = "with the fleet" + (" (FedIT merge)" if results["config"]["merge"] == "fedit" else "")
     left.plot(x, [r["recovery"] for r in rounds], marker="o", label=fleet)
+    if all("served_recovery" in r for r in rounds):
+        left.plot(x, [r["served_recovery"] for r in rounds], marker="^", linestyle="-.",
+                  label=fleet + ", answers served")
     if "fedit" in rounds[0]:
         left.plot(x, [r["fedit"]["recovery"] for r in rounds], marker="s",
                   label="FedIT (A and B averaged)")

@@ -2,7 +2,9 @@
 closed-book accuracy on a site's own facts and on facts first seen at other sites
 (transfer), the base model's in-context accuracy on those facts (the upper bound; recovery
 is transfer over it), forgetting of the base model's in-context skill, and how many more
-bits of other sites' canaries the version exposes than the base model does."""
+bits of other sites' canaries the version exposes than the base model does; and, when the
+sites serve, the same closed-book accuracies on the answers their endpoints actually serve
+(`Evaluator.served`)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class Evaluator:
     base: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from fleetmind.client import exposure
+        from fleetmind.audit import exposure
         from fleetmind.client.model import load_model
         from fleetmind.sim.basemodel import fact_accuracy
 
@@ -42,7 +44,7 @@ class Evaluator:
             for site in self.world.sites}
 
     def _measure(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        from fleetmind.client.exposure import canary_exposure
+        from fleetmind.audit.exposure import canary_exposure
         from fleetmind.sim.basemodel import fact_accuracy, measure
 
         exposure = canary_exposure(model, tokenizer, [c for _, _, c in self.canaries])
@@ -95,6 +97,45 @@ class Evaluator:
         fleet = {key: sum(s[key] for s in sites) / len(sites)
                  for key in sites[0] if key != "site"}
         return {**fleet, "sites": sites, "canaries": canaries}
+
+    def served(self, endpoints: dict[str, str]) -> dict[str, Any]:
+        """Closed-book accuracy on what each site's endpoint answers: users at every site
+        ask about their own site's facts and every other site's through their own endpoint
+        (the official openai client over HTTP, greedy, `store: false` so an exam never
+        becomes a session). Fleet-wide means and a row per site."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def exam(site: W.Site) -> dict[str, Any]:
+            own = served_correct(endpoints[site.name], site.facts)
+            foreign = served_correct(endpoints[site.name], self.world.foreign_facts(site.name))
+            upper = self.base["upper_bound"][site.name]
+            transfer = _mean([float(c) for c in foreign])
+            return {"site": site.name, "served_own_accuracy": _mean([float(c) for c in own]),
+                    "served_transfer_accuracy": transfer,
+                    "served_recovery": transfer / upper if upper else 0.0,
+                    "served_questions": len(own) + len(foreign)}
+
+        with ThreadPoolExecutor(len(self.world.sites)) as pool:  # every site at once
+            sites = list(pool.map(exam, self.world.sites))
+        fleet = {key: sum(s[key] for s in sites) / len(sites)
+                 for key in sites[0] if key.startswith("served_") and key != "served_questions"}
+        return {**fleet, "served_questions": sum(s["served_questions"] for s in sites),
+                "sites": sites}
+
+
+def served_correct(url: str, facts: list[W.Fact]) -> list[bool]:
+    """Asks `url`'s endpoint each fact's closed-book question, one user turn as
+    `W.closed_book_prompt` writes it; whether each served answer is exactly right."""
+    import openai
+
+    api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    try:
+        return [W.parse_answer(api.chat.completions.create(
+            model="fleetmind", messages=W.closed_book_prompt(fact),  # type: ignore[arg-type]
+            temperature=0, store=False, user="fleetmind-demo-exam",
+        ).choices[0].message.content or "", fact) for fact in facts]
+    finally:
+        api.close()
 
 
 def _mean(weighted: list[float], weights: list[int] | None = None) -> float:

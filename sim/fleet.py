@@ -1,7 +1,12 @@
 """A fleet on this machine: the aggregator in this process (`server.service.serve`,
 plaintext on loopback) and every site its own process running the real site agent
 (`client.site.run_once`: consolidate, clip, mask, upload, download, verify, activate),
-driven round by round. The demo and `bench continual` run the same fleet."""
+driven round by round. The demo and `bench continual` run the same fleet.
+
+With `FleetSettings.serve`, each site process also runs the site endpoint (`client serve`'s
+app under uvicorn, on a thread, on a loopback port the OS picks; `Fleet.endpoints`): it
+serves the version the site activated and captures every conversation into the site's
+store, which the site's next round consolidates."""
 
 from __future__ import annotations
 
@@ -16,13 +21,16 @@ from typing import Any
 from fleetmind.client.lora import MLP_TARGETS
 
 ROUND_TIMEOUT_S = 900.0
+ENDPOINT_START_S = 300.0  # every site loads its model at once, on a shared machine
+# A toy-world answer is about ten tokens: the cap only stops a reply that runs on.
+SERVE_MAX_TOKENS = 48
 
 
 @dataclass(frozen=True)
 class FleetSettings:
     """What the aggregator and the sites run with. `privacy`: clip_norm, noise_multiplier,
-    privacy_unit and epsilon_budget (`demo_config.privacy_policy`); `distill`: every site's
-    `DistillConfig`."""
+    privacy_unit, epsilon_budget and participation_cap (`demo_config.privacy_policy`);
+    `distill`: every site's `DistillConfig`."""
 
     out: Path
     sites: int
@@ -33,6 +41,9 @@ class FleetSettings:
     adapter_targets: tuple[str, ...]
     privacy: dict[str, Any]
     distill: Any
+    # Each site serves its active version at an OpenAI-compatible endpoint that captures
+    # sessions (`Fleet.endpoints`); a round then consolidates what the endpoint captured.
+    serve: bool = False
 
 
 def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = 8, alpha: float = 16.0,
@@ -59,8 +70,27 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-def _site_process(config: Any, threads: int, commands: Any, replies: Any) -> None:
-    """A site's whole life: for each round, ingest its new sessions and run the agent once."""
+def _start_endpoint(config: Any, ready: Any) -> Any:
+    """The site's endpoint on a thread of this process; its URL (or why it did not start)
+    goes to the driver on `ready`."""
+    from fleetmind.client.serve.runner import BackgroundServer
+    from fleetmind.client.serve.settings import ServeConfig
+
+    try:
+        endpoint = BackgroundServer(ServeConfig(
+            data_dir=config.data_dir, model_dir=config.model_dir, listen="127.0.0.1:0",
+            device="cpu", max_tokens=SERVE_MAX_TOKENS)).start()
+    except Exception as error:  # reported to the driver, which stops the run
+        ready.put((config.name, None, f"{type(error).__name__}: {error}"))
+        raise
+    ready.put((config.name, endpoint.url, None))
+    return endpoint
+
+
+def _site_process(config: Any, threads: int, commands: Any, replies: Any,
+                  ready: Any = None) -> None:
+    """A site's whole life: for each round, ingest its new sessions and run the agent once;
+    with `ready` (the queue its URL goes to), serving its endpoint throughout."""
     import logging
 
     import grpc
@@ -72,6 +102,7 @@ def _site_process(config: Any, threads: int, commands: Any, replies: Any) -> Non
     logging.basicConfig(level=logging.WARNING)
     quiet()
     torch.set_num_threads(threads)
+    endpoint = None if ready is None else _start_endpoint(config, ready)
     channel = grpc.insecure_channel(config.aggregator)
     parent = os.getppid()
     while True:
@@ -86,6 +117,8 @@ def _site_process(config: Any, threads: int, commands: Any, replies: Any) -> Non
         round_number, sessions = command
         started = time.perf_counter()
         try:
+            if endpoint is not None:  # what the endpoint answered is in the store first
+                endpoint.app.state.capture.join()
             with SessionStore(config.data_dir) as store:
                 for session in sessions:
                     store.add(session)
@@ -97,12 +130,15 @@ def _site_process(config: Any, threads: int, commands: Any, replies: Any) -> Non
             replies.put((config.name, round_number, None, f"{type(error).__name__}: {error}",
                          time.perf_counter() - started))
     channel.close()
+    if endpoint is not None:
+        endpoint.stop()
 
 
 @dataclass
 class Fleet:
     """The aggregator (in this process) and the site processes, named site-00, site-01, ...
-    under `settings.out`; `guard` is the forgetting guard's prompts (chat JSONL)."""
+    under `settings.out`; `guard` is the forgetting guard's prompts (chat JSONL). With
+    `settings.serve`, `endpoints` maps each site's name to its endpoint's base URL."""
 
     settings: FleetSettings
     model_dir: Path
@@ -111,6 +147,7 @@ class Fleet:
     processes: list[Any] = field(default_factory=list)
     commands: list[Any] = field(default_factory=list)
     replies: Any = None
+    endpoints: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         from fleetmind.client.site import SiteConfig
@@ -129,13 +166,15 @@ class Fleet:
                                   epsilon_budget=privacy["epsilon_budget"],
                                   privacy_unit=privacy["privacy_unit"],
                                   fixed_point_clip=max(4.0, privacy["clip_norm"]),
-                                  server_learning_rate=cfg.server_learning_rate),
+                                  server_learning_rate=cfg.server_learning_rate,
+                                  participation_cap=privacy.get("participation_cap")),
             adapter=adapter_spec(self.model_dir, frozen_a_seed=cfg.seed, rank=cfg.rank,
                                  alpha=2.0 * cfg.rank, targets=cfg.adapter_targets)))
         key = self.server.coordinator.registry.public_key.public_bytes_raw()
         context = multiprocessing.get_context("spawn")  # grpc and torch do not survive fork
         self.replies = context.Queue()
         threads = max(1, (os.cpu_count() or 1) // (cfg.sites + 1))
+        ready = context.Queue() if cfg.serve else None
         for number in range(cfg.sites):
             name = f"site-{number:02d}"
             config = SiteConfig(
@@ -143,14 +182,40 @@ class Fleet:
                 aggregator=self.server.address, identity_key=cfg.out / name / "identity.pem",
                 aggregator_key=key, min_new_sessions=1, distill=cfg.distill,
                 guard_prompts=self.guard, insecure=True, clip_norm=privacy["clip_norm"],
-                privacy_unit=privacy["privacy_unit"], round_timeout_s=ROUND_TIMEOUT_S)
+                privacy_unit=privacy["privacy_unit"], round_timeout_s=ROUND_TIMEOUT_S,
+                participation_cap=privacy.get("participation_cap"))
             config.data_dir.mkdir(parents=True, exist_ok=True)
             commands = context.Queue()
             process = context.Process(target=_site_process, name=name, daemon=True,
-                                      args=(config, threads, commands, self.replies))
+                                      args=(config, threads, commands, self.replies,
+                                            ready))
             process.start()
             self.processes.append(process)
             self.commands.append(commands)
+        if ready is not None:
+            self._await_endpoints(ready)
+
+    def _await_endpoints(self, ready: Any) -> None:
+        failures: list[str] = []
+        deadline = time.monotonic() + ENDPOINT_START_S
+        while len(self.endpoints) + len(failures) < len(self.processes):
+            try:
+                name, url, error = ready.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in self.processes if not p.is_alive()]
+                if dead or time.monotonic() > deadline:  # no answer is coming
+                    failures.append(f"{', '.join(dead)} exited" if dead else
+                                    f"no endpoint within {ENDPOINT_START_S:.0f} s")
+                    break
+                continue
+            if error:
+                failures.append(f"{name}: {error}")
+            else:
+                self.endpoints[name] = url
+        if failures:
+            raise RuntimeError("site endpoints failed to start: " + "; ".join(failures))
+        # In the sites' order (they answered in any), as the sessions handed to them are.
+        self.endpoints = {p.name: self.endpoints[p.name] for p in self.processes}
 
     def run_round(self, round_number: int, sessions: list[list[dict[str, Any]]]) -> int:
         """Hands each site its sessions for this round; returns the version they activated."""

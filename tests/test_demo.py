@@ -1,6 +1,8 @@
 """A reduced `fleetmind demo`: three site processes (the smallest cohort secure aggregation
 allows) and the aggregator over real loopback gRPC, one round on a small world, and
-results.json holding every field the README promises."""
+results.json holding every field the README promises. Here the sites ingest the world's
+transcripts (`--no-endpoints`); tests/test_demo_endpoints.py runs the demo through the
+sites' endpoints."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool
     cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, users_per_fact=8, canaries_per_site=1,
                      repeated_canaries_per_site=1, canary_repeats=2, steps=12, dp=False,
                      merge="exact", secure_aggregation=secure_aggregation,
-                     out=tmp_path / "demo")
+                     endpoints=False, out=tmp_path / "demo")
     run_demo(cfg)
     manifest = Manifest.from_bytes((cfg.out / "site-00" / "current" / MANIFEST).read_bytes())
     assert manifest.secure_aggregation is secure_aggregation
@@ -41,6 +43,7 @@ def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool
     for measured in results["rounds"]:
         assert all(key in measured for key in ROUND_FIELDS)
         assert [s["site"] for s in measured["sites"]] == results["sites"]
+        assert "served_transfer_accuracy" not in measured  # no endpoint served anything
     base, after = results["rounds"]
     assert "repeated_canary_exposure_bits" in after["sites"][0]
     assert after["version"] == 1 and after["epsilon"] > 0
@@ -63,6 +66,7 @@ def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) ->
     assert not (cfg.out / "site-00").exists()
     assert after["epsilon"] == pytest.approx(fedit_epsilon(cfg, 1))
     assert results["config"]["merge"] == "fedit"
+    assert results["config"]["endpoints"] is False  # no site, so no endpoint
     # The arm's own server learning rate: by default the fleet's, at most one sum.
     assert results["config"]["server_learning_rate"] == 1.5
     assert results["config"]["fedit_server_learning_rate"] == 1.5

@@ -86,6 +86,9 @@ class ContinualConfig:
     adapter_targets: tuple[str, ...] = ("down_proj",)
     dreams: bool = True
     epsilon_budget: float = 1000.0
+    # K, the most rounds a user's sessions enter (sites hold the rest; the aggregator
+    # accounts epsilon per unit from K: docs/privacy-budget.md); 0: no cap, every round composes.
+    participation_cap: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -113,6 +116,9 @@ class ContinualConfig:
         for name in ("steps", "oracle_steps", "rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        if self.participation_cap < 0:
+            problems.append(f"--participation-cap {self.participation_cap}: use a number of "
+                            "rounds >= 1, or 0 for no cap")
         for name in ("lr", "clip_norm", "noise_multiplier", "server_learning_rate",
                      "fedit_server_learning_rate", "epsilon_budget"):
             value = getattr(self, name)
@@ -142,7 +148,8 @@ class ContinualConfig:
         from fleetmind.sim.demo_config import privacy_policy
 
         return privacy_policy(self.dp, self.clip_norm, self.noise_multiplier,
-                              self.privacy_unit, self.epsilon_budget)
+                              self.privacy_unit, self.epsilon_budget,
+                              self.participation_cap or None)
 
     def fleet(self) -> Any:
         from fleetmind.sim.fleet import FleetSettings
@@ -323,24 +330,19 @@ def in_process_epsilon(cfg: ContinualConfig, rounds: int) -> float | None:
 
 def capped_epsilon(cfg: ContinualConfig, world: W.ContinualWorld, rounds: int
                    ) -> dict[str, Any] | None:
-    """epsilon per unit from a participation cap (`accountant.epsilon_per_unit`): every user
-    of this world entered at most K rounds so far, so a cap of K held; None without DP or
-    where the accountant has no per-unit accounting yet."""
+    """epsilon per unit from a participation cap (`accountant.epsilon_per_unit`): K is the
+    most rounds any user of this world entered so far, or the run's enforced cap when that is
+    smaller (sites held the rest); None without DP."""
     if not cfg.dp or rounds < 1:
         return None
-    try:
-        from fleetmind.aggregation.accountant import (
-            AccountingMethod,
-            RoundCharge,
-            epsilon_per_unit,
-        )
-        from fleetmind.aggregation.participation import ParticipationCap
-    except ImportError:
-        return None
+    from fleetmind.aggregation.accountant import AccountingMethod, RoundCharge, epsilon_per_unit
+    from fleetmind.aggregation.participation import ParticipationCap
     from fleetmind.server.config import PrivacyPolicy
 
     policy = PrivacyPolicy()
     cap = most_rounds_entered(world, rounds - 1) if cfg.privacy_unit == "user" else rounds
+    if cfg.participation_cap:
+        cap = min(cap, cfg.participation_cap)
     charges = [RoundCharge(cfg.noise_multiplier)] * rounds
     return {"max_rounds": cap, "epsilon": epsilon_per_unit(
         charges, ParticipationCap(max(cap, 1)), policy.delta,
@@ -651,6 +653,9 @@ def add_continual_command(commands: Any) -> None:
     parser.add_argument("--server-learning-rate", type=float, default=0.0,
                         help="the aggregator's step on the cohort's sum (default 0.5 x the "
                              "sites, as the demo)")
+    parser.add_argument("--participation-cap", type=int, default=0,
+                        help="K: each user's sessions enter at most K rounds, epsilon per "
+                             "user accounted from K (default 0: no cap)")
     parser.add_argument("--users-per-fact-sweep", default="",
                         help="e.g. 2,4,8,16: also run the fleet alone at each value and write "
                              "DIR/users_per_fact.json and its plot")
@@ -674,6 +679,7 @@ def _continual(args: argparse.Namespace) -> int:
             oracle_steps=args.oracle_steps, seed=args.seed, dp=args.dp,
             privacy_unit=args.privacy_unit, noise_multiplier=args.noise_multiplier,
             rank=args.rank, server_learning_rate=args.server_learning_rate,
+            participation_cap=args.participation_cap,
             arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()))
         sweep = _numbers(args.users_per_fact_sweep, "--users-per-fact-sweep")
         for value in sweep:

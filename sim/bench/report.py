@@ -1,24 +1,30 @@
 """`fleetmind bench report`: one table of the headline comparisons, read from the JSON each
-benchmark wrote in DIR (aggregation.json, consolidate.json, wire.json), so a folder's report
-can be rebuilt without measuring anything. Writes DIR/report.json, DIR/report.md and
-DIR/wire.png (the one benchmark that draws no plot itself).
+benchmark wrote in DIR (aggregation.json, consolidate.json, wire.json, and serve.json when
+`bench serve` ran there), so a folder's report can be rebuilt without measuring anything.
+Writes DIR/report.json, DIR/report.md and DIR/wire.png (the one benchmark that draws no plot
+itself; when wire.json is there).
 
 Each row is one measure: fleetmind's value, the peer measured beside it in the same run, the
 ratio, and the target where the benchmark's issue named one. A ratio is fleetmind ÷ peer,
 except a speed-up (peer's seconds ÷ fleetmind's). Targets, as the benchmarks' own tables
 state them: plain sum >= 0.5x memcpy; SecAgg+ not slower than Flower and <= 1.73x the bytes
 of plain 16-bit values; recovery >= 0.90 and forgetting <= 2 points; >= 2x the TRL peer's
-tokens distilled per second at <= 0.6x its peak tensor memory.
+tokens distilled per second at <= 0.6x its peak tensor memory; proxy mode's p50 <= 1.05x its
+upstream's at the most concurrent clients.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("aggregation", "consolidate", "wire")
+# In the report when its JSON is in the folder (`bench all` runs none of them); a folder
+# holding only these reports them alone, as `bench serve --out DIR` then `bench report`.
+OPTIONAL = ("serve",)
 
 
 class MissingBenchmarkError(FileNotFoundError):
@@ -68,13 +74,19 @@ class Row:
 def load(folder: Path) -> dict[str, dict[str, Any]]:
     """Every benchmark's JSON in `folder`, by name; MissingBenchmarkError names what to run."""
     found = {}
-    for name in BENCHMARKS:
+    alone = not any((folder / f"{name}.json").is_file() for name in BENCHMARKS) and any(
+        (folder / f"{name}.json").is_file() for name in OPTIONAL)
+    for name in () if alone else BENCHMARKS:
         path = folder / f"{name}.json"
         if not path.is_file():
             raise MissingBenchmarkError(
                 f"{path} not found: run `fleetmind bench {name} --out {folder}` "
                 f"(or `fleetmind bench all --out {folder}` for every benchmark)")
         found[name] = json.loads(path.read_text())
+    for name in OPTIONAL:
+        path = folder / f"{name}.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
     return found
 
 
@@ -168,16 +180,55 @@ def wire_rows(result: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def serve_rows(result: dict[str, Any]) -> list[Row]:
+    """Per concurrency level: the endpoint against its engine called in-process (p50 and
+    requests/s) and proxy mode against its upstream called directly (p50, judged at the
+    most clients); at the most clients, the proxy's CPU per request against the upstream's,
+    and capture on against off."""
+    rows = []
+    engine = "the engine called in-process"
+    upstream = "its upstream called directly (a fleetmind endpoint)"
+    top = result["levels"][-1]["concurrency"]
+    for level in result["levels"]:
+        arms = level["arms"]
+        clients = f"{level['concurrency']} client{'s' if level['concurrency'] > 1 else ''}"
+        ms = {arm: 1e3 * s["p50_s"] for arm, s in arms.items()}
+        rows += [Row(f"endpoint p50 latency, ms ({clients}, capture on)", ms["endpoint"],
+                     engine, ms["direct"], _ratio(ms["endpoint"], ms["direct"])),
+                 Row(f"endpoint requests/s ({clients})", arms["endpoint"]["rps"], engine,
+                     arms["direct"]["rps"], _ratio(arms["endpoint"]["rps"],
+                                                   arms["direct"]["rps"])),
+                 Row(f"proxy mode p50 latency, ms ({clients})", ms["proxy"], upstream,
+                     ms["endpoint_no_capture"], _ratio(ms["proxy"], ms["endpoint_no_capture"]),
+                     target=(Target("ratio", "<=", result["target"]["bound"])
+                             if level["concurrency"] == top else None))]
+    arms = result["levels"][-1]["arms"]
+    proxy_cpu = arms["proxy"]["cpu_ms_per_request"]["proxy"]
+    upstream_cpu = arms["endpoint_no_capture"]["cpu_ms_per_request"]["endpoint_no_capture"]
+    rows.append(Row(f"proxy mode CPU per request, ms ({top} clients)", proxy_cpu,
+                    "the upstream's CPU per request", upstream_cpu,
+                    _ratio(proxy_cpu, upstream_cpu)))
+    for quantile in ("p50", "p99"):
+        on, off = (1e3 * arms[arm][f"{quantile}_s"] for arm in ("endpoint", "endpoint_no_capture"))
+        rows.append(Row(f"endpoint {quantile} latency with capture on, ms ({top} clients)", on,
+                        "capture off", off, _ratio(on, off)))
+    return rows
+
+
+ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "aggregation": aggregation_rows, "consolidate": consolidate_rows, "wire": wire_rows,
+    "serve": serve_rows}
+
+
 def build(folder: Path) -> dict[str, Any]:
     """The report of the benchmark JSON in `folder`, as report.json holds it."""
     results = load(folder)
-    rows = (aggregation_rows(results["aggregation"]) + consolidate_rows(results["consolidate"])
-            + wire_rows(results["wire"]))
+    rows = [row for name, result in results.items() for row in ROWS[name](result)]
     return {
-        "sources": {name: f"{name}.json" for name in BENCHMARKS},
+        "sources": {name: f"{name}.json" for name in results},
         "quick": {name: bool(r.get("quick", r.get("config", {}).get("quick")))
                   for name, r in results.items()},
-        "cpus": results["aggregation"].get("cpus"),
+        "cpus": next(iter(results.values())).get("cpus"),
         "plots": sorted(p.name for p in folder.glob("*.png")),
         "rows": [{**asdict(row), "target": str(row.target) if row.target else None,
                   "met": row.met} for row in rows],
@@ -245,8 +296,10 @@ def plot_wire(result: dict[str, Any], path: Path) -> Path:
 
 def write(folder: Path) -> tuple[Path, Path]:
     """Build the report from `folder`'s JSON; write report.json, report.md and wire.png
-    there."""
-    plot_wire(load(folder)["wire"], folder / "wire.png")
+    (when wire.json is there) there."""
+    results = load(folder)
+    if "wire" in results:
+        plot_wire(results["wire"], folder / "wire.png")
     report = build(folder)
     json_path, md_path = folder / "report.json", folder / "report.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
