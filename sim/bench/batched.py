@@ -180,7 +180,7 @@ def run(out: Path, quick: bool = False, sessions: int | None = None, steps: int 
                          "threads": threads, "peer": "one unit at a time (units_per_pass=1)"},
               "arms": rows, "load_average": [round(load_before, 2),
                                              round(os.getloadavg()[0], 2)],
-              "cores": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1)}
+              "cpus": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1)}
     (out / "batched.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "batched.png")
     table = Table(title=f"batched distillation: {sessions} units, {steps} steps each, rank "

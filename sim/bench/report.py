@@ -1,6 +1,7 @@
 """`fleetmind bench report`: one table of the headline comparisons, read from the JSON each
-benchmark wrote in DIR (aggregation.json, consolidate.json, wire.json, and serve.json when
-`bench serve` ran there), so a folder's report can be rebuilt without measuring anything.
+benchmark wrote in DIR (aggregation.json, consolidate.json, wire.json, and serve.json or
+batched.json when `bench serve` or `bench batched` ran there), so a folder's report can be
+rebuilt without measuring anything.
 Writes DIR/report.json, DIR/report.md and DIR/wire.png (the one benchmark that draws no plot
 itself; when wire.json is there).
 
@@ -10,7 +11,8 @@ except a speed-up (peer's seconds ÷ fleetmind's). Targets, as the benchmarks' o
 state them: plain sum >= 0.5x memcpy; SecAgg+ not slower than Flower and <= 1.73x the bytes
 of plain 16-bit values; recovery >= 0.90 and forgetting <= 2 points; >= 2x the TRL peer's
 tokens distilled per second at <= 0.6x its peak tensor memory; proxy mode's p50 <= 1.05x its
-upstream's at the most concurrent clients.
+upstream's at the most concurrent clients; batched distillation's deltas equal one unit at a
+time's within 1e-4 of their size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 BENCHMARKS = ("aggregation", "consolidate", "wire")
 # In the report when its JSON is in the folder (`bench all` runs none of them); a folder
 # holding only these reports them alone, as `bench serve --out DIR` then `bench report`.
-OPTIONAL = ("serve",)
+OPTIONAL = ("serve", "batched")
 
 
 class MissingBenchmarkError(FileNotFoundError):
@@ -215,9 +217,27 @@ def serve_rows(result: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def batched_rows(result: dict[str, Any]) -> list[Row]:
+    """Per arm of more than one unit a pass: its seconds per unit against one unit at a time
+    (a speed-up), and how far its deltas are from one at a time's (judged: equal within
+    float rounding)."""
+    config, arms = result["config"], result["arms"]
+    alone = arms[0]["seconds_per_unit"]
+    rows = []
+    for arm in arms[1:]:
+        rows += [Row(f"distillation seconds per unit ({arm['units_per_pass']} units a pass, "
+                     f"{config['sessions']} units, {config['steps']} steps, rank "
+                     f"{config['rank']})", arm["seconds_per_unit"], "one unit at a time",
+                     alone, _ratio(alone, arm["seconds_per_unit"]), speedup=True),
+                 Row(f"largest difference of a unit's delta from one at a time's, relative "
+                     f"({arm['units_per_pass']} units a pass)", arm["max_relative_difference"],
+                     "", None, None, target=Target("fleetmind", "<=", 1e-4))]
+    return rows
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "aggregation": aggregation_rows, "consolidate": consolidate_rows, "wire": wire_rows,
-    "serve": serve_rows}
+    "serve": serve_rows, "batched": batched_rows}
 
 
 def build(folder: Path) -> dict[str, Any]:
