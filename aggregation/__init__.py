@@ -2,7 +2,7 @@
 secure aggregation as transport-free state machines, DP clipping/noise and the accountant.
 
 No I/O, no torch, no grpc, and no import of `fleetmind.client` or `fleetmind.server`
-(tests/test_boundaries.py guards this).
+(tests/integration/test_boundaries.py guards this).
 
     update      Update, UpdateMetadata: the site's B deltas, validated, to/from safetensors
     merge       exact frozen-A merge, FedAvg/FedAdam, staleness weights, secagg payloads,

@@ -5,7 +5,7 @@ was made, and the sha256 of every other file) and `manifest.sig` (Ed25519 by the
 key over the manifest's exact bytes). The aggregator writes it (fleetmind.server.versions)
 and every site checks it before activation (fleetmind.client.versions); both use this
 module so the two sides cannot disagree on a byte. Pure: bytes in, a Manifest or a
-VersionError out, no file I/O (tests/test_boundaries.py).
+VersionError out, no file I/O (tests/integration/test_boundaries.py).
 """
 
 from __future__ import annotations

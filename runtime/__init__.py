@@ -1,5 +1,5 @@
 """The shared floor: I/O plumbing client and server both use, once. Imports neither torch,
-the client nor the server (tests/test_boundaries.py).
+the client nor the server (tests/integration/test_boundaries.py).
 
     durable           atomic_write, write_synced, fsync_dir: files that survive kill -9
     signed_log        SignedLog (the outbox's and the ledger's SQLite), read_log, canonical_json

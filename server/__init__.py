@@ -2,5 +2,5 @@
 ledger and metrics.
 
 Never imports torch, transformers or `fleetmind.client`: the aggregator installs and runs
-without them (tests/test_boundaries.py guards this).
+without them (tests/integration/test_boundaries.py guards this).
 """

@@ -149,7 +149,8 @@ class TlsPaths:
 # Llama, hidden 128, intermediate 512, 2 layers), as `fleetmind server adapter --model
 # sim/toy_model` writes them with its defaults, so a bare `fleetmind server run --insecure
 # --data DIR` and a site on the toy model complete a round. Hard-coded because the server
-# never imports the client; tests/test_models_wiring.py checks it against the model folder.
+# never imports the client; tests/integration/test_models_wiring.py checks it against the
+# model folder.
 TOY_MODEL_SHA256 = "84524f6e569532cfeac2d9c97429bbd5712debec60fab20843390b6312660e19"
 DEV_ADAPTER = AdapterSpec(
     base_model_id="toy_model", base_model_sha256=TOY_MODEL_SHA256,

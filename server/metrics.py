@@ -8,7 +8,7 @@ aggregators in one process (tests, the simulated fleet) must not collide.
 
 Names follow Prometheus conventions: a `fleetmind_aggregator_` prefix, base units in the
 name (`_seconds`, `_bytes`), `_total` on counters. deploy/grafana/fleetmind.json queries
-them; tests/test_deploy_kit.py checks that every name it uses exists here.
+them; tests/unit/test_deploy_kit.py checks that every name it uses exists here.
 """
 
 from __future__ import annotations

@@ -1,21 +1,5 @@
-import os
-from pathlib import Path
+"""Root conftest: the shared fixtures of tests/support/fixtures.py, seen by tests/unit/,
+tests/integration/ and anything still at the top of tests/. `support` imports as a
+top-level package: pyproject's `pythonpath` puts tests/ on the path."""
 
-import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="session")
-def toy_model_dir() -> Path:
-    """The committed (or cached) toy base model; a test run never rebuilds it."""
-    from fleetmind.sim.basemodel import toy_model_path
-
-    return toy_model_path(build=False)
-
-
-@pytest.fixture(scope="session")
-def toy_model(toy_model_dir):
-    from fleetmind.client.model import load_model
-
-    return load_model(toy_model_dir)
+pytest_plugins = ["support.fixtures"]

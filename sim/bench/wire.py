@@ -3,9 +3,10 @@
 - rounds: one whole round (enrol, SecAgg+ phases, upload, publish) for cohorts of light
   sites, each site `client.agent.participate` in its own thread on its own channel against
   `server.service.serve` on 127.0.0.1:0; synthetic updates on a small two-module adapter
-  (the spec of tests/test_agent_round.py), site noise off. round_seconds = wall time from
-  starting the sites to the last one returning; per-site latencies beside it. A cohort that
-  does not finish within its deadline is recorded as infeasible and larger ones are skipped.
+  (the spec of tests/integration/test_agent_round.py), site noise off. round_seconds =
+  wall time from starting the sites to the last one returning; per-site latencies beside
+  it. A cohort that does not finish within its deadline is recorded as infeasible and
+  larger ones are skipped.
 - broadcast: a version of a few MB of B published through the registry, then W watchers at
   once calling `client.versions.download_latest` (signature and hash checks, written to
   disk), in MB/s of version bytes delivered; as a ratio to the same bytes, in the same 1 MiB

@@ -76,13 +76,12 @@ def run_sites(channels, keys, updates, outboxes, add_noise: bool) -> list[RoundR
 
 
 @pytest.fixture
-def aggregator(tmp_path: Path):
-    running = serve(ServerConfig(
+def aggregator_config(tmp_path: Path) -> ServerConfig:
+    """The config the shared `aggregator` fixture serves."""
+    return ServerConfig(
         data_dir=tmp_path / "data", listen="127.0.0.1:0", insecure=True,
         cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=30, phase_deadline_s=30),
-        privacy=PRIVACY, adapter=SPEC))
-    yield running
-    running.stop(grace=None)
+        privacy=PRIVACY, adapter=SPEC)
 
 
 def test_three_sites_participate_and_publish_the_merge(aggregator, tmp_path) -> None:

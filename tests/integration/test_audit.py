@@ -545,7 +545,7 @@ def test_version_bad_input_is_one_line(capsys, aggregator, tmp_path) -> None:
 
 def test_audit_runs_without_torch(aggregator, site) -> None:
     # A finder that refuses torch, transformers and peft stands in for an auditor's install
-    # without them (tests/test_boundaries.py does the same for the aggregator).
+    # without them (tests/integration/test_boundaries.py does the same for the aggregator).
     script = (
         "import sys\n"
         "class Refuse:\n"
@@ -561,7 +561,7 @@ def test_audit_runs_without_torch(aggregator, site) -> None:
         f"assert main(['audit', 'version', {str(aggregator['versions'][0].folder)!r}, "
         f"'--aggregator-key', {aggregator['pub']!r}, '--json']) == 0\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120, cwd=Path(__file__).resolve().parents[2])
+                            timeout=120, cwd=Path(__file__).resolve().parents[3])
     assert result.returncode == 0, result.stderr
 
 
@@ -650,18 +650,17 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
 
 
 def test_ledger_over_mtls_with_an_auditor_certificate(capsys, tmp_path) -> None:
+    from support.pki import aggregator_tls
+
     from fleetmind.server import identity
-    from fleetmind.server.config import ServerConfig, TlsPaths
+    from fleetmind.server.config import ServerConfig
     from fleetmind.server.service import serve
 
-    ca = identity.create_ca()
     certs = tmp_path / "certs"
-    ca.save(certs, "ca")
-    identity.issue_server(ca, ["127.0.0.1"]).save(certs, "aggregator")
+    ca, tls = aggregator_tls(certs)
     identity.issue_site(ca, "auditor").save(certs, "auditor")
     identity.issue_site(identity.create_ca(), "auditor").save(tmp_path / "stranger", "auditor")
-    running = serve(ServerConfig(data_dir=tmp_path / "data", tls=TlsPaths(
-        certs / "aggregator.crt", certs / "aggregator.key", certs / "ca.crt")))
+    running = serve(ServerConfig(data_dir=tmp_path / "data", tls=tls))
     try:
         public = tmp_path / "aggregator.pub"
         public.write_bytes(running.coordinator.registry.public_key.public_bytes_raw())

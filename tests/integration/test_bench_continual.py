@@ -75,6 +75,24 @@ def test_impossible_settings_are_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="users_per_fact"):
         ContinualConfig(users_per_fact=1)
     assert ContinualConfig(dp=False).privacy_unit == "session"
+    with pytest.raises(ValueError, match="--participation-cap -1"):
+        ContinualConfig(participation_cap=-1)
+
+
+def test_an_enforced_cap_reaches_the_fleet_and_bounds_the_accounting() -> None:
+    world = W.make_continual_world(W.ContinualSpec(sites=3, rounds=3, facts_per_site_per_round=2,
+                                                   users_per_fact=2, returning_share=1.0,
+                                                   general_tasks=4, guard_tasks=4))
+    capped = ContinualConfig(sites=3, rounds=3, participation_cap=1)
+    settings = capped.fleet()
+    assert settings.privacy["participation_cap"] == 1  # the aggregator and every site get K
+    assert ContinualConfig(sites=3, rounds=3).fleet().privacy["participation_cap"] is None
+    assert most_rounds_entered(world, 2) >= 2  # without the cap some user entered twice
+    one = capped_epsilon(capped, world, 3)
+    assert one["max_rounds"] == 1
+    assert one["epsilon"] == pytest.approx(in_process_epsilon(capped, 1))  # one round's
+    no_dp = ContinualConfig(dp=False, participation_cap=1).privacy()
+    assert no_dp.get("participation_cap") is None  # no DP: nothing to cap
 
 
 def test_the_command_is_registered_with_the_bench_group() -> None:

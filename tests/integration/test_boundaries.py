@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 HEAVY = ("torch", "transformers", "peft")
 # folder -> module prefixes its code may never import, anywhere (lazy imports included).
@@ -183,3 +183,71 @@ def test_no_generic_top_level_module_is_installed() -> None:
         "if importlib.util.find_spec(n) is not None])")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ---- the tests' own layout ---------------------------------------------------------------
+
+TESTS = ROOT / "tests"
+# A unit test runs in this process and starts nothing: processes, sockets, servers and
+# benchmarks are for tests/integration/.
+UNIT_FORBIDDEN = ("subprocess", "multiprocessing", "socket", "http", "urllib.request",
+                  "flwr", "fleetmind.server.service", "fleetmind.client.serve.runner",
+                  "fleetmind.runtime.metrics_endpoint", "fleetmind.flower",
+                  "fleetmind.sim.demo", "support.secagg_rounds", "support.plain_rounds")
+
+
+def test_unit_tests_start_no_process_and_no_server() -> None:
+    assert offences("tests/unit", UNIT_FORBIDDEN) == []
+    shared = sorted(path.name for path in (TESTS / "unit").glob("test_*.py")) + sorted(
+        path.name for path in (TESTS / "integration").glob("test_*.py"))
+    assert len(shared) == len(set(shared)), "one test module name in both folders"
+
+
+def test_tests_share_code_through_support_only() -> None:
+    # No test module imports another, and support imports none: what two tests need is in
+    # tests/support/.
+    found = []
+    for folder in ("unit", "integration", "support"):
+        for path in sorted((TESTS / folder).rglob("*.py")):
+            for module in imported_modules(path):
+                if module.split(".")[0].startswith("test_") or module == "conftest":
+                    found.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert found == []
+
+
+# ---- import checks in a fresh interpreter -------------------------------------------------
+
+
+def test_runtime_loads_neither_side_nor_torch_nor_grpc() -> None:
+    code = ("import sys\n"
+            "from fleetmind.runtime import addresses, config, durable, keys, "
+            "metrics_endpoint, signed_log, tls\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'peft', 'grpc') or "
+            "m.startswith(('fleetmind.client', 'fleetmind.server', 'fleetmind.sim'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_client_commands_load_neither_torch_nor_the_server() -> None:
+    code = ("import sys, fleetmind.client.cli, fleetmind.client.store, fleetmind.client.scrub\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'peft') or m.startswith('fleetmind.server')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_stubs_import_from_the_installed_package() -> None:
+    # Outside the checkout, so only the installed package can resolve the imports.
+    code = ("import fleetmind.protos.fleetmind.v1.fleet_pb2_grpc as f, "
+            "fleetmind.protos.fleetmind.v1.models_pb2_grpc as m, "
+            "fleetmind.protos.fleetmind.v1.audit_pb2_grpc as a\n"
+            "print(f.FleetStub.__name__, m.ModelsStub.__name__, a.AuditStub.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT.parent, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["FleetStub", "ModelsStub", "AuditStub"]

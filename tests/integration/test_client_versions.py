@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.tamper import flip_last_bit
 
 from fleetmind.aggregation import manifest as manifest_format
 from fleetmind.cli import main as cli
@@ -83,10 +84,6 @@ def site_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def _flip(data: bytes) -> bytes:
-    return data[:-1] + bytes([data[-1] ^ 1])
-
-
 def _weights_chunk(reply, rehash: bool):
     """The weights' chunk with a flipped byte; `rehash` also fixes its chunk_sha256, so only
     the whole-file hash from the signed manifest can catch it. Only version 1 is hit."""
@@ -94,7 +91,7 @@ def _weights_chunk(reply, rehash: bool):
         return reply  # genesis passes intact: it is the good version to stay on
     bad = models_pb2.FileChunk()
     bad.CopyFrom(reply)
-    bad.data = _flip(reply.data)
+    bad.data = flip_last_bit(reply.data)
     if rehash:
         bad.chunk_sha256 = hashlib.sha256(bad.data).digest()
     return bad
@@ -158,7 +155,7 @@ def test_a_transiently_bad_chunk_is_refetched_from_its_offset(start, site_dir) -
 
 @pytest.mark.parametrize("tamper_latest, message", [
     (lambda a: a.__setattr__("manifest_sig", b""), "unsigned"),
-    (lambda a: a.__setattr__("manifest_sig", _flip(a.manifest_sig)), "does not verify"),
+    (lambda a: a.__setattr__("manifest_sig", flip_last_bit(a.manifest_sig)), "does not verify"),
     (lambda a: a.__setattr__("manifest", a.manifest.replace(b'"epsilon":0.1',
                                                             b'"epsilon":0.0')),
      "does not verify"),
@@ -190,7 +187,7 @@ def test_a_version_corrupted_on_the_aggregator_is_refused(start, site_dir) -> No
     aggregator = start()
     site.activate(site_dir, _genesis_dir(aggregator, site_dir))
     folder = aggregator.registry.get(aggregator.publish()).folder
-    (folder / ADAPTER_WEIGHTS).write_bytes(_flip((folder / ADAPTER_WEIGHTS).read_bytes()))
+    (folder / ADAPTER_WEIGHTS).write_bytes(flip_last_bit((folder / ADAPTER_WEIGHTS).read_bytes()))
     with pytest.raises(site.VersionError, match="refused"):
         site.download_latest(aggregator.channel, site_dir, aggregator.key)
     _assert_untouched(site_dir)
@@ -207,7 +204,7 @@ def test_another_aggregators_key_is_refused(start, site_dir) -> None:
 def test_activation_refuses_a_folder_tampered_after_download(start, site_dir) -> None:
     aggregator = start()
     folder = _genesis_dir(aggregator, site_dir)
-    (folder / ADAPTER_WEIGHTS).write_bytes(_flip((folder / ADAPTER_WEIGHTS).read_bytes()))
+    (folder / ADAPTER_WEIGHTS).write_bytes(flip_last_bit((folder / ADAPTER_WEIGHTS).read_bytes()))
     with pytest.raises(site.VersionError, match="does not match its sha256"):
         site.activate(site_dir, folder, public_key=aggregator.key)
     with pytest.raises(site.VersionError, match="not a version folder"):

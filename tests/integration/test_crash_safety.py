@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from toy_fleet import FAST, TOY_SPEC
+from support.toy_fleet import FAST, TOY_SPEC
 
 import fleetmind.client.site as site_module
 from fleetmind.client.agent import RoundResult, SiteUpdate, enroll, participate
@@ -52,14 +52,13 @@ class Crash(BaseException):
 
 
 @pytest.fixture
-def aggregator(tmp_path: Path) -> Iterator:
-    running = serve(ServerConfig(
+def aggregator_config(tmp_path: Path) -> ServerConfig:
+    """The config the shared `aggregator` fixture serves."""
+    return ServerConfig(
         data_dir=tmp_path / "aggregator", listen="127.0.0.1:0", insecure=True,
         cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=120, phase_deadline_s=60),
         privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0),
-        adapter=TOY_SPEC))
-    yield running
-    running.stop(grace=None)
+        adapter=TOY_SPEC)
 
 
 def site_config(tmp_path: Path, site: str, model: Path, address: str, key: bytes

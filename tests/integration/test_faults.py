@@ -1,7 +1,7 @@
 """Faults (issue 18, item 8): the aggregator SIGKILLed at every phase of a round.
 
 A real `fleetmind server run` process on 127.0.0.1:0 with a data dir; three light sites
-(tests/test_server_round.py `Site`: enrol, join, advertise, share, upload, unmask, a step
+(tests/support/secagg_rounds.py `Site`: enrol, join, advertise, share, upload, unmask, a step
 at a time from the test thread) publish round 1, then run round 2 up to a phase; the
 aggregator is killed with SIGKILL there and restarted on the same data dir. After the
 restart: the ledger verifies (`fleetmind audit ledger`, exit 0), every published version
@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from test_server_round import Site, expected_b, quantisation_bound
+from support.secagg_rounds import Site, expected_b, quantisation_bound
 
 from fleetmind.protos.fleetmind.v1 import (
     audit_pb2,

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from toy_fleet import TOY_SPEC
+from support.toy_fleet import TOY_SPEC
 
 from fleetmind.client.agent import RoundAbortedError, SiteUpdate, StaleBaseError, participate
 from fleetmind.client.identity import load_identity_key
@@ -44,7 +44,7 @@ from fleetmind.server.ledger import RoundRecord
 from fleetmind.server.service import RunningServer, serve
 from fleetmind.sim.world import WorldSpec, make_world
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where `support` imports from
 BATCH = 1  # sessions per batch, and the site's min_new_sessions
 PHASE_S = 3.0  # a phase without the killed site closes this long after it opened
 
@@ -58,7 +58,7 @@ import grpc
 
 spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["tests"])
-from toy_fleet import FAST
+from support.toy_fleet import FAST
 
 import fleetmind.client.site as site
 # The least consolidation there is: the loop's crash safety is under test, not learning.

@@ -24,9 +24,8 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
-from test_flower_secagg import quantisation_bound
-from toy_fleet import FAST, TOY_SPEC
+from support.flower_rounds import quantisation_bound
+from support.toy_fleet import FAST, TOY_SPEC
 
 from fleetmind.aggregation import merge
 from fleetmind.aggregation.update import Update, UpdateMetadata
@@ -46,15 +45,7 @@ from fleetmind.flower.strategy import (
 from fleetmind.sim import world as W
 from fleetmind.sim.flower_run import simulate, toy_run, write_toy_world
 
-APP = Path(__file__).resolve().parents[1] / "flower" / "app" / "pyproject.toml"
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower stamps every Message with the running task's identity; outside a run there
-    is none, so the unit tests give them one."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+APP = Path(__file__).resolve().parents[2] / "flower" / "app" / "pyproject.toml"
 
 
 class FakeGrid:

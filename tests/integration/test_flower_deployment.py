@@ -21,7 +21,8 @@ import pytest
 pytest.importorskip("flwr")
 
 import safetensors.numpy
-from test_flower_secagg import quantisation_bound
+from support.flower_rounds import quantisation_bound
+from support.net import free_port
 
 from fleetmind.aggregation import merge
 from fleetmind.aggregation.update import Update
@@ -30,15 +31,9 @@ from fleetmind.server.identity import create_ca, issue_server
 from fleetmind.sim import world as W
 from fleetmind.sim.flower_run import TRANSFER_EVALUATION, write_toy_world
 
-APP = Path(__file__).resolve().parents[1] / "flower" / "app"
+APP = Path(__file__).resolve().parents[2] / "flower" / "app"
 BIN = Path(sys.executable).parent  # flower-superlink, flwr ... of this environment
 SITES = 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, seconds: float = 60) -> None:

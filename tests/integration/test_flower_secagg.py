@@ -19,7 +19,7 @@ pytest.importorskip("flwr")
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from support.flower_rounds import quantisation_bound
 
 from fleetmind.aggregation import accountant, merge
 from fleetmind.aggregation.participation import ParticipationCap
@@ -29,21 +29,12 @@ from fleetmind.client.scrub import ScrubReport
 from fleetmind.client.site_config import SiteConfig
 from fleetmind.flower import client_app as flower_client
 from fleetmind.flower import secagg_messages as carried
-from fleetmind.flower.secure import SecureLoRAMerge, round_encoding
+from fleetmind.flower.secure import SecureLoRAMerge
 from fleetmind.flower.server_app import make_strategy, privacy_spent
 from fleetmind.flower.settings import FlowerRun, SiteNode
 from fleetmind.flower.strategy import b_record, b_tensors
-from fleetmind.protos import secagg_codec as codec
 
 SHAPES = {"layer.0": (8, 16), "layer.1": (4, 16)}
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower stamps every Message with the running task's identity; outside a run there
-    is none, so the tests give them one."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 class RecordingGrid:
@@ -131,18 +122,6 @@ def plaintext_merge(run: FlowerRun, sent, deltas) -> dict[str, np.ndarray]:
     updates = [Update(delta, UpdateMetadata(site="s", base_version=0)) for delta in deltas]
     return merge.exact_merge(sent, *merge.weighted_delta_sum(updates),
                              merge.FedAvg(run.server_learning_rate))[0]
-
-
-def quantisation_bound(run: FlowerRun, contributors: int) -> float:
-    """Per coordinate: the decoded delta sum is within n/s of the true one and the weight
-    sum within n/s_w of n (quantize.py); the mean, scaled by eta, moves at most this, plus
-    one float32 rounding of B (about 0.5 here) on each side."""
-    delta_code, weight_code = codec.payload_codes(round_encoding(run, run.sites))
-    n = contributors
-    low = n - weight_code.sum_error_bound(n)
-    return run.server_learning_rate * (delta_code.sum_error_bound(n)
-                                       + run.fixed_point_clip * weight_code.sum_error_bound(n)
-                                       / low) / low + 2 * float(np.spacing(np.float32(1.0)))
 
 
 def test_secure_round_merges_the_plaintext_merge_and_the_server_holds_no_update(

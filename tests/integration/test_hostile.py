@@ -22,14 +22,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_plain_sum import flat, joined, plain_config
-from test_server_round import Site, config, run_round
+from support.enrolment import enroll_request
+from support.net import refused
+from support.pki import aggregator_tls
+from support.plain_rounds import flat, joined, plain_config
+from support.secagg_rounds import Site, config, run_round
 
-from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.merge import secagg_payload
-from fleetmind.aggregation.secagg import crypto
 from fleetmind.aggregation.secagg.messages import MaskedInput
 from fleetmind.client import versions as site_versions
 from fleetmind.protos import secagg_codec as codec
@@ -47,7 +47,6 @@ from fleetmind.server.config import (
     ConfigError,
     PrivacyPolicy,
     ServerConfig,
-    TlsPaths,
     load_config,
 )
 from fleetmind.server.ledger import StoppedRound
@@ -105,21 +104,6 @@ def assert_healthy(channel: grpc.Channel) -> None:
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                       timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def status_of(call: Callable[[], object]) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as refused:
-        result = call()
-        if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
-            list(result)
-    return refused.value
-
-
-def enroll_request(name: str, key: Ed25519PrivateKey | None = None) -> fleet_pb2.EnrollRequest:
-    key = key or Ed25519PrivateKey.generate()
-    public = crypto.identity_public_bytes(key)
-    return fleet_pb2.EnrollRequest(site_name=name, identity_key=public,
-                                   proof=key.sign(enroll_signed_bytes(name, public)))
 
 
 def enrolled(channel: grpc.Channel, name: str = "site-a") -> int:
@@ -228,7 +212,7 @@ def test_a_hostile_message_is_refused_and_changes_nothing(server, method, kind, 
     running, channel = server
     enrolled(channel)  # site 1 exists, so the refusal is about the message alone
     before = snapshot(running)
-    error = status_of(_raw_call(channel, method, kind, payload))
+    error = refused(_raw_call(channel, method, kind, payload))
     assert error.code() == status, error.details()
     assert len(error.details() or "") <= running.limits.max_details_chars
     assert_healthy(channel)
@@ -328,7 +312,7 @@ def test_an_absurd_join_is_refused_and_queues_nothing(server, units, base, statu
     running, channel = server
     site = enrolled(channel)
     before = snapshot(running)
-    error = status_of(lambda: fleet_pb2_grpc.FleetStub(channel).JoinRound(
+    error = refused(lambda: fleet_pb2_grpc.FleetStub(channel).JoinRound(
         fleet_pb2.JoinRoundRequest(site=site, contributing_units=units, base_version=base),
         timeout=5))
     assert error.code() == status
@@ -338,7 +322,7 @@ def test_an_absurd_join_is_refused_and_queues_nothing(server, units, base, statu
 
 def test_a_long_name_is_not_echoed_back_whole(server) -> None:
     running, channel = server
-    error = status_of(lambda: fleet_pb2_grpc.FleetStub(channel).Enroll(
+    error = refused(lambda: fleet_pb2_grpc.FleetStub(channel).Enroll(
         enroll_request("x" * 100_000), timeout=5))
     assert error.code() == S.INVALID_ARGUMENT
     assert len(error.details()) <= running.limits.max_details_chars
@@ -353,7 +337,7 @@ def test_a_handler_failure_is_logged_with_its_rpc(server, monkeypatch, caplog) -
     monkeypatch.setattr(running.coordinator, "budget_status", broken)
     before = snapshot(running)
     with caplog.at_level(logging.ERROR, logger="fleetmind.server.service"):
-        error = status_of(lambda: audit_pb2_grpc.AuditStub(channel).Budget(
+        error = refused(lambda: audit_pb2_grpc.AuditStub(channel).Budget(
             audit_pb2.BudgetRequest(), timeout=5))
     assert error.code() == S.INTERNAL
     assert "a bug" not in error.details()  # the trace stays in the log
@@ -375,7 +359,7 @@ def test_streams_past_the_cap_are_refused_not_queued(start) -> None:
     before = snapshot(running)
     held = [_watch(channel) for _ in range(4)]
     assert wait_until(lambda: running.capacity.open("stream") == 4)
-    error = status_of(lambda: _watch(channel))
+    error = refused(lambda: _watch(channel))
     assert error.code() == S.RESOURCE_EXHAUSTED
     assert_healthy(channel)
     for stream in held:
@@ -396,7 +380,7 @@ def test_calls_past_the_cap_are_refused_and_health_still_answers(start) -> None:
     held = [fleet.SubmitMaskedVector.future(nothing_yet(), timeout=30) for _ in range(2)]
     assert wait_until(lambda: running.capacity.open("call") == 2)
     before = snapshot(running)
-    error = status_of(lambda: audit_pb2_grpc.AuditStub(channel).Budget(
+    error = refused(lambda: audit_pb2_grpc.AuditStub(channel).Budget(
         audit_pb2.BudgetRequest(), timeout=5))
     assert error.code() == S.RESOURCE_EXHAUSTED
     assert_healthy(channel)
@@ -422,8 +406,8 @@ def test_300_idle_streams_leave_health_answering(server) -> None:
                                            timeout=60) for i in range(300)]
         assert wait_until(lambda: sum(s.done() for s in streams) == 300 - cap, 60)
         assert running.capacity.open("stream") == cap
-        refused = [s for s in streams if s.done()]
-        assert {s.code() for s in refused} == {S.RESOURCE_EXHAUSTED}
+        turned_away = [s for s in streams if s.done()]
+        assert {s.code() for s in turned_away} == {S.RESOURCE_EXHAUSTED}
         for c in channels[:3]:
             assert_healthy(c)
         fleet_pb2_grpc.FleetStub(channels[0]).Enroll(enroll_request("still-served"),
@@ -438,13 +422,9 @@ def test_300_idle_streams_leave_health_answering(server) -> None:
 
 
 def test_a_fleet_certificate_holds_at_most_its_per_peer_streams(tmp_path: Path) -> None:
-    ca = identity.create_ca()
-    certs = tmp_path / "certs"
-    ca.save(certs, "ca")
-    identity.issue_server(ca, ["127.0.0.1"]).save(certs, "aggregator")
-    running = serve(ServerConfig(data_dir=tmp_path / "data", tls=TlsPaths(
-        certs / "aggregator.crt", certs / "aggregator.key", certs / "ca.crt")),
-        ServerLimits(max_streams_per_peer=2))
+    ca, tls = aggregator_tls(tmp_path / "certs")
+    running = serve(ServerConfig(data_dir=tmp_path / "data", tls=tls),
+                    ServerLimits(max_streams_per_peer=2))
     try:
         def channel(name: str) -> grpc.Channel:
             return grpc.secure_channel(running.address, identity.channel_credentials(
@@ -453,7 +433,7 @@ def test_a_fleet_certificate_holds_at_most_its_per_peer_streams(tmp_path: Path) 
             before = snapshot(running)
             held = [_watch(hostile) for _ in range(2)]
             assert wait_until(lambda: running.capacity.open("stream") == 2)
-            assert status_of(lambda: _watch(hostile)).code() == S.RESOURCE_EXHAUSTED
+            assert refused(lambda: _watch(hostile)).code() == S.RESOURCE_EXHAUSTED
             fine = _watch(other)  # another certificate is not held back
             assert wait_until(lambda: running.capacity.open("stream") == 3)
             assert_healthy(other)
@@ -561,7 +541,7 @@ def test_a_hostile_upload_is_refused_and_the_round_still_publishes(start, mutate
     running, channel = start()
     sites, chunks = collecting((running, channel))
     before = snapshot(running)
-    error = status_of(lambda: sites[0].submit(mutate(chunks[0])))
+    error = refused(lambda: sites[0].submit(mutate(chunks[0])))
     assert error.code() == status, error.details()
     assert_healthy(channel)
     assert snapshot(running) == before
@@ -581,7 +561,7 @@ def test_a_second_upload_of_the_slot_is_already_exists(start) -> None:
                                                      timeout=30)
     assert wait_until(lambda: len(running.uploads) == 1)
     before = snapshot(running)
-    assert status_of(lambda: sites[0].submit(chunks[0])).code() == S.ALREADY_EXISTS
+    assert refused(lambda: sites[0].submit(chunks[0])).code() == S.ALREADY_EXISTS
     assert_healthy(channel)
     assert snapshot(running) == before
     release.set()
@@ -597,7 +577,7 @@ def test_upload_bytes_in_flight_are_capped_across_sites(start) -> None:
                                                      timeout=30)
     assert wait_until(lambda: len(running.uploads) == 1)
     before = snapshot(running)
-    assert status_of(lambda: sites[1].submit(chunks[1])).code() == S.RESOURCE_EXHAUSTED
+    assert refused(lambda: sites[1].submit(chunks[1])).code() == S.RESOURCE_EXHAUSTED
     assert_healthy(channel)
     assert snapshot(running) == before
     release.set()
@@ -729,7 +709,7 @@ def test_without_secure_aggregation_a_bad_vector_is_refused_at_upload(tmp_path: 
         forged = list(codec.masked_input_to_chunks(MaskedInput(
             sites[0].round_id, sites[0].id, ring.astype(np.uint32)), 32, chunk_bytes=64))
         before = snapshot(running)
-        error = status_of(lambda: sites[0].submit(forged))
+        error = refused(lambda: sites[0].submit(forged))
         assert error.code() == S.INVALID_ARGUMENT, error.details()
         assert_healthy(channel)
         assert snapshot(running) == before
@@ -782,7 +762,7 @@ def test_group_testing_quarantines_the_site_that_aborts_every_round(tmp_path: Pa
         assert all(not stop.quarantined for stop in stops[:-1])
         coordinator.ledger.verify()
         assert any(kind == "completed" for _, kind in outcomes)
-        error = status_of(lambda: fleet_pb2_grpc.FleetStub(channel).JoinRound(
+        error = refused(lambda: fleet_pb2_grpc.FleetStub(channel).JoinRound(
             fleet_pb2.JoinRoundRequest(site=forger.id, contributing_units=1), timeout=5))
         assert error.code() == S.PERMISSION_DENIED and "quarantined" in error.details()
         assert coordinator.release(forger.id) and coordinator.quarantined() == {}

@@ -15,14 +15,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_server_round import Site, config, four_site_config, run_round
-from toy_fleet import FAST, TOY_SPEC
+from support.net import eventually
+from support.secagg_rounds import Site, config, four_site_config, run_round
+from support.toy_fleet import FAST, TOY_SPEC
 
 from fleetmind.aggregation.accountant import RoundCharge, epsilon_of
 from fleetmind.aggregation.dp import DPConfig
@@ -61,13 +61,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[key]
 
 
-def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def with_metrics(server_config: ServerConfig) -> ServerConfig:
     from dataclasses import replace
     return replace(server_config, metrics_listen="127.0.0.1:0")
@@ -93,7 +86,8 @@ def test_a_round_shows_in_the_aggregators_metrics(tmp_path: Path) -> None:
         with grpc.insecure_channel(running.address) as channel:
             watch = models_pb2_grpc.ModelsStub(channel).Watch(
                 models_pb2.WatchRequest(after_version=0), timeout=30)
-            eventually(lambda: value(scrape(url), "fleetmind_aggregator_watchers") == 1)
+            eventually(lambda: value(scrape(url), "fleetmind_aggregator_watchers") == 1,
+                       seconds=10.0)
             sites = [Site(channel, f"site-{i}", seed=i) for i in range(3)]
             run_round(sites)
             assert {s.expect("completed").completed.version for s in sites} == {1}
@@ -104,7 +98,8 @@ def test_a_round_shows_in_the_aggregators_metrics(tmp_path: Path) -> None:
             budget = audit_pb2_grpc.AuditStub(channel).Budget(audit_pb2.BudgetRequest(),
                                                                timeout=5)
         # A cancelled Watch leaves the gauge within the stream's poll interval.
-        eventually(lambda: value(scrape(url), "fleetmind_aggregator_watchers") == 0)
+        eventually(lambda: value(scrape(url), "fleetmind_aggregator_watchers") == 0,
+                   seconds=10.0)
 
         after = scrape(url)
         assert value(after, "fleetmind_aggregator_rounds_total", outcome="published") == 1
@@ -354,10 +349,11 @@ def test_the_site_agent_serves_its_metrics(toy_aggregator, tmp_path, toy_model_d
     agent = threading.Thread(target=run, args=(config, stop), kwargs={"metrics": metrics})
     agent.start()
     try:
-        eventually(lambda: metrics.endpoint is not None)
+        eventually(lambda: metrics.endpoint is not None, seconds=10.0)
         url = metrics.endpoint.url
         # Below the threshold the agent only activates genesis, and says so.
-        eventually(lambda: value(scrape(url), "fleetmind_site_active_version") == 0)
+        eventually(lambda: value(scrape(url), "fleetmind_site_active_version") == 0,
+                   seconds=10.0)
         samples = scrape(url)
         assert value(samples, "fleetmind_site_sessions_stored") == stored
         assert value(samples, "fleetmind_site_sessions_unconsumed") == stored
@@ -387,7 +383,6 @@ def test_a_sites_metrics_listen_is_validated(tmp_path: Path, toy_model_dir) -> N
     (tmp_path / "site.json").write_text(json.dumps({**raw, "metrics_listen": 9465}))
     with pytest.raises(SiteConfigError, match="metrics_listen"):
         SiteConfig.load(tmp_path / "site.json")
-
 
 
 # ---- the command line ------------------------------------------------------------------
@@ -429,3 +424,5 @@ def test_server_key_prints_the_key_sites_pin(tmp_path: Path, capsys, toy_model_d
                       aggregator="127.0.0.1:7443", identity_key=tmp_path / "s" / "id.pem",
                       aggregator_key=out, insecure=True)
     assert site.aggregator_public_key().hex() == printed
+
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from toy_fleet import FAST
+from support.toy_fleet import FAST
 
 from fleetmind.aggregation.manifest import VersionError
 from fleetmind.cli import main as cli

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from toy_fleet import FAST, TOY_SPEC
+from support.toy_fleet import FAST, TOY_SPEC
 
 from fleetmind.aggregation.participation import (
     CapReachedError,
@@ -44,24 +44,22 @@ from fleetmind.client.store import Message, Session, SessionStore
 from fleetmind.protos.fleetmind.v1 import fleet_pb2
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
 from fleetmind.server.ledger import Ledger, RoundRecord
-from fleetmind.server.service import serve
 
 CAP = 2
 ANY_KEY = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
 
 
 @pytest.fixture
-def aggregator(tmp_path: Path, request):
+def aggregator_config(tmp_path: Path, request) -> ServerConfig:
+    """The config the shared `aggregator` fixture serves."""
     # Parametrized with K: the fleet's cap, sent in each round's config (default none).
     cap = getattr(request, "param", None)
-    running = serve(ServerConfig(
+    return ServerConfig(
         data_dir=tmp_path / "aggregator", listen="127.0.0.1:0", insecure=True,
         cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=60, phase_deadline_s=30),
         privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=100.0,
                               privacy_unit="user", participation_cap=cap),
-        adapter=TOY_SPEC))
-    yield running
-    running.stop(grace=None)
+        adapter=TOY_SPEC)
 
 
 def site_config(tmp_path: Path, name: str, model: Path, address: str, key: bytes,
@@ -218,7 +216,7 @@ def test_a_unit_at_its_cap_is_left_out_before_anything_is_sent_and_stays_out(
     assert {row["participation_cap"] for row in doc["records"]} == {CAP}
 
 
-@pytest.mark.parametrize("aggregator", [1], indirect=True, ids=["fleet-cap-1"])
+@pytest.mark.parametrize("aggregator_config", [1], indirect=True, ids=["fleet-cap-1"])
 def test_the_fleets_cap_from_the_round_config_is_enforced_and_recorded(
         aggregator, tmp_path, toy_model_dir, distilled) -> None:
     """No cap at the site: the round's config carries the fleet's (K = 1), the outbox

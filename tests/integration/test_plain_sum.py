@@ -8,16 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_server_round import Site as SecAggSite
-from test_server_round import bad_uploads, reattach_after_restart
+from support.plain_rounds import Site, flat, joined, plain_config
+from support.secagg_rounds import bad_uploads, reattach_after_restart
 
-from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum, secagg_payload
+from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum
 from fleetmind.aggregation.secagg import NeighbourGraph, ProtocolError, RoundConfig, crypto
 from fleetmind.aggregation.secagg.messages import MaskedInput, unpack_ring
 from fleetmind.aggregation.secagg.server_completed import ServerAborted, ServerCompleted
@@ -30,7 +29,6 @@ from fleetmind.client.outbox import Outbox
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import fleet_pb2
 from fleetmind.server.config import (
-    CohortPolicy,
     ConfigError,
     ServerConfig,
     load_config,
@@ -38,67 +36,17 @@ from fleetmind.server.config import (
 from fleetmind.server.ledger import RoundRecord
 from fleetmind.server.service import serve
 from fleetmind.server.versions import Manifest
-from fleetmind.sim.bench.wire import PRIVACY, SHAPES, SPEC
+from fleetmind.sim.bench.wire import SHAPES
 
 UPLOAD = "/fleetmind.v1.Fleet/SubmitMaskedVector"
 
 
-def plain_config(data: Path, target: int = 3, phase_deadline_s: float = 30) -> ServerConfig:
-    return ServerConfig(data_dir=data, listen="127.0.0.1:0", insecure=True,
-                        cohort=CohortPolicy(min_size=3, target_size=target, deadline_s=30,
-                                            phase_deadline_s=phase_deadline_s,
-                                            secure_aggregation=False),
-                        privacy=PRIVACY, adapter=SPEC)
-
-
-def flat(delta: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([delta[n].reshape(-1) for n in sorted(SHAPES)])
-
-
 def quantisation_bound(wire: fleet_pb2.RoundConfig, weight_sum: float, count: int) -> float:
-    """|S'/W' - S/W| for decoded sums (as tests/test_server_round.py derives it)."""
+    """|S'/W' - S/W| for decoded sums (as tests/support/secagg_rounds.py derives it)."""
     delta_code, weight_code = codec.payload_codes(wire)
     e_d, e_w = delta_code.sum_error_bound(count), weight_code.sum_error_bound(count)
     return e_d / (weight_sum - e_w) + 0.3 * weight_sum * e_w / (
         weight_sum * (weight_sum - e_w)) + 1e-6
-
-
-class Site(SecAggSite):
-    """One site's side of a plain round over raw gRPC: join, read the config, upload."""
-
-    def __init__(self, channel: grpc.Channel, name: str, seed: int) -> None:
-        super().__init__(channel, name, seed)
-        self.rng = np.random.default_rng(seed)  # the payload's stochastic rounding
-
-    def setup(self) -> None:
-        """The round's config: a plain round's first and only instruction."""
-        event = self.expect("config")
-        self.wire, self.round_id = event.config, event.round_id
-        assert self.wire.plain_sum
-
-    def chunks(self, delta: dict[str, np.ndarray] | None = None
-               ) -> list[fleet_pb2.MaskedVectorChunk]:
-        """The encoded update, unmasked, in 64-byte chunks."""
-        delta_code, weight_code = codec.payload_codes(self.wire)
-        ring = secagg_payload(flat(delta or self.delta), 1.0, delta_code, weight_code, self.rng)
-        return list(codec.masked_input_to_chunks(MaskedInput(self.round_id, self.id, ring),
-                                                 self.wire.ring_bits, chunk_bytes=64))
-
-    def submit(self, chunks) -> fleet_pb2.MaskedVectorReceipt:
-        return self.fleet.SubmitMaskedVector(iter(chunks), timeout=5)
-
-    def upload(self) -> fleet_pb2.MaskedVectorReceipt:
-        """The whole of a plain round from the site's side: its config, then its vector."""
-        self.setup()
-        return self.submit(self.chunks())
-
-
-def joined(channel: grpc.Channel, count: int, seed: int) -> list[Site]:
-    """`count` enrolled sites, each waiting in the open round."""
-    sites = [Site(channel, f"site-{i}", seed=seed + i) for i in range(count)]
-    for site in sites:
-        site.join()
-    return sites
 
 
 def mean_delta(sites: list[Site]) -> dict[str, np.ndarray]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,11 +19,12 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from test_server_round import Site, config, run_round
+from support.net import free_port
+from support.secagg_rounds import Site, config, run_round
 
-from fleetmind.server.service import serve
+from fleetmind.server.config import ServerConfig
 
-SCRAPE_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "prometheus.yml"
+SCRAPE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "prometheus.yml"
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 WAIT_S = 60.0
@@ -37,16 +37,9 @@ needs_promtool = pytest.mark.skipif(
 
 
 @pytest.fixture
-def aggregator(tmp_path: Path):
-    running = serve(replace(config(tmp_path / "data"), metrics_listen="127.0.0.1:0"))
-    yield running
-    running.stop(grace=None)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def aggregator_config(tmp_path: Path) -> ServerConfig:
+    """The config the shared `aggregator` fixture serves."""
+    return replace(config(tmp_path / "data"), metrics_listen="127.0.0.1:0")
 
 
 def scrape_config_for(metrics_port: int) -> dict:

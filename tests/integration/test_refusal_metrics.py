@@ -13,6 +13,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
+from support.net import status_of
 
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.secagg import crypto
@@ -39,12 +40,6 @@ def refusals(running: RunningServer) -> dict[str, float]:
 def start(data: Path, limits: ServerLimits | None = None) -> RunningServer:
     return serve(ServerConfig(data_dir=data, listen="127.0.0.1:0", insecure=True,
                               metrics_listen="127.0.0.1:0", adapter=SPEC), limits)
-
-
-def status_of(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value.code()
 
 
 def test_refusals_are_counted_by_reason_on_the_metrics_page(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from support.net import eventually
 
 from fleetmind.client.serve.cli import main as cli_main
 from fleetmind.client.serve.engine import EmbeddedEngine
@@ -100,14 +100,6 @@ def ask_streaming(api: openai.OpenAI, prompt: str, **options) -> tuple[str, set[
         for choice in chunk.choices:
             text.append(choice.delta.content or "")
     return "".join(text), marks, usage
-
-
-def eventually(check, timeout_s: float = 20.0) -> None:
-    """Waits for `check()` to hold: unloading a superseded adapter runs after the response."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 def stored(server: BackgroundServer, site: Path) -> list[dict]:

@@ -10,29 +10,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.enrolment import enroll_request
+from support.net import status_of
+from support.pki import aggregator_tls
 
-from fleetmind.aggregation.identity_proof import enroll_signed_bytes
-from fleetmind.aggregation.secagg import crypto
 from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc, models_pb2, models_pb2_grpc
 from fleetmind.server import identity, versions
-from fleetmind.server.config import ConfigError, ServerConfig, TlsPaths
+from fleetmind.server.config import ConfigError, ServerConfig
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.service import serve
-
-
-def enroll_request(name: str, key: Ed25519PrivateKey | None = None) -> fleet_pb2.EnrollRequest:
-    key = key or Ed25519PrivateKey.generate()
-    public = crypto.identity_public_bytes(key)
-    return fleet_pb2.EnrollRequest(site_name=name, identity_key=public,
-                                   proof=key.sign(enroll_signed_bytes(name, public)))
-
-
-def status_of(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as refused:
-        result = call()
-        if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
-            list(result)
-    return refused.value.code()
 
 
 @pytest.fixture
@@ -120,12 +106,8 @@ def test_plaintext_is_refused_off_loopback(tmp_path: Path, listen: str) -> None:
 
 
 def test_mtls_admits_fleet_sites_under_their_own_name_only(tmp_path: Path) -> None:
-    ca = identity.create_ca()
-    certs = tmp_path / "certs"
-    ca.save(certs, "ca")
-    identity.issue_server(ca, ["127.0.0.1"]).save(certs, "aggregator")
-    running = serve(ServerConfig(data_dir=tmp_path / "data", tls=TlsPaths(
-        certs / "aggregator.crt", certs / "aggregator.key", certs / "ca.crt")))
+    ca, tls = aggregator_tls(tmp_path / "certs")
+    running = serve(ServerConfig(data_dir=tmp_path / "data", tls=tls))
     try:
         def channel(site: identity.Credentials | None, trust: bytes = ca.certificate_pem):
             return grpc.secure_channel(running.address,

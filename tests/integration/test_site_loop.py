@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from toy_fleet import FAST, TOY_SPEC
+from support.toy_fleet import FAST, TOY_SPEC
 
 from fleetmind.client.identity import load_identity_key
 from fleetmind.client.outbox import Outbox, verify_chain
@@ -24,22 +24,20 @@ from fleetmind.client.site_config import ConfigError, SiteConfig
 from fleetmind.client.store import SessionStore
 from fleetmind.client.versions import current_version, verify_folder
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
-from fleetmind.server.service import serve
 from fleetmind.sim.world import WorldSpec, make_world, task_prompt
 
 
 @pytest.fixture
-def aggregator(tmp_path: Path, request):
+def aggregator_config(tmp_path: Path, request) -> ServerConfig:
+    """The config the shared `aggregator` fixture serves."""
     # Parametrized False: the plain-sum ablation, which sites on loopback follow unasked.
     secure = getattr(request, "param", True)
-    running = serve(ServerConfig(
+    return ServerConfig(
         data_dir=tmp_path / "aggregator", listen="127.0.0.1:0", insecure=True,
         cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=120, phase_deadline_s=60,
                             secure_aggregation=secure),
         privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0),
-        adapter=TOY_SPEC))
-    yield running
-    running.stop(grace=None)
+        adapter=TOY_SPEC)
 
 
 def site_config(tmp_path: Path, site: str, model: Path, address: str, key: bytes,
@@ -52,7 +50,7 @@ def site_config(tmp_path: Path, site: str, model: Path, address: str, key: bytes
     return SiteConfig(**values)
 
 
-@pytest.mark.parametrize("aggregator", [True, False], indirect=True,
+@pytest.mark.parametrize("aggregator_config", [True, False], indirect=True,
                          ids=["secure-aggregation", "plain-sum"])
 def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_model_dir) -> None:
     world = make_world(WorldSpec(seed=0, sites=3))

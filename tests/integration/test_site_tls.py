@@ -8,11 +8,12 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.pki import aggregator_tls
 
 from fleetmind.client import agent, site
 from fleetmind.client import versions as site_versions
 from fleetmind.server import identity
-from fleetmind.server.config import ServerConfig, TlsPaths
+from fleetmind.server.config import ServerConfig
 from fleetmind.server.service import serve
 
 
@@ -29,12 +30,8 @@ def site_config(toy_model_dir: Path, folder: Path, ca: identity.Credentials, nam
 
 def test_the_site_channel_speaks_mtls_and_only_to_its_own_fleet(toy_model_dir,
                                                                 tmp_path: Path) -> None:
-    ca = identity.create_ca()
-    certs = tmp_path / "certs"
-    ca.save(certs, "ca")
-    identity.issue_server(ca, ["127.0.0.1"]).save(certs, "aggregator")
-    running = serve(ServerConfig(data_dir=tmp_path / "aggregator", tls=TlsPaths(
-        certs / "aggregator.crt", certs / "aggregator.key", certs / "ca.crt")))
+    ca, tls = aggregator_tls(tmp_path / "certs")
+    running = serve(ServerConfig(data_dir=tmp_path / "aggregator", tls=tls))
     key = running.coordinator.registry.public_key.public_bytes_raw()
     try:
         config = site_config(toy_model_dir, tmp_path / "site-a", ca, "site-a",

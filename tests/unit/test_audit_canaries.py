@@ -8,7 +8,7 @@ import json
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from toy_fleet import TOY_SPEC
+from support.toy_fleet import TOY_SPEC
 
 from fleetmind.cli.main import main
 from fleetmind.server.versions import Release, VersionRegistry

@@ -5,6 +5,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 import pytest
+from support.world import session_text
 
 from fleetmind.sim import world as W
 
@@ -16,10 +17,6 @@ SPEC = W.ContinualSpec(seed=5, sites=3, rounds=4, facts_per_site_per_round=3,
 @pytest.fixture(scope="module")
 def world() -> W.ContinualWorld:
     return W.make_continual_world(SPEC)
-
-
-def text(session: dict) -> str:
-    return " ".join(m["content"] for m in session["messages"])
 
 
 def every_session(world: W.ContinualWorld) -> list[tuple[int, str, dict]]:
@@ -52,7 +49,7 @@ def test_each_round_brings_the_configured_facts_per_site_stated_by_distinct_user
 
 def test_a_fact_appears_in_no_session_before_its_round_nor_at_another_site(world) -> None:
     for r, site, session in every_session(world):
-        said = text(session)
+        said = session_text(session)
         for fact in world.facts:
             mentioned = f"the {fact.fact.attribute} of {fact.fact.name} " in said
             if mentioned:
@@ -99,7 +96,7 @@ def test_sessions_use_only_the_strict_form_and_never_the_other_forms(world) -> N
     facts = [f.fact for f in world.facts] + [f for c in world.canaries for f in c.facts]
     others = [W.ask(f, form) for f in facts for form in W.QUESTION_FORMS
               if not W.QUESTION_FORMS[form].in_sessions]
-    corpus = "\n".join(text(s) for _, _, s in every_session(world))
+    corpus = "\n".join(session_text(s) for _, _, s in every_session(world))
     assert not [q for q in others if q in corpus]
     for _, _, session in every_session(world):
         for message in session["messages"]:
@@ -144,7 +141,7 @@ def test_canaries_arrive_every_round_and_are_said_as_often_as_configured(world) 
     for canary in world.canaries:
         name = canary.facts[0].name
         assert name not in fact_names | task_names
-        holders = [(r, s) for r, site, s in sessions.values() if f" of {name} " in text(s)]
+        holders = [(r, s) for r, site, s in sessions.values() if f" of {name} " in session_text(s)]
         assert sorted(s["id"] for _, s in holders) == sorted(canary.sessions)
         assert {s["user"] for _, s in holders} == {canary.user}
         assert min(r for r, _ in holders) == canary.round

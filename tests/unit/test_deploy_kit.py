@@ -27,7 +27,7 @@ from fleetmind.client.site_config import SiteConfig
 from fleetmind.server.config import ServerConfig, parse_config, split_listen
 from fleetmind.server.metrics import ServerMetrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose"
 TOY_MODEL = ROOT / "sim" / "toy_model"

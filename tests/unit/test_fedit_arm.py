@@ -5,7 +5,7 @@ its merged update is not the mean of the sites' B·A products; its exact merge k
 from __future__ import annotations
 
 import numpy as np
-from toy_fleet import FAST
+from support.toy_fleet import FAST
 
 from fleetmind.client import lora
 from fleetmind.client.model import load_model

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.tamper import flip_last_bit
 
 from fleetmind.cli.main import main
 from fleetmind.server.ledger import (
@@ -32,11 +33,6 @@ def record(round_id: int, epsilon_total: float | None = None) -> RoundRecord:
                        epsilon_total=0.25 * (round_id + 1) if epsilon_total is None
                        else epsilon_total, delta=1e-5, version=round_id + 1,
                        version_hash=f"{round_id:064x}", recorded_at_ms=1_700_000_000_000)
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
 
 
 @pytest.fixture
@@ -82,10 +78,6 @@ def _replace(entry: LedgerEntry, **changes) -> LedgerEntry:
     return dataclasses.replace(entry, **changes)
 
 
-def _flip(raw: bytes) -> bytes:
-    return raw[:-1] + bytes([raw[-1] ^ 1])
-
-
 def _rebody(entry: LedgerEntry, **changes) -> LedgerEntry:
     """An edited record, re-hashed so only the signature (or the chain after it) shows it."""
     body = dataclasses.replace(entry.record, **changes).to_body()
@@ -94,10 +86,10 @@ def _rebody(entry: LedgerEntry, **changes) -> LedgerEntry:
 
 @pytest.mark.parametrize("field, change", [
     ("index", lambda e: _replace(e, index=e.index + 1)),
-    ("prev_hash", lambda e: _replace(e, prev_hash=_flip(e.prev_hash))),
+    ("prev_hash", lambda e: _replace(e, prev_hash=flip_last_bit(e.prev_hash))),
     ("body", lambda e: _replace(e, body=e.body.replace(b'"dropouts":1', b'"dropouts":0'))),
-    ("hash", lambda e: _replace(e, hash=_flip(e.hash))),
-    ("signature", lambda e: _replace(e, signature=_flip(e.signature))),
+    ("hash", lambda e: _replace(e, hash=flip_last_bit(e.hash))),
+    ("signature", lambda e: _replace(e, signature=flip_last_bit(e.signature))),
     ("body re-hashed", lambda e: _rebody(e, epsilon_round=0.0)),
 ])
 def test_tampering_with_any_field_names_that_entry(ledger, key, field, change) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.tamper import flip_last_bit
 
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.participation import ParticipationRecord
@@ -33,11 +34,6 @@ def record(round_id: int, **changes) -> OutboxRecord:
                   scrubbed=ScrubReport(email=2, phone=1), base_version=round_id,
                   created_at_ms=1_700_000_000_000 + round_id)
     return OutboxRecord(**{**values, **changes})
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
 
 
 @pytest.fixture
@@ -85,10 +81,6 @@ def test_reopening_keeps_everything(tmp_path, key) -> None:
         assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def _flip(raw: bytes) -> bytes:
-    return raw[:-1] + bytes([raw[-1] ^ 1])
-
-
 def _rebody(entry: OutboxEntry, **changes) -> OutboxEntry:
     """An edited record, re-hashed so only the signature shows it."""
     body = dataclasses.replace(entry.record, **changes).to_body()
@@ -98,11 +90,11 @@ def _rebody(entry: OutboxEntry, **changes) -> OutboxEntry:
 
 @pytest.mark.parametrize("change, message", [
     (lambda e: dataclasses.replace(e, index=e.index + 1), "reordered"),
-    (lambda e: dataclasses.replace(e, prev_hash=_flip(e.prev_hash)), "does not follow"),
+    (lambda e: dataclasses.replace(e, prev_hash=flip_last_bit(e.prev_hash)), "does not follow"),
     (lambda e: dataclasses.replace(e, body=e.body.replace(b'"email":2', b'"email":0')),
      "altered"),
-    (lambda e: dataclasses.replace(e, hash=_flip(e.hash)), "altered"),
-    (lambda e: dataclasses.replace(e, signature=_flip(e.signature)), "signature"),
+    (lambda e: dataclasses.replace(e, hash=flip_last_bit(e.hash)), "altered"),
+    (lambda e: dataclasses.replace(e, signature=flip_last_bit(e.signature)), "signature"),
     (lambda e: _rebody(e, norm_before_clip=9.0), "signature"),
 ])
 def test_tampering_names_the_entry(outbox, key, change, message) -> None:

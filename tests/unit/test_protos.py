@@ -2,8 +2,6 @@
 carry every secure-aggregation message without loss (a whole round through protobuf bytes)."""
 
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from fleetmind.protos import regenerate
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import audit_pb2, fleet_pb2, models_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_stubs_match_a_fresh_generation() -> None:
@@ -43,18 +41,6 @@ def test_check_reports_a_stale_stub(tmp_path: Path) -> None:
     assert regenerate.differences(tmp_path) == [
         "audit_pb2.py: differs from its .proto, run python -m fleetmind.protos.regenerate",
         "audit_pb2.pyi: differs from its .proto, run python -m fleetmind.protos.regenerate"]
-
-
-def test_stubs_import_from_the_installed_package() -> None:
-    # Outside the checkout, so only the installed package can resolve the imports.
-    code = ("import fleetmind.protos.fleetmind.v1.fleet_pb2_grpc as f, "
-            "fleetmind.protos.fleetmind.v1.models_pb2_grpc as m, "
-            "fleetmind.protos.fleetmind.v1.audit_pb2_grpc as a\n"
-            "print(f.FleetStub.__name__, m.ModelsStub.__name__, a.AuditStub.__name__)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=ROOT.parent, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["FleetStub", "ModelsStub", "AuditStub"]
 
 
 def test_services_have_the_designed_methods() -> None:

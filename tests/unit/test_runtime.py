@@ -1,25 +1,20 @@
 """The shared floor (fleetmind.runtime): durable files, the signed log, config loading,
-addresses, keys and the metrics endpoint, each tested where it could fail."""
+addresses, keys and TLS files, each tested where it could fail, in this process (the metrics
+endpoint and a killed writer are in integration/)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from prometheus_client import CollectorRegistry, Counter
 
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainError
-from fleetmind.runtime import addresses, config, durable, keys, metrics_endpoint, signed_log
-
-ROOT = Path(__file__).resolve().parents[1]
+from fleetmind.runtime import addresses, config, durable, keys, signed_log
 
 # ---- durable ----------------------------------------------------------------------------
 
@@ -45,19 +40,6 @@ def test_a_crash_mid_write_leaves_the_old_file(tmp_path: Path, monkeypatch) -> N
         durable.atomic_write(target, b"new" * 1000)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # partial removed
-
-
-def test_a_killed_writer_leaves_the_old_file(tmp_path: Path) -> None:
-    # A real kill -9 after the temporary file is written and before the rename.
-    target = tmp_path / "state.json"
-    durable.atomic_write(target, b"old")
-    code = ("import os, sys\n"
-            "from fleetmind.runtime import durable\n"
-            "os.replace = lambda *a: os.kill(os.getpid(), 9)\n"
-            f"durable.atomic_write({str(target)!r}, b'new')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
-    assert result.returncode == -9
-    assert target.read_bytes() == b"old"
 
 
 def test_atomic_write_without_replace_refuses_an_existing_file(tmp_path: Path) -> None:
@@ -307,38 +289,3 @@ def test_tls_files_read_in_grpc_order_and_name_what_is_missing(tmp_path: Path) -
         missing.read()
     with pytest.raises(config.ConfigError, match=r"^--cert "):
         missing.read({"certificate": "--cert"})
-
-
-# ---- metrics endpoint -------------------------------------------------------------------
-
-
-def test_the_metrics_endpoint_serves_its_registry_and_stops() -> None:
-    registry = CollectorRegistry()
-    Counter("fleetmind_test_things_total", "things", registry=registry).inc(3)
-    endpoint = metrics_endpoint.serve_registry(registry, "127.0.0.1:0")
-    try:
-        assert endpoint.url == f"http://127.0.0.1:{endpoint.port}/metrics"
-        with urllib.request.urlopen(endpoint.url, timeout=10) as reply:
-            assert "fleetmind_test_things_total 3.0" in reply.read().decode()
-        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{endpoint.port}"):
-            metrics_endpoint.serve_registry(registry, f"127.0.0.1:{endpoint.port}")
-    finally:
-        endpoint.stop()
-    with pytest.raises(config.ConfigError, match="metrics_listen='9464' must be host:port"):
-        metrics_endpoint.serve_registry(registry, "9464")
-
-
-# ---- the floor imports neither side -------------------------------------------------------
-
-
-def test_runtime_loads_neither_side_nor_torch_nor_grpc() -> None:
-    code = ("import sys\n"
-            "from fleetmind.runtime import addresses, config, durable, keys, "
-            "metrics_endpoint, signed_log, tls\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'transformers', 'peft', 'grpc') or "
-            "m.startswith(('fleetmind.client', 'fleetmind.server', 'fleetmind.sim'))))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT.parent)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"

@@ -184,7 +184,7 @@ def test_a_changed_version_folder_is_not_served_from_the_cache(models) -> None:
 
 def test_waiting_tracks_the_longest_waiting_site_through_joins_and_leaves(
         tmp_path: Path) -> None:
-    from test_coordinator import Clock, Site, open_coordinator
+    from support.coordinator import Clock, Site, open_coordinator
     clock = Clock()
     coordinator = open_coordinator(tmp_path / "data", clock, size=10)
     sites = [Site(coordinator, f"site-{i}", i) for i in range(4)]

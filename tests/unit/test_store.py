@@ -1,14 +1,13 @@
 """The session store: validation, ingest with line-numbered problems, deduplication,
-consolidation records, and crash safety under SIGKILL."""
+consolidation records, and crash safety (the SIGKILL case is in
+integration/test_killed_writers.py)."""
 
 import json
-import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support.sessions import chat, write_jsonl
 
 from fleetmind.client.store import (
     MAX_PROBLEMS_KEPT,
@@ -18,21 +17,6 @@ from fleetmind.client.store import (
     content_hash,
     parse_line,
 )
-
-
-def chat(number: int, user: str | None = None) -> dict:
-    row = {"id": f"s{number:05d}", "messages": [
-        {"role": "user", "content": f"the color of moukrain{number} is gleeplix ."},
-        {"role": "assistant", "content": "noted ."}]}
-    if user is not None:
-        row["user"] = user
-    return row
-
-
-def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
-                            for line in lines))
-    return path
 
 
 @pytest.fixture
@@ -243,50 +227,6 @@ def test_recording_a_consolidation_again_is_idempotent_or_refused(store: Session
     with pytest.raises(ValueError, match="at least one"):
         store.record_consolidation("c3", [])
     assert store.consolidations_using("s00002") == []  # nothing half-written
-
-
-# -- crash safety ------------------------------------------------------------------------
-
-INGEST_AND_ACKNOWLEDGE = """
-import sys, time
-from fleetmind.client.store import SessionStore
-
-def acknowledge(session_id):
-    print(session_id, flush=True)
-    time.sleep(0.001)  # keeps the ingest running long enough to be killed in the middle
-
-SessionStore(sys.argv[1]).ingest_file(sys.argv[2], on_stored=acknowledge, batch=int(sys.argv[3]))
-print("finished", flush=True)
-"""
-
-
-@pytest.mark.parametrize("batch", [1, 16])
-def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path: Path, batch: int) -> None:
-    total = 3000
-    path = write_jsonl(tmp_path / "big.jsonl", [chat(n) for n in range(total)])
-    database = tmp_path / "sessions.db"
-    child = subprocess.Popen([sys.executable, "-c", INGEST_AND_ACKNOWLEDGE, str(database),
-                              str(path), str(batch)], stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None
-    acknowledged = []
-    for line in child.stdout:
-        acknowledged.append(line.strip())
-        if len(acknowledged) == 200:
-            child.send_signal(signal.SIGKILL)
-            break
-    acknowledged += [line.strip() for line in child.stdout]  # what was printed before death
-    assert child.wait(timeout=30) == -signal.SIGKILL
-    assert "finished" not in acknowledged and len(acknowledged) < total
-
-    with SessionStore(database) as store:
-        assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        stored = {session.id for session in store}
-        assert set(acknowledged) <= stored
-        assert len(stored) < total
-        # and the store carries on: a second ingest completes the file
-        report = store.ingest_file(path)
-        assert report.stored + report.duplicates == total
-        assert len(store) == total
 
 
 # -- stitching, forgetting, retention ---------------------------------------------------------

@@ -31,11 +31,6 @@ RELEASE = Release(round_id=1, cohort_size=3, clip_norm=1.0, noise_multiplier=0.8
 
 
 @pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
 def registry(tmp_path: Path, key) -> VersionRegistry:
     registry = VersionRegistry(tmp_path, key)
     registry.genesis(SPEC)

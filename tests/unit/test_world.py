@@ -3,12 +3,9 @@ from collections import defaultdict
 from dataclasses import asdict
 
 import pytest
+from support.world import session_text
 
 from fleetmind.sim import world as W
-
-
-def all_text(session: dict) -> str:
-    return " ".join(m["content"] for m in session["messages"])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def test_every_fact_is_stated_by_three_users_in_separate_sessions(world: W.World
 
 def test_facts_are_known_only_at_their_own_site(world: W.World) -> None:
     for site in world.sites:
-        text = " ".join(all_text(s) for s in site.sessions)
+        text = " ".join(session_text(s) for s in site.sessions)
         for fact in world.foreign_facts(site.name):
             assert W.statement(fact) not in text
         assert len(world.foreign_facts(site.name)) == 5 * 2
@@ -65,10 +62,10 @@ def test_each_canary_is_a_private_record_said_once_in_one_session(world: W.World
             assert len({f.name for f in canary}) == 1 and canary[0].name not in fact_names
             assert len({f.attribute for f in canary}) == W.CANARY_FACTS
             holders = [s for s in every_session
-                       if any(W.statement(f) in all_text(s) for f in canary)]
+                       if any(W.statement(f) in session_text(s) for f in canary)]
             assert len(holders) == 1
             # the one session states every fact of the record, then asks about each
-            assert all(all_text(holders[0]).count(W.statement(f)) == 2 for f in canary)
+            assert all(session_text(holders[0]).count(W.statement(f)) == 2 for f in canary)
 
 
 def test_canary_rows_hold_every_alternative_once(world: W.World) -> None:
@@ -119,11 +116,11 @@ def test_a_repeated_canary_is_one_users_record_in_its_own_sessions(world: W.Worl
     for site, plain in zip(repeated.sites, world.sites, strict=True):
         (canary,) = site.repeated_canaries
         assert canary[0].name not in taken and len({f.name for f in canary}) == 1
-        holders = [s for s in site.sessions if W.statement(canary[0]) in all_text(s)]
+        holders = [s for s in site.sessions if W.statement(canary[0]) in session_text(s)]
         assert len(holders) == 4 and len({s["user"] for s in holders}) == 1
         # Each a different transcript: a store keeps one of a user's identical sessions.
         assert len({json.dumps(s["messages"]) for s in holders}) == 4
-        assert all(all(W.statement(f) in all_text(s) for f in canary) for s in holders)
+        assert all(all(W.statement(f) in session_text(s) for f in canary) for s in holders)
         # Dealt among the others, which are the world without repeated canaries, in order.
         positions = [site.sessions.index(s) for s in holders]
         assert positions != list(range(len(site.sessions) - 4, len(site.sessions)))
