@@ -469,7 +469,8 @@ def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None
             (torch.stack([row_of_past(keys, member) for member in members]),
              torch.stack([row_of_past(values, member) for member in members]))
             for keys, values in past[0]])
-    keep = sorted({w for pack in packs for _, w in pack.wanted(skip_first) if w >= 0})
+    wanted = [pack.wanted(skip_first) for pack in packs]
+    keep = sorted({w for row in wanted for _, w in row if w >= 0})
     if keep:
         route = torch.arange(len(packs), device=device)[:, None] if routed else None
         with lora.routed(model, route):
@@ -483,8 +484,8 @@ def packed_logits(model: Any, past: tuple[Sequence[tuple[Any, Any]], Any] | None
     table = logits if past_logits is None else torch.cat([logits, past_logits])
     slot = {w: i for i, w in enumerate(keep)}
     found = {}
-    for row, (pack, member) in enumerate(zip(packs, members, strict=True)):
-        for (j, k), w in pack.wanted(skip_first):
+    for row, (row_wanted, member) in enumerate(zip(wanted, members, strict=True)):
+        for (j, k), w in row_wanted:
             found[j, k] = (row * len(keep) + slot[w] if w >= 0
                            else len(logits) + member[-1 - w])
     index = torch.tensor([found[j, k] for j, y in enumerate(completions)
