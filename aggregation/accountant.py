@@ -28,6 +28,7 @@ import dp_accounting
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
+from fleetmind.aggregation.dp import DPConfig
 from fleetmind.aggregation.participation import ParticipationCap
 
 AccountingMethod = Literal["rdp", "pld"]
@@ -83,6 +84,16 @@ class RoundCharge:
         exactly how the coordinator charges every round today (sampling_rate 1.0); a charge
         with sampling_rate < 1 is charged as if unsampled under a cap (an upper bound)."""
         return dp_accounting.GaussianDpEvent(self.participation_noise)
+
+
+def worst_case_charge(noise: DPConfig, min_contributors: int, uses: int = 1) -> RoundCharge:
+    """What a round of `noise.expected_cohort` sites can cost at most, to charge before it
+    runs: sites that drop take their share of distributed noise with them, and a round
+    completes with as few as `min_contributors`, so it is charged as if only they (or the
+    whole cohort, if smaller) added noise. The fleet's coordinator and the Flower ServerApp
+    both charge this."""
+    return RoundCharge(noise.effective_noise_multiplier(
+        min(min_contributors, noise.expected_cohort)), 1.0, uses)
 
 
 def _accountant(method: AccountingMethod) -> dp_accounting.PrivacyAccountant:

@@ -24,6 +24,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetmind.aggregation import dp, merge
+from fleetmind.aggregation.encoding import site_payload
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
 from fleetmind.aggregation.secagg import DropReason, RoundPhase, SiteAdvertiseKeys, crypto
 from fleetmind.aggregation.secagg.messages import MaskedInput
@@ -241,7 +242,7 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
     The update is flattened in sorted-name order (merge.flatten), weighted, noised as the
     round's config says (distributed: this site's integer share in the ring; local: the full
     Gaussian; central: none here; `add_noise=False` turns site noise off, and the outbox
-    then records mode 'none'), encoded (merge.secagg_payload) and masked. A round whose
+    then records mode 'none'), encoded (encoding.site_payload) and masked. A round whose
     config says `plain_sum` skips the key and unmasking phases and sends it unmasked, but
     only with `allow_plain_sum` (pass it only for an aggregator on loopback: the server
     itself refuses the mode anywhere else); without, PlainSumRefusedError. The outbox record
@@ -297,15 +298,9 @@ def participate(channel: grpc.Channel, identity_key: Ed25519PrivateKey, site_nam
         norm_after = float(np.linalg.norm(flat.astype(np.float64)))
         norm_before = norm_after if update.norm_before_clip is None \
             else max(norm_after, update.weight * update.norm_before_clip)
-        delta_code, weight_code = codec.payload_codes(wire)
+        delta_code, weight_code = codec.payload_codes(wire)  # checks the mode, for _noise
         noise_config, noise_mode, noise_multiplier = _noise(wire, add_noise)
-        integer_noise = None
-        if noise_config is not None and noise_config.mode == "distributed":
-            integer_noise = dp.distributed_noise(noise_config, delta_code, flat.size, rng)
-        elif noise_config is not None:
-            flat = dp.noise_for_site(flat, noise_config, rng)
-        ring = merge.secagg_payload(flat, update.weight, delta_code, weight_code, rng,
-                                    integer_noise)
+        ring = site_payload(flat, update.weight, delta_code, weight_code, noise_config, rng)
         if ring.size != config.vector_length:
             raise ValueError(f"the update encodes to {ring.size} ring words, the round expects "
                              f"{config.vector_length}: the adapter shapes differ from the "

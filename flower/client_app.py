@@ -27,7 +27,8 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fleetmind.aggregation import dp, merge
+from fleetmind.aggregation import merge
+from fleetmind.aggregation.encoding import site_payload
 from fleetmind.aggregation.participation import (
     ParticipationCap,
     ParticipationRecord,
@@ -130,14 +131,10 @@ def encode(delta: dict[str, np.ndarray], encoding: fleet_pb2.RoundConfig,
            rng: np.random.Generator | None = None) -> np.ndarray:
     """The ring words of a site's clipped delta (weight 1: Flower's rounds are
     synchronous), with its share of the round's discrete Gaussian noise added in the ring,
-    as the site agent encodes its update (merge.secagg_payload)."""
-    rng = rng or np.random.default_rng()
+    as the site agent encodes its update (`encoding.site_payload`, the one encoder)."""
     flat = merge.flatten(delta, {name: t.shape for name, t in delta.items()})
-    delta_code, weight_code = codec.payload_codes(encoding)
-    noise = distributed_noise(encoding)
-    integer_noise = None if noise is None else dp.distributed_noise(noise, delta_code,
-                                                                    flat.size, rng)
-    return merge.secagg_payload(flat, 1.0, delta_code, weight_code, rng, integer_noise)
+    return site_payload(flat, 1.0, *codec.payload_codes(encoding), distributed_noise(encoding),
+                        rng or np.random.default_rng())
 
 
 def site_contribution(sent: dict[str, np.ndarray], run: FlowerRun, site: SiteNode,

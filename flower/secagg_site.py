@@ -29,8 +29,8 @@ from fleetmind.aggregation.secagg.messages import (
     EncryptedShares,
     KeyAdvertisement,
     MaskedInput,
+    Neighbourhood,
     ProtocolError,
-    RoundConfig,
     SharesForSite,
     UnmaskRequest,
     UnmaskShares,
@@ -142,7 +142,7 @@ class _AdvertisedKeys(SiteAdvertiseKeys):
     """The round-0 state with the keys it made, restored from Context.state (the
     library's constructor would make new ones)."""
 
-    def __init__(self, config: RoundConfig, site: int, advertisement: KeyAdvertisement,
+    def __init__(self, config: Neighbourhood, site: int, advertisement: KeyAdvertisement,
                  mask_key: X25519PrivateKey, share_key: X25519PrivateKey) -> None:
         self.config, self.site, self.advertisement = config, site, advertisement
         self._mask_key, self._share_key = mask_key, share_key
@@ -152,7 +152,7 @@ class _SharedKeys(SiteShareKeys):
     """The round-1 state with the seed it shared, restored from Context.state (the
     library's constructor would draw a new seed and new shares)."""
 
-    def __init__(self, config: RoundConfig, site: int, mask_key: X25519PrivateKey,
+    def __init__(self, config: Neighbourhood, site: int, mask_key: X25519PrivateKey,
                  share_key: X25519PrivateKey, peers: Mapping[int, KeyAdvertisement],
                  self_mask_seed: bytes) -> None:
         self.config, self.site = config, site
@@ -186,7 +186,7 @@ def _state(context: Context, needs: str) -> ConfigRecord:
     return record
 
 
-def _config(record: ConfigRecord) -> tuple[RoundConfig, int]:
+def _config(record: ConfigRecord) -> tuple[Neighbourhood, int]:
     wire = fleet_pb2.RoundConfig.FromString(_bytes(record, "round-config"))
     return codec.round_config_from_wire(wire), int(_ints(record, "site")[0])
 

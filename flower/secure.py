@@ -31,8 +31,14 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fleetmind.aggregation import merge
-from fleetmind.aggregation.accountant import RoundCharge
+from fleetmind.aggregation.accountant import Budget, RoundCharge, worst_case_charge
+from fleetmind.aggregation.aggregate_check import (
+    MAX_UNITS_PER_SITE,
+    AggregateBounds,
+    AggregateRejectedError,
+)
 from fleetmind.aggregation.dp import DPConfig, PrivacyUnit
+from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.aggregation.secagg import (
     NeighbourGraph,
     ProtocolError,
@@ -51,11 +57,15 @@ from fleetmind.aggregation.secagg.server_r2_masked_input_collection import (
 from fleetmind.aggregation.secagg.server_r3_unmasking import ServerUnmasking
 from fleetmind.flower import secagg_messages as carried
 from fleetmind.flower.settings import FlowerRun
-from fleetmind.flower.strategy import ExactLoRAMerge, b_record
+from fleetmind.flower.strategy import METRICS, ExactLoRAMerge, b_record
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import fleet_pb2
 
 PhaseState = ServerAdvertiseKeys | ServerShareKeys | ServerMaskedInputCollection | ServerUnmasking
+# Every Flower site sends weight 1 (the rounds are synchronous: no staleness), so the
+# aggregate check's least honest weight is 1, not the fleet's 0.01: a weight word that
+# shrinks the weight sum, to inflate the mean, is refused sooner.
+SITE_WEIGHT = 1.0
 
 
 def round_encoding(run: FlowerRun, cohort: int) -> fleet_pb2.RoundConfig:
@@ -80,12 +90,35 @@ def distributed_noise(encoding: fleet_pb2.RoundConfig) -> DPConfig | None:
                     "distributed", encoding.expected_cohort)
 
 
+def privacy_budget(run: FlowerRun, charges: list[RoundCharge]) -> Budget:
+    """The run's budget over `charges` (the list itself: what it admits is appended there),
+    by the fleet's accountant: `epsilon-budget` at `dp-delta`, per unit under the
+    participation cap K (the K most expensive rounds), every round composed without one."""
+    cap = ParticipationCap(run.participation_cap) if run.participation_cap else None
+    return Budget(run.epsilon_budget, run.dp_delta, charges=charges, cap=cap)
+
+
+def aggregate_bounds(run: FlowerRun, encoding: fleet_pb2.RoundConfig) -> AggregateBounds:
+    """What an honest cohort sum of the round can hold (the fleet's aggregate check): C
+    per privacy unit (none without clipping: then only the fixed-point clip bounds a
+    delta), the round's codes and distributed noise, each site's weight 1."""
+    delta_code, weight_code = codec.payload_codes(encoding)
+    return AggregateBounds(run.dp_clip_norm or None, run.fixed_point_clip, delta_code,
+                           weight_code, distributed_noise(encoding),
+                           min_site_weight=SITE_WEIGHT)
+
+
 class SecureLoRAMerge(ExactLoRAMerge):
     """ExactLoRAMerge's sampling and merge, with the deltas summed under SecAgg+.
 
-    `charges` holds each published round's privacy charge (the noise multiplier the sum
-    really carried: dropped sites took their noise shares with them), `outcomes` what each
-    round did, by round."""
+    With noise, a round the privacy budget cannot pay (`privacy_budget`, charged the
+    most the round can cost: `accountant.worst_case_charge`, as the fleet's coordinator
+    charges) is refused before anything is sent. The
+    unmasked sum is checked (`aggregate_bounds`, the fleet's aggregate check) before it is
+    merged; a sum that fails is not merged. `charges` holds the privacy charge of each
+    round whose sum the ServerApp saw, merged or refused by the check (the noise multiplier
+    the sum really carried: dropped sites took their noise shares with them); `outcomes`
+    what each round did, by round."""
 
     def __init__(self, optimizer: merge.FedAvg | merge.FedAdam, run: FlowerRun) -> None:
         super().__init__(optimizer, sites=run.sites, fraction_train=run.fraction_train)
@@ -93,6 +126,7 @@ class SecureLoRAMerge(ExactLoRAMerge):
         self.grid: Grid | None = None
         self.encoding = round_encoding(run, run.sites)
         self.charges: list[RoundCharge] = []
+        self.budget = privacy_budget(run, self.charges) if run.dp_noise_multiplier else None
         self.outcomes: dict[int, dict[str, Any]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -100,6 +134,16 @@ class SecureLoRAMerge(ExactLoRAMerge):
         self.grid = grid  # the secure phases run inside aggregate_train, on the same grid
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.encoding = round_encoding(self.run, len(messages))
+        refusal = self._budget_refusal(len(messages))
+        if refusal is not None:
+            # Refused before anything is sent: nothing runs, nothing is spent.
+            assert self.budget is not None
+            log(WARNING, "round %s refused: %s", server_round, refusal)
+            self.outcomes[server_round] = {
+                "refused": "privacy_budget", "reason": refusal,
+                "epsilon_per_unit": self.budget.epsilon_spent,
+                "epsilon_budget": self.budget.epsilon_limit}
+            return []
         for message in messages:  # they share one config record
             message.content.config_records["config"][carried.ENCODING] = \
                 self.encoding.SerializeToString()
@@ -107,6 +151,8 @@ class SecureLoRAMerge(ExactLoRAMerge):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.outcomes.get(server_round, {}).get("refused"):
+            return None, None  # the budget refused it: nothing was sent
         # The replies hold no B: an identity key and counts (FedAvg's check wants arrays).
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         ready = {}
@@ -139,20 +185,28 @@ class SecureLoRAMerge(ExactLoRAMerge):
         shapes = {name: b.shape for name, b in self.sent.items()}
         weighted, weight_sum = merge.open_secagg_sum(np.asarray(result.cohort_sum), shapes,
                                                      delta_code, weight_code)
+        contributed = [ready[nodes[site - 1]][1].content for site in result.contributors]
+        # Dropped: trained, but not in the sum (lost or refused in some phase).
+        outcome: dict[str, Any] = {"contributors": len(result.contributors),
+                                   "dropped": len(nodes) - len(result.contributors)}
         try:
-            new_b, self.optimizer_state = merge.exact_merge(
+            aggregate_bounds(self.run, self.encoding).check(
+                merge.flatten(weighted, shapes), weight_sum, len(result.contributors),
+                max(_units(content) for content in contributed))
+            new_b, optimizer_state = merge.exact_merge(
                 self.sent, weighted, weight_sum, self.optimizer, self.optimizer_state)
+            if not all(np.isfinite(b).all() for b in new_b.values()):
+                raise AggregateRejectedError("the merged adapter holds non-finite values",
+                                             "merged_non_finite")
+        except AggregateRejectedError as error:
+            # The ServerApp saw the (noised) sum: its charge is spent, as on the fleet.
+            self._charge(len(result.contributors))
+            return self._rejected(server_round, error, outcome)
         except (ValueError, ArithmeticError) as error:
             return self._aborted(server_round, "merge", str(error))
-        noise = distributed_noise(self.encoding)
-        if noise is not None:
-            self.charges.append(RoundCharge(
-                noise.effective_noise_multiplier(len(result.contributors))))
-        # Dropped: trained, but not in the sum (lost or refused in some phase).
-        outcome = {"contributors": len(result.contributors),
-                   "dropped": len(nodes) - len(result.contributors)}
+        self.optimizer_state = optimizer_state
+        self._charge(len(result.contributors))
         self.outcomes[server_round] = outcome
-        contributed = [ready[nodes[site - 1]][1].content for site in result.contributors]
         metrics = self.train_metrics_aggr_fn(contributed, self.weighted_by_key)
         metrics.update(outcome)
         return b_record(new_b), metrics
@@ -162,9 +216,9 @@ class SecureLoRAMerge(ExactLoRAMerge):
         """The four phases over the grid, from round 0 to the unmasked sum or an abort."""
         assert self.grid is not None, "configure_train sets the grid"
         site_of = {node: site for site, node in node_of.items()}
-        wire = codec.round_config_to_wire(config)
         state: PhaseState = ServerAdvertiseKeys(config)
-        outgoing = {site: carried.carry({carried.ROUND_CONFIG: wire, carried.SITE: site})
+        outgoing = {site: carried.carry({carried.ROUND_CONFIG: codec.round_config_to_wire(
+                                             config, site), carried.SITE: site})
                     for site in node_of}
         while True:
             action, decode = _PHASES[type(state)]
@@ -192,10 +246,39 @@ class SecureLoRAMerge(ExactLoRAMerge):
             state = closed
             outgoing = _onward(state)
 
+    def _budget_refusal(self, cohort: int) -> str | None:
+        """Why a round of `cohort` sampled sites must not run (the budget cannot pay the
+        most it can cost), or None: it may, or there is no noise and no budget."""
+        if self.budget is None or cohort == 0:
+            return None  # without noise no budget; no sites sampled, nothing to run
+        noise = distributed_noise(self.encoding)
+        if noise is None:
+            return None
+        refusal = self.budget.refusal(worst_case_charge(noise, self.run.min_cohort))
+        return None if refusal is None else f"privacy budget exhausted: {refusal}"
+
+    def _charge(self, contributors: int) -> None:
+        """Records the charge of a sum the ServerApp saw: the z it really carried."""
+        noise = distributed_noise(self.encoding)
+        if noise is not None:
+            self.charges.append(RoundCharge(noise.effective_noise_multiplier(contributors)))
+
     def _aborted(self, server_round: int, phase: str, reason: str) -> tuple[None, None]:
         """Nothing is published: Flower keeps the B it sent."""
         log(WARNING, "round %s published nothing: %s: %s", server_round, phase, reason)
         self.outcomes[server_round] = {"aborted": phase, "reason": reason}
+        return None, None
+
+    def _rejected(self, server_round: int, error: AggregateRejectedError,
+                  outcome: dict[str, Any]) -> tuple[None, None]:
+        """The unmasked sum failed the aggregate check: not merged, nothing is published
+        (Flower keeps the B it sent); the check's name and numbers go to the outcome."""
+        log(WARNING, "round %s rejected by the aggregate check %s: %s", server_round,
+            error.check, error)
+        self.outcomes[server_round] = {"aborted": "merge", "rejected": error.check,
+                                       "reason": str(error), "measured": error.measured,
+                                       "allowed": None if error.allowed is None
+                                       else list(error.allowed), **outcome}
         return None, None
 
 
@@ -247,3 +330,13 @@ _PHASES: dict[type, tuple[str, Callable[[RecordDict], tuple[int, Any]]]] = {
     ServerMaskedInputCollection: (carried.MASKED_INPUT, _masked_input),
     ServerUnmasking: (carried.UNMASKING, _unmask_shares),
 }
+
+
+def _units(content: RecordDict) -> int:
+    """The privacy units a site's training reply declares (1..MAX_UNITS_PER_SITE, as the
+    fleet's aggregator admits at join; 1 if it declares none)."""
+    metrics = content.metric_records.get(METRICS)
+    value = None if metrics is None else metrics.get("units")
+    if not isinstance(value, int | float) or not value >= 1:
+        return 1
+    return int(min(value, MAX_UNITS_PER_SITE))

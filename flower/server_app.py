@@ -4,6 +4,10 @@ the run config names one, and the result on disk (`result.json`, with the privac
 per unit and each secure round's contributors and dropouts; `global_b.safetensors`;
 `adapter/` as a PEFT folder).
 
+With noise, a round the run's `epsilon-budget` cannot pay is refused before anything is
+sent, and a cohort sum that fails the aggregate check is not merged; both are recorded in
+`secure_rounds` with why (and the check's numbers).
+
 The evaluation is a parameter, as in Flower's app templates: the run config's `evaluate`
 names a factory "module:function" (see `Evaluation`); the app knows no dataset.
 """
@@ -12,10 +16,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import time
 from collections.abc import Callable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fleetmind.aggregation import accountant, merge
+from fleetmind.aggregation import merge
 from fleetmind.aggregation.accountant import RoundCharge
-from fleetmind.aggregation.participation import ParticipationCap
-from fleetmind.flower.secure import SecureLoRAMerge
+from fleetmind.flower.secure import SecureLoRAMerge, privacy_budget
 from fleetmind.flower.settings import FlowerRun
 from fleetmind.flower.strategy import ExactLoRAMerge, b_record, b_tensors
 
@@ -73,21 +75,21 @@ def make_strategy(run: FlowerRun) -> ExactLoRAMerge:
 
 
 def privacy_spent(run: FlowerRun, charges: list[RoundCharge]) -> dict[str, Any]:
-    """What the run spent, per privacy unit, for result.json: the unit, C, z and the cap,
-    and epsilon(dp-delta) of one unit by fleetmind's accountant (the K most expensive
-    rounds under a participation cap K, every round without; `Budget.unit_epsilon`), or
-    None without noise. Each round's charge is the z its sum really carried."""
+    """What the run spent, per privacy unit, for result.json: the unit, C, z, the cap and
+    the budget, and epsilon(dp-delta) of one unit by fleetmind's accountant (the K most
+    expensive rounds under a participation cap K, every round without;
+    `Budget.unit_epsilon`), or None without noise. Each round's charge is the z its sum
+    really carried. The rounds the budget refused are in `secure_rounds`."""
     spent: dict[str, Any] = {
         "privacy_unit": run.unit, "clip_norm": run.dp_clip_norm or None,
         "noise_multiplier": run.dp_noise_multiplier, "noise": "distributed"
         if run.dp_noise_multiplier else "none", "secure_aggregation": run.secure_aggregation,
-        "participation_cap": run.participation_cap or None, "rounds_charged": len(charges)}
+        "participation_cap": run.participation_cap or None, "rounds_charged": len(charges),
+        "epsilon_budget": run.epsilon_budget if run.dp_noise_multiplier else None}
     if not run.dp_noise_multiplier:
         return {**spent, "epsilon_per_unit": None, "delta": run.dp_delta}
-    cap = ParticipationCap(run.participation_cap) if run.participation_cap else None
-    # No limit: Flower rounds are not refused here; the budget only composes the charges.
-    budget = accountant.Budget(math.inf, run.dp_delta, charges=list(charges), cap=cap)
-    return {**spent, **budget.unit_epsilon().to_json()}
+    # The ServerApp's own budget, over a copy: this only reads what was spent.
+    return {**spent, **privacy_budget(run, list(charges)).unit_epsilon().to_json()}
 
 
 def run_fleet(grid: Grid, run: FlowerRun) -> dict[str, Any]:
@@ -122,12 +124,16 @@ def run_fleet(grid: Grid, run: FlowerRun) -> dict[str, Any]:
                        sorted(result.evaluate_metrics_serverapp.items())},
         "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
         "privacy": privacy_spent(run, secure.charges if secure else []),
-        # Per round: contributors and dropouts, or the phase it aborted in and why.
+        # Per round: contributors and dropouts, or the phase it aborted in and why (a sum
+        # the aggregate check rejected: the check and its numbers), or the budget's refusal.
         "secure_rounds": secure.outcomes if secure else {},
         "config": run.as_config(),
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(INFO, "privacy spent: %s", summary["privacy"])
+    for server_round, outcome in sorted(secure.outcomes.items() if secure else []):
+        if "refused" in outcome or "rejected" in outcome:
+            log(WARNING, "round %s published nothing: %s", server_round, outcome["reason"])
     return summary
 
 

@@ -44,6 +44,10 @@ class FlowerRun:
     noise in the ring (aggregation/dp.py, distributed mode); needs secure aggregation.
     participation-cap: K, the most rounds one privacy unit enters (0 = none); epsilon is
     then per unit over K rounds (accountant.epsilon_per_unit).
+    epsilon-budget: the most epsilon (at dp-delta) the run may spend, per unit over its
+    life under a participation cap, else over every round composed; the ServerApp refuses
+    a round the budget cannot pay (accountant.Budget, the fleet aggregator's; its default,
+    privacy.epsilon_budget, too). Unused without noise: there is no finite epsilon.
     fixed-point-clip, ring-bits: the ring code (aggregation/quantize.py) of each site's
     clipped delta. dropout-rate: sizes the SecAgg+ neighbour graph (graph.py).
     min-cohort: the fewest sites whose sum the ServerApp may unmask.
@@ -75,6 +79,7 @@ class FlowerRun:
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 1e-5
     participation_cap: int = 0
+    epsilon_budget: float = 10.0
     fixed_point_clip: float = 4.0
     ring_bits: int = 32
     dropout_rate: float = 0.1
@@ -94,7 +99,7 @@ class FlowerRun:
                 problems.append(f"{_key(name)}={getattr(self, name)} must be >= 1")
         if not 0 < self.fraction_train <= 1:
             problems.append(f"fraction-train={self.fraction_train} must be in (0, 1]")
-        for name in ("server_learning_rate", "lora_alpha", "round_timeout"):
+        for name in ("server_learning_rate", "lora_alpha", "round_timeout", "epsilon_budget"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 problems.append(f"{_key(name)}={value} must be finite and > 0")

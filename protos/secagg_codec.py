@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator
 from fleetmind.aggregation.encoding import encoding_codes
 from fleetmind.aggregation.quantize import FixedPoint
 from fleetmind.aggregation.secagg import crypto
-from fleetmind.aggregation.secagg.graph import NeighbourGraph
 from fleetmind.aggregation.secagg.messages import (
     AdvertisedKeys,
     DropReason,
@@ -23,6 +22,7 @@ from fleetmind.aggregation.secagg.messages import (
     EncryptedShares,
     KeyAdvertisement,
     MaskedInput,
+    Neighbourhood,
     ProtocolError,
     RoundConfig,
     RoundPhase,
@@ -50,32 +50,34 @@ def _site(value: int, what: str) -> int:
     return value
 
 
-def round_config_to_wire(config: RoundConfig) -> fleet_pb2.RoundConfig:
-    """The protocol part of a round's config; the caller fills the encoding and privacy
-    fields (base_version, clip_norm, ...)."""
-    wire = fleet_pb2.RoundConfig(round_id=config.round_id, threshold=config.threshold,
-                                 min_cohort=config.min_cohort,
-                                 vector_length=config.vector_length,
-                                 ring_bits=config.ring_bits)
-    for site, peers in config.graph.neighbours.items():
-        wire.graph[site].sites.extend(sorted(peers))
-    for site, key in config.identities.items():
-        wire.identities[site] = key
+def round_config_to_wire(config: RoundConfig, site: int) -> fleet_pb2.RoundConfig:
+    """The protocol part of a round's config as `site` is told it (its neighbourhood, not
+    the cohort's graph); the caller fills the encoding and privacy fields (base_version,
+    clip_norm, ...)."""
+    view = config.neighbourhood(site)
+    wire = fleet_pb2.RoundConfig(round_id=view.round_id, threshold=view.threshold,
+                                 min_cohort=view.min_cohort, cohort_size=view.cohort_size,
+                                 vector_length=view.vector_length, ring_bits=view.ring_bits)
+    wire.graph[site].sites.extend(sorted(view.neighbours))
+    for peer, key in view.identities.items():
+        wire.identities[peer] = key
     return wire
 
 
-def round_config_from_wire(wire: fleet_pb2.RoundConfig) -> RoundConfig:
+def round_config_from_wire(wire: fleet_pb2.RoundConfig) -> Neighbourhood:
+    """The receiving site's view of the round; its one graph entry names the site."""
+    if len(wire.graph) != 1:
+        raise _malformed(f"round config names {len(wire.graph)} sites' neighbours; a site is "
+                         "sent its own neighbourhood only")
     for site, key in wire.identities.items():
         if len(key) != crypto.PUBLIC_KEY_BYTES:
             raise _malformed(f"identity of site {site} has {len(key)} bytes, "
                              f"need {crypto.PUBLIC_KEY_BYTES}")
+    (site, peers), = wire.graph.items()
     try:
-        graph = NeighbourGraph({site: frozenset(peers.sites)
-                                for site, peers in wire.graph.items()})
-        return RoundConfig(wire.round_id, graph, wire.threshold, wire.min_cohort,
-                           wire.vector_length, wire.ring_bits, dict(wire.identities))
-    except ProtocolError:
-        raise
+        return Neighbourhood(wire.round_id, site, frozenset(peers.sites), wire.threshold,
+                             wire.min_cohort, wire.cohort_size, wire.vector_length,
+                             wire.ring_bits, dict(wire.identities))
     except ValueError as error:
         raise _malformed(f"round config: {error}") from None
 

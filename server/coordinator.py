@@ -26,15 +26,16 @@ charge as spent. A round in flight at restart is marked abandoned on disk (nothi
 released, so nothing was spent) and its sites are told to re-join: the round runs again
 under a new round id, since SecAgg keys and masks are bound to the round id.
 
-Before anything is signed the unmasked sum is checked (`_check_aggregate`): the weight sum
-within what the contributors' staleness weights allow, every value finite, the mean delta's
-norm within what the cohort's clip and noise allow (`_aggregate_bound`, derived there and in
-docs/hardening.md). A sum that fails ends the round (RoundAborted, retry) and is recorded
-under "rejected" in coordinator.json and as a signed ledger entry (ledger.StoppedRound: the
-check, its numbers, the sites quarantined); its privacy charge is spent, since the
-aggregator saw it. A sum that cannot be merged gets such an entry too, and spends nothing.
-Masked vectors cannot be checked alone; unmasked ones (no secure aggregation) are, at upload
-(`_check_plain_vector`).
+Before anything is signed the unmasked sum is checked (`_check_aggregate`, by
+`aggregation.aggregate_check`, which the Flower ServerApp runs too): the weight sum within
+what the contributors' staleness weights allow, every value finite, the mean delta's norm
+within what the cohort's clip and noise allow (`AggregateBounds.mean_delta_bound`, derived
+there and in docs/hardening.md). A sum that fails ends the round (RoundAborted, retry) and
+is recorded under "rejected" in coordinator.json and as a signed ledger entry
+(ledger.StoppedRound: the check, its numbers, the sites quarantined); its privacy charge is
+spent, since the aggregator saw it. A sum that cannot be merged gets such an entry too,
+and spends nothing. Masked vectors cannot be checked alone; unmasked ones (no secure
+aggregation) are, at upload (`_check_plain_vector`).
 
 A round that ends without a version, or a site that leaves one, hears `Stopped` with the
 phase and a `DropReason` (site_only when only that site left): sites decide from those
@@ -61,7 +62,14 @@ from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 
-from fleetmind.aggregation.accountant import AccountingMethod, Budget, RoundCharge, epsilon_of
+from fleetmind.aggregation.accountant import (
+    AccountingMethod,
+    Budget,
+    RoundCharge,
+    epsilon_of,
+    worst_case_charge,
+)
+from fleetmind.aggregation.aggregate_check import AggregateBounds, AggregateRejectedError
 from fleetmind.aggregation.dp import DPConfig, NoiseMode, PrivacyUnit, noise_for_aggregator
 from fleetmind.aggregation.encoding import encoding_codes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, flatten, open_secagg_sum, unflatten
@@ -114,20 +122,6 @@ RefusalKind = Literal["budget_exhausted", "too_large", "upload_bytes", "not_foun
 PhaseState = ServerAdvertiseKeys | ServerShareKeys | ServerMaskedInputCollection | ServerUnmasking
 RoundState = PhaseState | ServerCompleted | ServerAborted
 _Phase = TypeVar("_Phase", bound=PhaseState)
-
-
-class AggregateRejectedError(ValueError):
-    """The unmasked aggregate is outside what the cohort's clip, weights and noise allow:
-    signing it would publish a poisoned version. `check` names the check (ledger.CHECKS);
-    `measured` and `allowed` are its number and range (None where it has none), as the
-    ledger records them."""
-
-    def __init__(self, message: str, check: str, measured: float | None = None,
-                 allowed: tuple[float, float] | None = None) -> None:
-        super().__init__(message)
-        self.check = check
-        self.measured = measured if measured is not None and math.isfinite(measured) else None
-        self.allowed = allowed
 
 
 class RefusedError(Exception):
@@ -330,7 +324,9 @@ class Rejected:
 @dataclass
 class CoordinatorState:
     """Everything in coordinator.json. participation_cap: the K the budget was accounted
-    under (None: no cap); at restart it may not fall, nor appear once rounds were spent."""
+    under (None: no cap); at restart it may not fall, nor appear once rounds were spent.
+    stopped: the ledger entries of the last rounds that ended without a version, written
+    here before the ledger (a restart appends any the ledger lacks)."""
 
     next_round: int = 1
     spent: list[Spent] = field(default_factory=list)
@@ -340,6 +336,7 @@ class CoordinatorState:
     suspects: list[int] = field(default_factory=list)
     quarantined: dict[int, str] = field(default_factory=dict)
     participation_cap: int | None = None
+    stopped: list[StoppedRound] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"next_round": self.next_round, "spent": [c.to_json() for c in self.spent],
@@ -348,7 +345,8 @@ class CoordinatorState:
                 "rejected": [r.to_json() for r in self.rejected],
                 "suspects": list(self.suspects),
                 "quarantined": {str(s): why for s, why in sorted(self.quarantined.items())},
-                "participation_cap": self.participation_cap}
+                "participation_cap": self.participation_cap,
+                "stopped": [json.loads(entry.to_body()) for entry in self.stopped]}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> CoordinatorState:
@@ -362,7 +360,8 @@ class CoordinatorState:
                     suspects=[int(s) for s in raw.get("suspects", ())],
                     quarantined={int(s): str(why)
                                  for s, why in raw.get("quarantined", {}).items()},
-                    participation_cap=None if cap is None else int(cap))
+                    participation_cap=None if cap is None else int(cap),
+                    stopped=[StoppedRound(**entry) for entry in raw.get("stopped", ())])
 
 
 class RoundListener:
@@ -534,6 +533,7 @@ class Coordinator:
         """Finish the bookkeeping of a round that published before a crash; abandon one
         that did not. Round ids only move forward, past anything on disk."""
         state = self._state
+        self._ledger_stopped_entries()
         latest = self.registry.latest()
         flight = state.in_flight
         if flight is not None:
@@ -545,6 +545,10 @@ class Coordinator:
                     flight.round_id, f"the aggregator restarted during {flight.phase}; "
                                      "nothing was released", flight.phase))
                 state.abandoned = state.abandoned[-KEEP_FINISHED:]
+                state.in_flight = None
+                self._stop(self._stopped_entry(
+                    flight.round_id, "abandoned", flight.phase,
+                    drop_reason=DropReason.ABANDONED_AT_RESTART))
                 self.listener.round_ended(flight.round_id, "abandoned", None)
             state.in_flight = None
         head = self.ledger.head()
@@ -584,10 +588,8 @@ class Coordinator:
         """What a round of `cohort_size` sites costs, charged before it runs. Sites that
         drop take their share of distributed noise with them, so it is charged as if only
         the minimum cohort contributed: the most a completed round can have spent."""
-        dp = _dp_config(self.privacy, cohort_size)
-        contributors = min(self.cohort_policy.min_size, cohort_size)
-        return RoundCharge(dp.effective_noise_multiplier(contributors), 1.0,
-                           self.privacy.unit_uses)
+        return worst_case_charge(_dp_config(self.privacy, cohort_size),
+                                 self.cohort_policy.min_size, self.privacy.unit_uses)
 
     def _check_budget(self, charge: RoundCharge) -> str | None:
         refusal = self.budget.refusal(charge)
@@ -991,7 +993,8 @@ class Coordinator:
             raise ProtocolError("malformed", f"site {message.site}: weight {weight:.6g} is not "
                                              f"in [{self.limits.min_site_weight}, 1]")
         delta = delta_code.decode_sum(ring[:-1])
-        bound = self._aggregate_bound(live, 1, weight, (message.site,))
+        bound = self._bounds(live.setup).mean_delta_bound(
+            1, weight, live.setup.config.vector_length - 1, self._units(live, (message.site,)))
         norm = float(np.linalg.norm(delta)) / weight
         if not norm <= bound:
             raise ProtocolError("malformed", f"site {message.site}: delta norm {norm:.6g} "
@@ -1025,6 +1028,9 @@ class Coordinator:
                                    missed)
         live.phase_started = now
         if isinstance(state, ServerAborted):
+            self._stop(self._stopped_entry(
+                live.round_id, "aborted", state.phase, drop_reason=state.drop_reason,
+                receipts=self._receipts(live, live.cohort)))
             self._end(live, Stopped(f"round aborted in {state.phase}: {state.reason}", True,
                                     RoundPhase(state.phase), state.drop_reason))
             return
@@ -1077,7 +1083,11 @@ class Coordinator:
             return
         except (ValueError, ArithmeticError) as error:
             # Nothing was published, so nothing was spent; the round runs again.
-            self._record_stopped(live, result, None, 0.0, ())
+            self._stop(self._stopped_entry(live.round_id, "merge_failed",
+                                           RoundPhase.MERGE.value,
+                                           contributors=len(result.contributors),
+                                           receipts=self._receipts(live,
+                                                                   result.contributors)))
             self._end(live, Stopped(f"round {live.round_id} could not be merged: {error}", True,
                                     RoundPhase.MERGE, DropReason.MERGE_FAILED))
             return
@@ -1092,61 +1102,27 @@ class Coordinator:
                               setup.fixed_point_clip, setup.cohort_max,
                               setup.config.ring_bits)
 
-    def _noise_stddev(self, setup: RoundSetup, contributors: int) -> float:
-        """Standard deviation per coordinate of the noise in a sum of `contributors`
-        vectors: z*C in the cohort sum (distributed, central), z*C from each site (local)."""
-        dp = DPConfig(setup.clip_norm, setup.noise_multiplier, setup.privacy_unit,
-                      setup.noise_mode, setup.expected_cohort)
-        if dp.mode == "local":
-            return dp.noise_stddev * math.sqrt(contributors)
-        return dp.noise_stddev
+    def _bounds(self, setup: RoundSetup) -> AggregateBounds:
+        """What an honest sum of this round can hold (aggregation.aggregate_check): the
+        round's clip, codes and noise, and the aggregator's limits."""
+        delta_code, weight_code = self.round_codes(setup)
+        return AggregateBounds(
+            setup.clip_norm, setup.fixed_point_clip, delta_code, weight_code,
+            DPConfig(setup.clip_norm, setup.noise_multiplier, setup.privacy_unit,
+                     setup.noise_mode, setup.expected_cohort),
+            self.limits.min_site_weight, self.limits.noise_norm_multiple)
 
-    def _aggregate_bound(self, live: _Round, contributors: int, weight_sum: float,
-                         sites: tuple[int, ...]) -> float:
-        """The largest L2 norm the mean delta sum_i w_i dB_i / sum_i w_i of honest sites can
-        have (docs/hardening.md, "The aggregate check"):
-
-            C * max_i min(u_i, c * sqrt(d) / C)  +  (k * sigma * sqrt(d) + n * sqrt(d) / s) / W
-
-        Each honest site's delta is a sum of u_i units clipped to C, so ||dB_i|| <= u_i*C,
-        and its words are clipped to c (the fixed-point clip) per coordinate, so also
-        <= c*sqrt(d); a weighted mean of vectors is no longer than the longest. The noise
-        (sigma per coordinate over d coordinates) has norm about sigma*sqrt(d), far below k
-        times that for k = 4 (Gaussian norm concentration); the fixed-point rounding adds
-        below 1/s per site and coordinate. Both are divided by the weight sum W."""
-        setup = live.setup
-        delta_code, _ = self.round_codes(setup)
-        d = setup.config.vector_length - 1
-        root_d = math.sqrt(d)
-        units = max((live.units.get(site, 1) for site in sites), default=1)
-        signal = min(units * setup.clip_norm, setup.fixed_point_clip * root_d)
-        noise = self.limits.noise_norm_multiple * self._noise_stddev(setup, contributors) \
-            * root_d
-        rounding = contributors * root_d / delta_code.scale
-        return signal + (noise + rounding) / weight_sum
+    def _units(self, live: _Round, sites: tuple[int, ...]) -> int:
+        """The most privacy units any of `sites` declared at join (1 if none)."""
+        return max((live.units.get(site, 1) for site in sites), default=1)
 
     def _check_aggregate(self, live: _Round, contributors: tuple[int, ...],
                          weighted: np.ndarray, weight_sum: float) -> None:
-        """Refuses (AggregateRejectedError) an unmasked sum that honest sites could not have made:
-        the weight sum outside [n * min_site_weight, n * 1] (give or take the fixed-point
-        rounding), a non-finite value, or a mean delta longer than `_aggregate_bound`."""
-        n = len(contributors)
-        _, weight_code = self.round_codes(live.setup)
-        slack = n / weight_code.scale
-        low, high = n * self.limits.min_site_weight - slack, n * 1.0 + slack
-        if not (math.isfinite(weight_sum) and weight_sum > 0 and low <= weight_sum <= high):
-            raise AggregateRejectedError(
-                f"the {n} sites' weights sum to {weight_sum:.6g}, outside "
-                f"({max(low, 0):.6g}, {high:.6g}]: a weight word was forged",
-                "weight_sum", weight_sum, (max(low, 0.0), high))
-        if not np.isfinite(weighted).all():
-            raise AggregateRejectedError("the aggregate holds non-finite values", "non_finite")
-        norm = float(np.linalg.norm(weighted)) / weight_sum
-        bound = self._aggregate_bound(live, n, weight_sum, contributors)
-        if not norm <= bound:
-            raise AggregateRejectedError(f"the mean delta's norm is {norm:.6g}, above the "
-                                         f"{bound:.6g} the cohort's clip and noise allow",
-                                         "norm", norm, (0.0, bound))
+        """Refuses (AggregateRejectedError) an unmasked sum that honest sites could not have
+        made: `AggregateBounds.check` (weight sum, finiteness, the mean delta's norm;
+        docs/hardening.md, "The aggregate check")."""
+        self._bounds(live.setup).check(weighted, weight_sum, len(contributors),
+                                       self._units(live, contributors))
 
     def _reject(self, live: _Round, result: ServerCompleted,
                 error: AggregateRejectedError) -> None:
@@ -1154,46 +1130,67 @@ class Coordinator:
         aggregator saw the (noised) sum, so the round's privacy charge is spent though
         nothing was published: the accountant must cover what the aggregator observed."""
         reason = str(error)
+        receipts = self._receipts(live, result.contributors)
         self._state.rejected.append(Rejected(
-            live.round_id, reason, tuple(sorted(result.contributors)),
-            self._receipts(live, result), int(self.clock() * 1000)))
+            live.round_id, reason, tuple(sorted(result.contributors)), receipts,
+            int(self.clock() * 1000)))
         self._state.rejected = self._state.rejected[-KEEP_REJECTED:]
         held = set(self._state.quarantined)
         self._suspect(set(result.contributors), reason)
         self._state.spent.append(Spent(live.round_id, live.charge))
         self.budget.charges.append(live.charge)
-        self._save()
-        self._record_stopped(live, result, error,
-                             epsilon_of([live.charge], self.privacy.delta,
-                                        _accountant(self.privacy)),
-                             tuple(sorted(set(self._state.quarantined) - held)))
+        self._stop(self._stopped_entry(
+            live.round_id, "rejected", RoundPhase.MERGE.value, error=error,
+            contributors=len(result.contributors), receipts=receipts,
+            epsilon_round=epsilon_of([live.charge], self.privacy.delta,
+                                     _accountant(self.privacy)),
+            quarantined=tuple(sorted(set(self._state.quarantined) - held))))
         self.listener.refused("aggregate_rejected")
         self._report_state()
 
     @staticmethod
-    def _receipts(live: _Round, result: ServerCompleted) -> tuple[str, ...]:
-        """sha256 (hex, sorted) of each masked vector in the sum: what each outbox recorded."""
+    def _receipts(live: _Round, sites: Iterable[int]) -> tuple[str, ...]:
+        """sha256 (hex, sorted) of the masked vectors `sites` uploaded: what each outbox
+        recorded."""
         return tuple(sorted({live.receipts[("masked vector", site)].hex()
-                             for site in result.contributors
-                             if ("masked vector", site) in live.receipts}))
+                             for site in sites if ("masked vector", site) in live.receipts}))
 
-    def _record_stopped(self, live: _Round, result: ServerCompleted,
-                        error: AggregateRejectedError | None, epsilon_round: float,
-                        quarantined: tuple[int, ...]) -> None:
-        """The ledger entry of a round stopped after unmasking: rejected by a check (`error`)
-        or not mergeable (None). Written after coordinator.json, so a crash between the two
-        loses this entry only, never the charge the budget and later entries count."""
-        self.ledger.append(StoppedRound(
-            round_id=live.round_id, outcome="merge_failed" if error is None else "rejected",
-            phase=RoundPhase.MERGE.value, check=None if error is None else error.check,
+    def _stopped_entry(self, round_id: int, outcome: str, phase: str, *,
+                       error: AggregateRejectedError | None = None,
+                       drop_reason: DropReason | None = None, contributors: int = 0,
+                       receipts: tuple[str, ...] = (), epsilon_round: float = 0.0,
+                       quarantined: tuple[int, ...] = ()) -> StoppedRound:
+        """The ledger entry of a round that ended without a version (ledger.STOP_OUTCOMES),
+        with the budget's total as it stands (after this round's charge, if it spent)."""
+        return StoppedRound(
+            round_id=round_id, outcome=outcome, phase=phase,
+            check=None if error is None else error.check,
             measured=None if error is None else error.measured,
             allowed=None if error is None else error.allowed,
-            contributors=len(result.contributors), version=self.registry.newest(),
+            contributors=contributors, version=self.registry.newest(),
             epsilon_round=epsilon_round, epsilon_total=self.budget.epsilon_spent,
-            delta=self.privacy.delta, payload_sha256s=self._receipts(live, result),
-            quarantined=quarantined, privacy_unit=self.privacy.privacy_unit,
-            participation_cap=self.privacy.participation_cap))
+            delta=self.privacy.delta, payload_sha256s=receipts, quarantined=quarantined,
+            privacy_unit=self.privacy.privacy_unit,
+            participation_cap=self.privacy.participation_cap,
+            drop_reason=None if drop_reason is None else drop_reason.value)
+
+    def _stop(self, entry: StoppedRound) -> None:
+        """Saves `entry` in coordinator.json with the state it ends, then appends it to the
+        ledger: a crash between the two loses nothing (a restart appends it)."""
+        self._state.stopped = [*self._state.stopped, entry][-KEEP_FINISHED:]
+        self._save()
+        self.ledger.append(entry)
         self._notify(self._ledger_appended)
+
+    def _ledger_stopped_entries(self) -> None:
+        """At start: the saved entries of stopped rounds the ledger does not hold yet (the
+        aggregator stopped between saving one and appending it), appended in order."""
+        head = self.ledger.head()
+        last = -1 if head is None else head.record.round_id
+        for entry in self._state.stopped:
+            if entry.round_id > last:
+                self.ledger.append(entry)
+                last = entry.round_id
 
     def rejected(self) -> list[dict]:
         """The last KEEP_REJECTED rejected aggregates (round, reason, contributors, receipts)."""
@@ -1224,7 +1221,7 @@ class Coordinator:
         flight = self._state.in_flight
         assert flight is not None
         flight.outcome = Outcome(len(result.contributors), len(dropped), epsilon_round,
-                                 epsilon_total, self._receipts(live, result))
+                                 epsilon_total, self._receipts(live, result.contributors))
         self._save()  # so a crash after publishing still writes the ledger at restart
         version = self.registry.publish(new_b, Release(
             round_id=live.round_id, cohort_size=len(result.contributors),

@@ -1,13 +1,15 @@
-"""The aggregator's ledger: an entry per round that published or was stopped after unmasking;
+"""The aggregator's ledger: an entry per round that published or ended without a version;
 append-only, hash-chained, signed.
 
 Each entry records what the round did to privacy and to the model: cohort size, dropouts,
 clip norm, noise, epsilon spent by the round and in total, whether the sum was securely
 aggregated, and the sha256 of the version's manifest (which lists the sha256 of every file
-of the version). A round whose unmasked sum was refused (the aggregate checks) or could not
-be merged gets an entry too (`StoppedRound`, its body marked `"kind": "round_stopped"`):
-which round, which phase, which check, the numbers, the epsilon it spent and the sites it
-quarantined, so an auditor sees privacy spent without a version. Entries from before it
+of the version). A round that ended without a version gets an entry too (`StoppedRound`,
+its body marked `"kind": "round_stopped"`): its unmasked sum refused by the aggregate checks
+or not mergeable, the protocol aborted (too few sites or shares), or the aggregator
+restarted mid-round; which round, which phase, why, the numbers, the epsilon it spent, the
+receipts of the vectors it received and the sites it quarantined, so an auditor sees every
+round a site's upload entered, and privacy spent without a version. Entries from before it
 have no "kind" and verify unchanged. Entry i's hash is
 
     sha256("fleetmind/ledger/v1" || uint64-le(i) || hash of entry i-1 || body)
@@ -43,6 +45,7 @@ from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
 from fleetmind.aggregation.dp import check_privacy_unit
 from fleetmind.aggregation.participation import ParticipationCap
+from fleetmind.aggregation.secagg.messages import DropReason
 from fleetmind.runtime.signed_log import SignedLog, canonical_json
 
 DOMAIN = b"fleetmind/ledger/v1"
@@ -166,8 +169,11 @@ class RoundRecord:
 
 STOPPED = "round_stopped"  # the "kind" of a StoppedRound's body
 # rejected: an aggregate check refused the sum (its charge is spent: the aggregator saw it);
-# merge_failed: the sum could not be merged into the adapter (nothing spent).
-STOP_OUTCOMES = ("rejected", "merge_failed")
+# merge_failed: the sum could not be merged into the adapter (nothing spent);
+# aborted: the protocol ended the round before any sum (`drop_reason` says why; nothing
+# spent); abandoned: the aggregator restarted mid-round (nothing released or spent).
+STOP_OUTCOMES = ("rejected", "merge_failed", "aborted", "abandoned")
+DROP_REASONS = frozenset(reason.value for reason in DropReason)
 # The aggregate checks (server/coordinator.py, docs/hardening.md): the weight sum's range,
 # finite values in the sum, the mean delta's norm, finite values in the merged adapter.
 CHECKS = ("weight_sum", "non_finite", "norm", "merged_non_finite")
@@ -175,17 +181,19 @@ CHECKS = ("weight_sum", "non_finite", "norm", "merged_non_finite")
 
 @dataclass(frozen=True)
 class StoppedRound:
-    """A round that ended after its sum was unmasked without publishing a version.
+    """A round that ended without publishing a version.
     outcome: one of STOP_OUTCOMES; phase: the round phase it stopped in (a RoundPhase
-    value, "merge" for both outcomes now); check: which of CHECKS refused it (None for
-    merge_failed); measured and allowed: the checked number and the closed range it had to
-    lie in (None where a check has no number: non-finite values, or measured was itself
-    not finite). contributors: sites whose vectors the sum held; version: the latest
+    value: "merge" for rejected and merge_failed); check: which of CHECKS refused it (a
+    rejected round's only); drop_reason: why an aborted or abandoned round ended (a
+    DropReason value; absent from the body when None, as in entries before it); measured
+    and allowed: the checked number and the closed range it had to lie in (None where a
+    check has no number: non-finite values, or measured was itself not finite).
+    contributors: sites whose vectors the sum held (0 without a sum); version: the latest
     version, which stays the latest; epsilon_round: what this round spent (0: nothing);
-    epsilon_total: the accountant's total after it, at `delta`; payload_sha256s: the masked
-    vectors' receipts (sorted), as a published entry carries; quarantined: the sites this
-    rejection quarantined (group testing), sorted; privacy_unit and participation_cap: what
-    epsilon is for, as in RoundRecord."""
+    epsilon_total: the accountant's total after it, at `delta`; payload_sha256s: the
+    receipts (sorted) of the masked vectors in the sum, or, for an aborted round, of every
+    vector it received; quarantined: the sites this rejection quarantined (group testing),
+    sorted; privacy_unit and participation_cap: what epsilon is for, as in RoundRecord."""
 
     round_id: int
     outcome: str
@@ -202,6 +210,7 @@ class StoppedRound:
     quarantined: tuple[int, ...] = ()
     privacy_unit: str | None = None
     participation_cap: int | None = None
+    drop_reason: str | None = None
     kind: str = STOPPED
     recorded_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
@@ -216,10 +225,13 @@ class StoppedRound:
             raise ValueError(f"outcome={self.outcome!r} must be one of {STOP_OUTCOMES}")
         if not isinstance(self.phase, str) or not re.fullmatch(r"[a-z_]{1,40}", self.phase):
             raise ValueError(f"phase={self.phase!r} must be a round phase's name")
-        if (self.check is None) != (self.outcome == "merge_failed") or \
+        if (self.check is None) == (self.outcome == "rejected") or \
                 (self.check is not None and self.check not in CHECKS):
             raise ValueError(f"check={self.check!r}: a rejected round names one of {CHECKS}, "
-                             "a failed merge none")
+                             "other outcomes none")
+        if self.drop_reason is not None and self.drop_reason not in DROP_REASONS:
+            raise ValueError(f"drop_reason={self.drop_reason!r} must be one of "
+                             f"{sorted(DROP_REASONS)}")
         if self.measured is not None and (isinstance(self.measured, bool) or not isinstance(
                 self.measured, int | float) or not math.isfinite(self.measured)):
             raise ValueError(f"measured={self.measured!r} must be a finite number or null")
@@ -253,6 +265,8 @@ class StoppedRound:
         body["payload_sha256s"] = list(self.payload_sha256s)
         body["quarantined"] = list(self.quarantined)
         body["allowed"] = None if self.allowed is None else list(self.allowed)
+        if self.drop_reason is None:
+            del body["drop_reason"]  # entries before it have none: their bodies stay canonical
         return canonical_json(body)
 
     @classmethod

@@ -11,6 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from fleetmind.aggregation.aggregate_check import (
+    MAX_UNITS_PER_SITE,
+    MIN_SITE_WEIGHT,
+    NOISE_NORM_MULTIPLE,
+)
+
 INT63_MAX = (1 << 63) - 1  # largest id any field may carry: SQLite and struct('<q') stop here
 
 
@@ -39,7 +45,7 @@ class ServerLimits:
     contributing_units at join; min_site_weight is the least staleness weight a site may
     use (1/sqrt(1 + 9999): a delta 9999 versions stale), so the cohort's weight sum lies in
     [contributors x min_site_weight, contributors x 1]; noise_norm_multiple is k in the
-    mean-delta bound (coordinator._aggregate_bound)."""
+    mean-delta bound (aggregation.aggregate_check.AggregateBounds.mean_delta_bound)."""
 
     max_streams: int | None = None
     max_calls: int = 64
@@ -57,9 +63,9 @@ class ServerLimits:
     max_connection_age_s: float = 3600.0
     max_connection_age_grace_s: float = 900.0
     max_details_chars: int = 200
-    max_units_per_site: int = 10_000
-    min_site_weight: float = 0.01
-    noise_norm_multiple: float = 4.0
+    max_units_per_site: int = MAX_UNITS_PER_SITE
+    min_site_weight: float = MIN_SITE_WEIGHT
+    noise_norm_multiple: float = NOISE_NORM_MULTIPLE
 
     def __post_init__(self) -> None:
         for f in fields(self):

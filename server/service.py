@@ -470,37 +470,9 @@ class _Guard:
         return site
 
 
-class _SetupWireCache:
-    """The wire RoundConfig of the latest few RoundSetups, encoded once per round: every
-    site of a cohort receives the same setup, and encoding its graph and keys is
-    O(cohort) each time. Keyed by the setup object (held here, so its id is not reused
-    while cached); bounded to `size` entries."""
-
-    def __init__(self, size: int = 2) -> None:
-        self.size = size
-        self._lock = threading.Lock()
-        self._entries: dict[int, tuple[RoundSetup, fleet_pb2.RoundConfig]] = {}
-
-    def get(self, setup: RoundSetup) -> fleet_pb2.RoundConfig:
-        """The setup's wire config: shared, so callers copy it and never mutate it."""
-        with self._lock:
-            entry = self._entries.get(id(setup))
-            if entry is not None and entry[0] is setup:
-                return entry[1]
-        config = _setup_to_wire(setup)
-        with self._lock:
-            self._entries[id(setup)] = (setup, config)
-            while len(self._entries) > self.size:
-                del self._entries[next(iter(self._entries))]
-        return config
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-
-def _setup_to_wire(payload: RoundSetup) -> fleet_pb2.RoundConfig:
-    config = codec.round_config_to_wire(payload.config)
+def _setup_to_wire(payload: RoundSetup, site: int) -> fleet_pb2.RoundConfig:
+    """The round's config as `site` is told it: O(its neighbours), not O(cohort)."""
+    config = codec.round_config_to_wire(payload.config, site)
     config.base_version = payload.base_version
     config.clip_norm = payload.clip_norm
     config.noise_multiplier = payload.noise_multiplier
@@ -515,14 +487,12 @@ def _setup_to_wire(payload: RoundSetup) -> fleet_pb2.RoundConfig:
     return config
 
 
-_SETUP_WIRE = _SetupWireCache()
-
-
-def _event_to_wire(event: Event) -> fleet_pb2.RoundEvent:
+def _event_to_wire(event: Event, site: int) -> fleet_pb2.RoundEvent:
+    """`event` as `site` receives it."""
     payload = event.payload
     wire = fleet_pb2.RoundEvent(round_id=event.round_id)
     if isinstance(payload, RoundSetup):
-        wire.config.CopyFrom(_SETUP_WIRE.get(payload))
+        wire.config.CopyFrom(_setup_to_wire(payload, site))
     elif isinstance(payload, Finished):
         wire.completed.CopyFrom(fleet_pb2.RoundCompleted(
             version=payload.version, cohort_size=payload.cohort_size, dropped=payload.dropped))
@@ -600,7 +570,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 yield _event_to_wire(Event(0, Stopped(
                     f"site {site} waited {self.limits.stream_max_s:g} s for a cohort; join "
                     "again", True, RoundPhase.COHORT, DropReason.COHORT_WAIT_EXPIRED,
-                    site_only=True)))
+                    site_only=True)), site)
                 return
             if round_id is None and time.monotonic() - heartbeat >= WAITING_EVERY_S:
                 waiting = self.coordinator.waiting()
@@ -612,7 +582,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             if followed != round_id:
                 round_id, cursor = followed, 0
             for event in events:
-                yield _event_to_wire(event)
+                yield _event_to_wire(event, site)
                 cursor += 1
                 if event.terminal:
                     return

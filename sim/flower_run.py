@@ -143,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="z of the cohort sum, split among the sites (needs --clip-norm)")
     parser.add_argument("--participation-cap", type=int, default=0,
                         help="K rounds per privacy unit; 0: no cap")
+    parser.add_argument("--epsilon-budget", type=float, default=FlowerRun.epsilon_budget,
+                        help="the most epsilon per unit the run may spend; a round past it "
+                        "is refused (default: the fleet aggregator's)")
     parser.add_argument("--cpus-per-site", type=float, default=1.0,
                         help="Ray CPUs per virtual site: sites trained at once = CPUs / this")
     parser.add_argument("--ray-address", default="",
@@ -162,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     secure_aggregation=not args.no_secure_aggregation,
                     privacy_unit=args.privacy_unit, dp_clip_norm=args.clip_norm,
                     dp_noise_multiplier=args.noise_multiplier,
-                    participation_cap=args.participation_cap)
+                    participation_cap=args.participation_cap,
+                    epsilon_budget=args.epsilon_budget)
     result = simulate(run, cpus_per_site=args.cpus_per_site, ray_address=args.ray_address,
                       verbose=args.verbose)
     print(f"{args.sites} sites, {args.rounds} round(s), {args.steps} OPSD steps each: "

@@ -111,6 +111,69 @@ class RoundConfig:
     def ring_mask(self) -> int:
         return (1 << self.ring_bits) - 1
 
+    def neighbourhood(self, site: int) -> Neighbourhood:
+        """What `site` is told of the round: its neighbours and their keys, not the cohort's
+        graph (O(k) a site instead of O(n): docs/scale.md, "Where the time goes", item 1)."""
+        if site not in self.graph.sites:
+            raise ValueError(f"site {site} is not in round {self.round_id}'s cohort")
+        peers = self.graph.neighbours[site]
+        return Neighbourhood(self.round_id, site, peers, self.threshold, self.min_cohort,
+                             len(self.graph.sites), self.vector_length, self.ring_bits,
+                             {s: self.identities[s] for s in peers | {site}})
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """One site's view of a round (SecAgg+ needs no more: a site masks with, shares to and
+    verifies only its neighbours). identities: the site's and its neighbours' Ed25519 keys."""
+
+    round_id: int
+    site: int
+    neighbours: frozenset[int]
+    threshold: int
+    min_cohort: int
+    cohort_size: int
+    vector_length: int
+    ring_bits: int
+    identities: Mapping[int, bytes]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "neighbours", frozenset(self.neighbours))
+        object.__setattr__(self, "identities", MappingProxyType(dict(self.identities)))
+        if self.round_id < 0:
+            raise ValueError(f"round_id={self.round_id} must be >= 0")
+        if min(self.neighbours | {self.site}) < 1:
+            raise ValueError("site ids must be >= 1 (they are Shamir x-coordinates)")
+        if self.site in self.neighbours:
+            raise ValueError(f"site {self.site} lists itself as a neighbour")
+        if self.ring_bits not in RING_BITS:
+            raise ValueError(f"ring_bits={self.ring_bits} must be one of {RING_BITS}")
+        if self.vector_length < 1:
+            raise ValueError(f"vector_length={self.vector_length} must be >= 1")
+        if set(self.identities) != self.neighbours | {self.site}:
+            raise ValueError("identities must name the site and its neighbours exactly: "
+                             f"{sorted(set(self.identities) ^ (self.neighbours | {self.site}))}")
+        if not 2 <= self.threshold <= len(self.neighbours):
+            raise ValueError(f"threshold={self.threshold} must be in 2..{len(self.neighbours)}"
+                             " (this site's neighbours)")
+        if not len(self.neighbours) < self.cohort_size:
+            raise ValueError(f"cohort_size={self.cohort_size} must exceed the site's "
+                             f"{len(self.neighbours)} neighbours")
+        if not 2 <= self.min_cohort <= self.cohort_size:
+            raise ValueError(f"min_cohort={self.min_cohort} must be in 2..cohort size "
+                             f"{self.cohort_size}: a sum of one site is that site")
+
+    @property
+    def ring_mask(self) -> int:
+        return (1 << self.ring_bits) - 1
+
+    def neighbourhood(self, site: int) -> Neighbourhood:
+        """Itself, for `site`: a site's states accept a round's whole config or its view."""
+        if site != self.site:
+            raise ValueError(f"site {site} is not in round {self.round_id}'s cohort as this "
+                             f"site sees it (site {self.site}'s neighbourhood)")
+        return self
+
 
 @dataclass(frozen=True)
 class KeyAdvertisement:

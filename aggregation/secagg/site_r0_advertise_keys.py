@@ -8,6 +8,7 @@ from fleetmind.aggregation.secagg import crypto
 from fleetmind.aggregation.secagg.messages import (
     AdvertisedKeys,
     KeyAdvertisement,
+    Neighbourhood,
     ProtocolError,
     RoundConfig,
     check_round,
@@ -18,9 +19,9 @@ from fleetmind.aggregation.secagg.site_r1_share_keys import SiteShareKeys
 class SiteAdvertiseKeys:
     """Send `advertisement`; pass the server's reply to `receive`."""
 
-    def __init__(self, config: RoundConfig, site: int, identity: Ed25519PrivateKey) -> None:
-        if site not in config.graph.sites:
-            raise ValueError(f"site {site} is not in round {config.round_id}'s cohort")
+    def __init__(self, round_config: RoundConfig | Neighbourhood, site: int,
+                 identity: Ed25519PrivateKey) -> None:
+        config = round_config.neighbourhood(site)  # ValueError if site is not in the cohort
         if crypto.identity_public_bytes(identity) != config.identities[site]:
             raise ValueError(f"identity key of site {site} does not match its enrolment")
         self.config = config
@@ -39,7 +40,7 @@ class SiteAdvertiseKeys:
         """Verify every neighbour's signed keys, then share this site's secrets with them."""
         config = self.config
         check_round(config.round_id, keys.round_id, "advertised keys")
-        neighbours = config.graph.neighbours[self.site]
+        neighbours = config.neighbours
         peers: dict[int, KeyAdvertisement] = {}
         for advertisement in keys.advertisements:
             check_round(config.round_id, advertisement.round_id,

@@ -13,8 +13,8 @@ from fleetmind.aggregation.secagg.messages import (
     EncryptedShare,
     EncryptedShares,
     KeyAdvertisement,
+    Neighbourhood,
     ProtocolError,
-    RoundConfig,
     SharesForSite,
     check_round,
 )
@@ -28,7 +28,7 @@ def transport_purpose(round_id: int) -> bytes:
 class SiteShareKeys:
     """Send `encrypted_shares`; pass the shares the server forwards here to `receive`."""
 
-    def __init__(self, config: RoundConfig, site: int, mask_key: X25519PrivateKey,
+    def __init__(self, config: Neighbourhood, site: int, mask_key: X25519PrivateKey,
                  share_key: X25519PrivateKey, peers: Mapping[int, KeyAdvertisement]) -> None:
         self.config = config
         self.site = site

@@ -10,7 +10,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fleetmind.aggregation.secagg import crypto
-from fleetmind.aggregation.secagg.messages import MaskedInput, ProtocolError, RoundConfig
+from fleetmind.aggregation.secagg.messages import MaskedInput, Neighbourhood, ProtocolError
 from fleetmind.aggregation.secagg.site_r3_unmasking import SiteUnmasking
 
 
@@ -38,7 +38,7 @@ def add_pairwise_mask(vector: np.ndarray, site: int, peer: int, mask: np.ndarray
 class SiteMaskedInput:
     """Call `mask` once with this site's ring vector."""
 
-    def __init__(self, config: RoundConfig, site: int, mask_key: X25519PrivateKey,
+    def __init__(self, config: Neighbourhood, site: int, mask_key: X25519PrivateKey,
                  self_mask_seed: bytes, partners: Mapping[int, bytes],
                  held: Mapping[int, HeldShares]) -> None:
         self.config = config

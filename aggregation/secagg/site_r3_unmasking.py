@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from fleetmind.aggregation.secagg.messages import (
+    Neighbourhood,
     ProtocolError,
-    RoundConfig,
     UnmaskRequest,
     UnmaskShares,
     check_round,
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class SiteUnmasking:
     """Call `respond` once with the server's unmask request."""
 
-    def __init__(self, config: RoundConfig, site: int, held: Mapping[int, HeldShares]) -> None:
+    def __init__(self, config: Neighbourhood, site: int, held: Mapping[int, HeldShares]) -> None:
         self.config = config
         self.site = site
         self._held = dict(held)

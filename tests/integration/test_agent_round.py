@@ -6,13 +6,13 @@ aggregator acknowledged."""
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.concurrent import at_once, each_returned
 
 from fleetmind.aggregation.secagg import DropReason, RoundPhase
 from fleetmind.client.agent import (
@@ -55,24 +55,10 @@ class UploadWatch(grpc.StreamUnaryClientInterceptor):
 
 
 def run_sites(channels, keys, updates, outboxes, add_noise: bool) -> list[RoundResult]:
-    """`participate` for every site at once, one thread each; re-raises a site's error."""
-    results: dict[int, RoundResult | BaseException] = {}
-
-    def run(i: int) -> None:
-        try:
-            results[i] = participate(channels[i], keys[i], f"site-{i}", updates[i],
-                                     outboxes[i], add_noise=add_noise, timeout=20)
-        except BaseException as error:  # surfaced below, with the site it came from
-            results[i] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(updates))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for i in range(len(updates)):
-        assert isinstance(results.get(i), RoundResult), (i, results.get(i))
-    return [results[i] for i in range(len(updates))]
+    """`participate` for every site at once, one thread each; fails on a site's error."""
+    return each_returned(at_once(len(updates), lambda i: participate(
+        channels[i], keys[i], f"site-{i}", updates[i], outboxes[i], add_noise=add_noise,
+        timeout=20)), RoundResult)
 
 
 @pytest.fixture
@@ -196,25 +182,15 @@ def test_an_update_against_an_older_version_sends_nothing_and_says_why(aggregato
     rng = np.random.default_rng(1)
     keys = [Ed25519PrivateKey.generate() for _ in range(3)]
     outboxes = [Outbox(tmp_path / f"stale-{i}" / "outbox.sqlite", k) for i, k in enumerate(keys)]
-    errors: dict[int, BaseException] = {}
-
     def run(i: int) -> None:
         update = SiteUpdate(clip_norm=1.0, privacy_unit="session",
             delta={n: rng.uniform(-0.15, 0.15, s).astype(np.float32) for n, s in SHAPES.items()},
             base_version=0, session_ids=(f"s{i}",), norm_before_clip=1.0)
         with grpc.insecure_channel(aggregator.address) as channel:
-            try:
-                participate(channel, keys[i], f"site-{i}", update, outboxes[i],
-                            add_noise=False, timeout=10)
-            except BaseException as error:  # checked below
-                errors[i] = error
+            participate(channel, keys[i], f"site-{i}", update, outboxes[i],
+                        add_noise=False, timeout=10)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert sorted(errors) == [0, 1, 2]
+    errors = dict(enumerate(at_once(3, run)))
     assert all(isinstance(e, StaleBaseError) and "re-consolidate" in str(e)
                for e in errors.values())
     assert all(len(list(outbox)) == 0 for outbox in outboxes)  # nothing left the sites
@@ -240,23 +216,14 @@ def test_a_round_that_promises_more_than_the_clipping_kept_gets_nothing(tmp_path
             {"privacy_unit": "site", "clip_norm": 0.5}, {"privacy_unit": "user", "clip_norm": 0.5}]
     keys = [Ed25519PrivateKey.generate() for _ in refused]
     outboxes = [Outbox(tmp_path / f"site-{i}" / "outbox.sqlite", k) for i, k in enumerate(keys)]
-    errors: dict[int, BaseException] = {}
 
     def run(i: int) -> None:
         update = SiteUpdate(delta=delta, session_ids=(f"s{i}",), **refused[i])
         with grpc.insecure_channel(running.address) as channel:
-            try:
-                participate(channel, keys[i], f"site-{i}", update, outboxes[i], timeout=10)
-            except BaseException as error:  # checked below
-                errors[i] = error
+            participate(channel, keys[i], f"site-{i}", update, outboxes[i], timeout=10)
 
     try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(refused))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert sorted(errors) == [0, 1, 2]
+        errors = dict(enumerate(at_once(len(refused), run)))
         assert all(isinstance(e, ClipMismatchError) and "each user moving the sum by at most 1"
                    in str(e) for e in errors.values()), errors
         assert "clipped each session to 1" in str(errors[0])

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.concurrent import at_once, each_returned
 
 from fleetmind.aggregation.manifest import Manifest, VersionError
 from fleetmind.client import distill, lora
@@ -264,28 +264,14 @@ def test_a_family_goes_through_a_secure_round(family, tmp_path) -> None:
 
 
 def run_round(address: str, updates: list[SiteUpdate], folder: Path) -> list[RoundResult]:
-    results: dict[int, RoundResult | BaseException] = {}
-
-    def site(i: int) -> None:
+    def site(i: int) -> RoundResult:
         key = Ed25519PrivateKey.generate()
-        outbox = Outbox(folder / f"site-{i}" / "outbox.sqlite", key)
-        try:
-            with grpc.insecure_channel(address) as channel:
-                results[i] = participate(channel, key, f"site-{i}", updates[i], outbox,
-                                         add_noise=False, timeout=20)
-        except BaseException as error:  # surfaced below
-            results[i] = error
-        finally:
-            outbox.close()
+        with grpc.insecure_channel(address) as channel, \
+                Outbox(folder / f"site-{i}" / "outbox.sqlite", key) as outbox:
+            return participate(channel, key, f"site-{i}", updates[i], outbox,
+                               add_noise=False, timeout=20)
 
-    threads = [threading.Thread(target=site, args=(i,)) for i in range(len(updates))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for i in range(len(updates)):
-        assert isinstance(results.get(i), RoundResult), (i, results.get(i))
-    return [results[i] for i in range(len(updates))]
+    return each_returned(at_once(len(updates), site), RoundResult)
 
 
 def test_a_site_refuses_a_version_for_another_base_model(tmp_path) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.concurrent import at_once
+from support.no_torch import REFUSE_TORCH
 
 from fleetmind.aggregation.participation import ParticipationRecord
 from fleetmind.cli.main import main
@@ -544,15 +546,10 @@ def test_version_bad_input_is_one_line(capsys, aggregator, tmp_path) -> None:
 
 
 def test_audit_runs_without_torch(aggregator, site) -> None:
-    # A finder that refuses torch, transformers and peft stands in for an auditor's install
-    # without them (tests/integration/test_boundaries.py does the same for the aggregator).
+    # REFUSE_TORCH stands in for an auditor's install without torch, transformers and peft
+    # (tests/integration/test_boundaries.py does the same for the aggregator).
     script = (
-        "import sys\n"
-        "class Refuse:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers', 'peft'):\n"
-        "            raise ImportError('not installed: ' + name)\n"
-        "sys.meta_path.insert(0, Refuse())\n"
+        REFUSE_TORCH +
         "from fleetmind.cli.main import main\n"
         f"assert main(['audit', 'ledger', '--file', {str(aggregator['ledger'])!r}, "
         f"'--aggregator-key', {aggregator['pub']!r}, '--json']) == 0\n"
@@ -572,7 +569,6 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
     """Three sites run `participate` against a loopback aggregator; then the auditor checks
     a site's outbox against the aggregator's ledger, the ledger itself, and the version the
     round published against its ledger entry, all over the Audit service."""
-    import threading
 
     import grpc
 
@@ -589,26 +585,17 @@ def test_the_trail_of_a_real_round_verifies_end_to_end(capsys, tmp_path) -> None
     try:
         rng = np.random.default_rng(1)
         keys = [Ed25519PrivateKey.generate() for _ in range(3)]
-        results: dict[int, object] = {}
 
-        def site(i: int) -> None:
+        def site(i: int) -> object:
             update = SiteUpdate(clip_norm=1.0, privacy_unit="session",
                 delta={n: rng.uniform(-0.1, 0.1, s).astype(np.float32)
                        for n, s in shapes.items()},
                 session_ids=(f"s{i}-a",), scrubbed=ScrubReport(email=i), norm_before_clip=2.0)
             with grpc.insecure_channel(running.address) as channel, \
                     Outbox(tmp_path / f"site-{i}" / "outbox.sqlite", keys[i]) as outbox:
-                try:
-                    results[i] = participate(channel, keys[i], f"site-{i}", update, outbox,
-                                             timeout=20)
-                except BaseException as error:  # surfaced below, with its site
-                    results[i] = error
+                return participate(channel, keys[i], f"site-{i}", update, outbox, timeout=20)
 
-        threads = [threading.Thread(target=site, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        results = dict(enumerate(at_once(3, site)))
         assert all(getattr(results.get(i), "version", None) == 1 for i in range(3)), results
 
         public = tmp_path / "aggregator.pub"

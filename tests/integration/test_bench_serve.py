@@ -36,22 +36,7 @@ def test_serve_json_holds_every_arm_and_ratios_of_measured_values(measured) -> N
             assert 0 < s["p50_s"] <= s["p99_s"], arm
             assert set(s["cpu_ms_per_request"]) == set(serve.SERVED_BY[arm]), arm
             assert all(ms > 0 for ms in s["cpu_ms_per_request"].values()), arm
-        direct, endpoint = arms["direct"], arms["endpoint"]
-        upstream, proxy = arms["endpoint_no_capture"], arms["proxy"]
-        cpu = {arm: s["cpu_ms_per_request"] for arm, s in arms.items()}
-        assert level["ratios"] == pytest.approx({
-            "endpoint_p50_to_direct": endpoint["p50_s"] / direct["p50_s"],
-            "endpoint_p99_to_direct": endpoint["p99_s"] / direct["p99_s"],
-            "endpoint_rps_to_direct": endpoint["rps"] / direct["rps"],
-            "capture_p50_on_to_off": endpoint["p50_s"] / upstream["p50_s"],
-            "capture_p99_on_to_off": endpoint["p99_s"] / upstream["p99_s"],
-            "proxy_p50_to_upstream": proxy["p50_s"] / upstream["p50_s"],
-            "proxy_p99_to_upstream": proxy["p99_s"] / upstream["p99_s"],
-            "proxy_added_p50_fraction": proxy["p50_s"] / upstream["p50_s"] - 1,
-            "proxy_cpu_to_upstream_cpu": cpu["proxy"]["proxy"]
-            / cpu["endpoint_no_capture"]["endpoint_no_capture"],
-            "capture_cpu_on_to_off": cpu["endpoint"]["endpoint"]
-            / cpu["endpoint_no_capture"]["endpoint_no_capture"]})
+        assert level["ratios"] == pytest.approx(serve.ratios(arms))
     target = result["target"]
     top = result["levels"][-1]
     assert target["concurrency"] == 2 and target["bound"] == 1.05
@@ -103,3 +88,19 @@ def test_serve_is_a_bench_action() -> None:
     add_bench_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "serve", "--out", "x", "--requests", "5"])
     assert args.action == "serve" and args.requests == 5 and args.out == Path("x")
+
+
+def test_ratios_set_each_arm_against_its_peer() -> None:
+    def arm(p50: float, p99: float, rps: float, **cpu: float) -> dict:
+        return {"p50_s": p50, "p99_s": p99, "rps": rps, "cpu_ms_per_request": cpu}
+
+    arms = {"direct": arm(1.0, 2.0, 10.0, direct=1.0),
+            "endpoint": arm(2.0, 5.0, 5.0, endpoint=6.0),
+            "endpoint_no_capture": arm(1.6, 4.0, 6.0, endpoint_no_capture=4.0),
+            "proxy": arm(2.0, 8.0, 5.0, proxy=1.0)}
+    assert serve.ratios(arms) == pytest.approx({
+        "endpoint_p50_to_direct": 2.0, "endpoint_p99_to_direct": 2.5,
+        "endpoint_rps_to_direct": 0.5, "capture_p50_on_to_off": 1.25,
+        "capture_p99_on_to_off": 1.25, "proxy_p50_to_upstream": 1.25,
+        "proxy_p99_to_upstream": 2.0, "proxy_added_p50_fraction": 0.25,
+        "proxy_cpu_to_upstream_cpu": 0.25, "capture_cpu_on_to_off": 1.5})

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.no_torch import REFUSE_TORCH
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,26 +119,47 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, cwd=ROOT.parent)
 
 
-def test_server_and_aggregation_load_neither_torch_nor_transformers() -> None:
-    result = run_python(
+# Each script prints what was loaded that must not be: nothing.
+LOADS_NOTHING_FORBIDDEN = {
+    "server-and-aggregation-load-neither-torch-nor-transformers":
         "import sys, fleetmind.server, fleetmind.aggregation, fleetmind.protos\n"
         "import fleetmind.runtime, fleetmind.cli.main\n"
         "fleetmind.cli.main.build_parser()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('torch', 'transformers', 'peft')))")
+        "('torch', 'transformers', 'peft')))",
+    "runtime-loads-no-side-and-no-torch":
+        "import importlib, pkgutil, sys, fleetmind.runtime\n"
+        "for module in pkgutil.iter_modules(fleetmind.runtime.__path__):\n"
+        "    importlib.import_module('fleetmind.runtime.' + module.name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'peft') or m.startswith(('fleetmind.client', "
+        "'fleetmind.server', 'fleetmind.sim'))))",
+    "client-does-not-load-the-server":
+        "import sys, fleetmind.client, fleetmind.client.model\n"
+        "print([m for m in sys.modules if m.startswith('fleetmind.server')])",
+    "aggregation-loads-neither-side-nor-grpc":
+        "import sys, fleetmind.aggregation\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or "
+        "m.startswith(('fleetmind.client', 'fleetmind.server'))))",
+    "no-generic-top-level-module-is-installed":
+        "import importlib.util\n"
+        "print([n for n in ('server', 'client', 'aggregation', 'protos', 'sim') "
+        "if importlib.util.find_spec(n) is not None])",
+}
+
+
+@pytest.mark.parametrize("script", LOADS_NOTHING_FORBIDDEN.values(),
+                         ids=LOADS_NOTHING_FORBIDDEN.keys())
+def test_nothing_past_the_walls_is_loaded(script: str) -> None:
+    result = run_python(script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
 def test_aggregator_side_imports_with_torch_absent() -> None:
-    # A finder that refuses torch and transformers stands in for an install without them.
+    # REFUSE_TORCH stands in for an install without torch, transformers and peft.
     result = run_python(
-        "import sys\n"
-        "class Refuse:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers', 'peft'):\n"
-        "            raise ImportError('not installed: ' + name)\n"
-        "sys.meta_path.insert(0, Refuse())\n"
+        REFUSE_TORCH +
         "import fleetmind.server, fleetmind.aggregation\n"
         "from fleetmind.cli.main import main\n"
         "try:\n"
@@ -145,44 +167,6 @@ def test_aggregator_side_imports_with_torch_absent() -> None:
         "except SystemExit as stop:\n"
         "    assert stop.code == 0\n")
     assert result.returncode == 0, result.stderr
-
-
-def test_runtime_loads_no_side_and_no_torch() -> None:
-    result = run_python(
-        "import importlib, pkgutil, sys, fleetmind.runtime\n"
-        "for module in pkgutil.iter_modules(fleetmind.runtime.__path__):\n"
-        "    importlib.import_module('fleetmind.runtime.' + module.name)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('torch', 'transformers', 'peft') or m.startswith(('fleetmind.client', "
-        "'fleetmind.server', 'fleetmind.sim'))))")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
-
-
-def test_client_does_not_load_the_server() -> None:
-    result = run_python(
-        "import sys, fleetmind.client, fleetmind.client.model\n"
-        "print([m for m in sys.modules if m.startswith('fleetmind.server')])")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
-
-
-def test_aggregation_loads_neither_side_nor_grpc() -> None:
-    result = run_python(
-        "import sys, fleetmind.aggregation\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or "
-        "m.startswith(('fleetmind.client', 'fleetmind.server'))))")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
-
-
-def test_no_generic_top_level_module_is_installed() -> None:
-    result = run_python(
-        "import importlib.util\n"
-        "print([n for n in ('server', 'client', 'aggregation', 'protos', 'sim') "
-        "if importlib.util.find_spec(n) is not None])")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
 
 
 # ---- the tests' own layout ---------------------------------------------------------------

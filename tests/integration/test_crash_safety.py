@@ -22,7 +22,9 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from support.toy_fleet import FAST, TOY_SPEC
+from support.concurrent import at_once, run_once_each, stocked
+from support.server_process import end, start_server, write_server_config
+from support.toy_fleet import FAST, toy_server_config
 
 import fleetmind.client.site as site_module
 from fleetmind.client.agent import RoundResult, SiteUpdate, enroll, participate
@@ -54,11 +56,7 @@ class Crash(BaseException):
 @pytest.fixture
 def aggregator_config(tmp_path: Path) -> ServerConfig:
     """The config the shared `aggregator` fixture serves."""
-    return ServerConfig(
-        data_dir=tmp_path / "aggregator", listen="127.0.0.1:0", insecure=True,
-        cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=120, phase_deadline_s=60),
-        privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0),
-        adapter=TOY_SPEC)
+    return toy_server_config(tmp_path / "aggregator")
 
 
 def site_config(tmp_path: Path, site: str, model: Path, address: str, key: bytes
@@ -75,12 +73,7 @@ def test_a_site_killed_before_recording_sends_nothing_twice(aggregator, tmp_path
     key = aggregator.coordinator.registry.public_key.public_bytes_raw()
     configs = [site_config(tmp_path, f"site-{i}", toy_model_dir, aggregator.address, key)
                for i in range(3)]
-    for config, site in zip(configs, world.sites, strict=True):
-        config.data_dir.mkdir()
-        with SessionStore(config.data_dir) as store:
-            for session in site.sessions:
-                store.add(session)
-
+    stocked(configs, world.sites)
     sent: list[str] = []
 
     def dies_after_upload(channel, identity, name, update, outbox, **kwargs) -> RoundResult:
@@ -91,20 +84,7 @@ def test_a_site_killed_before_recording_sends_nothing_twice(aggregator, tmp_path
         return done
 
     monkeypatch.setattr(site_module, "participate", dies_after_upload)
-    outcomes: dict[int, Outcome | BaseException] = {}
-
-    def one(i: int) -> None:
-        with grpc.insecure_channel(aggregator.address) as channel:
-            try:
-                outcomes[i] = run_once(configs[i], channel)
-            except BaseException as error:  # Crash included: checked below
-                outcomes[i] = error
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
+    outcomes = run_once_each(aggregator.address, configs)  # Crash included: below
     assert isinstance(outcomes[0], Crash), outcomes[0]
     assert all(isinstance(outcomes[i], Outcome) for i in (1, 2)), outcomes
     with SessionStore(configs[0].data_dir) as store:
@@ -156,19 +136,6 @@ SMALL = (TargetModule("model.layers.0.mlp.gate_proj", 8, 12),
 SHAPES = {m.name: (m.out_features, 2) for m in SMALL}
 
 
-def start_aggregator(config: Path) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fleetmind.cli.main", "server", "run", "--config", str(config),
-         "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    line = process.stdout.readline() if process.stdout else ""
-    if " on " not in line:
-        process.kill()
-        raise AssertionError(f"no aggregator: {line!r} {process.stderr.read()!r}")
-    return process, line.split(" on ")[1].split(" ")[0]
-
-
 class AdvertiseWatch(grpc.UnaryUnaryClientInterceptor):
     """Sets `advertised` once `want` AdvertiseKeys calls were acknowledged."""
 
@@ -187,13 +154,12 @@ class AdvertiseWatch(grpc.UnaryUnaryClientInterceptor):
 
 
 def run_round(address: str, keys: list[Ed25519PrivateKey], base: int, outboxes: list[Outbox],
-              interceptor: grpc.UnaryUnaryClientInterceptor | None = None,
-              then: threading.Event | None = None) -> list[RoundResult | BaseException]:
-    """`participate` for every site in threads; `then` (if given) is set once all started."""
+              interceptor: grpc.UnaryUnaryClientInterceptor | None = None
+              ) -> list[RoundResult | BaseException | None]:
+    """`participate` for every site at once (None: a site still in it after 30 s)."""
     rng = np.random.default_rng(base)
-    results: list[RoundResult | BaseException] = [RuntimeError("no result")] * len(keys)
 
-    def one(i: int) -> None:
+    def one(i: int) -> RoundResult:
         channel = grpc.insecure_channel(address)
         if interceptor is not None:
             channel = grpc.intercept_channel(channel, interceptor)
@@ -202,18 +168,10 @@ def run_round(address: str, keys: list[Ed25519PrivateKey], base: int, outboxes: 
         delta={n: rng.uniform(-0.15, 0.15, s).astype(np.float32)
                for n, s in SHAPES.items()}, base_version=base,
                             session_ids=(f"s{i}-{base}",))
-        try:
-            results[i] = participate(channel, keys[i], f"site-{i}", update, outboxes[i],
-                                     add_noise=False, timeout=5)
-        except BaseException as error:  # the kill's effect, checked by the caller
-            results[i] = error
+        return participate(channel, keys[i], f"site-{i}", update, outboxes[i],
+                           add_noise=False, timeout=5)  # an error: the kill's effect
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(keys))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    return results
+    return at_once(len(keys), one, join_s=30)
 
 
 def ledger_of(address: str) -> list[audit_pb2.LedgerEntry]:
@@ -223,19 +181,11 @@ def ledger_of(address: str) -> list[audit_pb2.LedgerEntry]:
 
 
 def test_the_aggregator_killed_mid_round_restarts_intact(tmp_path: Path) -> None:
-    config = tmp_path / "aggregator.json"
-    config.write_text(json.dumps({
-        "data_dir": str(tmp_path / "data"), "insecure": True,
-        "cohort": {"min_size": 3, "target_size": 3, "deadline_s": 10, "phase_deadline_s": 5},
-        "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0, "epsilon_budget": 10.0,
-                    "fixed_point_clip": 1.0},
-        "adapter": {"base_model_id": "toy", "base_model_sha256": "cd" * 32,
-                    "frozen_a_seed": 7, "rank": 2,
-                    "modules": [{"name": m.name, "in_features": m.in_features,
-                                 "out_features": m.out_features} for m in SMALL]}}))
+    config = write_server_config(tmp_path / "aggregator.json", tmp_path / "data", SMALL,
+                                 deadline_s=10, phase_deadline_s=5)
     keys = [Ed25519PrivateKey.generate() for _ in range(3)]
     outboxes = [Outbox(tmp_path / f"site-{i}" / "outbox.sqlite", k) for i, k in enumerate(keys)]
-    process, address = start_aggregator(config)
+    process, address = start_server(config)
     try:
         # Round 1 publishes, so there is a ledger entry and a version to survive the kill.
         first = run_round(address, keys, 0, outboxes)
@@ -256,14 +206,15 @@ def test_the_aggregator_killed_mid_round_restarts_intact(tmp_path: Path) -> None
         assert not any(isinstance(r, RoundResult) for r in second), second
         assert all(len(o.for_round(2)) == 0 for o in outboxes)  # killed before any upload
 
-        process, address = start_aggregator(config)
+        process, address = start_server(config)
         with grpc.insecure_channel(address) as channel:
             latest = models_pb2_grpc.ModelsStub(channel).Latest(models_pb2.LatestRequest(),
                                                                 timeout=5)
             assert latest.version == 1
             assert [enroll(channel, k, f"site-{i}").site for i, k in enumerate(keys)] == sites
-            assert ledger_of(address) == ledger
-            verify_ledger(ledger, enroll(channel, keys[0], "site-0").aggregator_key)
+            restarted = ledger_of(address)  # round 1's entry, then round 2's abandonment
+            assert restarted[:1] == ledger and len(restarted) == 2
+            verify_ledger(restarted, enroll(channel, keys[0], "site-0").aggregator_key)
             # Re-attaching to round 2 hears it was abandoned, and may run again.
             events = fleet_pb2_grpc.FleetStub(channel).JoinRound(fleet_pb2.JoinRoundRequest(
                 site=sites[0], round_id=2, base_version=1), timeout=5)
@@ -279,13 +230,9 @@ def test_the_aggregator_killed_mid_round_restarts_intact(tmp_path: Path) -> None
             == {(2, 3)}
         assert {r.round_id for r in third if isinstance(r, RoundResult)} == {3}
         after = ledger_of(address)
-        assert after[:1] == ledger and len(after) == 2
+        assert after[:2] == restarted and len(after) == 3
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        for outbox in outboxes:
-            outbox.close()
+        end(process, *outboxes)
 
 
 
@@ -383,8 +330,4 @@ def test_a_site_killed_mid_upload_is_dropped_and_keeps_its_sessions(small_aggreg
             assert settle_outbox(config, channel, identity, key, store) == set()
             assert [s.id for s in store.unconsumed()] == ["k0", "k1"]
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        for outbox in outboxes:
-            outbox.close()
+        end(process, *outboxes)

@@ -27,9 +27,8 @@ ROUND_FIELDS = ("round", "transfer_accuracy", "own_accuracy", "incontext_upper_b
                 "recovery", "forgetting_points", "canary_exposure_bits", "epsilon")
 
 
-@pytest.mark.parametrize("secure_aggregation", [True, False], ids=["secagg", "plain-sum"])
-def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool,
-                                                        tmp_path: Path) -> None:
+def test_reduced_demo_transfers_knowledge_between_sites(tmp_path: Path) -> None:
+    secure_aggregation = True  # the plain-sum ablation: the next test, and test_plain_sum.py
     cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, users_per_fact=8, canaries_per_site=1,
                      repeated_canaries_per_site=1, canary_repeats=2, steps=12, dp=False,
                      merge="exact", secure_aggregation=secure_aggregation,
@@ -51,6 +50,46 @@ def test_reduced_demo_transfers_knowledge_between_sites(secure_aggregation: bool
     assert after["transfer_accuracy"] > base["transfer_accuracy"]
     assert results["config"]["sites"] == 3 and results["config"]["dp"] is False
     assert (cfg.out / PLOT).stat().st_size > 0
+
+
+def test_the_no_secagg_demo_serves_a_plain_sum_aggregator(tmp_path: Path, toy_model_dir,
+                                                          monkeypatch) -> None:
+    """`--no-secagg` (DemoConfig.secure_aggregation=False) reaches the aggregator the fleet
+    serves; the plain-sum round itself runs end to end once, in test_plain_sum.py, and a
+    site on loopback allows it (test_site_loop.py). The site processes are not started."""
+    from types import SimpleNamespace
+
+    from fleetmind.sim import fleet as fleet_module
+
+    started: list[str] = []
+
+    class Process:
+        def __init__(self, name: str, **_: object) -> None:
+            self.name = name
+
+        def start(self) -> None:
+            started.append(self.name)
+
+        def join(self, timeout: float) -> None:
+            pass
+
+        def is_alive(self) -> bool:
+            return False
+
+    spawn = SimpleNamespace(Queue=lambda: SimpleNamespace(put=lambda item: None),
+                            Process=Process)
+    monkeypatch.setattr(fleet_module, "multiprocessing",
+                        SimpleNamespace(get_context=lambda method: spawn))
+    cfg = DemoConfig(sites=3, secure_aggregation=False, endpoints=False, out=tmp_path / "demo")
+    guard = tmp_path / "guard.jsonl"
+    guard.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    fleet = fleet_module.Fleet(cfg.fleet(), toy_model_dir, guard)
+    fleet.start()
+    try:
+        assert fleet.server.coordinator.cohort_policy.secure_aggregation is False
+        assert started == ["site-00", "site-01", "site-02"]
+    finally:
+        fleet.stop()
 
 
 def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from support.secagg_rounds import Site, expected_b, quantisation_bound
+from support.secagg_rounds import Site, expected_b, quantisation_bound, run_phases
+from support.server_process import start_server, write_server_config
 
 from fleetmind.protos.fleetmind.v1 import (
     audit_pb2,
@@ -37,7 +38,7 @@ from fleetmind.protos.fleetmind.v1 import (
 )
 from fleetmind.server import versions
 from fleetmind.server.ledger import LedgerEntry as StoredEntry
-from fleetmind.server.ledger import verify_chain
+from fleetmind.server.ledger import StoppedRound, parse_body, verify_chain
 from fleetmind.sim.bench.wire import MODULES
 
 
@@ -61,40 +62,17 @@ class Aggregator:
     channel: grpc.Channel
 
 
-def write_config(tmp_path: Path) -> Path:
-    config = tmp_path / "aggregator.json"
-    config.write_text(json.dumps({
-        "data_dir": str(tmp_path / "data"), "insecure": True,
-        "cohort": {"min_size": 3, "target_size": 3, "deadline_s": 30, "phase_deadline_s": 30},
-        "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0, "epsilon_budget": 10.0,
-                    "fixed_point_clip": 1.0},
-        "adapter": {"base_model_id": "toy", "base_model_sha256": "cd" * 32,
-                    "frozen_a_seed": 7, "rank": 2,
-                    "modules": [{"name": m.name, "in_features": m.in_features,
-                                 "out_features": m.out_features} for m in MODULES]}}))
-    return config
-
-
 @pytest.fixture
 def launch(tmp_path: Path) -> Iterator[Callable[[], Aggregator]]:
     """Starts `fleetmind server run` on the same config and data dir; stops them all."""
-    config = write_config(tmp_path)
+    config = write_server_config(tmp_path / "aggregator.json", tmp_path / "data", MODULES,
+                                 deadline_s=30, phase_deadline_s=30)
     started: list[Aggregator] = []
 
     def start() -> Aggregator:
         log = open(tmp_path / f"aggregator-{len(started)}.log", "w")  # noqa: SIM115
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fleetmind.cli.main", "server", "run", "--config",
-             str(config), "--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE, stderr=log, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process, address = start_server(config, stderr=log)
         log.close()
-        line = process.stdout.readline() if process.stdout else ""
-        if " on " not in line:
-            process.kill()
-            process.wait(10)
-            raise AssertionError(f"no aggregator: {line!r}")
-        address = line.split(" on ")[1].split(" ")[0]
         running = Aggregator(process, address, grpc.insecure_channel(address))
         started.append(running)
         return running
@@ -156,10 +134,7 @@ def to_share(sites: list[Light]) -> None:
 
 
 def to_masked(sites: list[Light]) -> None:
-    for s in sites:
-        s.advertise()
-    for s in sites:
-        s.share()
+    run_phases(sites, first="advertise", last="share")
     uploads = [s.masked_chunks() for s in sites]
     for s, chunks in zip(sites[:2], uploads[:2], strict=True):
         receipt = s.submit(chunks)  # acknowledged: the aggregator holds this upload
@@ -167,13 +142,7 @@ def to_masked(sites: list[Light]) -> None:
 
 
 def to_unmasking(sites: list[Light]) -> None:
-    for s in sites:
-        s.advertise()
-    for s in sites:
-        s.share()
-    uploads = [s.masked_chunks() for s in sites]
-    for s, chunks in zip(sites, uploads, strict=True):
-        s.submit(chunks)
+    run_phases(sites, first="advertise", last="upload")
     for s in sites[:2]:
         s.unmask()
 
@@ -234,7 +203,13 @@ def test_the_aggregator_killed_in_a_phase_restarts_intact(phase: str, launch,
     after = ledger(second.channel)
     verify_chain(after, sites[0].aggregator_key)
     published = 1 if recorded is not None else 2
-    assert after[:1] == before and len(after) == published  # nothing released is lost
+    assert after[:1] == before and len(after) == 2  # nothing released is lost
+    if recorded is not None:  # the abandoned round's own entry: it spent nothing
+        stopped = parse_body(after[1].body)
+        assert isinstance(stopped, StoppedRound)
+        assert (stopped.round_id, stopped.outcome, stopped.phase, stopped.drop_reason,
+                stopped.epsilon_round, stopped.version) == (
+            interrupted, "abandoned", recorded, "abandoned_at_restart", 0.0, 1)
     folders = sorted((data / "versions").iterdir())
     assert [int(f.name) for f in folders] == list(range(published + 1))  # genesis and on
     for folder in folders[1:]:
@@ -266,7 +241,7 @@ def test_the_aggregator_killed_in_a_phase_restarts_intact(phase: str, launch,
     # The same sites publish the next version on the restarted aggregator.
     assert full_round(sites, base=published) == {(published + 1, 3)}
     final = ledger(second.channel)
-    assert final[:published] == after and len(final) == published + 1
+    assert final[:2] == after and len(final) == 3
     verify_chain(final, sites[0].aggregator_key)
     assert final[-1].record.round_id == 3 and final[-1].record.version == published + 1
     # Every round merged the same three deltas (FedAvg, rate 1, from a zero genesis B), so

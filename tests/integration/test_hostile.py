@@ -22,15 +22,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.enrolment import enroll_request
+from support.hostile import assert_healthy, inflate, snapshot, weight_word
 from support.net import refused
 from support.pki import aggregator_tls
-from support.plain_rounds import flat, joined, plain_config
-from support.secagg_rounds import Site, config, run_round
+from support.secagg_rounds import Site, config, run_phases, run_round
 
 from fleetmind.aggregation.merge import secagg_payload
-from fleetmind.aggregation.secagg.messages import MaskedInput
 from fleetmind.client import versions as site_versions
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import (
@@ -87,23 +85,6 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Started]]:
 @pytest.fixture
 def server(start) -> Started:
     return start()
-
-
-def snapshot(running: RunningServer) -> tuple:
-    """Everything a refusal must leave as it was."""
-    coordinator = running.coordinator
-    head = coordinator.ledger.head()
-    return (len(coordinator.enrolments), coordinator.waiting().ready_sites,
-            tuple(coordinator.registry.numbers()), None if head is None else head.index,
-            coordinator.current_round(), len(coordinator.budget.charges),
-            len(coordinator.rejected()),
-            (coordinator.data_dir / "coordinator.json").read_bytes())
-
-
-def assert_healthy(channel: grpc.Channel) -> None:
-    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                      timeout=5)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def enrolled(channel: grpc.Channel, name: str = "site-a") -> int:
@@ -485,12 +466,7 @@ def collecting(started: Started) -> tuple[list[Site], list[list[fleet_pb2.Masked
     """Three sites through keys and shares: the round now collects vectors."""
     _, channel = started
     sites = [Site(channel, f"site-{i}", seed=i) for i in range(3)]
-    for s in sites:
-        s.join()
-    for s in sites:
-        s.advertise()
-    for s in sites:
-        s.share()
+    run_phases(sites, last="share")
     return sites, [s.masked_chunks() for s in sites]
 
 
@@ -553,35 +529,29 @@ def _stalled(first: fleet_pb2.MaskedVectorChunk, release: threading.Event):
     release.wait(30)
 
 
-def test_a_second_upload_of_the_slot_is_already_exists(start) -> None:
-    running, channel = start()
+@pytest.mark.parametrize(("limits", "other", "status", "torn"), [
+    # The same site again: its slot is claimed at the first chunk; the first upload, torn
+    # when released, was never counted.
+    (None, 0, S.ALREADY_EXISTS, S.INVALID_ARGUMENT),
+    # Another site, past the bytes in flight across sites (200: one vector).
+    (ServerLimits(max_upload_bytes_in_flight=200), 1, S.RESOURCE_EXHAUSTED, None),
+], ids=["a-second-upload-of-the-slot", "upload-bytes-in-flight-capped-across-sites"])
+def test_an_upload_while_one_is_in_flight_is_refused(start, limits, other, status,
+                                                     torn) -> None:
+    running, channel = start(limits)
     sites, chunks = collecting((running, channel))
     release = threading.Event()
     first = sites[0].fleet.SubmitMaskedVector.future(_stalled(chunks[0][0], release),
                                                      timeout=30)
     assert wait_until(lambda: len(running.uploads) == 1)
     before = snapshot(running)
-    assert refused(lambda: sites[0].submit(chunks[0])).code() == S.ALREADY_EXISTS
+    assert refused(lambda: sites[other].submit(chunks[other])).code() == status
     assert_healthy(channel)
     assert snapshot(running) == before
     release.set()
-    assert first.exception(timeout=10).code() == S.INVALID_ARGUMENT  # torn: never counted
-    finish(sites, chunks, running)
-
-
-def test_upload_bytes_in_flight_are_capped_across_sites(start) -> None:
-    running, channel = start(ServerLimits(max_upload_bytes_in_flight=200))  # one vector
-    sites, chunks = collecting((running, channel))
-    release = threading.Event()
-    first = sites[0].fleet.SubmitMaskedVector.future(_stalled(chunks[0][0], release),
-                                                     timeout=30)
-    assert wait_until(lambda: len(running.uploads) == 1)
-    before = snapshot(running)
-    assert refused(lambda: sites[1].submit(chunks[1])).code() == S.RESOURCE_EXHAUSTED
-    assert_healthy(channel)
-    assert snapshot(running) == before
-    release.set()
-    first.exception(timeout=10)
+    error = first.exception(timeout=10)
+    if torn is not None:
+        assert error.code() == torn
     finish(sites, chunks, running)
 
 
@@ -636,27 +606,13 @@ class Forger(Site):
         return list(codec.masked_input_to_chunks(masked, self.config.ring_bits, chunk_bytes=64))
 
 
-def _weight_word(value_in_weights: float):
-    def forge(ring: np.ndarray, scale: int) -> np.ndarray:
-        ring = ring.copy()
-        ring[-1] = int(value_in_weights * scale)
-        return ring
-    return forge
-
-
-def _inflate(ring: np.ndarray, scale: int) -> np.ndarray:
-    ring = ring.copy()
-    ring[:-1] = np.where(ring[:-1] >= 1 << 31, ring[:-1] - (1 << 32), ring[:-1]) * 100
-    return ring
-
-
 POISON_CASES = [
     # the review's attack: a weight word cancelling the two honest weights (sum ~ 1/scale)
-    ("weight-cancels-the-cohort", _weight_word(-2.0 + 1e-6), "weights sum"),
-    ("weight-sum-negative", _weight_word(-5.0), "weights sum"),
-    ("weight-sum-above-the-cohort", _weight_word(50.0), "weights sum"),
-    ("weight-below-min-site-weight", _weight_word(-1.99), "weights sum"),
-    ("delta-inflated-100x", _inflate, "norm"),
+    ("weight-cancels-the-cohort", weight_word(-2.0 + 1e-6), "weights sum"),
+    ("weight-sum-negative", weight_word(-5.0), "weights sum"),
+    ("weight-sum-above-the-cohort", weight_word(50.0), "weights sum"),
+    ("weight-below-min-site-weight", weight_word(-1.99), "weights sum"),
+    ("delta-inflated-100x", inflate, "norm"),
 ]
 
 
@@ -687,40 +643,6 @@ def test_a_poisoned_aggregate_is_never_signed(start, forge, reason) -> None:
     assert_healthy(channel)
 
 
-PLAIN_CASES = [("plain-weight-negative", _weight_word(-5.0)),
-               ("plain-weight-zero", _weight_word(0.0)),
-               ("plain-weight-above-1", _weight_word(50.0)),
-               ("plain-delta-inflated-100x", _inflate)]
-
-
-@pytest.mark.parametrize("forge", [c[1] for c in PLAIN_CASES], ids=[c[0] for c in PLAIN_CASES])
-def test_without_secure_aggregation_a_bad_vector_is_refused_at_upload(tmp_path: Path,
-                                                                      forge) -> None:
-    """Unmasked vectors are checked one by one at upload, so the round goes on."""
-    running = serve(plain_config(tmp_path / "data"))
-    channel = grpc.insecure_channel(running.address)
-    try:
-        sites = joined(channel, 3, seed=0)
-        for s in sites:
-            s.setup()
-        delta_code, weight_code = codec.payload_codes(sites[0].wire)
-        ring = secagg_payload(flat(sites[0].delta), 1.0, delta_code, weight_code)
-        ring = forge(ring.astype(np.int64), round(weight_code.scale)) & 0xFFFFFFFF
-        forged = list(codec.masked_input_to_chunks(MaskedInput(
-            sites[0].round_id, sites[0].id, ring.astype(np.uint32)), 32, chunk_bytes=64))
-        before = snapshot(running)
-        error = refused(lambda: sites[0].submit(forged))
-        assert error.code() == S.INVALID_ARGUMENT, error.details()
-        assert_healthy(channel)
-        assert snapshot(running) == before
-        for s in sites:
-            s.submit(s.chunks())
-        assert {s.expect("completed").completed.version for s in sites} == {1}
-    finally:
-        channel.close()
-        running.stop(grace=None)
-
-
 def test_group_testing_quarantines_the_site_that_aborts_every_round(tmp_path: Path) -> None:
     """The review's "a negative weight aborts every round, indefinitely": masked vectors
     hide who did it, but cohorts of half the suspects find it in a few rounds. The forger
@@ -735,7 +657,7 @@ def test_group_testing_quarantines_the_site_that_aborts_every_round(tmp_path: Pa
     try:
         sites = [Site(channel, f"site-{i}", seed=i) for i in range(7)]
         forger = Forger(channel, "forger", seed=7)
-        forger.forge = _weight_word(-50.0)
+        forger.forge = weight_word(-50.0)
         everyone = [forger, *sites]  # the forger queues first: the worst case for halving
         by_id = {s.id: s for s in everyone}
         queued: set[int] = set()
@@ -749,7 +671,7 @@ def test_group_testing_quarantines_the_site_that_aborts_every_round(tmp_path: Pa
                     queued.add(s.id)
             assert wait_until(lambda: coordinator.cohort() != ())
             members = [by_id[i] for i in coordinator.cohort()]
-            run_round_of(members)
+            run_phases(members, first="advertise")  # joined before
             outcome = {end_of(m) for m in members}
             assert len(outcome) == 1
             outcomes.append((tuple(m.id for m in members), outcome.pop()))
@@ -779,23 +701,11 @@ def end_of(site: Site) -> str:
     raise AssertionError(f"site {site.id}: the stream ended without the round's end")
 
 
-def run_round_of(members: list[Site]) -> None:
-    """The phases of a round already formed (its members joined before)."""
-    for s in members:
-        s.advertise()
-    for s in members:
-        s.share()
-    for s in members:
-        s.submit(s.masked_chunks())
-    for s in members:
-        s.unmask()
-
-
 def test_an_honest_round_after_a_rejected_one_publishes(start) -> None:
     _, channel = start()
     sites = [Site(channel, "site-0", seed=0), Site(channel, "site-1", seed=1),
              Forger(channel, "site-2", seed=2)]
-    sites[2].forge = _weight_word(-2.0 + 1e-6)
+    sites[2].forge = weight_word(-2.0 + 1e-6)
     run_round(sites)
     for s in sites:
         s.expect("aborted")

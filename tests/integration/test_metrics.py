@@ -20,15 +20,16 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.concurrent import at_once, each_returned
 from support.net import eventually
-from support.secagg_rounds import Site, config, four_site_config, run_round
+from support.secagg_rounds import Site, config, four_site_config, run_phases, run_round
 from support.toy_fleet import FAST, TOY_SPEC
 
 from fleetmind.aggregation.accountant import RoundCharge, epsilon_of
 from fleetmind.aggregation.dp import DPConfig
 from fleetmind.cli.main import main
 from fleetmind.client.metrics import SiteMetrics
-from fleetmind.client.site import SiteConfig, run, run_once
+from fleetmind.client.site import Outcome, SiteConfig, run, run_once
 from fleetmind.client.site_config import ConfigError as SiteConfigError
 from fleetmind.client.store import SessionStore
 from fleetmind.protos.fleetmind.v1 import audit_pb2, audit_pb2_grpc, models_pb2, models_pb2_grpc
@@ -61,6 +62,17 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[key]
 
 
+def values(samples: Samples, wanted: dict[str, float]) -> dict[str, float]:
+    """value() of each series `wanted` names (`name` or `name{label=value,...}`), by that
+    name: compared with `wanted`, one assert shows every series that is off."""
+    got = {}
+    for series in wanted:
+        name, _, labels = series.partition("{")
+        got[series] = value(samples, name, **dict(
+            pair.split("=") for pair in labels.rstrip("}").split(",") if pair))
+    return got
+
+
 def with_metrics(server_config: ServerConfig) -> ServerConfig:
     from dataclasses import replace
     return replace(server_config, metrics_listen="127.0.0.1:0")
@@ -76,12 +88,13 @@ def test_a_round_shows_in_the_aggregators_metrics(tmp_path: Path) -> None:
         url = running.metrics_endpoint.url
         before = scrape(url)
         # Every series is there from the first scrape, at zero.
-        assert value(before, "fleetmind_aggregator_rounds_total", outcome="published") == 0
-        assert value(before, "fleetmind_aggregator_dropouts_total", phase="unmasking") == 0
-        assert value(before, "fleetmind_aggregator_latest_version") == 0
-        assert value(before, "fleetmind_aggregator_epsilon_spent") == 0
-        assert value(before, "fleetmind_aggregator_epsilon_budget") == 10.0
-        assert value(before, "fleetmind_aggregator_watchers") == 0
+        at_start = {"fleetmind_aggregator_rounds_total{outcome=published}": 0,
+                    "fleetmind_aggregator_dropouts_total{phase=unmasking}": 0,
+                    "fleetmind_aggregator_latest_version": 0,
+                    "fleetmind_aggregator_epsilon_spent": 0,
+                    "fleetmind_aggregator_epsilon_budget": 10.0,
+                    "fleetmind_aggregator_watchers": 0}
+        assert values(before, at_start) == at_start
 
         with grpc.insecure_channel(running.address) as channel:
             watch = models_pb2_grpc.ModelsStub(channel).Watch(
@@ -102,18 +115,18 @@ def test_a_round_shows_in_the_aggregators_metrics(tmp_path: Path) -> None:
                    seconds=10.0)
 
         after = scrape(url)
-        assert value(after, "fleetmind_aggregator_rounds_total", outcome="published") == 1
-        assert value(after, "fleetmind_aggregator_rounds_total", outcome="aborted") == 0
-        assert value(after, "fleetmind_aggregator_cohort_sites_count") == 1
-        assert value(after, "fleetmind_aggregator_cohort_sites_sum") == 3
-        assert value(after, "fleetmind_aggregator_contributors_sites_sum") == 3
-        assert value(after, "fleetmind_aggregator_round_duration_seconds_count") == 1
-        assert value(after, "fleetmind_aggregator_round_in_flight") == 0
+        one_round = {"fleetmind_aggregator_rounds_total{outcome=published}": 1,
+                     "fleetmind_aggregator_rounds_total{outcome=aborted}": 0,
+                     "fleetmind_aggregator_cohort_sites_count": 1,
+                     "fleetmind_aggregator_cohort_sites_sum": 3,
+                     "fleetmind_aggregator_contributors_sites_sum": 3,
+                     "fleetmind_aggregator_round_duration_seconds_count": 1,
+                     "fleetmind_aggregator_round_in_flight": 0,
+                     "fleetmind_aggregator_latest_version": 1}
         for phase in ("advertise_keys", "share_keys", "masked_input_collection", "unmasking"):
-            assert value(after, "fleetmind_aggregator_phase_duration_seconds_count",
-                         phase=phase) == 1
-            assert value(after, "fleetmind_aggregator_dropouts_total", phase=phase) == 0
-        assert value(after, "fleetmind_aggregator_latest_version") == 1
+            one_round[f"fleetmind_aggregator_phase_duration_seconds_count{{phase={phase}}}"] = 1
+            one_round[f"fleetmind_aggregator_dropouts_total{{phase={phase}}}"] = 0
+        assert values(after, one_round) == one_round
         assert value(after, "fleetmind_aggregator_epsilon_spent") == pytest.approx(
             budget.epsilon_spent)
         assert budget.epsilon_spent > 0
@@ -139,17 +152,9 @@ def test_a_dropout_is_counted_in_its_phase(tmp_path: Path) -> None:
         assert running.metrics_endpoint is None
         with grpc.insecure_channel(running.address) as channel:
             sites = [Site(channel, f"site-{i}", seed=30 + i) for i in range(4)]
-            for s in sites:
-                s.join()
-            for s in sites:
-                s.advertise()
-            for s in sites:
-                s.share()
+            run_phases(sites, last="share")
             survivors = sites[:3]  # the fourth never uploads: it misses the collection
-            for s in survivors:
-                s.submit(s.masked_chunks())
-            for s in survivors:
-                s.unmask()
+            run_phases(survivors, first="upload")
             for s in survivors:
                 s.expect("completed")
         registry = running.metrics.registry
@@ -207,18 +212,9 @@ def test_a_cohort_the_budget_cannot_pay_counts_as_refused(tmp_path: Path) -> Non
         with grpc.insecure_channel(running.address) as channel:
             sites = [Site(channel, f"site-{i}", seed=40 + i) for i in range(6)]
             first, later = sites[:3], sites[3:]
-            for s in first:
-                s.join()
-            for s in first:
-                s.advertise()
-            for s in later:  # queued: round 1 is running
-                s.join()
-            for s in first:
-                s.share()
-            for s in first:
-                s.submit(s.masked_chunks())
-            for s in first:
-                s.unmask()
+            run_phases(first, last="advertise")
+            run_phases(later, last="join")  # queued: round 1 is running
+            run_phases(first, first="share")
             for s in first:
                 s.expect("completed")
             for s in later:
@@ -312,22 +308,12 @@ def test_sites_count_consolidations_tokens_and_rounds(toy_aggregator, tmp_path,
     stored = [store_sessions(c, site.sessions) for c, site in zip(configs, world.sites,
                                                                   strict=True)]
     metrics = [SiteMetrics() for _ in configs]
-    errors: list[BaseException] = []
-
-    def one(i: int) -> None:
+    def one(i: int) -> Outcome:
         with grpc.insecure_channel(toy_aggregator.address) as channel:
-            try:
-                run_once(configs[i], channel, metrics=metrics[i])
-            except BaseException as error:  # surfaced below
-                errors.append(error)
+            return run_once(configs[i], channel, metrics=metrics[i])
 
     started = time.time()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
-    assert not errors, errors
+    each_returned(at_once(3, one, join_s=180), Outcome)
     for m, count in zip(metrics, stored, strict=True):
         get = m.registry.get_sample_value
         assert get("fleetmind_site_consolidations_total") == 1

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from support.concurrent import each_returned, run_once_each, stocked
 from support.toy_fleet import FAST
 
 from fleetmind.aggregation.manifest import VersionError
@@ -19,7 +19,6 @@ from fleetmind.cli import main as cli
 from fleetmind.client.adapter_spec import adapter_spec
 from fleetmind.client.site import Outcome, run_once
 from fleetmind.client.site_config import SiteConfig
-from fleetmind.client.store import SessionStore
 from fleetmind.client.versions import current_version
 from fleetmind.server import cli as server_cli
 from fleetmind.server.config import (
@@ -130,30 +129,9 @@ def test_the_dev_aggregator_and_sites_on_the_toy_model_complete_a_round(
         world = make_world(WorldSpec(seed=0, sites=3))
         configs = [site_config(tmp_path, f"site-{i}", toy_model_dir, running.address, key)
                    for i in range(3)]
-        for site_cfg, site in zip(configs, world.sites, strict=True):
-            site_cfg.data_dir.mkdir()
-            with SessionStore(site_cfg.data_dir) as store:
-                for session in site.sessions:
-                    store.add(session)
-        outcomes: dict[int, Outcome | BaseException] = {}
-
-        def one(i: int) -> None:
-            channel = grpc.insecure_channel(running.address)
-            try:
-                outcomes[i] = run_once(configs[i], channel)
-            except BaseException as error:  # surfaced below
-                outcomes[i] = error
-            finally:
-                channel.close()
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(180)
-        for i in range(3):
-            outcome = outcomes.get(i)
-            assert isinstance(outcome, Outcome), (i, outcome)
+        stocked(configs, world.sites)
+        outcomes = each_returned(run_once_each(running.address, configs), Outcome)
+        for i, outcome in enumerate(outcomes):
             assert outcome.activated == (0, 1) and outcome.round is not None
             assert current_version(configs[i].data_dir) == 1
     finally:

@@ -8,7 +8,6 @@ round and the cap are under test, not the learning)."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.concurrent import each_returned, run_once_each
 from support.toy_fleet import FAST, TOY_SPEC
 
 from fleetmind.aggregation.participation import (
@@ -107,25 +107,8 @@ def distilled(monkeypatch) -> dict[str, list[list[str]]]:
 
 
 def one_round(address: str, *configs: SiteConfig) -> list[Outcome]:
-    outcomes: dict[int, Outcome | BaseException] = {}
-
-    def one(i: int) -> None:
-        channel = grpc.insecure_channel(address)
-        try:
-            outcomes[i] = run_once(configs[i], channel)
-        except BaseException as error:  # surfaced below, with the site it came from
-            outcomes[i] = error
-        finally:
-            channel.close()
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(configs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    for i in range(len(configs)):
-        assert isinstance(outcomes.get(i), Outcome), (configs[i].name, outcomes.get(i))
-    return [outcomes[i] for i in range(len(configs))]  # type: ignore[misc]
+    return each_returned(run_once_each(address, list(configs), join_s=120), Outcome,
+                         [c.name for c in configs])
 
 
 def outbox_of(config: SiteConfig) -> tuple[list, Ed25519PrivateKey]:

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 
 import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.concurrent import at_once
+from support.hostile import assert_healthy, inflate, snapshot, weight_word
 from support.plain_rounds import Site, flat, joined, plain_config
 from support.secagg_rounds import bad_uploads, reattach_after_restart
 
-from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum
+from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum, secagg_payload
 from fleetmind.aggregation.secagg import NeighbourGraph, ProtocolError, RoundConfig, crypto
 from fleetmind.aggregation.secagg.messages import MaskedInput, unpack_ring
 from fleetmind.aggregation.secagg.server_completed import ServerAborted, ServerCompleted
@@ -110,26 +111,13 @@ class CallWatch(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIntercep
 
 def run_agents(address: str, updates: list[SiteUpdate], outboxes: list[Outbox],
                keys: list[Ed25519PrivateKey], watches: list[CallWatch],
-               allow_plain_sum: bool = True) -> list[RoundResult | BaseException]:
-    results: dict[int, RoundResult | BaseException] = {}
+               allow_plain_sum: bool = True) -> list[RoundResult | BaseException | None]:
+    def run(i: int) -> RoundResult:
+        with grpc.intercept_channel(grpc.insecure_channel(address), watches[i]) as channel:
+            return participate(channel, keys[i], f"site-{i}", updates[i], outboxes[i],
+                               add_noise=False, timeout=20, allow_plain_sum=allow_plain_sum)
 
-    def run(i: int) -> None:
-        channel = grpc.intercept_channel(grpc.insecure_channel(address), watches[i])
-        try:
-            results[i] = participate(channel, keys[i], f"site-{i}", updates[i], outboxes[i],
-                                     add_noise=False, timeout=20,
-                                     allow_plain_sum=allow_plain_sum)
-        except BaseException as error:  # returned, with the site it came from
-            results[i] = error
-        finally:
-            channel.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(updates))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return [results[i] for i in range(len(updates))]
+    return at_once(len(updates), run)
 
 
 def test_a_plain_round_publishes_the_librarys_merge_and_says_so(tmp_path, capsys) -> None:
@@ -230,43 +218,46 @@ def test_a_site_sends_nothing_unmasked_unless_it_allows_it(tmp_path) -> None:
         running.stop(grace=None)
 
 
-def test_a_site_that_never_uploads_leaves_the_others_merge(tmp_path) -> None:
-    running = serve(plain_config(tmp_path / "data", target=4, phase_deadline_s=1.0))
-    try:
-        with grpc.insecure_channel(running.address) as channel:
-            sites = joined(channel, 4, seed=30)
-            survivors, gone = sites[:3], sites[3]
-            for s in survivors:  # the fourth vanishes: the upload phase closes at its deadline
-                s.upload()
-            done = {(d.version, d.cohort_size, tuple(d.dropped))
-                    for d in (s.expect("completed").completed for s in sites[:3])}
-            assert done == {(1, 3, (gone.id,))}
-            gone.expect("config")
-            assert tuple(gone.expect("completed").completed.dropped) == (gone.id,)
-        _, merged = running.coordinator.registry.get(1).tensors()
-        bound = quantisation_bound(survivors[0].wire, 3.0, 3)
-        for name, want in mean_delta(survivors).items():
-            assert np.abs(merged[name] - want).max() <= bound
-        record = running.coordinator.ledger.head().record
-        assert (record.cohort_size, record.dropouts, record.secure_aggregation) == (3, 1, False)
-    finally:
-        running.stop(grace=None)
+def test_a_site_that_never_uploads_leaves_the_others_merge(tmp_path, serve_aggregator) -> None:
+    running = serve_aggregator(plain_config(tmp_path / "data", target=4, phase_deadline_s=1.0))
+    with grpc.insecure_channel(running.address) as channel:
+        sites = joined(channel, 4, seed=30)
+        survivors, gone = sites[:3], sites[3]
+        for s in survivors:  # the fourth vanishes: the upload phase closes at its deadline
+            s.upload()
+        done = {(d.version, d.cohort_size, tuple(d.dropped))
+                for d in (s.expect("completed").completed for s in sites[:3])}
+        assert done == {(1, 3, (gone.id,))}
+        gone.expect("config")
+        assert tuple(gone.expect("completed").completed.dropped) == (gone.id,)
+    _, merged = running.coordinator.registry.get(1).tensors()
+    bound = quantisation_bound(survivors[0].wire, 3.0, 3)
+    for name, want in mean_delta(survivors).items():
+        assert np.abs(merged[name] - want).max() <= bound
+    record = running.coordinator.ledger.head().record
+    assert (record.cohort_size, record.dropouts, record.secure_aggregation) == (3, 1, False)
 
 
-def test_a_plain_round_below_the_minimum_cohort_publishes_nothing(tmp_path) -> None:
-    running = serve(plain_config(tmp_path / "data", target=4, phase_deadline_s=1.0))
-    try:
-        with grpc.insecure_channel(running.address) as channel:
-            sites = joined(channel, 4, seed=40)
-            for s in sites[:2]:
-                s.upload()
-            reason = sites[0].expect("aborted").aborted.reason
-            assert "2 unmasked inputs, minimum cohort 3: refusing to sum" in reason
-        assert running.coordinator.registry.numbers() == [0]
-        assert running.coordinator.ledger.head() is None
-        assert running.coordinator.budget_status().rounds == 0
-    finally:
-        running.stop(grace=None)
+def test_a_plain_round_below_the_minimum_cohort_publishes_nothing(tmp_path,
+                                                                 serve_aggregator) -> None:
+    running = serve_aggregator(plain_config(tmp_path / "data", target=4, phase_deadline_s=1.0))
+    with grpc.insecure_channel(running.address) as channel:
+        sites = joined(channel, 4, seed=40)
+        for s in sites[:2]:
+            s.upload()
+        reason = sites[0].expect("aborted").aborted.reason
+        assert "2 unmasked inputs, minimum cohort 3: refusing to sum" in reason
+    assert running.coordinator.registry.numbers() == [0]
+    # The ledger records the aborted round, the two vectors it received and nothing spent.
+    stopped = running.coordinator.ledger.head().record
+    assert (stopped.outcome, stopped.drop_reason, stopped.contributors, stopped.version,
+            stopped.epsilon_round, len(stopped.payload_sha256s)) == (
+        "aborted", "below_min_cohort", 0, 0, 0.0, 2)
+    assert running.coordinator.budget_status().rounds == 0
+
+
+FORGED = [("weight-negative", weight_word(-5.0)), ("weight-zero", weight_word(0.0)),
+          ("weight-above-1", weight_word(50.0)), ("delta-inflated-100x", inflate)]
 
 
 def test_bad_uploads_are_refused_with_their_status_and_change_nothing(tmp_path) -> None:
@@ -289,6 +280,21 @@ def test_bad_uploads_are_refused_with_their_status_and_change_nothing(tmp_path) 
                 with pytest.raises(grpc.RpcError) as refused:
                     a.submit(bad)
                 assert refused.value.code() == status
+            # Unmasked vectors are checked one by one at upload: a forged one is refused
+            # and changes nothing, so the round goes on (was tests/integration/test_hostile.py).
+            delta_code, weight_code = codec.payload_codes(a.wire)
+            for name, forge in FORGED:
+                ring = secagg_payload(flat(a.delta), 1.0, delta_code, weight_code)
+                ring = forge(ring.astype(np.int64), round(weight_code.scale)) & 0xFFFFFFFF
+                forged = list(codec.masked_input_to_chunks(MaskedInput(
+                    a.round_id, a.id, ring.astype(np.uint32)), 32, chunk_bytes=64))
+                before = snapshot(running)
+                with pytest.raises(grpc.RpcError) as refused:
+                    a.submit(forged)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+                    name, refused.value.details())
+                assert_healthy(channel)
+                assert snapshot(running) == before, name
 
             receipt = a.submit(mine)
             assert a.submit(mine) == receipt  # the retry after a lost acknowledgement

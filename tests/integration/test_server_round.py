@@ -9,6 +9,7 @@ finish with exactly the merge of the honest deltas: proof the refusals changed n
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from support.secagg_rounds import (
     four_site_config,
     quantisation_bound,
     reattach_after_restart,
+    run_phases,
     run_round,
 )
 
@@ -115,12 +117,14 @@ def test_bad_inputs_are_refused_with_their_status_and_change_nothing(aggregator,
     with pytest.raises(grpc.RpcError) as refused:
         a.fleet.AdvertiseKeys(codec.advertisement_to_wire(other.advertisement), timeout=5)
     assert code(refused.value) == grpc.StatusCode.ALREADY_EXISTS
-    # Wrong round, a forged signature, a malformed key, an unenrolled site.
-    stale = codec.advertisement_to_wire(SiteAdvertiseKeys(a.config, b.id, b.key).advertisement)
+    # Wrong round, a forged signature, a malformed key, an unenrolled site. Three sites
+    # form the full graph, so b's view is a's with the two swapped.
+    b_view = replace(a.config, site=b.id, neighbours=a.config.neighbours - {b.id} | {a.id})
+    stale = codec.advertisement_to_wire(SiteAdvertiseKeys(b_view, b.id, b.key).advertisement)
     stale.round_id += 5
-    forged = codec.advertisement_to_wire(SiteAdvertiseKeys(a.config, b.id, b.key).advertisement)
+    forged = codec.advertisement_to_wire(SiteAdvertiseKeys(b_view, b.id, b.key).advertisement)
     forged.signature = bytes(64)
-    short = codec.advertisement_to_wire(SiteAdvertiseKeys(a.config, b.id, b.key).advertisement)
+    short = codec.advertisement_to_wire(SiteAdvertiseKeys(b_view, b.id, b.key).advertisement)
     short.mask_key = b"\1" * 5
     stranger = fleet_pb2.KeyAdvertisement(round_id=a.round_id, site=99, mask_key=b"\1" * 32,
                                           share_key=b"\2" * 32, signature=bytes(64))
@@ -219,17 +223,10 @@ def test_a_site_dropping_after_sharing_keys_leaves_the_others_merge(tmp_path: Pa
             # Four sites: each survivor's self-mask seed is then held by two other survivors,
             # the threshold (with three, one dropout would leave a seed unrecoverable).
             sites = [Site(channel, f"site-{i}", seed=30 + i) for i in range(4)]
-            for s in sites:
-                s.join()
-            for s in sites:
-                s.advertise()
-            for s in sites:
-                s.share()
+            run_phases(sites, last="share")
             survivors, gone = sites[:3], sites[3]
-            for s in survivors:  # the fourth site vanishes: the phase closes at its deadline
-                s.submit(s.masked_chunks())
-            for s in survivors:
-                s.unmask()
+            # the fourth site vanishes: the phase closes at its deadline
+            run_phases(survivors, first="upload")
             done = {(d.version, d.cohort_size, tuple(d.dropped))
                     for d in (s.expect("completed").completed for s in survivors)}
             assert done == {(1, 3, (gone.id,))}

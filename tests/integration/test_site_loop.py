@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from support.toy_fleet import FAST, TOY_SPEC
+from support.concurrent import each_returned, run_once_each, stocked
+from support.sessions import chat
+from support.toy_fleet import FAST, toy_server_config
 
 from fleetmind.client.identity import load_identity_key
 from fleetmind.client.outbox import Outbox, verify_chain
@@ -23,21 +25,14 @@ from fleetmind.client.site import Backoff, Outcome, run, run_once
 from fleetmind.client.site_config import ConfigError, SiteConfig
 from fleetmind.client.store import SessionStore
 from fleetmind.client.versions import current_version, verify_folder
-from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
+from fleetmind.server.config import ServerConfig
 from fleetmind.sim.world import WorldSpec, make_world, task_prompt
 
 
 @pytest.fixture
-def aggregator_config(tmp_path: Path, request) -> ServerConfig:
+def aggregator_config(tmp_path: Path) -> ServerConfig:
     """The config the shared `aggregator` fixture serves."""
-    # Parametrized False: the plain-sum ablation, which sites on loopback follow unasked.
-    secure = getattr(request, "param", True)
-    return ServerConfig(
-        data_dir=tmp_path / "aggregator", listen="127.0.0.1:0", insecure=True,
-        cohort=CohortPolicy(min_size=3, target_size=3, deadline_s=120, phase_deadline_s=60,
-                            secure_aggregation=secure),
-        privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10.0),
-        adapter=TOY_SPEC)
+    return toy_server_config(tmp_path / "aggregator")
 
 
 def site_config(tmp_path: Path, site: str, model: Path, address: str, key: bytes,
@@ -50,8 +45,6 @@ def site_config(tmp_path: Path, site: str, model: Path, address: str, key: bytes
     return SiteConfig(**values)
 
 
-@pytest.mark.parametrize("aggregator_config", [True, False], indirect=True,
-                         ids=["secure-aggregation", "plain-sum"])
 def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_model_dir) -> None:
     world = make_world(WorldSpec(seed=0, sites=3))
     guard = tmp_path / "guard.jsonl"
@@ -60,34 +53,10 @@ def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_mod
     key = aggregator.coordinator.registry.public_key.public_bytes_raw()
     configs = [site_config(tmp_path, f"site-{i}", toy_model_dir, aggregator.address, key,
                            guard_prompts=guard) for i in range(3)]
-    stored: list[tuple[str, ...]] = []  # the store skips sessions whose content repeats
-    for config, site in zip(configs, world.sites, strict=True):
-        config.data_dir.mkdir()  # a folder, so the store is sessions.db inside it
-        with SessionStore(config.data_dir) as store:
-            stored.append(tuple(sorted(s["id"] for s in site.sessions if store.add(s))))
+    stored = stocked(configs, world.sites)
+    outcomes = each_returned(run_once_each(aggregator.address, configs), Outcome)
 
-    outcomes: dict[int, Outcome | BaseException] = {}
-
-    def one(i: int) -> None:
-        channel = grpc.insecure_channel(aggregator.address)
-        try:
-            outcomes[i] = run_once(configs[i], channel)
-        except BaseException as error:  # surfaced below, with the site it came from
-            outcomes[i] = error
-        finally:
-            channel.close()
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
-    for i in range(3):
-        assert isinstance(outcomes.get(i), Outcome), (i, outcomes.get(i))
-
-    for i, (config, ids) in enumerate(zip(configs, stored, strict=True)):
-        outcome = outcomes[i]
-        assert isinstance(outcome, Outcome)
+    for config, ids, outcome in zip(configs, stored, outcomes, strict=True):
         assert outcome.activated == (0, 1)  # genesis, then what the round published
         assert outcome.round is not None
         assert (outcome.round.version, outcome.round.cohort_size) == (1, 3)
@@ -118,6 +87,41 @@ def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_mod
     finally:
         channel.close()
     assert again == Outcome(activated=(), pending=0)
+
+
+def test_a_site_on_loopback_allows_a_plain_sum_round_unasked(aggregator, tmp_path,
+                                                            toy_model_dir,
+                                                            monkeypatch) -> None:
+    """A plain-sum round (the ablation without secure aggregation) runs end to end once, in
+    tests/integration/test_plain_sum.py; what the site loop adds is the permission: run_once
+    lets `participate` send unmasked to an aggregator on this machine."""
+    from types import SimpleNamespace
+
+    from fleetmind.client import site as site_module
+
+    class AskedError(Exception):
+        pass
+
+    def participate(channel, identity, name, update, outbox, **kwargs):
+        raise AskedError(kwargs["allow_plain_sum"])
+
+    def consolidate(config, sessions, base_version, earlier):
+        return SimpleNamespace(consolidation_id="c", stats=SimpleNamespace(tokens=0)), None
+
+    monkeypatch.setattr(site_module, "participate", participate)
+    monkeypatch.setattr(site_module, "consolidate", consolidate)
+    key = aggregator.coordinator.registry.public_key.public_bytes_raw()
+    config = site_config(tmp_path, "near", toy_model_dir, aggregator.address, key,
+                         min_new_sessions=1)
+    config.data_dir.mkdir()
+    with SessionStore(config.data_dir) as store:
+        store.add(chat(0))
+    with grpc.insecure_channel(aggregator.address) as channel, \
+            pytest.raises(AskedError) as asked:
+        run_once(config, channel)
+    assert asked.value.args == (True,)
+    with SessionStore(config.data_dir) as store:  # the round never ran: nothing consumed
+        assert [s.id for s in store.unconsumed()] == ["s00000"]
 
 
 def test_below_the_threshold_only_activates(aggregator, tmp_path, toy_model_dir) -> None:

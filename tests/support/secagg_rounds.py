@@ -147,17 +147,22 @@ def quantisation_bound(site: Site, count: int) -> float:
     return e_d / (count - e_w) + 0.3 * count * e_w / (count * (count - e_w)) + 1e-6
 
 
+PHASES = ("join", "advertise", "share", "upload", "unmask")
+
+
+def run_phases(sites: list[Site], first: str = "join", last: str = "unmask") -> None:
+    """Each phase from `first` to `last` (PHASES), every site in turn before the next phase;
+    "upload" submits the site's masked vector."""
+    for phase in PHASES[PHASES.index(first):PHASES.index(last) + 1]:
+        for s in sites:
+            if phase == "upload":
+                s.submit(s.masked_chunks())
+            else:
+                getattr(s, phase)()
+
+
 def run_round(sites: list[Site]) -> None:
-    for s in sites:
-        s.join()
-    for s in sites:
-        s.advertise()
-    for s in sites:
-        s.share()
-    for s in sites:
-        s.submit(s.masked_chunks())
-    for s in sites:
-        s.unmask()
+    run_phases(sites)
 
 
 def four_site_config(tmp_path: Path) -> ServerConfig:

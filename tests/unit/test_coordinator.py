@@ -104,6 +104,12 @@ def test_too_few_sites_abort_the_whole_round_below_min_cohort(tmp_path: Path) ->
         stopped = s.outcome()
         assert (stopped.phase, stopped.drop_reason, stopped.site_only) == (
             RoundPhase.SHARE_KEYS, DropReason.BELOW_MIN_COHORT, False)
+    # The ledger says so too: aborted in share_keys, no sum, nothing spent.
+    entry = coordinator.ledger.head().record
+    assert isinstance(entry, StoppedRound)
+    assert (entry.round_id, entry.outcome, entry.phase, entry.drop_reason, entry.check,
+            entry.contributors, entry.epsilon_round, entry.payload_sha256s) == (
+        1, "aborted", "share_keys", "below_min_cohort", None, 0, 0.0, ())
     coordinator.ledger.close()
 
 
@@ -221,7 +227,34 @@ def test_a_round_in_flight_at_restart_is_abandoned_with_its_phase(tmp_path: Path
     assert state["in_flight"] is None and state["next_round"] == 2
     assert state["abandoned"] == [{"round_id": 1, "phase": "share_keys",
                                    "reason": event.payload.reason}]
+    entry = restarted.ledger.head().record
+    assert (entry.round_id, entry.outcome, entry.phase, entry.drop_reason) == (
+        1, "abandoned", "share_keys", "abandoned_at_restart")
     restarted.ledger.close()
+
+
+def test_a_stopped_round_saved_but_not_yet_ledgered_is_ledgered_at_restart(fleet, tmp_path
+                                                                           ) -> None:
+    """The aggregator died between saving a stopped round's entry in coordinator.json and
+    appending it to the ledger: the restart appends it, once."""
+    coordinator, clock, sites = fleet
+    for s in sites:
+        s.join()
+    for step in STEPS:
+        for s in sites:
+            s.submit(forge_weight=s is sites[0]) if step == "submit" else getattr(s, step)()
+    (entry,) = list(coordinator.ledger.entries())
+    coordinator.ledger.close()
+    data = tmp_path / "data"
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        (data / name).unlink(missing_ok=True)  # the ledger as it was before the append
+
+    restarted = open_coordinator(data, clock)
+    assert list(restarted.ledger.entries()) == [entry]  # the same bytes, signed again the same
+    restarted.ledger.close()
+    again = open_coordinator(data, clock)
+    assert list(again.ledger.entries()) == [entry]  # not appended twice
+    again.ledger.close()
 
 
 OLD_FILE = {  # coordinator.json as aggregators before the typed state wrote it
@@ -243,9 +276,10 @@ def test_the_typed_state_reads_an_older_file_and_round_trips() -> None:
     assert state.next_round == 4 and state.spent[0].charge.noise_multiplier == 1.0
     assert state.abandoned[0].phase is None and state.quarantined == {7: "in every rejected "
                                                                          "cohort"}
-    assert state.participation_cap is None
+    assert state.participation_cap is None and state.stopped == []
     written = state.to_json()
-    assert {k: v for k, v in written.items() if k != "participation_cap"} == OLD_FILE
+    newer = ("participation_cap", "stopped")
+    assert {k: v for k, v in written.items() if k not in newer} == OLD_FILE
     assert CoordinatorState.from_json(written) == state
 
 

@@ -4,13 +4,13 @@ version (rejected aggregates) chain between published ones under the same rules,
 `audit ledger` shows them."""
 
 import dataclasses
-import itertools
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.chains import assert_chained, filled
 from support.tamper import flip_last_bit
 
 from fleetmind.cli.main import main
@@ -37,17 +37,12 @@ def record(round_id: int, epsilon_total: float | None = None) -> RoundRecord:
 
 @pytest.fixture
 def ledger(tmp_path: Path, key):
-    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
-        for round_id in range(6):
-            ledger.append(record(round_id))
-        yield ledger
+    yield from filled(Ledger(tmp_path / "ledger.sqlite", key), map(record, range(6)))
 
 
 def test_appends_chain_and_verify(ledger, key) -> None:
     entries = list(ledger)
-    assert [e.index for e in entries] == list(range(6))
-    assert entries[0].prev_hash == GENESIS_HASH
-    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(entries))
+    assert_chained(entries, 6, GENESIS_HASH)
     assert [e.record for e in entries] == [record(r) for r in range(6)]
     assert verify_chain(entries, key.public_key()) == entries[-1].hash == ledger.head().hash
     assert ledger.verify() == entries[-1].hash
@@ -265,7 +260,9 @@ def test_a_stopped_round_must_follow_the_ledger_like_any_round(tmp_path, key) ->
 @pytest.mark.parametrize(("change", "message"), [
     ({"outcome": "vanished"}, "outcome"),
     ({"check": None}, "a rejected round names one of"),
-    ({"outcome": "merge_failed"}, "a failed merge none"),
+    ({"outcome": "merge_failed"}, "other outcomes none"),
+    ({"outcome": "aborted"}, "other outcomes none"),
+    ({"check": None, "outcome": "aborted", "drop_reason": "bored"}, "drop_reason"),
     ({"check": "vibes"}, "a rejected round names one of"),
     ({"measured": float("nan")}, "measured"),
     ({"allowed": (3.0, 1.0)}, "empty"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.chains import assert_chained, filled
 from support.tamper import flip_last_bit
 
 from fleetmind.aggregation import chain
@@ -38,16 +39,12 @@ def record(round_id: int, **changes) -> OutboxRecord:
 
 @pytest.fixture
 def outbox(tmp_path: Path, key):
-    with Outbox(tmp_path / "outbox.sqlite", key) as outbox:
-        for round_id in range(5):
-            outbox.append(record(round_id))
-        yield outbox
+    yield from filled(Outbox(tmp_path / "outbox.sqlite", key), map(record, range(5)))
 
 
 def test_appended_records_read_back_and_verify(outbox, key) -> None:
     entries = list(outbox)
-    assert [e.index for e in entries] == list(range(5))
-    assert entries[0].prev_hash == GENESIS_HASH
+    assert_chained(entries, 5, GENESIS_HASH)
     assert [e.record for e in entries] == [record(r) for r in range(5)]
     assert entries[1].record.session_ids == ("s-1", "s-2")  # stored sorted
     assert entries[1].record.scrub_counts == {kind: {"email": 2, "phone": 1}.get(kind, 0)

@@ -77,12 +77,14 @@ def test_a_round_survives_the_wire_with_a_dropout() -> None:
     graph = NeighbourGraph.full(sites)
     config = RoundConfig(5, graph, 2, 2, 33, 24,
                          {s: crypto.identity_public_bytes(k) for s, k in identities.items()})
-    config = codec.round_config_from_wire(_wire(codec.round_config_to_wire(config)))
+    views = {s: codec.round_config_from_wire(_wire(codec.round_config_to_wire(config, s)))
+             for s in sites}
+    assert views[2] == config.neighbourhood(2)
     code = FixedPoint(clip=1.0, cohort_max=4, ring_bits=24)
     rng = np.random.default_rng(0)
     values = {s: rng.uniform(-1, 1, 33) for s in sites}
     server = ServerAdvertiseKeys(config)
-    site_states = {s: SiteAdvertiseKeys(config, s, identities[s]) for s in sites}
+    site_states = {s: SiteAdvertiseKeys(views[s], s, identities[s]) for s in sites}
     for state in site_states.values():
         server.receive(codec.advertisement_from_wire(
             _wire(codec.advertisement_to_wire(state.advertisement))))
@@ -165,10 +167,22 @@ def test_malformed_fields_are_refused_before_the_protocol_sees_them() -> None:
     with pytest.raises(ProtocolError, match="both survived and dropped"):
         codec.unmask_request_from_wire(fleet_pb2.UnmaskRequest(round_id=1, survivors=[1, 2],
                                                                dropped=[2]))
-    with pytest.raises(ProtocolError, match="round config"):
+    with pytest.raises(ProtocolError, match="names 0 sites' neighbours"):
         codec.round_config_from_wire(fleet_pb2.RoundConfig(round_id=1, threshold=2,
                                                            min_cohort=2, vector_length=4,
                                                            ring_bits=32))
+    lonely = fleet_pb2.RoundConfig(round_id=1, threshold=2, min_cohort=2, cohort_size=3,
+                                   vector_length=4, ring_bits=32)
+    lonely.graph[1].sites.extend([2, 3])
+    lonely.identities[1] = b"k" * 32
+    lonely.identities[2] = b"k" * 32
+    with pytest.raises(ProtocolError, match="identities must name the site and its "
+                                            "neighbours exactly"):
+        codec.round_config_from_wire(lonely)
+    lonely.identities[3] = b"k" * 32
+    lonely.cohort_size = 2
+    with pytest.raises(ProtocolError, match="cohort_size=2 must exceed"):
+        codec.round_config_from_wire(lonely)
 
 
 def test_outcome_enums_map_one_to_one_onto_the_wire() -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66leetmind/v1/fleet.proto\x12\x0c\x66leetmind.v1\"G\n\rEnrollRequest\x12\x11\n\tsite_name\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12\r\n\x05proof\x18\x03 \x01(\x0c\"N\n\x0e\x45nrollResponse\x12\x0c\n\x04site\x18\x01 \x01(\r\x12\x16\n\x0e\x61ggregator_key\x18\x02 \x01(\x0c\x12\x16\n\x0elatest_version\x18\x03 \x01(\x04\"v\n\x10JoinRoundRequest\x12\x0c\n\x04site\x18\x01 \x01(\r\x12\x15\n\x08round_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ontributing_units\x18\x04 \x01(\rB\x0b\n\t_round_id\"\x88\x03\n\nRoundEvent\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12(\n\x07waiting\x18\x02 \x01(\x0b\x32\x15.fleetmind.v1.WaitingH\x00\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x19.fleetmind.v1.RoundConfigH\x00\x12\x37\n\x0f\x61\x64vertised_keys\x18\x04 \x01(\x0b\x32\x1c.fleetmind.v1.AdvertisedKeysH\x00\x12\x36\n\x0fshares_for_site\x18\x05 \x01(\x0b\x32\x1b.fleetmind.v1.SharesForSiteH\x00\x12\x35\n\x0eunmask_request\x18\x06 \x01(\x0b\x32\x1b.fleetmind.v1.UnmaskRequestH\x00\x12\x31\n\tcompleted\x18\x07 \x01(\x0b\x32\x1c.fleetmind.v1.RoundCompletedH\x00\x12-\n\x07\x61\x62orted\x18\x08 \x01(\x0b\x32\x1a.fleetmind.v1.RoundAbortedH\x00\x42\x07\n\x05\x65vent\"O\n\x07Waiting\x12\x13\n\x0bready_sites\x18\x01 \x01(\r\x12\x15\n\rtarget_cohort\x18\x02 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\"\x1b\n\nNeighbours\x12\r\n\x05sites\x18\x01 \x03(\r\"\xe1\x04\n\x0bRoundConfig\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x33\n\x05graph\x18\x02 \x03(\x0b\x32$.fleetmind.v1.RoundConfig.GraphEntry\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nmin_cohort\x18\x04 \x01(\r\x12\x15\n\rvector_length\x18\x05 \x01(\x04\x12\x11\n\tring_bits\x18\x06 \x01(\r\x12=\n\nidentities\x18\x07 \x03(\x0b\x32).fleetmind.v1.RoundConfig.IdentitiesEntry\x12\x14\n\x0c\x62\x61se_version\x18\x08 \x01(\x04\x12\x11\n\tclip_norm\x18\t \x01(\x01\x12\x18\n\x10noise_multiplier\x18\n \x01(\x01\x12\x12\n\nnoise_mode\x18\x0b \x01(\t\x12\x14\n\x0cprivacy_unit\x18\x0c \x01(\t\x12\x17\n\x0f\x65xpected_cohort\x18\r \x01(\r\x12\x18\n\x10\x66ixed_point_clip\x18\x0e \x01(\x01\x12\x12\n\ncohort_max\x18\x0f \x01(\r\x12\x1e\n\x16phase_deadline_unix_ms\x18\x10 \x01(\x03\x12\x11\n\tplain_sum\x18\x11 \x01(\x08\x12\x19\n\x11participation_cap\x18\x12 \x01(\r\x1a\x46\n\nGraphEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.fleetmind.v1.Neighbours:\x02\x38\x01\x1a\x31\n\x0fIdentitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"j\n\x10KeyAdvertisement\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\x12\x11\n\tshare_key\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"Z\n\x0e\x41\x64vertisedKeys\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x36\n\x0e\x61\x64vertisements\x18\x02 \x03(\x0b\x32\x1e.fleetmind.v1.KeyAdvertisement\"G\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x11\n\trecipient\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"a\n\x0f\x45ncryptedShares\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\r\x12,\n\x06shares\x18\x03 \x03(\x0b\x32\x1c.fleetmind.v1.EncryptedShare\"b\n\rSharesForSite\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x11\n\trecipient\x18\x02 \x01(\r\x12,\n\x06shares\x18\x03 \x03(\x0b\x32\x1c.fleetmind.v1.EncryptedShare\"\x91\x01\n\x11MaskedVectorChunk\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x11\n\tring_bits\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"e\n\x13MaskedVectorReceipt\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x04 \x01(\x0c\"E\n\rUnmaskRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x11\n\tsurvivors\x18\x02 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\r\"2\n\x0bShamirShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\t\n\x01x\x18\x02 \x01(\r\x12\t\n\x01y\x18\x03 \x01(\x0c\"\x97\x01\n\x0cUnmaskShares\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x33\n\x10self_mask_shares\x18\x03 \x03(\x0b\x32\x19.fleetmind.v1.ShamirShare\x12\x32\n\x0fmask_key_shares\x18\x04 \x03(\x0b\x32\x19.fleetmind.v1.ShamirShare\"A\n\x07Receipt\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x16\n\x0erequest_sha256\x18\x03 \x01(\x0c\"G\n\x0eRoundCompleted\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0b\x63ohort_size\x18\x02 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\r\"\x98\x01\n\x0cRoundAborted\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05retry\x18\x02 \x01(\x08\x12\'\n\x05phase\x18\x03 \x01(\x0e\x32\x18.fleetmind.v1.RoundPhase\x12-\n\x0b\x64rop_reason\x18\x04 \x01(\x0e\x32\x18.fleetmind.v1.DropReason\x12\x11\n\tsite_only\x18\x05 \x01(\x08*\xd8\x01\n\nRoundPhase\x12\x1b\n\x17ROUND_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUND_PHASE_COHORT\x10\x01\x12\x1e\n\x1aROUND_PHASE_ADVERTISE_KEYS\x10\x02\x12\x1a\n\x16ROUND_PHASE_SHARE_KEYS\x10\x03\x12\'\n#ROUND_PHASE_MASKED_INPUT_COLLECTION\x10\x04\x12\x19\n\x15ROUND_PHASE_UNMASKING\x10\x05\x12\x15\n\x11ROUND_PHASE_MERGE\x10\x06*\xda\x02\n\nDropReason\x12\x1b\n\x17\x44ROP_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x44ROP_REASON_MISSED_DEADLINE\x10\x01\x12 \n\x1c\x44ROP_REASON_BELOW_MIN_COHORT\x10\x02\x12\x1e\n\x1a\x44ROP_REASON_TOO_FEW_SHARES\x10\x03\x12#\n\x1f\x44ROP_REASON_MASKS_NOT_REMOVABLE\x10\x04\x12\x1f\n\x1b\x44ROP_REASON_UPDATE_REJECTED\x10\x05\x12\x1c\n\x18\x44ROP_REASON_MERGE_FAILED\x10\x06\x12$\n DROP_REASON_ABANDONED_AT_RESTART\x10\x07\x12\x1d\n\x19\x44ROP_REASON_QUEUE_REFUSED\x10\x08\x12#\n\x1f\x44ROP_REASON_COHORT_WAIT_EXPIRED\x10\t2\xb9\x03\n\x05\x46leet\x12\x43\n\x06\x45nroll\x12\x1b.fleetmind.v1.EnrollRequest\x1a\x1c.fleetmind.v1.EnrollResponse\x12G\n\tJoinRound\x12\x1e.fleetmind.v1.JoinRoundRequest\x1a\x18.fleetmind.v1.RoundEvent0\x01\x12\x46\n\rAdvertiseKeys\x12\x1e.fleetmind.v1.KeyAdvertisement\x1a\x15.fleetmind.v1.Receipt\x12\x41\n\tShareKeys\x12\x1d.fleetmind.v1.EncryptedShares\x1a\x15.fleetmind.v1.Receipt\x12Z\n\x12SubmitMaskedVector\x12\x1f.fleetmind.v1.MaskedVectorChunk\x1a!.fleetmind.v1.MaskedVectorReceipt(\x01\x12;\n\x06Unmask\x12\x1a.fleetmind.v1.UnmaskShares\x1a\x15.fleetmind.v1.Receiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66leetmind/v1/fleet.proto\x12\x0c\x66leetmind.v1\"G\n\rEnrollRequest\x12\x11\n\tsite_name\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12\r\n\x05proof\x18\x03 \x01(\x0c\"N\n\x0e\x45nrollResponse\x12\x0c\n\x04site\x18\x01 \x01(\r\x12\x16\n\x0e\x61ggregator_key\x18\x02 \x01(\x0c\x12\x16\n\x0elatest_version\x18\x03 \x01(\x04\"v\n\x10JoinRoundRequest\x12\x0c\n\x04site\x18\x01 \x01(\r\x12\x15\n\x08round_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ontributing_units\x18\x04 \x01(\rB\x0b\n\t_round_id\"\x88\x03\n\nRoundEvent\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12(\n\x07waiting\x18\x02 \x01(\x0b\x32\x15.fleetmind.v1.WaitingH\x00\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x19.fleetmind.v1.RoundConfigH\x00\x12\x37\n\x0f\x61\x64vertised_keys\x18\x04 \x01(\x0b\x32\x1c.fleetmind.v1.AdvertisedKeysH\x00\x12\x36\n\x0fshares_for_site\x18\x05 \x01(\x0b\x32\x1b.fleetmind.v1.SharesForSiteH\x00\x12\x35\n\x0eunmask_request\x18\x06 \x01(\x0b\x32\x1b.fleetmind.v1.UnmaskRequestH\x00\x12\x31\n\tcompleted\x18\x07 \x01(\x0b\x32\x1c.fleetmind.v1.RoundCompletedH\x00\x12-\n\x07\x61\x62orted\x18\x08 \x01(\x0b\x32\x1a.fleetmind.v1.RoundAbortedH\x00\x42\x07\n\x05\x65vent\"O\n\x07Waiting\x12\x13\n\x0bready_sites\x18\x01 \x01(\r\x12\x15\n\rtarget_cohort\x18\x02 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\"\x1b\n\nNeighbours\x12\r\n\x05sites\x18\x01 \x03(\r\"\xf6\x04\n\x0bRoundConfig\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x33\n\x05graph\x18\x02 \x03(\x0b\x32$.fleetmind.v1.RoundConfig.GraphEntry\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nmin_cohort\x18\x04 \x01(\r\x12\x15\n\rvector_length\x18\x05 \x01(\x04\x12\x11\n\tring_bits\x18\x06 \x01(\r\x12=\n\nidentities\x18\x07 \x03(\x0b\x32).fleetmind.v1.RoundConfig.IdentitiesEntry\x12\x14\n\x0c\x62\x61se_version\x18\x08 \x01(\x04\x12\x11\n\tclip_norm\x18\t \x01(\x01\x12\x18\n\x10noise_multiplier\x18\n \x01(\x01\x12\x12\n\nnoise_mode\x18\x0b \x01(\t\x12\x14\n\x0cprivacy_unit\x18\x0c \x01(\t\x12\x17\n\x0f\x65xpected_cohort\x18\r \x01(\r\x12\x18\n\x10\x66ixed_point_clip\x18\x0e \x01(\x01\x12\x12\n\ncohort_max\x18\x0f \x01(\r\x12\x1e\n\x16phase_deadline_unix_ms\x18\x10 \x01(\x03\x12\x11\n\tplain_sum\x18\x11 \x01(\x08\x12\x19\n\x11participation_cap\x18\x12 \x01(\r\x12\x13\n\x0b\x63ohort_size\x18\x13 \x01(\r\x1a\x46\n\nGraphEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.fleetmind.v1.Neighbours:\x02\x38\x01\x1a\x31\n\x0fIdentitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"j\n\x10KeyAdvertisement\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\x12\x11\n\tshare_key\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"Z\n\x0e\x41\x64vertisedKeys\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x36\n\x0e\x61\x64vertisements\x18\x02 \x03(\x0b\x32\x1e.fleetmind.v1.KeyAdvertisement\"G\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x11\n\trecipient\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"a\n\x0f\x45ncryptedShares\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\r\x12,\n\x06shares\x18\x03 \x03(\x0b\x32\x1c.fleetmind.v1.EncryptedShare\"b\n\rSharesForSite\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x11\n\trecipient\x18\x02 \x01(\r\x12,\n\x06shares\x18\x03 \x03(\x0b\x32\x1c.fleetmind.v1.EncryptedShare\"\x91\x01\n\x11MaskedVectorChunk\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x11\n\tring_bits\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"e\n\x13MaskedVectorReceipt\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x04 \x01(\x0c\"E\n\rUnmaskRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x11\n\tsurvivors\x18\x02 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\r\"2\n\x0bShamirShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\t\n\x01x\x18\x02 \x01(\r\x12\t\n\x01y\x18\x03 \x01(\x0c\"\x97\x01\n\x0cUnmaskShares\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x33\n\x10self_mask_shares\x18\x03 \x03(\x0b\x32\x19.fleetmind.v1.ShamirShare\x12\x32\n\x0fmask_key_shares\x18\x04 \x03(\x0b\x32\x19.fleetmind.v1.ShamirShare\"A\n\x07Receipt\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\r\x12\x16\n\x0erequest_sha256\x18\x03 \x01(\x0c\"G\n\x0eRoundCompleted\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0b\x63ohort_size\x18\x02 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\r\"\x98\x01\n\x0cRoundAborted\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05retry\x18\x02 \x01(\x08\x12\'\n\x05phase\x18\x03 \x01(\x0e\x32\x18.fleetmind.v1.RoundPhase\x12-\n\x0b\x64rop_reason\x18\x04 \x01(\x0e\x32\x18.fleetmind.v1.DropReason\x12\x11\n\tsite_only\x18\x05 \x01(\x08*\xd8\x01\n\nRoundPhase\x12\x1b\n\x17ROUND_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUND_PHASE_COHORT\x10\x01\x12\x1e\n\x1aROUND_PHASE_ADVERTISE_KEYS\x10\x02\x12\x1a\n\x16ROUND_PHASE_SHARE_KEYS\x10\x03\x12\'\n#ROUND_PHASE_MASKED_INPUT_COLLECTION\x10\x04\x12\x19\n\x15ROUND_PHASE_UNMASKING\x10\x05\x12\x15\n\x11ROUND_PHASE_MERGE\x10\x06*\xda\x02\n\nDropReason\x12\x1b\n\x17\x44ROP_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x44ROP_REASON_MISSED_DEADLINE\x10\x01\x12 \n\x1c\x44ROP_REASON_BELOW_MIN_COHORT\x10\x02\x12\x1e\n\x1a\x44ROP_REASON_TOO_FEW_SHARES\x10\x03\x12#\n\x1f\x44ROP_REASON_MASKS_NOT_REMOVABLE\x10\x04\x12\x1f\n\x1b\x44ROP_REASON_UPDATE_REJECTED\x10\x05\x12\x1c\n\x18\x44ROP_REASON_MERGE_FAILED\x10\x06\x12$\n DROP_REASON_ABANDONED_AT_RESTART\x10\x07\x12\x1d\n\x19\x44ROP_REASON_QUEUE_REFUSED\x10\x08\x12#\n\x1f\x44ROP_REASON_COHORT_WAIT_EXPIRED\x10\t2\xb9\x03\n\x05\x46leet\x12\x43\n\x06\x45nroll\x12\x1b.fleetmind.v1.EnrollRequest\x1a\x1c.fleetmind.v1.EnrollResponse\x12G\n\tJoinRound\x12\x1e.fleetmind.v1.JoinRoundRequest\x1a\x18.fleetmind.v1.RoundEvent0\x01\x12\x46\n\rAdvertiseKeys\x12\x1e.fleetmind.v1.KeyAdvertisement\x1a\x15.fleetmind.v1.Receipt\x12\x41\n\tShareKeys\x12\x1d.fleetmind.v1.EncryptedShares\x1a\x15.fleetmind.v1.Receipt\x12Z\n\x12SubmitMaskedVector\x12\x1f.fleetmind.v1.MaskedVectorChunk\x1a!.fleetmind.v1.MaskedVectorReceipt(\x01\x12;\n\x06Unmask\x12\x1a.fleetmind.v1.UnmaskShares\x1a\x15.fleetmind.v1.Receiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDCONFIG_GRAPHENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDCONFIG_IDENTITIESENTRY']._loaded_options = None
   _globals['_ROUNDCONFIG_IDENTITIESENTRY']._serialized_options = b'8\001'
-  _globals['_ROUNDPHASE']._serialized_start=2728
-  _globals['_ROUNDPHASE']._serialized_end=2944
-  _globals['_DROPREASON']._serialized_start=2947
-  _globals['_DROPREASON']._serialized_end=3293
+  _globals['_ROUNDPHASE']._serialized_start=2749
+  _globals['_ROUNDPHASE']._serialized_end=2965
+  _globals['_DROPREASON']._serialized_start=2968
+  _globals['_DROPREASON']._serialized_end=3314
   _globals['_ENROLLREQUEST']._serialized_start=42
   _globals['_ENROLLREQUEST']._serialized_end=113
   _globals['_ENROLLRESPONSE']._serialized_start=115
@@ -52,37 +52,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEIGHBOURS']._serialized_start=791
   _globals['_NEIGHBOURS']._serialized_end=818
   _globals['_ROUNDCONFIG']._serialized_start=821
-  _globals['_ROUNDCONFIG']._serialized_end=1430
-  _globals['_ROUNDCONFIG_GRAPHENTRY']._serialized_start=1309
-  _globals['_ROUNDCONFIG_GRAPHENTRY']._serialized_end=1379
-  _globals['_ROUNDCONFIG_IDENTITIESENTRY']._serialized_start=1381
-  _globals['_ROUNDCONFIG_IDENTITIESENTRY']._serialized_end=1430
-  _globals['_KEYADVERTISEMENT']._serialized_start=1432
-  _globals['_KEYADVERTISEMENT']._serialized_end=1538
-  _globals['_ADVERTISEDKEYS']._serialized_start=1540
-  _globals['_ADVERTISEDKEYS']._serialized_end=1630
-  _globals['_ENCRYPTEDSHARE']._serialized_start=1632
-  _globals['_ENCRYPTEDSHARE']._serialized_end=1703
-  _globals['_ENCRYPTEDSHARES']._serialized_start=1705
-  _globals['_ENCRYPTEDSHARES']._serialized_end=1802
-  _globals['_SHARESFORSITE']._serialized_start=1804
-  _globals['_SHARESFORSITE']._serialized_end=1902
-  _globals['_MASKEDVECTORCHUNK']._serialized_start=1905
-  _globals['_MASKEDVECTORCHUNK']._serialized_end=2050
-  _globals['_MASKEDVECTORRECEIPT']._serialized_start=2052
-  _globals['_MASKEDVECTORRECEIPT']._serialized_end=2153
-  _globals['_UNMASKREQUEST']._serialized_start=2155
-  _globals['_UNMASKREQUEST']._serialized_end=2224
-  _globals['_SHAMIRSHARE']._serialized_start=2226
-  _globals['_SHAMIRSHARE']._serialized_end=2276
-  _globals['_UNMASKSHARES']._serialized_start=2279
-  _globals['_UNMASKSHARES']._serialized_end=2430
-  _globals['_RECEIPT']._serialized_start=2432
-  _globals['_RECEIPT']._serialized_end=2497
-  _globals['_ROUNDCOMPLETED']._serialized_start=2499
-  _globals['_ROUNDCOMPLETED']._serialized_end=2570
-  _globals['_ROUNDABORTED']._serialized_start=2573
-  _globals['_ROUNDABORTED']._serialized_end=2725
-  _globals['_FLEET']._serialized_start=3296
-  _globals['_FLEET']._serialized_end=3737
+  _globals['_ROUNDCONFIG']._serialized_end=1451
+  _globals['_ROUNDCONFIG_GRAPHENTRY']._serialized_start=1330
+  _globals['_ROUNDCONFIG_GRAPHENTRY']._serialized_end=1400
+  _globals['_ROUNDCONFIG_IDENTITIESENTRY']._serialized_start=1402
+  _globals['_ROUNDCONFIG_IDENTITIESENTRY']._serialized_end=1451
+  _globals['_KEYADVERTISEMENT']._serialized_start=1453
+  _globals['_KEYADVERTISEMENT']._serialized_end=1559
+  _globals['_ADVERTISEDKEYS']._serialized_start=1561
+  _globals['_ADVERTISEDKEYS']._serialized_end=1651
+  _globals['_ENCRYPTEDSHARE']._serialized_start=1653
+  _globals['_ENCRYPTEDSHARE']._serialized_end=1724
+  _globals['_ENCRYPTEDSHARES']._serialized_start=1726
+  _globals['_ENCRYPTEDSHARES']._serialized_end=1823
+  _globals['_SHARESFORSITE']._serialized_start=1825
+  _globals['_SHARESFORSITE']._serialized_end=1923
+  _globals['_MASKEDVECTORCHUNK']._serialized_start=1926
+  _globals['_MASKEDVECTORCHUNK']._serialized_end=2071
+  _globals['_MASKEDVECTORRECEIPT']._serialized_start=2073
+  _globals['_MASKEDVECTORRECEIPT']._serialized_end=2174
+  _globals['_UNMASKREQUEST']._serialized_start=2176
+  _globals['_UNMASKREQUEST']._serialized_end=2245
+  _globals['_SHAMIRSHARE']._serialized_start=2247
+  _globals['_SHAMIRSHARE']._serialized_end=2297
+  _globals['_UNMASKSHARES']._serialized_start=2300
+  _globals['_UNMASKSHARES']._serialized_end=2451
+  _globals['_RECEIPT']._serialized_start=2453
+  _globals['_RECEIPT']._serialized_end=2518
+  _globals['_ROUNDCOMPLETED']._serialized_start=2520
+  _globals['_ROUNDCOMPLETED']._serialized_end=2591
+  _globals['_ROUNDABORTED']._serialized_start=2594
+  _globals['_ROUNDABORTED']._serialized_end=2746
+  _globals['_FLEET']._serialized_start=3317
+  _globals['_FLEET']._serialized_end=3758
 # @@protoc_insertion_point(module_scope)

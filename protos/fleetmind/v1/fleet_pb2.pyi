@@ -116,7 +116,7 @@ class Neighbours(_message.Message):
     def __init__(self, sites: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_id", "graph", "threshold", "min_cohort", "vector_length", "ring_bits", "identities", "base_version", "clip_norm", "noise_multiplier", "noise_mode", "privacy_unit", "expected_cohort", "fixed_point_clip", "cohort_max", "phase_deadline_unix_ms", "plain_sum", "participation_cap")
+    __slots__ = ("round_id", "graph", "threshold", "min_cohort", "vector_length", "ring_bits", "identities", "base_version", "clip_norm", "noise_multiplier", "noise_mode", "privacy_unit", "expected_cohort", "fixed_point_clip", "cohort_max", "phase_deadline_unix_ms", "plain_sum", "participation_cap", "cohort_size")
     class GraphEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class RoundConfig(_message.Message):
     PHASE_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PLAIN_SUM_FIELD_NUMBER: _ClassVar[int]
     PARTICIPATION_CAP_FIELD_NUMBER: _ClassVar[int]
+    COHORT_SIZE_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     graph: _containers.MessageMap[int, Neighbours]
     threshold: int
@@ -167,7 +168,8 @@ class RoundConfig(_message.Message):
     phase_deadline_unix_ms: int
     plain_sum: bool
     participation_cap: int
-    def __init__(self, round_id: _Optional[int] = ..., graph: _Optional[_Mapping[int, Neighbours]] = ..., threshold: _Optional[int] = ..., min_cohort: _Optional[int] = ..., vector_length: _Optional[int] = ..., ring_bits: _Optional[int] = ..., identities: _Optional[_Mapping[int, bytes]] = ..., base_version: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., noise_mode: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., expected_cohort: _Optional[int] = ..., fixed_point_clip: _Optional[float] = ..., cohort_max: _Optional[int] = ..., phase_deadline_unix_ms: _Optional[int] = ..., plain_sum: _Optional[bool] = ..., participation_cap: _Optional[int] = ...) -> None: ...
+    cohort_size: int
+    def __init__(self, round_id: _Optional[int] = ..., graph: _Optional[_Mapping[int, Neighbours]] = ..., threshold: _Optional[int] = ..., min_cohort: _Optional[int] = ..., vector_length: _Optional[int] = ..., ring_bits: _Optional[int] = ..., identities: _Optional[_Mapping[int, bytes]] = ..., base_version: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., noise_mode: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., expected_cohort: _Optional[int] = ..., fixed_point_clip: _Optional[float] = ..., cohort_max: _Optional[int] = ..., phase_deadline_unix_ms: _Optional[int] = ..., plain_sum: _Optional[bool] = ..., participation_cap: _Optional[int] = ..., cohort_size: _Optional[int] = ...) -> None: ...
 
 class KeyAdvertisement(_message.Message):
     __slots__ = ("round_id", "site", "mask_key", "share_key", "signature")
