@@ -414,11 +414,12 @@ def test_the_dashboard_queries_only_metrics_that_exist() -> None:
     assert used, "the dashboard queries nothing"
     assert not used - METRICS, f"the dashboard queries undefined metrics {used - METRICS}"
     # It covers what the issue asks to watch: rounds, cohorts, dropouts, bytes, latencies,
-    # epsilon, version, watchers; sessions, consolidations, tokens, last activation.
+    # epsilon, version, watchers, refusals; sessions, consolidations, tokens, last activation.
     for wanted in ("rounds_total", "cohort_sites", "dropouts_total", "received_bytes_total",
                    "sent_bytes_total", "phase_duration_seconds", "epsilon_spent",
                    "latest_version", "watchers", "sessions_stored", "consolidations_total",
-                   "distilled_tokens_total", "last_activation_timestamp_seconds"):
+                   "distilled_tokens_total", "last_activation_timestamp_seconds",
+                   "refusals_total"):
         assert any(wanted in name for name in used), f"no panel shows {wanted}"
     # Jobs it selects on are the scrape config's; its datasource is the provisioned one.
     jobs = {job["job_name"] for job in
