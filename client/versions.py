@@ -61,7 +61,7 @@ from fleetmind.aggregation.manifest import (
     public_key as load_public_key,
 )
 from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
-from fleetmind.runtime.durable import atomic_write, fsync_dir
+from fleetmind.runtime.durable import atomic_write, fsync_dir, write_folder
 
 VERSIONS = "versions"
 CURRENT = "current"
@@ -250,20 +250,8 @@ def _write_version(target: Path, contents: Mapping[str, bytes]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in target.parent.glob(f"{_PARTIAL_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)  # a download a crash cut short
-    partial = target.parent / f"{_PARTIAL_PREFIX}{target.name}-{secrets.token_hex(4)}"
-    partial.mkdir()
-    try:
-        for name, data in contents.items():
-            with open(partial / name, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-        fsync_dir(partial)
-        os.rename(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    fsync_dir(target.parent)
+    write_folder(target, contents,
+                 target.parent / f"{_PARTIAL_PREFIX}{target.name}-{secrets.token_hex(4)}")
 
 
 def verify_folder(folder: Path, public_key: Ed25519PublicKey | bytes) -> Manifest:

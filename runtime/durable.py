@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "write_synced"]
+__all__ = ["atomic_write", "fsync_dir", "write_folder", "write_synced"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -55,3 +57,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, replace: bool = Tru
         partial.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_folder(target: Path, contents: Mapping[str, bytes], partial: Path) -> None:
+    """Writes folder `target` (file name -> bytes) whole or not at all: every file synced
+    inside `partial` (a fresh name in the same directory), renamed to `target` (a rename
+    onto an existing non-empty folder fails, so of two writers one wins), then the parent
+    synced. `partial` is removed if anything fails."""
+    partial.mkdir()
+    try:
+        for name, data in contents.items():
+            write_synced(partial / name, data)
+        fsync_dir(partial)
+        os.rename(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import secrets
 import shutil
@@ -54,7 +53,7 @@ from fleetmind.aggregation.manifest import (  # noqa: F401
 )
 from fleetmind.aggregation.manifest import SHA256_HEX as _SHA256
 from fleetmind.aggregation.manifest import public_key as _public  # noqa: F401 (tests use it)
-from fleetmind.runtime.durable import fsync_dir, write_synced
+from fleetmind.runtime.durable import write_folder
 from fleetmind.runtime.signed_log import canonical_json
 
 PEFT_PREFIX = "base_model.model."
@@ -338,21 +337,11 @@ class VersionRegistry:
 
     def _write(self, manifest: Manifest, files: Mapping[str, bytes]) -> Version:
         target = self.folder / f"{manifest.version:08d}"
-        partial = self.folder / f"{_PARTIAL_PREFIX}{manifest.version}-{secrets.token_hex(4)}"
-        partial.mkdir()
-        try:
-            raw = manifest.to_bytes()
-            contents = {**files, MANIFEST: raw, SIGNATURE: self._signing_key.sign(raw)}
-            for name, data in contents.items():
-                write_synced(partial / name, data)
-            fsync_dir(partial)
-            # rename() of a directory onto an existing non-empty one fails: two publishers
-            # of the same version cannot both succeed.
-            os.rename(partial, target)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        fsync_dir(self.folder)
+        raw = manifest.to_bytes()
+        # write_folder's rename fails onto an existing version: two publishers of the same
+        # version cannot both succeed.
+        write_folder(target, {**files, MANIFEST: raw, SIGNATURE: self._signing_key.sign(raw)},
+                     self.folder / f"{_PARTIAL_PREFIX}{manifest.version}-{secrets.token_hex(4)}")
         if self._latest is None or manifest.version > self._latest:
             self._latest = manifest.version
         return Version(target, manifest)

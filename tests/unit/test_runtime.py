@@ -64,15 +64,34 @@ def test_write_synced_never_widens_the_mode(tmp_path: Path) -> None:
 
 def test_the_server_and_the_manifest_use_the_one_implementation() -> None:
     from fleetmind.aggregation import manifest
+    from fleetmind.client import versions as site_versions
     from fleetmind.server import coordinator, versions
 
     assert coordinator.atomic_write is durable.atomic_write
-    assert versions.fsync_dir is durable.fsync_dir
+    assert versions.write_folder is site_versions.write_folder is durable.write_folder
     assert coordinator.canonical_json is versions.canonical_json is signed_log.canonical_json \
         is manifest.canonical_json
     assert signed_log.canonical_json({"b": 1, "a": [1.5, "é"]}) == b'{"a":[1.5,"\\u00e9"],"b":1}'
     with pytest.raises(ValueError):
         signed_log.canonical_json({"x": float("nan")})
+
+
+def test_a_folder_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "00000001"
+    durable.write_folder(target, {"a": b"1", "b": b"22"}, tmp_path / ".partial-1")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == {"a": b"1", "b": b"22"}
+    assert not (tmp_path / ".partial-1").exists()
+    with pytest.raises(OSError):  # a second writer of the same folder loses
+        durable.write_folder(target, {"a": b"other"}, tmp_path / ".partial-2")
+    assert (target / "a").read_bytes() == b"1" and not (tmp_path / ".partial-2").exists()
+
+    def fail(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(durable, "write_synced", fail)
+    with pytest.raises(OSError, match="disk full"):
+        durable.write_folder(tmp_path / "00000002", {"a": b"1"}, tmp_path / ".partial-3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000001"]
 
 
 # ---- signed log -------------------------------------------------------------------------
