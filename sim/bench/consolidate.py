@@ -125,25 +125,21 @@ def measured(model: Any, tensors: bool = False) -> Iterator[dict[str, float]]:
 
 @contextmanager
 def tensor_peak() -> Iterator[dict[str, float]]:
-    """peak_tensor_mb: the most memory that tensors allocated inside the block held at once,
-    from torch.profiler's record of every allocation and free: the CPU's counterpart of
-    `torch.cuda.max_memory_allocated`, the measure a GPU run would judge. On the toy model
-    the RSS is not: our consolidation's live tensors peak at 8 MB while its resident set
-    grows by 38, the allocator keeping freed pages and the runtime its own buffers, alike for
-    every method. Tensors from before the block (the loaded model) are not counted."""
-    from torch.profiler import ProfilerActivity, profile
+    """peak_tensor_mb: the most memory that tensors allocated inside the block held at once:
+    the CPU's counterpart of `torch.cuda.max_memory_allocated`, the measure a GPU run would
+    judge. On the toy model the RSS is not: our consolidation's live tensors peak at 8 MB
+    while its resident set grows by 38, the allocator keeping freed pages and the runtime
+    its own buffers, alike for every method. Tensors from before the block (the loaded
+    model) are not counted. Counted as ops run (`tensor_memory.LiveTensorBytes`), in memory
+    that does not grow with the run: torch.profiler's record of every allocation, used
+    before, was killed for lack of memory at the SmolLM2-135M shape (docs/real-shapes.md);
+    the two agree within a few bytes on a small model (tests/unit/test_bench_consolidate.py)."""
+    from fleetmind.sim.bench.tensor_memory import LiveTensorBytes
 
     result: dict[str, float] = {}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with LiveTensorBytes() as meter:
         yield result
-    changes = sorted((event.start_ns(), event.nbytes())
-                     for event in profiler.profiler.kineto_results.events()
-                     if event.name() == "[memory]")  # +bytes allocated, -bytes freed
-    live = peak = 0
-    for _, nbytes in changes:
-        live += nbytes
-        peak = max(peak, live)
-    result["peak_tensor_mb"] = round(peak / 2**20, 2)
+    result["peak_tensor_mb"] = round(meter.peak / 2**20, 2)
 
 
 def run_opsd(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,

@@ -57,6 +57,42 @@ def test_tensor_peak_is_the_most_that_tensors_made_in_the_block_held_at_once() -
     assert third.numel() == 2**20
 
 
+def test_tensor_peak_agrees_with_torch_profilers_allocation_record() -> None:
+    """Training steps (views of the weights, in-place updates, backward, an optimiser's
+    state made on its first step): the live-storage count gives the profiler's peak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fleetmind.sim.bench.tensor_memory import LiveTensorBytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(32, 64)
+
+    def steps() -> None:
+        for _ in range(3):
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    steps()  # the optimiser's state exists before either measure
+    with LiveTensorBytes() as meter:
+        steps()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        steps()
+    live = most = 0
+    for _, nbytes in sorted((event.start_ns(), event.nbytes())
+                            for event in profiler.profiler.kineto_results.events()
+                            if event.name() == "[memory]"):
+        live += nbytes
+        most = max(most, live)
+    assert most > 100_000  # the activations and gradients of a step, at least
+    # To within a few bytes: scalars made from Python numbers (no op makes them) escape it.
+    assert abs(meter.peak - most) <= 64
+    assert meter.live == 0  # everything the steps made was freed again
+
+
 def test_a_methods_cost_is_each_measures_median_over_its_runs() -> None:
     runs = [{"seconds": 12.0, "distilled_tokens_per_s": 1000.0},
             {"seconds": 10.0, "distilled_tokens_per_s": 1400.0},
