@@ -46,6 +46,15 @@ MISSED = {"advertise": RoundPhase.ADVERTISE_KEYS, "share": RoundPhase.SHARE_KEYS
           "submit": RoundPhase.MASKED_INPUT_COLLECTION}
 
 
+def forged_round(sites: list[Site]) -> None:
+    """One round in which the first site forges its weight word: the sum is rejected."""
+    for s in sites:
+        s.join()
+    for step in STEPS:
+        for s in sites:
+            s.submit(forge_weight=s is sites[0]) if step == "submit" else getattr(s, step)()
+
+
 def run(coordinator: Coordinator, clock: Clock, sites: list[Site],
         skip: tuple[Site, str] | None = None) -> None:
     """One round; `skip` = (site, step): that site stops answering from that step on."""
@@ -162,11 +171,7 @@ def test_watchers_and_ledger_followers_wake_only_at_a_publication(fleet) -> None
 
 def test_a_rejected_aggregate_ends_the_round_in_merge(fleet) -> None:
     coordinator, _, sites = fleet
-    for s in sites:
-        s.join()
-    for step in STEPS:
-        for s in sites:
-            s.submit(forge_weight=s is sites[0]) if step == "submit" else getattr(s, step)()
+    forged_round(sites)
     stopped = {s.outcome() for s in sites}
     assert len(stopped) == 1
     (outcome,) = stopped
@@ -178,11 +183,7 @@ def test_a_rejected_aggregate_ends_the_round_in_merge(fleet) -> None:
 def test_a_rejected_round_leaves_a_signed_ledger_entry_and_the_next_round_follows(fleet
                                                                                   ) -> None:
     coordinator, clock, sites = fleet
-    for s in sites:
-        s.join()
-    for step in STEPS:
-        for s in sites:
-            s.submit(forge_weight=s is sites[0]) if step == "submit" else getattr(s, step)()
+    forged_round(sites)
     entry = coordinator.ledger.head()
     stopped = entry.record
     assert isinstance(stopped, StoppedRound)
@@ -238,11 +239,7 @@ def test_a_stopped_round_saved_but_not_yet_ledgered_is_ledgered_at_restart(fleet
     """The aggregator died between saving a stopped round's entry in coordinator.json and
     appending it to the ledger: the restart appends it, once."""
     coordinator, clock, sites = fleet
-    for s in sites:
-        s.join()
-    for step in STEPS:
-        for s in sites:
-            s.submit(forge_weight=s is sites[0]) if step == "submit" else getattr(s, step)()
+    forged_round(sites)
     (entry,) = list(coordinator.ledger.entries())
     coordinator.ledger.close()
     data = tmp_path / "data"
