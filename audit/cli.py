@@ -376,6 +376,12 @@ def _participation(row: dict[str, Any]) -> str:
     return f"cap {row['participation_cap']}: {_counts(row['participation'], 5) or 'no unit'}"
 
 
+def _stopped_text(stopped: dict) -> str:
+    """An upload's round that the ledger says ended without a version, in a cell."""
+    why = stopped["check"] or stopped["drop_reason"]
+    return f"no: {stopped['outcome']} in {stopped['phase']}" + (f" ({why})" if why else "")
+
+
 def _print_outbox(report, path: Path) -> None:
     from rich.table import Table
 
@@ -386,9 +392,9 @@ def _print_outbox(report, path: Path) -> None:
     for row in rows:
         scrubbed = ", ".join(f"{kind} {count}" for kind, count in row["scrubbed"].items()
                              if count) or "nothing"
-        publication = row["published"]
+        publication, stopped = row["published"], row["stopped"]
         shown = (f"v{publication['version']} ({publication['source']})" if publication
-                 else "no" if checked else "?")
+                 else _stopped_text(stopped) if stopped else "no" if checked else "?")
         table.add_row(str(row["entry"]), row["sent_at"], str(row["round"]),
                       row["payload_sha256"][:SHORT],
                       f"{row['norm_before_clip']:.4g} → {row['norm_after_clip']:.4g}",

@@ -14,6 +14,7 @@ from fleetmind.aggregation.participation import participation_history
 from fleetmind.audit import trail
 from fleetmind.audit.ledger_report import when
 from fleetmind.client.outbox import ForgetRecord, OutboxRecord
+from fleetmind.server.ledger import StoppedRound
 
 __all__ = ["SHORT", "OutboxReport", "audit_entries", "deletion_row", "outbox_report"]
 
@@ -66,6 +67,18 @@ def audit_entries(entries: list[ChainEntry], site_key: bytes,
     return trail.audit_outbox(entries, site_key, expected_head)
 
 
+def _stopped(entry: StoppedRound | None, payload_sha256: str) -> dict[str, Any] | None:
+    """How the ledger says an upload's round ended without a version (None: it did not say
+    so); receipt_listed: whether the entry lists this payload among what it received or
+    summed (None: it lists none, as a round abandoned at a restart)."""
+    if entry is None:
+        return None
+    return {"outcome": entry.outcome, "phase": entry.phase, "check": entry.check,
+            "drop_reason": entry.drop_reason, "epsilon_round": entry.epsilon_round,
+            "receipt_listed": (payload_sha256 in entry.payload_sha256s
+                               if entry.payload_sha256s else None)}
+
+
 def deletion_row(entry: ChainEntry, record: ForgetRecord,
                  sent: dict[str, list[int]]) -> dict[str, Any]:
     """One deletion as the report shows it; `sent`: session id -> the rounds whose
@@ -88,6 +101,7 @@ def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
     audit = audit_entries(entries, site_key, expected_head)
     # Where each round's publication can be read, each source signed by the aggregator.
     published: dict[int, trail.Publication] = {}
+    stopped: dict[int, StoppedRound] = {}  # rounds the ledger says ended without a version
     problems: list[str] = []
     if aggregator_key is not None:
         if site_dir is not None:
@@ -97,6 +111,7 @@ def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
             if not ledger_audit.ok:
                 problems.append(f"the ledger does not verify: {ledger_audit.error}")
             published.update(trail.publications(ledger_audit))
+            stopped.update(trail.stopped_rounds(ledger_audit))
     rows = []
     deletions = []
     sent: dict[str, list[int]] = {}  # session id -> rounds whose uploads named it
@@ -134,6 +149,7 @@ def outbox_report(path: Path, entries: list[ChainEntry], site_key: bytes, *,
             "published": None if publication is None else {
                 "version": publication.version, "cohort_size": publication.cohort_size,
                 "source": publication.source},
+            "stopped": _stopped(stopped.get(record.round_id), record.payload_sha256),
             "entry_hash": entry.hash.hex()})
     counts: dict[str, int] = {}
     try:

@@ -21,7 +21,7 @@ from fleetmind.client.versions import VERSIONS, verify_folder
 from fleetmind.server import ledger
 
 __all__ = ["ChainAudit", "Publication", "VersionAudit", "audit_ledger", "audit_outbox",
-           "audit_version", "publications", "site_publications"]
+           "audit_version", "publications", "site_publications", "stopped_rounds"]
 
 R = TypeVar("R")
 
@@ -95,6 +95,13 @@ def publications(verified: ChainAudit[ledger.LedgerRecord]) -> dict[int, Publica
     return {record.round_id: Publication(record.round_id, record.version, record.cohort_size,
                                          "ledger", record.payload_sha256s)
             for _, record in verified.verified if isinstance(record, ledger.RoundRecord)}
+
+
+def stopped_rounds(verified: ChainAudit[ledger.LedgerRecord]) -> dict[int, ledger.StoppedRound]:
+    """Round id -> its entry, for the rounds the verified ledger says ended without a
+    version (rejected, not mergeable, aborted, abandoned)."""
+    return {record.round_id: record for _, record in verified.verified
+            if isinstance(record, ledger.StoppedRound)}
 
 
 def site_publications(site_dir: Path, aggregator_key: bytes) -> dict[int, Publication]:

@@ -25,7 +25,7 @@ from fleetmind.aggregation.participation import ParticipationRecord
 from fleetmind.cli.main import main
 from fleetmind.client.outbox import Outbox, OutboxRecord
 from fleetmind.client.scrub import ScrubReport
-from fleetmind.server.ledger import Ledger, RoundRecord
+from fleetmind.server.ledger import Ledger, RoundRecord, StoppedRound
 from fleetmind.server.versions import (
     Release,
     Version,
@@ -413,6 +413,43 @@ def test_a_payload_the_aggregator_did_not_sum_fails(capsys, site, aggregator,
     assert code == 1 and not report["ok"]
     assert report["records"][1]["receipt_matched"] is False
     assert "not among the aggregator's receipts" in report["error"]
+
+
+def test_an_upload_whose_round_stopped_shows_how_the_ledger_says_it_ended(
+        capsys, site, aggregator, tmp_path) -> None:
+    code, report, _ = run_json(capsys, "outbox", str(site["dir"]), "--site-key", site["pub"],
+                               "--aggregator-key", aggregator["pub"],
+                               "--ledger", str(aggregator["ledger"]))
+    assert code == 0 and [r["stopped"] for r in report["records"]] == [None, None, None]
+    payload = report["records"][2]["payload_sha256"]  # round 3's upload
+    # A ledger (signed by the same aggregator) in which round 3 aborted instead.
+    with Ledger(aggregator["ledger"], aggregator["key"]) as source, \
+            Ledger(tmp_path / "other.sqlite", aggregator["key"]) as other:
+        last = None
+        for entry in source:
+            record = entry.record
+            if record.round_id == 3:
+                record = StoppedRound(
+                    round_id=3, outcome="aborted", phase="unmasking", check=None,
+                    measured=None, allowed=None, contributors=0, version=last.version,
+                    epsilon_round=0.0, epsilon_total=last.epsilon_total, delta=last.delta,
+                    payload_sha256s=(payload,), drop_reason="too_few_shares")
+            other.append(record)
+            last = record
+    code, report, _ = run_json(capsys, "outbox", str(site["dir"]), "--site-key", site["pub"],
+                               "--aggregator-key", aggregator["pub"],
+                               "--ledger", str(tmp_path / "other.sqlite"))
+    assert code == 0, report
+    row = report["records"][2]
+    assert row["published"] is None
+    assert row["stopped"] == {"outcome": "aborted", "phase": "unmasking", "check": None,
+                              "drop_reason": "too_few_shares", "epsilon_round": 0.0,
+                              "receipt_listed": True}
+    code = main(["audit", "outbox", str(site["dir"]), "--site-key", site["pub"],
+                 "--aggregator-key", aggregator["pub"], "--ledger",
+                 str(tmp_path / "other.sqlite")])
+    assert code == 0
+    assert "no: aborted in unmasking (too_few_shares)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("column, index, message", [
