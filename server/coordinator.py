@@ -545,7 +545,6 @@ class Coordinator:
                     flight.round_id, f"the aggregator restarted during {flight.phase}; "
                                      "nothing was released", flight.phase))
                 state.abandoned = state.abandoned[-KEEP_FINISHED:]
-                state.in_flight = None
                 self._stop(self._stopped_entry(
                     flight.round_id, "abandoned", flight.phase,
                     drop_reason=DropReason.ABANDONED_AT_RESTART))
@@ -1175,8 +1174,10 @@ class Coordinator:
             drop_reason=None if drop_reason is None else drop_reason.value)
 
     def _stop(self, entry: StoppedRound) -> None:
-        """Saves `entry` in coordinator.json with the state it ends, then appends it to the
-        ledger: a crash between the two loses nothing (a restart appends it)."""
+        """Ends the round in flight in coordinator.json, saving `entry` with the state it
+        ends in the same write, then appends it to the ledger: a crash between the two loses
+        nothing (a restart appends it), and a restart never abandons a round that ended."""
+        self._state.in_flight = None
         self._state.stopped = [*self._state.stopped, entry][-KEEP_FINISHED:]
         self._save()
         self.ledger.append(entry)

@@ -122,6 +122,31 @@ def test_too_few_sites_abort_the_whole_round_below_min_cohort(tmp_path: Path) ->
     coordinator.ledger.close()
 
 
+def test_an_abort_cut_short_before_its_ledger_append_is_ledgered_once_at_restart(
+        tmp_path: Path, monkeypatch) -> None:
+    """The aggregator dies after saving an aborted round's entry, before the ledger append:
+    the restart appends that entry and does not also abandon the round it ended."""
+    clock = Clock()
+    data = tmp_path / "data"
+    coordinator = open_coordinator(data, clock, size=3)
+    sites = [Site(coordinator, f"site-{i}", seed=i) for i in range(3)]
+
+    def killed(entry: object) -> None:
+        raise SystemExit("killed between coordinator.json and the ledger")
+
+    monkeypatch.setattr(coordinator.ledger, "append", killed)
+    with pytest.raises(SystemExit):
+        run(coordinator, clock, sites, skip=(sites[2], "share"))
+    coordinator.ledger.close()
+
+    restarted = open_coordinator(data, clock, size=3)
+    (entry,) = [e.record for e in restarted.ledger.entries()]
+    assert (entry.round_id, entry.outcome, entry.drop_reason) == (1, "aborted",
+                                                                  "below_min_cohort")
+    assert json.loads((data / STATE_FILE).read_bytes())["in_flight"] is None
+    restarted.ledger.close()
+
+
 class Notified(threading.Condition):
     """A site's wake-up condition, counting how often it was notified."""
 
