@@ -8,12 +8,14 @@ check"). The fleet's aggregator (server/coordinator.py) and the Flower ServerApp
     1. the weight sum W of the n contributors lies in [n * min_site_weight, n * 1],
        widened by the weight code's rounding (n / its scale);
     2. every value of the weighted delta sum is finite;
-    3. the mean delta's L2 norm is at most `AggregateBounds.mean_delta_bound`.
+    3. the mean delta's L2 norm is at most `AggregateBounds.mean_delta_bound`;
+    4. after the merge, every value of the new B is finite (`check_merged`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,3 +119,10 @@ class AggregateBounds:
             raise AggregateRejectedError(f"the mean delta's norm is {norm:.6g}, above the "
                                          f"{bound:.6g} the cohort's clip and noise allow",
                                          "norm", norm, (0.0, bound))
+
+
+def check_merged(b: Mapping[str, np.ndarray]) -> None:
+    """Refuses a merged adapter with a non-finite value: the last check before signing."""
+    if not all(np.isfinite(t).all() for t in b.values()):
+        raise AggregateRejectedError("the merged adapter holds non-finite values",
+                                     "merged_non_finite")

@@ -36,6 +36,7 @@ from fleetmind.aggregation.aggregate_check import (
     MAX_UNITS_PER_SITE,
     AggregateBounds,
     AggregateRejectedError,
+    check_merged,
 )
 from fleetmind.aggregation.dp import DPConfig, PrivacyUnit
 from fleetmind.aggregation.participation import ParticipationCap
@@ -195,9 +196,7 @@ class SecureLoRAMerge(ExactLoRAMerge):
                 max(_units(content) for content in contributed))
             new_b, optimizer_state = merge.exact_merge(
                 self.sent, weighted, weight_sum, self.optimizer, self.optimizer_state)
-            if not all(np.isfinite(b).all() for b in new_b.values()):
-                raise AggregateRejectedError("the merged adapter holds non-finite values",
-                                             "merged_non_finite")
+            check_merged(new_b)
         except AggregateRejectedError as error:
             # The ServerApp saw the (noised) sum: its charge is spent, as on the fleet.
             self._charge(len(result.contributors))

@@ -69,7 +69,11 @@ from fleetmind.aggregation.accountant import (
     epsilon_of,
     worst_case_charge,
 )
-from fleetmind.aggregation.aggregate_check import AggregateBounds, AggregateRejectedError
+from fleetmind.aggregation.aggregate_check import (
+    AggregateBounds,
+    AggregateRejectedError,
+    check_merged,
+)
 from fleetmind.aggregation.dp import DPConfig, NoiseMode, PrivacyUnit, noise_for_aggregator
 from fleetmind.aggregation.encoding import encoding_codes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, flatten, open_secagg_sum, unflatten
@@ -1213,9 +1217,7 @@ class Coordinator:
         parent = self._latest()
         _, b = parent.tensors()
         new_b, _ = exact_merge(b, weighted, weight_sum, FedAvg(privacy.server_learning_rate))
-        if not all(np.isfinite(t).all() for t in new_b.values()):
-            raise AggregateRejectedError("the merged adapter holds non-finite values",
-                                         "merged_non_finite")
+        check_merged(new_b)
         dropped = tuple(sorted(set(live.cohort) - set(result.contributors)))
         epsilon_total = self.budget.epsilon_after(live.charge)
         epsilon_round = epsilon_of([live.charge], privacy.delta, _accountant(privacy))

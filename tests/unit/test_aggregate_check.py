@@ -9,7 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from fleetmind.aggregation.aggregate_check import AggregateBounds, AggregateRejectedError
+from fleetmind.aggregation.aggregate_check import (
+    AggregateBounds,
+    AggregateRejectedError,
+    check_merged,
+)
 from fleetmind.aggregation.dp import DPConfig
 from fleetmind.aggregation.encoding import encoding_codes, site_payload
 from fleetmind.aggregation.quantize import FixedPoint
@@ -133,3 +137,10 @@ def test_declared_units_widen_the_bound_without_noise() -> None:
     error = refused(weighted, float(SITES), bounds(None), units=1)
     assert error.check == "norm"
     bounds(None).check(weighted, float(SITES), SITES, units=3)
+
+
+def test_a_merged_adapter_with_a_non_finite_value_is_refused() -> None:
+    check_merged({"a": np.zeros((2, 3)), "b": np.ones(4)})  # finite: passes
+    with pytest.raises(AggregateRejectedError) as refused:
+        check_merged({"a": np.zeros((2, 3)), "b": np.array([1.0, np.inf])})
+    assert refused.value.check == "merged_non_finite"
