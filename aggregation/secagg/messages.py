@@ -71,6 +71,20 @@ def check_round(expected: int, got: int, what: str) -> None:
                                            f"{expected}")
 
 
+def _check_round_fields(round_id: int, ring_bits: int, vector_length: int, min_cohort: int,
+                        cohort_size: int) -> None:
+    """What every view of a round must hold, the whole config's and a site's alike."""
+    if round_id < 0:
+        raise ValueError(f"round_id={round_id} must be >= 0")
+    if ring_bits not in RING_BITS:
+        raise ValueError(f"ring_bits={ring_bits} must be one of {RING_BITS}")
+    if vector_length < 1:
+        raise ValueError(f"vector_length={vector_length} must be >= 1")
+    if not 2 <= min_cohort <= cohort_size:
+        raise ValueError(f"min_cohort={min_cohort} must be in 2..cohort size {cohort_size}: "
+                         "a sum of one site is that site")
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     """What every party knows before a round starts.
@@ -91,21 +105,14 @@ class RoundConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "identities", MappingProxyType(dict(self.identities)))
-        if self.round_id < 0:
-            raise ValueError(f"round_id={self.round_id} must be >= 0")
-        if self.ring_bits not in RING_BITS:
-            raise ValueError(f"ring_bits={self.ring_bits} must be one of {RING_BITS}")
-        if self.vector_length < 1:
-            raise ValueError(f"vector_length={self.vector_length} must be >= 1")
+        _check_round_fields(self.round_id, self.ring_bits, self.vector_length,
+                            self.min_cohort, len(self.graph.sites))
         if set(self.identities) != set(self.graph.sites):
             raise ValueError("identities and graph name different sites: "
                              f"{sorted(set(self.identities) ^ set(self.graph.sites))}")
         if not 2 <= self.threshold <= self.graph.min_degree:
             raise ValueError(f"threshold={self.threshold} must be in 2..{self.graph.min_degree}"
                              " (the smallest neighbourhood)")
-        if not 2 <= self.min_cohort <= len(self.graph.sites):
-            raise ValueError(f"min_cohort={self.min_cohort} must be in 2..cohort size "
-                             f"{len(self.graph.sites)}: a sum of one site is that site")
 
     @property
     def ring_mask(self) -> int:
@@ -140,28 +147,21 @@ class Neighbourhood:
     def __post_init__(self) -> None:
         object.__setattr__(self, "neighbours", frozenset(self.neighbours))
         object.__setattr__(self, "identities", MappingProxyType(dict(self.identities)))
-        if self.round_id < 0:
-            raise ValueError(f"round_id={self.round_id} must be >= 0")
+        if not len(self.neighbours) < self.cohort_size:
+            raise ValueError(f"cohort_size={self.cohort_size} must exceed the site's "
+                             f"{len(self.neighbours)} neighbours")
+        _check_round_fields(self.round_id, self.ring_bits, self.vector_length,
+                            self.min_cohort, self.cohort_size)
         if min(self.neighbours | {self.site}) < 1:
             raise ValueError("site ids must be >= 1 (they are Shamir x-coordinates)")
         if self.site in self.neighbours:
             raise ValueError(f"site {self.site} lists itself as a neighbour")
-        if self.ring_bits not in RING_BITS:
-            raise ValueError(f"ring_bits={self.ring_bits} must be one of {RING_BITS}")
-        if self.vector_length < 1:
-            raise ValueError(f"vector_length={self.vector_length} must be >= 1")
         if set(self.identities) != self.neighbours | {self.site}:
             raise ValueError("identities must name the site and its neighbours exactly: "
                              f"{sorted(set(self.identities) ^ (self.neighbours | {self.site}))}")
         if not 2 <= self.threshold <= len(self.neighbours):
             raise ValueError(f"threshold={self.threshold} must be in 2..{len(self.neighbours)}"
                              " (this site's neighbours)")
-        if not len(self.neighbours) < self.cohort_size:
-            raise ValueError(f"cohort_size={self.cohort_size} must exceed the site's "
-                             f"{len(self.neighbours)} neighbours")
-        if not 2 <= self.min_cohort <= self.cohort_size:
-            raise ValueError(f"min_cohort={self.min_cohort} must be in 2..cohort size "
-                             f"{self.cohort_size}: a sum of one site is that site")
 
     @property
     def ring_mask(self) -> int:
