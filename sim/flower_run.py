@@ -78,7 +78,7 @@ def simulate(run: FlowerRun, *, cpus_per_site: float = 1.0, ray_address: str = "
 
     from fleetmind.flower.client_app import client_app
     from fleetmind.flower.server_app import server_app
-    from fleetmind.flower.sim_engine import fast_message_sweep
+    from fleetmind.sim.flower_sweep import fast_message_sweep
 
     run = toy_run(run)
     init_args: dict[str, Any] = {"address": ray_address} if ray_address else {}
@@ -91,7 +91,7 @@ def simulate(run: FlowerRun, *, cpus_per_site: float = 1.0, ray_address: str = "
     started = time.perf_counter()
     try:
         # Flower's engine walks its whole message store once per node every 0.1 s (N² a
-        # sweep: 5 s of CPU at 1,000 sites); this sweeps it once (flower/sim_engine.py).
+        # sweep: 5 s of CPU at 1,000 sites); this sweeps it once (sim/flower_sweep.py).
         with fast_message_sweep():
             run_simulation(server_app=server_app(overrides),
                            client_app=client_app(overrides), num_supernodes=run.sites,

@@ -1,4 +1,4 @@
-"""The simulation engine's message sweep (flower/sim_engine.py): one pass over Flower's
+"""The simulation engine's message sweep (sim/flower_sweep.py): one pass over Flower's
 in-memory message store hands out what Flower's per-node walks hand out, in the same
 order, deletes expired messages as they do, and is installed only for the block."""
 
@@ -27,7 +27,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from fleetmind.flower import sim_engine
+from fleetmind.sim import flower_sweep
 
 
 def _store(nodes: int) -> tuple[Any, dict[int, int], InMemoryGrid]:
@@ -87,22 +87,22 @@ def test_one_pass_hands_out_what_flowers_walks_hand_out() -> None:
     ours_rank = {node: i for i, node in enumerate(ours_nodes)}
     theirs_rank = {node: i for i, node in enumerate(their_nodes)}
     for _ in range(3):  # until both stores have nothing undelivered
-        got = sim_engine.next_messages(ours, ours_nodes)
+        got = flower_sweep.next_messages(ours, ours_nodes)
         expected = _flower_sweep(theirs, their_nodes)
         assert [(ours_rank[n], k) for n, k in _seen(got)] == \
             [(theirs_rank[n], k) for n, k in _seen(expected)]
         assert all(m.metadata.delivered_at != "" for m in got)
-    assert sim_engine.next_messages(ours, ours_nodes) == []
+    assert flower_sweep.next_messages(ours, ours_nodes) == []
     # The expired message was deleted by both, never handed out.
     assert len(ours.message_ins_store) == len(theirs.message_ins_store) == 6 + 4 + 6
 
 
 def test_installed_only_within_the_block_and_delivers() -> None:
-    assert sim_engine.applies()
+    assert flower_sweep.applies()
     original = vce_api.add_messages_to_queue
-    with sim_engine.fast_message_sweep() as installed:
+    with flower_sweep.fast_message_sweep() as installed:
         assert installed
-        assert vce_api.add_messages_to_queue is sim_engine.add_messages_to_queue
+        assert vce_api.add_messages_to_queue is flower_sweep.add_messages_to_queue
         state, mapping, grid = _store(5)
         _push(grid, list(mapping), "first")
         queue: Queue[Message] = Queue()
@@ -125,9 +125,9 @@ def test_a_sweep_of_many_nodes_is_linear() -> None:
     sweep (0.4 s here), one pass 300."""
     state, mapping, grid = _store(300)
     _push(grid, list(mapping), "first")
-    assert len(sim_engine.next_messages(state, mapping)) == 300
+    assert len(flower_sweep.next_messages(state, mapping)) == 300
     started = time.perf_counter()
-    assert sim_engine.next_messages(state, mapping) == []
+    assert flower_sweep.next_messages(state, mapping) == []
     ours = time.perf_counter() - started
     started = time.perf_counter()
     assert _flower_sweep(state, mapping) == []
