@@ -75,11 +75,12 @@ class RecordingGrid:
         return replies
 
 
-def nodes_and_deltas(count: int, seed: int = 0) -> dict[int, dict[str, np.ndarray]]:
+def nodes_and_deltas(count: int, seed: int = 0, shapes: dict[str, tuple[int, int]] = SHAPES
+                     ) -> dict[int, dict[str, np.ndarray]]:
     # Flower's node ids are large random integers: the strategy must renumber them.
     rng = np.random.default_rng(seed)
     return {int(node): {name: rng.normal(0, 0.05, shape).astype(np.float32)
-                        for name, shape in SHAPES.items()}
+                        for name, shape in shapes.items()}
             for node in rng.integers(2**40, 2**62, count)}
 
 
@@ -112,7 +113,8 @@ def secure_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: FlowerRun
     grid = RecordingGrid(flower_client.client_app(run.as_config()), contexts, lose, forge)
     strategy = make_strategy(run)
     assert isinstance(strategy, SecureLoRAMerge)
-    sent = {name: np.full(shape, 0.5, np.float32) for name, shape in SHAPES.items()}
+    shapes = {name: b.shape for name, b in next(iter(deltas.values())).items()}
+    sent = {name: np.full(shape, 0.5, np.float32) for name, shape in shapes.items()}
     messages = strategy.configure_train(1, b_record(sent), ConfigRecord(), grid)
     merged, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
     return strategy, sent, None if merged is None else b_tensors(merged), grid, rings
@@ -216,17 +218,19 @@ def test_too_many_losses_publish_nothing(tmp_path: Path, monkeypatch: pytest.Mon
 def test_distributed_noise_is_split_among_the_sites_and_charged_as_carried(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_identity: None) -> None:
     run = FlowerRun(sites=4, dp_clip_norm=0.5, dp_noise_multiplier=2.0, participation_cap=3)
-    deltas = nodes_and_deltas(4, seed=3)
+    # 12,288 noise draws: their std is within 0.6 % of the true one (one sigma), so 4 %
+    # never fails by chance yet tells three sites' noise from four's (15 % apart).
+    deltas = nodes_and_deltas(4, seed=3, shapes={"layer.0": (64, 128), "layer.1": (32, 128)})
     lost = sorted(deltas)[0]
     strategy, sent, merged, _, _ = secure_round(tmp_path, monkeypatch, run, deltas,
                                                 {carried.MASKED_INPUT: {lost}})
     assert merged is not None
     kept = [d for node, d in deltas.items() if node != lost]
     noise = np.concatenate([(merged[n] - plaintext_merge(run, sent, kept)[n]).reshape(-1)
-                            for n in sorted(SHAPES)]) * len(kept) / run.server_learning_rate
+                            for n in sorted(merged)]) * len(kept) / run.server_learning_rate
     # Each site added discrete Gaussian noise of z*C/sqrt(4) in the ring; three did.
     carried_z = run.dp_noise_multiplier * math.sqrt(3 / 4)
-    assert np.std(noise) == pytest.approx(carried_z * run.dp_clip_norm, rel=0.1)
+    assert np.std(noise) == pytest.approx(carried_z * run.dp_clip_norm, rel=0.04)
     assert [c.noise_multiplier for c in strategy.charges] == [pytest.approx(carried_z)]
     # result.json's privacy record: epsilon per unit under the cap, fleetmind's accountant.
     spent = privacy_spent(run, strategy.charges)
