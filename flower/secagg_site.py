@@ -16,11 +16,8 @@ node; what leaves is what the library's states send, carried by `flower/secagg_m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from fleetmind.aggregation.secagg import SiteAdvertiseKeys, crypto
@@ -35,7 +32,7 @@ from fleetmind.aggregation.secagg.messages import (
     UnmaskRequest,
     UnmaskShares,
 )
-from fleetmind.aggregation.secagg.site_r1_share_keys import SiteShareKeys, transport_purpose
+from fleetmind.aggregation.secagg.site_r1_share_keys import SiteShareKeys
 from fleetmind.aggregation.secagg.site_r2_masked_input import HeldShares
 from fleetmind.aggregation.secagg.site_r3_unmasking import SiteUnmasking
 from fleetmind.protos import secagg_codec as codec
@@ -82,8 +79,8 @@ def advertise(context: Context, wire: fleet_pb2.RoundConfig, site: int) -> KeyAd
     _save(context, {"round-config": wire.SerializeToString(), "site": site,
                     "advertisement": codec.advertisement_to_wire(
                         state.advertisement).SerializeToString(),
-                    "mask-key": crypto.agreement_private_bytes(state._mask_key),
-                    "share-key": crypto.agreement_private_bytes(state._share_key)})
+                    "mask-key": crypto.agreement_private_bytes(state.keys.mask),
+                    "share-key": crypto.agreement_private_bytes(state.keys.share)})
     return state.advertisement
 
 
@@ -93,14 +90,13 @@ def share(context: Context, keys: AdvertisedKeys) -> EncryptedShares:
     record = _state(context, "share-key")
     _once(context, "self-mask-seed")
     config, site = _config(record)
-    advertising = _AdvertisedKeys(
-        config, site, codec.advertisement_from_wire(
-            fleet_pb2.KeyAdvertisement.FromString(_bytes(record, "advertisement"))),
-        _key(record, "mask-key"), _key(record, "share-key"))
+    advertising = SiteAdvertiseKeys.resume(
+        config, site, _round_keys(record), codec.advertisement_from_wire(
+            fleet_pb2.KeyAdvertisement.FromString(_bytes(record, "advertisement"))))
     sharing = advertising.receive(keys)
-    _save(context, {"self-mask-seed": sharing._self_mask_seed,
+    _save(context, {"self-mask-seed": sharing.self_mask_seed,
                     "peers": codec.advertised_keys_to_wire(AdvertisedKeys(
-                        config.round_id, tuple(sharing._peers.values()))).SerializeToString()})
+                        config.round_id, tuple(sharing.peers.values()))).SerializeToString()})
     return sharing.encrypted_shares
 
 
@@ -111,14 +107,14 @@ def mask(context: Context, bundle: SharesForSite) -> MaskedInput:
     config, site = _config(record)
     peers = codec.advertised_keys_from_wire(
         fleet_pb2.AdvertisedKeys.FromString(_bytes(record, "peers")))
-    sharing = _SharedKeys(config, site, _key(record, "mask-key"), _key(record, "share-key"),
-                          {ad.site: ad for ad in peers.advertisements},
-                          _bytes(record, "self-mask-seed"))
+    sharing = SiteShareKeys.resume(config, site, _round_keys(record),
+                                   {ad.site: ad for ad in peers.advertisements},
+                                   _bytes(record, "self-mask-seed"))
     ring = context.state.array_records.pop(RING)["ring"].numpy()
     for name in ("self-mask-seed", "mask-key", "share-key"):
         del record[name]
     masked, unmasking = sharing.receive(bundle).mask(ring)
-    held = unmasking._held
+    held = unmasking.held
     _save(context, {"held-owners": sorted(held),
                     "held-self-mask": [held[o].self_mask.to_bytes() for o in sorted(held)],
                     "held-mask-key": [held[o].mask_key.to_bytes() for o in sorted(held)]})
@@ -136,30 +132,6 @@ def unmask(context: Context, request: UnmaskRequest) -> UnmaskShares:
                                        _byte_list(record, "held-mask-key"), strict=True)}
     context.state.config_records[STATE] = ConfigRecord()
     return SiteUnmasking(config, site, held).respond(request)
-
-
-class _AdvertisedKeys(SiteAdvertiseKeys):
-    """The round-0 state with the keys it made, restored from Context.state (the
-    library's constructor would make new ones)."""
-
-    def __init__(self, config: Neighbourhood, site: int, advertisement: KeyAdvertisement,
-                 mask_key: X25519PrivateKey, share_key: X25519PrivateKey) -> None:
-        self.config, self.site, self.advertisement = config, site, advertisement
-        self._mask_key, self._share_key = mask_key, share_key
-
-
-class _SharedKeys(SiteShareKeys):
-    """The round-1 state with the seed it shared, restored from Context.state (the
-    library's constructor would draw a new seed and new shares)."""
-
-    def __init__(self, config: Neighbourhood, site: int, mask_key: X25519PrivateKey,
-                 share_key: X25519PrivateKey, peers: Mapping[int, KeyAdvertisement],
-                 self_mask_seed: bytes) -> None:
-        self.config, self.site = config, site
-        self._mask_key, self._peers, self._self_mask_seed = mask_key, dict(peers), self_mask_seed
-        purpose = transport_purpose(config.round_id)
-        self._transport_keys = {peer: crypto.agree(share_key, ad.share_key, purpose)
-                                for peer, ad in peers.items()}
 
 
 def _save(context: Context, values: dict) -> None:
@@ -191,8 +163,9 @@ def _config(record: ConfigRecord) -> tuple[Neighbourhood, int]:
     return codec.round_config_from_wire(wire), int(_ints(record, "site")[0])
 
 
-def _key(record: ConfigRecord, name: str) -> X25519PrivateKey:
-    return crypto.agreement_key_from_bytes(_bytes(record, name))
+def _round_keys(record: ConfigRecord) -> crypto.RoundKeys:
+    return crypto.RoundKeys(crypto.agreement_key_from_bytes(_bytes(record, "mask-key")),
+                            crypto.agreement_key_from_bytes(_bytes(record, "share-key")))
 
 
 def _bytes(record: ConfigRecord, name: str) -> bytes:

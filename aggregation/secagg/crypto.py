@@ -72,6 +72,19 @@ def new_agreement_key() -> X25519PrivateKey:
     return X25519PrivateKey.generate()
 
 
+@dataclass(frozen=True)
+class RoundKeys:
+    """A site's two X25519 keys for one round, never sent: `mask` agrees the pairwise masks,
+    `share` the keys its shares travel under."""
+
+    mask: X25519PrivateKey
+    share: X25519PrivateKey
+
+    @classmethod
+    def new(cls) -> RoundKeys:
+        return cls(new_agreement_key(), new_agreement_key())
+
+
 def agreement_public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes_raw()
 

@@ -27,14 +27,23 @@ class SiteAdvertiseKeys:
         self.config = config
         self.site = site
         # Fresh keys every round: a key pair never masks two rounds.
-        self._mask_key = crypto.new_agreement_key()
-        self._share_key = crypto.new_agreement_key()
-        mask_public = crypto.agreement_public_bytes(self._mask_key)
-        share_public = crypto.agreement_public_bytes(self._share_key)
+        self.keys = crypto.RoundKeys.new()
+        mask_public = crypto.agreement_public_bytes(self.keys.mask)
+        share_public = crypto.agreement_public_bytes(self.keys.share)
         signature = crypto.sign(identity, KeyAdvertisement.signed_bytes(
             config.round_id, site, mask_public, share_public))
         self.advertisement = KeyAdvertisement(config.round_id, site, mask_public, share_public,
                                               signature)
+
+    @classmethod
+    def resume(cls, config: Neighbourhood, site: int, keys: crypto.RoundKeys,
+               advertisement: KeyAdvertisement) -> SiteAdvertiseKeys:
+        """The state as `__init__` left it, for a site that keeps its round between processes
+        (a Flower node): no key is made or signed again."""
+        state = cls.__new__(cls)
+        state.config, state.site, state.keys, state.advertisement = (config, site, keys,
+                                                                     advertisement)
+        return state
 
     def receive(self, keys: AdvertisedKeys) -> SiteShareKeys:
         """Verify every neighbour's signed keys, then share this site's secrets with them."""
@@ -59,4 +68,4 @@ class SiteAdvertiseKeys:
         if len(peers) < config.threshold:
             raise ProtocolError("below_threshold", f"site {self.site} has {len(peers)} live "
                                                    f"neighbours, threshold {config.threshold}")
-        return SiteShareKeys(config, self.site, self._mask_key, self._share_key, peers)
+        return SiteShareKeys(config, self.site, self.keys, peers)

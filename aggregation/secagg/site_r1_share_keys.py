@@ -6,8 +6,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from fleetmind.aggregation.secagg import crypto
 from fleetmind.aggregation.secagg.messages import (
     EncryptedShare,
@@ -28,20 +26,13 @@ def transport_purpose(round_id: int) -> bytes:
 class SiteShareKeys:
     """Send `encrypted_shares`; pass the shares the server forwards here to `receive`."""
 
-    def __init__(self, config: Neighbourhood, site: int, mask_key: X25519PrivateKey,
-                 share_key: X25519PrivateKey, peers: Mapping[int, KeyAdvertisement]) -> None:
-        self.config = config
-        self.site = site
-        self._mask_key = mask_key
-        self._peers = dict(peers)
-        self._self_mask_seed = crypto.random_seed()
+    def __init__(self, config: Neighbourhood, site: int, keys: crypto.RoundKeys,
+                 peers: Mapping[int, KeyAdvertisement]) -> None:
+        self._keep(config, site, keys, peers, crypto.random_seed())
         holders = sorted(peers)
-        seed_shares = crypto.split_secret(self._self_mask_seed, config.threshold, holders)
-        key_shares = crypto.split_secret(crypto.agreement_private_bytes(mask_key),
+        seed_shares = crypto.split_secret(self.self_mask_seed, config.threshold, holders)
+        key_shares = crypto.split_secret(crypto.agreement_private_bytes(keys.mask),
                                          config.threshold, holders)
-        purpose = transport_purpose(config.round_id)
-        self._transport_keys = {holder: crypto.agree(share_key, peers[holder].share_key, purpose)
-                                for holder in holders}
         shares = []
         for holder in holders:
             plaintext = (seed_shares[holder].y.to_bytes(crypto.SHARE_VALUE_BYTES, "little")
@@ -50,6 +41,24 @@ class SiteShareKeys:
             shares.append(EncryptedShare(site, holder, crypto.encrypt(
                 self._transport_keys[holder], plaintext, associated)))
         self.encrypted_shares = EncryptedShares(config.round_id, site, tuple(shares))
+
+    @classmethod
+    def resume(cls, config: Neighbourhood, site: int, keys: crypto.RoundKeys,
+               peers: Mapping[int, KeyAdvertisement], self_mask_seed: bytes) -> SiteShareKeys:
+        """The state after its shares were sent, for a site that keeps its round between
+        processes (a Flower node): ready to `receive`; nothing is drawn or shared again."""
+        state = cls.__new__(cls)
+        state._keep(config, site, keys, peers, self_mask_seed)
+        return state
+
+    def _keep(self, config: Neighbourhood, site: int, keys: crypto.RoundKeys,
+              peers: Mapping[int, KeyAdvertisement], self_mask_seed: bytes) -> None:
+        self.config, self.site, self.keys = config, site, keys
+        self.peers = dict(peers)  # the neighbours whose signed keys were verified
+        self.self_mask_seed = self_mask_seed
+        purpose = transport_purpose(config.round_id)
+        self._transport_keys = {peer: crypto.agree(keys.share, ad.share_key, purpose)
+                                for peer, ad in peers.items()}
 
     def receive(self, bundle: SharesForSite) -> SiteMaskedInput:
         """Open and keep the neighbours' shares; they decide whom this site masks with."""
@@ -63,7 +72,7 @@ class SiteShareKeys:
             if share.recipient != self.site:
                 raise ProtocolError("malformed", f"a share for site {share.recipient} "
                                                  f"delivered to site {self.site}")
-            if share.sender not in self._peers:
+            if share.sender not in self.peers:
                 raise ProtocolError("unknown_site", f"share from site {share.sender}, which "
                                                     f"did not advertise to site {self.site}")
             if share.sender in held:
@@ -86,6 +95,6 @@ class SiteShareKeys:
             raise ProtocolError("below_threshold", f"site {self.site} got shares from "
                                                    f"{len(held)} neighbours, threshold "
                                                    f"{config.threshold}")
-        partners = {peer: self._peers[peer].mask_key for peer in held}
-        return SiteMaskedInput(config, self.site, self._mask_key, self._self_mask_seed,
+        partners = {peer: self.peers[peer].mask_key for peer in held}
+        return SiteMaskedInput(config, self.site, self.keys.mask, self.self_mask_seed,
                                partners, held)

@@ -23,7 +23,7 @@ class SiteUnmasking:
     def __init__(self, config: Neighbourhood, site: int, held: Mapping[int, HeldShares]) -> None:
         self.config = config
         self.site = site
-        self._held = dict(held)
+        self.held = dict(held)  # neighbour -> the two shares it gave this site
         self.answered = False
 
     def respond(self, request: UnmaskRequest) -> UnmaskShares:
@@ -44,14 +44,14 @@ class SiteUnmasking:
             raise ProtocolError("below_threshold", f"{len(request.survivors)} survivors, "
                                                    f"below the minimum cohort "
                                                    f"{config.min_cohort}: refusing to unmask")
-        unaccounted = set(self._held) - request.survivors - request.dropped
+        unaccounted = set(self.held) - request.survivors - request.dropped
         if unaccounted:
             raise ProtocolError("inconsistent", f"sites {sorted(unaccounted)} shared keys but "
                                                 "are neither survivors nor dropped")
         self.answered = True
         return UnmaskShares(
             config.round_id, self.site,
-            self_mask_shares={owner: shares.self_mask for owner, shares in self._held.items()
+            self_mask_shares={owner: shares.self_mask for owner, shares in self.held.items()
                               if owner in request.survivors},
-            mask_key_shares={owner: shares.mask_key for owner, shares in self._held.items()
+            mask_key_shares={owner: shares.mask_key for owner, shares in self.held.items()
                              if owner in request.dropped})

@@ -24,6 +24,8 @@ from fleetmind.aggregation.secagg.messages import (
     pack_ring,
     unpack_ring,
 )
+from fleetmind.aggregation.secagg.site_r1_share_keys import SiteShareKeys
+from fleetmind.aggregation.secagg.site_r3_unmasking import SiteUnmasking
 
 COHORT = 5
 LENGTH = 16
@@ -219,6 +221,31 @@ def test_unmasking_with_one_site_dropped_after_sharing() -> None:
     result = cohort.unmask()
     assert isinstance(result, ServerCompleted)
     assert result.contributors == {1, 2, 3, 4}
+    np.testing.assert_array_equal(result.cohort_sum, np.full(LENGTH, 10_000, np.uint32))
+
+
+def test_sites_resumed_between_phases_complete_the_round_unchanged() -> None:
+    """A site that keeps only what each state exposes (a Flower node between messages)
+    resumes it, draws nothing new and ends the round with the same sum."""
+    cohort = Round()
+    advertised = {s: site.advertisement for s, site in cohort.sites.items()}
+    cohort.sites = {s: SiteAdvertiseKeys.resume(site.config, s, site.keys, site.advertisement)
+                    for s, site in cohort.sites.items()}
+    assert {s: site.advertisement for s, site in cohort.sites.items()} == advertised
+    cohort.advertise()
+    for site in cohort.sites.values():
+        cohort.server.receive(site.encrypted_shares)
+    cohort.server = cohort.server.close()
+    resumed = {s: SiteShareKeys.resume(site.config, s, site.keys, site.peers,
+                                       site.self_mask_seed)
+               for s, site in cohort.sites.items()}
+    assert not any(hasattr(site, "encrypted_shares") for site in resumed.values())
+    cohort.sites = {s: site.receive(cohort.server.to_sites[s]) for s, site in resumed.items()}
+    cohort.mask(skip={5})
+    cohort.sites = {s: SiteUnmasking(site.config, s, site.held)
+                    for s, site in cohort.sites.items()}
+    result = cohort.unmask()
+    assert isinstance(result, ServerCompleted) and result.contributors == {1, 2, 3, 4}
     np.testing.assert_array_equal(result.cohort_sum, np.full(LENGTH, 10_000, np.uint32))
 
 
