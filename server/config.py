@@ -151,7 +151,7 @@ class TlsPaths:
 # --data DIR` and a site on the toy model complete a round. Hard-coded because the server
 # never imports the client; tests/integration/test_models_wiring.py checks it against the
 # model folder.
-TOY_MODEL_SHA256 = "84524f6e569532cfeac2d9c97429bbd5712debec60fab20843390b6312660e19"
+TOY_MODEL_SHA256 = "6d1019f7feafdace8177de6d61e066475ded7276c5d1da170e061d008d2a6f1b"
 DEV_ADAPTER = AdapterSpec(
     base_model_id="toy_model", base_model_sha256=TOY_MODEL_SHA256,
     modules=tuple(TargetModule(f"model.layers.{layer}.mlp.{name}", *shape)

@@ -6,7 +6,11 @@ Why this recipe (measured, see docs/toy-world.md):
 - every name is drawn at random for every training session, so every embedding trains,
   no pairing has a fixed meaning, and closed-book accuracy stays at chance;
 - a curriculum on the number of facts per session, many questions per session, a full
-  LM loss plus extra weight on the assistant's answers.
+  LM loss plus extra weight on the assistant's answers;
+- background knowledge: fixed facts about names no world uses, recalled closed-book, and
+  those names also read in context, so that recall and reading share a name's features and
+  an adapter can key a new fact on its name, not only its attribute (docs/learning-scale.md,
+  "A base model that recalls"); questions in both probe forms, so both stay readable.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ CHAT_TEMPLATE = (
     "{{ message['content'] }} {{ eos_token }} {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"
 )
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 HELDOUT_SEED = 9_999
 
 
@@ -52,6 +57,12 @@ class TrainConfig:
     same_name: float = 0.2
     canary_rate: float = 0.1
     cold_rate: float = 0.1
+    background_rate: float = 0.5  # sessions opening with closed-book background questions
+    background_in_context: float = 0.5  # sessions whose names are all background names
+    background_attributes: int = 2  # fixed facts per background name
+    # Questions asked in W.OTHER_FORMS rather than strict: 0.1 keeps both forms read in
+    # context at 0.9+; 0.3 halved what an adapter stores (docs/toy-world.md).
+    other_form_rate: float = 0.1
     seed: int = 0
     threads: int = 2
     eval_tasks: int = 200
@@ -65,7 +76,9 @@ class TrainConfig:
             raise ValueError(f"max_facts={self.max_facts}: use 1 to 8")
 
     def digest(self) -> str:
-        payload = {"config": asdict(self), "builder": BUILDER_VERSION,
+        """The recipe's hash; the thread count only orders float sums, so it is left out."""
+        recipe = {k: v for k, v in asdict(self).items() if k != "threads"}
+        payload = {"config": recipe, "builder": BUILDER_VERSION,
                    "lexicon": hashlib.sha256(" ".join(W.lexicon().words()).encode()).hexdigest()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -106,11 +119,12 @@ def render(messages: list[dict[str, str]], vocab: dict[str, int], answer_weight:
 
 
 def training_session(rng: random.Random, facts: int, cfg: TrainConfig) -> list[dict[str, str]]:
-    """Random facts stated, every one asked (some twice), in random order."""
+    """Random facts stated, every one asked (some twice), in random order; sometimes a cold
+    question first, and sometimes background questions before everything."""
     lex = W.lexicon()
-    names = rng.sample(lex.names, facts)
+    pool = lex.background_names if rng.random() < cfg.background_in_context else lex.names
     stated: list[W.Fact] = []
-    for name in names:
+    for name in rng.sample(pool, facts):
         if stated and rng.random() < cfg.same_name:
             name = rng.choice(stated).name
         taken = {f.attribute for f in stated if f.name == name}
@@ -118,13 +132,34 @@ def training_session(rng: random.Random, facts: int, cfg: TrainConfig) -> list[d
         stated.append(W.random_fact(rng, name=name, attribute=attribute))
     asked = rng.sample(stated, len(stated)) + rng.sample(stated, rng.randint(0, len(stated)))
     canary = W.random_canary(rng) if rng.random() < cfg.canary_rate else None
-    messages = W.session_messages(stated, asked, canary=canary)
+    messages = W.session_messages(stated, [], canary=canary) + _questions(rng, asked, cfg)
     if rng.random() < cfg.cold_rate:
         # A question before any context, answered with a random value: the model learns the
         # answer's shape for closed-book questions, and that their values are chance.
-        cold = W.random_fact(rng)
-        messages = W.chat(("user", W.question(cold)), ("assistant", W.answer(cold))) + messages
+        messages = _questions(rng, [W.random_fact(rng, name=rng.choice(pool))], cfg) + messages
+    if rng.random() < cfg.background_rate:
+        known = rng.sample(background_facts(cfg.background_attributes), rng.randint(1, 3))
+        messages = _questions(rng, known, cfg) + messages
     return messages
+
+
+def _questions(rng: random.Random, asked: list[W.Fact], cfg: TrainConfig
+               ) -> list[dict[str, str]]:
+    """Each fact asked (strict, or another probe form at `other_form_rate`) and answered."""
+    turns: list[tuple[str, str]] = []
+    for fact in asked:
+        form = rng.choice(W.OTHER_FORMS) if rng.random() < cfg.other_form_rate else "strict"
+        turns += [("user", W.ask(fact, form)), ("assistant", W.answer(fact))]
+    return W.chat(*turns)
+
+
+@cache
+def background_facts(attributes: int) -> tuple[W.Fact, ...]:
+    """The toy model's fixed knowledge: `attributes` facts about each background name."""
+    rng = random.Random("fleetmind-background-facts")
+    return tuple(W.random_fact(rng, name=name, attribute=attribute)
+                 for name in W.lexicon().background_names
+                 for attribute in rng.sample(W.ATTRIBUTES, attributes))
 
 
 def make_batch(rng: random.Random, max_facts: int, cfg: TrainConfig, vocab: dict[str, int]
@@ -274,8 +309,8 @@ def context_accuracy(model: Any, tokenizer: Any, tasks: Sequence[tuple[list[W.Fa
 def measure_forms(model: Any, tokenizer: Any, world: W.World,
                   forms: Sequence[str] = tuple(W.QUESTION_FORMS)) -> dict[str, dict[str, float]]:
     """In-context accuracy on the world's general tasks per question form, by number of facts:
-    whether the model reads a question in a form that no session (and no training session)
-    uses. The strict form's row is `measure`'s `incontext_by_facts`."""
+    whether the model reads a question in a form that no world's session uses. The strict
+    form's row is `measure`'s `incontext_by_facts`."""
     sizes: dict[str, list[tuple[list[W.Fact], W.Fact]]] = {}
     for task in world.general:
         stated = [W.Fact(**fact) for fact in task["facts"]]
@@ -307,7 +342,11 @@ def build_toy(out: Path, cfg: TrainConfig | None = None, progress: bool = True) 
     model.to(torch.float16).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     saved, saved_tokenizer = load_model(staging)
-    report = {**measure(saved, saved_tokenizer, heldout_world(cfg.eval_tasks)),
+    heldout = heldout_world(cfg.eval_tasks)
+    report = {**measure(saved, saved_tokenizer, heldout),
+              "incontext_by_form": measure_forms(saved, saved_tokenizer, heldout, W.PROBE_FORMS),
+              "background_closed_book_accuracy": fact_accuracy(
+                  saved, saved_tokenizer, background_facts(cfg.background_attributes)),
               "build_seconds": round(build_seconds, 1), "parameters": parameters,
               "config": asdict(cfg), "config_digest": cfg.digest(), "threads": cfg.threads}
     (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -48,6 +48,7 @@ ATTRIBUTES = ("color", "city", "pet", "food", "tool", "sport", "gem", "tree")
 NAMES_IN_LEXICON = 512
 VALUES_PER_ATTRIBUTE = 40
 CANARY_WORDS = 32
+BACKGROUND_NAMES = 512  # names only the toy model's training uses (sim/basemodel.py)
 CANARY_LENGTH = 4  # words of the passcodes the base model saw in training
 CANARY_FACTS = 2  # facts in one private record; the secret is their values
 GRAMMAR_WORDS = ("the", "of", "is", "what", "?", ".", "my", "passcode", "noted")
@@ -60,13 +61,15 @@ class Lexicon:
     names: tuple[str, ...]
     values: dict[str, tuple[str, ...]]
     canary_words: tuple[str, ...]
+    background_names: tuple[str, ...]  # never in a world: the base model's own knowledge
 
     def words(self) -> list[str]:
-        """Every word the world can ever write, in a fixed order (the toy vocabulary)."""
+        """Every word a world or the toy model's training can write, in a fixed order (the
+        toy vocabulary)."""
         out = list(GRAMMAR_WORDS) + list(ATTRIBUTES) + list(self.names)
         for attribute in ATTRIBUTES:
             out += self.values[attribute]
-        return out + list(self.canary_words)
+        return out + list(self.canary_words) + list(self.background_names)
 
 
 @cache
@@ -90,7 +93,8 @@ def lexicon() -> Lexicon:
     names = tuple(fresh(2) for _ in range(NAMES_IN_LEXICON))
     values = {a: tuple(fresh(2) for _ in range(VALUES_PER_ATTRIBUTE)) for a in ATTRIBUTES}
     canary_words = tuple(fresh(3) for _ in range(CANARY_WORDS))
-    return Lexicon(names=names, values=values, canary_words=canary_words)
+    background_names = tuple(fresh(2) for _ in range(BACKGROUND_NAMES))
+    return Lexicon(names, values, canary_words, background_names)
 
 
 @dataclass(frozen=True)
@@ -130,11 +134,11 @@ class QuestionForm:
 
 
 # Forms use only the lexicon's words: "tell me the A of N ." or "N 's A ?" would need words
-# the toy tokenizer lacks (they read as <unk>), so a rebuild of the toy model. The committed
-# model reads "attribute_first" in context as well as the strict form (held-out world, 200
-# tasks per size: 1.000 / 0.910 on 1 / 2 facts, strict 1.000 / 0.920; docs/continual-world.md),
-# and "reverse" (value to name, the stretch) only at 1.000 / 0.465: it was never trained to
-# look a name up by its value, so probe it only to show that.
+# the toy tokenizer lacks (they read as <unk>). No world's session asks in "attribute_first";
+# the toy model's training asks 10 % of its questions that way, so the committed model reads
+# it in context as well as the strict form (its report.json: 1.000 / 0.905 on 1 / 2 facts,
+# strict 1.000 / 0.895), and "reverse" (value to name, the stretch) it was never trained to
+# read: probe it only to show that.
 QUESTION_FORMS = {form.name: form for form in (
     QuestionForm("strict", "what is the {attribute} of {name} ?", in_sessions=True),
     QuestionForm("attribute_first", "what {attribute} is {name} ?", in_sessions=False),

@@ -211,7 +211,8 @@ def test_simulation_merges_under_secure_aggregation_what_the_sites_deltas_merge_
 def test_simulation_raises_transfer_accuracy_above_the_base_model(
         simulated: tuple[FlowerRun, dict]) -> None:
     run, result = simulated
-    assert result["base_transfer_accuracy"] <= 1 / W.VALUES_PER_ATTRIBUTE
+    facts = len(W.read_world(Path(run.world)).facts())
+    assert result["base_transfer_accuracy"] * facts <= 1  # at most one guess at chance (1/40)
     assert result["transfer_accuracy"] > result["base_transfer_accuracy"]
     assert (Path(run.out) / "adapter" / "adapter_config.json").is_file()
 

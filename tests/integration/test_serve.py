@@ -30,9 +30,10 @@ from fleetmind.client.serve.metrics import ServeMetrics
 from fleetmind.client.serve.runner import BackgroundServer
 from fleetmind.client.serve.settings import ServeConfig
 from fleetmind.client.store import SessionStore
+from fleetmind.sim import world as W
 
-PROMPTS = [f"what is the color of {thing} ?" for thing in
-           ("moukrain", "zelbor", "quintap", "dravelle", "fumosk", "plinter")]
+# Names the toy model knows as words (an unknown word reads as <unk>, and it stops there).
+PROMPTS = [f"what is the color of {name} ?" for name in W.lexicon().names[:6]]
 
 
 def point_current(site: Path, version: int) -> None:
@@ -45,7 +46,7 @@ def point_current(site: Path, version: int) -> None:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory, toy_model_dir: Path) -> Path:
     """A folder holding versions/00000001 and versions/00000002: PEFT adapters whose random
-    B make the two versions answer differently."""
+    B make the two versions answer differently (at std 0.3 both still answer in full)."""
     from fleetmind.client import lora
     from fleetmind.client.model import load_model
 
@@ -54,7 +55,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, toy_model_dir: Path) -> P
         model, _ = load_model(toy_model_dir)
         peft_model = lora.attach_lora(model, seed=version)
         rng = np.random.default_rng(version)
-        lora.set_b(peft_model, {name: rng.normal(0, 0.5, b.shape).astype(np.float32)
+        lora.set_b(peft_model, {name: rng.normal(0, 0.3, b.shape).astype(np.float32)
                                 for name, b in lora.get_b(peft_model).items()})
         lora.save_adapter(peft_model, root / "versions" / f"{version:08d}")
     return root

@@ -27,17 +27,22 @@ def closed_book(model, tokenizer, facts) -> float:
 
 def test_consolidation_stores_the_sites_facts_closed_book(toy_model_dir, world) -> None:
     model, tokenizer = load_model(toy_model_dir)
-    peft_model = lora.attach_lora(model, seed=1)
+    peft_model = lora.attach_lora(model, seed=1, rank=32, alpha=64.0)
     site = world.sites[0]
-    before = closed_book(peft_model, tokenizer, site.facts)
+    known = basemodel.answer_correct(peft_model, tokenizer,
+                                     [W.closed_book_prompt(f) for f in site.facts],
+                                     [W.answer(f) for f in site.facts])
+    # The base model guesses at chance (1/40); seed 0's site happens to get two of six.
+    unknown = [f for f, right in zip(site.facts, known, strict=True) if not right]
+    before = closed_book(peft_model, tokenizer, unknown)
     sessions = [Session.from_dict(s) for s in site.sessions]
     guard = [W.task_prompt(t) for t in world.guard]
     cfg = distill.DistillConfig(steps=30, dreams_per_lesson=4)
     result = consolidate_sessions(peft_model, tokenizer, sessions, cfg, site="site-00",
                                   base_version=0, seed=1, guard=guard, progress=False)
-    after = closed_book(peft_model, tokenizer, site.facts)
-    assert before <= 0.2
-    assert after >= before + 0.5, (before, after)
+    after = closed_book(peft_model, tokenizer, unknown)
+    assert before == 0.0 and len(unknown) >= 3
+    assert after >= 0.5, after
     assert result.update.metadata.sessions == len(sessions)
     assert result.stats.dreams_kept > 0
 
