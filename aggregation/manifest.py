@@ -59,6 +59,12 @@ def base_model_digest(file_digests: Mapping[str, str]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
+# The fleet's adapter unless an operator says otherwise: rank 32, alpha 2 x rank. On the toy
+# model rank 8 stores 7 of 32 facts and rank 32 stores 22 (docs/learning-scale.md, "Builder 2").
+DEFAULT_RANK = 32
+DEFAULT_ALPHA = 2.0 * DEFAULT_RANK
+
+
 def peft_adapter_config(base_model_id: str, rank: int, alpha: float,
                         target_modules: Sequence[str], fan_in_fan_out: bool = False
                         ) -> dict[str, Any]:

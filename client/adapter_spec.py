@@ -15,8 +15,8 @@ The file, TOML (or JSON for a .json name):
     base_model_id = "SmolLM2-135M-Instruct"
     base_model_sha256 = "<64 hex>"
     frozen_a_seed = 0
-    rank = 8
-    alpha = 16.0
+    rank = 32
+    alpha = 64.0
     fan_in_fan_out = false
     modules = [
       {name = "model.layers.0.mlp.gate_proj", in_features = 576, out_features = 1536},
@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.client import lora
 from fleetmind.client.model import base_model_hash
 
@@ -72,7 +73,8 @@ def skeleton(model_dir: str | Path) -> Any:
         return AutoModelForCausalLM.from_config(config)
 
 
-def adapter_spec(model_dir: str | Path, *, rank: int = 8, alpha: float = 16.0,
+def adapter_spec(model_dir: str | Path, *, rank: int = DEFAULT_RANK,
+                 alpha: float = DEFAULT_ALPHA,
                  frozen_a_seed: int = 0, targets: str | Sequence[str] = "mlp",
                  base_model_id: str | None = None) -> dict[str, Any]:
     """The `[adapter]` table for the model in `model_dir` (keys: SPEC_KEYS). The base
@@ -123,8 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the base model's local Hugging Face folder")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE",
                         help="where to write the [adapter] table (.toml, or .json)")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    parser.add_argument("--rank", type=int, default=DEFAULT_RANK,
+                        help=f"LoRA rank (default {DEFAULT_RANK})")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                        help=f"LoRA alpha (default {DEFAULT_ALPHA:g})")
     parser.add_argument("--seed", type=int, default=0, dest="frozen_a_seed",
                         help="the public seed every site derives the frozen A from (default 0)")
     parser.add_argument("--targets", default="mlp",

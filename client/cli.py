@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.client.serve.cli import register as add_serve_commands
 
 
@@ -64,9 +65,10 @@ def add_client_commands(commands: Any) -> None:
                              help="the layers LoRA adapts: mlp (default: each block's MLP), "
                                   "peft (PEFT's default for the family), all-linear, or "
                                   "comma-separated module names")
-    consolidate.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    consolidate.add_argument("--alpha", type=float, default=16.0,
-                             help="LoRA alpha (default 16)")
+    consolidate.add_argument("--rank", type=int, default=DEFAULT_RANK,
+                             help=f"LoRA rank (default {DEFAULT_RANK})")
+    consolidate.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                             help=f"LoRA alpha (default {DEFAULT_ALPHA:g})")
     consolidate.add_argument("--per-session", action="store_true",
                              help="one delta per session, what session- and user-level DP "
                                   "clip (the site agent clips; this command does not)")

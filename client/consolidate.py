@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.aggregation.update import Update, UpdateMetadata
 from fleetmind.client import distill, lora
 from fleetmind.client.replay import ReplayBuffer
@@ -205,7 +206,7 @@ def _replayed(dreams: Sequence[distill.Dream], lessons: Sequence[distill.Lesson]
 
 def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill.DistillConfig,
                       *, site: str = "site", base_version: int = 0, seed: int = 0,
-                      rank: int = 8, alpha: float = 16.0,
+                      rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
                       targets: str | Sequence[str] = "mlp", per_session: bool = False,
                       guard: Sequence[distill.Messages] = (),
                       progress: bool = True) -> SiteConsolidation:

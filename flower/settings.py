@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from fleetmind.aggregation.dp import PRIVACY_UNITS, PrivacyUnit
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.aggregation.quantize import RING_BITS
 from fleetmind.client.distill import DistillConfig
 
@@ -67,8 +68,8 @@ class FlowerRun:
     fraction_train: float = 1.0
     server_learning_rate: float = 1.0
     lora_seed: int = 7
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_rank: int = DEFAULT_RANK
+    lora_alpha: float = DEFAULT_ALPHA
     targets: str = "mlp"
     device: str = "cpu"
     dtype: str = "float32"

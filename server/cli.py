@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
+
 
 def _usage(error: Exception) -> argparse.ArgumentError:
     return argparse.ArgumentError(None, str(error))
@@ -56,9 +58,10 @@ def add_server_commands(commands: Any) -> None:
                          help="the base model's local Hugging Face folder")
     adapter.add_argument("--out", type=Path, required=True, metavar="FILE",
                          help="where to write the [adapter] table (.toml, or .json)")
-    adapter.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    adapter.add_argument("--alpha", type=float, default=16.0,
-                         help="LoRA alpha (default 16)")
+    adapter.add_argument("--rank", type=int, default=DEFAULT_RANK,
+                         help=f"LoRA rank (default {DEFAULT_RANK})")
+    adapter.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                         help=f"LoRA alpha (default {DEFAULT_ALPHA:g})")
     adapter.add_argument("--targets", default="mlp",
                          help="mlp (default), peft (PEFT's default for the family), "
                               "all-linear, or comma-separated module names")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetmind.aggregation.dp import PRIVACY_UNITS
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.aggregation.quantize import RING_BITS
 from fleetmind.runtime.addresses import LOOPBACK_NAMES, is_loopback, split_host_port
@@ -158,7 +159,7 @@ DEV_ADAPTER = AdapterSpec(
                   for layer in (0, 1)
                   for name, shape in (("gate_proj", (128, 512)), ("up_proj", (128, 512)),
                                       ("down_proj", (512, 128)))),
-    frozen_a_seed=0, rank=8, alpha=16.0)
+    frozen_a_seed=0, rank=DEFAULT_RANK, alpha=DEFAULT_ALPHA)
 
 
 @dataclass(frozen=True)

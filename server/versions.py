@@ -41,6 +41,8 @@ from fleetmind.aggregation.frozen_a import frozen_a
 from fleetmind.aggregation.manifest import (  # noqa: F401
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    DEFAULT_ALPHA,
+    DEFAULT_RANK,
     FORMAT,
     MANIFEST,
     SIGNATURE,
@@ -100,8 +102,8 @@ class AdapterSpec:
     base_model_sha256: str
     modules: tuple[TargetModule, ...]
     frozen_a_seed: int
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = DEFAULT_RANK
+    alpha: float = DEFAULT_ALPHA
     # The layers are Conv1D (GPT-2), whose weight is stored (in, out): PEFT must transpose.
     fan_in_fan_out: bool = False
 

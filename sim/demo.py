@@ -306,6 +306,8 @@ def add_demo_command(commands: Any) -> None:
                            "and it captures their sessions; accuracy is also measured on "
                            "the answers served (--no-endpoints: sites ingest the world's "
                            "transcripts)")
+    demo.add_argument("--rank", type=int, default=defaults.rank,
+                      help=f"LoRA rank on the adapter's targets (default {defaults.rank})")
     demo.add_argument("--noise-multiplier", type=float, default=defaults.noise_multiplier)
     demo.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
     demo.add_argument("--server-lr", dest="server_learning_rate", type=float, default=0.0,
@@ -324,7 +326,7 @@ def _demo(args: argparse.Namespace) -> int:
                          steps=args.steps, dp=args.dp, dreams=args.dreams, merge=args.merge,
                          secure_aggregation=args.secure_aggregation,
                          endpoints=args.endpoints, method=args.method,
-                         privacy_unit=args.privacy_unit,
+                         privacy_unit=args.privacy_unit, rank=args.rank,
                          noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm,
                          server_learning_rate=args.server_learning_rate,
                          fedit_server_learning_rate=args.fedit_server_learning_rate)

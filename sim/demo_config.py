@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetmind.aggregation.dp import PRIVACY_UNITS
+from fleetmind.aggregation.manifest import DEFAULT_RANK
 from fleetmind.client.lora import MLP_TARGETS
 from fleetmind.sim import world as W
 
@@ -49,7 +50,7 @@ class DemoConfig:
     repeated_canaries_per_site: int = 2
     canary_repeats: int = 8
     privacy_unit: str = "user"
-    rank: int = 8
+    rank: int = DEFAULT_RANK
     adapter_targets: tuple[str, ...] = ("down_proj",)
     # "both": the fleet (exact merge) and, beside it, the in-process FedIT arm; "exact": the
     # fleet alone; "fedit": the FedIT arm alone (in-process: the protocol never carries A).

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.client.lora import MLP_TARGETS
 
 ROUND_TIMEOUT_S = 900.0
@@ -46,7 +47,8 @@ class FleetSettings:
     serve: bool = False
 
 
-def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = 8, alpha: float = 16.0,
+def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = DEFAULT_RANK,
+                 alpha: float = DEFAULT_ALPHA,
                  targets: tuple[str, ...] = MLP_TARGETS) -> Any:
     """The genesis adapter for the model in `model_dir`: LoRA on `targets`, as
     `fleetmind server adapter` writes it (client.adapter_spec), read as the aggregator does."""

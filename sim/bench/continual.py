@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from fleetmind.aggregation.dp import PRIVACY_UNITS
+from fleetmind.aggregation.manifest import DEFAULT_RANK
 from fleetmind.runtime.durable import atomic_write
 from fleetmind.sim import world as W
 
@@ -82,7 +83,7 @@ class ContinualConfig:
     recalls_per_site_per_round: int = 2
     general_tasks: int = 200
     guard_tasks: int = 400
-    rank: int = 8
+    rank: int = DEFAULT_RANK
     adapter_targets: tuple[str, ...] = ("down_proj",)
     dreams: bool = True
     epsilon_budget: float = 1000.0

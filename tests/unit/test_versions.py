@@ -25,7 +25,7 @@ BASE_HASH = "ab" * 32
 MODULES = tuple(module for layer in range(2) for module in (
     TargetModule(f"model.layers.{layer}.mlp.gate_proj", 16, 24),
     TargetModule(f"model.layers.{layer}.mlp.down_proj", 24, 16)))
-SPEC = AdapterSpec("toy-llama", BASE_HASH, MODULES, frozen_a_seed=1234, rank=4)
+SPEC = AdapterSpec("toy-llama", BASE_HASH, MODULES, frozen_a_seed=1234, rank=4, alpha=16.0)
 RELEASE = Release(round_id=1, cohort_size=3, clip_norm=1.0, noise_multiplier=0.8,
                   noise_mode="distributed", epsilon=0.5, delta=1e-5)
 
