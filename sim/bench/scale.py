@@ -58,6 +58,11 @@ from typing import Any
 DEFAULT_SIZES = (10, 50, 100, 200, 500, 1000)
 DEFAULT_WATCHERS = 5000
 SITES_PER_PROCESS = 125
+# gRPC's blocking calls wake every 0.1 s only so that a main thread can take signals
+# (grpc/grpc#19464); 125 site threads to a process would spend the machine on those
+# wake-ups, which sites on their own machines never share, so the bench's sites wake
+# every SITE_WAKE_S instead. A reply still wakes its thread at once (docs/scale.md).
+SITE_WAKE_S = 5.0
 MAX_SITE_PROCESSES = 8
 DOWNLOAD_WATCHERS = 100
 ROUND_DEADLINE_S = 600.0
@@ -339,6 +344,7 @@ class _Sites:
     def __init__(self, address: str, first: int, count: int, work: Path,
                  deadline: float) -> None:
         import grpc
+        import grpc._common
         import numpy as np
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -346,6 +352,7 @@ class _Sites:
         from fleetmind.client.outbox import Outbox
         from fleetmind.sim.bench import wire
 
+        grpc._common.MAXIMUM_WAIT_TIMEOUT = SITE_WAKE_S
         work.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(first)
         self.first, self.count, self.deadline = first, count, deadline
