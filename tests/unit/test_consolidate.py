@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.aggregation.update import Update
 from fleetmind.client import distill, lora
 from fleetmind.client.consolidate import consolidate_sessions, consolidate_store, read_prompts
@@ -203,7 +204,8 @@ def test_the_adapter_spec_of_the_toy_model_is_what_its_sites_train(toy_model_dir
     assert tomllib.loads((tmp_path / "adapter.toml").read_text())["adapter"] == spec
     assert spec["base_model_sha256"] == base_model_hash(toy_model_dir)
     model, _ = load_model(toy_model_dir)
-    peft_model = lora.attach_lora(model, seed=3)
+    peft_model = lora.attach_lora(model, seed=3, rank=spec["rank"], alpha=spec["alpha"])
     assert {m["name"]: (m["out_features"], spec["rank"]) for m in spec["modules"]} == {
         name: b.shape for name, b in lora.get_b(peft_model).items()}
-    assert (spec["rank"], spec["alpha"], spec["fan_in_fan_out"]) == (8, 16.0, False)
+    assert (spec["rank"], spec["alpha"], spec["fan_in_fan_out"]) == (
+        DEFAULT_RANK, DEFAULT_ALPHA, False)
