@@ -17,4 +17,7 @@ No I/O, no torch, no grpc, and no import of `fleetmind.client` or `fleetmind.ser
     identity_proof  the bytes a site signs to prove it holds its identity key at enrolment
     chain       hash-chained, Ed25519-signed logs (hashing, sealing, verify_chain), shared
                 by the aggregator's ledger and the site's outbox
+    records     what those logs hold (OutboxRecord, ForgetRecord, RoundRecord,
+                StoppedRound) and each log's check (verify_outbox, verify_ledger), shared
+                by the side that writes it and the auditor
 """

@@ -33,7 +33,7 @@ MAX_UNITS_PER_SITE = 10_000
 
 class AggregateRejectedError(ValueError):
     """The unmasked aggregate is outside what the cohort's clip, weights and noise allow:
-    signing it would publish a poisoned version. `check` names the check (ledger.CHECKS);
+    signing it would publish a poisoned version. `check` names the check (records.CHECKS);
     `measured` and `allowed` are its number and range (None where it has none), as the
     ledger records them."""
 

@@ -1,5 +1,5 @@
 """Hash-chained, Ed25519-signed logs: the pure part, shared by the aggregator's ledger
-(fleetmind.server.ledger) and the site's outbox (fleetmind.client.outbox).
+(fleetmind.server.ledger), the site's outbox (fleetmind.client.outbox) and the auditor.
 
 Entry i's hash is
 
@@ -12,8 +12,9 @@ removed or forged entry (`verify_chain`, which names the first bad one); cutting
 off the END leaves a shorter valid chain, which only a head kept from before
 (`expected_head`) reveals.
 
-No file I/O here: storage belongs to the ledger and the outbox, which decide what a body
-is (canonical JSON of their record) and what must hold between consecutive bodies.
+No file I/O here: what a body is (canonical JSON of a record) and what must hold between
+consecutive bodies is fleetmind.aggregation.records'; storage belongs to the ledger and the
+outbox.
 """
 
 from __future__ import annotations

@@ -331,7 +331,7 @@ def _print_stopped(stopped: list[dict[str, Any]]) -> None:
 def _audit_outbox(args: argparse.Namespace) -> int:
     from fleetmind.audit import sources
     from fleetmind.audit.outbox_report import outbox_report
-    from fleetmind.client.outbox import OUTBOX_FILE
+    from fleetmind.runtime.layout import OUTBOX_FILE
 
     path = args.dir / OUTBOX_FILE if args.dir.is_dir() else args.dir
     if not path.exists():

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleetmind.aggregation.chain import ChainEntry
+from fleetmind.aggregation.records import RoundRecord, StoppedRound
 from fleetmind.audit import trail
-from fleetmind.server.ledger import RoundRecord, StoppedRound
 
 __all__ = ["LedgerReport", "epsilon_meaning", "ledger_report", "ledger_rows", "stopped_rows",
            "when"]
@@ -50,7 +50,7 @@ def ledger_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
 
 def stopped_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
     """One row per verified entry of a round stopped after unmasking without a version
-    (ledger.StoppedRound): which round and phase, the outcome, the check that refused it
+    (records.StoppedRound): which round and phase, the outcome, the check that refused it
     with its number and allowed range, what it spent, the sites it quarantined."""
     return [{"entry": entry.index, "round": record.round_id, "outcome": record.outcome,
              "phase": record.phase, "check": record.check, "measured": record.measured,

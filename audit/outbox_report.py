@@ -11,10 +11,9 @@ from typing import Any
 
 from fleetmind.aggregation.chain import ChainEntry
 from fleetmind.aggregation.participation import participation_history
+from fleetmind.aggregation.records import ForgetRecord, OutboxRecord, StoppedRound
 from fleetmind.audit import trail
 from fleetmind.audit.ledger_report import when
-from fleetmind.client.outbox import ForgetRecord, OutboxRecord
-from fleetmind.server.ledger import StoppedRound
 
 __all__ = ["SHORT", "OutboxReport", "audit_entries", "deletion_row", "outbox_report"]
 

@@ -3,9 +3,10 @@
 The auditor holds no private key and must change nothing it reads, so the logs are read
 with a read-only SQLite connection (`read_log`) rather than through `Ledger`/`Outbox`, which take
 the owner's signing key and open their file for appending (creating it when absent). What
-is read is only handed on: every check is the owning module's (`server.ledger`,
-`client.outbox`, `client.versions`). Parsing keys and addresses, and reading a log
-read-only, are fleetmind.runtime's, shared with the sites and the aggregator.
+is read is only handed on: every check is the shared code the sides check with
+(`aggregation.records` for the logs, `runtime.layout` for version folders), never a side's
+own. Parsing keys and addresses, and reading a log read-only, are fleetmind.runtime's,
+shared with the sites and the aggregator.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Checking the two signed logs: the aggregator's ledger and a site's outbox.
 
-The chain rules are the owners' (`server.ledger.verify_chain`, `client.outbox.verify_chain`);
-this module runs them over what the auditor read and keeps what an auditor reports: the
-entries that verified, in order, and the first bad one, if any. Everything before the first
-bad entry is still shown, since a break at round 40 says nothing against rounds 0..39.
+The chain rules are fleetmind.aggregation.records' (`verify_ledger`, `verify_outbox`), the
+rules the aggregator and the site append under, with no code of either side; this module
+runs them over what the auditor read and keeps what an auditor reports: the entries that
+verified, in order, and the first bad one, if any. Everything before the first bad entry
+is still shown, since a break at round 40 says nothing against rounds 0..39.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ from typing import Generic, TypeVar
 
 from fleetmind.aggregation.chain import GENESIS_HASH, ChainEntry, ChainError
 from fleetmind.aggregation.manifest import MANIFEST, Manifest, VersionError
-from fleetmind.client import outbox
-from fleetmind.client.versions import VERSIONS, verify_folder
-from fleetmind.server import ledger
+from fleetmind.aggregation.records import (
+    ForgetRecord,
+    LedgerRecord,
+    OutboxRecord,
+    RoundRecord,
+    StoppedRound,
+    parse_ledger_body,
+    parse_outbox_body,
+    verify_ledger,
+    verify_outbox,
+)
+from fleetmind.runtime.layout import VERSIONS, verify_folder
 
 __all__ = ["ChainAudit", "Publication", "VersionAudit", "audit_ledger", "audit_outbox",
            "audit_version", "publications", "site_publications", "stopped_rounds"]
@@ -60,20 +70,19 @@ def _audit(entries: Sequence[ChainEntry], verify: Callable[..., bytes],
 
 
 def audit_ledger(entries: Sequence[ChainEntry], aggregator_key: bytes,
-                 expected_head: bytes | None = None) -> ChainAudit[ledger.LedgerRecord]:
+                 expected_head: bytes | None = None) -> ChainAudit[LedgerRecord]:
     """The ledger against the aggregator's public key (hash chain, signatures, and what
     must hold between rounds: rounds, versions and epsilon never go back); each verified
     entry read as a published round or a round stopped without a version."""
-    return _audit(entries, ledger.verify_chain, ledger.parse_body, aggregator_key,
-                  expected_head)
+    return _audit(entries, verify_ledger, parse_ledger_body, aggregator_key, expected_head)
 
 
 def audit_outbox(entries: Sequence[ChainEntry], site_key: bytes,
                  expected_head: bytes | None = None
-                 ) -> ChainAudit[outbox.OutboxRecord | outbox.ForgetRecord]:
+                 ) -> ChainAudit[OutboxRecord | ForgetRecord]:
     """A site's outbox against the site's identity (public) key; each verified entry read
     as an upload or a deletion record."""
-    return _audit(entries, outbox.verify_chain, outbox.parse_body, site_key, expected_head)
+    return _audit(entries, verify_outbox, parse_outbox_body, site_key, expected_head)
 
 
 @dataclass(frozen=True)
@@ -89,19 +98,19 @@ class Publication:
     receipts: tuple[str, ...] = ()
 
 
-def publications(verified: ChainAudit[ledger.LedgerRecord]) -> dict[int, Publication]:
+def publications(verified: ChainAudit[LedgerRecord]) -> dict[int, Publication]:
     """Round id -> its publication, from the ledger entries that verified (a stopped
     round published nothing)."""
     return {record.round_id: Publication(record.round_id, record.version, record.cohort_size,
                                          "ledger", record.payload_sha256s)
-            for _, record in verified.verified if isinstance(record, ledger.RoundRecord)}
+            for _, record in verified.verified if isinstance(record, RoundRecord)}
 
 
-def stopped_rounds(verified: ChainAudit[ledger.LedgerRecord]) -> dict[int, ledger.StoppedRound]:
+def stopped_rounds(verified: ChainAudit[LedgerRecord]) -> dict[int, StoppedRound]:
     """Round id -> its entry, for the rounds the verified ledger says ended without a
     version (rejected, not mergeable, aborted, abandoned)."""
     return {record.round_id: record for _, record in verified.verified
-            if isinstance(record, ledger.StoppedRound)}
+            if isinstance(record, StoppedRound)}
 
 
 def site_publications(site_dir: Path, aggregator_key: bytes) -> dict[int, Publication]:
@@ -130,7 +139,7 @@ def manifest_sha256(folder: Path) -> str:
     return hashlib.sha256((Path(folder) / MANIFEST).read_bytes()).hexdigest()
 
 
-def ledger_disagreements(manifest: Manifest, version_hash: str, record: ledger.RoundRecord
+def ledger_disagreements(manifest: Manifest, version_hash: str, record: RoundRecord
                          ) -> list[str]:
     """How a verified version's manifest and the ledger's entry for it differ (empty: they
     agree). The ledger signs the manifest's sha256, so any difference is a forgery or a
@@ -170,9 +179,9 @@ class VersionAudit:
 
 
 def audit_version(folder: Path, aggregator_key: bytes,
-                  verified_ledger: ChainAudit[ledger.LedgerRecord] | None = None
+                  verified_ledger: ChainAudit[LedgerRecord] | None = None
                   ) -> VersionAudit:
-    """Signature and file hashes of a version folder (client.versions.verify_folder, the
+    """Signature and file hashes of a version folder (runtime.layout.verify_folder, the
     check every site makes before activating), and, given a verified ledger, that the
     ledger records this exact manifest for the version."""
     folder = Path(folder)
@@ -184,7 +193,7 @@ def audit_version(folder: Path, aggregator_key: bytes,
     if verified_ledger is None or manifest.round_id is None:
         return VersionAudit(folder, manifest, version_hash, None)
     for entry, record in verified_ledger.verified:
-        if isinstance(record, ledger.RoundRecord) and record.version == manifest.version:
+        if isinstance(record, RoundRecord) and record.version == manifest.version:
             return VersionAudit(folder, manifest, version_hash, None, entry.index,
                                 tuple(ledger_disagreements(manifest, version_hash, record)))
     where = "the ledger" if verified_ledger.ok else "the ledger's entries before its break"

@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetmind.aggregation import dp, merge
 from fleetmind.aggregation.encoding import site_payload
 from fleetmind.aggregation.identity_proof import enroll_signed_bytes
+from fleetmind.aggregation.records import OutboxEntry, OutboxRecord
 from fleetmind.aggregation.secagg import DropReason, RoundPhase, SiteAdvertiseKeys, crypto
 from fleetmind.aggregation.secagg.messages import MaskedInput
-from fleetmind.client.outbox import Outbox, OutboxEntry, OutboxRecord
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.scrub import ScrubReport
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc

@@ -42,11 +42,13 @@ from fleetmind.aggregation.participation import (
     participation_history,
     record_round,
 )
+from fleetmind.aggregation.records import participation_records
 from fleetmind.client.agent import SiteUpdate
-from fleetmind.client.outbox import Outbox, participation_records
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.site_config import SiteConfig
 from fleetmind.client.store import Session
-from fleetmind.client.versions import CURRENT, verify_folder
+from fleetmind.client.versions import CURRENT
+from fleetmind.runtime.layout import verify_folder
 
 if TYPE_CHECKING:  # consolidate pulls in the distillation stack; only its type is needed
     from fleetmind.client.consolidate import SiteConsolidation

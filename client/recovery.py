@@ -17,11 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from fleetmind.aggregation.manifest import Manifest, VersionError
+from fleetmind.aggregation.records import OutboxRecord
 from fleetmind.client.agent import enroll, may_be_summed
-from fleetmind.client.outbox import OUTBOX_FILE, Outbox, OutboxRecord
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.site_config import SiteConfig
 from fleetmind.client.store import SessionStore
 from fleetmind.protos.fleetmind.v1 import fleet_pb2, fleet_pb2_grpc, models_pb2, models_pb2_grpc
+from fleetmind.runtime.layout import OUTBOX_FILE
 
 __all__ = ["settle_outbox"]
 

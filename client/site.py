@@ -54,13 +54,14 @@ from fleetmind.client.contribution import (
 from fleetmind.client.identity import load_identity_key
 from fleetmind.client.metrics import SiteMetrics
 from fleetmind.client.notify_serving import notify_serving
-from fleetmind.client.outbox import OUTBOX_FILE, Outbox
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.recovery import settle_outbox
 from fleetmind.client.site_config import ConfigError, SiteConfig, SiteTls
 from fleetmind.client.store import SessionStore
 from fleetmind.client.versions import CURRENT, activate, current_version, download_latest
 from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
 from fleetmind.runtime.addresses import is_loopback, split_host_port
+from fleetmind.runtime.layout import OUTBOX_FILE
 
 # The loop's settings, identity and channel live in their own modules; they are named here
 # too because the site's CLI, the demo and callers configuring a site reach them here.

@@ -46,7 +46,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.numpy import load as load_safetensors
 
 from fleetmind.aggregation.manifest import (
@@ -62,8 +61,8 @@ from fleetmind.aggregation.manifest import (
 )
 from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
 from fleetmind.runtime.durable import atomic_write, fsync_dir, write_folder
+from fleetmind.runtime.layout import VERSIONS, verify_folder
 
-VERSIONS = "versions"
 CURRENT = "current"
 PREVIOUS = "previous"
 TRUSTED_KEY = "aggregator.pub"
@@ -93,7 +92,6 @@ __all__ = [
     "previous_version",
     "rollback",
     "rollback_pin",
-    "verify_folder",
 ]
 
 
@@ -252,16 +250,6 @@ def _write_version(target: Path, contents: Mapping[str, bytes]) -> None:
         shutil.rmtree(leftover, ignore_errors=True)  # a download a crash cut short
     write_folder(target, contents,
                  target.parent / f"{_PARTIAL_PREFIX}{target.name}-{secrets.token_hex(4)}")
-
-
-def verify_folder(folder: Path, public_key: Ed25519PublicKey | bytes) -> Manifest:
-    """Checks a version folder on disk (signature, every hash, nothing extra)."""
-    folder = Path(folder)
-    files: dict[str, bytes] = {}
-    for path in folder.iterdir():
-        files[path.name] = path.read_bytes() if path.is_file() else b""
-    manifest_bytes, signature = files.pop(MANIFEST, b""), files.pop(SIGNATURE, b"")
-    return verify_manifest(manifest_bytes, signature, public_key, files, source=str(folder))
 
 
 # ---- activation -----------------------------------------------------------------------

@@ -3,6 +3,7 @@ the client nor the server (tests/integration/test_boundaries.py).
 
     durable           atomic_write, write_synced, fsync_dir: files that survive kill -9
     signed_log        SignedLog (the outbox's and the ledger's SQLite), read_log, canonical_json
+    layout            OUTBOX_FILE, LEDGER_FILE, VERSIONS; verify_folder (a version folder on disk)
     config            load_document (TOML or JSON, FLEETMIND_* overrides), ConfigError
     addresses         split_host_port, join_host_port, is_loopback
     keys              public_key_bytes (raw, hex, PEM), private_key_from_bytes, read_key_file

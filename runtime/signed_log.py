@@ -4,8 +4,9 @@ One row per entry: the chain's fields (fleetmind.aggregation.chain: index, prev_
 body, hash, signature) and the round the body is about. Storage is SQLite in WAL mode with
 synchronous=FULL: an append that returned survives a power cut. Each log's own schema (its
 triggers refuse UPDATE and DELETE, so code that tries to rewrite history fails loudly; the
-chain and signatures catch whoever edits the file by other means) and its record type stay
-with the log (client/outbox.py, server/ledger.py); what they share is here, once:
+chain and signatures catch whoever edits the file by other means) stays with the log
+(client/outbox.py, server/ledger.py), and its record types with the chain
+(aggregation/records.py); what they share is here, once:
 opening, appending under one IMMEDIATE transaction, paged reading, and the auditor's
 read-only reading (`read_log`).
 

@@ -32,7 +32,7 @@ what the contributors' staleness weights allow, every value finite, the mean del
 within what the cohort's clip and noise allow (`AggregateBounds.mean_delta_bound`, derived
 there and in docs/hardening.md). A sum that fails ends the round (RoundAborted, retry) and
 is recorded under "rejected" in coordinator.json and as a signed ledger entry
-(ledger.StoppedRound: the check, its numbers, the sites quarantined); its privacy charge is
+(records.StoppedRound: the check, its numbers, the sites quarantined); its privacy charge is
 spent, since the aggregator saw it. A sum that cannot be merged gets such an entry too,
 and spends nothing. Masked vectors cannot be checked alone; unmasked ones (no secure
 aggregation) are, at upload (`_check_plain_vector`).
@@ -79,6 +79,7 @@ from fleetmind.aggregation.encoding import encoding_codes
 from fleetmind.aggregation.merge import FedAvg, exact_merge, flatten, open_secagg_sum, unflatten
 from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.aggregation.quantize import FixedPoint
+from fleetmind.aggregation.records import RoundRecord, StoppedRound
 from fleetmind.aggregation.secagg import (
     DropReason,
     NeighbourGraph,
@@ -112,7 +113,7 @@ from fleetmind.runtime.durable import atomic_write
 from fleetmind.runtime.signed_log import canonical_json
 from fleetmind.server.config import CohortPolicy, ConfigError, PrivacyPolicy
 from fleetmind.server.enrolment import Enrolments
-from fleetmind.server.ledger import Ledger, RoundRecord, StoppedRound
+from fleetmind.server.ledger import Ledger
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.versions import Release, Version, VersionRegistry
 
@@ -1163,7 +1164,7 @@ class Coordinator:
                        drop_reason: DropReason | None = None, contributors: int = 0,
                        receipts: tuple[str, ...] = (), epsilon_round: float = 0.0,
                        quarantined: tuple[int, ...] = ()) -> StoppedRound:
-        """The ledger entry of a round that ended without a version (ledger.STOP_OUTCOMES),
+        """The ledger entry of a round that ended without a version (records.STOP_OUTCOMES),
         with the budget's total as it stands (after this round's charge, if it spent)."""
         return StoppedRound(
             round_id=round_id, outcome=outcome, phase=phase,

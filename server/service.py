@@ -55,6 +55,7 @@ from fleetmind.protos.fleetmind.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
+from fleetmind.runtime.layout import LEDGER_FILE
 from fleetmind.server import identity
 from fleetmind.server.config import ServerConfig, split_listen
 from fleetmind.server.coordinator import (
@@ -859,7 +860,7 @@ def open_coordinator(config: ServerConfig, listener: RoundListener | None = None
     registry = VersionRegistry(data, key)
     if not registry.numbers():
         registry.genesis(config.adapter)
-    return Coordinator(data, registry, Ledger(data / "ledger.sqlite", key),
+    return Coordinator(data, registry, Ledger(data / LEDGER_FILE, key),
                        Enrolments(data / "enrolments.json"), config.cohort, config.privacy,
                        listener=listener, limits=limits)
 

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetmind.client.versions import CURRENT, VERSIONS, current_version
+from fleetmind.client.versions import CURRENT, current_version
+from fleetmind.runtime.layout import VERSIONS
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,8 @@ def _forget_key(args: argparse.Namespace, data_dir: Path) -> Any:
     from cryptography.exceptions import InvalidSignature
 
     from fleetmind.client.identity import load_identity_key
-    from fleetmind.client.outbox import OUTBOX_FILE, Outbox
+    from fleetmind.client.outbox import Outbox
+    from fleetmind.runtime.layout import OUTBOX_FILE
 
     path = args.identity_key
     if path is None and (data_dir / "identity.pem").is_file():
@@ -186,7 +187,9 @@ def _forget_key(args: argparse.Namespace, data_dir: Path) -> Any:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    from fleetmind.client.outbox import OUTBOX_FILE, ForgetRecord, Outbox, forget_salt
+    from fleetmind.aggregation.records import ForgetRecord
+    from fleetmind.client.outbox import Outbox, forget_salt
+    from fleetmind.runtime.layout import OUTBOX_FILE
 
     if not args.user.strip():
         raise argparse.ArgumentError(None, "--user is empty: name the end user whose sessions "

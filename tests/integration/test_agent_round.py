@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.concurrent import at_once, each_returned
 
+from fleetmind.aggregation.records import verify_outbox
 from fleetmind.aggregation.secagg import DropReason, RoundPhase
 from fleetmind.client.agent import (
     RoundAbortedError,
@@ -22,7 +23,7 @@ from fleetmind.client.agent import (
     may_be_summed,
     participate,
 )
-from fleetmind.client.outbox import Outbox, verify_chain
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.scrub import ScrubReport
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import fleet_pb2, models_pb2, models_pb2_grpc
@@ -93,7 +94,7 @@ def test_three_sites_participate_and_publish_the_merge(aggregator, tmp_path) -> 
     for i, (outbox, watch, result) in enumerate(zip(outboxes, watches, done, strict=True)):
         entries = list(outbox)
         assert len(entries) == 1
-        verify_chain(entries, keys[i].public_key())
+        verify_outbox(entries, keys[i].public_key())
         record = entries[0].record
         assert watch.recorded_first == [True]
         assert record.payload_sha256 == result.payload_sha256
@@ -143,7 +144,7 @@ def test_site_noise_is_added_and_recorded(aggregator, tmp_path) -> None:
     for outbox, key, result in zip(outboxes, keys, done, strict=True):
         outbox.verify()
         (entry,) = list(outbox)
-        verify_chain([entry], key.public_key())
+        verify_outbox([entry], key.public_key())
         record = entry.record
         assert (record.noise_mode, record.noise_multiplier) == ("distributed", 1.0)
         assert record.norm_before_clip == record.norm_after_clip  # nothing clipped upstream

@@ -22,10 +22,11 @@ from support.concurrent import at_once
 from support.no_torch import REFUSE_TORCH
 
 from fleetmind.aggregation.participation import ParticipationRecord
+from fleetmind.aggregation.records import OutboxRecord, RoundRecord, StoppedRound
 from fleetmind.cli.main import main
-from fleetmind.client.outbox import Outbox, OutboxRecord
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.scrub import ScrubReport
-from fleetmind.server.ledger import Ledger, RoundRecord, StoppedRound
+from fleetmind.server.ledger import Ledger
 from fleetmind.server.versions import (
     Release,
     Version,

@@ -17,6 +17,7 @@ from fleetmind.aggregation import manifest as manifest_format
 from fleetmind.cli import main as cli
 from fleetmind.client import versions as site
 from fleetmind.protos.fleetmind.v1 import models_pb2
+from fleetmind.runtime.layout import verify_folder
 from fleetmind.runtime.signed_log import canonical_json
 from fleetmind.server import service
 from fleetmind.server.config import ServerConfig
@@ -212,7 +213,7 @@ def test_activation_refuses_a_folder_tampered_after_download(start, site_dir) ->
     assert site.current_version(site_dir) is None
     # A damaged, inactive copy is fetched afresh rather than trusted.
     assert site.download_latest(aggregator.channel, site_dir, aggregator.key) == folder
-    site.verify_folder(folder, aggregator.key)
+    verify_folder(folder, aggregator.key)
 
 
 def test_cli_rollback_exits_0_then_2(start, site_dir, capsys) -> None:

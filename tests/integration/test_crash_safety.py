@@ -27,9 +27,10 @@ from support.server_process import end, start_server, write_server_config
 from support.toy_fleet import FAST, toy_server_config
 
 import fleetmind.client.site as site_module
+from fleetmind.aggregation.records import OutboxRecord, verify_ledger
 from fleetmind.client.agent import RoundResult, SiteUpdate, enroll, participate
 from fleetmind.client.identity import load_identity_key
-from fleetmind.client.outbox import Outbox, OutboxRecord
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.recovery import settle_outbox
 from fleetmind.client.site import Outcome, run_once
 from fleetmind.client.site_config import SiteConfig
@@ -43,7 +44,6 @@ from fleetmind.protos.fleetmind.v1 import (
     models_pb2_grpc,
 )
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
-from fleetmind.server.ledger import verify_chain as verify_ledger
 from fleetmind.server.service import serve
 from fleetmind.server.versions import AdapterSpec, TargetModule
 from fleetmind.sim.world import WorldSpec, make_world

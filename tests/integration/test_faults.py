@@ -28,6 +28,8 @@ import pytest
 from support.secagg_rounds import Site, expected_b, quantisation_bound, run_phases
 from support.server_process import start_server, write_server_config
 
+from fleetmind.aggregation.records import LedgerEntry as StoredEntry
+from fleetmind.aggregation.records import StoppedRound, parse_ledger_body, verify_ledger
 from fleetmind.protos.fleetmind.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -37,8 +39,6 @@ from fleetmind.protos.fleetmind.v1 import (
     models_pb2_grpc,
 )
 from fleetmind.server import versions
-from fleetmind.server.ledger import LedgerEntry as StoredEntry
-from fleetmind.server.ledger import StoppedRound, parse_body, verify_chain
 from fleetmind.sim.bench.wire import MODULES
 
 
@@ -201,11 +201,11 @@ def test_the_aggregator_killed_in_a_phase_restarts_intact(phase: str, launch,
     # The ledger and every published version verify, as an auditor runs them.
     audit("ledger", "--file", str(data / "ledger.sqlite"), "--aggregator-key", str(key_file))
     after = ledger(second.channel)
-    verify_chain(after, sites[0].aggregator_key)
+    verify_ledger(after, sites[0].aggregator_key)
     published = 1 if recorded is not None else 2
     assert after[:1] == before and len(after) == 2  # nothing released is lost
     if recorded is not None:  # the abandoned round's own entry: it spent nothing
-        stopped = parse_body(after[1].body)
+        stopped = parse_ledger_body(after[1].body)
         assert isinstance(stopped, StoppedRound)
         assert (stopped.round_id, stopped.outcome, stopped.phase, stopped.drop_reason,
                 stopped.epsilon_round, stopped.version) == (
@@ -242,7 +242,7 @@ def test_the_aggregator_killed_in_a_phase_restarts_intact(phase: str, launch,
     assert full_round(sites, base=published) == {(published + 1, 3)}
     final = ledger(second.channel)
     assert final[:2] == after and len(final) == 3
-    verify_chain(final, sites[0].aggregator_key)
+    verify_ledger(final, sites[0].aggregator_key)
     assert final[-1].record.round_id == 3 and final[-1].record.version == published + 1
     # Every round merged the same three deltas (FedAvg, rate 1, from a zero genesis B), so
     # the new version is (published + 1) times their mean: the re-sent updates, in full.

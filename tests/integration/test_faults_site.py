@@ -33,14 +33,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.toy_fleet import TOY_SPEC
 
+from fleetmind.aggregation.records import RoundRecord
 from fleetmind.client.agent import RoundAbortedError, SiteUpdate, StaleBaseError, participate
 from fleetmind.client.identity import load_identity_key
-from fleetmind.client.outbox import OUTBOX_FILE, Outbox
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.store import SessionStore
 from fleetmind.client.versions import current_version
 from fleetmind.protos.fleetmind.v1 import models_pb2, models_pb2_grpc
+from fleetmind.runtime.layout import OUTBOX_FILE
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
-from fleetmind.server.ledger import RoundRecord
 from fleetmind.server.service import RunningServer, serve
 from fleetmind.sim.world import WorldSpec, make_world
 

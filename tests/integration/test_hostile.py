@@ -29,6 +29,7 @@ from support.pki import aggregator_tls
 from support.secagg_rounds import Site, config, run_phases, run_round
 
 from fleetmind.aggregation.merge import secagg_payload
+from fleetmind.aggregation.records import StoppedRound
 from fleetmind.client import versions as site_versions
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import (
@@ -47,7 +48,6 @@ from fleetmind.server.config import (
     ServerConfig,
     load_config,
 )
-from fleetmind.server.ledger import StoppedRound
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.service import RunningServer, serve
 from fleetmind.server.versions import Release

@@ -23,6 +23,7 @@ from fleetmind.aggregation.participation import (
     ParticipationRecord,
     participation_history,
 )
+from fleetmind.aggregation.records import OutboxRecord, RoundRecord, payload_sha256, verify_outbox
 from fleetmind.audit.ledger_report import ledger_report
 from fleetmind.audit.outbox_report import outbox_report
 from fleetmind.client import site as site_module
@@ -36,14 +37,14 @@ from fleetmind.client.contribution import (
     within_cap,
 )
 from fleetmind.client.identity import load_identity_key
-from fleetmind.client.outbox import Outbox, OutboxRecord, payload_sha256, verify_chain
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.scrub import ScrubReport
 from fleetmind.client.site import Outcome, run_once
 from fleetmind.client.site_config import ConfigError, SiteConfig
 from fleetmind.client.store import Message, Session, SessionStore
 from fleetmind.protos.fleetmind.v1 import fleet_pb2
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
-from fleetmind.server.ledger import Ledger, RoundRecord
+from fleetmind.server.ledger import Ledger
 
 CAP = 2
 ANY_KEY = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -148,7 +149,7 @@ def test_a_unit_at_its_cap_is_left_out_before_anything_is_sent_and_stays_out(
     rounds = [o.round.round_id for o in (first, second, third)]
 
     entries, identity = outbox_of(a)
-    assert verify_chain(entries, identity.public_key()) == entries[-1].hash
+    assert verify_outbox(entries, identity.public_key()) == entries[-1].hash
     records = [e.record for e in entries]
     assert [r.round_id for r in records] == rounds
     # Nothing of alice's third session was sent: no record names it, and the aggregator
@@ -164,7 +165,7 @@ def test_a_unit_at_its_cap_is_left_out_before_anything_is_sent_and_stays_out(
 
     # The site without a cap records no participation, and its outbox verifies as before.
     b_entries, b_identity = outbox_of(b)
-    assert verify_chain(b_entries, b_identity.public_key()) == b_entries[-1].hash
+    assert verify_outbox(b_entries, b_identity.public_key()) == b_entries[-1].hash
     assert all(e.record.participation is None for e in b_entries)
     assert b"participation" not in b_entries[0].body
 
@@ -218,7 +219,7 @@ def test_the_fleets_cap_from_the_round_config_is_enforced_and_recorded(
     second, *_ = one_round(aggregator.address, a, b, c)
     assert distilled["site-a"] == [["a1"], ["a3"]]
     entries, identity = outbox_of(a)
-    assert verify_chain(entries, identity.public_key()) == entries[-1].hash
+    assert verify_outbox(entries, identity.public_key()) == entries[-1].hash
     assert [e.record.participation_record for e in entries] == [
         ParticipationRecord(first.round.round_id, "user", 1, (("alice", 1),)),
         ParticipationRecord(second.round.round_id, "user", 1, (("carol", 1),))]
@@ -329,7 +330,7 @@ def test_old_outbox_records_verify_beside_new_ones(tmp_path) -> None:
         entries = list(outbox)
         assert entries[0].body == old.to_body() and b"participation" not in entries[0].body
         assert outbox.participation_records() == [new.participation_record]
-    assert verify_chain(entries, key.public_key()) == entries[-1].hash
+    assert verify_outbox(entries, key.public_key()) == entries[-1].hash
 
 
 def test_audit_ledger_shows_the_cap(tmp_path) -> None:

@@ -18,6 +18,7 @@ from support.plain_rounds import Site, flat, joined, plain_config
 from support.secagg_rounds import bad_uploads, reattach_after_restart
 
 from fleetmind.aggregation.merge import FedAvg, exact_merge, open_secagg_sum, secagg_payload
+from fleetmind.aggregation.records import RoundRecord
 from fleetmind.aggregation.secagg import NeighbourGraph, ProtocolError, RoundConfig, crypto
 from fleetmind.aggregation.secagg.messages import MaskedInput, unpack_ring
 from fleetmind.aggregation.secagg.server_completed import ServerAborted, ServerCompleted
@@ -34,7 +35,6 @@ from fleetmind.server.config import (
     ServerConfig,
     load_config,
 )
-from fleetmind.server.ledger import RoundRecord
 from fleetmind.server.service import serve
 from fleetmind.server.versions import Manifest
 from fleetmind.sim.bench.wire import SHAPES

@@ -28,6 +28,8 @@ from support.secagg_rounds import (
     run_round,
 )
 
+from fleetmind.aggregation.records import LedgerEntry as StoredEntry
+from fleetmind.aggregation.records import verify_ledger
 from fleetmind.aggregation.secagg import SiteAdvertiseKeys
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import (
@@ -39,8 +41,6 @@ from fleetmind.protos.fleetmind.v1 import (
 )
 from fleetmind.server import versions
 from fleetmind.server.config import PrivacyPolicy, ServerConfig
-from fleetmind.server.ledger import LedgerEntry as StoredEntry
-from fleetmind.server.ledger import verify_chain
 from fleetmind.server.service import serve
 
 
@@ -89,7 +89,7 @@ def test_a_round_of_three_sites_publishes_the_librarys_merge(channel, tmp_path) 
     # The ledger: one signed entry that names the version, verified as an auditor would.
     audit = audit_pb2_grpc.AuditStub(channel)
     entries = list(audit.StreamLedger(audit_pb2.StreamLedgerRequest(), timeout=5))
-    verify_chain([StoredEntry(e.index, e.prev_hash, e.body, e.hash, e.signature)
+    verify_ledger([StoredEntry(e.index, e.prev_hash, e.body, e.hash, e.signature)
                   for e in entries], sites[0].aggregator_key)
     record = StoredEntry(*(getattr(entries[0], f) for f in
                            ("index", "prev_hash", "body", "hash", "signature"))).record

@@ -19,12 +19,14 @@ from support.concurrent import each_returned, run_once_each, stocked
 from support.sessions import chat
 from support.toy_fleet import FAST, toy_server_config
 
+from fleetmind.aggregation.records import verify_outbox
 from fleetmind.client.identity import load_identity_key
-from fleetmind.client.outbox import Outbox, verify_chain
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.site import Backoff, Outcome, run, run_once
 from fleetmind.client.site_config import ConfigError, SiteConfig
 from fleetmind.client.store import SessionStore
-from fleetmind.client.versions import current_version, verify_folder
+from fleetmind.client.versions import current_version
+from fleetmind.runtime.layout import verify_folder
 from fleetmind.server.config import ServerConfig
 from fleetmind.sim.world import WorldSpec, make_world, task_prompt
 
@@ -68,7 +70,7 @@ def test_three_sites_run_once_publish_and_activate(aggregator, tmp_path, toy_mod
         with Outbox(config.data_dir / "outbox.sqlite", identity) as outbox:
             entries = list(outbox)
             assert len(entries) == 1
-            verify_chain(entries, identity.public_key())
+            verify_outbox(entries, identity.public_key())
             record = entries[0].record
             assert record.payload_sha256 == outcome.round.payload_sha256
             assert record.session_ids == ids

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from support.coordinator import PHASE_S, Clock, Site, open_coordinator
 
+from fleetmind.aggregation.records import RoundRecord, StoppedRound
 from fleetmind.aggregation.secagg import DropReason, RoundPhase
 from fleetmind.server.config import ConfigError, PrivacyPolicy
 from fleetmind.server.coordinator import (
@@ -24,7 +25,6 @@ from fleetmind.server.coordinator import (
     RefusedError,
     Stopped,
 )
-from fleetmind.server.ledger import RoundRecord, StoppedRound
 
 
 @pytest.fixture

@@ -14,19 +14,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fleetmind.cli.main import main as fleetmind_main
-from fleetmind.client.outbox import (
-    FORGET_ROUND,
-    FORGET_SALT_FILE,
+from fleetmind.aggregation.records import (
     ForgetRecord,
-    Outbox,
     OutboxError,
     OutboxRecord,
-    forget_salt,
-    parse_body,
+    parse_outbox_body,
     user_hmac,
-    verify_chain,
+    verify_outbox,
 )
+from fleetmind.cli.main import main as fleetmind_main
+from fleetmind.client.outbox import FORGET_ROUND, FORGET_SALT_FILE, Outbox, forget_salt
 from fleetmind.client.serve.cli import main as cli_main
 from fleetmind.client.store import Message, Session, SessionStore
 
@@ -76,7 +73,7 @@ def test_record_names_the_user_only_by_its_hmac() -> None:
     body = record.to_body()
     assert b"alice" not in body and b'"kind":"forget"' in body
     assert record.user_hmac == user_hmac(SALT, "alice@example.com")
-    assert parse_body(body) == ForgetRecord.from_body(body) == record
+    assert parse_outbox_body(body) == ForgetRecord.from_body(body) == record
     # The auditor's check: with the site's salt and the id, the record is recognised.
     assert record.names("alice@example.com", SALT)
     assert not record.names("bob@example.com", SALT)
@@ -129,7 +126,7 @@ def test_deletion_is_chained_signed_and_exempt_from_round_order(tmp_path: Path) 
         with pytest.raises(ValueError, match="deletion record"):
             _ = deletion.record
         head = outbox.verify()
-        assert verify_chain(list(outbox.chain()), key.public_key()) == head
+        assert verify_outbox(list(outbox.chain()), key.public_key()) == head
     db = sqlite3.connect(tmp_path / "outbox.sqlite")
     assert db.execute("SELECT round_id FROM entries WHERE idx = 1").fetchone() == (-1,)
     db.close()
@@ -160,7 +157,7 @@ def test_an_altered_deletion_breaks_verification(tmp_path: Path) -> None:
         forged.append(upload(0))
         forged.append_forget(forget(used=0))
         with pytest.raises(OutboxError, match="signature does not verify"):
-            verify_chain(list(forged.chain()), key.public_key())
+            verify_outbox(list(forged.chain()), key.public_key())
 
 
 def test_outboxes_from_before_deletions_verify_unchanged(tmp_path: Path) -> None:

@@ -13,18 +13,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.chains import assert_chained, filled
 from support.tamper import flip_last_bit
 
-from fleetmind.cli.main import main
-from fleetmind.server.ledger import (
-    GENESIS_HASH,
-    Ledger,
+from fleetmind.aggregation import chain
+from fleetmind.aggregation.chain import GENESIS_HASH
+from fleetmind.aggregation.records import (
+    LEDGER_DOMAIN,
     LedgerEntry,
     LedgerError,
     RoundRecord,
     StoppedRound,
-    entry_hash,
-    parse_body,
-    verify_chain,
+    parse_ledger_body,
+    verify_ledger,
 )
+from fleetmind.cli.main import main
+from fleetmind.server.ledger import Ledger
 
 
 def record(round_id: int, epsilon_total: float | None = None) -> RoundRecord:
@@ -44,7 +45,7 @@ def test_appends_chain_and_verify(ledger, key) -> None:
     entries = list(ledger)
     assert_chained(entries, 6, GENESIS_HASH)
     assert [e.record for e in entries] == [record(r) for r in range(6)]
-    assert verify_chain(entries, key.public_key()) == entries[-1].hash == ledger.head().hash
+    assert verify_ledger(entries, key.public_key()) == entries[-1].hash == ledger.head().hash
     assert ledger.verify() == entries[-1].hash
     assert ledger.find_round(3) == entries[3] and ledger.find_round(99) is None
     assert list(ledger.entries(from_index=4)) == entries[4:]
@@ -76,7 +77,8 @@ def _replace(entry: LedgerEntry, **changes) -> LedgerEntry:
 def _rebody(entry: LedgerEntry, **changes) -> LedgerEntry:
     """An edited record, re-hashed so only the signature (or the chain after it) shows it."""
     body = dataclasses.replace(entry.record, **changes).to_body()
-    return _replace(entry, body=body, hash=entry_hash(entry.index, entry.prev_hash, body))
+    digest = chain.entry_hash(LEDGER_DOMAIN, entry.index, entry.prev_hash, body)
+    return _replace(entry, body=body, hash=digest)
 
 
 @pytest.mark.parametrize("field, change", [
@@ -91,7 +93,7 @@ def test_tampering_with_any_field_names_that_entry(ledger, key, field, change) -
     entries = list(ledger)
     entries[3] = change(entries[3])
     with pytest.raises(LedgerError) as caught:
-        verify_chain(entries, key.public_key())
+        verify_ledger(entries, key.public_key())
     assert caught.value.index == 3, caught.value
 
 
@@ -110,7 +112,7 @@ def test_every_record_field_is_covered_by_the_hash(ledger, key) -> None:
         bad = _replace(entries[2], body=dataclasses.replace(
             entries[2].record, **{field.name: edited}).to_body())
         with pytest.raises(LedgerError, match="altered") as caught:
-            verify_chain([*entries[:2], bad, *entries[3:]], key.public_key())
+            verify_ledger([*entries[:2], bad, *entries[3:]], key.public_key())
         assert caught.value.index == 2, field.name
 
 
@@ -118,7 +120,7 @@ def test_reordering_is_detected(ledger, key) -> None:
     entries = list(ledger)
     entries[2], entries[3] = entries[3], entries[2]
     with pytest.raises(LedgerError, match="reordered") as caught:
-        verify_chain(entries, key.public_key())
+        verify_ledger(entries, key.public_key())
     assert caught.value.index == 2
 
 
@@ -126,7 +128,7 @@ def test_deletion_in_the_middle_is_detected(ledger, key) -> None:
     entries = list(ledger)
     del entries[2]
     with pytest.raises(LedgerError) as caught:
-        verify_chain(entries, key.public_key())
+        verify_ledger(entries, key.public_key())
     assert caught.value.index == 2
 
 
@@ -135,7 +137,7 @@ def test_deletion_with_renumbering_still_breaks_the_chain(ledger, key) -> None:
     del entries[2]
     entries[2:] = [_replace(e, index=e.index - 1) for e in entries[2:]]
     with pytest.raises(LedgerError, match="does not follow") as caught:
-        verify_chain(entries, key.public_key())
+        verify_ledger(entries, key.public_key())
     assert caught.value.index == 2
 
 
@@ -143,17 +145,17 @@ def test_a_forged_chain_signed_by_another_key_is_refused(tmp_path, key) -> None:
     with Ledger(tmp_path / "forged.sqlite", Ed25519PrivateKey.generate()) as forged:
         forged.append(record(0))
         with pytest.raises(LedgerError, match="signature") as caught:
-            verify_chain(forged, key.public_key())
+            verify_ledger(forged, key.public_key())
     assert caught.value.index == 0
 
 
 def test_cutting_the_end_is_found_with_a_kept_head(ledger, key) -> None:
     entries = list(ledger)
     kept = entries[-1].hash
-    assert verify_chain(entries, key.public_key(), expected_head=kept) == kept
-    assert verify_chain(entries, key.public_key(), expected_head=entries[2].hash) == kept
+    assert verify_ledger(entries, key.public_key(), expected_head=kept) == kept
+    assert verify_ledger(entries, key.public_key(), expected_head=entries[2].hash) == kept
     with pytest.raises(LedgerError, match="cut off"):
-        verify_chain(entries[:-1], key.public_key(), expected_head=kept)
+        verify_ledger(entries[:-1], key.public_key(), expected_head=kept)
 
 
 def test_sqlite_refuses_updates_and_deletes(ledger) -> None:
@@ -198,7 +200,7 @@ def test_the_participation_cap_is_signed_and_left_out_when_absent(tmp_path, key)
         ledger.append(record(0))
         ledger.append(dataclasses.replace(record(1), participation_cap=4))
         entries = list(ledger)
-    assert verify_chain(entries, key.public_key()) == entries[-1].hash
+    assert verify_ledger(entries, key.public_key()) == entries[-1].hash
     assert [e.record.participation_cap for e in entries] == [None, 4]
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_rounds"):
@@ -222,10 +224,10 @@ def test_a_stopped_round_is_chained_between_published_rounds(tmp_path, key) -> N
         ledger.append(dataclasses.replace(record(2), version=2, epsilon_total=0.75))
         entries = list(ledger)
         assert ledger.find_round(1) == entries[1]
-    assert verify_chain(entries, key.public_key()) == entries[-1].hash
+    assert verify_ledger(entries, key.public_key()) == entries[-1].hash
     assert [type(e.record) for e in entries] == [RoundRecord, StoppedRound, RoundRecord]
     assert entries[1].record == stopped(1, 1, 0.5)
-    assert parse_body(entries[1].body) == stopped(1, 1, 0.5)
+    assert parse_ledger_body(entries[1].body) == stopped(1, 1, 0.5)
     # Published entries keep the form every older ledger has: no "kind".
     assert entries[0].body == record(0).to_body() and b"kind" not in entries[0].body
     assert b'"kind":"round_stopped"' in entries[1].body and b'"quarantined":[7]' in entries[1].body
@@ -250,10 +252,10 @@ def test_a_stopped_round_must_follow_the_ledger_like_any_round(tmp_path, key) ->
         entries = list(ledger)
     # The same rules at verification: a stopped entry signed out of order is named.
     forged = stopped(2, 0, 0.5).to_body()
-    digest = entry_hash(2, entries[1].hash, forged)
+    digest = chain.entry_hash(LEDGER_DOMAIN, 2, entries[1].hash, forged)
     bad = LedgerEntry(2, entries[1].hash, forged, digest, key.sign(digest))
     with pytest.raises(LedgerError, match="versions never go back") as caught:
-        verify_chain([*entries, bad], key.public_key())
+        verify_ledger([*entries, bad], key.public_key())
     assert caught.value.index == 2
 
 

@@ -11,21 +11,22 @@ from support.chains import assert_chained, filled
 from support.tamper import flip_last_bit
 
 from fleetmind.aggregation import chain
-from fleetmind.aggregation.participation import ParticipationRecord
-from fleetmind.client.outbox import (
-    DOMAIN,
-    GENESIS_HASH,
-    Outbox,
+from fleetmind.aggregation.chain import GENESIS_HASH
+from fleetmind.aggregation.participation import MAX_UNIT_ID_CHARS, ParticipationRecord
+from fleetmind.aggregation.records import (
+    LEDGER_DOMAIN,
+    OUTBOX_DOMAIN,
+    SCRUB_KINDS,
     OutboxEntry,
     OutboxError,
     OutboxRecord,
     participation_records,
     payload_sha256,
-    verify_chain,
+    verify_outbox,
 )
+from fleetmind.client.outbox import Outbox
 from fleetmind.client.scrub import KINDS, ScrubReport
-from fleetmind.client.store import Message, Session
-from fleetmind.server import ledger
+from fleetmind.client.store import MAX_ID_CHARS, Message, Session
 
 
 def record(round_id: int, **changes) -> OutboxRecord:
@@ -49,8 +50,8 @@ def test_appended_records_read_back_and_verify(outbox, key) -> None:
     assert entries[1].record.session_ids == ("s-1", "s-2")  # stored sorted
     assert entries[1].record.scrub_counts == {kind: {"email": 2, "phone": 1}.get(kind, 0)
                                               for kind in KINDS}
-    assert verify_chain(entries, key.public_key()) == outbox.head().hash == outbox.verify()
-    assert verify_chain(entries, key.public_key().public_bytes_raw()) == entries[-1].hash
+    assert verify_outbox(entries, key.public_key()) == outbox.head().hash == outbox.verify()
+    assert verify_outbox(entries, key.public_key().public_bytes_raw()) == entries[-1].hash
     assert outbox.for_round(3) == [entries[3]] and outbox.for_round(99) == []
     assert list(outbox.entries(from_index=3)) == entries[3:]
 
@@ -81,8 +82,8 @@ def test_reopening_keeps_everything(tmp_path, key) -> None:
 def _rebody(entry: OutboxEntry, **changes) -> OutboxEntry:
     """An edited record, re-hashed so only the signature shows it."""
     body = dataclasses.replace(entry.record, **changes).to_body()
-    return dataclasses.replace(entry, body=body,
-                               hash=chain.entry_hash(DOMAIN, entry.index, entry.prev_hash, body))
+    digest = chain.entry_hash(OUTBOX_DOMAIN, entry.index, entry.prev_hash, body)
+    return dataclasses.replace(entry, body=body, hash=digest)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -98,7 +99,7 @@ def test_tampering_names_the_entry(outbox, key, change, message) -> None:
     entries = list(outbox)
     entries[2] = change(entries[2])
     with pytest.raises(OutboxError, match=message) as caught:
-        verify_chain(entries, key.public_key())
+        verify_outbox(entries, key.public_key())
     assert caught.value.index == 2
     assert str(caught.value).startswith("outbox entry 2:")
 
@@ -107,32 +108,32 @@ def test_reordering_and_deletion_name_the_entry(outbox, key) -> None:
     entries = list(outbox)
     swapped = [*entries[:1], entries[2], entries[1], *entries[3:]]
     with pytest.raises(OutboxError, match="reordered") as caught:
-        verify_chain(swapped, key.public_key())
+        verify_outbox(swapped, key.public_key())
     assert caught.value.index == 1
     with pytest.raises(OutboxError) as caught:
-        verify_chain([*entries[:3], *entries[4:]], key.public_key())
+        verify_outbox([*entries[:3], *entries[4:]], key.public_key())
     assert caught.value.index == 3
     renumbered = [*entries[:3], dataclasses.replace(entries[4], index=3)]
     with pytest.raises(OutboxError, match="does not follow") as caught:
-        verify_chain(renumbered, key.public_key())
+        verify_outbox(renumbered, key.public_key())
     assert caught.value.index == 3
     with pytest.raises(OutboxError, match="cut off"):
-        verify_chain(entries[:-1], key.public_key(), expected_head=entries[-1].hash)
+        verify_outbox(entries[:-1], key.public_key(), expected_head=entries[-1].hash)
 
 
 def test_another_key_or_another_log_does_not_verify(outbox, key) -> None:
     with pytest.raises(OutboxError, match="identity key") as caught:
-        verify_chain(outbox, Ed25519PrivateKey.generate().public_key())
+        verify_outbox(outbox, Ed25519PrivateKey.generate().public_key())
     assert caught.value.index == 0
     # The same bytes chained under the ledger's domain are not outbox entries.
     head = None
     forged = []
     for entry in outbox:
-        index, prev, digest, signature = chain.seal(ledger.DOMAIN, key, head, entry.body)
+        index, prev, digest, signature = chain.seal(LEDGER_DOMAIN, key, head, entry.body)
         head = OutboxEntry(index, prev, entry.body, digest, signature)
         forged.append(head)
     with pytest.raises(OutboxError, match="altered") as caught:
-        verify_chain(forged, key.public_key())
+        verify_outbox(forged, key.public_key())
     assert caught.value.index == 0
 
 
@@ -156,6 +157,15 @@ def test_a_record_never_holds_session_text() -> None:
                          ("s-1", "sequence"), (("s-1", "s-1"), "twice")]:
         with pytest.raises(ValueError, match=message):
             record(0, session_ids=ids)
+
+
+def test_the_schema_counts_what_the_scrubber_reports_and_bounds_ids_as_the_store() -> None:
+    # The record schema lives next to the chain (aggregation/records.py), away from the
+    # scrubber and the session store it describes: their kinds and id bound must agree.
+    assert SCRUB_KINDS == KINDS
+    assert MAX_UNIT_ID_CHARS == MAX_ID_CHARS
+    assert record(0, scrubbed=ScrubReport(ip=3)).scrub_counts == {
+        kind: 3 if kind == "ip" else 0 for kind in KINDS}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -216,14 +226,14 @@ def test_participation_is_signed_and_left_out_when_absent(tmp_path, key) -> None
             counts, ParticipationRecord(4, "user", 2, (("carol", 1),))]
         assert participation_records([first.record]) == []
         entries = list(outbox)
-    assert verify_chain(entries, key.public_key()) == entries[-1].hash
+    assert verify_outbox(entries, key.public_key()) == entries[-1].hash
     # Understating a count is an edit like any other: the signature no longer matches.
     forged = dataclasses.replace(new, participation=ParticipationRecord(
         3, "user", 2, (("alice", 1), ("bob", 1)))).to_body()
     entries[1] = OutboxEntry(entries[1].index, entries[1].prev_hash, forged, entries[1].hash,
                              entries[1].signature)
     with pytest.raises(OutboxError) as caught:
-        verify_chain(entries, key.public_key())
+        verify_outbox(entries, key.public_key())
     assert caught.value.index == 1
 
 
