@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fleetmind.aggregation.frozen_a import frozen_a
+from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 
 ADAPTER = "default"
 # The MLPs, not attention: knowledge is stored in the MLPs, while reading the context is
@@ -141,7 +142,7 @@ def fan_in_fan_out(modules: dict[str, Any]) -> bool:
     return kinds == {True}
 
 
-def attach_lora(model: Any, seed: int, rank: int = 8, alpha: float = 16.0,
+def attach_lora(model: Any, seed: int, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
                 targets: str | Sequence[str] = "mlp") -> Any:
     """Wraps `model` in PEFT LoRA (B = 0) and sets every A from `seed`, frozen. `targets`:
     "mlp" (the default), "peft", "all-linear" or module names (`target_names`); a version's

@@ -4,7 +4,7 @@ own so that its peak memory is its own.
 
 The peer is set up as close to our OPSD as TRL 1.16 allows, so the benchmark compares
 trainers, not settings:
-- adapter: the very PEFT model `lora.attach_lora(model, seed=LORA_SEED)` builds for ours (A
+- adapter: the very PEFT model `bench_adapter(model)` builds for ours (A
   frozen from the seed, only B trains). TRL takes a ready PEFT model; with
   `teacher_model_kind="base"` its teacher is that model with the adapter disabled: the
   frozen base, one copy of the weights, as ours.
@@ -48,7 +48,7 @@ from fleetmind.client import distill, lora
 from fleetmind.client.consolidate import lessons_from
 from fleetmind.client.model import load_model
 from fleetmind.client.store import Session
-from fleetmind.sim.bench.consolidate import LORA_SEED, halves, measured, run_opsd
+from fleetmind.sim.bench.consolidate import bench_adapter, halves, measured, run_opsd
 
 METHODS = ("ours", "peer")
 _MODULE = "fleetmind.sim.bench.peer_sdft"
@@ -64,7 +64,7 @@ def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
     from trl.experimental.sdft import SDFTTrainer
 
     model, tokenizer = load_model(model_dir)
-    peft_model = lora.attach_lora(model, seed=LORA_SEED)
+    peft_model = bench_adapter(model)
     # The same top-K as ours: an automatic one resolved from this model's vocabulary.
     cfg = replace(cfg, top_k=distill.resolve_top_k(cfg.top_k, model.config.vocab_size))
     steps = 0
