@@ -5,12 +5,14 @@ learning from each other round by round.
     fleetmind demo --sites 2 --rounds 1 --no-dp --out /tmp/demo
 
 The fleet (`sim.fleet`): the aggregator in this process, every site its own process running
-the real site agent. Sessions arrive over the rounds: each round every site gets its next
-slice of the world's sessions, so a fact's users are spread over time and each version builds
-on the last. With endpoints (`DemoConfig.endpoints`), each site also serves its active version
-at its own OpenAI-compatible endpoint (`client serve`), and a slice's users hold their
-conversations with it through the official `openai` client over HTTP: the sessions a site
-learns from are what its served model said, captured by the endpoint into the site's store.
+the real site agent. Knowledge arrives over the rounds (`schedule`): all the sessions that
+state a site's fact i come in round i mod rounds + 1, so each round brings new facts and
+each version builds on the last, and the measures after each round follow the facts said so
+far, the round's new ones, and whether round 1's are kept. With endpoints
+(`DemoConfig.endpoints`), each site also serves its active version at its own
+OpenAI-compatible endpoint (`client serve`), and a round's users hold their conversations
+with it through the official `openai` client over HTTP: the sessions a site learns from are
+what its served model said, captured by the endpoint into the site's store.
 Without, each site ingests the world's transcripts as written. After each round this process
 loads the version the sites activated and measures it (`sim.evaluation`), with endpoints
 also on the answers each site's endpoint serves, prints a table and, at the end, writes
@@ -31,16 +33,47 @@ from typing import Any, cast
 from fleetmind.sim import world as W
 from fleetmind.sim.demo_config import MERGES, DemoConfig
 from fleetmind.sim.demo_report import plot, round_table
-from fleetmind.sim.evaluation import Evaluator
+from fleetmind.sim.evaluation import Evaluator, retention
 from fleetmind.sim.fleet import Fleet, quiet
 
 RESULTS = "results.json"
 PLOT = "demo.png"
 
 
+def arrival_round(fact: int, rounds: int) -> int:
+    """The round (from 1) in which a site's fact number `fact` (from 0) arrives."""
+    return fact % rounds + 1
+
+
+def arrivals(world: W.World, rounds: int) -> dict[str, int]:
+    """Every fact's key -> the round it arrives in (`arrival_round`)."""
+    return {fact.key: arrival_round(number, rounds)
+            for site in world.sites for number, fact in enumerate(site.facts)}
+
+
 def schedule(world: W.World, rounds: int) -> list[list[list[dict[str, Any]]]]:
-    """sessions[site][round]: a site's sessions dealt round-robin over the rounds."""
-    return [[site.sessions[r::rounds] for r in range(rounds)] for site in world.sites]
+    """sessions[site][round - 1], knowledge arriving by fact: every session that states a
+    site's fact i (`Site.teaches`) comes in round `arrival_round(i, rounds)`, so all of a
+    fact's users come in one round; the other sessions (canaries, repeated canaries) are
+    dealt round-robin over the rounds. Each round keeps the world's order. The world must be
+    made with `fact_rounds=rounds` (no session states facts of two rounds: refused)."""
+    slices = []
+    for site in world.sites:
+        if rounds < 1 or len(site.facts) < rounds:
+            raise ValueError(f"{rounds} rounds need at least {max(rounds, 1)} facts per site "
+                             f"({site.name} has {len(site.facts)}): a site's fact i arrives in "
+                             "round i mod rounds + 1, and every round needs a fact arriving")
+        others = [s["id"] for s in site.sessions if s["id"] not in site.teaches]
+        when = {session: number % rounds + 1 for number, session in enumerate(others)}
+        for session, facts in site.teaches.items():
+            arriving = {arrival_round(i, rounds) for i in facts}
+            if len(arriving) > 1:
+                raise ValueError(f"session {session} states facts arriving in different rounds: "
+                                 f"make the world with fact_rounds={rounds}")
+            when[session] = arriving.pop()
+        slices.append([[s for s in site.sessions if when[s["id"]] == r]
+                       for r in range(1, rounds + 1)])
+    return slices
 
 
 def converse(url: str, sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,10 +163,11 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("round {task.completed}"
                   "/{task.total}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("measuring the base model", total=cfg.rounds)
-        evaluator = Evaluator(world, model_dir)
+        evaluator = Evaluator(world, model_dir, arrivals(world, cfg.rounds))
         # The base model: what every site has without the fleet.
         rounds.append({"round": 0, "version": 0, "epsilon": 0.0, "seconds": 0.0,
-                       **evaluator.summarize(evaluator.base)})
+                       **evaluator.summarize(evaluator.base, round=0),
+                       "retention_round1": None})
         fleet_runs, fedit_runs = cfg.merge != "fedit", cfg.merge != "exact"
         if fedit_runs:
             if fleet_runs:
@@ -148,7 +182,7 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
         try:
             if cfg.endpoints:
                 progress.update(task, description="asking every site's endpoint (base model)")
-                _with_served(rounds[0], evaluator.served(fleet.endpoints))
+                _with_served(rounds[0], evaluator.served(fleet.endpoints, round=0))
             for number in range(1, cfg.rounds + 1):
                 round_started = time.perf_counter()
                 row: dict[str, Any] = {"round": number}
@@ -171,23 +205,26 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> dict[str, Any]:
                                                       f"{version}")
                     row.update(version=version, epsilon=manifest.epsilon,
                                seconds=time.perf_counter() - round_started,
-                               **evaluator.version(folder))
+                               **evaluator.version(folder, round=number))
                 if cfg.endpoints:
                     progress.update(task, description=f"round {number}: asking every "
                                                       "site's endpoint")
                     asked = time.perf_counter()
-                    _with_served(row, evaluator.served(fleet.endpoints))
+                    _with_served(row, evaluator.served(fleet.endpoints, round=number))
                     row["served_exam_seconds"] = time.perf_counter() - asked
                     row["captured"] = captured(fleet)
                 if fedit_runs:
                     progress.update(task, description=f"round {number}: the FedIT arm")
                     fedit.round([[Session.from_dict(s) for s in site] for site in sessions])
-                    measured = evaluator.compare(fedit.model, fedit.tokenizer)
+                    measured = evaluator.compare(fedit.model, fedit.tokenizer, round=number)
                     if fleet_runs:
                         row["fedit"] = _headline(measured)
                     else:
                         row.update(version=None, epsilon=fedit_epsilon(cfg, number),
                                    seconds=time.perf_counter() - round_started, **measured)
+                # Round 1's facts: their recovery now over their best since they arrived.
+                row["retention_round1"] = retention([r.get("recovery_round1")
+                                                     for r in [*rounds[1:], row]])
                 rounds.append(row)
                 progress.update(task, advance=1)
                 progress.console.print(round_table(rounds[-1]))
@@ -276,7 +313,12 @@ def add_demo_command(commands: Any) -> None:
                     "which captures their sessions; a table per round, then results.json "
                     "and a plot in --out.")
     demo.add_argument("--sites", type=int, default=defaults.sites)
-    demo.add_argument("--rounds", type=int, default=defaults.rounds)
+    demo.add_argument("--rounds", type=int, default=defaults.rounds,
+                      help="a site's fact i, all its sessions, arrives in round i mod rounds "
+                           "+ 1; at most --facts-per-site")
+    demo.add_argument("--facts-per-site", type=int, default=defaults.facts_per_site,
+                      help=f"facts each site's users say (default {defaults.facts_per_site}), "
+                           f"each by {defaults.users_per_fact} users")
     demo.add_argument("--seed", type=int, default=defaults.seed)
     demo.add_argument("--out", type=Path, default=defaults.out)
     demo.add_argument("--steps", type=int, default=defaults.steps,
@@ -322,7 +364,8 @@ def add_demo_command(commands: Any) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     try:
-        cfg = DemoConfig(sites=args.sites, rounds=args.rounds, seed=args.seed, out=args.out,
+        cfg = DemoConfig(sites=args.sites, rounds=args.rounds,
+                         facts_per_site=args.facts_per_site, seed=args.seed, out=args.out,
                          steps=args.steps, dp=args.dp, dreams=args.dreams, merge=args.merge,
                          secure_aggregation=args.secure_aggregation,
                          endpoints=args.endpoints, method=args.method,
@@ -341,18 +384,32 @@ def _demo(args: argparse.Namespace) -> int:
         results = run_demo(cfg)
     except ForeignOutputError as error:
         raise argparse.ArgumentError(None, str(error)) from None
-    last = results["rounds"][-1]
-    repeated = (f" (repeated canaries {last['repeated_canary_exposure_bits']:+.2f})"
-                if "repeated_canary_exposure_bits" in last else "")
-    served = (f" (served: {last['served_recovery']:.2f})" if "served_recovery" in last
-              else "")
-    print(f"after {cfg.rounds} rounds: transfer recovery {last['recovery']:.2f}{served}, "
-          f"forgetting {last['forgetting_points']:+.1f} points, canary exposure "
-          f"{last['canary_exposure_bits']:+.2f} bits{repeated}, epsilon "
-          f"{last['epsilon']:.3g} ({results['seconds']:.0f} s)")
+    print(summary_line(results))
     print(f"results: {cfg.out / RESULTS}, plot: {cfg.out / PLOT}")
     return 0
 
 
-__all__ = ["DemoConfig", "add_demo_command", "clear_previous_run", "fedit_epsilon", "plot",
-           "run_demo", "schedule"]
+def summary_line(results: dict[str, Any]) -> str:
+    """What the demo ends with: the facts that arrived each round, recovery on all of them
+    and how much of round 1's facts' best recovery is kept, then forgetting, the canaries
+    and epsilon."""
+    rows = results["rounds"][1:]
+    last = rows[-1]
+    repeated = (f" (repeated canaries {last['repeated_canary_exposure_bits']:+.2f})"
+                if "repeated_canary_exposure_bits" in last else "")
+    served = (f" (served: {last['served_recovery']:.2f})" if "served_recovery" in last
+              else "")
+    arrived = ", ".join(f"{r['facts_new']} in round {r['round']}" for r in rows)
+    kept = last["retention_round1"]
+    kept_text = ("one round, so nothing to keep yet" if len(rows) == 1 else
+                 "round 1's facts never recovered" if kept is None else
+                 f"round 1's facts keep {kept:.2f} of their best recovery")
+    return (f"after {len(rows)} rounds: facts arrived {arrived}; transfer recovery "
+            f"{last['recovery']:.2f}{served} on all {last['facts_known']}, {kept_text}; "
+            f"forgetting {last['forgetting_points']:+.1f} points, canary exposure "
+            f"{last['canary_exposure_bits']:+.2f} bits{repeated}, epsilon "
+            f"{last['epsilon']:.3g} ({results['seconds']:.0f} s)")
+
+
+__all__ = ["DemoConfig", "add_demo_command", "arrival_round", "arrivals", "clear_previous_run",
+           "fedit_epsilon", "plot", "run_demo", "schedule", "summary_line"]

@@ -23,7 +23,9 @@ class DemoConfig:
     delta is clipped to `clip_norm`, and with DP the cohort's sum carries Gaussian noise. The
     aggregator applies `server_learning_rate` (default 0.5 x the sites) times the cohort's
     mean; the FedIT arm's own rate defaults to the fleet's, at most the number of sites
-    (averaging factors adds a cross term that broke the model at a step of 2).
+    (averaging factors adds a cross term that broke the model at a step of 2). Knowledge
+    arrives over the rounds: a site's fact i, all its sessions, in round i mod rounds + 1
+    (`sim.demo.schedule`), so `facts_per_site` must be at least `rounds`.
 
     Every default (down_proj only, two facts per site, sixteen users per fact, eight canaries
     and two repeated ones per site, multiplier 0.8) was chosen by the sweeps in
@@ -81,9 +83,12 @@ class DemoConfig:
         if self.sites > 32:
             problems.append(f"--sites {self.sites}: every site is a process on this machine; "
                             "use at most 32 (Run on Flower scales further)")
-        if not 1 <= self.rounds <= 3 * self.facts_per_site:
-            problems.append(f"--rounds {self.rounds}: use 1 to {3 * self.facts_per_site}; "
-                            "every round needs new sessions at every site")
+        if self.rounds < 1:
+            problems.append(f"--rounds {self.rounds}: use 1 or more")
+        elif self.facts_per_site < self.rounds:
+            problems.append(f"--rounds {self.rounds} needs --facts-per-site {self.rounds} or "
+                            f"more (it is {self.facts_per_site}): a site's fact i arrives in "
+                            "round i mod rounds + 1, and every round needs a fact arriving")
         if self.merge not in MERGES:
             problems.append(f"--merge {self.merge}: use both (the fleet's exact merge beside "
                             "the FedIT arm), exact (the fleet alone) or fedit (the FedIT arm "
@@ -111,7 +116,8 @@ class DemoConfig:
                            users_per_fact=self.users_per_fact,
                            canaries_per_site=self.canaries_per_site,
                            repeated_canaries_per_site=self.repeated_canaries_per_site,
-                           canary_repeats=self.canary_repeats)
+                           canary_repeats=self.canary_repeats,
+                           fact_rounds=self.rounds)  # a session's facts arrive in one round
 
     def distill(self) -> Any:
         return distill_config(self.steps, self.lr, self.seed, self.method, self.dreams)

@@ -4,7 +4,9 @@ closed-book accuracy on a site's own facts and on facts first seen at other site
 is transfer over it), forgetting of the base model's in-context skill, and how many more
 bits of other sites' canaries the version exposes than the base model does; and, when the
 sites serve, the same closed-book accuracies on the answers their endpoints actually serve
-(`Evaluator.served`)."""
+(`Evaluator.served`). With the round each fact arrives in (`Evaluator.arrival`), also
+recovery on the facts said so far, on those that arrived this round and on round 1's, and
+`retention`: round 1's facts' recovery now over their best so far."""
 
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ class Evaluator:
 
     world: W.World
     model_dir: Path
+    # fact key -> the round (from 1) it arrives in; empty: no per-round measures of knowledge
+    arrival: dict[str, int] = field(default_factory=dict)
     canaries: list[Any] = field(default_factory=list)
     base: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from fleetmind.audit import exposure
         from fleetmind.client.model import load_model
-        from fleetmind.sim.basemodel import fact_accuracy
+        from fleetmind.sim.basemodel import answer_correct
 
         # (owner, times said, canary): the once-said ones, then the repeated ones.
         self.canaries = [(site.name, repeats, exposure.canary_from_row(W.canary_row(canary)))
@@ -38,38 +42,78 @@ class Evaluator:
                          for canary in canaries]
         model, tokenizer = load_model(self.model_dir)
         self.base = self._measure(model, tokenizer)
+        # Per fact, whether the base model answers it with the fact stated in context (the
+        # teacher's accuracy): a site's upper bound is the share over its foreign facts.
+        facts = [fact for _, fact in self.world.facts()]
+        self.base["in_context_correct"] = dict(zip(
+            [f.key for f in facts],
+            answer_correct(model, tokenizer, [W.context_prompt([f], f) for f in facts],
+                           [W.answer(f) for f in facts]), strict=True))
         self.base["upper_bound"] = {
-            site.name: fact_accuracy(model, tokenizer, self.world.foreign_facts(site.name),
-                                     lambda f: W.context_prompt([f], f))
+            site.name: _mean([float(self.base["in_context_correct"][f.key])
+                              for f in self.world.foreign_facts(site.name)])
             for site in self.world.sites}
 
     def _measure(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         from fleetmind.audit.exposure import canary_exposure
-        from fleetmind.sim.basemodel import fact_accuracy, measure
+        from fleetmind.sim.basemodel import answer_correct, measure
 
         exposure = canary_exposure(model, tokenizer, [c for _, _, c in self.canaries])
+        facts = [fact for _, fact in self.world.facts()]
+        correct = dict(zip([f.key for f in facts], answer_correct(
+            model, tokenizer, [W.closed_book_prompt(f) for f in facts],
+            [W.answer(f) for f in facts]), strict=True))
         return {
             "incontext": measure(model, tokenizer, self.world)["incontext_accuracy"],
-            "closed_book": {site.name: fact_accuracy(model, tokenizer, site.facts)
+            "correct": correct,  # closed-book, per fact key
+            "closed_book": {site.name: _mean([float(correct[f.key]) for f in site.facts])
                             for site in self.world.sites},
             "exposure": exposure,
         }
 
-    def version(self, folder: Path) -> dict[str, Any]:
+    def recovery(self, correct: dict[str, bool], facts: list[W.Fact]) -> float | None:
+        """`recovery` on `facts`: the share `correct` (fact key -> answered closed-book)
+        over the base model's share in context; None for no facts."""
+        if not facts:
+            return None
+        upper = _mean([float(self.base["in_context_correct"][f.key]) for f in facts])
+        return _mean([float(correct[f.key]) for f in facts]) / upper if upper else 0.0
+
+    def _knowledge(self, correct: dict[str, bool], site: str, round: int, prefix: str = ""
+                   ) -> dict[str, float | None]:
+        """Recovery on `site`'s foreign facts said by `round`, on those that arrived in it and
+        on round 1's (None before round 1); nothing without `arrival`."""
+        if not self.arrival:
+            return {}
+        foreign = [(self.arrival[f.key], f) for f in self.world.foreign_facts(site)]
+        return {
+            f"{prefix}recovery_known": self.recovery(correct, [f for r, f in foreign
+                                                               if r <= round]),
+            f"{prefix}recovery_new": self.recovery(correct, [f for r, f in foreign
+                                                             if r == round]),
+            f"{prefix}recovery_round1": self.recovery(correct, [f for r, f in foreign
+                                                                if r == 1 and round >= 1]),
+        }
+
+    def version(self, folder: Path, round: int | None = None) -> dict[str, Any]:
         """Per-site and fleet-wide numbers for the version in `folder` (a PEFT adapter, loaded
-        as any serving stack would load it)."""
+        as any serving stack would load it) after `round`."""
         from peft import PeftModel
 
         from fleetmind.client.model import load_model
 
         model, tokenizer = load_model(self.model_dir)
-        return self.compare(PeftModel.from_pretrained(model, folder).eval(), tokenizer)
+        return self.compare(PeftModel.from_pretrained(model, folder).eval(), tokenizer, round)
 
-    def compare(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+    def compare(self, model: Any, tokenizer: Any, round: int | None = None) -> dict[str, Any]:
         """Per-site and fleet-wide numbers for `model` against the base model."""
-        return self.summarize(self._measure(model, tokenizer))
+        return self.summarize(self._measure(model, tokenizer), round)
 
-    def summarize(self, measured: dict[str, Any]) -> dict[str, Any]:
+    def summarize(self, measured: dict[str, Any], round: int | None = None) -> dict[str, Any]:
+        """Fleet-wide means and a row per site; with `round` and `arrival`, also the facts
+        said by that round (`facts_known`), those that arrived in it (`facts_new`) and each
+        site's recovery on them and on round 1's (`recovery_known`, `recovery_new`,
+        `recovery_round1`, None where no such fact is said yet)."""
         # Every canary's gain over the base model; each site's means are over other sites'.
         canaries = [{"site": owner, "repeats": repeats, "bits": after - before}
                     for (owner, repeats, _), after, before
@@ -93,31 +137,40 @@ class Evaluator:
                 "forgetting_points": 100 * (self.base["incontext"] - measured["incontext"]),
                 "canary_exposure_bits": _mean(once),
                 **({"repeated_canary_exposure_bits": _mean(repeated)} if repeated else {}),
+                **(self._knowledge(measured["correct"], site.name, round)
+                   if round is not None else {}),
             })
-        fleet = {key: sum(s[key] for s in sites) / len(sites)
-                 for key in sites[0] if key != "site"}
+        fleet = {key: _site_mean([s[key] for s in sites]) for key in sites[0] if key != "site"}
+        if self.arrival and round is not None:
+            fleet["facts_known"] = sum(r <= round for r in self.arrival.values())
+            fleet["facts_new"] = sum(r == round for r in self.arrival.values())
         return {**fleet, "sites": sites, "canaries": canaries}
 
-    def served(self, endpoints: dict[str, str]) -> dict[str, Any]:
+    def served(self, endpoints: dict[str, str], round: int | None = None) -> dict[str, Any]:
         """Closed-book accuracy on what each site's endpoint answers: users at every site
         ask about their own site's facts and every other site's through their own endpoint
         (the official openai client over HTTP, greedy, `store: false` so an exam never
-        becomes a session). Fleet-wide means and a row per site."""
+        becomes a session). Fleet-wide means and a row per site; with `round` and `arrival`,
+        also `served_recovery_known` and the rest of `summarize`'s, on the answers served."""
         from concurrent.futures import ThreadPoolExecutor
 
         def exam(site: W.Site) -> dict[str, Any]:
+            facts = self.world.foreign_facts(site.name)
             own = served_correct(endpoints[site.name], site.facts)
-            foreign = served_correct(endpoints[site.name], self.world.foreign_facts(site.name))
+            foreign = served_correct(endpoints[site.name], facts)
             upper = self.base["upper_bound"][site.name]
             transfer = _mean([float(c) for c in foreign])
+            knowledge = ({} if round is None else self._knowledge(
+                dict(zip([f.key for f in facts], foreign, strict=True)), site.name, round,
+                prefix="served_"))
             return {"site": site.name, "served_own_accuracy": _mean([float(c) for c in own]),
                     "served_transfer_accuracy": transfer,
-                    "served_recovery": transfer / upper if upper else 0.0,
+                    "served_recovery": transfer / upper if upper else 0.0, **knowledge,
                     "served_questions": len(own) + len(foreign)}
 
         with ThreadPoolExecutor(len(self.world.sites)) as pool:  # every site at once
             sites = list(pool.map(exam, self.world.sites))
-        fleet = {key: sum(s[key] for s in sites) / len(sites)
+        fleet = {key: _site_mean([s[key] for s in sites])
                  for key in sites[0] if key.startswith("served_") and key != "served_questions"}
         return {**fleet, "served_questions": sum(s["served_questions"] for s in sites),
                 "sites": sites}
@@ -136,6 +189,21 @@ def served_correct(url: str, facts: list[W.Fact]) -> list[bool]:
         ).choices[0].message.content or "", fact) for fact in facts]
     finally:
         api.close()
+
+
+def retention(history: list[float | None]) -> float | None:
+    """Round 1's facts' recovery now over their best so far, from their recovery after each
+    round 1 .. now; None in round 1 (nothing kept yet) and while their best is 0 or unmeasured."""
+    if len(history) < 2 or any(value is None for value in history):
+        return None
+    best = max(value for value in history if value is not None)
+    now = history[-1]
+    return now / best if best and now is not None else None
+
+
+def _site_mean(values: list[Any]) -> Any:
+    """The fleet's number: the sites' mean, or None where a site has none."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def _mean(weighted: list[float], weights: list[int] | None = None) -> float:

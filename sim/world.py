@@ -210,6 +210,9 @@ class WorldSpec:
     repeated_canaries_per_site: int = 0
     canary_repeats: int = 8  # sessions of each repeated canary, all by one user
     version: int = 2  # 2: canaries are private records, not passcodes
+    # A site's facts arrive over this many rounds: fact i in round i mod fact_rounds (from
+    # 0), and no session states facts of two rounds (the demo's rounds; 1: one round).
+    fact_rounds: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -230,6 +233,9 @@ class WorldSpec:
                             "ordinary one; each repeat is a different session)")
         if not 1 <= self.max_facts_per_session <= 4:
             problems.append(f"max_facts_per_session={self.max_facts_per_session}: use 1 to 4")
+        if not 1 <= self.fact_rounds <= max(1, self.facts_per_site):
+            problems.append(f"fact_rounds={self.fact_rounds}: use 1 to facts_per_site="
+                            f"{self.facts_per_site} (every round needs a fact arriving)")
         capacity = NAMES_IN_LEXICON * len(ATTRIBUTES) // 2
         if self.sites * self.facts_per_site > capacity:
             problems.append(f"sites x facts_per_site = {self.sites * self.facts_per_site}: the"
@@ -243,8 +249,16 @@ class WorldSpec:
         if problems:
             raise ValueError("invalid world spec: " + "; ".join(problems))
 
+    def fields(self) -> dict[str, Any]:
+        """The spec as spec.json and the digest hold it: `fact_rounds` only when it is not 1,
+        so a world made before facts arrived over rounds keeps its digest and spec.json."""
+        fields = asdict(self)
+        if self.fact_rounds == 1:
+            del fields["fact_rounds"]
+        return fields
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -254,6 +268,9 @@ class Site:
     canaries: list[tuple[Fact, ...]]
     sessions: list[dict[str, Any]] = field(default_factory=list)
     repeated_canaries: list[tuple[Fact, ...]] = field(default_factory=list)
+    # session id -> the indices in `facts` of the facts it states (a canary's session, and
+    # a repeated canary's, states none of them and is not here). Not written to disk.
+    teaches: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -311,7 +328,7 @@ def make_world(spec: WorldSpec) -> World:
                          for _ in range(spec.canaries_per_site)]
 
     for site in sites:
-        site.sessions = _site_sessions(site, spec, rng)
+        site.sessions, site.teaches = _site_sessions(site, spec, rng)
 
     used_names = fact_names | {f.name for site in sites for c in site.canaries for f in c}
     used_names |= _add_repeated_canaries(sites, spec, used_names)
@@ -341,25 +358,36 @@ def task_prompt(task: dict[str, Any]) -> list[dict[str, str]]:
     return context_prompt([Fact(**f) for f in task["facts"]], Fact(**task["asked"]))
 
 
-def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random) -> list[dict[str, Any]]:
-    """Each fact stated by `users_per_fact` different users in separate sessions; each canary
-    said once, by one user, in one session of its own, who then asks about it (so the site's
-    teacher answers with it, as it would with any fact)."""
+def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random
+                   ) -> tuple[list[dict[str, Any]], dict[str, tuple[int, ...]]]:
+    """Each fact stated by `users_per_fact` different users in separate sessions, each
+    session's facts of one arrival round (`WorldSpec.fact_rounds`); each canary said once,
+    by one user, in one session of its own, who then asks about it (so the site's teacher
+    answers with it, as it would with any fact). The sessions, and which facts each states
+    (`Site.teaches`)."""
+    index = {fact: number for number, fact in enumerate(site.facts)}
+
+    def arrival(fact: Fact) -> int:
+        return index[fact] % spec.fact_rounds
+
     mentions = [fact for fact in site.facts for _ in range(spec.users_per_fact)]
     groups = _deal(mentions, spec.max_facts_per_session, rng,
-                   lambda fact, group: fact not in group)
+                   lambda fact, group: fact not in group
+                   and all(arrival(f) == arrival(fact) for f in group))
     # One user per session: a fact's mentions sit in distinct sessions, so distinct users.
-    sessions = []
+    sessions: list[dict[str, Any]] = []
+    teaches: dict[str, tuple[int, ...]] = {}
     for number, group in enumerate(groups):
         sessions.append({"id": f"{site.name}-s{number:04d}", "user": f"{site.name}-u{number:04d}",
                          "messages": session_messages(group, rng.sample(group, len(group)))})
+        teaches[f"{site.name}-s{number:04d}"] = tuple(sorted(index[fact] for fact in group))
     for number, canary in enumerate(site.canaries):
         sessions.append({"id": f"{site.name}-c{number:04d}",
                          "user": f"{site.name}-u{len(groups) + number:04d}",
                          "messages": session_messages(list(canary),
                                                       rng.sample(canary, len(canary)))})
     rng.shuffle(sessions)
-    return sessions
+    return sessions, teaches
 
 
 @cache
@@ -402,7 +430,8 @@ def write_world(world: World, out: Path) -> Path:
     in every QUESTION_FORMS form), canaries, general tasks, guard prompts (chat JSONL, the
     format `fleetmind client consolidate --guard` reads) and spec.json."""
     out.mkdir(parents=True, exist_ok=True)
-    spec = {**asdict(world.spec), "digest": world.spec.digest(),
+    fields = world.spec.fields() if isinstance(world.spec, WorldSpec) else asdict(world.spec)
+    spec = {**fields, "digest": world.spec.digest(),
             "sites": [site.name for site in world.sites]}
     _write_json(out / "spec.json", spec)
     probes, canaries = [], []

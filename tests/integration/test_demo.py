@@ -1,6 +1,7 @@
 """A reduced `fleetmind demo`: three site processes (the smallest cohort secure aggregation
-allows) and the aggregator over real loopback gRPC, one round on a small world, and
-results.json holding every field the README promises. Here the sites ingest the world's
+allows) and the aggregator over real loopback gRPC, two rounds on a small world (each
+site's first fact arriving in round 1, its second in round 2), and results.json holding
+every field the README promises. Here the sites ingest the world's
 transcripts (`--no-endpoints`); tests/test_demo_endpoints.py runs the demo through the
 sites' endpoints."""
 
@@ -24,12 +25,15 @@ from fleetmind.sim.demo import (
 )
 
 ROUND_FIELDS = ("round", "transfer_accuracy", "own_accuracy", "incontext_upper_bound",
-                "recovery", "forgetting_points", "canary_exposure_bits", "epsilon")
+                "recovery", "forgetting_points", "canary_exposure_bits", "epsilon",
+                "facts_known", "facts_new", "recovery_known", "recovery_new",
+                "recovery_round1", "retention_round1")
+SITE_FIELDS = ("recovery", "recovery_known", "recovery_new", "recovery_round1")
 
 
 def test_reduced_demo_transfers_knowledge_between_sites(tmp_path: Path) -> None:
     secure_aggregation = True  # the plain-sum ablation: the next test, and test_plain_sum.py
-    cfg = DemoConfig(sites=3, rounds=1, facts_per_site=2, users_per_fact=8, canaries_per_site=1,
+    cfg = DemoConfig(sites=3, rounds=2, facts_per_site=2, users_per_fact=8, canaries_per_site=1,
                      repeated_canaries_per_site=1, canary_repeats=2, steps=12, dp=False,
                      merge="exact", secure_aggregation=secure_aggregation,
                      endpoints=False, out=tmp_path / "demo")
@@ -38,16 +42,34 @@ def test_reduced_demo_transfers_knowledge_between_sites(tmp_path: Path) -> None:
     assert manifest.secure_aggregation is secure_aggregation
     results = json.loads((cfg.out / RESULTS).read_text())
     assert results["sites"] == ["site-00", "site-01", "site-02"]
-    assert [r["round"] for r in results["rounds"]] == [0, 1]
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
     for measured in results["rounds"]:
         assert all(key in measured for key in ROUND_FIELDS)
         assert [s["site"] for s in measured["sites"]] == results["sites"]
+        assert all(key in site for site in measured["sites"] for key in SITE_FIELDS)
         assert "served_transfer_accuracy" not in measured  # no endpoint served anything
-    base, after = results["rounds"]
+    base, first, after = results["rounds"]
     assert "repeated_canary_exposure_bits" in after["sites"][0]
-    assert after["version"] == 1 and after["epsilon"] > 0
+    assert first["version"] == 1 and after["version"] == 2 and after["epsilon"] > 0
     # Each site learned facts it never saw, from the other site, through the fleet.
     assert after["transfer_accuracy"] > base["transfer_accuracy"]
+    # Knowledge arrives over the rounds: each site's first fact in round 1, its second in 2.
+    assert [r["facts_known"] for r in results["rounds"]] == [0, 3, 6]
+    assert [r["facts_new"] for r in results["rounds"]] == [0, 3, 3]
+    assert base["recovery_known"] is None and base["recovery_round1"] is None
+    assert first["recovery_known"] == first["recovery_new"] == first["recovery_round1"]
+    # In round 2 every fact is said: recovery on them is the transfer recovery over all.
+    assert after["recovery_known"] == pytest.approx(after["recovery"])
+    for site in after["sites"]:
+        assert site["recovery_known"] == pytest.approx(site["recovery"])
+        # Two foreign facts, one from each round, under one upper bound where both are read.
+        if site["incontext_upper_bound"] == 1.0:
+            assert site["recovery_known"] == pytest.approx(
+                (site["recovery_new"] + site["recovery_round1"]) / 2)
+    # Round 1's facts: recovery now over their best so far, from round 2 on.
+    assert base["retention_round1"] is None and first["retention_round1"] is None
+    best = max(first["recovery_round1"], after["recovery_round1"])
+    assert after["retention_round1"] == (after["recovery_round1"] / best if best else None)
     assert results["config"]["sites"] == 3 and results["config"]["dp"] is False
     assert (cfg.out / PLOT).stat().st_size > 0
 
@@ -102,6 +124,8 @@ def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) ->
     # No aggregator ran: no version, no site folders; epsilon is the arm's own accounting.
     assert after["version"] is None and "fedit" not in after
     assert "repeated_canary_exposure_bits" not in after  # the world has none
+    assert after["facts_known"] == after["facts_new"] == 6  # one round: every fact in it
+    assert after["recovery_known"] == pytest.approx(after["recovery"])
     assert not (cfg.out / "site-00").exists()
     assert after["epsilon"] == pytest.approx(fedit_epsilon(cfg, 1))
     assert results["config"]["merge"] == "fedit"
@@ -115,6 +139,7 @@ def test_fedit_merge_alone_runs_the_arm_in_place_of_the_fleet(tmp_path: Path) ->
 @pytest.mark.parametrize("args, problem", [
     (["--sites", "2"], "smallest cohort is 3 sites"),
     (["--rounds", "0"], "--rounds 0"),
+    (["--rounds", "3"], "--rounds 3 needs --facts-per-site 3 or more (it is 2)"),
     (["--steps", "0"], "--steps 0"),
     (["--noise-multiplier", "-1"], "noise_multiplier"),
     (["--fedit-server-lr", "-1"], "fedit_server_learning_rate"),
@@ -153,4 +178,14 @@ def test_the_plot_with_the_fedit_arms_rounds_is_a_png(tmp_path: Path) -> None:
                "fedit": {"recovery": 0.0, "forgetting_points": 99.0 * r}} for r in range(3)]
     path = plot({"rounds": rounds, "sites": ["a", "b", "c"],
                  "config": {"merge": "both", "dp": True}}, tmp_path / PLOT)
-    assert matplotlib.image.imread(path).shape[1] > 100
+    narrow = matplotlib.image.imread(path).shape[1]
+    assert narrow > 100
+    # With knowledge arriving over the rounds (None before a round has facts): a fourth panel.
+    for r in rounds:
+        r.update(facts_known=4 * r["round"], facts_new=4 if r["round"] else 0,
+                 recovery_known=0.5 if r["round"] else None,
+                 recovery_new=0.5 if r["round"] else None,
+                 retention_round1=1.0 if r["round"] == 2 else None)
+    path = plot({"rounds": rounds, "sites": ["a", "b", "c"],
+                 "config": {"merge": "both", "dp": True}}, tmp_path / "continual.png")
+    assert matplotlib.image.imread(path).shape[1] > narrow
