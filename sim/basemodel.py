@@ -146,11 +146,9 @@ def training_session(rng: random.Random, facts: int, cfg: TrainConfig) -> list[d
 def _questions(rng: random.Random, asked: list[W.Fact], cfg: TrainConfig
                ) -> list[dict[str, str]]:
     """Each fact asked (strict, or another probe form at `other_form_rate`) and answered."""
-    turns: list[tuple[str, str]] = []
-    for fact in asked:
-        form = rng.choice(W.OTHER_FORMS) if rng.random() < cfg.other_form_rate else "strict"
-        turns += [("user", W.ask(fact, form)), ("assistant", W.answer(fact))]
-    return W.chat(*turns)
+    forms = [rng.choice(W.OTHER_FORMS) if rng.random() < cfg.other_form_rate else "strict"
+             for _ in asked]
+    return W.chat(*W.question_turns(asked, forms))
 
 
 @cache

@@ -38,7 +38,7 @@ import hashlib
 import itertools
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -178,10 +178,14 @@ def session_messages(stated: list[Fact], asked: list[Fact], canary: tuple[str, .
     said = " ".join(statement(f) for f in stated)
     if canary is not None:
         said = (said + " " + canary_statement(canary)).strip()
-    turns = [("user", said), ("assistant", ACK)]
-    for fact in asked:
-        turns += [("user", question(fact)), ("assistant", answer(fact))]
-    return chat(*turns)
+    return chat(("user", said), ("assistant", ACK), *question_turns(asked))
+
+
+def question_turns(asked: list[Fact], forms: Sequence[str] | None = None
+                   ) -> list[tuple[str, str]]:
+    """Each fact asked, in its form from `forms` (None: every one strict), and answered."""
+    return [turn for fact, form in zip(asked, forms or ["strict"] * len(asked), strict=True)
+            for turn in (("user", ask(fact, form)), ("assistant", answer(fact)))]
 
 
 def context_prompt(stated: list[Fact], asked: Fact, form: str = "strict"
