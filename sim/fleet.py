@@ -13,6 +13,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.client.lora import MLP_TARGETS
 
 ROUND_TIMEOUT_S = 900.0
+STOP_GRACE_S = 30.0  # the sites' time, all together, to finish their work in hand and exit
 ENDPOINT_START_S = 300.0  # every site loads its model at once, on a shared machine
 # A toy-world answer is about ten tokens: the cap only stops a reply that runs on.
 SERVE_MAX_TOKENS = 48
@@ -156,6 +159,10 @@ class Fleet:
         from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
         from fleetmind.server.service import serve
 
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (kill, a CI timeout) ends this process through `stop` as Ctrl-C does, so
+            # the site processes do not outlive it.
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         cfg, privacy = self.settings, self.settings.privacy
         self.server = serve(ServerConfig(
             data_dir=cfg.out / "aggregator", listen="127.0.0.1:0", insecure=True,
@@ -253,11 +260,18 @@ class Fleet:
         return self.settings.out / "site-00" / "current"
 
     def stop(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for commands in self.commands:
             commands.put(None)
+        deadline = time.monotonic() + STOP_GRACE_S  # one grace for all, not one each
         for process in self.processes:
-            process.join(30)
+            process.join(max(deadline - time.monotonic(), 0))
             if process.is_alive():
                 process.kill()
         if self.server is not None:
             self.server.stop(grace=None)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
