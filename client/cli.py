@@ -146,11 +146,13 @@ def _client_consolidate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from fleetmind.client.consolidate import consolidate_store, read_prompts
-    from fleetmind.client.distill import DistillConfig
+    from fleetmind.client.distill import DistillConfig, per_unit_config
     from fleetmind.client.lora import TARGET_CHOICES
 
     try:
-        cfg = DistillConfig()
+        # Sessions distilled alone get the per-unit settings, all together the joint ones
+        # (`fleetmind bench consolidate` measured them: docs/benchmarks.md).
+        cfg = per_unit_config() if args.per_session else DistillConfig()
         if args.steps is not None:
             cfg = replace(cfg, steps=args.steps)
         if args.device is not None:

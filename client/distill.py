@@ -124,6 +124,16 @@ class DistillConfig:
             raise ValueError("invalid distillation config: " + "; ".join(problems))
 
 
+def per_unit_config(**changes: Any) -> DistillConfig:
+    """The settings for distilling each privacy unit alone, as a site in a DP fleet does
+    before it clips each unit's delta: plain SGD keeps a delta in its gradients' few
+    directions, so the clip keeps its lesson where Adam's delta spreads over every
+    coordinate (docs/design.md, "Per-session deltas with SGD"); 24 steps at lr 1.0 are the
+    demo's and the continual benchmark's (docs/measurements.md, docs/continual.md).
+    `changes` override any field."""
+    return DistillConfig(**{"steps": 24, "lr": 1.0, "optimizer": "sgd", **changes})
+
+
 def resolve_top_k(top_k: int, vocab_size: int) -> int:
     """The top_k a consolidation uses: `top_k` itself unless it is AUTO_TOP_K, which picks
     the whole vocabulary (0) up to FULL_KL_MAX_VOCAB tokens, else AUTO_TOP_K_TOKENS."""

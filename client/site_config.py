@@ -23,7 +23,7 @@ from typing import Any
 
 from fleetmind.aggregation import dp
 from fleetmind.aggregation.participation import ParticipationCap
-from fleetmind.client.distill import DistillConfig
+from fleetmind.client.distill import DistillConfig, per_unit_config
 from fleetmind.runtime.addresses import is_loopback, split_host_port
 from fleetmind.runtime.config import ConfigError, dataclass_types, load_document
 from fleetmind.runtime.keys import public_key_bytes, read_key_file
@@ -66,7 +66,9 @@ class SiteConfig:
     identity_key: Path
     aggregator_key: Path | bytes
     min_new_sessions: int = 8
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    # Each privacy unit is distilled alone and clipped: the per-unit settings, not
+    # `client consolidate`'s joint ones (`distill.per_unit_config`).
+    distill: DistillConfig = field(default_factory=per_unit_config)
     guard_prompts: Path | None = None
     insecure: bool = False
     tls: SiteTls | None = None
@@ -173,7 +175,7 @@ class SiteConfig:
             values["tls"] = SiteTls(**{k: path(v) for k, v in tls.items()})
         if "distill" in values:
             try:
-                values["distill"] = DistillConfig(**dict(values["distill"]))
+                values["distill"] = per_unit_config(**dict(values["distill"]))
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"distill: {error}") from None
         missing = sorted({"name", "data_dir", "model_dir", "aggregator", "identity_key",

@@ -140,10 +140,10 @@ class DemoConfig:
 def distill_config(steps: int, lr: float, seed: int, method: str, dreams: bool) -> Any:
     """Consolidation's settings with plain SGD (a session's delta stays in a few directions,
     so clipping keeps its lesson; Adam spreads it over every coordinate)."""
-    from fleetmind.client.distill import DistillConfig
+    from fleetmind.client.distill import per_unit_config
 
     off: dict[str, Any] = {} if dreams else {"dream_ratio": 0.0, "dreams_per_lesson": 0}
-    return DistillConfig(steps=steps, lr=lr, optimizer="sgd", seed=seed, method=method, **off)
+    return per_unit_config(steps=steps, lr=lr, seed=seed, method=method, **off)
 
 
 def privacy_policy(dp: bool, clip_norm: float, noise_multiplier: float, privacy_unit: str,

@@ -469,3 +469,16 @@ def test_the_readme_has_a_deploy_section_from_certificates_to_a_fleet() -> None:
 def test_server_config_defaults_keep_metrics_off(tmp_path) -> None:
     # Deploy files turn metrics on explicitly; nothing else opens an HTTP port by surprise.
     assert ServerConfig(data_dir=tmp_path, insecure=True).metrics_listen is None
+
+
+@pytest.mark.parametrize("table, steps", [("", 24), ("[distill]\nsteps = 5\n", 5)])
+def test_a_site_distils_each_unit_with_the_per_unit_settings(tmp_path, table, steps) -> None:
+    """A site clips each unit's delta: SGD unless its config says otherwise, and a partial
+    [distill] table changes only the fields it names."""
+    (tmp_path / "agg.pub").write_text("11" * 32)  # any 32-byte key, as 64 hex digits
+    path = tmp_path / "site.toml"
+    path.write_text(f'name = "s"\ndata_dir = "{tmp_path}"\nmodel_dir = "{TOY_MODEL}"\n'
+                    f'aggregator = "127.0.0.1:7443"\nidentity_key = "{tmp_path}/id.pem"\n'
+                    f'aggregator_key = "{tmp_path}/agg.pub"\ninsecure = true\n{table}')
+    distill = SiteConfig.load(path).distill
+    assert (distill.optimizer, distill.lr, distill.steps) == ("sgd", 1.0, steps)
