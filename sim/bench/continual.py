@@ -583,11 +583,6 @@ def users_per_fact_curve(cfg: ContinualConfig, values: Sequence[int],
     """The fleet alone (no arms), once per users-per-fact value, each run in
     DIR/sweep/users-N; writes DIR/users_per_fact.json and its plot: the last round's
     recovery (strict and other forms) and epsilon against users per fact."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = []
     for value in values:
         run_cfg = replace(cfg, users_per_fact=value, arms=(),
@@ -600,6 +595,18 @@ def users_per_fact_curve(cfg: ContinualConfig, values: Sequence[int],
                            for k, v in asdict(cfg).items()}, "users_per_fact": list(values)},
              "points": points}
     (cfg.out / SWEEP).write_text(json.dumps(curve, indent=2) + "\n")
+    plot_users_per_fact(curve, cfg.out / SWEEP_PLOT)
+    return curve
+
+
+def plot_users_per_fact(curve: dict[str, Any], path: Path) -> Path:
+    """The users-per-fact curve (`users_per_fact_curve`'s JSON) as a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = curve["points"]
     figure, axis = plt.subplots(figsize=(6, 4))
     x = [p["users_per_fact"] for p in points]
     axis.plot(x, [math.nan if p["recovery_strict"] is None else p["recovery_strict"]
@@ -610,12 +617,13 @@ def users_per_fact_curve(cfg: ContinualConfig, values: Sequence[int],
                   label=form)
     axis.set(xscale="log", xlabel="users per fact", ylabel="recovery after the last round",
              ylim=(0, 1.05), title="how much agreement a fact needs to spread")
+    axis.minorticks_off()  # the log axis would label 3, 6... as powers of ten
     axis.set_xticks(x, labels=[str(v) for v in x])
     axis.legend()
     figure.tight_layout()
-    figure.savefig(cfg.out / SWEEP_PLOT, dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
-    return curve
+    return path
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -701,5 +709,5 @@ def _continual(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ContinualConfig", "add_continual_command", "recovery", "retention", "run",
-           "users_per_fact_curve"]
+__all__ = ["ContinualConfig", "add_continual_command", "plot_users_per_fact", "recovery",
+           "retention", "run", "users_per_fact_curve"]
