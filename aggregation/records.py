@@ -48,7 +48,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -154,6 +154,21 @@ def _scrubbed(value: object) -> tuple[tuple[str, int], ...]:
                  for kind in SCRUB_KINDS)
 
 
+class _Body(Protocol):
+    def to_body(self) -> bytes: ...
+
+
+_Record = TypeVar("_Record", bound=_Body)
+
+
+def _canonical(record: _Record, body: bytes) -> _Record:
+    """`record`, parsed from `body`, if writing it back gives `body` byte for byte: a signed
+    body has one spelling, so any other is refused."""
+    if record.to_body() != body:
+        raise ValueError("body is not in canonical form")
+    return record
+
+
 @dataclass(frozen=True)
 class OutboxRecord:
     """What one upload is about to send, validated at construction.
@@ -251,10 +266,7 @@ class OutboxRecord:
         raw = json.loads(body)
         if not isinstance(raw, dict):
             raise ValueError("body is not a JSON object")
-        record = cls(**raw)
-        if record.to_body() != body:
-            raise ValueError("body is not in canonical form")
-        return record
+        return _canonical(cls(**raw), body)
 
 
 def user_hmac(salt: bytes, user: str) -> str:
@@ -332,10 +344,7 @@ class ForgetRecord:
         raw = json.loads(body)
         if not isinstance(raw, dict) or raw.get("kind") != FORGET_KIND:
             raise ValueError("body is not a deletion record")
-        record = cls(**raw)
-        if record.to_body() != body:
-            raise ValueError("body is not in canonical form")
-        return record
+        return _canonical(cls(**raw), body)
 
 
 def parse_outbox_body(body: bytes) -> OutboxRecord | ForgetRecord:
@@ -513,10 +522,7 @@ class RoundRecord:
 
     @classmethod
     def from_body(cls, body: bytes) -> RoundRecord:
-        record = cls(**json.loads(body))
-        if record.to_body() != body:
-            raise ValueError("body is not in canonical form")
-        return record
+        return _canonical(cls(**json.loads(body)), body)
 
 
 STOPPED_KIND = "round_stopped"  # the "kind" of a StoppedRound's body
@@ -623,10 +629,7 @@ class StoppedRound:
 
     @classmethod
     def from_body(cls, body: bytes) -> StoppedRound:
-        record = cls(**json.loads(body))
-        if record.to_body() != body:
-            raise ValueError("body is not in canonical form")
-        return record
+        return _canonical(cls(**json.loads(body)), body)
 
 
 LedgerRecord = RoundRecord | StoppedRound

@@ -40,20 +40,15 @@ RESULTS = "results.json"
 PLOT = "demo.png"
 
 
-def arrival_round(fact: int, rounds: int) -> int:
-    """The round (from 1) in which a site's fact number `fact` (from 0) arrives."""
-    return fact % rounds + 1
-
-
 def arrivals(world: W.World, rounds: int) -> dict[str, int]:
     """Every fact's key -> the round it arrives in (`arrival_round`)."""
-    return {fact.key: arrival_round(number, rounds)
+    return {fact.key: W.arrival_round(number, rounds)
             for site in world.sites for number, fact in enumerate(site.facts)}
 
 
 def schedule(world: W.World, rounds: int) -> list[list[list[dict[str, Any]]]]:
     """sessions[site][round - 1], knowledge arriving by fact: every session that states a
-    site's fact i (`Site.teaches`) comes in round `arrival_round(i, rounds)`, so all of a
+    site's fact i (`Site.teaches`) comes in round `W.arrival_round(i, rounds)`, so all of a
     fact's users come in one round; the other sessions (canaries, repeated canaries) are
     dealt round-robin over the rounds. Each round keeps the world's order. The world must be
     made with `fact_rounds=rounds` (no session states facts of two rounds: refused)."""
@@ -66,7 +61,7 @@ def schedule(world: W.World, rounds: int) -> list[list[list[dict[str, Any]]]]:
         others = [s["id"] for s in site.sessions if s["id"] not in site.teaches]
         when = {session: number % rounds + 1 for number, session in enumerate(others)}
         for session, facts in site.teaches.items():
-            arriving = {arrival_round(i, rounds) for i in facts}
+            arriving = {W.arrival_round(i, rounds) for i in facts}
             if len(arriving) > 1:
                 raise ValueError(f"session {session} states facts arriving in different rounds: "
                                  f"make the world with fact_rounds={rounds}")
@@ -411,5 +406,5 @@ def summary_line(results: dict[str, Any]) -> str:
             f"{last['epsilon']:.3g} ({results['seconds']:.0f} s)")
 
 
-__all__ = ["DemoConfig", "add_demo_command", "arrival_round", "arrivals", "clear_previous_run",
+__all__ = ["DemoConfig", "add_demo_command", "arrivals", "clear_previous_run",
            "fedit_epsilon", "plot", "run_demo", "schedule", "summary_line"]

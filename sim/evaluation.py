@@ -10,6 +10,7 @@ recovery on the facts said so far, on those that arrived this round and on round
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,8 @@ class Evaluator:
     def recovery(self, correct: dict[str, bool], facts: list[W.Fact]) -> float | None:
         """`recovery` on `facts`: the share `correct` (fact key -> answered closed-book)
         over the base model's share in context; None for no facts."""
-        if not facts:
-            return None
-        upper = _mean([float(self.base["in_context_correct"][f.key]) for f in facts])
-        return _mean([float(correct[f.key]) for f in facts]) / upper if upper else 0.0
+        return recovery([correct[f.key] for f in facts],
+                        [self.base["in_context_correct"][f.key] for f in facts])
 
     def _knowledge(self, correct: dict[str, bool], site: str, round: int, prefix: str = ""
                    ) -> dict[str, float | None]:
@@ -191,7 +190,20 @@ def served_correct(url: str, facts: list[W.Fact]) -> list[bool]:
         api.close()
 
 
-def retention(history: list[float | None]) -> float | None:
+def recovery(closed_book: Sequence[bool], in_context: Sequence[bool]) -> float | None:
+    """Closed-book accuracy over the base model's in-context accuracy on the same facts in
+    the same form (what distillation could at best store); None for no facts, 0.0 where
+    the base model reads none of them in context."""
+    if len(closed_book) != len(in_context):
+        raise ValueError(f"{len(closed_book)} closed-book answers against {len(in_context)} "
+                         "in-context ones: pass both for the same facts")
+    if not closed_book:
+        return None
+    upper = sum(in_context)
+    return sum(closed_book) / upper if upper else 0.0
+
+
+def retention(history: Sequence[float | None]) -> float | None:
     """Round 1's facts' recovery now over their best so far, from their recovery after each
     round 1 .. now; None in round 1 (nothing kept yet) and while their best is 0 or unmeasured."""
     if len(history) < 2 or any(value is None for value in history):

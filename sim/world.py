@@ -181,6 +181,12 @@ def session_messages(stated: list[Fact], asked: list[Fact], canary: tuple[str, .
     return chat(("user", said), ("assistant", ACK), *question_turns(asked))
 
 
+def arrival_round(fact: int, rounds: int) -> int:
+    """The round (from 1) in which a site's fact number `fact` (from 0) arrives when its
+    facts arrive over `rounds` rounds (`WorldSpec.fact_rounds`, the demo's `schedule`)."""
+    return fact % rounds + 1
+
+
 def question_turns(asked: list[Fact], forms: Sequence[str] | None = None
                    ) -> list[tuple[str, str]]:
     """Each fact asked, in its form from `forms` (None: every one strict), and answered."""
@@ -372,7 +378,7 @@ def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random
     index = {fact: number for number, fact in enumerate(site.facts)}
 
     def arrival(fact: Fact) -> int:
-        return index[fact] % spec.fact_rounds
+        return arrival_round(index[fact], spec.fact_rounds)
 
     mentions = [fact for fact in site.facts for _ in range(spec.users_per_fact)]
     groups = _deal(mentions, spec.max_facts_per_session, rng,

@@ -38,6 +38,7 @@ from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.aggregation.manifest import DEFAULT_RANK
 from fleetmind.runtime.durable import atomic_write
 from fleetmind.sim import world as W
+from fleetmind.sim.evaluation import recovery, retention
 
 RESULTS = "continual.json"
 PLOT = "continual.png"
@@ -163,28 +164,6 @@ class ContinualConfig:
 
 
 # ---- pure measures -----------------------------------------------------------------------
-
-def recovery(closed_book: Sequence[bool], in_context: Sequence[bool]) -> float | None:
-    """Closed-book accuracy over the base model's in-context accuracy on the same facts in
-    the same form (what distillation could at best store); None for no facts, 0.0 where
-    the base model reads none of them in context."""
-    if len(closed_book) != len(in_context):
-        raise ValueError(f"{len(closed_book)} closed-book answers against {len(in_context)} "
-                         "in-context ones: pass both for the same facts")
-    if not closed_book:
-        return None
-    upper = sum(in_context)
-    return sum(closed_book) / upper if upper else 0.0
-
-
-def retention(history: Sequence[float | None]) -> float | None:
-    """The last value over the best so far (1.0 while it is at its best); None before any
-    value or while the best is 0 (nothing learned, nothing to retain)."""
-    seen = [h for h in history if h is not None]
-    if not seen or history[-1] is None or max(seen) <= 0:
-        return None
-    return history[-1] / max(seen)
-
 
 def most_rounds_entered(world: W.ContinualWorld, through: int) -> int:
     """The most rounds any one user left sessions in, over the world's rounds 0..through: the
@@ -709,5 +688,5 @@ def _continual(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ContinualConfig", "add_continual_command", "plot_users_per_fact", "recovery",
-           "retention", "run", "users_per_fact_curve"]
+__all__ = ["ContinualConfig", "add_continual_command", "plot_users_per_fact", "run",
+           "users_per_fact_curve"]

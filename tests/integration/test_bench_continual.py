@@ -20,10 +20,9 @@ from fleetmind.sim.bench.continual import (
     capped_epsilon,
     in_process_epsilon,
     most_rounds_entered,
-    recovery,
-    retention,
     run,
 )
+from fleetmind.sim.evaluation import recovery, retention
 
 SMALL = dict(sites=3, rounds=2, facts_per_site_per_round=1, users_per_fact=2, steps=2,
              canary_repeats=2, recalls_per_site_per_round=1, general_tasks=40, guard_tasks=40)
