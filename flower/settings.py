@@ -18,7 +18,11 @@ from typing import Any, cast
 from fleetmind.aggregation.dp import PRIVACY_UNITS, PrivacyUnit
 from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.aggregation.quantize import RING_BITS
-from fleetmind.client.distill import DistillConfig
+from fleetmind.client.distill import DistillConfig, per_unit_config
+
+# A site's OPSD defaults are the site agent's (client.distill.per_unit_config: SGD, the
+# settings the learning benchmarks found; docs/measurements.md).
+_SITE_DISTILL = per_unit_config()
 
 # Flower's simulation engine numbers its virtual SuperNodes with this node-config key.
 PARTITION_ID = "partition-id"
@@ -52,7 +56,8 @@ class FlowerRun:
     fixed-point-clip, ring-bits: the ring code (aggregation/quantize.py) of each site's
     clipped delta. dropout-rate: sizes the SecAgg+ neighbour graph (graph.py).
     min-cohort: the fewest sites whose sum the ServerApp may unmask.
-    steps ... distill-lr: the OPSD budget per site and round (client/distill.py).
+    steps ... distill-optimizer: the OPSD budget per site and round (client/distill.py;
+    the defaults are the site agent's, client.distill.per_unit_config).
     targets: the layers LoRA adapts: mlp (each block's MLP), peft (PEFT's default for the
     family), all-linear, or comma-separated module names (client/lora.py).
     device, dtype: where each site's model runs and in what (cpu, cuda, cuda:N, mps;
@@ -84,12 +89,13 @@ class FlowerRun:
     fixed_point_clip: float = 4.0
     ring_bits: int = 32
     dropout_rate: float = 0.1
-    steps: int = 10
-    prompts_per_step: int = 4
-    samples_per_prompt: int = 2
-    dreams_per_lesson: int = 2
-    guard_prompts_per_step: int = 4
-    distill_lr: float = 5e-3
+    steps: int = _SITE_DISTILL.steps
+    prompts_per_step: int = _SITE_DISTILL.prompts_per_step
+    samples_per_prompt: int = _SITE_DISTILL.samples_per_prompt
+    dreams_per_lesson: int = _SITE_DISTILL.dreams_per_lesson
+    guard_prompts_per_step: int = _SITE_DISTILL.guard_prompts_per_step
+    distill_lr: float = _SITE_DISTILL.lr
+    distill_optimizer: str = _SITE_DISTILL.optimizer
     torch_threads: int = 1
     round_timeout: float = 3600.0
 
@@ -168,6 +174,7 @@ class FlowerRun:
     @property
     def distill(self) -> DistillConfig:
         return DistillConfig(steps=self.steps, lr=self.distill_lr,
+                             optimizer=self.distill_optimizer,
                              prompts_per_step=self.prompts_per_step,
                              samples_per_prompt=self.samples_per_prompt,
                              dreams_per_lesson=self.dreams_per_lesson,

@@ -132,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--facts-per-site", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="the toy world's seed")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=10, help="OPSD steps per site and round")
+    parser.add_argument("--steps", type=int, default=FlowerRun.steps,
+                        help="OPSD steps per site and round (default: the site agent's)")
     parser.add_argument("--server-learning-rate", type=float, default=None,
                         help="eta of the merge; default sqrt(sites): the mean of N deltas, "
                         "each teaching its own facts, dilutes each N-fold, while their common "

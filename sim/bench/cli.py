@@ -37,8 +37,9 @@ def add_bench_commands(commands: Any) -> None:
         description="Recovery and forgetting of OPSD against SFT on transcripts and off-policy "
                     "distillation, and without dreams, replay or the guard, in one run; "
                     "writes DIR/consolidate.json. With --model, on that model folder, the "
-                    "cost against TRL's SDFTTrainer alone (the rest needs the toy model); "
-                    "writes DIR/consolidate-model.json.")
+                    "cost against TRL's SDFTTrainer alone (the rest needs the toy model), on "
+                    "the CPU in fp32 or, with --device and --dtype, on a GPU; writes "
+                    "DIR/consolidate-model.json.")
     consolidate.add_argument("--out", type=Path, required=True)
     consolidate.add_argument("--quick", action="store_true", help="a few steps, a smoke run")
     consolidate.add_argument("--model", type=Path, default=None,
@@ -51,6 +52,16 @@ def add_bench_commands(commands: Any) -> None:
                                   "(default 3, 1 with --quick)")
     consolidate.add_argument("--threads", type=positive_int, default=1,
                              help="torch threads of each method's process (default 1)")
+    consolidate.add_argument("--device", default="cpu",
+                             help="with --model: where both methods train, cpu (default) or "
+                                  "cuda; on cuda the memory measure is "
+                                  "torch.cuda.max_memory_allocated")
+    consolidate.add_argument("--dtype", default="fp32",
+                             help="with --model: the base model's precision, fp32 (default), "
+                                  "bf16 or fp16 (the peer under TRL's mixed precision of it)")
+    consolidate.add_argument("--memory-only", action="store_true",
+                             help="with --model: only the one memory run of each method, no "
+                                  "timed runs (the rates are not measured)")
     consolidate.set_defaults(run=_bench_consolidate)
 
     wire = sub.add_parser(
@@ -115,8 +126,9 @@ def _bench_consolidate(args: argparse.Namespace) -> int:
                                            "a local Hugging Face model folder")
     try:
         consolidate.run(args.out, quick=args.quick, model_dir=args.model, steps=args.steps,
-                        runs=args.runs, threads=args.threads)
-    except ValueError as error:  # a tokenizer that cannot encode the sessions
+                        runs=args.runs, threads=args.threads, device=args.device,
+                        dtype=args.dtype, memory_only=args.memory_only)
+    except ValueError as error:  # a tokenizer that cannot encode the sessions, no GPU, ...
         raise argparse.ArgumentError(None, str(error)) from None
     return 0
 

@@ -11,7 +11,9 @@ Ours and the peer each train in a process of their own, so each one's peak memor
 own, COST_RUNS times, alternated, and are measured alike (`measured`, `tensor_peak`): tokens
 distilled per second and peak tensor memory are the headline, beside the RSS and every
 forward pass's tokens per second; `COST_MEASURES` lists them and the table prints ours÷peer
-for each.
+for each. With `--model DIR` the comparison alone runs, on the CPU in fp32 or on a CUDA GPU
+in bf16 or fp16 (`run_cost`), where the memory measure is the CUDA allocator's
+(`MEMORY_MEASURES`); `--memory-only` takes that measure alone.
 The sessions are consolidated in two halves, one after the other, so replay has earlier
 lessons to keep. recovery = closed-book accuracy on the site's facts afterwards / the
 teacher's in-context accuracy on them; forgetting = drop (points) of in-context accuracy on
@@ -60,15 +62,56 @@ COST_RUNS = 3
 # Steps per half in the separate run that measures peak tensor memory (`tensor_peak`): the
 # profiler records every allocation and slows training, so that run is apart and shorter.
 TENSOR_PEAK_STEPS = 10
-# (key in `measured`'s cost, label, the issue's target on the ours÷peer ratio): the headline
-# rate and memory first (`measured` and `tensor_peak` say why they are the fair ones), the
-# plain ones after.
+# The measure that run takes, by device (`memory_peak`): the tensor meter on the CPU, the
+# CUDA allocator's own peak on a GPU; (key in its cost, label, the issue's target).
+MEMORY_MEASURES = {"cpu": ("peak_tensor_mb", "peak tensor memory, MB", "≤ 0.6×"),
+                   "cuda": ("peak_cuda_mb", "peak CUDA memory allocated, MB", "≤ 0.6×")}
+# Where the cost comparison runs (`check_placement`).
+BENCH_DEVICES = tuple(MEMORY_MEASURES)
+# (key in `measured`'s cost, label, the issue's target on the ours÷peer ratio) on the CPU: the
+# headline rate and memory first (`measured` and `tensor_peak` say why they are the fair
+# ones), the plain ones after; `cost_measures` gives them for another device.
 COST_MEASURES = (("distilled_tokens_per_s", "distilled tokens/s", "≥ 2×"),
-                 ("peak_tensor_mb", "peak tensor memory, MB", "≤ 0.6×"),
+                 MEMORY_MEASURES["cpu"],
                  ("peak_above_loaded_mb", "peak RSS above loaded, MB", ""),
                  ("tokens_per_s", "forward tokens/s", ""),
                  ("peak_rss_mb", "peak RSS, MB", ""),
                  ("seconds", "seconds", ""))
+
+
+def cost_measures(device: str, memory_only: bool = False) -> tuple[tuple[str, str, str], ...]:
+    """The measures a comparison on `device` takes, as COST_MEASURES: its memory measure
+    (MEMORY_MEASURES) in the CPU's place, alone with `memory_only` (no timed runs)."""
+    memory = MEMORY_MEASURES[device]
+    if memory_only:
+        return (memory,)
+    return tuple(memory if measure == MEMORY_MEASURES["cpu"] else measure
+                 for measure in COST_MEASURES)
+
+
+def check_placement(device: str, dtype: str) -> str:
+    """`dtype`'s full name, once the comparison can run on `device` in it here: a GPU that is
+    not there is refused before any model loads or process starts, not minutes later by a
+    child process."""
+    from fleetmind.client.model import dtype_name
+
+    if device not in BENCH_DEVICES:
+        raise ValueError(f"--device {device}: use cpu or cuda")
+    try:
+        name = dtype_name(dtype)
+    except ValueError:
+        raise ValueError(f"--dtype {dtype}: use fp32, bf16 or fp16") from None
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU here "
+                             "(torch.cuda.is_available() is false); run on a machine with an "
+                             "NVIDIA GPU and a CUDA build of torch, or use --device cpu")
+        if name == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--dtype bf16: this GPU has no bfloat16 "
+                             "(torch.cuda.is_bf16_supported() is false); use --dtype fp16")
+    return name
 
 
 def _general(model: Any, tokenizer: Any, world: W.World) -> float:
@@ -102,9 +145,12 @@ def measured(model: Any, tensors: bool = False) -> Iterator[dict[str, float]]:
     high-water mark; rss_loaded_mb: the resident set on entry (imports, loaded model);
     peak_above_loaded_mb = peak_rss_mb - rss_loaded_mb, what the training added to the resident
     set (kept, not judged: `tensor_peak` says why). peak_reset: whether the reset worked; if
-    not, the peak is the process's and may predate the block. tensors: also peak_tensor_mb
-    (`tensor_peak`), which slows the block, so its times are then not the method's. One method
-    per process, as in `peer_sdft.train_in_subprocess`."""
+    not, the peak is the process's and may predate the block. tensors: also the memory
+    measure of the device `model` runs on (`memory_peak`), which on the CPU slows the block,
+    so its times are then not the method's. On a GPU the clock stops once its queued work is
+    done. One method per process, as in `peer_sdft.train_in_subprocess`."""
+    import torch
+
     cost: dict[str, float] = {"tokens": 0, "distilled_tokens": 0,
                               "rss_before_mb": round(_peak_rss_mb(), 1),
                               "peak_reset": _reset_peak_rss(),
@@ -115,12 +161,14 @@ def measured(model: Any, tensors: bool = False) -> Iterator[dict[str, float]]:
         cost["tokens"] += int(ids.numel())
 
     handle = model.register_forward_pre_hook(count, with_kwargs=True)
-    profiler: AbstractContextManager[dict[str, float]] = (tensor_peak() if tensors
+    profiler: AbstractContextManager[dict[str, float]] = (memory_peak(model) if tensors
                                                           else nullcontext({}))
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
         with profiler as peak:
             yield cost
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
     finally:
         handle.remove()
     cost.update(peak)
@@ -131,6 +179,27 @@ def measured(model: Any, tensors: bool = False) -> Iterator[dict[str, float]]:
     cost["distilled_tokens_per_s"] = round(cost["distilled_tokens"] / seconds, 1)
     cost["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     cost["peak_above_loaded_mb"] = round(cost["peak_rss_mb"] - cost["rss_loaded_mb"], 1)
+
+
+def memory_peak(model: Any) -> AbstractContextManager[dict[str, float]]:
+    """The memory meter for the device `model` runs on (MEMORY_MEASURES): the tensor meter
+    counts only CPU tensors, the CUDA allocator only its own."""
+    device = distill.model_device(model)
+    return cuda_peak(device) if device.type == "cuda" else tensor_peak()
+
+
+@contextmanager
+def cuda_peak(device: Any) -> Iterator[dict[str, float]]:
+    """peak_cuda_mb: `torch.cuda.max_memory_allocated` on `device` over the block, the peak
+    reset on entry: the allocator's own count of the most its tensors held at once, what
+    `tensor_peak` stands in for on the CPU. Unlike that one it includes the tensors from before
+    the block, the loaded model's weights: the same for every method."""
+    import torch
+
+    result: dict[str, float] = {}
+    torch.cuda.reset_peak_memory_stats(device)
+    yield result
+    result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 2)
 
 
 @contextmanager
@@ -154,9 +223,9 @@ def tensor_peak() -> Iterator[dict[str, float]]:
 
 def run_opsd(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
              workdir: Path, tensors: bool = False) -> tuple[Any, Any, dict[str, float]]:
-    """Our OPSD over the sessions in two halves: (PEFT model, tokenizer, `measured` cost,
-    with `tensors` passed on)."""
-    model, tokenizer = load_model(model_dir)
+    """Our OPSD over the sessions in two halves, on cfg.device in cfg.dtype: (PEFT model,
+    tokenizer, `measured` cost, with `tensors` passed on)."""
+    model, tokenizer = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     peft_model = bench_adapter(model)
     replay = ReplayBuffer(workdir / f"replay-{time.monotonic_ns()}.db")
     steps = 0
@@ -235,14 +304,15 @@ def median_cost(runs: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def compare_cost(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
-                 out: Path, runs: int = COST_RUNS, threads: int = 1
+                 out: Path, runs: int = COST_RUNS, threads: int = 1, memory_only: bool = False
                  ) -> tuple[dict[str, Any], dict[str, float], dict[str, Any],
                             dict[str, float] | None, dict[str, list[dict[str, float]]]]:
-    """Ours against the peer on `model_dir`: `runs` runs of each, alternated, each in a fresh
-    process on `threads` torch threads (so each peak is its own and both see the machine in
-    the same state), then one profiled run each for the peak tensor memory. Returns (the
-    trained B of each method's last run, ours' median cost, the peer's entry (its median cost,
-    or why it did not run), ours÷peer per COST_MEASURES or None, every run's cost)."""
+    """Ours against the peer on `model_dir`, on cfg.device in cfg.dtype: `runs` runs of each,
+    alternated, each in a fresh process on `threads` torch threads (so each peak is its own
+    and both see the machine in the same state), then one profiled run each for the memory
+    measure (MEMORY_MEASURES); `memory_only`: that run alone. Returns (the trained B of each
+    method's last timed run, ours' median cost, the peer's entry (its median cost, or why it
+    did not run), ours÷peer per `cost_measures` or None, every timed run's cost)."""
     from fleetmind.sim.bench import peer_sdft  # it imports this module, so not at the top
 
     methods = ["ours"]
@@ -251,41 +321,48 @@ def compare_cost(model_dir: Path, sessions: Sequence[Session], cfg: distill.Dist
         peer["status"] = "trl not installed: pip install -e '.[bench]'"
     else:
         methods.append("peer")
+        peer["version"] = importlib.metadata.version("trl")
     every: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
     trained = {}
-    for _ in range(runs):
+    for _ in range(0 if memory_only else runs):
         for method in methods:
             trained[method], cost = peer_sdft.train_in_subprocess(method, model_dir, sessions,
                                                                   cfg, out, threads=threads)
             every[method].append(cost)
-    medians = {method: median_cost(every[method]) for method in methods}
-    ours_cost = medians["ours"]
-    if "peer" in medians:
-        peer.update({"version": importlib.metadata.version("trl"), **medians["peer"]})
+    costs = {method: median_cost(every[method]) if every[method] else {} for method in methods}
 
-    # Peak tensor memory, each method again in a process of its own, under the profiler.
+    # The memory measure, each method again in a process of its own, under the meter.
     profiled = replace(cfg, steps=min(cfg.steps, TENSOR_PEAK_STEPS))
-    costs = {"ours": ours_cost, **({"peer": peer} if "peer" in medians else {})}
+    memory, _, _ = MEMORY_MEASURES[cfg.device]
     for method, cost in costs.items():
         _, profiled_cost = peer_sdft.train_in_subprocess(method, model_dir, sessions, profiled,
                                                          out, threads=threads, tensors=True)
-        cost["peak_tensor_mb"] = profiled_cost["peak_tensor_mb"]
+        cost[memory] = profiled_cost[memory]
         cost["tensor_peak_steps_per_half"] = profiled.steps
+    ours_cost = costs["ours"]
     ratios = None
-    if "peer" in medians:
-        ratios = {key: round(ours_cost[key] / peer[key], 2) for key, _, _ in COST_MEASURES}
+    if "peer" in costs:
+        peer.update(costs["peer"])
+        ratios = {key: round(ours_cost[key] / peer[key], 2)
+                  for key, _, _ in cost_measures(cfg.device, memory_only)}
     return trained, ours_cost, peer, ratios, every
 
 
 def run(out: Path, quick: bool = False, model_dir: Path | None = None, steps: int | None = None,
-        runs: int | None = None, threads: int = 1) -> dict[str, Any]:
+        runs: int | None = None, threads: int = 1, device: str = "cpu", dtype: str = "fp32",
+        memory_only: bool = False) -> dict[str, Any]:
     """The whole benchmark on the toy model; with `model_dir`, the cost comparison alone on
-    that model folder (`run_cost`). steps: per half (default: the distillation's, 10 when
-    quick); runs: alternated runs of each method (default COST_RUNS, 1 when quick)."""
+    that model folder (`run_cost`, which alone takes `device`, `dtype` and `memory_only`).
+    steps: per half (default: the distillation's, 10 when quick); runs: alternated runs of
+    each method (default COST_RUNS, 1 when quick)."""
     from rich.console import Console
 
     if model_dir is not None:
-        return run_cost(out, model_dir, quick=quick, steps=steps, runs=runs, threads=threads)
+        return run_cost(out, model_dir, quick=quick, steps=steps, runs=runs, threads=threads,
+                        device=device, dtype=dtype, memory_only=memory_only)
+    if (device, check_placement(device, dtype), memory_only) != ("cpu", "float32", False):
+        raise ValueError("--device, --dtype and --memory-only need --model DIR: the toy "
+                         "model's benchmark scores every variant on the CPU in fp32")
     out.mkdir(parents=True, exist_ok=True)
     model_dir = basemodel.toy_model_path()
     world = bench_world(80 if quick else 800)
@@ -351,7 +428,7 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None, steps: in
     console = Console()
     console.print(_variants_table(results, f"consolidation, one site: teacher {teacher:.2f}, "
                                            f"closed-book before {closed_before:.2f}"))
-    console.print(_cost_table(ours_cost, peer, ratios))
+    console.print(_cost_table(ours_cost, peer, ratios, COST_MEASURES))
     return report
 
 
@@ -359,8 +436,9 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None, steps: in
 # recovery, forgetting, the baselines and the ablations score answers about the toy world's
 # facts, which only the toy model (trained on the world's grammar) can give.
 MODEL_SCOPE = {
-    "applies": ["cost against the peer: distilled tokens/s, peak tensor memory, RSS, forward "
-                "tokens/s, seconds (medians of alternated runs, each in its own process)"],
+    "applies": ["cost against the peer: distilled tokens/s, peak tensor memory (on a GPU the "
+                "CUDA allocator's peak), RSS, forward tokens/s, seconds (medians of alternated "
+                "runs, each in its own process; `measures` lists those taken)"],
     "left_out": ["recovery and forgetting (toy-world accuracy: needs the toy model)",
                  "baselines (SFT on transcripts, off-policy distillation) and ablations (no "
                  "dreams, replay or guard): scored by recovery and forgetting"],
@@ -369,19 +447,28 @@ MODEL_REPORT = "consolidate-model.json"
 
 
 def run_cost(out: Path, model_dir: Path, quick: bool = False, steps: int | None = None,
-             runs: int | None = None, threads: int = 1) -> dict[str, Any]:
+             runs: int | None = None, threads: int = 1, device: str = "cpu",
+             dtype: str = "fp32", memory_only: bool = False) -> dict[str, Any]:
     """`bench consolidate --model DIR`: the cost comparison alone (MODEL_SCOPE), on the toy
     world's site sessions (plain English-like text, which a byte-level tokenizer encodes; a
     tokenizer that cannot, one mapping some of it to its unknown token, is refused), through
-    the model's own chat template. Writes DIR/consolidate-model.json (not consolidate.json,
-    which `bench report` reads for the toy model's whole benchmark)."""
+    the model's own chat template, both methods on `device` (cpu or cuda) with the base model
+    in `dtype` (fp32, bf16 or fp16). memory_only: no timed runs, the memory run of each method
+    alone (`compare_cost`); the report's `measures` lists what was measured. Writes
+    DIR/consolidate-model.json (not consolidate.json, which `bench report` reads for the toy
+    model's whole benchmark)."""
     from rich.console import Console
 
     from fleetmind.client.model import context_length
 
+    dtype = check_placement(device, dtype)
+    if memory_only and runs is not None:
+        raise ValueError("--runs does not apply with --memory-only, which takes no timed runs")
     out.mkdir(parents=True, exist_ok=True)
     sessions = [Session.from_dict(s) for s in bench_world(1).sites[0].sessions]
-    cfg = distill.DistillConfig(steps=steps or (10 if quick else distill.DistillConfig().steps))
+    cfg = distill.DistillConfig(steps=steps or (10 if quick else distill.DistillConfig().steps),
+                                device=device, dtype=dtype)
+    measures = cost_measures(device, memory_only)
     model, tokenizer = load_model(model_dir)
     check_encodable(tokenizer, sessions)
     shape = {"architecture": (model.config.architectures or [type(model).__name__])[0],
@@ -391,14 +478,15 @@ def run_cost(out: Path, model_dir: Path, quick: bool = False, steps: int | None 
              "top_k": distill.resolve_top_k(cfg.top_k, model.config.vocab_size)}
     del model
     _, ours_cost, peer, ratios, every = compare_cost(
-        model_dir, sessions, cfg, out, runs or (1 if quick else COST_RUNS), threads)
+        model_dir, sessions, cfg, out, runs or (1 if quick else COST_RUNS), threads, memory_only)
     report = {
         "scope": MODEL_SCOPE,
         "model": {"path": str(model_dir), **shape, **_build_report(model_dir)},
+        "measures": [key for key, _, _ in measures],
         "ours": ours_cost,
         "peer": peer,
         "ratios": ratios,
-        "config": {"distill": cfg.__dict__, "quick": quick,
+        "config": {"distill": cfg.__dict__, "quick": quick, "memory_only": memory_only,
                    "tensor_peak_steps_per_half": min(cfg.steps, TENSOR_PEAK_STEPS),
                    "cost_runs": len(every["ours"]), "threads": threads,
                    "seconds_per_run": {m: [c["seconds"] for c in every[m]] for m in every},
@@ -409,7 +497,7 @@ def run_cost(out: Path, model_dir: Path, quick: bool = False, steps: int | None 
     console.print(f"{model_dir}: {shape['architecture']}, {shape['parameters']:,} parameters, "
                   f"vocabulary {shape['vocab_size']:,}; measured: cost only (recovery, "
                   "forgetting, baselines and ablations need the toy model)")
-    console.print(_cost_table(ours_cost, peer, ratios))
+    console.print(_cost_table(ours_cost, peer, ratios, measures))
     return report
 
 
@@ -446,16 +534,16 @@ def _variants_table(results: dict[str, dict[str, float]], title: str) -> Any:
     return table
 
 
-def _cost_table(ours: dict[str, float], peer: dict[str, Any],
-                ratios: dict[str, float] | None) -> Any:
-    """Ours against the peer, measure by measure, with ours÷peer and the issue's targets on
-    the headline measures."""
+def _cost_table(ours: dict[str, float], peer: dict[str, Any], ratios: dict[str, float] | None,
+                measures: Sequence[tuple[str, str, str]]) -> Any:
+    """Ours against the peer, measure by measure (`cost_measures`: those taken), with
+    ours÷peer and the issue's targets on the headline measures."""
     from rich.table import Table
 
     table = Table("measure", "ours", "peer", "ours÷peer", "target",
                   title=f"cost against {peer['name']}" + (f": {peer['status']}"
                                                           if "status" in peer else ""))
-    for key, label, target in COST_MEASURES:
+    for key, label, target in measures:
         table.add_row(label, f"{ours[key]:,.0f}", f"{peer[key]:,.0f}" if ratios else "",
                       f"{ratios[key]:.2f}×" if ratios else "", target)
     return table

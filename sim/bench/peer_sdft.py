@@ -22,9 +22,13 @@ trainers, not settings:
   clip (ours has none; at one step per generation TRL would not apply it anyway).
 - optimisation: the same Adam (our lr, no weight decay), constant rate, no gradient clipping,
   `prompts_per_step` prompts x `samples_per_prompt` samples per step, `steps` steps per half,
-  a fresh optimiser per half (as `consolidate` makes one per call), fp32 on the CPU without
-  gradient checkpointing: TRL's defaults (bf16 autocast, checkpointing, linear decay,
-  clipping at 1, top-100 generalised JSD) are changed to ours.
+  a fresh optimiser per half (as `consolidate` makes one per call), without gradient
+  checkpointing: TRL's defaults (bf16 autocast, checkpointing, linear decay, clipping at 1,
+  top-100 generalised JSD) are changed to ours.
+- placement: the model loaded on our device in our dtype (fp32 on the CPU unless the bench
+  is told otherwise); in bf16 or fp16 TRL trains under its mixed precision of that dtype
+  (`precision_args`), where ours runs the base in it without autocast and its float32
+  adapter in float32.
 What the peer has not, by design: dreams, replay, the forgetting guard, and the teacher's
 KV-cached context (it re-reads the transcript for every sample).
 """
@@ -63,7 +67,7 @@ def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
     from datasets import Dataset
     from trl.experimental.sdft import SDFTTrainer
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     peft_model = bench_adapter(model)
     # The same top-K as ours: an automatic one resolved from this model's vocabulary.
     cfg = replace(cfg, top_k=distill.resolve_top_k(cfg.top_k, model.config.vocab_size))
@@ -103,7 +107,7 @@ def sdft_config(cfg: distill.DistillConfig, output_dir: Path) -> Any:
         per_device_train_batch_size=cfg.prompts_per_step * cfg.samples_per_prompt,
         num_generations=cfg.samples_per_prompt, gradient_accumulation_steps=1,
         learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-        use_cpu=True, bf16=False, gradient_checkpointing=False,
+        gradient_checkpointing=False, **precision_args(cfg),
         max_prompt_length=None, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_k=0, top_p=1.0,
         distillation_alpha=1.0, distillation_is_clip=None, num_loss_tokens_to_skip=cfg.skip_first,
@@ -111,6 +115,15 @@ def sdft_config(cfg: distill.DistillConfig, output_dir: Path) -> Any:
         teacher_prompt_template="{privileged_context}{prompt}",
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
         **loss)
+
+
+def precision_args(cfg: distill.DistillConfig) -> dict[str, Any]:
+    """TrainingArguments' placement for cfg.device and cfg.dtype: the CPU only when ours runs
+    there (else the Trainer takes the GPU), and mixed precision in cfg.dtype, none in
+    float32 (TRL's own default is bf16). Apart from `sdft_config` because TrainingArguments
+    refuses bf16 off the CPU where there is no GPU: a test on the CPU checks these."""
+    return {"use_cpu": cfg.device == "cpu", "bf16": cfg.dtype == "bfloat16",
+            "fp16": cfg.dtype == "float16"}
 
 
 def privileged_context(tokenizer: Any, context: Sequence[dict[str, str]]) -> str:
@@ -188,8 +201,9 @@ def train_in_subprocess(method: str, model_dir: Path, sessions: Sequence[Session
     Both run on `threads` torch threads, recorded in the cost. The count is fixed because
     torch's default (one per core) collapses when another process shares the cores: on 2
     shared cores the full run took 166 s (ours) and 45 s (the peer) at the default, against
-    15 s and 10.5 s on one thread. tensors: measure the peak tensor memory too
-    (`consolidate.tensor_peak`, which slows the run)."""
+    15 s and 10.5 s on one thread. The device and dtype are cfg's. tensors: take the memory
+    measure too (`consolidate.memory_peak`: on the CPU the peak tensor memory, which slows
+    the run; on a GPU the CUDA allocator's peak)."""
     from safetensors.numpy import load_file
 
     if method not in METHODS:

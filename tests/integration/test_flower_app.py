@@ -176,7 +176,7 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[FlowerRun, dict
     world = write_toy_world(root / "world", SITES, facts_per_site=2, seed=3)
     # The toy base model and the transfer evaluation: the simulator's, not the app's.
     run = toy_run(FlowerRun(world=str(world), state=str(root / "state"), out=str(root / "out"),
-                            sites=SITES, steps=10, server_learning_rate=SITES / 2,
+                            sites=SITES, steps=24, server_learning_rate=SITES / 2,
                             lora_seed=TOY_SPEC.frozen_a_seed, lora_rank=TOY_SPEC.rank,
                             lora_alpha=TOY_SPEC.alpha, prompts_per_step=FAST.prompts_per_step,
                             samples_per_prompt=FAST.samples_per_prompt,

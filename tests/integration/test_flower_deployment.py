@@ -111,7 +111,8 @@ def test_flwr_run_on_a_tls_deployment_merges_the_sites_deltas_under_secure_aggre
     eta = SITES / 2
     # The app knows no dataset: the run config names the model and the evaluation.
     run_config = (f'world="{fleet["world"]}" state="{root}/state" out="{out}" sites={SITES} '
-                  f"steps=10 server-learning-rate={eta} prompts-per-step=2 "
+                  f"steps=10 server-learning-rate={eta} prompts-per-step=2 samples-per-prompt=2 "
+                  "dreams-per-lesson=2 "
                   f'model="{toy_model_dir}" evaluate="{TRANSFER_EVALUATION}"')
     finished = subprocess.run(
         [str(BIN / "flwr"), "run", str(APP), "fleet", "--stream", "--run-config", run_config],

@@ -2,6 +2,7 @@
 ratios against the peer."""
 
 import mmap
+from typing import Any
 
 import pytest
 import torch
@@ -103,12 +104,13 @@ def test_a_methods_cost_is_each_measures_median_over_its_runs() -> None:
 def test_cost_table_puts_the_targets_on_the_fair_measures() -> None:
     cost = {"distilled_tokens_per_s": 900.0, "peak_tensor_mb": 10.0, "peak_above_loaded_mb": 60.0,
             "tokens_per_s": 15000.0, "peak_rss_mb": 470.0, "seconds": 30.0}
-    peer = {"name": "trl.experimental.sdft.SDFTTrainer", "distilled_tokens_per_s": 300.0,
-            "peak_tensor_mb": 20.0, "peak_above_loaded_mb": 120.0, "tokens_per_s": 25000.0,
-            "peak_rss_mb": 540.0, "seconds": 20.0}
+    peer: dict[str, Any] = {"name": "trl.experimental.sdft.SDFTTrainer",
+                            "distilled_tokens_per_s": 300.0, "peak_tensor_mb": 20.0,
+                            "peak_above_loaded_mb": 120.0, "tokens_per_s": 25000.0,
+                            "peak_rss_mb": 540.0, "seconds": 20.0}
     ratios = {key: round(cost[key] / peer[key], 2) for key, _, _ in consolidate.COST_MEASURES}
     console = Console(width=100, record=True)
-    console.print(consolidate._cost_table(cost, peer, ratios))
+    console.print(consolidate._cost_table(cost, peer, ratios, consolidate.COST_MEASURES))
     lines = console.export_text().splitlines()
     distilled = next(line for line in lines if "distilled tokens/s" in line)
     assert "3.00×" in distilled and "≥ 2×" in distilled
