@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.aggregation.manifest import DEFAULT_RANK
+from fleetmind.client.lora import MLP_TARGETS
 from fleetmind.runtime.durable import atomic_write
 from fleetmind.sim import world as W
 from fleetmind.sim.evaluation import recovery, retention
@@ -118,6 +119,10 @@ class ContinualConfig:
         for name in ("steps", "oracle_steps", "rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        object.__setattr__(self, "adapter_targets", tuple(self.adapter_targets))
+        if not self.adapter_targets or not set(self.adapter_targets) <= set(MLP_TARGETS):
+            problems.append(f"--targets {','.join(self.adapter_targets)}: use one or more of "
+                            f"{','.join(MLP_TARGETS)} (the toy model's MLP layers)")
         if self.participation_cap < 0:
             problems.append(f"--participation-cap {self.participation_cap}: use a number of "
                             "rounds >= 1, or 0 for no cap")
@@ -638,6 +643,11 @@ def add_continual_command(commands: Any) -> None:
     parser.add_argument("--noise-multiplier", type=float, default=defaults.noise_multiplier)
     parser.add_argument("--rank", type=int, default=defaults.rank,
                         help=f"LoRA rank on the adapter's targets (default {defaults.rank})")
+    parser.add_argument("--targets", default=",".join(defaults.adapter_targets),
+                        help="the MLP layers the adapter trains, comma-separated (default "
+                             f"{','.join(defaults.adapter_targets)}; every MLP layer holds more "
+                             "facts but its DP noise grows with the square root of B's size: "
+                             "docs/continual.md)")
     parser.add_argument("--server-learning-rate", type=float, default=0.0,
                         help="the aggregator's step on the cohort's sum (default 0.5 x the "
                              "sites, as the demo)")
@@ -668,6 +678,7 @@ def _continual(args: argparse.Namespace) -> int:
             privacy_unit=args.privacy_unit, noise_multiplier=args.noise_multiplier,
             rank=args.rank, server_learning_rate=args.server_learning_rate,
             participation_cap=args.participation_cap,
+            adapter_targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
             arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()))
         sweep = _numbers(args.users_per_fact_sweep, "--users-per-fact-sweep")
         for value in sweep:

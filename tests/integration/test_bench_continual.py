@@ -76,6 +76,34 @@ def test_impossible_settings_are_refused_in_one_line(tmp_path: Path) -> None:
     assert ContinualConfig(dp=False).privacy_unit == "session"
     with pytest.raises(ValueError, match="--participation-cap -1"):
         ContinualConfig(participation_cap=-1)
+    with pytest.raises(ValueError, match="--targets q_proj: use one or more of gate_proj"):
+        ContinualConfig(adapter_targets=("q_proj",))
+
+
+def test_the_adapters_targets_reach_the_fleet_from_the_command_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from fleetmind.sim.bench import continual
+
+    class RanError(Exception):
+        pass
+
+    def capture(cfg: ContinualConfig) -> None:
+        raise RanError(cfg)
+
+    monkeypatch.setattr(continual, "run", capture)
+    parser = argparse.ArgumentParser()
+    add_continual_command(parser.add_subparsers(dest="action"))
+    configs = []
+    for argv in (["continual", "--out", "x"],
+                 ["continual", "--out", "x", "--targets", "gate_proj, down_proj"]):
+        args = parser.parse_args(argv)
+        with pytest.raises(RanError) as ran:
+            args.run(args)
+        configs.append(ran.value.args[0])
+    assert configs[0].fleet().adapter_targets == ("down_proj",)
+    assert configs[1].fleet().adapter_targets == ("gate_proj", "down_proj")
 
 
 def test_an_enforced_cap_reaches_the_fleet_and_bounds_the_accounting() -> None:
