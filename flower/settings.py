@@ -173,13 +173,15 @@ class FlowerRun:
 
     @property
     def distill(self) -> DistillConfig:
-        return DistillConfig(steps=self.steps, lr=self.distill_lr,
-                             optimizer=self.distill_optimizer,
-                             prompts_per_step=self.prompts_per_step,
-                             samples_per_prompt=self.samples_per_prompt,
-                             dreams_per_lesson=self.dreams_per_lesson,
-                             guard_prompts_per_step=self.guard_prompts_per_step,
-                             device=self.device, dtype=self.dtype)
+        # The site agent's settings with this run's keys over them, so a field the run
+        # config does not expose follows the site agent's too.
+        return per_unit_config(steps=self.steps, lr=self.distill_lr,
+                               optimizer=self.distill_optimizer,
+                               prompts_per_step=self.prompts_per_step,
+                               samples_per_prompt=self.samples_per_prompt,
+                               dreams_per_lesson=self.dreams_per_lesson,
+                               guard_prompts_per_step=self.guard_prompts_per_step,
+                               device=self.device, dtype=self.dtype)
 
     @property
     def lora_targets(self) -> str | list[str]:

@@ -660,6 +660,11 @@ def add_continual_command(commands: Any) -> None:
     parser.set_defaults(run=_continual)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list's names, blanks dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _numbers(text: str, flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -678,8 +683,7 @@ def _continual(args: argparse.Namespace) -> int:
             privacy_unit=args.privacy_unit, noise_multiplier=args.noise_multiplier,
             rank=args.rank, server_learning_rate=args.server_learning_rate,
             participation_cap=args.participation_cap,
-            adapter_targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-            arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()))
+            adapter_targets=_names(args.targets), arms=_names(args.arms))
         sweep = _numbers(args.users_per_fact_sweep, "--users-per-fact-sweep")
         for value in sweep:
             replace(cfg, users_per_fact=value)
