@@ -184,13 +184,16 @@ def wire_rows(result: dict[str, Any]) -> list[Row]:
 
 def serve_rows(result: dict[str, Any]) -> list[Row]:
     """Per concurrency level: the endpoint against its engine called in-process (p50 and
-    requests/s) and proxy mode against its upstream called directly (p50, judged at the
-    most clients); at the most clients, the proxy's CPU per request against the upstream's,
-    and capture on against off."""
+    requests/s), proxy mode against its upstream called directly (p50), and where the level
+    has one, the same paired (both at once); the target judges `result["target"]["measure"]`
+    at the most clients. At the most clients, the proxy's CPU per request against the
+    upstream's, and capture on against off."""
     rows = []
     engine = "the engine called in-process"
     upstream = "its upstream called directly (a fleetmind endpoint)"
     top = result["levels"][-1]["concurrency"]
+    judged = result["target"]["measure"]
+    bound = Target("ratio", "<=", result["target"]["bound"])
     for level in result["levels"]:
         arms = level["arms"]
         clients = f"{level['concurrency']} client{'s' if level['concurrency'] > 1 else ''}"
@@ -202,8 +205,16 @@ def serve_rows(result: dict[str, Any]) -> list[Row]:
                                                    arms["direct"]["rps"])),
                  Row(f"proxy mode p50 latency, ms ({clients})", ms["proxy"], upstream,
                      ms["endpoint_no_capture"], _ratio(ms["proxy"], ms["endpoint_no_capture"]),
-                     target=(Target("ratio", "<=", result["target"]["bound"])
-                             if level["concurrency"] == top else None))]
+                     target=bound if level["concurrency"] == top
+                     and judged == "proxy_p50_to_upstream" else None)]
+        if level.get("paired"):
+            pair = {side: 1e3 * s["p50_s"] for side, s in level["paired"].items()}
+            rows.append(Row(f"proxy mode p50 latency paired, ms ({clients}: half through the "
+                            "proxy, half direct, at once)", pair["proxy"],
+                            "its upstream called directly at the same moments",
+                            pair["upstream"], _ratio(pair["proxy"], pair["upstream"]),
+                            target=bound if level["concurrency"] == top
+                            and judged == "proxy_paired_p50_to_upstream" else None))
     arms = result["levels"][-1]["arms"]
     proxy_cpu = arms["proxy"]["cpu_ms_per_request"]["proxy"]
     upstream_cpu = arms["endpoint_no_capture"]["cpu_ms_per_request"]["endpoint_no_capture"]

@@ -36,15 +36,27 @@ def test_serve_json_holds_every_arm_and_ratios_of_measured_values(measured) -> N
             assert 0 < s["p50_s"] <= s["p99_s"], arm
             assert set(s["cpu_ms_per_request"]) == set(serve.SERVED_BY[arm]), arm
             assert all(ms > 0 for ms in s["cpu_ms_per_request"].values()), arm
-        assert level["ratios"] == pytest.approx(serve.ratios(arms))
+        assert {k: v for k, v in level["ratios"].items()
+                if k != "proxy_paired_p50_to_upstream"} == pytest.approx(serve.ratios(arms))
+    one, two = result["levels"]
+    # One client cannot be split between the proxy and its upstream; two are, one each,
+    # over 2 x requests x repeats bodies between them.
+    assert one["paired"] is None and "proxy_paired_p50_to_upstream" not in one["ratios"]
+    paired = two["paired"]
+    assert paired["proxy"]["requests"] + paired["upstream"]["requests"] == 6
+    assert paired["proxy"]["requests"] >= 1 and paired["upstream"]["requests"] >= 1
+    assert paired["proxy"]["errors"] == paired["upstream"]["errors"] == 0
+    assert two["ratios"]["proxy_paired_p50_to_upstream"] == pytest.approx(
+        paired["proxy"]["p50_s"] / paired["upstream"]["p50_s"])
     target = result["target"]
-    top = result["levels"][-1]
     assert target["concurrency"] == 2 and target["bound"] == 1.05
-    assert target["value"] == top["ratios"]["proxy_p50_to_upstream"]
+    assert target["measure"] == "proxy_paired_p50_to_upstream"
+    assert target["value"] == two["ratios"]["proxy_paired_p50_to_upstream"]
     assert target["met"] is (target["value"] <= 1.05)
-    # Every answered request (and each endpoint's warm-up) became a session: 1 + 3 + 3.
-    assert result["captured_sessions"] == result["captured_expected"] == {"endpoint": 7,
-                                                                         "proxy": 7}
+    # Every answered request (and each endpoint's warm-up) became a session: 1 + 3 + 3 at
+    # the endpoint, and the paired requests through the proxy too.
+    assert result["captured_sessions"] == result["captured_expected"] == {
+        "endpoint": 7, "proxy": 7 + paired["proxy"]["requests"]}
 
 
 def test_the_report_turns_serve_json_into_rows(measured, tmp_path: Path) -> None:
@@ -54,13 +66,15 @@ def test_the_report_turns_serve_json_into_rows(measured, tmp_path: Path) -> None
     assert built["sources"]["serve"] == "serve.json"
     rows = [row for row in built["rows"] if "endpoint" in row["measure"]
             or "proxy" in row["measure"]]
-    # Three a level; at the top level the proxy's CPU, and capture on against off.
-    assert len(rows) == 3 * 2 + 1 + 2
+    # Three a level, the paired proxy at 2 clients; at the top level the proxy's CPU, and
+    # capture on against off.
+    assert len(rows) == 3 * 2 + 1 + 1 + 2
     for row in rows:
         assert row["ratio"] == pytest.approx(row["fleetmind"] / row["peer_value"])
     judged = [row for row in rows if row["target"]]
-    (proxy,) = judged  # only the top level's proxy row carries the target
-    assert "2 clients" in proxy["measure"] and proxy["target"] == "≤ 1.05×"
+    (proxy,) = judged  # only the top level's paired proxy row carries the target
+    assert "2 clients" in proxy["measure"] and "paired" in proxy["measure"]
+    assert proxy["target"] == "≤ 1.05×"
     assert proxy["ratio"] == pytest.approx(result["target"]["value"])
     assert proxy["met"] is result["target"]["met"]
     assert "| proxy mode p50 latency, ms (2 clients) |" in report.markdown(built)
@@ -76,7 +90,7 @@ def test_a_folder_of_serve_json_alone_is_reported(measured, tmp_path: Path, caps
     written = json.loads((tmp_path / "report.json").read_text())
     assert written["sources"] == {"serve": "serve.json"}
     assert written["rows"] == report.build(tmp_path)["rows"] and written["cpus"] == result["cpus"]
-    assert len(written["rows"]) == 3 * 2 + 1 + 2
+    assert len(written["rows"]) == 3 * 2 + 1 + 1 + 2
     assert "| proxy mode p50 latency, ms (2 clients) |" in capsys.readouterr().out
     assert not (tmp_path / "wire.png").exists()
 
