@@ -275,6 +275,36 @@ def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int,
     return PromptRead(out.logits, out.cache, mask)
 
 
+def read_shared_prefix(model: Any, prompts: Sequence[Sequence[int]], pad: int) -> PromptRead:
+    """`read_prompts` for prompts that start alike: their longest common prefix is read once
+    (one row), then each prompt's own rest after it, the rests left-padded between the two
+    (masked out, positions counted past them), so every prompt still ends at the last
+    column. A lesson's dreams are its whole session and a short question each: at a real
+    shape, reading the session once per draft was most of the dreams' cost
+    (docs/real-shapes.md, "Where ours' time goes")."""
+    import torch
+
+    shortest = min(len(p) for p in prompts)
+    columns = zip(*prompts, strict=False)  # as far as the shortest goes
+    common = next((i for i, column in enumerate(columns) if len(set(column)) > 1), shortest)
+    shared = min(common, shortest - 1)  # each prompt keeps a token of its own
+    if len(prompts) < 2 or shared < 1:
+        return read_prompts(model, prompts, pad)
+    device = model_device(model)
+    out = model(input_ids=torch.tensor([list(prompts[0][:shared])], device=device),
+                use_cache=True, logits_to_keep=1)
+    n = len(prompts)
+    cache = kv_cache(model, [(layer.keys.expand(n, -1, -1, -1).contiguous(),
+                              layer.values.expand(n, -1, -1, -1).contiguous())
+                             for layer in out.cache.layers])
+    ids, rest_mask = pad_left([p[shared:] for p in prompts], pad)
+    ids, rest_mask = ids.to(device), rest_mask.to(device)
+    mask = torch.cat([torch.ones((n, shared), dtype=torch.long, device=device), rest_mask], 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=shared + positions(rest_mask),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    return PromptRead(out.logits, out.cache, mask)
+
+
 def unit_index(units: Sequence[int] | None, device: Any) -> Any:
     """Each row's unit as `lora.routed` takes it, (rows, 1); None for none."""
     import torch
@@ -320,8 +350,14 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], samples: in
 
 def greedy_confidence(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
                       max_new_tokens: int, stop_ids: set[int]) -> list[float]:
-    """Mean probability of each greedy answer's tokens: how sure the model is of it."""
-    _, confidences = generate(model, tokenizer, prompts, 1, max_new_tokens, 0.0, stop_ids)
+    """Mean probability of each greedy answer's tokens: how sure the model is of it. The
+    prompts' common start (a lesson's session, for its dreams) is read once."""
+    import torch
+
+    with torch.inference_mode():
+        read = read_shared_prefix(model, prompts, tokenizer.pad_token_id)
+    _, confidences = generate(model, tokenizer, prompts, 1, max_new_tokens, 0.0, stop_ids,
+                              read=read)
     return confidences
 
 

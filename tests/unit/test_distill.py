@@ -152,6 +152,38 @@ def test_packed_rows_give_each_row_its_own_logits_and_gradient(student) -> None:
             assert torch.allclose(grad, own_grads[name], atol=1e-6, rtol=1e-3), (how, name)
 
 
+def test_prompts_that_start_alike_read_their_start_once_as_each_alone_reads_it(student) -> None:
+    """A lesson's dream prompts (its session, then a question each, of different lengths):
+    read as one common prefix and their own rests, each prompt's next-token logits, and the
+    greedy answers and confidences decoded from there, are those of reading it alone."""
+    model, tokenizer = student
+    lessons, _ = lessons_and_guard(1)
+    lora.set_b(model, {n: np.full_like(b, 0.02) for n, b in lora.get_b(model).items()})
+    context = lessons[0].context
+    questions = ["what is the colour of the sky ?", "who ?", "tell me more about it ."]
+    prompts = [distill.chat_ids(tokenizer, [*context, {"role": "user", "content": q}],
+                                generation=True) for q in questions]
+    shared = len(distill.chat_ids(tokenizer, context, generation=False))
+    assert all(p[:shared] == prompts[0][:shared] for p in prompts)
+    with torch.inference_mode():
+        read = distill.read_shared_prefix(model, prompts, tokenizer.pad_token_id)
+        alone = [model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts]
+    # The common start first in every row (a left-padded read would start the shorter
+    # prompts with padding), each row's padding after it.
+    assert bool(read.mask[:, :shared].all())
+    assert read.mask.sum(-1).tolist() == [len(p) for p in prompts]
+    for row, logits in enumerate(alone):
+        assert torch.allclose(read.logits[row, -1], logits, atol=1e-4), row
+    stop = distill.turn_end_ids(tokenizer, model)
+    got = distill.greedy_confidence(model, tokenizer, prompts, 8, stop)
+    for prompt, confidence in zip(prompts, got, strict=True):
+        (want,) = distill.generate(model, tokenizer, [prompt], 1, 8, 0.0, stop)[1]
+        assert confidence == pytest.approx(want, abs=1e-5)
+    # Nothing in common but a token each would keep: the plain read.
+    assert distill.read_shared_prefix(model, [[5], [5, 6]], tokenizer.pad_token_id
+                                      ).mask.tolist() == [[0, 1], [1, 1]]
+
+
 def test_one_token_samples_after_a_read_take_the_reads_logits(student) -> None:
     model, tokenizer = student
     _, guard = lessons_and_guard(1)
