@@ -795,7 +795,9 @@ def print_table(result: dict[str, Any]) -> None:
     if b:
         console.print(f"download broadcast: {b['watchers']} watchers, {b['mb_per_s']:.0f} MB/s "
                       f"vs plain {b['plain_mb_per_s']:.0f} MB/s: ratio "
-                      f"{b['ratio_to_plain']:.2f}")
+                      f"{b['ratio_to_plain']:.2f}; vs plain written as a site writes "
+                      f"{b['plain_written_mb_per_s']:.0f} MB/s: ratio "
+                      f"{b['ratio_to_plain_written']:.2f}")
 
 
 def report_rows(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from support.bench_results import (
     CONSOLIDATE,
+    WIRE,
     bench_folder,
 )
 
@@ -96,9 +97,21 @@ def test_wire_rows_infeasible_cohorts_and_broadcast(tmp_path: Path) -> None:
     failed = find(rows, "round", "(50 sites)")
     assert failed["fleetmind"] is None and "DEADLINE_EXCEEDED" in failed["note"]
     assert "skipped" in find(rows, "round", "(200 sites)")["note"]
-    broadcast = find(rows, "broadcast")
+    broadcast = find(rows, "broadcast", "in memory")
     assert broadcast["peer"].startswith("plain gRPC stream")
     assert broadcast["ratio"] == 0.125 and broadcast["peer_value"] == 840.0
+    assert broadcast["target"] is None  # judged against the peer that writes, below
+    written = find(rows, "broadcast", "writes it")
+    assert written["ratio"] == 0.55 and written["peer_value"] == 191.0
+    assert written["target"] == "≥ 0.5×" and written["met"] is True
+    # A wire.json from before the written peer: the one row, as it was.
+    old = {key: value for key, value in WIRE["broadcast"].items()
+           if "written" not in key and key != "target"}
+    (tmp_path / "old").mkdir()
+    rows = rows_by_measure(bench_folder(tmp_path / "old", wire={**WIRE, "broadcast": old}))
+    assert [key for key in rows if "broadcast" in key] == [
+        "broadcast, MB/s (100 watchers, 8.4 MB version; the peer keeps it in memory) | "
+        "plain gRPC stream, same bytes"]
 
 
 def test_report_command_writes_json_and_markdown(tmp_path: Path, capsys) -> None:

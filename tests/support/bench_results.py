@@ -74,7 +74,10 @@ WIRE = {
                   "files": ["adapter_config.json", "adapter_model.safetensors",
                             "manifest.json", "manifest.sig"],
                   "seconds": 8.0, "mb_per_s": 105.0, "plain_seconds": 1.0,
-                  "plain_mb_per_s": 840.0, "ratio_to_plain": 0.125, "plain": "gRPC stream"},
+                  "plain_mb_per_s": 840.0, "ratio_to_plain": 0.125, "plain": "gRPC stream",
+                  "plain_written_seconds": 4.4, "plain_written_mb_per_s": 191.0,
+                  "ratio_to_plain_written": 0.55, "plain_written": "gRPC stream, written",
+                  "target": {"measure": "ratio_to_plain_written", "bound": 0.5, "met": True}},
     "quick": False, "cpus": 2, "largest_feasible_cohort": 10, "round_deadline_s": 240.0,
 }
 
