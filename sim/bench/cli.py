@@ -80,8 +80,9 @@ def add_bench_commands(commands: Any) -> None:
         "serve", help="the site endpoint's overhead, proxy mode's and capture's",
         description="Requests per second and p50/p99 latency of `client serve` on the toy "
                     "model against its engine called in-process, of proxy mode against its "
-                    "upstream called directly, and with capture on against off, at 1, 8 and "
-                    "32 concurrent clients; writes DIR/serve.json and DIR/serve.png.")
+                    "upstream called directly (apart, and paired: half the clients through "
+                    "the proxy, half direct, at once), and with capture on against off, at 1, "
+                    "8 and 32 concurrent clients; writes DIR/serve.json and DIR/serve.png.")
     serve.add_argument("--out", type=Path, required=True)
     serve.add_argument("--quick", action="store_true",
                        help="1 and 8 clients, 16 requests, one repeat: a smoke run")
