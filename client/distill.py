@@ -279,9 +279,9 @@ def read_shared_prefix(model: Any, prompts: Sequence[Sequence[int]], pad: int) -
     """`read_prompts` for prompts that start alike: their longest common prefix is read once
     (one row), then each prompt's own rest after it, the rests left-padded between the two
     (masked out, positions counted past them), so every prompt still ends at the last
-    column. A lesson's dreams are its whole session and a short question each: at a real
-    shape, reading the session once per draft was most of the dreams' cost
-    (docs/real-shapes.md, "Where ours' time goes")."""
+    column. A lesson's dreams are its whole session and a short question each, so the
+    session was read once per draft (about a fifth of the dreams' time at the SmolLM2
+    shape: docs/real-shapes.md, "The session read once for its drafts")."""
     import torch
 
     shortest = min(len(p) for p in prompts)
