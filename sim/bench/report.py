@@ -200,6 +200,9 @@ def serve_rows(result: dict[str, Any]) -> list[Row]:
     judged = result["target"]["measure"]
     bound = Target("ratio", "<=", result["target"]["bound"])
     for level in result["levels"]:
+        def judged_here(measure: str, level: dict[str, Any] = level) -> Target | None:
+            return bound if level["concurrency"] == top and judged == measure else None
+
         arms = level["arms"]
         clients = f"{level['concurrency']} client{'s' if level['concurrency'] > 1 else ''}"
         ms = {arm: 1e3 * s["p50_s"] for arm, s in arms.items()}
@@ -210,16 +213,14 @@ def serve_rows(result: dict[str, Any]) -> list[Row]:
                                                    arms["direct"]["rps"])),
                  Row(f"proxy mode p50 latency, ms ({clients})", ms["proxy"], upstream,
                      ms["endpoint_no_capture"], _ratio(ms["proxy"], ms["endpoint_no_capture"]),
-                     target=bound if level["concurrency"] == top
-                     and judged == "proxy_p50_to_upstream" else None)]
+                     target=judged_here("proxy_p50_to_upstream"))]
         if level.get("paired"):
             pair = {side: 1e3 * s["p50_s"] for side, s in level["paired"].items()}
             rows.append(Row(f"proxy mode p50 latency paired, ms ({clients}: half through the "
                             "proxy, half direct, at once)", pair["proxy"],
                             "its upstream called directly at the same moments",
                             pair["upstream"], _ratio(pair["proxy"], pair["upstream"]),
-                            target=bound if level["concurrency"] == top
-                            and judged == "proxy_paired_p50_to_upstream" else None))
+                            target=judged_here("proxy_paired_p50_to_upstream")))
     arms = result["levels"][-1]["arms"]
     proxy_cpu = arms["proxy"]["cpu_ms_per_request"]["proxy"]
     upstream_cpu = arms["endpoint_no_capture"]["cpu_ms_per_request"]["endpoint_no_capture"]

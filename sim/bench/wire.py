@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -176,15 +177,16 @@ def _plain_stream_seconds(payload: bytes, watchers: int,
                                     options=[("grpc.max_receive_message_length", 4 << 20)])
     call = channel.unary_stream("/bench.Plain/Get")
     received = [0] * watchers
+    ends = list(itertools.accumulate(size for _, size in files))
+    spans = [(name, end - size, end) for (name, size), end in zip(files, ends, strict=True)]
 
     def one(i: int) -> None:
         data = b"".join(call(b"", timeout=120))
         received[i] = len(data)
-        if files and work is not None:
-            offsets = np.cumsum([0, *(size for _, size in files)]).tolist()
+        if spans and work is not None:
             write_folder(work / f"plain-{i:03d}",
-                         {name: data[offsets[j]:offsets[j + 1]]
-                          for j, (name, _) in enumerate(files)}, work / f".plain-{i:03d}")
+                         {name: data[start:end] for name, start, end in spans},
+                         work / f".plain-{i:03d}")
 
     try:
         seconds = _concurrently(watchers, one)
@@ -222,6 +224,7 @@ def bench_broadcast(watchers: int, work: Path) -> dict[str, Any]:
     written = _plain_stream_seconds(payload, watchers,
                                     [(p.name, p.stat().st_size) for p in files], work / "plain")
     total_mb = len(payload) * watchers / 1e6
+    to_written = written / seconds
     return {"watchers": watchers, "version_bytes": len(payload), "b_bytes": b_bytes,
             "files": [p.name for p in files], "seconds": seconds, "mb_per_s": total_mb / seconds,
             "plain_seconds": plain, "plain_mb_per_s": total_mb / plain,
@@ -229,11 +232,11 @@ def bench_broadcast(watchers: int, work: Path) -> dict[str, Any]:
             "plain": "gRPC unary-stream, raw bytes in 1 MiB chunks, no verification, not "
                      "written; same concurrency, separate server on 127.0.0.1:0",
             "plain_written_seconds": written, "plain_written_mb_per_s": total_mb / written,
-            "ratio_to_plain_written": written / seconds,
+            "ratio_to_plain_written": to_written,
             "plain_written": "the same stream, each client then writing the version's files "
                              "as a site does (runtime.durable.write_folder)",
             "target": {"measure": "ratio_to_plain_written", "bound": BROADCAST_TARGET,
-                       "met": written / seconds >= BROADCAST_TARGET}}
+                       "met": to_written >= BROADCAST_TARGET}}
 
 
 def run(out: Path, quick: bool = False) -> dict[str, Any]:
