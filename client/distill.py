@@ -30,9 +30,15 @@ GUARD_POOL_STEPS = 8
 # large vocabulary pays a frozen pass per step instead (sizes: docs/measurements.md
 # "Consolidation (OPSD)").
 GUARD_REFERENCE_MB = 512
-# The guard's rows go through the model this many at a time, forward and backward, to lower
-# the memory peak at no cost in time (numbers: docs/measurements.md "Consolidation (OPSD)").
+# The guard's rows go through the model this many at a time, sampled, forward and backward,
+# to lower the memory peak at no cost in time (numbers: docs/measurements.md "Consolidation
+# (OPSD)"; the sampling: docs/real-shapes.md "The system turn read once").
 GUARD_MICRO_BATCH = 8
+# Prompts whose first tokens agree for at least this many have them read once
+# (`common_start`): at the SmolLM2-135M shape a chat template's system turn is 46 tokens of a
+# guard prompt's 96; the toy model's prompts share 3, which do not pay for a model call of
+# their own (docs/real-shapes.md "The system turn read once").
+SHARED_START_MIN = 16
 # top_k = AUTO_TOP_K: the whole vocabulary up to FULL_KL_MAX_VOCAB tokens, else the
 # student's top AUTO_TOP_K_TOKENS plus a tail bucket, a lower bound of the full KL that saves
 # its (tokens, vocabulary) tensors (docs/models.md "Large vocabularies").
@@ -265,44 +271,56 @@ class PromptRead:
 def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int,
                  units: Sequence[int] | None = None) -> PromptRead:
     """One pass over the prompts, left-padded; only their last positions reach the vocabulary
-    projection. units: each prompt's unit, whose delta its row adds (`lora.UnitDeltas`)."""
+    projection. units: each prompt's unit, whose delta its row adds (`lora.UnitDeltas`).
+
+    Prompts that start alike (a chat template's system turn; a lesson's session, for its
+    dreams) have their common start read once per unit (`read_common_start`), then each
+    prompt's own rest after it, the rests left-padded between the two (masked out, positions
+    counted past them), so every prompt still ends at the last column."""
+    import torch
+
     device = model_device(model)
-    ids, mask = pad_left(prompts, pad)  # (P, L)
-    ids, mask = ids.to(device), mask.to(device)
+    shared = common_start(prompts)
+    cache = (kv_cache(model, read_common_start(model, prompts[0][:shared], len(prompts), units))
+             if shared else None)
+    ids, rest_mask = pad_left([p[shared:] for p in prompts], pad)  # (P, L)
+    ids, rest_mask = ids.to(device), rest_mask.to(device)
+    mask = torch.cat([torch.ones((len(prompts), shared), dtype=torch.long, device=device),
+                      rest_mask], 1)
     with lora.routed(model, unit_index(units, device)):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=shared + positions(rest_mask),
+                    cache=cache, use_cache=True, logits_to_keep=1)
     return PromptRead(out.logits, out.cache, mask)
 
 
-def read_shared_prefix(model: Any, prompts: Sequence[Sequence[int]], pad: int) -> PromptRead:
-    """`read_prompts` for prompts that start alike: their longest common prefix is read once
-    (one row), then each prompt's own rest after it, the rests left-padded between the two
-    (masked out, positions counted past them), so every prompt still ends at the last
-    column. A lesson's dreams are its whole session and a short question each, so the
-    session was read once per draft (about a fifth of the dreams' time at the SmolLM2
-    shape: docs/real-shapes.md, "The session read once for its drafts")."""
-    import torch
-
+def common_start(prompts: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every prompt shares, when they are worth a read of their own
+    (at least SHARED_START_MIN), each prompt keeping a token of its own; else 0."""
+    if len(prompts) < 2:
+        return 0
     shortest = min(len(p) for p in prompts)
     columns = zip(*prompts, strict=False)  # as far as the shortest goes
     common = next((i for i, column in enumerate(columns) if len(set(column)) > 1), shortest)
-    shared = min(common, shortest - 1)  # each prompt keeps a token of its own
-    if len(prompts) < 2 or shared < 1:
-        return read_prompts(model, prompts, pad)
+    shared = min(common, shortest - 1)
+    return shared if shared >= SHARED_START_MIN else 0
+
+
+def read_common_start(model: Any, start: Sequence[int], rows: int,
+                      units: Sequence[int] | None = None) -> list[tuple[Any, Any]]:
+    """Per layer (keys, values), (rows, heads, len(start), head_dim): `start` read once for
+    each unit among `units` (each row's; None: one read without units), copied to its rows.
+    A unit's delta changes what the start reads as, so units never share a read."""
+    import torch
+
     device = model_device(model)
-    out = model(input_ids=torch.tensor([list(prompts[0][:shared])], device=device),
-                use_cache=True, logits_to_keep=1)
-    n = len(prompts)
-    cache = kv_cache(model, [(layer.keys.expand(n, -1, -1, -1).contiguous(),
-                              layer.values.expand(n, -1, -1, -1).contiguous())
-                             for layer in out.cache.layers])
-    ids, rest_mask = pad_left([p[shared:] for p in prompts], pad)
-    ids, rest_mask = ids.to(device), rest_mask.to(device)
-    mask = torch.cat([torch.ones((n, shared), dtype=torch.long, device=device), rest_mask], 1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=shared + positions(rest_mask),
-                cache=cache, use_cache=True, logits_to_keep=1)
-    return PromptRead(out.logits, out.cache, mask)
+    distinct = sorted(set(units)) if units is not None else []
+    with lora.routed(model, unit_index(distinct or None, device)):
+        out = model(input_ids=torch.tensor([list(start)] * max(len(distinct), 1), device=device),
+                    use_cache=True, logits_to_keep=1)
+    pick = torch.tensor([distinct.index(u) for u in units] if units is not None else [0] * rows,
+                        dtype=torch.long, device=device)
+    return [(layer.keys.index_select(0, pick), layer.values.index_select(0, pick))
+            for layer in out.cache.layers]
 
 
 def unit_index(units: Sequence[int] | None, device: Any) -> Any:
@@ -350,14 +368,8 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], samples: in
 
 def greedy_confidence(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
                       max_new_tokens: int, stop_ids: set[int]) -> list[float]:
-    """Mean probability of each greedy answer's tokens: how sure the model is of it. The
-    prompts' common start (a lesson's session, for its dreams) is read once."""
-    import torch
-
-    with torch.inference_mode():
-        read = read_shared_prefix(model, prompts, tokenizer.pad_token_id)
-    _, confidences = generate(model, tokenizer, prompts, 1, max_new_tokens, 0.0, stop_ids,
-                              read=read)
+    """Mean probability of each greedy answer's tokens: how sure the model is of it."""
+    _, confidences = generate(model, tokenizer, prompts, 1, max_new_tokens, 0.0, stop_ids)
     return confidences
 
 
@@ -446,13 +458,21 @@ def completion_logits(model: Any, prompts: Sequence[Sequence[int]],
 
     read: the prompts as `read_prompts` read them (the student's pass of a step, which its
     sampling used; `prompts` is then not needed): the completions continue its cache.
+    None: the prompts' common start, if any (`common_start`), is read once per unit and
+    each prompt's rest packed after it.
     units: each prompt's unit (`lora.UnitDeltas`); a completion is its prompt's, and each
     unit's rows are packed in a row of their own."""
+    import torch
+
     owners = range(len(completions)) if owners is None else owners
     routed = units is not None
     if read is None:
-        return packed_logits(model, None, prompts, completions, owners, skip_first,
-                             rows=units, routed=routed)
+        shared = common_start(prompts)
+        past = None if not shared else (
+            read_common_start(model, prompts[0][:shared], len(prompts), units),
+            torch.ones((len(prompts), shared), dtype=torch.long, device=model_device(model)))
+        return packed_logits(model, past, [p[shared:] for p in prompts], completions, owners,
+                             skip_first, rows=units, routed=routed)
     return packed_logits(model, ([(layer.keys, layer.values) for layer in read.cache.layers],
                                  read.mask),
                          [[] for _ in range(len(read.mask))], completions, owners, skip_first,
@@ -1146,7 +1166,7 @@ class GuardExample:
 def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg: DistillConfig,
                    rng: random.Random, stop: set[int], generator: Any = None
                    ) -> list[GuardExample]:
-    """The guard's examples, completions drawn once from the frozen model, a step's worth of
+    """The guard's examples, completions drawn once from the frozen model, GUARD_MICRO_BATCH
     rows at a time.
 
     The guard holds the student next to the frozen model on these inputs, where the two
@@ -1158,10 +1178,9 @@ def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg:
                                                                               count)]
     completions: list[list[int]] = []
     with lora.frozen_global(model):
-        for start in range(0, count, cfg.guard_prompts_per_step):
-            completions += sample(model, tokenizer,
-                                  prompt_ids[start:start + cfg.guard_prompts_per_step], 1,
-                                  cfg.max_new_tokens, cfg.temperature, stop, generator)
+        for start in range(0, count, GUARD_MICRO_BATCH):
+            completions += sample(model, tokenizer, prompt_ids[start:start + GUARD_MICRO_BATCH],
+                                  1, cfg.max_new_tokens, cfg.temperature, stop, generator)
     return [GuardExample(p, y) for p, y in zip(prompt_ids, completions, strict=True)]
 
 

@@ -127,3 +127,34 @@ def test_replay_is_refused_when_units_share_a_pass(student) -> None:
         distill.consolidate_units(model, tokenizer, [[lesson] for lesson in lessons], guard,
                                   distill.DistillConfig(steps=1), replay=[(lessons[0], dream)],
                                   progress=False)
+
+
+def test_a_common_start_is_read_under_each_units_own_delta(student) -> None:
+    """Prompts of different units that start alike (a chat template's system turn): the start
+    is read once per unit, under that unit's delta, so each prompt's logits, read for
+    sampling or scored with completions, are those of its own pass under its own unit."""
+    model, tokenizer = student
+    lora.set_b(model, random_b(model, 0.05, 0))
+    start = [3 + (5 * i) % 40 for i in range(distill.SHARED_START_MIN + 2)]
+    prompts = [[*start, 11, 12], [*start, 13], [*start, 14, 15, 16]]
+    units, completions = [1, 0, 1], [[20, 21], [22], [23, 24, 25]]
+    deltas = lora.UnitDeltas(model, 2)
+    try:
+        with torch.no_grad():
+            for delta in deltas.parameters():
+                delta.normal_(0, 0.2)
+            read = distill.read_prompts(model, prompts, tokenizer.pad_token_id, units)
+            scored, counts = distill.completion_logits(model, prompts, completions, 0,
+                                                       units=units)
+            alone = []
+            for prompt, y, unit in zip(prompts, completions, units, strict=True):
+                with lora.routed(model, torch.tensor([[unit]])):
+                    alone.append(model(input_ids=torch.tensor([prompt + y])).logits[0])
+    finally:
+        deltas.detach()
+    assert distill.common_start(prompts) == len(start)
+    assert counts == [len(y) for y in completions]
+    rows = torch.split(scored, counts)
+    for prompt, own, last, row in zip(prompts, alone, read.logits, rows, strict=True):
+        assert torch.allclose(last[-1], own[len(prompt) - 1], atol=1e-4)
+        assert torch.allclose(row, own[len(prompt) - 1:-1], atol=1e-4)

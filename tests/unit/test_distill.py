@@ -115,14 +115,20 @@ def test_cached_teacher_context_gives_the_uncached_logits(student) -> None:
         assert torch.allclose(got_again, plain, atol=1e-4)
 
 
-def test_packed_rows_give_each_row_its_own_logits_and_gradient(student) -> None:
+@pytest.mark.parametrize("start", [0, distill.SHARED_START_MIN + 4])
+def test_packed_rows_give_each_row_its_own_logits_and_gradient(student, start) -> None:
     """Completions packed in one row, several continuing one prompt (read in the same pass,
     or read before, as a step's sampling reads it): the logits and the gradient into B are
-    those of each row's own unpacked pass."""
+    those of each row's own unpacked pass; also where the prompts share a start long enough
+    to be read once (a chat template's system turn), whose gradient reaches B through every
+    row."""
     model, tokenizer = student
     _, guard = lessons_and_guard(1)
     lora.set_b(model, {n: np.full_like(b, 0.01) for n, b in lora.get_b(model).items()})
-    prompts = [distill.chat_ids(tokenizer, g, generation=True) for g in guard[:3]]
+    system = [3 + (7 * i) % 50 for i in range(start)]
+    prompts = [system + distill.chat_ids(tokenizer, g, generation=True) for g in guard[:3]]
+    shared = distill.common_start(prompts)
+    assert shared >= start if start else shared == 0
     owners = [0, 0, 1, 1, 1, 2]
     ys = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
 
@@ -154,7 +160,7 @@ def test_packed_rows_give_each_row_its_own_logits_and_gradient(student) -> None:
 
 def test_prompts_that_start_alike_read_their_start_once_as_each_alone_reads_it(student) -> None:
     """A lesson's dream prompts (its session, then a question each, of different lengths):
-    read as one common prefix and their own rests, each prompt's next-token logits, and the
+    read as one common start and their own rests, each prompt's next-token logits, and the
     greedy answers and confidences decoded from there, are those of reading it alone."""
     model, tokenizer = student
     lessons, _ = lessons_and_guard(1)
@@ -165,8 +171,9 @@ def test_prompts_that_start_alike_read_their_start_once_as_each_alone_reads_it(s
                                 generation=True) for q in questions]
     shared = len(distill.chat_ids(tokenizer, context, generation=False))
     assert all(p[:shared] == prompts[0][:shared] for p in prompts)
+    assert distill.common_start(prompts) >= shared >= distill.SHARED_START_MIN
     with torch.inference_mode():
-        read = distill.read_shared_prefix(model, prompts, tokenizer.pad_token_id)
+        read = distill.read_prompts(model, prompts, tokenizer.pad_token_id)
         alone = [model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts]
     # The common start first in every row (a left-padded read would start the shorter
     # prompts with padding), each row's padding after it.
@@ -179,9 +186,18 @@ def test_prompts_that_start_alike_read_their_start_once_as_each_alone_reads_it(s
     for prompt, confidence in zip(prompts, got, strict=True):
         (want,) = distill.generate(model, tokenizer, [prompt], 1, 8, 0.0, stop)[1]
         assert confidence == pytest.approx(want, abs=1e-5)
-    # Nothing in common but a token each would keep: the plain read.
-    assert distill.read_shared_prefix(model, [[5], [5, 6]], tokenizer.pad_token_id
-                                      ).mask.tolist() == [[0, 1], [1, 1]]
+
+
+def test_a_short_common_start_is_read_with_each_prompt() -> None:
+    """Under SHARED_START_MIN tokens in common (the toy model's prompts share 3), or a single
+    prompt, nothing is read apart; each prompt keeps a token of its own."""
+    long = list(range(10, 10 + distill.SHARED_START_MIN))
+    assert distill.common_start([[5], [5, 6]]) == 0
+    assert distill.common_start([[*long[:-1], 1], [*long[:-1], 2]]) == 0
+    assert distill.common_start([[*long, 1], [*long, 2, 3]]) == len(long)
+    assert distill.common_start([long, [*long, 2]]) == 0  # the first would keep nothing
+    assert distill.common_start([[*long, 7], [*long, 7]]) == len(long)
+    assert distill.common_start([[*long, 1]]) == 0
 
 
 def test_one_token_samples_after_a_read_take_the_reads_logits(student) -> None:
