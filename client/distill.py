@@ -358,18 +358,23 @@ def kv_cache(model: Any, layers: Sequence[tuple[Any, Any]]) -> Any:
 
 def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], samples: int,
            max_new_tokens: int, temperature: float, stop_ids: set[int],
-           generator: Any = None) -> list[list[int]]:
+           generator: Any = None, read: PromptRead | None = None) -> list[list[int]]:
     """`samples` completions per prompt from `model` as it is now (adapter on or off), each cut
-    after its first stop token, prompt by prompt; drawn from `generator` (None: torch's)."""
+    after its first stop token, prompt by prompt; drawn from `generator` (None: torch's).
+    read: the prompts already read (`generate`)."""
     completions, _ = generate(model, tokenizer, prompts, samples, max_new_tokens, temperature,
-                              stop_ids, generators=None if generator is None else [generator])
+                              stop_ids, read=read,
+                              generators=None if generator is None else [generator])
     return completions
 
 
 def greedy_confidence(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
-                      max_new_tokens: int, stop_ids: set[int]) -> list[float]:
-    """Mean probability of each greedy answer's tokens: how sure the model is of it."""
-    _, confidences = generate(model, tokenizer, prompts, 1, max_new_tokens, 0.0, stop_ids)
+                      max_new_tokens: int, stop_ids: set[int],
+                      read: PromptRead | None = None) -> list[float]:
+    """Mean probability of each greedy answer's tokens: how sure the model is of it.
+    read: the prompts already read (`generate`)."""
+    _, confidences = generate(model, tokenizer, prompts, 1, max_new_tokens, 0.0, stop_ids,
+                              read=read)
     return confidences
 
 
@@ -637,16 +642,21 @@ class TeacherContexts:
     @classmethod
     def encode(cls, model: Any, contexts: dict[str, list[int]]) -> TeacherContexts:
         """Each session alone (batch 1, no padding), so encoding never holds more than one
-        session's activations."""
+        session's activations; their common start (the system turn), if any, read once."""
         import torch
         import torch.nn.functional as F
 
         caches = []
         device = model_device(model)
+        every = list(contexts.values())
+        shared = common_start(every)
         with torch.no_grad(), lora.frozen_global(model):
-            for ids in contexts.values():
-                out = model(input_ids=torch.tensor([ids], device=device), use_cache=True,
-                            logits_to_keep=1)
+            start = read_common_start(model, every[0][:shared], 1) if shared else None
+            for ids in every:
+                out = model(input_ids=torch.tensor([ids[shared:]], device=device),
+                            position_ids=torch.arange(shared, len(ids), device=device)[None],
+                            cache=None if start is None else kv_cache(model, start),
+                            use_cache=True, logits_to_keep=1)
                 caches.append([(layer.keys, layer.values) for layer in out.cache.layers])
         width = max(len(ids) for ids in contexts.values())
 
@@ -660,6 +670,32 @@ class TeacherContexts:
         mask = mask.to(device)
         return cls(dict(contexts), {session: i for i, session in enumerate(contexts)}, layers,
                    mask)
+
+    def read_after(self, model: Any, session: str, prompts: Sequence[Sequence[int]],
+                   pad: int) -> PromptRead | None:
+        """`read_prompts` for prompts that continue `session`'s context (a lesson's dreams):
+        the held cache stands for the context, so only each prompt's rest is read, rests
+        left-padded after it. None when a prompt does not start with the context's tokens (a
+        chat template may write a turn differently once another follows). The frozen model
+        reads, as it read the context."""
+        import torch
+
+        context = self.ids[session]
+        if not prompts or any(list(p[:len(context)]) != context or len(p) <= len(context)
+                              for p in prompts):
+            return None
+        n, row = len(prompts), self.row[session]
+        index = torch.full((n,), row, dtype=torch.long, device=self.mask.device)
+        cache = kv_cache(model, [(k.index_select(0, index), v.index_select(0, index))
+                                 for k, v in self.layers])
+        ids, rest_mask = pad_left([p[len(context):] for p in prompts], pad)
+        ids, rest_mask = ids.to(self.mask.device), rest_mask.to(self.mask.device)
+        mask = torch.cat([self.mask.index_select(0, index), rest_mask], 1)
+        with torch.no_grad(), lora.frozen_global(model):
+            out = model(input_ids=ids, attention_mask=mask,
+                        position_ids=len(context) + positions(rest_mask), cache=cache,
+                        use_cache=True, logits_to_keep=1)
+        return PromptRead(out.logits, out.cache, mask)
 
     def log_probs(self, model: Any, sessions: Sequence[str], suffixes: Sequence[Sequence[int]],
                   completions: Sequence[Sequence[int]], owners: Sequence[int],
@@ -859,17 +895,24 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
 
 def dream(model: Any, tokenizer: Any, lesson: Lesson, count: int, max_new_tokens: int,
           threshold: float, scrub: Callable[[str], str] | None = None,
-          generator: Any = None) -> tuple[list[Dream], int]:
+          generator: Any = None, contexts: TeacherContexts | None = None
+          ) -> tuple[list[Dream], int]:
     """The teacher, the session in context, writes the user's next turn `count` times
     (drawn from `generator`, None: torch's). Duplicates, prompts already in the session, and
     prompts whose greedy answer the teacher gives with mean token probability below
-    `threshold` are dropped. Returns kept, rejected."""
+    `threshold` are dropped. Returns kept, rejected. contexts: the consolidation's held
+    session caches, which the drafts and their answers continue instead of reading the
+    session again (`TeacherContexts.read_after`)."""
+
+    def read(prompts: list[list[int]]) -> PromptRead | None:
+        return (None if contexts is None else
+                contexts.read_after(model, lesson.session_id, prompts, tokenizer.pad_token_id))
 
     user_end = turn_end_ids(tokenizer, model)
     prefix = user_turn_prefix_ids(tokenizer, lesson.context)
     with lora.frozen_global(model):
         drafts = sample(model, tokenizer, [prefix], count, max_new_tokens, 1.0, user_end,
-                        generator)
+                        generator, read([prefix]))
     seen = {p[0]["content"] for p in lesson.probes}
     candidates = []
     for draft in drafts:
@@ -883,7 +926,8 @@ def dream(model: Any, tokenizer: Any, lesson: Lesson, count: int, max_new_tokens
     if candidates:
         prompts = [chat_ids(tokenizer, [*lesson.context, *p], generation=True) for p in candidates]
         with lora.frozen_global(model):
-            confidences = greedy_confidence(model, tokenizer, prompts, max_new_tokens, user_end)
+            confidences = greedy_confidence(model, tokenizer, prompts, max_new_tokens, user_end,
+                                            read(prompts))
         kept = [Dream(lesson.session_id, prompt, confidence)
                 for prompt, confidence in zip(candidates, confidences, strict=True)
                 if confidence >= threshold]
@@ -995,7 +1039,7 @@ def consolidate_units(model: Any, tokenizer: Any, units: Sequence[Sequence[Lesso
             model, {lesson.session_id: chat_ids(tokenizer, lesson.context, generation=False)
                     for lesson in [*lessons, *(replayed for replayed, _ in replay)]})
         dreams = [_dreams(model, tokenizer, unit, cfg, scrub, stats[u],
-                          None if generators is None else generators[u])
+                          None if generators is None else generators[u], contexts)
                   for u, unit in enumerate(units)]
         pools = [_prompt_pool(tokenizer, contexts, unit, unit_dreams, replay)
                  for unit, unit_dreams in zip(units, dreams, strict=True)]
@@ -1076,13 +1120,14 @@ def _generator(model: Any, seed: int) -> Any:
 
 def _dreams(model: Any, tokenizer: Any, lessons: Sequence[Lesson], cfg: DistillConfig,
             scrub: Callable[[str], str] | None, stats: DistillStats,
-            generator: Any) -> list[Dream]:
+            generator: Any, contexts: TeacherContexts) -> list[Dream]:
     """A unit's kept dreams, lesson by lesson, counted in its stats."""
     kept_all: list[Dream] = []
     if cfg.dream_ratio > 0 and cfg.dreams_per_lesson > 0:
         for lesson in lessons:
             kept, rejected = dream(model, tokenizer, lesson, cfg.dreams_per_lesson,
-                                   cfg.max_new_tokens, cfg.dream_confidence, scrub, generator)
+                                   cfg.max_new_tokens, cfg.dream_confidence, scrub, generator,
+                                   contexts)
             kept_all += kept
             stats.dreams_rejected += rejected
         stats.dreams_kept = len(kept_all)

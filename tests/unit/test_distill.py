@@ -115,6 +115,24 @@ def test_cached_teacher_context_gives_the_uncached_logits(student) -> None:
         assert torch.allclose(got_again, plain, atol=1e-4)
 
 
+def test_sessions_that_start_alike_are_held_as_each_alone_reads_it(student) -> None:
+    """Contexts with a common start (a chat template's system turn) of SHARED_START_MIN+
+    tokens: it is read once, and the held caches give each session's own plain logits."""
+    model, _ = student
+    start = [3 + (11 * i) % 60 for i in range(distill.SHARED_START_MIN + 3)]
+    ids = {"a": [*start, 40, 41, 42], "b": [*start, 43], "c": [*start, 44, 45]}
+    assert distill.common_start(list(ids.values())) == len(start)
+    contexts = distill.TeacherContexts.encode(model, ids)
+    suffixes, ys = [[50], [51, 52], [53]], [[60, 61], [62], [63, 64, 65]]
+    held, counts = contexts.log_probs(model, list(ids), suffixes, ys, [0, 1, 2], 0)
+    for context, suffix, y, got in zip(ids.values(), suffixes, ys, held.split(counts),
+                                       strict=True):
+        with torch.no_grad():
+            plain = torch.log_softmax(model(input_ids=torch.tensor([context + suffix + y]))
+                                      .logits[0], dim=-1)[-len(y) - 1:-1]
+        assert torch.allclose(got, plain, atol=1e-4)
+
+
 @pytest.mark.parametrize("start", [0, distill.SHARED_START_MIN + 4])
 def test_packed_rows_give_each_row_its_own_logits_and_gradient(student, start) -> None:
     """Completions packed in one row, several continuing one prompt (read in the same pass,
@@ -186,6 +204,33 @@ def test_prompts_that_start_alike_read_their_start_once_as_each_alone_reads_it(s
     for prompt, confidence in zip(prompts, got, strict=True):
         (want,) = distill.generate(model, tokenizer, [prompt], 1, 8, 0.0, stop)[1]
         assert confidence == pytest.approx(want, abs=1e-5)
+
+
+def test_dreams_continue_the_held_session_cache_as_a_fresh_read_would(student) -> None:
+    """A lesson's dreams read after the consolidation's held cache of its session
+    (`TeacherContexts.read_after`) instead of reading the session again: the same drafts from
+    the same draws, the same dreams kept, confidences within float rounding."""
+    model, tokenizer = student
+    lessons, _ = lessons_and_guard(1)
+    lesson = lessons[0]
+    lora.set_b(model, {n: np.full_like(b, 0.02) for n, b in lora.get_b(model).items()})
+    lora.hold_global(model)
+    context = distill.chat_ids(tokenizer, lesson.context, generation=False)
+    contexts = distill.TeacherContexts.encode(model, {lesson.session_id: context})
+    got = {}
+    for how, held in (("fresh", None), ("held", contexts)):
+        generator = torch.Generator().manual_seed(3)
+        got[how] = distill.dream(model, tokenizer, lesson, 6, 8, 0.0, None, generator, held)
+    (fresh, fresh_rejected), (held, held_rejected) = got["fresh"], got["held"]
+    assert fresh and fresh_rejected == held_rejected
+    assert [d.prompt for d in held] == [d.prompt for d in fresh]
+    assert [d.confidence for d in held] == pytest.approx([d.confidence for d in fresh],
+                                                         abs=1e-5)
+    # A prompt that does not continue the session is read the plain way.
+    assert contexts.read_after(model, lesson.session_id, [[*context[1:], 5]],
+                               tokenizer.pad_token_id) is None
+    assert contexts.read_after(model, lesson.session_id, [context],
+                               tokenizer.pad_token_id) is None  # nothing after it
 
 
 def test_a_short_common_start_is_read_with_each_prompt() -> None:
