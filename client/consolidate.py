@@ -143,9 +143,9 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
     # same for all of them: sampled once here, not once per session.
     guard_set = None
     if per_session and cfg.method == "opsd" and cfg.guard_weight > 0 and len(groups) > 1:
-        guard_set = distill.guard_examples(model, tokenizer, guard_prompts, cfg,
-                                           random.Random(cfg.seed),
-                                           distill.turn_end_ids(tokenizer, model))
+        guard_set, _ = distill.guard_examples(model, tokenizer, guard_prompts, cfg,
+                                              random.Random(cfg.seed),
+                                              distill.turn_end_ids(tokenizer, model))
     for chunk in _passes(model, groups, cfg):
         lora.set_b(model, start)
         if cfg.method == "sft_transcript":

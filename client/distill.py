@@ -34,6 +34,9 @@ GUARD_REFERENCE_MB = 512
 # to lower the memory peak at no cost in time (numbers: docs/measurements.md "Consolidation
 # (OPSD)"; the sampling: docs/real-shapes.md "The system turn read once").
 GUARD_MICRO_BATCH = 8
+# Lessons dreamt in one pass, their drafts and answers decoded in one batch each
+# (docs/real-shapes.md "The system turn read once").
+DREAM_LESSONS_PER_PASS = 4
 # Prompts whose first tokens agree for at least this many have them read once
 # (`common_start`): at the SmolLM2-135M shape a chat template's system turn is 46 tokens of a
 # guard prompt's 96; the toy model's prompts share 3, which do not pay for a model call of
@@ -273,8 +276,8 @@ def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int,
     """One pass over the prompts, left-padded; only their last positions reach the vocabulary
     projection. units: each prompt's unit, whose delta its row adds (`lora.UnitDeltas`).
 
-    Prompts that start alike (a chat template's system turn; a lesson's session, for its
-    dreams) have their common start read once per unit (`read_common_start`), then each
+    Prompts that start alike (a chat template's system turn) have their common start read
+    once per unit (`read_common_start`), then each
     prompt's own rest after it, the rests left-padded between the two (masked out, positions
     counted past them), so every prompt still ends at the last column."""
     import torch
@@ -358,14 +361,30 @@ def kv_cache(model: Any, layers: Sequence[tuple[Any, Any]]) -> Any:
 
 def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], samples: int,
            max_new_tokens: int, temperature: float, stop_ids: set[int],
-           generator: Any = None, read: PromptRead | None = None) -> list[list[int]]:
+           generator: Any = None, read: PromptRead | None = None,
+           step_log_probs: list[tuple[Any, Any]] | None = None) -> list[list[int]]:
     """`samples` completions per prompt from `model` as it is now (adapter on or off), each cut
     after its first stop token, prompt by prompt; drawn from `generator` (None: torch's).
-    read: the prompts already read (`generate`)."""
+    read, step_log_probs: as `generate` takes them."""
     completions, _ = generate(model, tokenizer, prompts, samples, max_new_tokens, temperature,
                               stop_ids, read=read,
-                              generators=None if generator is None else [generator])
+                              generators=None if generator is None else [generator],
+                              step_log_probs=step_log_probs)
     return completions
+
+
+def row_log_probs(steps: Sequence[tuple[Any, Any]], lengths: Sequence[int],
+                  skip_first: int) -> list[Any]:
+    """Each row's log-probabilities at its own tokens after the first `skip_first`,
+    (length - skip_first, V), from `generate`'s step_log_probs (row r has `lengths[r]`)."""
+    import torch
+
+    out = []
+    for row, length in enumerate(lengths):
+        picked = [log_probs[(live == row).nonzero()[0, 0]]
+                  for live, log_probs in steps[skip_first:length]]
+        out.append(torch.stack(picked) if picked else steps[0][1][:0])
+    return out
 
 
 def greedy_confidence(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
@@ -381,7 +400,9 @@ def greedy_confidence(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], samples: int,
              max_new_tokens: int, temperature: float, stop_ids: set[int],
              read: PromptRead | None = None, units: Sequence[int] | None = None,
-             generators: Sequence[Any] | None = None) -> tuple[list[list[int]], list[float]]:
+             generators: Sequence[Any] | None = None,
+             step_log_probs: list[tuple[Any, Any]] | None = None
+             ) -> tuple[list[list[int]], list[float]]:
     """A plain KV-cached decoding loop: `samples` continuations of each prompt, sampled at
     `temperature` or greedy when it is 0. Each prompt is read once and its cache copied to its
     samples (the prompts left-padded in one batch); a row leaves the batch at its first stop
@@ -392,7 +413,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
     student's pass of a step, whose graph the loss reuses); decoding continues from a
     detached copy of it, which leaves it as it was. None: they are read here.
     units: each prompt's unit (`lora.UnitDeltas`), None for none; generators: one per unit
-    (a single one without units), each unit's rows drawn from its own (`uniform`)."""
+    (a single one without units), each unit's rows drawn from its own (`uniform`).
+    step_log_probs: when given, each step's (the rows still decoding, the log-probabilities
+    their next token was drawn from at temperature 1, (live, V)) is appended to it
+    (`row_log_probs` gives each row's)."""
     import torch
 
     device = model_device(model)
@@ -414,6 +438,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampl
         position = mask.sum(-1, keepdim=True) - 1  # (B, 1): each prompt's last position
         for step in range(max_new_tokens):
             p = torch.softmax(logits, dim=-1)  # (live, V)
+            if step_log_probs is not None:
+                step_log_probs.append((live, torch.log_softmax(logits, dim=-1)))
             if temperature > 0:
                 # Inverse-CDF sampling: torch.multinomial's distribution, much faster (timings:
                 # docs/measurements.md "Consolidation (OPSD)"). The uniform draw is scaled to
@@ -671,29 +697,32 @@ class TeacherContexts:
         return cls(dict(contexts), {session: i for i, session in enumerate(contexts)}, layers,
                    mask)
 
-    def read_after(self, model: Any, session: str, prompts: Sequence[Sequence[int]],
+    def read_after(self, model: Any, sessions: Sequence[str], prompts: Sequence[Sequence[int]],
                    pad: int) -> PromptRead | None:
-        """`read_prompts` for prompts that continue `session`'s context (a lesson's dreams):
-        the held cache stands for the context, so only each prompt's rest is read, rests
-        left-padded after it. None when a prompt does not start with the context's tokens (a
-        chat template may write a turn differently once another follows). The frozen model
-        reads, as it read the context."""
+        """`read_prompts` for prompts that continue their sessions' contexts (lessons' dreams;
+        prompt i continues sessions[i]): the held caches stand for the contexts, so only each
+        prompt's rest is read, rests left-padded after them. None when a prompt does not
+        start with its context's tokens (a chat template may write a turn differently once
+        another follows). The frozen model reads, as it read the contexts."""
         import torch
 
-        context = self.ids[session]
-        if not prompts or any(list(p[:len(context)]) != context or len(p) <= len(context)
-                              for p in prompts):
+        contexts = [self.ids[session] for session in sessions]
+        if not prompts or any(list(p[:len(c)]) != c or len(p) <= len(c)
+                              for p, c in zip(prompts, contexts, strict=True)):
             return None
-        n, row = len(prompts), self.row[session]
-        index = torch.full((n,), row, dtype=torch.long, device=self.mask.device)
+        device = self.mask.device
+        index = torch.tensor([self.row[session] for session in sessions], dtype=torch.long,
+                             device=device)
         cache = kv_cache(model, [(k.index_select(0, index), v.index_select(0, index))
                                  for k, v in self.layers])
-        ids, rest_mask = pad_left([p[len(context):] for p in prompts], pad)
-        ids, rest_mask = ids.to(self.mask.device), rest_mask.to(self.mask.device)
+        ids, rest_mask = pad_left([p[len(c):] for p, c in zip(prompts, contexts, strict=True)],
+                                  pad)
+        ids, rest_mask = ids.to(device), rest_mask.to(device)
         mask = torch.cat([self.mask.index_select(0, index), rest_mask], 1)
+        lengths = torch.tensor([[len(c)] for c in contexts], dtype=torch.long, device=device)
         with torch.no_grad(), lora.frozen_global(model):
             out = model(input_ids=ids, attention_mask=mask,
-                        position_ids=len(context) + positions(rest_mask), cache=cache,
+                        position_ids=lengths + positions(rest_mask), cache=cache,
                         use_cache=True, logits_to_keep=1)
         return PromptRead(out.logits, out.cache, mask)
 
@@ -893,45 +922,49 @@ def backpropagate(model: Any, tokenizer: Any, contexts: TeacherContexts, lesson:
 
 # ---- dreaming ------------------------------------------------------------------------------
 
-def dream(model: Any, tokenizer: Any, lesson: Lesson, count: int, max_new_tokens: int,
-          threshold: float, scrub: Callable[[str], str] | None = None,
+def dream(model: Any, tokenizer: Any, lessons: Sequence[Lesson], count: int,
+          max_new_tokens: int, threshold: float, scrub: Callable[[str], str] | None = None,
           generator: Any = None, contexts: TeacherContexts | None = None
-          ) -> tuple[list[Dream], int]:
-    """The teacher, the session in context, writes the user's next turn `count` times
-    (drawn from `generator`, None: torch's). Duplicates, prompts already in the session, and
-    prompts whose greedy answer the teacher gives with mean token probability below
-    `threshold` are dropped. Returns kept, rejected. contexts: the consolidation's held
+          ) -> list[tuple[list[Dream], int]]:
+    """The teacher, each lesson's session in context, writes the user's next turn `count`
+    times (drawn from `generator`, None: torch's): the lessons' drafts in one batch, then
+    their answers in another. Duplicates, prompts already in the session, and prompts whose
+    greedy answer the teacher gives with mean token probability below `threshold` are
+    dropped. Returns (kept, rejected) for each lesson. contexts: the consolidation's held
     session caches, which the drafts and their answers continue instead of reading the
-    session again (`TeacherContexts.read_after`)."""
+    sessions again (`TeacherContexts.read_after`)."""
 
-    def read(prompts: list[list[int]]) -> PromptRead | None:
-        return (None if contexts is None else
-                contexts.read_after(model, lesson.session_id, prompts, tokenizer.pad_token_id))
+    def read(prompts: list[list[int]], owners: Sequence[int]) -> PromptRead | None:
+        return (None if contexts is None else contexts.read_after(
+            model, [lessons[i].session_id for i in owners], prompts, tokenizer.pad_token_id))
 
     user_end = turn_end_ids(tokenizer, model)
-    prefix = user_turn_prefix_ids(tokenizer, lesson.context)
+    prefixes = [user_turn_prefix_ids(tokenizer, lesson.context) for lesson in lessons]
     with lora.frozen_global(model):
-        drafts = sample(model, tokenizer, [prefix], count, max_new_tokens, 1.0, user_end,
-                        generator, read([prefix]))
-    seen = {p[0]["content"] for p in lesson.probes}
-    candidates = []
-    for draft in drafts:
-        text = tokenizer.decode([t for t in draft if t not in user_end],
-                                skip_special_tokens=True).strip()
-        text = scrub(text) if scrub else text
-        if text and text not in seen:
-            seen.add(text)
-            candidates.append(({"role": "user", "content": text},))
-    kept = []
+        drafts = sample(model, tokenizer, prefixes, count, max_new_tokens, 1.0, user_end,
+                        generator, read(prefixes, range(len(lessons))))
+    candidates: list[tuple[int, tuple[dict[str, str], ...]]] = []
+    for i, lesson in enumerate(lessons):
+        seen = {p[0]["content"] for p in lesson.probes}
+        for draft in drafts[i * count:(i + 1) * count]:
+            text = tokenizer.decode([t for t in draft if t not in user_end],
+                                    skip_special_tokens=True).strip()
+            text = scrub(text) if scrub else text
+            if text and text not in seen:
+                seen.add(text)
+                candidates.append((i, ({"role": "user", "content": text},)))
+    confidences: list[float] = []
     if candidates:
-        prompts = [chat_ids(tokenizer, [*lesson.context, *p], generation=True) for p in candidates]
+        prompts = [chat_ids(tokenizer, [*lessons[i].context, *p], generation=True)
+                   for i, p in candidates]
         with lora.frozen_global(model):
             confidences = greedy_confidence(model, tokenizer, prompts, max_new_tokens, user_end,
-                                            read(prompts))
-        kept = [Dream(lesson.session_id, prompt, confidence)
-                for prompt, confidence in zip(candidates, confidences, strict=True)
-                if confidence >= threshold]
-    return kept, len(drafts) - len(kept)
+                                            read(prompts, [i for i, _ in candidates]))
+    kept: list[list[Dream]] = [[] for _ in lessons]
+    for (i, prompt), confidence in zip(candidates, confidences, strict=True):
+        if confidence >= threshold:
+            kept[i].append(Dream(lessons[i].session_id, prompt, confidence))
+    return [(mine, count - len(mine)) for mine in kept]
 
 
 def turn_end_ids(tokenizer: Any, model: Any = None) -> set[int]:
@@ -1049,14 +1082,17 @@ def consolidate_units(model: Any, tokenizer: Any, units: Sequence[Sequence[Lesso
         if not all(sources):
             raise ValueError("no prompts to learn from: every source with a positive ratio is "
                              "empty")
+        references = None
         if cfg.guard_weight <= 0:
             guard_set = []
         elif guard_set is None:
-            guard_set = guard_examples(model, tokenizer, guard_prompts, cfg, rngs[0], stop,
-                                       None if generators is None else generators[0])
+            guard_set, references = guard_examples(
+                model, tokenizer, guard_prompts, cfg, rngs[0], stop,
+                None if generators is None else generators[0], with_references=True)
             for rng in rngs[1:]:
                 rng.setstate(rngs[0].getstate())
-        references = hold_references(model, guard_set, cfg) if guard_set else None
+        if references is None and guard_set:
+            references = hold_references(model, guard_set, cfg)
         bar = _progress(progress)
         task = bar.add_task("consolidate", total=cfg.steps, loss=float("nan"),
                             kl=float("nan"), tps=0.0)
@@ -1121,15 +1157,17 @@ def _generator(model: Any, seed: int) -> Any:
 def _dreams(model: Any, tokenizer: Any, lessons: Sequence[Lesson], cfg: DistillConfig,
             scrub: Callable[[str], str] | None, stats: DistillStats,
             generator: Any, contexts: TeacherContexts) -> list[Dream]:
-    """A unit's kept dreams, lesson by lesson, counted in its stats."""
+    """A unit's kept dreams, DREAM_LESSONS_PER_PASS lessons at a time, counted in its
+    stats."""
     kept_all: list[Dream] = []
     if cfg.dream_ratio > 0 and cfg.dreams_per_lesson > 0:
-        for lesson in lessons:
-            kept, rejected = dream(model, tokenizer, lesson, cfg.dreams_per_lesson,
-                                   cfg.max_new_tokens, cfg.dream_confidence, scrub, generator,
-                                   contexts)
-            kept_all += kept
-            stats.dreams_rejected += rejected
+        for start in range(0, len(lessons), DREAM_LESSONS_PER_PASS):
+            for kept, rejected in dream(model, tokenizer,
+                                        lessons[start:start + DREAM_LESSONS_PER_PASS],
+                                        cfg.dreams_per_lesson, cfg.max_new_tokens,
+                                        cfg.dream_confidence, scrub, generator, contexts):
+                kept_all += kept
+                stats.dreams_rejected += rejected
         stats.dreams_kept = len(kept_all)
     return kept_all
 
@@ -1209,10 +1247,14 @@ class GuardExample:
 
 
 def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg: DistillConfig,
-                   rng: random.Random, stop: set[int], generator: Any = None
-                   ) -> list[GuardExample]:
+                   rng: random.Random, stop: set[int], generator: Any = None,
+                   with_references: bool = False
+                   ) -> tuple[list[GuardExample], list[Any] | None]:
     """The guard's examples, completions drawn once from the frozen model, GUARD_MICRO_BATCH
-    rows at a time.
+    rows at a time; with_references: also the frozen model's log-probabilities on each
+    completion (what `hold_references` computes), read off the sampling itself, which
+    computed them to draw each token, or None when they might not fit in
+    GUARD_REFERENCE_MB.
 
     The guard holds the student next to the frozen model on these inputs, where the two
     samplers agree, so sampling them once instead of every step changes little and takes
@@ -1221,12 +1263,22 @@ def guard_examples(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg:
     count = min(len(prompts), GUARD_POOL_STEPS * cfg.guard_prompts_per_step)
     prompt_ids = [chat_ids(tokenizer, p, generation=True) for p in rng.sample(list(prompts),
                                                                               count)]
+    # The most the references can take: every completion at its longest.
+    fits = (4 * count * cfg.max_new_tokens * model.config.vocab_size
+            <= GUARD_REFERENCE_MB * 2**20)
     completions: list[list[int]] = []
+    references: list[Any] | None = [] if with_references and fits else None
     with lora.frozen_global(model):
         for start in range(0, count, GUARD_MICRO_BATCH):
-            completions += sample(model, tokenizer, prompt_ids[start:start + GUARD_MICRO_BATCH],
-                                  1, cfg.max_new_tokens, cfg.temperature, stop, generator)
-    return [GuardExample(p, y) for p, y in zip(prompt_ids, completions, strict=True)]
+            steps: list[tuple[Any, Any]] = []
+            batch = sample(model, tokenizer, prompt_ids[start:start + GUARD_MICRO_BATCH], 1,
+                           cfg.max_new_tokens, cfg.temperature, stop, generator,
+                           step_log_probs=None if references is None else steps)
+            completions += batch
+            if references is not None:
+                references += row_log_probs(steps, [len(y) for y in batch], cfg.skip_first)
+    return ([GuardExample(p, y) for p, y in zip(prompt_ids, completions, strict=True)],
+            references)
 
 
 def hold_references(model: Any, examples: Sequence[GuardExample],

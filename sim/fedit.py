@@ -104,7 +104,7 @@ class InProcessFleet:
         lora.hold_global(self.model)
         return distill.guard_examples(self.model, self.tokenizer, self.guard, self.distill,
                                       random.Random(self.distill.seed),
-                                      distill.turn_end_ids(self.tokenizer, self.model))
+                                      distill.turn_end_ids(self.tokenizer, self.model))[0]
 
     def _unit_deltas(self, sessions: Sequence[Any], guard_set: list[Any]
                      ) -> list[tuple[str, dict[str, np.ndarray]]]:

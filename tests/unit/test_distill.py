@@ -207,29 +207,37 @@ def test_prompts_that_start_alike_read_their_start_once_as_each_alone_reads_it(s
 
 
 def test_dreams_continue_the_held_session_cache_as_a_fresh_read_would(student) -> None:
-    """A lesson's dreams read after the consolidation's held cache of its session
-    (`TeacherContexts.read_after`) instead of reading the session again: the same drafts from
-    the same draws, the same dreams kept, confidences within float rounding."""
+    """Two lessons dreamt in one pass read after the consolidation's held caches of their
+    sessions (`TeacherContexts.read_after`) instead of reading the sessions again: the same
+    drafts from the same draws, the same dreams kept for each lesson, confidences within
+    float rounding."""
     model, tokenizer = student
-    lessons, _ = lessons_and_guard(1)
-    lesson = lessons[0]
-    lora.set_b(model, {n: np.full_like(b, 0.02) for n, b in lora.get_b(model).items()})
+    lessons, _ = lessons_and_guard(3)
+    lessons = lessons[1:]
+    lora.set_b(model, {n: np.full_like(b, 0.002) for n, b in lora.get_b(model).items()})
     lora.hold_global(model)
-    context = distill.chat_ids(tokenizer, lesson.context, generation=False)
-    contexts = distill.TeacherContexts.encode(model, {lesson.session_id: context})
+    ids = {lesson.session_id: distill.chat_ids(tokenizer, lesson.context, generation=False)
+           for lesson in lessons}
+    assert len({len(context) for context in ids.values()}) == 2  # one is held padded
+    contexts = distill.TeacherContexts.encode(model, ids)
     got = {}
     for how, held in (("fresh", None), ("held", contexts)):
         generator = torch.Generator().manual_seed(3)
-        got[how] = distill.dream(model, tokenizer, lesson, 6, 8, 0.0, None, generator, held)
-    (fresh, fresh_rejected), (held, held_rejected) = got["fresh"], got["held"]
-    assert fresh and fresh_rejected == held_rejected
-    assert [d.prompt for d in held] == [d.prompt for d in fresh]
-    assert [d.confidence for d in held] == pytest.approx([d.confidence for d in fresh],
-                                                         abs=1e-5)
-    # A prompt that does not continue the session is read the plain way.
-    assert contexts.read_after(model, lesson.session_id, [[*context[1:], 5]],
+        got[how] = distill.dream(model, tokenizer, lessons, 8, 12, 0.0, None, generator, held)
+    assert len(got["held"]) == len(lessons)
+    for (fresh, fresh_rejected), (held, held_rejected), lesson in zip(
+            got["fresh"], got["held"], lessons, strict=True):
+        assert fresh_rejected == held_rejected == 8 - len(fresh)
+        assert {d.session_id for d in held} <= {lesson.session_id}
+        assert [d.prompt for d in held] == [d.prompt for d in fresh]
+        assert [d.confidence for d in held] == pytest.approx([d.confidence for d in fresh],
+                                                             abs=1e-5)
+    assert sum(len(kept) for kept, _ in got["held"]) >= 2
+    # A prompt that does not continue its session is read the plain way.
+    session, context = next(iter(ids.items()))
+    assert contexts.read_after(model, [session], [[*context[1:], 5]],
                                tokenizer.pad_token_id) is None
-    assert contexts.read_after(model, lesson.session_id, [context],
+    assert contexts.read_after(model, [session], [context],
                                tokenizer.pad_token_id) is None  # nothing after it
 
 
@@ -290,20 +298,40 @@ def test_the_loss_is_the_reverse_kl_of_each_rows_own_logits(student) -> None:
     assert guard_kl == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
 
 
-def test_the_held_guard_reference_is_the_frozen_models_pass(student, monkeypatch) -> None:
+@pytest.mark.parametrize("skip_first", [0, 1])
+def test_the_held_guard_reference_is_the_frozen_models_pass(student, monkeypatch,
+                                                            skip_first) -> None:
+    """Held once (`hold_references`) or read off the guard's own sampling
+    (`with_references`), each example's reference is the frozen model's pass over it."""
     model, tokenizer = student
     _, guard = lessons_and_guard(1)
-    cfg = distill.DistillConfig(guard_prompts_per_step=2)
-    examples = distill.guard_examples(model, tokenizer, guard, cfg, random.Random(0),
-                                      distill.turn_end_ids(tokenizer))
+    rng = np.random.default_rng(0)  # a B whose answers end at different lengths
+    lora.set_b(model, {n: (0.1 * rng.standard_normal(b.shape)).astype(np.float32)
+                       for n, b in lora.get_b(model).items()})
+    lora.hold_global(model)
+    cfg = distill.DistillConfig(guard_prompts_per_step=2, skip_first=skip_first)
+    stop = distill.turn_end_ids(tokenizer)
+    examples, none = distill.guard_examples(model, tokenizer, guard, cfg, random.Random(0), stop)
+    again, sampled = distill.guard_examples(model, tokenizer, guard, cfg, random.Random(0), stop,
+                                            with_references=True)
+    assert none is None and sampled is not None
     held = distill.hold_references(model, examples, cfg)
-    assert [r.shape[0] for r in held] == [len(g.completion) for g in examples]
+    assert [r.shape[0] for r in held] == [max(len(g.completion) - skip_first, 0)
+                                          for g in examples]
     for example, reference in zip(examples, held, strict=True):  # each alone, unpadded
         assert torch.allclose(reference, distill.guard_reference(model, [example], cfg),
                               atol=1e-5)
+    # The sampled references: each example's own, whatever the draws gave (rows of
+    # different lengths left the decoding batch at different steps).
+    assert len({len(g.completion) for g in again}) > 1
+    for example, reference in zip(again, sampled, strict=True):
+        assert torch.allclose(reference, distill.guard_reference(model, [example], cfg),
+                              atol=1e-4)
     # Over the memory budget nothing is held, and each step pays the frozen pass instead.
     monkeypatch.setattr(distill, "GUARD_REFERENCE_MB", 0)
     assert distill.hold_references(model, examples, cfg) is None
+    assert distill.guard_examples(model, tokenizer, guard, cfg, random.Random(0), stop,
+                                  with_references=True)[1] is None
 
 
 def test_a_guard_set_from_an_earlier_frozen_model_is_scored_against_the_current_one(
@@ -315,8 +343,8 @@ def test_a_guard_set_from_an_earlier_frozen_model_is_scored_against_the_current_
     peft_model = lora.attach_lora(model, seed=3, rank=4)
     lessons, guard = lessons_and_guard(1)
     cfg = distill.DistillConfig(steps=1, dream_ratio=0, replay_ratio=0)
-    guard_set = distill.guard_examples(peft_model, tokenizer, guard, cfg, random.Random(0),
-                                       distill.turn_end_ids(tokenizer))
+    guard_set, _ = distill.guard_examples(peft_model, tokenizer, guard, cfg, random.Random(0),
+                                          distill.turn_end_ids(tokenizer))
     lora.set_b(peft_model, {n: np.full_like(b, 0.05) for n, b in lora.get_b(peft_model).items()})
     result = distill.consolidate(peft_model, tokenizer, lessons, guard, cfg, progress=False,
                                  guard_set=guard_set)
@@ -330,7 +358,7 @@ def test_the_guard_every_nth_step_runs_at_n_times_the_weight(student) -> None:
     lora.set_b(model, {n: np.full_like(b, 0.01) for n, b in lora.get_b(model).items()})
     contexts, batch = one_lesson_step(model, tokenizer, lessons[0])
     examples = distill.guard_examples(model, tokenizer, guard, distill.DistillConfig(),
-                                      random.Random(0), distill.turn_end_ids(tokenizer))[:4]
+                                      random.Random(0), distill.turn_end_ids(tokenizer))[0][:4]
     lora.hold_global(model)
     lora.set_b(model, {n: np.full_like(b, 0.02) for n, b in lora.get_b(model).items()})
 
