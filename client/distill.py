@@ -1286,9 +1286,10 @@ def hold_references(model: Any, examples: Sequence[GuardExample],
     """The frozen model's log-probabilities on each example's completion, (tokens, V) each,
     computed once for a whole consolidation, or None when they would not fit in
     GUARD_REFERENCE_MB. Exact to hold: neither the frozen model nor the examples change while
-    B trains, so one pass over the pool replaces a frozen pass over each step's rows. Computed
-    by `consolidate` itself, after it recorded the frozen model: a guard set can outlive its
-    frozen model (the demo's FedIT arm keeps one for every round). GUARD_MICRO_BATCH rows at a
+    B trains, so one pass over the pool replaces a frozen pass over each step's rows. For a
+    guard set `consolidate` did not sample itself (whose references come off the sampling),
+    computed after it recorded the frozen model: a guard set can outlive its frozen model
+    (the demo's FedIT arm keeps one for every round). GUARD_MICRO_BATCH rows at a
     time: in larger batches this pass and the guard's sampling were the consolidation's
     memory peak (docs/measurements.md "Consolidation (OPSD)")."""
     import torch
