@@ -277,9 +277,9 @@ def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int,
     projection. units: each prompt's unit, whose delta its row adds (`lora.UnitDeltas`).
 
     Prompts that start alike (a chat template's system turn) have their common start read
-    once per unit (`read_common_start`), then each
-    prompt's own rest after it, the rests left-padded between the two (masked out, positions
-    counted past them), so every prompt still ends at the last column."""
+    once per unit (`read_common_start`), then each prompt's own rest after it, the rests
+    left-padded between the two (masked out, positions counted past them), so every prompt
+    still ends at the last column."""
     import torch
 
     device = model_device(model)
