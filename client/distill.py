@@ -286,12 +286,26 @@ def read_prompts(model: Any, prompts: Sequence[Sequence[int]], pad: int,
     shared = common_start(prompts)
     cache = (kv_cache(model, read_common_start(model, prompts[0][:shared], len(prompts), units))
              if shared else None)
-    ids, rest_mask = pad_left([p[shared:] for p in prompts], pad)  # (P, L)
+    return read_rests(model, cache,
+                      torch.ones((len(prompts), shared), dtype=torch.long, device=device),
+                      [shared] * len(prompts), [p[shared:] for p in prompts], pad, units)
+
+
+def read_rests(model: Any, cache: Any, past_mask: Any, past_lengths: Sequence[int],
+               rests: Sequence[Sequence[int]], pad: int,
+               units: Sequence[int] | None = None) -> PromptRead:
+    """Each row's rest read after its past in `cache` (None: no past), rests left-padded
+    between the two: past_mask (P, W) marks the past's real positions, past_lengths counts
+    them; units: each row's unit (`lora.UnitDeltas`)."""
+    import torch
+
+    device = model_device(model)
+    ids, rest_mask = pad_left(rests, pad)  # (P, L)
     ids, rest_mask = ids.to(device), rest_mask.to(device)
-    mask = torch.cat([torch.ones((len(prompts), shared), dtype=torch.long, device=device),
-                      rest_mask], 1)
+    mask = torch.cat([past_mask, rest_mask], 1)
+    start = torch.tensor([[n] for n in past_lengths], dtype=torch.long, device=device)
     with lora.routed(model, unit_index(units, device)):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=shared + positions(rest_mask),
+        out = model(input_ids=ids, attention_mask=mask, position_ids=start + positions(rest_mask),
                     cache=cache, use_cache=True, logits_to_keep=1)
     return PromptRead(out.logits, out.cache, mask)
 
@@ -710,21 +724,14 @@ class TeacherContexts:
         if not prompts or any(list(p[:len(c)]) != c or len(p) <= len(c)
                               for p, c in zip(prompts, contexts, strict=True)):
             return None
-        device = self.mask.device
         index = torch.tensor([self.row[session] for session in sessions], dtype=torch.long,
-                             device=device)
+                             device=self.mask.device)
         cache = kv_cache(model, [(k.index_select(0, index), v.index_select(0, index))
                                  for k, v in self.layers])
-        ids, rest_mask = pad_left([p[len(c):] for p, c in zip(prompts, contexts, strict=True)],
-                                  pad)
-        ids, rest_mask = ids.to(device), rest_mask.to(device)
-        mask = torch.cat([self.mask.index_select(0, index), rest_mask], 1)
-        lengths = torch.tensor([[len(c)] for c in contexts], dtype=torch.long, device=device)
         with torch.no_grad(), lora.frozen_global(model):
-            out = model(input_ids=ids, attention_mask=mask,
-                        position_ids=lengths + positions(rest_mask), cache=cache,
-                        use_cache=True, logits_to_keep=1)
-        return PromptRead(out.logits, out.cache, mask)
+            return read_rests(model, cache, self.mask.index_select(0, index),
+                              [len(c) for c in contexts],
+                              [p[len(c):] for p, c in zip(prompts, contexts, strict=True)], pad)
 
     def log_probs(self, model: Any, sessions: Sequence[str], suffixes: Sequence[Sequence[int]],
                   completions: Sequence[Sequence[int]], owners: Sequence[int],
