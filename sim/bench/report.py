@@ -1,7 +1,7 @@
 """`fleetmind bench report`: one table of the headline comparisons, read from the JSON each
-benchmark wrote in DIR (aggregation.json, consolidate.json, wire.json, and serve.json or
-batched.json when `bench serve` or `bench batched` ran there), so a folder's report can be
-rebuilt without measuring anything.
+benchmark wrote in DIR (aggregation.json, consolidate.json, wire.json, and serve.json,
+batched.json or scale.json when `bench serve`, `bench batched` or `bench scale` ran
+there), so a folder's report can be rebuilt without measuring anything.
 Writes DIR/report.json, DIR/report.md and DIR/wire.png (the one benchmark that draws no plot
 itself; when wire.json is there).
 
@@ -26,7 +26,7 @@ from typing import Any
 BENCHMARKS = ("aggregation", "consolidate", "wire")
 # In the report when its JSON is in the folder (`bench all` runs none of them); a folder
 # holding only these reports them alone, as `bench serve --out DIR` then `bench report`.
-OPTIONAL = ("serve", "batched")
+OPTIONAL = ("serve", "batched", "scale")
 
 
 class MissingBenchmarkError(FileNotFoundError):
@@ -252,9 +252,29 @@ def batched_rows(result: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def scale_rows(result: dict[str, Any]) -> list[Row]:
+    """Each cohort's round against the 100-site round (judged at 1,000 sites: the round
+    should grow near linearly), and the fan-out to the watchers against a plain stream."""
+    rounds = {r["sites"]: r for r in result["rounds"] if r.get("feasible")}
+    rows = []
+    for sites, r in sorted(rounds.items()):
+        ratio = result["ratio_to_100"].get(str(sites))
+        rows.append(Row(f"one round, s ({sites} sites; × the 100-site round)",
+                        r["round_seconds"], "the 100-site round" if ratio else "",
+                        rounds[100]["round_seconds"] if ratio else None, ratio,
+                        target=Target("ratio", "<=", 10.0) if sites == 1000 else None,
+                        note=f"aggregator peak RSS {r['server_peak_rss_mb']:.0f} MB"))
+    watch = result["watchers"]
+    if watch.get("ratio_to_plain") is not None:
+        rows.append(Row(f"announce a version to {watch['watchers']} watchers, s",
+                        watch["fanout_seconds"], "plain gRPC stream, same bytes",
+                        watch["plain_fanout_seconds"], watch["ratio_to_plain"], speedup=True))
+    return rows
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "aggregation": aggregation_rows, "consolidate": consolidate_rows, "wire": wire_rows,
-    "serve": serve_rows, "batched": batched_rows}
+    "serve": serve_rows, "batched": batched_rows, "scale": scale_rows}
 
 
 def build(folder: Path) -> dict[str, Any]:

@@ -800,28 +800,6 @@ def print_table(result: dict[str, Any]) -> None:
                       f"{b['ratio_to_plain_written']:.2f}")
 
 
-def report_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows in report.Row's fields (measure, fleetmind, peer, peer_value, ratio, speedup,
-    target, note), for report.py to render next to the other benchmarks."""
-    rows: list[dict[str, Any]] = []
-    ok = {r["sites"]: r for r in result["rounds"] if r.get("feasible")}
-    for sites, r in sorted(ok.items()):
-        ratio = result["ratio_to_100"].get(str(sites))
-        rows.append({"measure": f"one round, s ({sites} sites; × the 100-site round)",
-                     "fleetmind": r["round_seconds"], "peer": "the 100-site round" if ratio
-                     else "", "peer_value": ok[100]["round_seconds"] if ratio else None,
-                     "ratio": ratio, "speedup": False,
-                     "target": ("ratio", "<=", 10.0) if sites == 1000 else None,
-                     "note": f"server peak RSS {r['server_peak_rss_mb']:.0f} MB"})
-    w = result["watchers"]
-    if w.get("ratio_to_plain") is not None:
-        rows.append({"measure": f"announce a version to {w['watchers']} watchers, s",
-                     "fleetmind": w["fanout_seconds"], "peer": "plain gRPC stream, same bytes",
-                     "peer_value": w["plain_fanout_seconds"], "ratio": w["ratio_to_plain"],
-                     "speedup": True, "target": None, "note": ""})
-    return rows
-
-
 def add_scale_command(commands: Any) -> None:
     """Adds `scale` to the `bench` sub-commands `commands` (sim/bench/cli.py's `sub`)."""
     scale = commands.add_parser(

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from fleetmind.sim.bench import scale
+from fleetmind.sim.bench import report, scale
 
 
 def test_tiny_scale_run_writes_json_plot_and_ratios(tmp_path: Path) -> None:
@@ -41,7 +41,12 @@ def test_tiny_scale_run_writes_json_plot_and_ratios(tmp_path: Path) -> None:
     assert watch["ratio_to_plain"] == watch["plain_fanout_seconds"] / watch["fanout_seconds"]
     broadcast = result["broadcast"]
     assert broadcast["watchers"] == 3 and broadcast["ratio_to_plain"] > 0
-    assert [r["measure"] for r in scale.report_rows(result)][-1].startswith("announce")
+    rows = report.scale_rows(result)
+    assert [r.measure for r in rows][-1].startswith("announce")
+    assert [r.fleetmind for r in rows[:2]] == [row["round_seconds"] for row in result["rounds"]]
+    assert all(r.target is None for r in rows)  # judged at 1,000 sites only
+    (tmp_path / "aggregation.json").unlink(missing_ok=True)
+    assert report.build(tmp_path)["sources"] == {"scale": "scale.json"}  # reported alone
 
 
 def test_growth_fit_and_ratio_to_the_100_site_round() -> None:
@@ -53,6 +58,10 @@ def test_growth_fit_and_ratio_to_the_100_site_round() -> None:
     assert math.isclose(fit["ratio_to_100"]["1000"], 10 ** 1.5)
     assert fit["ratio_to_100"]["100"] == 1.0
     assert not scale._fits(rows, 100_000, left=60)
+    judged = report.scale_rows({"rounds": [{**r, "server_peak_rss_mb": 1.0} for r in rows],
+                                "watchers": {}, **fit})
+    assert [r.met for r in judged] == [None, None, False]  # 31.6x the 100-site round
+    assert judged[2].peer_value == rows[1]["round_seconds"]
 
 
 def test_scale_is_a_bench_action() -> None:
