@@ -45,7 +45,6 @@ def test_tiny_scale_run_writes_json_plot_and_ratios(tmp_path: Path) -> None:
     assert [r.measure for r in rows][-1].startswith("announce")
     assert [r.fleetmind for r in rows[:2]] == [row["round_seconds"] for row in result["rounds"]]
     assert all(r.target is None for r in rows)  # judged at 1,000 sites only
-    (tmp_path / "aggregation.json").unlink(missing_ok=True)
     assert report.build(tmp_path)["sources"] == {"scale": "scale.json"}  # reported alone
 
 
