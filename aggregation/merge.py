@@ -6,6 +6,8 @@ a linear function of the B deltas, which secure aggregation can compute from a s
 
     B_new = B + eta * sum_i w_i dB_i / sum_i w_i            (FedAvg, server rate eta)
 
+`cohort_step` shrinks eta for a round that sums more privacy units than it was tuned at.
+
 FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization") treats the mean delta as
 a pseudo-gradient and applies Adam's moments to it on the server.
 """
@@ -101,6 +103,17 @@ def open_secagg_sum(ring_sum: np.ndarray, shapes: Shapes, delta_code: FixedPoint
 
 
 # --- server optimisers on the pseudo-gradient (the mean delta) ---------------------------
+
+
+def cohort_step(learning_rate: float, units: int, reference_units: int | None) -> float:
+    """The server rate for a round whose sum holds `units` privacy units' deltas: the rate
+    tuned at `reference_units`, times sqrt(reference_units / units) past it (never more).
+    Unrelated unit deltas add in norm as sqrt(units), and so does the damage a fixed rate
+    does to what earlier rounds stored (docs/continual.md, "The default size with a step
+    for its cohort"). reference_units None: every round steps `learning_rate`."""
+    if reference_units is None or units <= reference_units:
+        return learning_rate
+    return learning_rate * math.sqrt(reference_units / units)
 
 
 @dataclass(frozen=True)

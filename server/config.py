@@ -107,6 +107,9 @@ class PrivacyPolicy:
     unit_uses: int = 1
     fixed_point_clip: float = 4.0
     server_learning_rate: float = 1.0
+    # The privacy units a round sums at which server_learning_rate was tuned: a round summing
+    # U more steps sqrt(this / U) as far (aggregation.merge.cohort_step). None: never scaled.
+    server_step_units: int | None = None
     # K: the most rounds one privacy unit may enter over the fleet's life; epsilon_budget is
     # then per unit over K rounds (docs/privacy-budget.md). None: no cap, every round composes.
     participation_cap: int | None = None
@@ -130,6 +133,11 @@ class PrivacyPolicy:
             raise ConfigError(f"privacy.accountant={self.accountant!r} must be rdp or pld")
         if self.unit_uses < 1:
             raise ConfigError(f"privacy.unit_uses={self.unit_uses} must be >= 1")
+        if self.server_step_units is not None and (
+                isinstance(self.server_step_units, bool)
+                or not isinstance(self.server_step_units, int) or self.server_step_units < 1):
+            raise ConfigError(f"privacy.server_step_units={self.server_step_units!r} must be a "
+                              "whole number of privacy units >= 1 (or absent: no scaling)")
         if self.participation_cap is not None:
             try:
                 ParticipationCap(self.participation_cap)

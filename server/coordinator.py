@@ -76,7 +76,14 @@ from fleetmind.aggregation.aggregate_check import (
 )
 from fleetmind.aggregation.dp import DPConfig, NoiseMode, PrivacyUnit, noise_for_aggregator
 from fleetmind.aggregation.encoding import encoding_codes
-from fleetmind.aggregation.merge import FedAvg, exact_merge, flatten, open_secagg_sum, unflatten
+from fleetmind.aggregation.merge import (
+    FedAvg,
+    cohort_step,
+    exact_merge,
+    flatten,
+    open_secagg_sum,
+    unflatten,
+)
 from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.aggregation.quantize import FixedPoint
 from fleetmind.aggregation.records import RoundRecord, StoppedRound
@@ -1217,7 +1224,9 @@ class Coordinator:
         weighted = unflatten(noised, live.shapes)
         parent = self._latest()
         _, b = parent.tensors()
-        new_b, _ = exact_merge(b, weighted, weight_sum, FedAvg(privacy.server_learning_rate))
+        units = sum(live.units.get(site, 1) for site in result.contributors)
+        step = cohort_step(privacy.server_learning_rate, units, privacy.server_step_units)
+        new_b, _ = exact_merge(b, weighted, weight_sum, FedAvg(step))
         check_merged(new_b)
         dropped = tuple(sorted(set(live.cohort) - set(result.contributors)))
         epsilon_total = self.budget.epsilon_after(live.charge)

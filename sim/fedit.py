@@ -39,6 +39,7 @@ class InProcessFleet:
     server_learning_rate: float
     merge: str = "fedit"
     seed: int = 0
+    server_step_units: int | None = None  # as the aggregator's (merge.cohort_step)
     model: Any = None
     tokenizer: Any = None
     global_a: dict[str, np.ndarray] = field(default_factory=dict)
@@ -63,16 +64,17 @@ class InProcessFleet:
         """One round: every session distilled alone from the global adapter (the factors the
         merge trains), each privacy unit's delta clipped to C (as the fleet's sites clip
         theirs; a site unit here sums sessions distilled alone), summed over the cohort with
-        Gaussian noise, then each factor moved by the server learning rate times its mean
-        over sites."""
+        Gaussian noise, then each factor moved by the server learning rate (scaled to the
+        round's units as the aggregator scales it) times its mean over sites."""
         from fleetmind.aggregation import dp
-        from fleetmind.aggregation.merge import flatten, unflatten
+        from fleetmind.aggregation.merge import cohort_step, flatten, unflatten
         from fleetmind.client import lora
 
         start = self._factors(self.global_a, self.global_b)
         shapes = {key: value.shape for key, value in start.items()}
         start_flat = flatten(start, shapes)
         total = np.zeros_like(start_flat)
+        units = 0
         guard_set = self._guard_set()
         for sessions in sessions_per_site:
             users = {session.id: session.user or session.id for session in sessions}
@@ -81,10 +83,13 @@ class InProcessFleet:
                 contributions.append(dp.Contribution(lesson, users[lesson],
                                                      flatten(delta, shapes) - start_flat))
             if contributions:
-                total += dp.clip_and_sum(contributions, self.clip_norm,
-                                      cast(dp.PrivacyUnit, self.privacy_unit))[0]
+                summed, norms = dp.clip_and_sum(contributions, self.clip_norm,
+                                                cast(dp.PrivacyUnit, self.privacy_unit))
+                total += summed
+                units += len(norms)
         noised = dp.add_gaussian_noise(total, self.noise_multiplier * self.clip_norm, self.rng)
-        step = self.server_learning_rate / len(sessions_per_site)
+        step = cohort_step(self.server_learning_rate, units,
+                           self.server_step_units) / len(sessions_per_site)
         merged = unflatten((start_flat + step * noised).astype(np.float32), shapes)
         self.global_b = {name: merged[f"B:{name}"] for name in self.global_b}
         if self.merge == "fedit":

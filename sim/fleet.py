@@ -45,6 +45,9 @@ class FleetSettings:
     adapter_targets: tuple[str, ...]
     privacy: dict[str, Any]
     distill: Any
+    # The units a round sums at which server_learning_rate holds; more shrink the step
+    # (PrivacyPolicy.server_step_units). None: the same step every round.
+    server_step_units: int | None = None
     # Each site serves its active version at an OpenAI-compatible endpoint that captures
     # sessions (`Fleet.endpoints`); a round then consolidates what the endpoint captured.
     serve: bool = False
@@ -176,6 +179,7 @@ class Fleet:
                                   privacy_unit=privacy["privacy_unit"],
                                   fixed_point_clip=max(4.0, privacy["clip_norm"]),
                                   server_learning_rate=cfg.server_learning_rate,
+                                  server_step_units=cfg.server_step_units,
                                   participation_cap=privacy.get("participation_cap")),
             adapter=adapter_spec(self.model_dir, frozen_a_seed=cfg.seed, rank=cfg.rank,
                                  alpha=2.0 * cfg.rank, targets=cfg.adapter_targets)))

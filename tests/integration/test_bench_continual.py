@@ -76,6 +76,8 @@ def test_impossible_settings_are_refused_in_one_line(tmp_path: Path) -> None:
     assert ContinualConfig(dp=False).privacy_unit == "session"
     with pytest.raises(ValueError, match="--participation-cap -1"):
         ContinualConfig(participation_cap=-1)
+    with pytest.raises(ValueError, match="--server-step-units -5"):
+        ContinualConfig(server_step_units=-5)
     with pytest.raises(ValueError, match="--targets q_proj: use one or more of gate_proj"):
         ContinualConfig(adapter_targets=("q_proj",))
 
@@ -97,13 +99,20 @@ def test_the_adapters_targets_reach_the_fleet_from_the_command_line(
     add_continual_command(parser.add_subparsers(dest="action"))
     configs = []
     for argv in (["continual", "--out", "x"],
-                 ["continual", "--out", "x", "--targets", "gate_proj, down_proj"]):
+                 ["continual", "--out", "x", "--targets", "gate_proj, down_proj",
+                  "--server-step-units", "0", "--participation-cap", "0"]):
         args = parser.parse_args(argv)
         with pytest.raises(RanError) as ran:
             args.run(args)
         configs.append(ran.value.args[0])
-    assert configs[0].fleet().adapter_targets == ("down_proj",)
-    assert configs[1].fleet().adapter_targets == ("gate_proj", "down_proj")
+    default, chosen = configs[0].fleet(), configs[1].fleet()
+    # The defaults are the measured ones (docs/continual.md): every MLP layer at rank 4, the
+    # step scaled past 100 units a round, each user in one round.
+    assert default.adapter_targets == ("gate_proj", "up_proj", "down_proj")
+    assert default.rank == 4 and default.server_step_units == 100
+    assert default.privacy["participation_cap"] == 1
+    assert chosen.adapter_targets == ("gate_proj", "down_proj")
+    assert chosen.server_step_units is None and chosen.privacy["participation_cap"] is None
 
 
 def test_an_enforced_cap_reaches_the_fleet_and_bounds_the_accounting() -> None:
@@ -113,7 +122,8 @@ def test_an_enforced_cap_reaches_the_fleet_and_bounds_the_accounting() -> None:
     capped = ContinualConfig(sites=3, rounds=3, participation_cap=1)
     settings = capped.fleet()
     assert settings.privacy["participation_cap"] == 1  # the aggregator and every site get K
-    assert ContinualConfig(sites=3, rounds=3).fleet().privacy["participation_cap"] is None
+    uncapped = ContinualConfig(sites=3, rounds=3, participation_cap=0)
+    assert uncapped.fleet().privacy["participation_cap"] is None
     assert most_rounds_entered(world, 2) >= 2  # without the cap some user entered twice
     one = capped_epsilon(capped, world, 3)
     assert one["max_rounds"] == 1

@@ -82,8 +82,8 @@ class Site:
         _, events = self.coordinator.follow(self.id, round_id, 0, 0)
         return events[-1].payload
 
-    def join(self) -> None:
-        self.coordinator.join(self.id, None, 0, 1)
+    def join(self, units: int = 1) -> None:
+        self.coordinator.join(self.id, None, 0, units)
 
     def advertise(self) -> None:
         setup = self.next()

@@ -6,6 +6,7 @@ import pytest
 from fleetmind.aggregation.merge import (
     FedAdam,
     FedAvg,
+    cohort_step,
     exact_merge,
     fedit_baseline_merge,
     flatten,
@@ -35,6 +36,14 @@ def test_staleness_weight_is_fedbuff() -> None:
     assert staleness_weight(3) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         staleness_weight(-1)
+
+
+def test_the_cohort_step_shrinks_as_the_square_root_of_the_units_past_its_reference() -> None:
+    assert cohort_step(4.0, 290, None) == 4.0  # no reference: never scaled
+    assert cohort_step(4.0, 60, 100) == 4.0  # fewer units than tuned at: never larger
+    assert cohort_step(4.0, 100, 100) == 4.0
+    assert cohort_step(4.0, 400, 100) == pytest.approx(2.0)
+    assert cohort_step(4.0, 290, 100) == pytest.approx(2.349, abs=1e-3)  # docs/continual.md
 
 
 def test_flatten_round_trip_in_sorted_name_order() -> None:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from support.coordinator import PHASE_S, Clock, Site, open_coordinator
+from support.coordinator import PHASE_S, PRIVACY, Clock, Site, open_coordinator
 
 from fleetmind.aggregation.records import RoundRecord, StoppedRound
 from fleetmind.aggregation.secagg import DropReason, RoundPhase
@@ -81,6 +81,42 @@ def test_a_round_of_four_sites_publishes_version_1(fleet) -> None:
     assert coordinator.registry.numbers() == [0, 1]
     assert coordinator.ledger.head().record.round_id == 1
     assert coordinator.budget_status().rounds == 1
+
+
+@pytest.mark.parametrize("units, step", [(1, 3.0 * (2 / 4) ** 0.5), (2, 3.0 * (2 / 8) ** 0.5)])
+def test_the_server_step_shrinks_with_the_units_a_round_sums(tmp_path: Path, units: int,
+                                                             step: float) -> None:
+    """server_step_units 2 and a rate of 3: four sites of 1 unit each (4 units) step
+    3 sqrt(2/4), of 2 units each (8) 3 sqrt(2/8). The published B is that step times the
+    mean of the sites' deltas, within the fixed-point code's resolution."""
+    import numpy as np
+
+    from fleetmind.aggregation.merge import flatten
+
+    policy = PrivacyPolicy(**{**PRIVACY.__dict__, "server_learning_rate": 3.0,
+                              "server_step_units": 2})
+    coordinator = open_coordinator(tmp_path / "data", Clock(), privacy=policy)
+    try:
+        sites = [Site(coordinator, f"site-{i}", seed=i) for i in range(4)]
+        for s in sites:
+            s.join(units)
+        for name in STEPS:
+            for s in sites:
+                getattr(s, name)()
+        assert coordinator.registry.numbers() == [0, 1]
+        shapes = {n: d.shape for n, d in sites[0].delta.items()}
+        mean = np.mean([flatten(s.delta, shapes) for s in sites], axis=0)
+        _, b = coordinator.registry.get(1).tensors()
+        np.testing.assert_allclose(flatten(b, shapes), step * mean, atol=1e-4)
+    finally:
+        coordinator.ledger.close()
+
+
+def test_the_server_step_units_must_be_a_whole_number_of_units() -> None:
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match=r"privacy\.server_step_units"):
+            PrivacyPolicy(server_step_units=bad)
+    assert PrivacyPolicy(server_step_units=100).server_step_units == 100
 
 
 @pytest.mark.parametrize("step", ["advertise", "share", "submit"])
