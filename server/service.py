@@ -850,6 +850,15 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
+def pending_call_options(calls: int) -> list[tuple[str, int]]:
+    """grpc's server options for calls that arrived before a worker asked for them: room for
+    `calls` (all a server admits), never less than grpc's own 1,000 / 3,000. At grpc's
+    defaults a server of any kind stopped taking new streams near 3,300 open ones, and the
+    5,000 watchers the scale bench holds could never attach (docs/scale.md)."""
+    return [("grpc.server.max_pending_requests", max(1000, calls)),
+            ("grpc.server.max_pending_requests_hard_limit", max(3000, calls))]
+
+
 def open_coordinator(config: ServerConfig, listener: RoundListener | None = None,
                      limits: ServerLimits | None = None) -> Coordinator:
     """The aggregator's state under config.data_dir: signing key, versions (genesis made if
@@ -894,7 +903,8 @@ def serve(config: ServerConfig, limits: ServerLimits | None = None) -> RunningSe
                                                     thread_name_prefix="fleetmind-rpc"),
                          interceptors=[_Hardening(capacity, limits, mtls, metrics.refused)],
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                  ("grpc.so_reuseport", 0), *limits.channel_options()],
+                                  ("grpc.so_reuseport", 0), *limits.channel_options(),
+                                  *pending_call_options(workers)],
                          maximum_concurrent_rpcs=workers)
     guard = _Guard(coordinator.enrolments, mtls=mtls)
     fleet_pb2_grpc.add_FleetServicer_to_server(

@@ -67,7 +67,7 @@ MAX_SITE_PROCESSES = 8
 DOWNLOAD_WATCHERS = 100
 ROUND_DEADLINE_S = 600.0
 CHILD_START_S = 60.0
-ATTACH_STALL_S = 30.0  # watchers stop attaching: see docs/scale.md (a ceiling near 3,500)
+ATTACH_STALL_S = 30.0  # watchers stop attaching (grpc refused pending calls: docs/scale.md)
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a channel's own TCP connection
 
 
@@ -226,8 +226,11 @@ def _plain_child(spec: dict[str, Any]) -> None:
         fire.wait(spec["deadline"])
         yield payload
 
+    from fleetmind.server.service import pending_call_options
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=spec["watchers"] + 16),
-                         options=[("grpc.so_reuseport", 0)])
+                         options=[("grpc.so_reuseport", 0),
+                                  *pending_call_options(spec["watchers"] + 16)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "bench.Plain", {"Wait": grpc.unary_stream_rpc_method_handler(wait)}),))
     port = server.add_insecure_port("127.0.0.1:0")
