@@ -493,8 +493,6 @@ class Coordinator:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._site_waits: dict[int, threading.Condition] = {}
-        self._versions = threading.Condition()
-        self._ledger_appended = threading.Condition()
         self._queue: dict[int, _Ticket] = {}
         # min(t.since) over the queue, or None when unknown (recomputed on demand): a
         # heartbeat and every join read it, and scanning a 1,000-site queue each time cost.
@@ -588,7 +586,6 @@ class Coordinator:
                 # From the signed manifest, not today's config: the mode may have changed
                 # between publishing and this restart.
                 secure_aggregation=version.manifest.secure_aggregation))
-            self._notify(self._ledger_appended)
         if all(c.round_id != flight.round_id for c in self._state.spent):
             self._state.spent.append(Spent(flight.round_id, flight.charge))
             self.budget.charges.append(flight.charge)
@@ -1193,7 +1190,6 @@ class Coordinator:
         self._state.stopped = [*self._state.stopped, entry][-KEEP_FINISHED:]
         self._save()
         self.ledger.append(entry)
-        self._notify(self._ledger_appended)
 
     def _ledger_stopped_entries(self) -> None:
         """At start: the saved entries of stopped rounds the ledger does not hold yet (the
@@ -1241,7 +1237,6 @@ class Coordinator:
             clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
             noise_mode=_noise_mode(privacy), epsilon=epsilon_total, delta=privacy.delta,
             secure_aggregation=setup.secure_aggregation))
-        self._notify(self._versions)
         self._record_published(version, flight)
         return version, dropped
 
@@ -1253,28 +1248,23 @@ class Coordinator:
         with self._lock:
             return self._changed.wait_for(predicate, timeout)
 
-    def wait_for_version(self, after: int, timeout: float) -> bool:
+    def wait_for_version(self, after: int, timeout: float,
+                         wake: threading.Event | None = None) -> bool:
         """Waits (up to `timeout`) for a version newer than `after`; woken only by a
-        publication. Returns whether there is one."""
+        publication or by `wake` (Waiters.wait). Returns whether there is one."""
         def newer() -> bool:
             latest = self.registry.latest_number()
             return latest is not None and latest > after
-        with self._versions:
-            return self._versions.wait_for(newer, timeout)
+        return self.registry.published.wait(newer, timeout, wake)
 
-    def wait_for_ledger(self, index: int, timeout: float) -> bool:
+    def wait_for_ledger(self, index: int, timeout: float,
+                        wake: threading.Event | None = None) -> bool:
         """Waits (up to `timeout`) until the ledger holds entry `index`; woken only by an
-        append. Returns whether it does."""
+        append or by `wake`. Returns whether it does."""
         def appended() -> bool:
             head = self.ledger.head()
             return head is not None and head.index >= index
-        with self._ledger_appended:
-            return self._ledger_appended.wait_for(appended, timeout)
-
-    @staticmethod
-    def _notify(condition: threading.Condition) -> None:
-        with condition:
-            condition.notify_all()
+        return self.ledger.appended.wait(appended, timeout, wake)
 
     def current_round(self) -> int | None:
         with self._lock:

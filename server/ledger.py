@@ -24,6 +24,10 @@ other means.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fleetmind.aggregation.records import (
     LEDGER_DOMAIN,
     LedgerEntry,
@@ -33,6 +37,7 @@ from fleetmind.aggregation.records import (
     verify_ledger,
 )
 from fleetmind.runtime.signed_log import SignedLog
+from fleetmind.server.waiters import Waiters
 
 __all__ = ["Ledger"]
 
@@ -61,6 +66,10 @@ class Ledger(SignedLog[LedgerEntry]):
     SCHEMA = _SCHEMA
     ENTRY = LedgerEntry
 
+    def __init__(self, path: Path, signing_key: Ed25519PrivateKey) -> None:
+        super().__init__(path, signing_key)
+        self.appended = Waiters()  # StreamLedger followers sleep on it until an append
+
     def append(self, record: LedgerRecord) -> LedgerEntry:
         """Chains, signs and stores `record`; refuses a round already recorded (look it up
         with `find_round` after a restart) or one that may not follow the head."""
@@ -70,7 +79,9 @@ class Ledger(SignedLog[LedgerEntry]):
             if problem is not None:
                 raise LedgerError(None, f"refused: {problem}")
 
-        return self._append(record.round_id, record.to_body(), admit)
+        entry = self._append(record.round_id, record.to_body(), admit)
+        self.appended.notify()
+        return entry
 
     def find_round(self, round_id: int) -> LedgerEntry | None:
         found = self._for_round(round_id)  # round_id is UNIQUE: at most one

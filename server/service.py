@@ -102,7 +102,7 @@ STATUS_REASONS = {S.INVALID_ARGUMENT: "invalid_argument", S.UNAUTHENTICATED: "un
 ENROLMENT_STATUS = {"malformed": S.INVALID_ARGUMENT, "bad_proof": S.UNAUTHENTICATED,
                     "conflict": S.ALREADY_EXISTS}
 SERVICES = ("fleetmind.v1.Fleet", "fleetmind.v1.Models", "fleetmind.v1.Audit")
-FOLLOW_POLL_S = 1.0  # how often a stream checks that its caller is still there
+FOLLOW_POLL_S = 1.0  # how often a round's stream checks that its caller is still there
 WAITING_EVERY_S = 5.0  # heartbeat while a site waits for a cohort
 DEFAULT_CHUNK = 1 << 20
 MAX_MESSAGE = 2 * DEFAULT_CHUNK  # one upload chunk plus headers; larger is RESOURCE_EXHAUSTED
@@ -448,6 +448,27 @@ class _Uploads:
             return len(self._open)
 
 
+class _Caller:
+    """A Watch or StreamLedger stream's caller: `wake` is set when the caller hangs up and
+    when the coordinator has news for it (Waiters), so the stream sleeps until one of the
+    two and never polls."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.wake = threading.Event()
+        self.gone = False
+        if not context.add_callback(self._leave):
+            self._leave()  # the call already ended
+
+    def _leave(self) -> None:
+        self.gone = True  # before the wake-up, so `here` after a clear never misses it
+        self.wake.set()
+
+    def here(self) -> bool:
+        """Clears the wake-up before the stream looks for news; False once the caller left."""
+        self.wake.clear()
+        return not self.gone
+
+
 class _Guard:
     """Checks that the caller is the enrolled site it claims to be."""
 
@@ -707,10 +728,10 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
 
     def _watch(self, request, context) -> Iterator[models_pb2.VersionAnnouncement]:
         after = request.after_version if request.HasField("after_version") else -1
-        # The stream ends (and the gauge drops) within FOLLOW_POLL_S of the caller leaving.
+        caller = _Caller(context)  # the stream ends (and the gauge drops) when it leaves
         ends = time.monotonic() + self.limits.stream_max_s  # the caller watches again after
         with self.metrics.watchers.track_inprogress():
-            while context.is_active() and time.monotonic() < ends:
+            while caller.here() and time.monotonic() < ends:
                 latest = self.registry.latest_number()
                 if latest is not None and latest > after:  # list the folder only then
                     for number in self.registry.numbers():
@@ -718,7 +739,7 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
                             yield self._announce(number)
                             after = number
                     after = max(after, latest)  # a folder gone from disk: never spin on it
-                self.coordinator.wait_for_version(after, FOLLOW_POLL_S)
+                self.coordinator.wait_for_version(after, ends - time.monotonic(), caller.wake)
 
     def Latest(self, request, context):  # noqa: N802
         latest = self.registry.latest_number()  # from memory: no folder listing per call
@@ -798,8 +819,9 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
     def StreamLedger(self, request, context):  # noqa: N802
         index = request.from_index
+        caller = _Caller(context)
         ends = time.monotonic() + self.limits.stream_max_s  # a follower re-opens from its index
-        while context.is_active() and time.monotonic() < ends:
+        while caller.here() and time.monotonic() < ends:
             for entry in self.ledger.entries(index):
                 yield audit_pb2.LedgerEntry(index=entry.index, prev_hash=entry.prev_hash,
                                             body=entry.body, hash=entry.hash,
@@ -807,7 +829,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
                 index = entry.index + 1
             if not request.follow:
                 return
-            self.coordinator.wait_for_ledger(index, FOLLOW_POLL_S)
+            self.coordinator.wait_for_ledger(index, ends - time.monotonic(), caller.wake)
 
     def Budget(self, request, context):  # noqa: N802
         status = self.coordinator.budget_status()

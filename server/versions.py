@@ -57,6 +57,7 @@ from fleetmind.aggregation.manifest import SHA256_HEX as _SHA256
 from fleetmind.aggregation.manifest import public_key as _public  # noqa: F401 (tests use it)
 from fleetmind.runtime.durable import write_folder
 from fleetmind.runtime.signed_log import canonical_json
+from fleetmind.server.waiters import Waiters
 
 PEFT_PREFIX = "base_model.model."
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
@@ -240,6 +241,7 @@ class VersionRegistry:
         # The highest published number, kept here (set at start and at each publication)
         # so that watchers waking up need not list the folder.
         self._latest: int | None = max(self.numbers(), default=None)
+        self.published = Waiters()  # Watch streams sleep on it until a publication
 
     def numbers(self) -> list[int]:
         return sorted(int(p.name) for p in self.folder.iterdir() if _FOLDER.fullmatch(p.name))
@@ -346,6 +348,7 @@ class VersionRegistry:
                      self.folder / f"{_PARTIAL_PREFIX}{manifest.version}-{secrets.token_hex(4)}")
         if self._latest is None or manifest.version > self._latest:
             self._latest = manifest.version
+        self.published.notify()
         return Version(target, manifest)
 
 

@@ -25,6 +25,7 @@ from fleetmind.server.coordinator import (
     RefusedError,
     Stopped,
 )
+from fleetmind.server.waiters import Waiters
 
 
 @pytest.fixture
@@ -213,10 +214,22 @@ def test_a_change_wakes_only_the_sites_it_concerns(fleet) -> None:
     assert [wakes[s.id].count for s in sites] == [3, 3, 3, 3]
 
 
+class CountedWaiters(Waiters):
+    """Waiters counting how often they were notified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def notify(self) -> None:
+        self.count += 1
+        super().notify()
+
+
 def test_watchers_and_ledger_followers_wake_only_at_a_publication(fleet) -> None:
     coordinator, _, sites = fleet
-    coordinator._versions = versions = Notified(threading.Lock())
-    coordinator._ledger_appended = ledger = Notified(threading.Lock())
+    coordinator.registry.published = versions = CountedWaiters()
+    coordinator.ledger.appended = ledger = CountedWaiters()
     for s in sites:
         s.join()
     for step in STEPS[:-1]:
@@ -228,6 +241,32 @@ def test_watchers_and_ledger_followers_wake_only_at_a_publication(fleet) -> None
     assert (versions.count, ledger.count) == (1, 1)  # version 1 and its ledger entry
     assert coordinator.wait_for_version(0, 0) and not coordinator.wait_for_version(1, 0)
     assert coordinator.wait_for_ledger(0, 0) and not coordinator.wait_for_ledger(1, 0)
+
+
+def test_a_waiting_stream_wakes_at_news_or_when_its_caller_leaves(fleet) -> None:
+    """A Watch or ledger follower sleeps on its own event: a publication wakes it, and so
+    does its caller hanging up (the service sets the event), long before the timeout."""
+    import time
+
+    coordinator, _, sites = fleet
+    left = threading.Event()
+    threading.Timer(0.2, left.set).start()  # the caller hangs up
+    started = time.monotonic()
+    assert not coordinator.wait_for_version(0, 60.0, left)
+    assert not coordinator.wait_for_ledger(0, 60.0, left)  # already set: no wait at all
+    assert time.monotonic() - started < 30.0
+
+    published = threading.Event()
+    waiter = threading.Thread(
+        target=lambda: published.set() if coordinator.wait_for_version(0, 60.0) else None)
+    waiter.start()
+    for s in sites:
+        s.join()
+    for step in STEPS:
+        for s in sites:
+            getattr(s, step)()
+    waiter.join(30.0)
+    assert published.is_set()  # woken by version 1, not by the 60-s timeout
 
 
 def test_a_rejected_aggregate_ends_the_round_in_merge(fleet) -> None:
