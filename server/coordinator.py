@@ -488,7 +488,8 @@ class Coordinator:
         # One lock guards every round. Waiters are woken by what they wait for, never all
         # at once (1,000 JoinRound streams each woken by every join was a thundering herd,
         # docs/scale.md): a condition per site on this lock, notified when that site's
-        # events or queue place change; versions and ledger entries have their own.
+        # events or queue place change; the registry and the ledger wake their own
+        # waiters (server/waiters.py).
         # `_changed` (any change) is for `wait`, which the services never use.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)

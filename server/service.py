@@ -450,8 +450,8 @@ class _Uploads:
 
 class _Caller:
     """A Watch or StreamLedger stream's caller: `wake` is set when the caller hangs up and
-    when the coordinator has news for it (Waiters), so the stream sleeps until one of the
-    two and never polls."""
+    when the version or ledger entry it waits for arrives (server/waiters.py), so the
+    stream sleeps until one of the two and never polls."""
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self.wake = threading.Event()
