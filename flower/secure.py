@@ -33,7 +33,6 @@ from flwr.supercore import log
 from fleetmind.aggregation import merge
 from fleetmind.aggregation.accountant import Budget, RoundCharge, worst_case_charge
 from fleetmind.aggregation.aggregate_check import (
-    MAX_UNITS_PER_SITE,
     AggregateBounds,
     AggregateRejectedError,
     check_merged,
@@ -58,7 +57,7 @@ from fleetmind.aggregation.secagg.server_r2_masked_input_collection import (
 from fleetmind.aggregation.secagg.server_r3_unmasking import ServerUnmasking
 from fleetmind.flower import secagg_messages as carried
 from fleetmind.flower.settings import FlowerRun
-from fleetmind.flower.strategy import METRICS, ExactLoRAMerge, b_record
+from fleetmind.flower.strategy import ExactLoRAMerge, b_record, reply_units
 from fleetmind.protos import secagg_codec as codec
 from fleetmind.protos.fleetmind.v1 import fleet_pb2
 
@@ -122,7 +121,8 @@ class SecureLoRAMerge(ExactLoRAMerge):
     what each round did, by round."""
 
     def __init__(self, optimizer: merge.FedAvg | merge.FedAdam, run: FlowerRun) -> None:
-        super().__init__(optimizer, sites=run.sites, fraction_train=run.fraction_train)
+        super().__init__(optimizer, sites=run.sites, fraction_train=run.fraction_train,
+                         step_units=run.server_step_units or None)
         self.run = run
         self.grid: Grid | None = None
         self.encoding = round_encoding(run, run.sites)
@@ -193,9 +193,11 @@ class SecureLoRAMerge(ExactLoRAMerge):
         try:
             aggregate_bounds(self.run, self.encoding).check(
                 merge.flatten(weighted, shapes), weight_sum, len(result.contributors),
-                max(_units(content) for content in contributed))
+                max(reply_units(content) for content in contributed))
             new_b, optimizer_state = merge.exact_merge(
-                self.sent, weighted, weight_sum, self.optimizer, self.optimizer_state)
+                self.sent, weighted, weight_sum,
+                self.optimizer_for(sum(reply_units(content) for content in contributed)),
+                self.optimizer_state)
             check_merged(new_b)
         except AggregateRejectedError as error:
             # The ServerApp saw the (noised) sum: its charge is spent, as on the fleet.
@@ -331,11 +333,3 @@ _PHASES: dict[type, tuple[str, Callable[[RecordDict], tuple[int, Any]]]] = {
 }
 
 
-def _units(content: RecordDict) -> int:
-    """The privacy units a site's training reply declares (1..MAX_UNITS_PER_SITE, as the
-    fleet's aggregator admits at join; 1 if it declares none)."""
-    metrics = content.metric_records.get(METRICS)
-    value = None if metrics is None else metrics.get("units")
-    if not isinstance(value, int | float) or not value >= 1:
-        return 1
-    return int(min(value, MAX_UNITS_PER_SITE))

@@ -71,7 +71,8 @@ def make_strategy(run: FlowerRun) -> ExactLoRAMerge:
     optimizer = merge.FedAvg(run.server_learning_rate)
     if run.secure_aggregation:
         return SecureLoRAMerge(optimizer, run)
-    return ExactLoRAMerge(optimizer, sites=run.sites, fraction_train=run.fraction_train)
+    return ExactLoRAMerge(optimizer, sites=run.sites, fraction_train=run.fraction_train,
+                          step_units=run.server_step_units or None)
 
 
 def privacy_spent(run: FlowerRun, charges: list[RoundCharge]) -> dict[str, Any]:

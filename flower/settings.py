@@ -40,6 +40,9 @@ class FlowerRun:
     out: where the ServerApp writes result.json, the merged B and the PEFT adapter.
     sites: SuperNodes to wait for before round 1. rounds: server rounds.
     server-learning-rate: eta in B_new = B + eta * mean(dB) (aggregation/merge.py).
+    server-step-units: the privacy units a round sums at which eta holds; a round summing
+    more steps sqrt(this / units) as far, as the fleet's aggregator does
+    (privacy.server_step_units, merge.cohort_step); 0 = eta every round.
     secure-aggregation: fleetmind's SecAgg+ (aggregation/secagg) in Flower messages, so
     the ServerApp sees masked vectors and the cohort sum only (flower/secure.py); needs
     min-cohort >= 3 sites. false: each site replies with its B in the clear.
@@ -72,6 +75,7 @@ class FlowerRun:
     rounds: int = 1
     fraction_train: float = 1.0
     server_learning_rate: float = 1.0
+    server_step_units: int = 0
     lora_seed: int = 7
     lora_rank: int = DEFAULT_RANK
     lora_alpha: float = DEFAULT_ALPHA
@@ -101,6 +105,9 @@ class FlowerRun:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.server_step_units < 0:
+            problems.append(f"server-step-units={self.server_step_units} must be >= 0 "
+                            "(0 = the same step every round)")
         for name in ("sites", "rounds", "lora_rank", "torch_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{_key(name)}={getattr(self, name)} must be >= 1")

@@ -13,15 +13,17 @@ instead, masked, and merges the sum the same way.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fleetmind.aggregation import merge
+from fleetmind.aggregation.aggregate_check import MAX_UNITS_PER_SITE
 from fleetmind.aggregation.update import Update, UpdateError, UpdateMetadata
 
 # The keys of the records a round's messages carry.
@@ -49,12 +51,13 @@ class ExactLoRAMerge(FedAvg):
     Client-side evaluation is off: the ServerApp measures transfer on the merged model."""
 
     def __init__(self, optimizer: merge.FedAvg | merge.FedAdam, *, sites: int,
-                 fraction_train: float = 1.0) -> None:
+                 fraction_train: float = 1.0, step_units: int | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=max(1, round(fraction_train * sites)),
                          min_available_nodes=sites, weighted_by_key=WEIGHT,
                          arrayrecord_key=ARRAYS)
         self.optimizer = optimizer
+        self.step_units = step_units  # FedAvg's rate holds up to this many units a round
         self.optimizer_state: merge.AdamMoments | None = None
         self.sent: dict[str, np.ndarray] = {}
 
@@ -79,11 +82,21 @@ class ExactLoRAMerge(FedAvg):
         if not updates:
             return None, None
         weighted, weight_sum = merge.weighted_delta_sum(updates)
-        new_b, self.optimizer_state = merge.exact_merge(self.sent, weighted, weight_sum,
-                                                        self.optimizer, self.optimizer_state)
+        new_b, self.optimizer_state = merge.exact_merge(
+            self.sent, weighted, weight_sum,
+            self.optimizer_for(sum(reply_units(reply.content) for reply in kept)),
+            self.optimizer_state)
         metrics = self.train_metrics_aggr_fn([reply.content for reply in kept],
                                              self.weighted_by_key)
         return b_record(new_b), metrics
+
+    def optimizer_for(self, units: int) -> merge.FedAvg | merge.FedAdam:
+        """The server optimiser for a round that summed `units` privacy units: FedAvg's rate
+        scaled as the fleet's aggregator scales it (merge.cohort_step); FedAdam as set."""
+        if not isinstance(self.optimizer, merge.FedAvg):
+            return self.optimizer
+        return replace(self.optimizer, learning_rate=merge.cohort_step(
+            self.optimizer.learning_rate, units, self.step_units))
 
     def update_of(self, reply: Message, server_round: int) -> Update:
         """The site's delta (its B minus the B it was sent) as a fleetmind Update, checked
@@ -98,6 +111,16 @@ class ExactLoRAMerge(FedAvg):
         Update(adapted, metadata).validate_against(
             {name: tensor.shape for name, tensor in self.sent.items()})
         return Update({name: adapted[name] - self.sent[name] for name in adapted}, metadata)
+
+
+def reply_units(content: RecordDict) -> int:
+    """The privacy units a site's training reply declares (1..MAX_UNITS_PER_SITE, as the
+    fleet's aggregator admits at join; 1 if it declares none)."""
+    metrics = content.metric_records.get(METRICS)
+    value = None if metrics is None else metrics.get("units")
+    if not isinstance(value, int | float) or not value >= 1:
+        return 1
+    return int(min(value, MAX_UNITS_PER_SITE))
 
 
 def _number(metrics: MetricRecord, key: str, default: float | None = None) -> float:

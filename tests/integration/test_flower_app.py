@@ -93,6 +93,27 @@ def test_aggregate_train_is_fleetmind_exact_merge_of_the_sites_deltas(task_ident
     assert not np.allclose(got["layer.b"], plain)
 
 
+def test_the_step_shrinks_with_the_units_the_replies_declare(task_identity: None) -> None:
+    """server-step-units 2: three sites declaring 2, 3 and 3 units (8) step eta sqrt(2/8),
+    as the fleet's aggregator would; without the setting, eta."""
+    sent = {"b": np.zeros((2, 2), np.float32)}
+    for step_units, eta in ((2, 2.0 * 0.5), (None, 2.0)):
+        strategy = ExactLoRAMerge(merge.FedAvg(2.0), sites=3, step_units=step_units)
+        messages = strategy.configure_train(1, b_record(sent), ConfigRecord(),
+                                            FakeGrid([1, 2, 3]))
+        replies = []
+        for message, units in zip(messages, (2, 3, 3), strict=True):
+            answer = reply(message, {"b": np.ones((2, 2), np.float32)}, 1.0)
+            answer.content[METRICS]["units"] = units
+            replies.append(answer)
+        merged, _ = strategy.aggregate_train(1, replies)
+        np.testing.assert_allclose(b_tensors(merged)["b"], np.full((2, 2), eta, np.float32))
+    assert make_strategy(FlowerRun(server_step_units=100)).step_units == 100
+    assert make_strategy(FlowerRun()).step_units is None
+    with pytest.raises(ValueError, match="server-step-units=-1"):
+        FlowerRun(server_step_units=-1)
+
+
 def test_a_reply_that_does_not_fit_is_left_out_as_a_dropout(task_identity: None) -> None:
     sent = {"b": np.zeros((2, 2), np.float32)}
     strategy = ExactLoRAMerge(merge.FedAvg(), sites=3)
