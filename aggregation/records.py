@@ -27,14 +27,15 @@ before deletions (as "not a valid outbox record"), never misread.
 The ledger: an entry per round that published (`RoundRecord`) or ended without a version.
 Each records what the round did to privacy and to the model: cohort size, dropouts, clip
 norm, noise, epsilon spent by the round and in total, whether the sum was securely
-aggregated, and the sha256 of the version's manifest (which lists the sha256 of every file
-of the version). A round that ended without a version gets an entry too (`StoppedRound`,
-its body marked `"kind": "round_stopped"`): its unmasked sum refused by the aggregate checks
-or not mergeable, the protocol aborted (too few sites or shares), or the aggregator
-restarted mid-round; which round, which phase, why, the numbers, the epsilon it spent, the
-receipts of the vectors it received and the sites it quarantined, so an auditor sees every
-round a site's upload entered, and privacy spent without a version. Entries from before it
-have no "kind" and verify unchanged. Between consecutive entries rounds increase, versions
+aggregated, the privacy units the sum held and the server step the merge applied, and the
+sha256 of the version's manifest (which lists the sha256 of every file of the version). A
+round that ended without a version gets an entry too (`StoppedRound`, its body marked
+`"kind": "round_stopped"`): its unmasked sum refused by the aggregate checks or not
+mergeable, the protocol aborted (too few sites or shares), or the aggregator restarted
+mid-round; which round, which phase, why, the numbers, the epsilon it spent, the receipts
+of the vectors it received and the sites it quarantined, so an auditor sees every round a
+site's upload entered, and privacy spent without a version. Entries from before it have
+no "kind" and verify unchanged. Between consecutive entries rounds increase, versions
 never go back and epsilon spent never comes back (`ledger_order_problem`).
 """
 
@@ -458,7 +459,13 @@ class RoundRecord:
     (aggregation.participation), when the round ran under one: epsilon_total is then the
     most any one unit has lost over the fleet's life (accountant.epsilon_per_unit), not the
     composition of every round. Written only when set, so entries without a cap (every
-    entry from before it) read and verify unchanged."""
+    entry from before it) read and verify unchanged.
+    units and server_step: the privacy units the round's sum held (each contributor's
+    contributing_units, declared at join, summed; at least one per site) and the server
+    step the merge applied to the mean delta (aggregation.merge.cohort_step of the
+    configured rate and units), so an auditor can tell how far the round moved the model.
+    Recorded together; entries from before them have neither, and read and verify
+    unchanged."""
 
     round_id: int
     cohort_size: int
@@ -475,6 +482,8 @@ class RoundRecord:
     secure_aggregation: bool = True
     privacy_unit: str | None = None
     participation_cap: int | None = None
+    units: int | None = None
+    server_step: float | None = None
     recorded_at_ms: int = field(default_factory=_now_ms)
 
     def __post_init__(self) -> None:
@@ -505,6 +514,25 @@ class RoundRecord:
         if not _SHA256.fullmatch(self.version_hash):
             raise ValueError(f"version_hash={self.version_hash!r} must be 64 lowercase hex")
         object.__setattr__(self, "payload_sha256s", _receipts(self.payload_sha256s))
+        self._check_step()
+
+    def _check_step(self) -> None:
+        """units and server_step: both or neither, units a whole number no smaller than the
+        cohort (every site in the sum declared at least one), the step finite and > 0."""
+        if (self.units is None) != (self.server_step is None):
+            raise ValueError(f"units={self.units!r}, server_step={self.server_step!r}: a "
+                             "round records both (the step follows from the units) or neither")
+        if self.units is None:
+            return
+        if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
+            raise ValueError(f"units={self.units!r} must be an integer >= 1")
+        if self.units < self.cohort_size:
+            raise ValueError(f"units={self.units} is below cohort_size={self.cohort_size}: "
+                             "every site in the sum declared at least one privacy unit")
+        step = _finite("server_step", self.server_step)
+        if step <= 0:
+            raise ValueError(f"server_step={step} must be > 0")
+        object.__setattr__(self, "server_step", step)
 
     def to_body(self) -> bytes:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -518,6 +546,8 @@ class RoundRecord:
             del body["privacy_unit"]
         if self.participation_cap is None:  # rounds without a cap, and entries before caps
             del body["participation_cap"]
+        if self.units is None:  # entries from before the step was recorded
+            del body["units"], body["server_step"]
         return canonical_json(body)
 
     @classmethod

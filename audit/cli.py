@@ -249,6 +249,14 @@ def _clipped(unit: str | None, clip_norm: float | None) -> str:
     return f"each {unit} to {clip_norm:g}" if unit else f"{clip_norm:g} (unit not recorded)"
 
 
+def _stepped(step: float | None, units: int | None) -> str:
+    """The server step a round's merge applied, and the privacy units its sum held; entries
+    from before they were recorded have neither."""
+    if step is None or units is None:
+        return "not recorded"
+    return f"{step:.4g} ({units} unit{'s' if units != 1 else ''})"
+
+
 def _summed(secure_aggregation: bool) -> str:
     # Loud on purpose: a plain sum means the aggregator saw every site's update.
     return "secure aggregation" if secure_aggregation else "PLAIN (unmasked)"
@@ -277,13 +285,15 @@ def _print_ledger(report: LedgerReport, source: str, budget: dict | None) -> Non
     rows, audit = report.rows, report.audit
 
     table = Table("entry", "round", "version", "cohort", "dropouts", "summed by", "clip",
-                  "noise", "ε round", "ε total", "ε total is", "δ", "version hash")
+                  "noise", "server step", "ε round", "ε total", "ε total is", "δ",
+                  "version hash")
     for row in rows:
         table.add_row(str(row["entry"]), str(row["round"]), str(row["version"]),
                       str(row["cohort_size"]), str(row["dropouts"]),
                       _summed(row["secure_aggregation"]),
                       _clipped(row["privacy_unit"], row["clip_norm"]),
                       _noise(row["noise_mode"], row["noise_multiplier"]),
+                      _stepped(row["server_step"], row["units"]),
                       f"{row['epsilon_round']:.4g}", f"{row['epsilon_total']:.4g}",
                       row["epsilon_meaning"], f"{row['delta']:g}",
                       row["version_hash"][:SHORT])

@@ -33,7 +33,9 @@ def epsilon_meaning(privacy_unit: str | None, participation_cap: int | None) -> 
 def ledger_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
     """One row per verified entry of a published round: the round's privacy and what it
     published. participation_cap: K when the round ran under a participation cap (None:
-    none, or an entry from before caps); epsilon_meaning says what epsilon_total is then."""
+    none, or an entry from before caps); epsilon_meaning says what epsilon_total is then.
+    units and server_step: the privacy units the round summed and the step its merge
+    applied (None: an entry from before they were recorded)."""
     return [{"entry": entry.index, "round": record.round_id, "version": record.version,
              "cohort_size": record.cohort_size, "dropouts": record.dropouts,
              "clip_norm": record.clip_norm, "privacy_unit": record.privacy_unit,
@@ -43,6 +45,7 @@ def ledger_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
              "noise_mode": record.noise_mode, "noise_multiplier": record.noise_multiplier,
              "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total,
              "delta": record.delta, "secure_aggregation": record.secure_aggregation,
+             "units": record.units, "server_step": record.server_step,
              "version_hash": record.version_hash, "recorded_at": when(record.recorded_at_ms),
              "entry_hash": entry.hash.hex()}
             for entry, record in audit.verified if isinstance(record, RoundRecord)]

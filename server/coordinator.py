@@ -235,23 +235,34 @@ def _charge_from_json(raw: Mapping[str, Any]) -> RoundCharge:
 @dataclass
 class Outcome:
     """A published round's numbers, saved before publishing so a crash after it still
-    writes the ledger entry at restart."""
+    writes the ledger entry at restart. units and server_step: the privacy units the sum
+    held and the step the merge applied (None in a state saved before they were kept: the
+    ledger entry then leaves them out, as entries from before them do)."""
 
     cohort_size: int
     dropouts: int
     epsilon_round: float
     epsilon_total: float
     payload_sha256s: tuple[str, ...] = ()
+    units: int | None = None
+    server_step: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"cohort_size": self.cohort_size, "dropouts": self.dropouts,
-                "payload_sha256s": list(self.payload_sha256s),
-                "epsilon_round": self.epsilon_round, "epsilon_total": self.epsilon_total}
+        value: dict[str, Any] = {
+            "cohort_size": self.cohort_size, "dropouts": self.dropouts,
+            "payload_sha256s": list(self.payload_sha256s),
+            "epsilon_round": self.epsilon_round, "epsilon_total": self.epsilon_total}
+        if self.units is not None:
+            value["units"], value["server_step"] = self.units, self.server_step
+        return value
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Outcome:
+        units, step = raw.get("units"), raw.get("server_step")
         return cls(int(raw["cohort_size"]), int(raw["dropouts"]), float(raw["epsilon_round"]),
-                   float(raw["epsilon_total"]), tuple(raw.get("payload_sha256s", ())))
+                   float(raw["epsilon_total"]), tuple(raw.get("payload_sha256s", ())),
+                   None if units is None else int(units),
+                   None if step is None else float(step))
 
 
 @dataclass
@@ -584,6 +595,7 @@ class Coordinator:
                 epsilon_total=outcome.epsilon_total, delta=self.privacy.delta,
                 version=version.number, version_hash=version.manifest_sha256(),
                 payload_sha256s=outcome.payload_sha256s,
+                units=outcome.units, server_step=outcome.server_step,
                 # From the signed manifest, not today's config: the mode may have changed
                 # between publishing and this restart.
                 secure_aggregation=version.manifest.secure_aggregation))
@@ -1231,7 +1243,8 @@ class Coordinator:
         flight = self._state.in_flight
         assert flight is not None
         flight.outcome = Outcome(len(result.contributors), len(dropped), epsilon_round,
-                                 epsilon_total, self._receipts(live, result.contributors))
+                                 epsilon_total, self._receipts(live, result.contributors),
+                                 units=units, server_step=float(step))
         self._save()  # so a crash after publishing still writes the ledger at restart
         version = self.registry.publish(new_b, Release(
             round_id=live.round_id, cohort_size=len(result.contributors),

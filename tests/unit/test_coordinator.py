@@ -3,7 +3,8 @@ states fed through `join`/`follow`/`advertise`/`share`/`submit`/`unmask`, and ti
 clock the test moves. Covers a round that publishes, a site missing each phase (the
 outcome's phase, drop reason and site_only), whole-round aborts, the typed state in
 coordinator.json across a restart, the participation cap, who is woken by what (no
-thundering herd), and the signed ledger entry of a rejected round."""
+thundering herd), the signed ledger entry of a rejected round, and the units and server
+step a published round's entry records (written at restart too, after a crash)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from support.coordinator import PHASE_S, PRIVACY, Clock, Site, open_coordinator
 
+from fleetmind.aggregation.merge import cohort_step
 from fleetmind.aggregation.records import RoundRecord, StoppedRound
 from fleetmind.aggregation.secagg import DropReason, RoundPhase
 from fleetmind.server.config import ConfigError, PrivacyPolicy
@@ -22,6 +24,7 @@ from fleetmind.server.coordinator import (
     Coordinator,
     CoordinatorState,
     Finished,
+    Outcome,
     RefusedError,
     Stopped,
 )
@@ -109,8 +112,87 @@ def test_the_server_step_shrinks_with_the_units_a_round_sums(tmp_path: Path, uni
         mean = np.mean([flatten(s.delta, shapes) for s in sites], axis=0)
         _, b = coordinator.registry.get(1).tensors()
         np.testing.assert_allclose(flatten(b, shapes), step * mean, atol=1e-4)
+        # The signed ledger says how far the round moved the model: the units the sites
+        # declared, summed, and the step cohort_step gave for them.
+        entry = coordinator.ledger.head()
+        record = entry.record
+        assert isinstance(record, RoundRecord)
+        assert record.units == 4 * units
+        assert record.server_step == cohort_step(3.0, 4 * units, 2) == pytest.approx(step)
+        assert b'"units":%d' % (4 * units) in entry.body and b'"server_step":' in entry.body
+        assert coordinator.ledger.verify() == entry.hash
     finally:
         coordinator.ledger.close()
+
+
+def test_an_unscaled_round_records_its_units_and_the_configured_rate(fleet) -> None:
+    coordinator, clock, sites = fleet
+    run(coordinator, clock, sites)
+    record = coordinator.ledger.head().record
+    assert isinstance(record, RoundRecord)
+    assert (record.units, record.server_step) == (4, PRIVACY.server_learning_rate)
+
+
+class Crash(BaseException):
+    """The aggregator dies here: nothing after it runs (not an error the round handles)."""
+
+
+@pytest.mark.parametrize("saved_before_steps", [False, True])
+def test_a_round_published_before_a_crash_is_ledgered_with_its_step_at_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_before_steps: bool) -> None:
+    """The aggregator died between publishing version 1 and appending its ledger entry: the
+    restart writes the entry from the outcome saved in coordinator.json, units and step
+    included. A state saved before they were kept (no units, no server_step) still writes
+    the entry, without them, as entries from before them are."""
+    policy = PrivacyPolicy(**{**PRIVACY.__dict__, "server_learning_rate": 3.0,
+                              "server_step_units": 2})
+    data = tmp_path / "data"
+    coordinator = open_coordinator(data, Clock(), privacy=policy)
+    sites = [Site(coordinator, f"site-{i}", seed=i) for i in range(4)]
+
+    def crash(version: object, flight: object) -> None:
+        raise Crash
+
+    monkeypatch.setattr(coordinator, "_record_published", crash)
+    for s in sites:
+        s.join(2)
+    with pytest.raises(Crash):
+        for name in STEPS:
+            for s in sites:
+                getattr(s, name)()
+    assert coordinator.registry.numbers() == [0, 1] and coordinator.ledger.head() is None
+    coordinator.ledger.close()
+    state = json.loads((data / STATE_FILE).read_bytes())
+    outcome = state["in_flight"]["outcome"]
+    assert (outcome["units"], outcome["server_step"]) == (8, cohort_step(3.0, 8, 2))
+    if saved_before_steps:
+        del outcome["units"], outcome["server_step"]
+        (data / STATE_FILE).write_text(json.dumps(state))
+
+    restarted = open_coordinator(data, Clock(), privacy=policy)
+    try:
+        entry = restarted.ledger.head()
+        record = entry.record
+        assert isinstance(record, RoundRecord) and (record.round_id, record.version) == (1, 1)
+        if saved_before_steps:
+            assert (record.units, record.server_step) == (None, None)
+            assert b"units" not in entry.body and b"server_step" not in entry.body
+        else:
+            assert (record.units, record.server_step) == (8, cohort_step(3.0, 8, 2))
+        assert restarted.ledger.verify() == entry.hash
+        assert json.loads((data / STATE_FILE).read_bytes())["in_flight"] is None
+    finally:
+        restarted.ledger.close()
+
+
+def test_the_saved_outcome_reads_states_from_before_the_step_was_kept() -> None:
+    old = {"cohort_size": 4, "dropouts": 0, "payload_sha256s": [], "epsilon_round": 0.5,
+           "epsilon_total": 0.5}
+    outcome = Outcome.from_json(old)
+    assert (outcome.units, outcome.server_step) == (None, None)
+    assert outcome.to_json() == old  # the same shape back
+    stepped = Outcome(4, 0, 0.5, 0.5, (), units=8, server_step=1.5)
+    assert Outcome.from_json(stepped.to_json()) == stepped
 
 
 def test_the_server_step_units_must_be_a_whole_number_of_units() -> None:

@@ -5,6 +5,7 @@ version (rejected aggregates) chain between published ones under the same rules,
 
 import dataclasses
 import json
+import math
 import sqlite3
 from pathlib import Path
 
@@ -107,10 +108,14 @@ def test_every_record_field_is_covered_by_the_hash(ledger, key) -> None:
                   "payload_sha256s": ("e" * 64,),
                   "secure_aggregation": False, "privacy_unit": "user",
                   "participation_cap": 4}.get(field.name)
-        if edited is None:
+        if edited is None and value is None:
+            edited = STEPPED[field.name]
+        elif edited is None:
             edited = value + 1
+        # units and server_step are recorded together: adding one adds both.
+        changes = STEPPED if field.name in STEPPED else {field.name: edited}
         bad = _replace(entries[2], body=dataclasses.replace(
-            entries[2].record, **{field.name: edited}).to_body())
+            entries[2].record, **changes).to_body())
         with pytest.raises(LedgerError, match="altered") as caught:
             verify_ledger([*entries[:2], bad, *entries[3:]], key.public_key())
         assert caught.value.index == 2, field.name
@@ -205,6 +210,96 @@ def test_the_participation_cap_is_signed_and_left_out_when_absent(tmp_path, key)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_rounds"):
             dataclasses.replace(record(0), participation_cap=bad)
+
+
+STEPPED = {"units": 290, "server_step": 4.0 * (100 / 290) ** 0.5}  # docs/continual.md
+
+# A published round's body as every aggregator before units and server_step wrote it.
+OLD_BODY = (b'{"clip_norm":1.0,"cohort_size":5,"delta":1e-05,"dropouts":1,"epsilon_round":0.25,'
+            b'"epsilon_total":0.25,"noise_mode":"distributed","noise_multiplier":0.9,'
+            b'"recorded_at_ms":1700000000000,"round_id":0,"version":1,"version_hash":"'
+            + b"0" * 64 + b'"}')
+
+
+def test_a_round_records_its_units_and_server_step_signed(tmp_path, key) -> None:
+    stepped = dataclasses.replace(record(1), **STEPPED)
+    body = stepped.to_body()
+    assert b'"units":290' in body and b'"server_step":2.348' in body
+    assert RoundRecord.from_body(body) == stepped == parse_ledger_body(body)
+    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
+        ledger.append(record(0))  # an entry from before: neither field
+        ledger.append(stepped)
+        entries = list(ledger)
+    assert entries[0].body == OLD_BODY
+    assert verify_ledger(entries, key.public_key()) == entries[-1].hash
+    assert [(e.record.units, e.record.server_step) for e in entries] == [
+        (None, None), (290, STEPPED["server_step"])]
+    # Both are under the signature: a smaller step or fewer units is an altered entry.
+    for change in ({"server_step": 1.0}, {"units": 100}):
+        forged = dataclasses.replace(stepped, **change).to_body()
+        with pytest.raises(LedgerError, match="altered") as caught:
+            verify_ledger([entries[0], _replace(entries[1], body=forged)], key.public_key())
+        assert caught.value.index == 1
+    # An entry signed with the aggregator's key but out of range is refused all the same.
+    raw = json.loads(body)
+    raw["server_step"] = 0.0
+    signed = dataclasses.replace(  # canonical bytes, re-hashed and re-signed
+        entries[1], body=json.dumps(raw, sort_keys=True, separators=(",", ":")).encode())
+    digest = chain.entry_hash(LEDGER_DOMAIN, 1, entries[0].hash, signed.body)
+    signed = _replace(signed, hash=digest, signature=key.sign(digest))
+    with pytest.raises(LedgerError, match=r"not a valid round record.*server_step") as caught:
+        verify_ledger([entries[0], signed], key.public_key())
+    assert caught.value.index == 1
+
+
+def test_an_entry_from_before_the_step_parses_and_writes_back_byte_for_byte() -> None:
+    old = RoundRecord.from_body(OLD_BODY)
+    assert old == record(0) and (old.units, old.server_step) == (None, None)
+    assert parse_ledger_body(OLD_BODY) == old and old.to_body() == OLD_BODY
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"units": 0, "server_step": 1.0}, "units=0 must be an integer >= 1"),
+    ({"units": -3, "server_step": 1.0}, "units=-3"),
+    ({"units": 7.5, "server_step": 1.0}, "units=7.5"),
+    ({"units": True, "server_step": 1.0}, "units=True"),
+    ({"units": "8", "server_step": 1.0}, "units='8'"),
+    ({"units": 4, "server_step": 1.0}, "below cohort_size=5"),  # 5 sites, >= 1 unit each
+    ({"units": 8, "server_step": 0.0}, "server_step=0.0 must be > 0"),
+    ({"units": 8, "server_step": -1.0}, "server_step=-1.0"),
+    ({"units": 8, "server_step": float("nan")}, "finite"),
+    ({"units": 8, "server_step": float("inf")}, "finite"),
+    ({"units": 8, "server_step": "1.0"}, "server_step='1.0'"),
+    ({"units": 8, "server_step": None}, "both"),
+    ({"units": None, "server_step": 1.0}, "both"),
+])
+def test_units_and_server_step_out_of_range_are_refused(change, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(record(0), **change)
+    # ... and so is a signed body that holds them: not a valid round record.
+    body = json.loads(OLD_BODY)
+    body.update({k: v for k, v in change.items() if v is not None})
+    if any(isinstance(v, float) and not math.isfinite(v) for v in body.values()):
+        return  # canonical JSON has no NaN or infinity: such a body is never written
+    with pytest.raises((ValueError, TypeError)):
+        RoundRecord.from_body(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def test_audit_ledger_shows_each_rounds_step_and_units(tmp_path, key, capsys) -> None:
+    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
+        ledger.append(record(0))  # from before the step was recorded
+        ledger.append(dataclasses.replace(record(1), **STEPPED))
+    pub = tmp_path / "aggregator.pub"
+    pub.write_bytes(key.public_key().public_bytes_raw())
+    argv = ["audit", "ledger", "--file", str(tmp_path / "ledger.sqlite"),
+            "--aggregator-key", str(pub)]
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rounds"]
+    assert [(row["units"], row["server_step"]) for row in rows] == [
+        (None, None), (290, STEPPED["server_step"])]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "server step" in out and "2.349 (290 units)" in out and "not recorded" in out
 
 
 def stopped(round_id: int, version: int, epsilon_total: float, **changes) -> StoppedRound:
