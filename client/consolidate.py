@@ -146,11 +146,12 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
         guard_set, _ = distill.guard_examples(model, tokenizer, guard_prompts, cfg,
                                               random.Random(cfg.seed),
                                               distill.turn_end_ids(tokenizer, model))
-    for chunk in _passes(model, groups, cfg):
+    for chunk in _passes(groups, cfg):
         lora.set_b(model, start)
         if cfg.method == "sft_transcript":
-            results = [distill.supervise(model, tokenizer,
-                                         distill.transcript_examples(tokenizer, chunk[0]), cfg)]
+            results = distill.supervise_units(
+                model, tokenizer, [distill.transcript_examples(tokenizer, group)
+                                   for group in chunk], cfg)
         else:
             results = distill.consolidate_units(model, tokenizer, chunk, guard_prompts, cfg,
                                                 replay=replayed,
@@ -178,13 +179,11 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
                              consolidation_id[:16])
 
 
-def _passes(model: Any, groups: list[list[distill.Lesson]], cfg: distill.DistillConfig
+def _passes(groups: list[list[distill.Lesson]], cfg: distill.DistillConfig
             ) -> list[list[list[distill.Lesson]]]:
-    """The groups, `cfg.units_per_pass` to a pass; one a pass where units cannot share one
-    (A trains, for the FedIT baseline; the SFT baseline's loop takes one)."""
-    size = (1 if lora.a_trains(model) or cfg.method == "sft_transcript"
-            else cfg.units_per_pass)
-    return [groups[i:i + size] for i in range(0, len(groups), size)]
+    """The groups, `cfg.units_per_pass` to a pass (`lora.UnitDeltas`)."""
+    return [groups[i:i + cfg.units_per_pass]
+            for i in range(0, len(groups), cfg.units_per_pass)]
 
 
 def _replayed(dreams: Sequence[distill.Dream], lessons: Sequence[distill.Lesson],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1012,10 +1013,11 @@ def template_turn_end(tokenizer: Any) -> int | None:
 
 @dataclass
 class ConsolidationResult:
-    delta: dict[str, np.ndarray]
+    delta: dict[str, np.ndarray]  # B_after - B_before
     stats: DistillStats
     dreams: list[Dream]
     sessions: list[str]
+    a_delta: dict[str, np.ndarray] | None = None  # A_after - A_before, where A trains (FedIT)
 
 
 def consolidate(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
@@ -1045,10 +1047,11 @@ def consolidate_units(model: Any, tokenizer: Any, units: Sequence[Sequence[Lesso
                       ) -> list[ConsolidationResult]:
     """`consolidate` for each unit's lessons alone, every unit from the same B, and each
     unit's B_after - B_before. One unit trains the adapter itself. Several share every pass,
-    each with its own delta (`lora.UnitDeltas`, A frozen), its own draws (a generator seeded
-    as one unit alone is) and its own loss, so a unit's delta is what distilling it alone
-    gives, up to float rounding, in a fraction of the time (docs/measurements.md "Batched
-    distillation"). Replay belongs to one unit: it is refused with several."""
+    each with its own delta (`lora.UnitDeltas`; of A too where A trains), its own draws (a
+    generator seeded as one unit alone is) and its own loss, so a unit's delta is what
+    distilling it alone gives, up to float rounding, in a fraction of the time
+    (docs/learning-scale.md "Batched distillation"). Replay belongs to one unit: it is
+    refused with several."""
     import torch
 
     lessons = [lesson for unit in units for lesson in unit]
@@ -1067,7 +1070,7 @@ def consolidate_units(model: Any, tokenizer: Any, units: Sequence[Sequence[Lesso
     generators = None if one else [_generator(model, cfg.seed) for _ in units]
     rngs = [random.Random(cfg.seed) for _ in units]
     stop = turn_end_ids(tokenizer, model)
-    start_b = lora.get_b(model)
+    start = _factors(model)
     lora.hold_global(model)
     deltas = None if one else lora.UnitDeltas(model, len(units))
     try:
@@ -1139,18 +1142,36 @@ def consolidate_units(model: Any, tokenizer: Any, units: Sequence[Sequence[Lesso
                 bar.update(task, advance=1, loss=sum(s.loss[-1] for s in stats) / len(units),
                            kl=sum(kls) / len(units),
                            tps=sum(s.tokens for s in stats) / seconds)
-        if deltas is None:
-            end_b = lora.get_b(model)
-            unit_deltas = [{name: end_b[name] - start_b[name] for name in start_b}]
-        else:
-            unit_deltas = deltas.unit_deltas()
+        b_deltas, a_deltas = _unit_deltas(model, start, deltas)
     finally:
         if deltas is not None:
             deltas.detach()
     return [ConsolidationResult(delta, unit_stats, unit_dreams,
-                                [lesson.session_id for lesson in unit])
-            for delta, unit_stats, unit_dreams, unit in zip(unit_deltas, stats, dreams, units,
-                                                            strict=True)]
+                                [lesson.session_id for lesson in unit], a_delta)
+            for delta, a_delta, unit_stats, unit_dreams, unit
+            in zip(b_deltas, a_deltas, stats, dreams, units, strict=True)]
+
+
+def _factors(model: Any) -> dict[str, dict[str, np.ndarray]]:
+    """The factors that train, by factor: B, and A where it trains."""
+    return {factor: lora.get_b(model, factor)
+            for factor in (("B", "A") if lora.a_trains(model) else ("B",))}
+
+
+def _unit_deltas(model: Any, start: dict[str, dict[str, np.ndarray]],
+                 deltas: lora.UnitDeltas | None
+                 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray] | None]]:
+    """Each unit's delta of B and of A (None where A is frozen): the model's own change where
+    one unit trained it, else the units' deltas."""
+    if deltas is None:
+        end = _factors(model)
+        change = {factor: {name: end[factor][name] - start[factor][name]
+                           for name in start[factor]} for factor in start}
+        return [change["B"]], [change.get("A")]
+    a_deltas: list[dict[str, np.ndarray] | None] = [None] * deltas.units
+    if deltas.trains_a:
+        a_deltas = list(deltas.unit_deltas("A"))
+    return deltas.unit_deltas(), a_deltas
 
 
 def _generator(model: Any, seed: int) -> Any:
@@ -1205,36 +1226,72 @@ def supervise(model: Any, tokenizer: Any, examples: Sequence[tuple[list[int], li
               cfg: DistillConfig) -> ConsolidationResult:
     """BASELINE ONLY: cross-entropy fine-tuning of the adapter on (prompt ids, target ids)
     pairs, with cfg's steps, batch, lr and optimizer; returns B_after - B_before."""
+    return supervise_units(model, tokenizer, [examples], cfg)[0]
+
+
+def supervise_units(model: Any, tokenizer: Any,
+                    units: Sequence[Sequence[tuple[list[int], list[int]]]],
+                    cfg: DistillConfig) -> list[ConsolidationResult]:
+    """`supervise` for each unit's examples alone, every unit from the same adapter, as
+    `consolidate_units` batches OPSD: one unit trains the adapter itself; several share every
+    pass, each with its own delta, its own draws and its own loss (the mean over its drawn
+    rows' target tokens), so each unit's delta is what supervising it alone gives, up to
+    float rounding. An example drawn n times a step is computed once and weighted n: a unit
+    of one session draws the same transcript for every row."""
     import torch
     import torch.nn.functional as F
 
+    if not units or not all(units):
+        raise ValueError("nothing to supervise: a unit without examples")
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    start_b = lora.get_b(model)
-    optimizer = _optimizer(lora.trainable_parameters(model), cfg)
-    stats = DistillStats()
-    started = time.perf_counter()
-    for _ in range(cfg.steps):
-        batch = rng.choices(examples, k=cfg.prompts_per_step * cfg.samples_per_prompt)
-        ids = pad_right([p + t for p, t in batch], tokenizer.pad_token_id)  # (B, T)
-        mask = completion_mask([len(p) for p, _ in batch], [len(t) for _, t in batch],
-                               ids.shape[1], 0)[:, :-1]
-        ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
-        logits = model(input_ids=ids).logits[:, :-1]
-        target = ids[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                               reduction="none").view_as(target)
-        loss = (loss * mask).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        stats.steps += 1
-        stats.tokens += int(mask.sum())
-        stats.loss.append(float(loss.detach()))
-    stats.seconds = time.perf_counter() - started
-    end_b = lora.get_b(model)
-    return ConsolidationResult({name: end_b[name] - start_b[name] for name in start_b}, stats,
-                               [], [])
+    rngs = [random.Random(cfg.seed) for _ in units]
+    draws = cfg.prompts_per_step * cfg.samples_per_prompt  # a unit's rows a step
+    start = _factors(model)
+    deltas = None if len(units) == 1 else lora.UnitDeltas(model, len(units))
+    device = model_device(model)
+    try:
+        optimizer = _optimizer(lora.trainable_parameters(model) if deltas is None
+                               else deltas.parameters(), cfg)
+        stats = [DistillStats() for _ in units]
+        started = time.perf_counter()
+        for _ in range(cfg.steps):
+            # (unit, example index) -> times drawn, in the order first drawn
+            drawn = Counter((u, i) for u, (rng, examples) in enumerate(zip(rngs, units,
+                                                                            strict=True))
+                            for i in rng.choices(range(len(examples)), k=draws))
+            batch = [units[u][i] for u, i in drawn]
+            ids = pad_right([p + t for p, t in batch], tokenizer.pad_token_id)  # (B, T)
+            mask = completion_mask([len(p) for p, _ in batch], [len(t) for _, t in batch],
+                                   ids.shape[1], 0)[:, :-1].to(device)
+            ids = ids.to(device)
+            owner = torch.tensor([u for u, _ in drawn], device=device)
+            weight = torch.tensor(list(drawn.values()), dtype=torch.float32, device=device)
+            with lora.routed(model, None if deltas is None else owner[:, None]):
+                logits = model(input_ids=ids).logits[:, :-1]
+            target = ids[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                   target.reshape(-1), reduction="none").view_as(target)
+            by_unit = torch.zeros(len(units), device=device).index_add(
+                0, owner, weight * (loss * mask).sum(1))
+            tokens = torch.zeros(len(units), device=device).index_add(
+                0, owner, weight * mask.sum(1))
+            unit_losses = by_unit / tokens.clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            unit_losses.sum().backward()  # a unit's delta sees its own loss only
+            optimizer.step()
+            for unit_stats, unit_loss, unit_tokens in zip(stats, unit_losses, tokens,
+                                                          strict=True):
+                unit_stats.steps += 1
+                unit_stats.tokens += int(unit_tokens)
+                unit_stats.loss.append(float(unit_loss.detach()))
+        for unit_stats in stats:
+            unit_stats.seconds = (time.perf_counter() - started) / len(units)
+        b_deltas, a_deltas = _unit_deltas(model, start, deltas)
+    finally:
+        if deltas is not None:
+            deltas.detach()
+    return [ConsolidationResult(delta, unit_stats, [], [], a_delta)
+            for delta, a_delta, unit_stats in zip(b_deltas, a_deltas, stats, strict=True)]
 
 
 def _optimizer(params: Sequence[Any], cfg: DistillConfig) -> Any:

@@ -238,32 +238,39 @@ _UNITS = "_fleetmind_units"  # the UnitDeltas attached to the model, if any
 class UnitDeltas:
     """Many privacy units' own deltas of every B, trained side by side on one model.
 
-    Each unit u has its own delta D_u (out, rank) per adapted layer, over the adapter's one
-    frozen A: a pass adds scaling * (x A^T) D_u^T to a layer's output for the unit of each
-    row (or packed token) that `routed` names, and nothing for rows of no unit. PEFT's own B
-    stays at the global value, so the teacher and the guard's reference (`frozen_global`)
-    are unchanged. One pass over many units' rows replaces a pass per unit, as multi-adapter
-    serving (S-LoRA, punica) batches adapters; the units' rows never meet, so each unit's
-    gradient is its own (docs/design.md "Batched distillation"). A frozen A is what makes it
-    one matmul: x A^T is computed once for every unit."""
+    Each unit u has its own delta D_u (out, rank) per adapted layer: a pass adds
+    scaling * (x A^T) D_u^T to a layer's output for the unit of each row (or packed token)
+    that `routed` names, and nothing for rows of no unit. PEFT's own factors stay at the
+    global value, so the teacher and the guard's reference (`frozen_global`) are unchanged.
+    One pass over many units' rows replaces a pass per unit, as multi-adapter serving
+    (S-LoRA, punica) batches adapters; the units' rows never meet, so each unit's gradient is
+    its own (docs/design.md "Batched distillation"). With A frozen x A^T is computed once for
+    every unit.
+
+    Where A trains (`freeze_a(..., frozen=False)`, the FedIT baseline) each unit also has its
+    own delta E_u (rank, in) of A, and a pass adds what the unit's factors (A + E_u, B + D_u)
+    add beyond the global ones: scaling * ((x A^T) D_u^T + (x E_u^T)(B + D_u)^T)."""
 
     def __init__(self, peft_model: Any, units: int) -> None:
         import torch
 
-        if getattr(peft_model, _A_TRAINS, False):
-            raise ValueError("units can share a pass only while A is frozen (A is the "
-                             "FedIT baseline's to train): distil them one at a time")
         if getattr(peft_model, _UNITS, None) is not None:
             raise ValueError("the model already trains a set of unit deltas")
         self.units = units
+        self.trains_a = a_trains(peft_model)
         self.route: Any = None  # (rows, 1) or (rows, tokens) unit indices, -1 for none
         self.deltas: dict[str, Any] = {}
+        self.a_deltas: dict[str, Any] = {}
         self._hooks = []
         for name, layer in lora_layers(peft_model).items():
-            b = _factor(layer, "B")
-            b.requires_grad_(False)  # the global B holds still: gradients go to the deltas
-            self.deltas[name] = torch.nn.Parameter(
-                torch.zeros((units, *b.shape), dtype=b.dtype, device=b.device))
+            for factor, store in (("B", self.deltas), ("A", self.a_deltas)):
+                if factor == "A" and not self.trains_a:
+                    continue
+                weight = _factor(layer, factor)
+                weight.requires_grad_(False)  # the global factor holds still: gradients go
+                store[name] = torch.nn.Parameter(  # to the deltas
+                    torch.zeros((units, *weight.shape), dtype=weight.dtype,
+                                device=weight.device))
             self._hooks.append(layer.register_forward_hook(self._adder(name)))
         self._model = peft_model
         setattr(peft_model, _UNITS, self)
@@ -275,7 +282,8 @@ class UnitDeltas:
             import torch.nn.functional as F
 
             a = layer.lora_A[ADAPTER]
-            h = a(args[0].to(a.weight.dtype))  # (rows, tokens, rank), shared by every unit
+            x = args[0].to(a.weight.dtype)
+            h = a(x)  # (rows, tokens, rank), shared by every unit
             route = self.route.expand(h.shape[:-1])
             # Each token's h placed in its unit's slot of a (units x rank) row, so one matmul
             # with every unit's delta stacked applies each token's own unit's delta.
@@ -283,16 +291,26 @@ class UnitDeltas:
             spread = (hot[..., None] * h[..., None, :]).flatten(-2)
             delta = self.deltas[name]  # (units, out, rank)
             stacked = delta.transpose(1, 2).reshape(-1, delta.shape[1])  # (units*rank, out)
-            return output + (layer.scaling[ADAPTER] * (spread @ stacked)).to(output.dtype)
+            added = spread @ stacked
+            if self.trains_a:
+                a_delta = self.a_deltas[name]  # (units, rank, in)
+                # x E_u^T for every unit, kept only in the token's own unit's slot.
+                own = (x @ a_delta.reshape(-1, a_delta.shape[-1]).T) * hot.repeat_interleave(
+                    a_delta.shape[1], dim=-1)
+                b = layer.lora_B[ADAPTER].weight  # (out, rank)
+                added = added + own @ (stacked + b.T.repeat(self.units, 1))
+            return output + (layer.scaling[ADAPTER] * added).to(output.dtype)
         return add
 
     def parameters(self) -> list[Any]:
-        return list(self.deltas.values())
+        return [*self.deltas.values(), *self.a_deltas.values()]
 
-    def unit_deltas(self) -> list[dict[str, np.ndarray]]:
-        """Each unit's delta of every B, float32 copies, unit by unit."""
+    def unit_deltas(self, factor: str = "B") -> list[dict[str, np.ndarray]]:
+        """Each unit's delta of every B (of every A with factor="A", where A trains), float32
+        copies, unit by unit."""
+        store = self.deltas if factor == "B" else self.a_deltas
         return [{name: delta[u].detach().float().cpu().numpy().copy()
-                 for name, delta in self.deltas.items()} for u in range(self.units)]
+                 for name, delta in store.items()} for u in range(self.units)]
 
     def detach(self) -> None:
         """Takes the hooks off the model; the model is as it was before."""
@@ -300,6 +318,7 @@ class UnitDeltas:
             hook.remove()
         for layer in lora_layers(self._model).values():
             _factor(layer, "B").requires_grad_(True)
+        freeze_a(self._model, frozen=not self.trains_a)
         delattr(self._model, _UNITS)
 
 

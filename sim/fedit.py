@@ -113,29 +113,38 @@ class InProcessFleet:
 
     def _unit_deltas(self, sessions: Sequence[Any], guard_set: list[Any]
                      ) -> list[tuple[str, dict[str, np.ndarray]]]:
-        """(session id, the merge's factors after distilling that session alone)."""
+        """(session id, the merge's factors after distilling that session alone), the
+        sessions `units_per_pass` to a pass as a site distils its units
+        (`distill.consolidate_units`, `distill.supervise_units`)."""
         from fleetmind.client import distill, lora
         from fleetmind.client.consolidate import fit_lessons, lessons_from
         from fleetmind.client.scrub import scrub_text
 
         lessons, _ = fit_lessons(self.model, self.tokenizer, lessons_from(sessions)[0],
                                  self.distill)
+        size = self.distill.units_per_pass
         out = []
-        for lesson in lessons:
+        for chunk in [lessons[i:i + size] for i in range(0, len(lessons), size)]:
             lora.set_b(self.model, self.global_a, "A")
             lora.set_b(self.model, self.global_b)
             lora.freeze_a(self.model, frozen=self.merge == "exact")
             if self.distill.method == "sft_transcript":
-                distill.supervise(self.model, self.tokenizer,
-                                  distill.transcript_examples(self.tokenizer, [lesson]),
-                                  self.distill)
+                results = distill.supervise_units(
+                    self.model, self.tokenizer,
+                    [distill.transcript_examples(self.tokenizer, [lesson]) for lesson in chunk],
+                    self.distill)
             else:
-                distill.consolidate(self.model, self.tokenizer, [lesson], self.guard,
-                                    self.distill, scrub=lambda t: scrub_text(t)[0],
-                                    progress=False, guard_set=guard_set)
+                results = distill.consolidate_units(
+                    self.model, self.tokenizer, [[lesson] for lesson in chunk], self.guard,
+                    self.distill, scrub=lambda t: scrub_text(t)[0], progress=False,
+                    guard_set=guard_set)
             lora.freeze_a(self.model)
-            out.append((lesson.session_id,
-                        self._factors(lora.get_b(self.model, "A"), lora.get_b(self.model))))
+            for lesson, result in zip(chunk, results, strict=True):
+                a = {name: self.global_a[name] + (0 if result.a_delta is None
+                                                   else result.a_delta[name])
+                     for name in self.global_a}
+                b = {name: self.global_b[name] + result.delta[name] for name in self.global_b}
+                out.append((lesson.session_id, self._factors(a, b)))
         return out
 
     def _factors(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]

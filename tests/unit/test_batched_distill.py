@@ -74,11 +74,95 @@ def test_a_units_loss_moves_only_its_own_delta(student) -> None:
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_B" in n)
 
 
-def test_units_cannot_share_a_pass_while_a_trains(student) -> None:
+def test_where_a_trains_each_row_adds_its_own_units_factors(student) -> None:
+    """FedIT's units: a row of unit u runs as the adapter (A + E_u, B + D_u) would alone."""
     model, _ = student
+    global_b = random_b(model, 0.05, 0)
+    global_a = lora.get_b(model, "A")
+    lora.set_b(model, global_b)
     lora.freeze_a(model, frozen=False)
-    with pytest.raises(ValueError, match="A is frozen"):
-        lora.UnitDeltas(model, 2)
+    ids = torch.tensor([[3, 9, 27, 81, 5]] * 2)
+    deltas = lora.UnitDeltas(model, 2)
+    rng = np.random.default_rng(4)
+    try:
+        assert deltas.trains_a
+        with torch.no_grad():
+            for store in (deltas.deltas, deltas.a_deltas):
+                for delta in store.values():
+                    delta.copy_(torch.from_numpy(
+                        (0.2 * rng.standard_normal(delta.shape)).astype(np.float32)))
+            with lora.routed(model, torch.tensor([[0], [1]])):
+                routed = model(input_ids=ids).logits
+        unit_b, unit_a = deltas.unit_deltas(), deltas.unit_deltas("A")
+    finally:
+        deltas.detach()
+    assert len(lora.trainable_parameters(model)) == 2 * len(global_b)  # A trains again
+    with torch.no_grad():
+        for u in range(2):
+            lora.set_b(model, {n: global_b[n] + unit_b[u][n] for n in global_b})
+            lora.set_b(model, {n: global_a[n] + unit_a[u][n] for n in global_a}, "A")
+            alone = model(input_ids=ids[:1]).logits[0]
+            assert torch.allclose(routed[u], alone, atol=1e-3)  # logits of size ~10
+            assert not torch.allclose(routed[1 - u], alone, atol=1e-1)
+
+
+def test_fedit_units_sharing_a_pass_learn_what_each_learns_alone(student) -> None:
+    """Both factors' deltas of a unit, batched, equal distilling it alone with A trainable."""
+    model, tokenizer = student
+    sessions, guard = sessions_and_guard(2)
+    lessons = [distill.Lesson.from_session(s.id, [{"role": m.role, "content": m.content}
+                                                  for m in s.messages]) for s in sessions]
+    cfg = distill.DistillConfig(steps=2, dreams_per_lesson=2, optimizer="sgd", lr=0.5,
+                                guard_every=1)
+    start_b, start_a = random_b(model, 0.01, 7), lora.get_b(model, "A")
+
+    def deltas(units):
+        lora.set_b(model, start_b)
+        lora.set_b(model, start_a, "A")
+        lora.freeze_a(model, frozen=False)
+        results = distill.consolidate_units(model, tokenizer, units, guard, cfg, progress=False)
+        lora.freeze_a(model)
+        return results
+
+    alone = [deltas([[lesson]])[0] for lesson in lessons]
+    together = deltas([[lesson] for lesson in lessons])
+    for one, shared in zip(alone, together, strict=True):
+        for mine, theirs in ((one.delta, shared.delta), (one.a_delta, shared.a_delta)):
+            assert mine is not None and theirs is not None
+            size = max(float(np.abs(mine[n]).max()) for n in mine)
+            assert size > 1e-5  # each factor of each unit moved
+            for name in mine:
+                assert np.allclose(theirs[name], mine[name], atol=1e-3 * size), name
+    assert not np.allclose(alone[0].a_delta[next(iter(alone[0].a_delta))],
+                           alone[1].a_delta[next(iter(alone[1].a_delta))], atol=1e-6)
+
+
+def test_sft_units_sharing_a_pass_learn_what_each_learns_alone(student) -> None:
+    model, tokenizer = student
+    sessions, _ = sessions_and_guard(3)
+    lessons = [distill.Lesson.from_session(s.id, [{"role": m.role, "content": m.content}
+                                                  for m in s.messages]) for s in sessions]
+    units = [distill.transcript_examples(tokenizer, [lesson]) for lesson in lessons]
+    cfg = distill.DistillConfig(steps=3, lr=0.5, optimizer="sgd", method="sft_transcript",
+                                prompts_per_step=2, samples_per_prompt=1)
+    start_b = random_b(model, 0.01, 7)
+
+    def run(chunk):
+        lora.set_b(model, start_b)
+        return distill.supervise_units(model, tokenizer, chunk, cfg)
+
+    alone = [run([unit])[0] for unit in units]
+    together = run(units)
+    assert all(np.array_equal(lora.get_b(model)[n], start_b[n]) for n in start_b)  # B kept
+    for one, shared in zip(alone, together, strict=True):
+        assert shared.stats.loss == pytest.approx(one.stats.loss, rel=1e-4)
+        assert shared.stats.tokens == one.stats.tokens
+        size = max(float(np.abs(one.delta[n]).max()) for n in one.delta)
+        assert size > 1e-4
+        for name in one.delta:
+            assert np.allclose(shared.delta[name], one.delta[name], atol=1e-4 * size), name
+    assert not np.allclose(alone[0].delta[next(iter(alone[0].delta))],
+                           alone[1].delta[next(iter(alone[1].delta))], atol=1e-4)
 
 
 def test_units_per_pass_must_be_positive() -> None:

@@ -464,6 +464,40 @@ def test_the_sft_baseline_learns_the_transcript_text(student) -> None:
     assert any(np.abs(d).max() > 0 for d in result.delta.values())
 
 
+def test_the_sft_step_is_the_mean_over_every_drawn_row(student) -> None:
+    """Rows drawn more than once are computed once and weighted by their count: the step is
+    still the masked mean over all drawn rows, duplicates included, computed here row by row."""
+    import random
+
+    import torch.nn.functional as F
+
+    model, tokenizer = student
+    lessons, _ = lessons_and_guard(3)
+    examples = distill.transcript_examples(tokenizer, lessons)
+    assert len({len(p) + len(t) for p, t in examples}) > 1  # lengths differ: weights matter
+    cfg = distill.DistillConfig(steps=1, lr=0.5, optimizer="sgd", method="sft_transcript",
+                                prompts_per_step=3, samples_per_prompt=2, seed=4)
+    start = lora.get_b(model)
+    drawn = random.Random(cfg.seed).choices(examples, k=6)
+    assert len({id(pair) for pair in drawn}) < len(drawn)  # some row drawn twice
+    ids = distill.pad_right([p + t for p, t in drawn], tokenizer.pad_token_id)
+    mask = distill.completion_mask([len(p) for p, _ in drawn], [len(t) for _, t in drawn],
+                                   ids.shape[1], 0)[:, :-1]
+    logits = model(input_ids=ids).logits[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="none").view_as(mask)
+    ((loss * mask).sum() / mask.sum()).backward()
+    layers = lora.lora_layers(model)
+    expected = {name: -cfg.lr * layers[name].lora_B["default"].weight.grad.numpy()
+                for name in start}
+    model.zero_grad(set_to_none=True)
+    result = distill.supervise(model, tokenizer, examples, cfg)
+    assert result.stats.tokens == int(mask.sum())
+    for name, delta in result.delta.items():
+        assert np.allclose(delta, expected[name], atol=1e-6 + 1e-4 * np.abs(expected[name]).max())
+    assert max(float(np.abs(d).max()) for d in result.delta.values()) > 1e-5
+
+
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"guard_every": 0}, {"lr": 0},
                                  {"probe_ratio": -1}, {"dream_confidence": 2},
                                  {"optimizer": "lion"}, {"method": "dpo"}, {"top_k": -2},
