@@ -364,6 +364,87 @@ def _arm(cfg: ContinualConfig, name: str, model_dir: Path, guard: list[Any]) -> 
         server_step_units=cfg.server_step_units)
 
 
+def arm_rounds(cfg: ContinualConfig, name: str, evaluator: ContinualEvaluator,
+               guard: list[Any], queue: Any) -> None:
+    """One in-process arm's every round, in a process of its own (`ArmProcesses`): after each
+    round, (name, the round's measures, the round's seconds) onto `queue`; (name, None, the
+    error) if it fails."""
+    try:
+        import torch
+
+        from fleetmind.client.store import Session
+        from fleetmind.sim.basemodel import toy_model_path
+        from fleetmind.sim.fleet import quiet
+
+        quiet()
+        torch.set_num_threads(1)
+        arm = _arm(cfg, name, toy_model_path(), guard)
+        world = evaluator.world
+        for number in range(1, cfg.rounds + 1):
+            clock = time.perf_counter()
+            sessions = [[Session.from_dict(s) for s in world.sessions_for_round(site, number - 1)]
+                        for site in world.site_names]
+            if name == "oracle":
+                arm.round(sessions, number)
+            else:
+                arm.round(sessions)
+            seconds = time.perf_counter() - clock
+            row = evaluator.measure(arm.model, arm.tokenizer, number)
+            row["epsilon_per_unit"] = None if name == "oracle" else in_process_epsilon(cfg,
+                                                                                      number)
+            queue.put((name, row, seconds))
+    except BaseException as error:
+        queue.put((name, None, f"{type(error).__name__}: {error}"))
+        raise
+
+
+class ArmProcesses:
+    """The in-process arms, each running all its rounds in a process of its own, beside the
+    fleet: in one process after each fleet round they left a core idle once the fleet's sites
+    were done (docs/continual.md "Every arm in one run"). Rows arrive in round order per arm."""
+
+    def __init__(self, cfg: ContinualConfig, evaluator: ContinualEvaluator,
+                 guard: list[Any]) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # torch and grpc do not survive fork
+        self.queue = context.Queue()
+        self.processes = {name: context.Process(target=arm_rounds, daemon=True,
+                                                args=(cfg, name, evaluator, guard, self.queue),
+                                                name=f"arm-{name}")
+                          for name in cfg.arms}
+        for process in self.processes.values():
+            process.start()
+
+    def rows(self, timeout: float) -> list[tuple[str, dict[str, Any], float]]:
+        """Every row ready now, waiting up to `timeout` for the first; an arm that failed or
+        whose process ended raises, naming it."""
+        import queue as queues
+
+        ready = []
+        try:
+            ready.append(self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait())
+            while True:
+                ready.append(self.queue.get_nowait())
+        except queues.Empty:
+            pass
+        for name, row, detail in ready:
+            if row is None:
+                raise RuntimeError(f"the {name} arm failed: {detail}")
+        if not ready:
+            for name, process in self.processes.items():
+                if not process.is_alive():
+                    raise RuntimeError(f"the {name} arm's process ended (exit code "
+                                       f"{process.exitcode}) before its last round")
+        return [(name, row, seconds) for name, row, seconds in ready]
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=10)
+
+
 # ---- the run -----------------------------------------------------------------------------
 
 def prepare_out(out: Path) -> None:
@@ -401,7 +482,6 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
         from fleetmind.aggregation.manifest import MANIFEST, Manifest
         from fleetmind.client.consolidate import read_prompts
         from fleetmind.client.model import load_model
-        from fleetmind.client.store import Session
         from fleetmind.sim.basemodel import toy_model_path
         from fleetmind.sim.fleet import Fleet, quiet
 
@@ -415,13 +495,15 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
         guard = read_prompts(world_dir / "guard.jsonl")
         progress.update(task, description="measuring the base model")
         evaluator = ContinualEvaluator(world, model_dir)
-        arms: dict[str, Any] = {}
-        for name in cfg.arms:
-            progress.update(task, description=f"loading the {name} arm")
-            arms[name] = _arm(cfg, name, model_dir, guard)
+        progress.update(task, description="starting the arms' processes")
+        arms = ArmProcesses(cfg, evaluator, guard)
         progress.update(task, description="starting the aggregator and sites")
         fleet = Fleet(cfg.fleet(), model_dir, world_dir / "guard.jsonl")
-        fleet.start()
+        try:
+            fleet.start()
+        except BaseException:
+            arms.stop()
+            raise
         rounds: list[dict[str, Any]] = []
         arm_rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in cfg.arms}
         arm_seconds = dict.fromkeys(["fleet", *cfg.arms], 0.0)
@@ -446,32 +528,31 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
                 "complete": complete,
             }
 
+        def arm_rows_arrived(timeout: float) -> None:
+            for name, row, seconds in arms.rows(timeout):
+                arm_seconds[name] += seconds
+                series = arm_rounds[name]
+                series.append(row)
+                series[-1]["retention_first_round"] = retention(
+                    [r["first_round_recovery"] for r in series])
+                progress.console.print(round_line(name, row))
+
+        def save(complete: bool) -> None:
+            atomic_write(cfg.out / RESULTS,
+                         (json.dumps(results_so_far(complete), indent=2) + "\n").encode())
+
         try:
             for number in range(1, cfg.rounds + 1):
                 sessions = [world.sessions_for_round(site, number - 1)
                             for site in world.site_names]
-                # The sites run the round in their processes while this one runs the arms.
                 clock = time.perf_counter()
                 fleet.submit(number, sessions)
-                for name, arm in arms.items():
-                    progress.update(task, description=f"round {number}: the {name} arm "
-                                                      "(the fleet's sites run meanwhile)")
-                    arm_clock = time.perf_counter()
-                    as_sessions = [[Session.from_dict(s) for s in site] for site in sessions]
-                    if name == "oracle":
-                        arm.round(as_sessions, number)
-                    else:
-                        arm.round(as_sessions)
-                    arm_seconds[name] += time.perf_counter() - arm_clock
-                    measured = evaluator.measure(arm.model, arm.tokenizer, number)
-                    measured["epsilon_per_unit"] = (None if name == "oracle"
-                                                    else in_process_epsilon(cfg, number))
-                    arm_rounds[name].append(measured)
                 progress.update(task, description=f"round {number}: the fleet's sites "
                                                   "(consolidate, clip, "
                                                   + ("secure aggregation, " if
                                                      cfg.secure_aggregation else "")
-                                                  + ("DP, " if cfg.dp else "") + "publish)")
+                                                  + ("DP, " if cfg.dp else "") + "publish)"
+                                                  + (", the arms beside" if cfg.arms else ""))
                 version = fleet.collect(number)
                 arm_seconds["fleet"] += time.perf_counter() - clock
                 folder = fleet.current()
@@ -485,14 +566,21 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
                            epsilon_per_unit=manifest.epsilon if cfg.dp else None,
                            epsilon_per_unit_capped=capped_epsilon(cfg, world, number))
                 rounds.append(row)
-                for series in (rounds, *arm_rounds.values()):
-                    series[-1]["retention_first_round"] = retention(
-                        [r["first_round_recovery"] for r in series])
+                rounds[-1]["retention_first_round"] = retention(
+                    [r["first_round_recovery"] for r in rounds])
                 progress.update(task, advance=1)
-                progress.console.print(round_line(rounds[-1], arm_rounds))
-                atomic_write(cfg.out / RESULTS,
-                             (json.dumps(results_so_far(False), indent=2) + "\n").encode())
+                progress.console.print(round_line("fleet", rounds[-1]))
+                arm_rows_arrived(0)
+                save(False)
+            while any(len(rows) < cfg.rounds for rows in arm_rounds.values()):
+                behind = {n: len(rows) + 1 for n, rows in arm_rounds.items()
+                          if len(rows) < cfg.rounds}
+                progress.update(task, description="the fleet is done; the arms' rounds: "
+                                + ", ".join(f"{n} {r}" for n, r in behind.items()))
+                arm_rows_arrived(60.0)
+                save(False)
         finally:
+            arms.stop()
             fleet.stop()
     results = results_so_far(True)
     atomic_write(cfg.out / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
@@ -504,16 +592,12 @@ def _share(values: list[bool]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def round_line(fleet: dict[str, Any], arms: dict[str, list[dict[str, Any]]]) -> str:
-    """One line per round: every arm's strict recovery and forgetting."""
-    def show(name: str, row: dict[str, Any]) -> str:
-        value = row["recovery_strict"]
-        return (f"{name} {'-' if value is None else f'{value:.2f}'} "
-                f"({row['forgetting_points']:+.1f} pts)")
-
-    epsilon = fleet.get("epsilon_per_unit")
-    return (f"round {fleet['round']}: {fleet['facts_known']} facts known; recovery "
-            + ", ".join([show("fleet", fleet), *(show(n, rows[-1]) for n, rows in arms.items())])
+def round_line(name: str, row: dict[str, Any]) -> str:
+    """One line per arm and round: strict recovery, forgetting and epsilon."""
+    value, epsilon = row["recovery_strict"], row.get("epsilon_per_unit")
+    return (f"round {row['round']}, {name}: {row['facts_known']} facts known; recovery "
+            f"{'-' if value is None else f'{value:.2f}'} "
+            f"({row['forgetting_points']:+.1f} pts)"
             + ("" if epsilon is None else f"; epsilon {epsilon:.3g}"))
 
 
@@ -713,8 +797,10 @@ def _continual(args: argparse.Namespace) -> int:
         results = run(cfg)
     except FileExistsError as error:
         raise argparse.ArgumentError(None, str(error)) from None
-    last = results["rounds"][-1]
-    print(round_line(last, {n: rows for n, rows in results["arms"].items() if rows}))
+    print(round_line("fleet", results["rounds"][-1]))
+    for name, rows in results["arms"].items():
+        if rows:
+            print(round_line(name, rows[-1]))
     print(f"results: {cfg.out / RESULTS}, plot: {cfg.out / PLOT} "
           f"({results['seconds']:.0f} s)")
     if sweep:

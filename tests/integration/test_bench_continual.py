@@ -15,6 +15,7 @@ from fleetmind.sim.bench.continual import (
     PLOT,
     RESULTS,
     ROUND_KEYS,
+    ArmProcesses,
     ContinualConfig,
     add_continual_command,
     capped_epsilon,
@@ -177,6 +178,28 @@ def test_a_reduced_run_writes_every_key_for_the_fleet_and_every_arm(tmp_path: Pa
         _check_rounds(results["arms"][name], 2, dp=name != "oracle")
     assert results["arms"]["oracle"][0]["epsilon_per_unit"] is None  # no DP: the ceiling
     assert (cfg.out / PLOT).stat().st_size > 0
+
+
+def test_an_arm_that_fails_or_dies_stops_the_run_naming_it(tmp_path: Path) -> None:
+    """The arms run in processes of their own: a failure or a dead process is an error that
+    names the arm, never a wait without end."""
+    import multiprocessing
+
+    arms = ArmProcesses(ContinualConfig(out=tmp_path, arms=(), **SMALL), None, [])  # type: ignore[arg-type]
+    assert arms.rows(0) == []
+    row = {"round": 1}
+    arms.queue.put(("sft", row, 2.5))
+    assert arms.rows(5.0) == [("sft", row, 2.5)]
+    arms.queue.put(("fedit", None, "ValueError: no sessions"))
+    with pytest.raises(RuntimeError, match="the fedit arm failed: ValueError: no sessions"):
+        arms.rows(5.0)
+    dead = multiprocessing.get_context("spawn").Process(target=abs, args=(-1,))
+    dead.start()
+    dead.join()
+    arms.processes = {"oracle": dead}
+    with pytest.raises(RuntimeError, match="the oracle arm's process ended"):
+        arms.rows(0.1)
+    arms.stop()
 
 
 @pytest.mark.slow
