@@ -1,6 +1,6 @@
 """`fleetmind bench continual --out DIR`: knowledge arriving over rounds (`sim.world`'s
 continual world), learned by a fleet on the real services (`sim.fleet`: loopback gRPC,
-secure aggregation, DP) and, in the same run, by three arms in this process:
+secure aggregation, DP) and, in the same run, by three arms, each in a process of its own:
 
     oracle  every round's sessions at one place, distilled jointly (`consolidate_sessions`,
             per_session=False) from its own B, no clipping, no noise: the ceiling of what
@@ -675,7 +675,7 @@ def users_per_fact_curve(cfg: ContinualConfig, values: Sequence[int],
     curve = {"config": {**{k: (str(v) if isinstance(v, Path) else v)
                            for k, v in asdict(cfg).items()}, "users_per_fact": list(values)},
              "points": points}
-    (cfg.out / SWEEP).write_text(json.dumps(curve, indent=2) + "\n")
+    atomic_write(cfg.out / SWEEP, (json.dumps(curve, indent=2) + "\n").encode())
     plot_users_per_fact(curve, cfg.out / SWEEP_PLOT)
     return curve
 
