@@ -408,6 +408,8 @@ class ArmProcesses:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # torch and grpc do not survive fork
+        self.rounds = cfg.rounds
+        self.delivered = dict.fromkeys(cfg.arms, 0)
         self.queue = context.Queue()
         self.processes = {name: context.Process(target=arm_rounds, daemon=True,
                                                 args=(cfg, name, evaluator, guard, self.queue),
@@ -417,8 +419,8 @@ class ArmProcesses:
             process.start()
 
     def rows(self, timeout: float) -> list[tuple[str, dict[str, Any], float]]:
-        """Every row ready now, waiting up to `timeout` for the first; an arm that failed or
-        whose process ended raises, naming it."""
+        """Every row ready now, waiting up to `timeout` for the first; an arm that failed, or
+        whose process ended before its last round, raises, naming it."""
         import queue as queues
 
         ready = []
@@ -431,9 +433,10 @@ class ArmProcesses:
         for name, row, detail in ready:
             if row is None:
                 raise RuntimeError(f"the {name} arm failed: {detail}")
+            self.delivered[name] += 1
         if not ready:
             for name, process in self.processes.items():
-                if not process.is_alive():
+                if self.delivered[name] < self.rounds and not process.is_alive():
                     raise RuntimeError(f"the {name} arm's process ended (exit code "
                                        f"{process.exitcode}) before its last round")
         return [(name, row, seconds) for name, row, seconds in ready]

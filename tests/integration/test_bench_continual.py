@@ -187,18 +187,21 @@ def test_an_arm_that_fails_or_dies_stops_the_run_naming_it(tmp_path: Path) -> No
 
     arms = ArmProcesses(ContinualConfig(out=tmp_path, arms=(), **SMALL), None, [])  # type: ignore[arg-type]
     assert arms.rows(0) == []
+    arms.delivered = {"sft": 0, "fedit": 0, "oracle": 0}
     row = {"round": 1}
     arms.queue.put(("sft", row, 2.5))
     assert arms.rows(5.0) == [("sft", row, 2.5)]
     arms.queue.put(("fedit", None, "ValueError: no sessions"))
     with pytest.raises(RuntimeError, match="the fedit arm failed: ValueError: no sessions"):
         arms.rows(5.0)
-    dead = multiprocessing.get_context("spawn").Process(target=abs, args=(-1,))
-    dead.start()
-    dead.join()
-    arms.processes = {"oracle": dead}
+    ended = multiprocessing.get_context("spawn").Process(target=abs, args=(-1,))
+    ended.start()
+    ended.join()
+    arms.processes = {"oracle": ended}
     with pytest.raises(RuntimeError, match="the oracle arm's process ended"):
-        arms.rows(0.1)
+        arms.rows(0.1)  # one round of two delivered
+    arms.delivered["oracle"] = SMALL["rounds"]
+    assert arms.rows(0.1) == []  # every round delivered: its process ending is no error
     arms.stop()
 
 
