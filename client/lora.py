@@ -266,9 +266,10 @@ class UnitDeltas:
             for factor, store in (("B", self.deltas), ("A", self.a_deltas)):
                 if factor == "A" and not self.trains_a:
                     continue
+                # The global factor holds still: gradients go to the units' deltas.
                 weight = _factor(layer, factor)
-                weight.requires_grad_(False)  # the global factor holds still: gradients go
-                store[name] = torch.nn.Parameter(  # to the deltas
+                weight.requires_grad_(False)
+                store[name] = torch.nn.Parameter(
                     torch.zeros((units, *weight.shape), dtype=weight.dtype,
                                 device=weight.device))
             self._hooks.append(layer.register_forward_hook(self._adder(name)))
