@@ -40,6 +40,9 @@ class InProcessFleet:
     merge: str = "fedit"
     seed: int = 0
     server_step_units: int | None = None  # as the aggregator's (merge.cohort_step)
+    # K, the most rounds a privacy unit's sessions enter, held back at the "site" as the
+    # fleet's sites hold them (aggregation.participation); None: every round's sessions.
+    participation_cap: int | None = None
     model: Any = None
     tokenizer: Any = None
     global_a: dict[str, np.ndarray] = field(default_factory=dict)
@@ -59,6 +62,8 @@ class InProcessFleet:
         self.global_a = lora.get_b(self.model, "A")
         self.global_b = lora.get_b(self.model)
         self.rng = np.random.default_rng(self.seed)
+        self.rounds_run = 0
+        self.entered: dict[str, set[int]] = {}  # privacy unit -> rounds its sessions entered
 
     def round(self, sessions_per_site: Sequence[Sequence[Any]]) -> None:
         """One round: every session distilled alone from the global adapter (the factors the
@@ -70,6 +75,9 @@ class InProcessFleet:
         from fleetmind.aggregation.merge import cohort_step, flatten, unflatten
         from fleetmind.client import lora
 
+        self.rounds_run += 1
+        sessions_per_site = [self._under_cap(i, sessions)
+                             for i, sessions in enumerate(sessions_per_site)]
         start = self._factors(self.global_a, self.global_b)
         shapes = {key: value.shape for key, value in start.items()}
         start_flat = flatten(start, shapes)
@@ -96,6 +104,22 @@ class InProcessFleet:
             self.global_a = {name: merged[f"A:{name}"] for name in self.global_a}
         lora.set_b(self.model, self.global_a, "A")
         lora.set_b(self.model, self.global_b)
+
+    def _under_cap(self, site: int, sessions: Sequence[Any]) -> list[Any]:
+        """The site's sessions whose privacy unit is under the participation cap (all of them
+        without one), the units counted into this round as a site records them."""
+        from fleetmind.aggregation.participation import ParticipationCap, eligible_units
+        from fleetmind.client.contribution import unit_id
+
+        if self.participation_cap is None:
+            return list(sessions)
+        unit = {s.id: unit_id(cast(Any, self.privacy_unit), f"site-{site}", s)
+                for s in sessions}
+        allowed = set(eligible_units(unit.values(), self.entered,
+                                     ParticipationCap(self.participation_cap), self.rounds_run))
+        for name in allowed:
+            self.entered.setdefault(name, set()).add(self.rounds_run)
+        return [s for s in sessions if unit[s.id] in allowed]
 
     def _guard_set(self) -> list[Any]:
         """The forgetting guard's examples, drawn once a round from the global model, as each

@@ -325,6 +325,13 @@ def in_process_epsilon(cfg: ContinualConfig, rounds: int) -> float | None:
                    method=cast(AccountingMethod, policy.accountant))
 
 
+def arm_epsilon(cfg: ContinualConfig, world: W.ContinualWorld, rounds: int) -> float | None:
+    """epsilon per unit of an in-process arm after `rounds`: from the participation cap its
+    sites enforce, as the fleet's (`capped_epsilon`), or composing every round without one."""
+    capped = capped_epsilon(cfg, world, rounds) if cfg.participation_cap else None
+    return capped["epsilon"] if capped else in_process_epsilon(cfg, rounds)
+
+
 def capped_epsilon(cfg: ContinualConfig, world: W.ContinualWorld, rounds: int
                    ) -> dict[str, Any] | None:
     """epsilon per unit from a participation cap (`accountant.epsilon_per_unit`): K is the
@@ -361,7 +368,8 @@ def _arm(cfg: ContinualConfig, name: str, model_dir: Path, guard: list[Any]) -> 
         noise_multiplier=privacy["noise_multiplier"],
         server_learning_rate=cfg.fedit_server_learning_rate if fedit
         else cfg.server_learning_rate, merge="fedit" if fedit else "exact", seed=cfg.seed,
-        server_step_units=cfg.server_step_units)
+        server_step_units=cfg.server_step_units,
+        participation_cap=cfg.participation_cap or None)
 
 
 def arm_rounds(cfg: ContinualConfig, name: str, evaluator: ContinualEvaluator,
@@ -390,8 +398,8 @@ def arm_rounds(cfg: ContinualConfig, name: str, evaluator: ContinualEvaluator,
                 arm.round(sessions)
             seconds = time.perf_counter() - clock
             row = evaluator.measure(arm.model, arm.tokenizer, number)
-            row["epsilon_per_unit"] = None if name == "oracle" else in_process_epsilon(cfg,
-                                                                                      number)
+            row["epsilon_per_unit"] = None if name == "oracle" else arm_epsilon(cfg, world,
+                                                                               number)
             queue.put((name, row, seconds))
     except BaseException as error:
         queue.put((name, None, f"{type(error).__name__}: {error}"))

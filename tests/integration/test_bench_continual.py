@@ -18,6 +18,7 @@ from fleetmind.sim.bench.continual import (
     ArmProcesses,
     ContinualConfig,
     add_continual_command,
+    arm_epsilon,
     capped_epsilon,
     in_process_epsilon,
     most_rounds_entered,
@@ -129,6 +130,11 @@ def test_an_enforced_cap_reaches_the_fleet_and_bounds_the_accounting() -> None:
     one = capped_epsilon(capped, world, 3)
     assert one["max_rounds"] == 1
     assert one["epsilon"] == pytest.approx(in_process_epsilon(capped, 1))  # one round's
+    # The in-process arms hold users at the cap too, so their epsilon is the capped one;
+    # without a cap it composes every round.
+    assert arm_epsilon(capped, world, 3) == pytest.approx(one["epsilon"])
+    assert arm_epsilon(uncapped, world, 3) == pytest.approx(in_process_epsilon(uncapped, 3))
+    assert arm_epsilon(uncapped, world, 3) > one["epsilon"]
     no_dp = ContinualConfig(dp=False, participation_cap=1).privacy()
     assert no_dp.get("participation_cap") is None  # no DP: nothing to cap
 

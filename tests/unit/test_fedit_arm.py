@@ -57,3 +57,28 @@ def test_exact_merge_keeps_a_frozen_with_opsd_and_the_sft_baseline(toy_model_dir
         assert all(np.array_equal(lora.get_b(arm.model, "A")[n], genesis_a[n])
                    for n in genesis_a)
         assert max(float(np.abs(b).max()) for b in arm.global_b.values()) > 0, method
+
+
+def test_the_arms_hold_a_user_at_the_cap_as_the_fleets_sites_do(toy_model_dir) -> None:
+    """With a cap of one round, a returning user's sessions stay out of the arm's later
+    round (as a site holds them) while a new user's enter; without a cap, they enter."""
+    from dataclasses import replace
+
+    world = W.make_world(W.WorldSpec(seed=0, sites=1, facts_per_site=2, canaries_per_site=0))
+    raw = [Session.from_dict(s) for s in world.sites[0].sessions[:3]]
+    first = [replace(raw[0], user="alice"), replace(raw[1], user="bob")]
+    returning = [replace(raw[2], user="alice")]
+    new = [replace(raw[2], id="later", user="carol")]
+    for cap in (1, None):
+        arm = InProcessFleet(toy_model_dir, replace(FAST, method="sft_transcript"), [],
+                             frozen_a_seed=3, rank=4, targets=("down_proj",), clip_norm=1e3,
+                             privacy_unit="user", noise_multiplier=0.0,
+                             server_learning_rate=1.0, merge="exact", participation_cap=cap)
+        arm.round([first])
+        before = {name: b.copy() for name, b in arm.global_b.items()}
+        arm.round([returning])
+        moved = any(not np.array_equal(arm.global_b[n], before[n]) for n in before)
+        assert moved is (cap is None)  # alice's second round: held at the cap only
+        arm.round([new])
+        assert any(not np.array_equal(arm.global_b[n], before[n]) for n in before)
+        assert arm.entered == ({"alice": {1}, "bob": {1}, "carol": {3}} if cap else {})
