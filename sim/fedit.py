@@ -89,7 +89,7 @@ class InProcessFleet:
             contributions = []
             for lesson, delta in self._unit_deltas(sessions, guard_set):
                 contributions.append(dp.Contribution(lesson, users[lesson],
-                                                     flatten(delta, shapes) - start_flat))
+                                                     flatten(delta, shapes)))
             if contributions:
                 summed, norms = dp.clip_and_sum(contributions, self.clip_norm,
                                                 cast(dp.PrivacyUnit, self.privacy_unit))
@@ -137,8 +137,8 @@ class InProcessFleet:
 
     def _unit_deltas(self, sessions: Sequence[Any], guard_set: list[Any]
                      ) -> list[tuple[str, dict[str, np.ndarray]]]:
-        """(session id, the merge's factors after distilling that session alone), the
-        sessions `units_per_pass` to a pass as a site distils its units
+        """(session id, the change of the merge's factors from distilling that session
+        alone), the sessions `units_per_pass` to a pass as a site distils its units
         (`distill.consolidate_units`, `distill.supervise_units`)."""
         from fleetmind.client import distill, lora
         from fleetmind.client.consolidate import fit_lessons, lessons_from
@@ -163,12 +163,8 @@ class InProcessFleet:
                     self.distill, scrub=lambda t: scrub_text(t)[0], progress=False,
                     guard_set=guard_set)
             lora.freeze_a(self.model)
-            for lesson, result in zip(chunk, results, strict=True):
-                a = {name: self.global_a[name] + (0 if result.a_delta is None
-                                                   else result.a_delta[name])
-                     for name in self.global_a}
-                b = {name: self.global_b[name] + result.delta[name] for name in self.global_b}
-                out.append((lesson.session_id, self._factors(a, b)))
+            out += [(lesson.session_id, self._factors(result.a_delta or {}, result.delta))
+                    for lesson, result in zip(chunk, results, strict=True)]
         return out
 
     def _factors(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]

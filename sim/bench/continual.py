@@ -542,10 +542,7 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
         def arm_rows_arrived(timeout: float) -> None:
             for name, row, seconds in arms.rows(timeout):
                 arm_seconds[name] += seconds
-                series = arm_rounds[name]
-                series.append(row)
-                series[-1]["retention_first_round"] = retention(
-                    [r["first_round_recovery"] for r in series])
+                add_row(arm_rounds[name], row)
                 progress.console.print(round_line(name, row))
 
         def save(complete: bool) -> None:
@@ -576,9 +573,7 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
                 row.update(version=version,
                            epsilon_per_unit=manifest.epsilon if cfg.dp else None,
                            epsilon_per_unit_capped=capped_epsilon(cfg, world, number))
-                rounds.append(row)
-                rounds[-1]["retention_first_round"] = retention(
-                    [r["first_round_recovery"] for r in rounds])
+                add_row(rounds, row)
                 progress.update(task, advance=1)
                 progress.console.print(round_line("fleet", rounds[-1]))
                 arm_rows_arrived(0)
@@ -597,6 +592,13 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
     atomic_write(cfg.out / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
     plot(results, cfg.out / PLOT)
     return results
+
+
+def add_row(series: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """Appends a round's measures to an arm's series, with the retention of round 1's facts
+    over the series so far."""
+    series.append(row)
+    row["retention_first_round"] = retention([r["first_round_recovery"] for r in series])
 
 
 def _share(values: list[bool]) -> float:
