@@ -22,9 +22,11 @@ unit over K rounds, and the cap, saved in coordinator.json, may never fall) and 
 the library yields the unmasked cohort sum the coordinator opens it (`open_secagg_sum`),
 adds central noise if configured, applies FedAvg (`exact_merge`), publishes the version
 through `VersionRegistry.publish`, appends the ledger entry, and only then records the
-charge as spent. A round in flight at restart is marked abandoned on disk (nothing was
-released, so nothing was spent) and its sites are told to re-join: the round runs again
-under a new round id, since SecAgg keys and masks are bound to the round id.
+charge as spent; the version's watchers are woken after the round has ended and the lock
+is free (`_announce`), so the fan-out to thousands of Watch streams never holds the round.
+A round in flight at restart is marked abandoned on disk (nothing was released, so
+nothing was spent) and its sites are told to re-join: the round runs again under a new
+round id, since SecAgg keys and masks are bound to the round id.
 
 Before anything is signed the unmasked sum is checked (`_check_aggregate`, by
 `aggregation.aggregate_check`, which the Flower ServerApp runs too): the weight sum within
@@ -55,7 +57,8 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -123,6 +126,7 @@ from fleetmind.server.enrolment import Enrolments
 from fleetmind.server.ledger import Ledger
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.versions import Release, Version, VersionRegistry
+from fleetmind.server.waiters import Waiters
 
 STATE_FILE = "coordinator.json"
 KEEP_FINISHED = 16  # finished rounds kept in memory, so late re-attaches replay their end
@@ -498,13 +502,16 @@ class Coordinator:
         self.clock = clock
         # One lock guards every round. Waiters are woken by what they wait for, never all
         # at once (1,000 JoinRound streams each woken by every join was a thundering herd,
-        # docs/scale.md): a condition per site on this lock, notified when that site's
-        # events or queue place change; the registry and the ledger wake their own
-        # waiters (server/waiters.py).
+        # docs/scale.md): Waiters per site (server/waiters.py), notified when that site's
+        # events or queue place change, each follower on its own event, which its stream
+        # also sets when its caller hangs up; the registry and the ledger wake their own
+        # waiters, and a round's version wakes its watchers only once the round is done
+        # (`_announce`).
         # `_changed` (any change) is for `wait`, which the services never use.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._site_waits: dict[int, threading.Condition] = {}
+        self._site_waits: dict[int, Waiters] = {}
+        self._unannounced = False  # a round published a version its watchers have not heard
         self._queue: dict[int, _Ticket] = {}
         # min(t.since) over the queue, or None when unknown (recomputed on demand): a
         # heartbeat and every join read it, and scanning a 1,000-site queue each time cost.
@@ -706,42 +713,79 @@ class Coordinator:
             self._queue_first = min((t.since for t in self._queue.values()), default=None)
         return self._queue_first
 
-    def follow(self, site: int, round_id: int | None, cursor: int, timeout: float
-               ) -> tuple[int | None, list[Event]]:
+    def follow(self, site: int, round_id: int | None, cursor: int, timeout: float,
+               wake: threading.Event | None = None) -> tuple[int | None, list[Event]]:
         """Events for `site` from index `cursor` of `round_id`'s list; with round_id None,
         waits for a cohort to take the site and returns its round and events from 0.
-        Waits up to `timeout` for something new."""
-        deadline = time.monotonic() + timeout
+        Waits up to `timeout` for something new, sleeping on its own event (Waiters.wait),
+        woken by a change for `site` or by `wake` being set (a JoinRound stream's caller
+        hanging up): it may then return no events before `timeout`, and the caller looks
+        again. Nothing wakes it on a timer, so a following stream never polls."""
         with self._lock:
-            wake = self._site_waits.get(site)
-            if wake is None:  # one per site that ever followed: bounded by the enrolled
-                wake = self._site_waits[site] = threading.Condition(self._lock)
-            while True:
-                if round_id is None:
-                    if site in self._queue_refusals:
-                        return None, [Event(0, Stopped(self._queue_refusals.pop(site), False,
-                                                       RoundPhase.COHORT,
-                                                       DropReason.QUEUE_REFUSED))]
-                    live = self._round
-                    if live is not None and site in live.cohort and site not in self._queue:
-                        round_id, cursor = live.round_id, 0
-                if round_id is not None:
-                    events = self._events_of(site, round_id)
-                    if len(events) > cursor:
-                        return round_id, events[cursor:]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return round_id, []
-                wake.wait(left)
+            waiters = self._site_waits.get(site)
+            if waiters is None:  # one per site that ever followed: bounded by the enrolled
+                waiters = self._site_waits[site] = Waiters()
+        found: tuple[int | None, list[Event]] = (round_id, [])
+
+        def news() -> bool:
+            nonlocal found
+            if not found[1]:  # once found, kept: a queue refusal is handed out only once
+                with self._lock:
+                    found = self._news(site, round_id, cursor)
+            return bool(found[1])
+        waiters.wait(news, timeout, wake)
+        return found
+
+    def _news(self, site: int, round_id: int | None, cursor: int
+              ) -> tuple[int | None, list[Event]]:
+        """follow's answer now (call with the lock held): the site's round (None: still
+        queued) and its events from `cursor`, or from 0 of the round a cohort took it into."""
+        if round_id is None:
+            if site in self._queue_refusals:
+                return None, [Event(0, Stopped(self._queue_refusals.pop(site), False,
+                                               RoundPhase.COHORT, DropReason.QUEUE_REFUSED))]
+            live = self._round
+            if live is not None and site in live.cohort and site not in self._queue:
+                round_id, cursor = live.round_id, 0
+        if round_id is not None:
+            events = self._events_of(site, round_id)
+            if len(events) > cursor:
+                return round_id, events[cursor:]
+        return round_id, []
 
     def _wake(self, sites: Iterable[int]) -> None:
         """Wakes whoever follows these sites (call with the lock held): only they can have
         something new, so nobody else re-checks."""
         self._changed.notify_all()
         for site in sites:
-            wake = self._site_waits.get(site)
-            if wake is not None:
-                wake.notify_all()
+            waiters = self._site_waits.get(site)
+            if waiters is not None:
+                waiters.notify()
+
+    @contextmanager
+    def _ending(self) -> Iterator[None]:
+        """The lock, for what may end a round (a phase closing: a message or a deadline).
+        Once the lock is released, even by an exception, the watchers of a version the
+        round published are woken (`_announce`)."""
+        try:
+            with self._lock:
+                yield
+        finally:
+            self._announce()
+
+    def _announce(self) -> None:
+        """Wakes the Watch streams for a version a round published, once the round's own
+        work is done (its ledger entry, coordinator.json, each cohort site's outcome) and
+        the lock is free: 5,000 watchers woken inside `publish` held the round's last
+        steps for the 11 s the wake-ups took to get through the GIL (docs/scale.md). A
+        watcher woken later still sees the version (it re-checks the registry's latest
+        number), so nothing between the publication and this is lost."""
+        if not self._unannounced:
+            return
+        with self._lock:  # a round completing in another thread finishes first
+            due, self._unannounced = self._unannounced, False
+        if due:
+            self.registry.published.notify()
 
     def _events_of(self, site: int, round_id: int) -> list[Event]:
         found = self._find(round_id)
@@ -768,7 +812,7 @@ class Coordinator:
 
     def tick(self) -> None:
         """Close what is due: a cohort at its deadline, a phase at its deadline."""
-        with self._lock:
+        with self._ending():
             self._form_cohort()
             live = self._round
             if live is not None and self.clock() >= live.phase_deadline:
@@ -907,7 +951,7 @@ class Coordinator:
 
     def _accept(self, round_id: int, site: int, phase: type[_Phase], slot: str, digest: bytes,
                 deliver: Callable[[_Phase], None]) -> bytes:
-        with self._lock:
+        with self._ending():
             found = self._find(round_id)
             if found is None:
                 current = self._round.round_id if self._round else "none"
@@ -1246,11 +1290,13 @@ class Coordinator:
                                  epsilon_total, self._receipts(live, result.contributors),
                                  units=units, server_step=float(step))
         self._save()  # so a crash after publishing still writes the ledger at restart
+        # Its watchers are woken once the round is done and the lock free (`_ending`).
         version = self.registry.publish(new_b, Release(
             round_id=live.round_id, cohort_size=len(result.contributors),
             clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
             noise_mode=_noise_mode(privacy), epsilon=epsilon_total, delta=privacy.delta,
-            secure_aggregation=setup.secure_aggregation))
+            secure_aggregation=setup.secure_aggregation), notify=False)
+        self._unannounced = True
         self._record_published(version, flight)
         return version, dropped
 

@@ -102,7 +102,6 @@ STATUS_REASONS = {S.INVALID_ARGUMENT: "invalid_argument", S.UNAUTHENTICATED: "un
 ENROLMENT_STATUS = {"malformed": S.INVALID_ARGUMENT, "bad_proof": S.UNAUTHENTICATED,
                     "conflict": S.ALREADY_EXISTS}
 SERVICES = ("fleetmind.v1.Fleet", "fleetmind.v1.Models", "fleetmind.v1.Audit")
-FOLLOW_POLL_S = 1.0  # how often a round's stream checks that its caller is still there
 WAITING_EVERY_S = 5.0  # heartbeat while a site waits for a cohort
 DEFAULT_CHUNK = 1 << 20
 MAX_MESSAGE = 2 * DEFAULT_CHUNK  # one upload chunk plus headers; larger is RESOURCE_EXHAUSTED
@@ -449,9 +448,10 @@ class _Uploads:
 
 
 class _Caller:
-    """A Watch or StreamLedger stream's caller: `wake` is set when the caller hangs up and
-    when the version or ledger entry it waits for arrives (server/waiters.py), so the
-    stream sleeps until one of the two and never polls."""
+    """A JoinRound, Watch or StreamLedger stream's caller: `wake` is set when the caller
+    hangs up and when the news it waits for arrives (its site's round events, a version,
+    a ledger entry: server/waiters.py), so the stream sleeps until one of the two and
+    never polls."""
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self.wake = threading.Event()
@@ -579,11 +579,14 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                                                      request.contributing_units)
         except (ProtocolError, RefusedError) as error:
             _refuse(context, error)
+        # The stream sleeps until news for its site or its caller hanging up (_Caller, first:
+        # it ends the wait at once, before a queued site's leave takes the lock).
+        caller = _Caller(context)
         if round_id is None:
             context.add_callback(lambda: self.coordinator.leave(site, serial))
         cursor, heartbeat = 0, 0.0
         ends = time.monotonic() + self.limits.stream_max_s
-        while context.is_active():
+        while caller.here() and context.is_active():
             if round_id is None and time.monotonic() >= ends:
                 # Queued past stream_max_s: the site is told to join again, so no stream
                 # (and no worker thread) is held forever by a cohort that never forms.
@@ -600,7 +603,13 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 yield fleet_pb2.RoundEvent(waiting=fleet_pb2.Waiting(
                     ready_sites=waiting.ready_sites, target_cohort=waiting.target_cohort,
                     deadline_unix_ms=waiting.deadline_unix_ms))
-            followed, events = self.coordinator.follow(site, round_id, cursor, FOLLOW_POLL_S)
+            # Queued, it wakes for its next heartbeat or the end of its wait; in a round,
+            # only news ends the wait (each deadline the ticker enforces closes a phase,
+            # which is news) and stream_max_s is a backstop, never a poll.
+            timeout = (min(heartbeat + WAITING_EVERY_S, ends) - time.monotonic()
+                       if round_id is None else self.limits.stream_max_s)
+            followed, events = self.coordinator.follow(site, round_id, cursor, timeout,
+                                                       caller.wake)
             if followed != round_id:
                 round_id, cursor = followed, 0
             for event in events:

@@ -300,11 +300,17 @@ class VersionRegistry:
             return existing
         return self._write(manifest, files)
 
-    def publish(self, b: Mapping[str, np.ndarray], release: Release) -> Version:
+    def publish(self, b: Mapping[str, np.ndarray], release: Release,
+                notify: bool = True) -> Version:
         """Version latest+1: the parent's A and config with the new B. Refuses a B that does
         not match the parent's modules and shapes or is not finite, and a round that is not
         newer than the parent's. Publishing the parent's round again with the same B returns
-        the parent (a retry after a crash between publishing and acknowledging)."""
+        the parent (a retry after a crash between publishing and acknowledging).
+
+        `notify` False: the version's watchers (`published`) are not woken here; the
+        caller notifies them when it is ready (the coordinator, once the round that made
+        the version is done). A watcher woken later still finds the version: it is
+        `latest_number()` from the moment it is on disk."""
         parent = self.latest()
         if parent is None:
             raise VersionError("no genesis version: publish version 0 with genesis() first")
@@ -337,9 +343,10 @@ class VersionRegistry:
                             release.cohort_size, release.clip_norm, release.noise_multiplier,
                             release.noise_mode, release.epsilon, release.delta, _digests(files),
                             secure_aggregation=release.secure_aggregation)
-        return self._write(manifest, files)
+        return self._write(manifest, files, notify)
 
-    def _write(self, manifest: Manifest, files: Mapping[str, bytes]) -> Version:
+    def _write(self, manifest: Manifest, files: Mapping[str, bytes],
+               notify: bool = True) -> Version:
         target = self.folder / f"{manifest.version:08d}"
         raw = manifest.to_bytes()
         # write_folder's rename fails onto an existing version: two publishers of the same
@@ -348,7 +355,8 @@ class VersionRegistry:
                      self.folder / f"{_PARTIAL_PREFIX}{manifest.version}-{secrets.token_hex(4)}")
         if self._latest is None or manifest.version > self._latest:
             self._latest = manifest.version
-        self.published.notify()
+        if notify:
+            self.published.notify()
         return Version(target, manifest)
 
 

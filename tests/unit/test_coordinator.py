@@ -266,23 +266,11 @@ def test_an_abort_cut_short_before_its_ledger_append_is_ledgered_once_at_restart
     restarted.ledger.close()
 
 
-class Notified(threading.Condition):
-    """A site's wake-up condition, counting how often it was notified."""
-
-    def __init__(self, lock) -> None:
-        super().__init__(lock)
-        self.count = 0
-
-    def notify_all(self) -> None:
-        self.count += 1
-        super().notify_all()
-
-
 def test_a_change_wakes_only_the_sites_it_concerns(fleet) -> None:
     """No thundering herd: a join wakes the joining site's follower alone, a message wakes
     nobody, and a cohort starting or a phase closing wakes each member once."""
     coordinator, _, sites = fleet  # a cohort of 4
-    wakes = {s.id: Notified(coordinator._lock) for s in sites}
+    wakes = {s.id: CountedWaiters() for s in sites}
     coordinator._site_waits.update(wakes)  # as if each site's JoinRound were following
     for s in sites[:3]:
         s.join()
