@@ -131,6 +131,9 @@ from fleetmind.server.waiters import Waiters
 STATE_FILE = "coordinator.json"
 KEEP_FINISHED = 16  # finished rounds kept in memory, so late re-attaches replay their end
 KEEP_REJECTED = 64  # rejected aggregates kept in coordinator.json, newest last
+# The most a version's watchers wait for the round's followers to take their outcome (they
+# were woken first and need only the lock; a safety bound, not a pace).
+TELL_COHORT_S = 2.0
 RefusalKind = Literal["budget_exhausted", "too_large", "upload_bytes", "not_found", "malformed",
                       "quarantined"]
 # The library's server state of a phase that takes messages (ServerPlainInputCollection is a
@@ -506,12 +509,15 @@ class Coordinator:
         # events or queue place change, each follower on its own event, which its stream
         # also sets when its caller hangs up; the registry and the ledger wake their own
         # waiters, and a round's version wakes its watchers only once the round is done
-        # (`_announce`).
+        # and its sites have their outcome (`_announce`).
         # `_changed` (any change) is for `wait`, which the services never use.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._site_waits: dict[int, Waiters] = {}
-        self._unannounced = False  # a round published a version its watchers have not heard
+        # A version published whose watchers are not woken yet: the round's followers to
+        # let take their outcome first (None: nothing to announce). `_announcer` wakes them.
+        self._announcing: list[tuple[Waiters, frozenset[object]]] | None = None
+        self._announcer: threading.Thread | None = None
         self._queue: dict[int, _Ticket] = {}
         # min(t.since) over the queue, or None when unknown (recomputed on demand): a
         # heartbeat and every join read it, and scanning a 1,000-site queue each time cost.
@@ -753,14 +759,16 @@ class Coordinator:
                 return round_id, events[cursor:]
         return round_id, []
 
-    def _wake(self, sites: Iterable[int]) -> None:
+    def _wake(self, sites: Iterable[int]) -> list[tuple[Waiters, frozenset[object]]]:
         """Wakes whoever follows these sites (call with the lock held): only they can have
-        something new, so nobody else re-checks."""
+        something new, so nobody else re-checks. Returns the waits woken (Waiters.notify)."""
         self._changed.notify_all()
+        woken = []
         for site in sites:
             waiters = self._site_waits.get(site)
             if waiters is not None:
-                waiters.notify()
+                woken.append((waiters, waiters.notify()))
+        return woken
 
     @contextmanager
     def _ending(self) -> Iterator[None]:
@@ -776,16 +784,28 @@ class Coordinator:
     def _announce(self) -> None:
         """Wakes the Watch streams for a version a round published, once the round's own
         work is done (its ledger entry, coordinator.json, each cohort site's outcome) and
-        the lock is free: 5,000 watchers woken inside `publish` held the round's last
-        steps for the 11 s the wake-ups took to get through the GIL (docs/scale.md). A
+        the lock is free, from a thread of its own (`_tell_watchers`): 5,000 watchers woken
+        inside `publish` held the round's last steps for the 11 s the wake-ups took to get
+        through the GIL (docs/scale.md), and the thread that sets their events is held as
+        long, so neither the call that completed the round nor the ticker does it. A
         watcher woken later still sees the version (it re-checks the registry's latest
         number), so nothing between the publication and this is lost."""
-        if not self._unannounced:
+        if self._announcing is None:
             return
         with self._lock:  # a round completing in another thread finishes first
-            due, self._unannounced = self._unannounced, False
-        if due:
-            self.registry.published.notify()
+            told, self._announcing = self._announcing, None
+        if told is not None:
+            self._announcer = threading.Thread(target=self._tell_watchers, args=(told,),
+                                               name="fleetmind-announce", daemon=True)
+            self._announcer.start()
+
+    def _tell_watchers(self, told: list[tuple[Waiters, frozenset[object]]]) -> None:
+        """Lets the round's followers, woken by its end, take their outcome (at most
+        TELL_COHORT_S), then wakes the version's watchers: the cohort hears first."""
+        ends = time.monotonic() + TELL_COHORT_S
+        for waiters, woken in told:
+            waiters.wait_left(woken, ends - time.monotonic())
+        self.registry.published.notify()
 
     def _events_of(self, site: int, round_id: int) -> list[Event]:
         found = self._find(round_id)
@@ -1135,7 +1155,9 @@ class Coordinator:
                                   outcome.cohort_size if isinstance(outcome, Finished) else 0)
         if published:
             self._report_state()
-        self._wake(live.cohort)
+        told = self._wake(live.cohort)
+        if self._announcing is not None:  # its version's watchers hear after these sites
+            self._announcing = told
         self._form_cohort()  # sites queued meanwhile may make the next cohort now
 
     def _complete(self, live: _Round, result: ServerCompleted) -> None:
@@ -1296,7 +1318,7 @@ class Coordinator:
             clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
             noise_mode=_noise_mode(privacy), epsilon=epsilon_total, delta=privacy.delta,
             secure_aggregation=setup.secure_aggregation), notify=False)
-        self._unannounced = True
+        self._announcing = []  # `_end` names the followers to tell first
         self._record_published(version, flight)
         return version, dropped
 

@@ -308,6 +308,8 @@ def test_watchers_and_ledger_followers_wake_only_at_a_publication(fleet) -> None
     assert (versions.count, ledger.count) == (0, 0)  # joins, messages, phases: not theirs
     for s in sites:
         s.unmask()
+    assert coordinator._announcer is not None
+    coordinator._announcer.join(10.0)  # the watchers are woken once the round is done
     assert (versions.count, ledger.count) == (1, 1)  # version 1 and its ledger entry
     assert coordinator.wait_for_version(0, 0) and not coordinator.wait_for_version(1, 0)
     assert coordinator.wait_for_ledger(0, 0) and not coordinator.wait_for_ledger(1, 0)

@@ -207,8 +207,10 @@ class Snapshot(Waiters):
         super().__init__()
         self.coordinator, self.sites, self.data = coordinator, sites, data
         self.seen: list[dict] = []
+        self.taken: list[int] = []  # sites whose follower took its Finished (a test fills it)
 
     def notify(self) -> None:
+        taken = list(self.taken)  # before `outcome` below follows too
         free: list[bool] = []
         probe = threading.Thread(
             target=lambda: free.append(self._try_lock()))  # another thread: the RLock is
@@ -219,7 +221,7 @@ class Snapshot(Waiters):
             "saved": json.loads((self.data / STATE_FILE).read_bytes())["in_flight"] is None,
             "told": [isinstance(s.outcome(), Finished) for s in self.sites],
             "ended": list(self.coordinator.listener.ended),  # type: ignore[attr-defined]
-            "lock_free": free == [True]})
+            "lock_free": free == [True], "taken": taken})
         super().notify()
 
     def _try_lock(self) -> bool:
@@ -238,6 +240,8 @@ class Ended(RoundListener):
 
 
 def test_watchers_are_woken_only_once_the_round_is_done(fleet) -> None:
+    """...and the lock is free, by a thread of their own: the call that completed the
+    round returns first."""
     coordinator, sites, data = fleet
     coordinator.listener = Ended()
     coordinator.registry.published = seen = Snapshot(coordinator, sites, data)
@@ -246,9 +250,49 @@ def test_watchers_are_woken_only_once_the_round_is_done(fleet) -> None:
     for step in STEPS:
         for s in sites:
             getattr(s, step)()
+    assert coordinator._announcer is not None
+    coordinator._announcer.join(10.0)
     assert seen.seen == [{"ledgered": True, "saved": True, "told": [True] * 4,
-                          "ended": ["published"], "lock_free": True}]
+                          "ended": ["published"], "lock_free": True, "taken": []}]
     assert coordinator.wait_for_version(0, 0)
+
+
+def test_the_rounds_followers_take_their_outcome_before_the_watchers_wake(fleet) -> None:
+    """Each site's JoinRound follower, asleep when the round ends, has its outcome in hand
+    before the version's watchers are woken: they would hold it up (the GIL) otherwise."""
+    coordinator, sites, data = fleet
+    coordinator.listener = Ended()
+    coordinator.registry.published = seen = Snapshot(coordinator, sites, data)
+    news = coordinator._news
+
+    def recorded(site, round_id, cursor):
+        found = news(site, round_id, cursor)
+        if any(isinstance(e.payload, Finished) for e in found[1]):
+            time.sleep(0.1)  # a follower slow to get the lock and the GIL
+            seen.taken.append(site)
+        return found
+    coordinator._news = recorded  # type: ignore[method-assign]
+    for s in sites:
+        s.join()
+    for step in STEPS[:-1]:
+        for s in sites:
+            getattr(s, step)()
+    for s in sites[:-1]:
+        s.unmask()
+    followers = [threading.Thread(target=coordinator.follow, args=(s.id, 1, 4, 30.0))
+                 for s in sites]  # 4 events each so far: setup, keys, shares, unmask request
+    for follower in followers:
+        follower.start()
+    ends = time.monotonic() + 10
+    while sum(len(w._waiting) for w in coordinator._site_waits.values()) < len(sites):
+        assert time.monotonic() < ends, "the followers never slept"
+        time.sleep(0.01)
+    sites[-1].unmask()  # the round ends
+    assert coordinator._announcer is not None
+    coordinator._announcer.join(10.0)
+    for follower in followers:
+        follower.join(10.0)
+    assert sorted(seen.seen[0]["taken"]) == sorted(s.id for s in sites)
 
 
 def test_a_failure_after_the_publication_still_wakes_the_watchers(fleet, monkeypatch) -> None:
