@@ -335,3 +335,28 @@ def test_a_publication_notifies_unless_told_not_to(fleet) -> None:
     registry.publish({m: np.asarray(t) + 0.02 for m, t in b.items()},
                      dataclasses.replace(release, round_id=2))
     assert notified == [2]
+
+
+def test_a_notifier_can_wait_for_the_callers_it_woke_to_look() -> None:
+    waiters = Waiters()
+    looked = threading.Event()
+    checks: list[bool] = []
+
+    def ready() -> bool:
+        checks.append(True)
+        if len(checks) > 1:  # the re-check after the wake-up, slow
+            looked.wait(10.0)
+        return False
+    caller = threading.Thread(target=waiters.wait, args=(ready, 60.0))
+    caller.start()
+    ends = time.monotonic() + 10
+    while not checks:
+        assert time.monotonic() < ends
+        time.sleep(0.01)
+    woken = waiters.notify()
+    assert len(woken) == 1
+    assert not waiters.wait_left(woken, 0.2)  # still looking
+    looked.set()
+    assert waiters.wait_left(woken, 10.0)
+    caller.join(10.0)
+    assert waiters.wait_left(waiters.notify(), 0.0)  # nobody waits: nothing to wait for
