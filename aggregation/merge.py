@@ -107,13 +107,14 @@ def open_secagg_sum(ring_sum: np.ndarray, shapes: Shapes, delta_code: FixedPoint
 
 def cohort_step(learning_rate: float, units: int, reference_units: int | None) -> float:
     """The server rate for a round whose sum holds `units` privacy units' deltas: the rate
-    tuned at `reference_units`, times sqrt(reference_units / units) past it (never more).
-    Unrelated unit deltas add in norm as sqrt(units), and so does the damage a fixed rate
-    does to what earlier rounds stored (docs/continual.md, "The default size with a step
-    for its cohort"). reference_units None: every round steps `learning_rate`."""
+    tuned at `reference_units`, times reference_units / units past it (never more). Users
+    who state the same fact send aligned deltas, which add as their number, not its square
+    root: with sqrt(reference / units), sixteen users a fact lost 14 points of in-context
+    skill in a round where eight kept it (docs/continual.md, "A step for the users who
+    agree"). reference_units None: every round steps `learning_rate`."""
     if reference_units is None or units <= reference_units:
         return learning_rate
-    return learning_rate * math.sqrt(reference_units / units)
+    return learning_rate * reference_units / units
 
 
 @dataclass(frozen=True)

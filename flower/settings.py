@@ -41,7 +41,7 @@ class FlowerRun:
     sites: SuperNodes to wait for before round 1. rounds: server rounds.
     server-learning-rate: eta in B_new = B + eta * mean(dB) (aggregation/merge.py).
     server-step-units: the privacy units a round sums at which eta holds; a round summing
-    more steps sqrt(this / units) as far, as the fleet's aggregator does
+    more steps this / units as far, as the fleet's aggregator does
     (privacy.server_step_units, merge.cohort_step); 0 = eta every round.
     secure-aggregation: fleetmind's SecAgg+ (aggregation/secagg) in Flower messages, so
     the ServerApp sees masked vectors and the cohort sum only (flower/secure.py); needs

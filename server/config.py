@@ -108,7 +108,7 @@ class PrivacyPolicy:
     fixed_point_clip: float = 4.0
     server_learning_rate: float = 1.0
     # The privacy units a round sums at which server_learning_rate was tuned: a round summing
-    # U more steps sqrt(this / U) as far (aggregation.merge.cohort_step). None: never scaled.
+    # U more steps this / U as far (aggregation.merge.cohort_step). None: never scaled.
     server_step_units: int | None = None
     # K: the most rounds one privacy unit may enter over the fleet's life; epsilon_budget is
     # then per unit over K rounds (docs/privacy-budget.md). None: no cap, every round composes.

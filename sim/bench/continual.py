@@ -74,10 +74,10 @@ class ContinualConfig:
     noise_multiplier: float = 0.8
     privacy_unit: str = "user"
     server_learning_rate: float = 0.0  # 0: 0.5 x the sites, as the demo
-    # That step holds for about 100 units a round (the small world's); a round summing more
-    # steps sqrt(100 / units) as far (docs/continual.md, "The default size with a step for
-    # its cohort": 4 x sqrt(100/290) kept forgetting at +1 where 4 lost 7 points).
-    server_step_units: int | None = 100
+    # A round summing more than 117 units steps 117 / units as far: sixteen users a fact then
+    # kept in-context skill where a step of 4 x sqrt(100 / units) lost 14 and 98 points
+    # (docs/continual.md, "A step for the users who agree").
+    server_step_units: int | None = 117
     fedit_server_learning_rate: float = 0.0  # 0: the fleet's, at most the sites (the demo's)
     # The oracle's joint steps a round; 0: `steps` for every new fact of the round, so each
     # fact gets a session's worth of steps (a joint pass over every session at the per-session
@@ -764,7 +764,7 @@ def add_continual_command(commands: Any) -> None:
     parser.add_argument("--server-step-units", type=int,
                         default=defaults.server_step_units or 0,
                         help="the units a round sums at which the server step holds; more "
-                             "shrink it by sqrt(this / units) (default "
+                             "shrink it by this / units (default "
                              f"{defaults.server_step_units}; 0: the same step every round)")
     parser.add_argument("--participation-cap", type=int, default=defaults.participation_cap,
                         help="K: each user's sessions enter at most K rounds, epsilon per "

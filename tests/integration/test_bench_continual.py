@@ -109,9 +109,9 @@ def test_the_adapters_targets_reach_the_fleet_from_the_command_line(
         configs.append(ran.value.args[0])
     default, chosen = configs[0].fleet(), configs[1].fleet()
     # The defaults are the measured ones (docs/continual.md): every MLP layer at rank 4, the
-    # step scaled past 100 units a round, each user in one round.
+    # step scaled past 117 units a round, each user in one round.
     assert default.adapter_targets == ("gate_proj", "up_proj", "down_proj")
-    assert default.rank == 4 and default.server_step_units == 100
+    assert default.rank == 4 and default.server_step_units == 117
     assert default.privacy["participation_cap"] == 1
     assert chosen.adapter_targets == ("gate_proj", "down_proj")
     assert chosen.server_step_units is None and chosen.privacy["participation_cap"] is None

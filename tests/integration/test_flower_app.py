@@ -94,10 +94,10 @@ def test_aggregate_train_is_fleetmind_exact_merge_of_the_sites_deltas(task_ident
 
 
 def test_the_step_shrinks_with_the_units_the_replies_declare(task_identity: None) -> None:
-    """server-step-units 2: three sites declaring 2, 3 and 3 units (8) step eta sqrt(2/8),
+    """server-step-units 2: three sites declaring 2, 3 and 3 units (8) step eta x 2/8,
     as the fleet's aggregator would; without the setting, eta."""
     sent = {"b": np.zeros((2, 2), np.float32)}
-    for step_units, eta in ((2, 2.0 * 0.5), (None, 2.0)):
+    for step_units, eta in ((2, 2.0 * 2 / 8), (None, 2.0)):
         strategy = ExactLoRAMerge(merge.FedAvg(2.0), sites=3, step_units=step_units)
         messages = strategy.configure_train(1, b_record(sent), ConfigRecord(),
                                             FakeGrid([1, 2, 3]))

@@ -38,12 +38,14 @@ def test_staleness_weight_is_fedbuff() -> None:
         staleness_weight(-1)
 
 
-def test_the_cohort_step_shrinks_as_the_square_root_of_the_units_past_its_reference() -> None:
+def test_the_cohort_step_shrinks_as_the_units_grow_past_its_reference() -> None:
     assert cohort_step(4.0, 290, None) == 4.0  # no reference: never scaled
     assert cohort_step(4.0, 60, 100) == 4.0  # fewer units than tuned at: never larger
     assert cohort_step(4.0, 100, 100) == 4.0
-    assert cohort_step(4.0, 400, 100) == pytest.approx(2.0)
-    assert cohort_step(4.0, 290, 100) == pytest.approx(2.349, abs=1e-3)  # docs/continual.md
+    assert cohort_step(4.0, 400, 100) == pytest.approx(1.0)
+    # Twice the users agreeing on each fact: twice the units, half the step, so a fact's
+    # aligned deltas move B as far as before (docs/continual.md).
+    assert cohort_step(4.0, 516, 117) * 16 == pytest.approx(cohort_step(4.0, 258, 117) * 8)
 
 
 def test_flatten_round_trip_in_sorted_name_order() -> None:

@@ -87,11 +87,11 @@ def test_a_round_of_four_sites_publishes_version_1(fleet) -> None:
     assert coordinator.budget_status().rounds == 1
 
 
-@pytest.mark.parametrize("units, step", [(1, 3.0 * (2 / 4) ** 0.5), (2, 3.0 * (2 / 8) ** 0.5)])
+@pytest.mark.parametrize("units, step", [(1, 3.0 * 2 / 4), (2, 3.0 * 2 / 8)])
 def test_the_server_step_shrinks_with_the_units_a_round_sums(tmp_path: Path, units: int,
                                                              step: float) -> None:
     """server_step_units 2 and a rate of 3: four sites of 1 unit each (4 units) step
-    3 sqrt(2/4), of 2 units each (8) 3 sqrt(2/8). The published B is that step times the
+    3 x 2/4, of 2 units each (8) 3 x 2/8. The published B is that step times the
     mean of the sites' deltas, within the fixed-point code's resolution."""
     import numpy as np
 
