@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -373,10 +374,10 @@ def _arm(cfg: ContinualConfig, name: str, model_dir: Path, guard: list[Any]) -> 
 
 
 def arm_rounds(cfg: ContinualConfig, name: str, evaluator: ContinualEvaluator,
-               guard: list[Any], queue: Any) -> None:
+               guard: list[Any], queue: Any, threads: Any) -> None:
     """One in-process arm's every round, in a process of its own (`ArmProcesses`): after each
     round, (name, the round's measures, the round's seconds) onto `queue`; (name, None, the
-    error) if it fails."""
+    error) if it fails. Each round runs on `threads.value` torch threads (set by the run)."""
     try:
         import torch
 
@@ -385,10 +386,10 @@ def arm_rounds(cfg: ContinualConfig, name: str, evaluator: ContinualEvaluator,
         from fleetmind.sim.fleet import quiet
 
         quiet()
-        torch.set_num_threads(1)
         arm = _arm(cfg, name, toy_model_path(), guard)
         world = evaluator.world
         for number in range(1, cfg.rounds + 1):
+            torch.set_num_threads(threads.value)
             clock = time.perf_counter()
             sessions = [[Session.from_dict(s) for s in world.sessions_for_round(site, number - 1)]
                         for site in world.site_names]
@@ -409,7 +410,9 @@ def arm_rounds(cfg: ContinualConfig, name: str, evaluator: ContinualEvaluator,
 class ArmProcesses:
     """The in-process arms, each running all its rounds in a process of its own, beside the
     fleet: in one process after each fleet round they left a core idle once the fleet's sites
-    were done (docs/continual.md "Every arm in one run"). Rows arrive in round order per arm."""
+    were done (docs/continual.md "Every arm in one run"). Rows arrive in round order per arm.
+    Each arm starts on one torch thread; `share_cores` gives the arms still running the
+    machine's cores once the fleet is done."""
 
     def __init__(self, cfg: ContinualConfig, evaluator: ContinualEvaluator,
                  guard: list[Any]) -> None:
@@ -419,8 +422,10 @@ class ArmProcesses:
         self.rounds = cfg.rounds
         self.delivered = dict.fromkeys(cfg.arms, 0)
         self.queue = context.Queue()
+        self.threads = context.Value("i", 1)
         self.processes = {name: context.Process(target=arm_rounds, daemon=True,
-                                                args=(cfg, name, evaluator, guard, self.queue),
+                                                args=(cfg, name, evaluator, guard, self.queue,
+                                                      self.threads),
                                                 name=f"arm-{name}")
                           for name in cfg.arms}
         for process in self.processes.values():
@@ -448,6 +453,14 @@ class ArmProcesses:
                     raise RuntimeError(f"the {name} arm's process ended (exit code "
                                        f"{process.exitcode}) before its last round")
         return [(name, row, seconds) for name, row, seconds in ready]
+
+    def share_cores(self) -> int:
+        """The torch threads each arm still running takes from its next round: the machine's
+        cores shared among them (the last arm alone, FedIT, ran 1.6x faster on two threads
+        than on one: docs/continual.md "Every arm in one run")."""
+        running = sum(delivered < self.rounds for delivered in self.delivered.values())
+        self.threads.value = max(1, (os.cpu_count() or 1) // max(1, running))
+        return int(self.threads.value)
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -579,6 +592,7 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
                 arm_rows_arrived(0)
                 save(False)
             while any(len(rows) < cfg.rounds for rows in arm_rounds.values()):
+                arms.share_cores()  # the fleet's sites are done: their cores are free
                 behind = {n: len(rows) + 1 for n, rows in arm_rounds.items()
                           if len(rows) < cfg.rounds}
                 progress.update(task, description="the fleet is done; the arms' rounds: "

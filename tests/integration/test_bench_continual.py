@@ -211,6 +211,20 @@ def test_an_arm_that_fails_or_dies_stops_the_run_naming_it(tmp_path: Path) -> No
     arms.stop()
 
 
+def test_the_arms_left_once_the_fleet_is_done_share_the_cores(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Each arm starts on one thread; once the fleet's sites are done, the arms still running
+    share the machine's cores, so the last one (FedIT) runs on all of them."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    arms = ArmProcesses(ContinualConfig(out=tmp_path, arms=(), **SMALL), None, [])  # type: ignore[arg-type]
+    assert arms.threads.value == 1
+    arms.delivered = {"sft": 0, "fedit": 0, "oracle": 0}
+    assert arms.share_cores() == 1 and arms.threads.value == 1  # three arms, two cores
+    arms.delivered = {"sft": SMALL["rounds"], "fedit": 1, "oracle": SMALL["rounds"]}
+    assert arms.share_cores() == 2 and arms.threads.value == 2  # FedIT alone: both
+    arms.stop()
+
+
 @pytest.mark.slow
 def test_without_dp_epsilon_per_unit_is_null(tmp_path: Path) -> None:
     cfg = ContinualConfig(out=tmp_path / "continual", dp=False, arms=("sft",), **SMALL)
