@@ -179,8 +179,9 @@ def _aggregator_child(spec: dict[str, Any]) -> None:
     registry, publish = running.coordinator.registry, running.coordinator.registry.publish
 
     def stamped_publish(*args: Any, **kwargs: Any) -> Any:
-        # Watchers hear of a version inside publish(), before round_ended: fan-out is
-        # timed from here, so it is never negative.
+        # Fan-out is timed from the publication on (its watchers are woken once the round
+        # has ended, server/coordinator.py `_announce`), so it includes the round's last
+        # steps and is never negative.
         events.append(["publishing", time.monotonic()])
         return publish(*args, **kwargs)
 
