@@ -32,6 +32,17 @@ from fleetmind.server.waiters import Waiters
 STEPS = ("advertise", "share", "submit", "unmask")
 
 
+def run_to_the_last_unmask(sites: list[Site]) -> None:
+    """Every site joins and takes every step of the round but the last site's unmask."""
+    for s in sites:
+        s.join()
+    for step in STEPS[:-1]:
+        for s in sites:
+            getattr(s, step)()
+    for s in sites[:-1]:
+        s.unmask()
+
+
 @pytest.fixture
 def fleet(tmp_path: Path):
     coordinator = open_coordinator(tmp_path / "data", Clock())  # cohort: 3 to 4 sites
@@ -272,13 +283,7 @@ def test_the_rounds_followers_take_their_outcome_before_the_watchers_wake(fleet)
             seen.taken.append(site)
         return found
     coordinator._news = recorded  # type: ignore[method-assign]
-    for s in sites:
-        s.join()
-    for step in STEPS[:-1]:
-        for s in sites:
-            getattr(s, step)()
-    for s in sites[:-1]:
-        s.unmask()
+    run_to_the_last_unmask(sites)
     followers = [threading.Thread(target=coordinator.follow, args=(s.id, 1, 4, 30.0))
                  for s in sites]  # 4 events each so far: setup, keys, shares, unmask request
     for follower in followers:
@@ -307,13 +312,7 @@ def test_a_failure_after_the_publication_still_wakes_the_watchers(fleet, monkeyp
     def fails(*args) -> None:
         raise OSError("disk full")
     monkeypatch.setattr(coordinator, "_record_published", fails)
-    for s in sites:
-        s.join()
-    for step in STEPS[:-1]:
-        for s in sites:
-            getattr(s, step)()
-    for s in sites[:-1]:
-        s.unmask()
+    run_to_the_last_unmask(sites)
     with pytest.raises(OSError, match="disk full"):
         sites[-1].unmask()
     waiter.join(30.0)
