@@ -457,7 +457,7 @@ class ArmProcesses:
     def share_cores(self) -> int:
         """The torch threads each arm still running takes from its next round: the machine's
         cores shared among them (the last arm alone, FedIT, ran 1.6x faster on two threads
-        than on one: docs/continual.md "Every arm in one run")."""
+        than on one: docs/continual.md "Every arm at the defaults, in 41 minutes")."""
         running = sum(delivered < self.rounds for delivered in self.delivered.values())
         self.threads.value = max(1, (os.cpu_count() or 1) // max(1, running))
         return int(self.threads.value)
