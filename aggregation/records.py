@@ -57,6 +57,7 @@ from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import ChainEntry, ChainError
 from fleetmind.aggregation.dp import check_privacy_unit
 from fleetmind.aggregation.manifest import canonical_json
+from fleetmind.aggregation.merge import cohort_step
 from fleetmind.aggregation.participation import (
     MAX_UNIT_ID_CHARS,
     ParticipationCap,
@@ -465,7 +466,11 @@ class RoundRecord:
     step the merge applied to the mean delta (aggregation.merge.cohort_step of the
     configured rate and units), so an auditor can tell how far the round moved the model.
     Recorded together; entries from before them have neither, and read and verify
-    unchanged."""
+    unchanged. server_learning_rate and server_step_units: the rule that gave the step
+    (privacy.server_learning_rate, and R of cohort_step: None, every round steps the rate),
+    so an auditor recomputes it from the entry alone; an entry whose step is not what its
+    rule gives is refused. Written with units and server_step; entries from before the rule
+    was recorded have neither, and their step is taken as written."""
 
     round_id: int
     cohort_size: int
@@ -484,6 +489,8 @@ class RoundRecord:
     participation_cap: int | None = None
     units: int | None = None
     server_step: float | None = None
+    server_learning_rate: float | None = None
+    server_step_units: int | None = None
     recorded_at_ms: int = field(default_factory=_now_ms)
 
     def __post_init__(self) -> None:
@@ -515,6 +522,7 @@ class RoundRecord:
             raise ValueError(f"version_hash={self.version_hash!r} must be 64 lowercase hex")
         object.__setattr__(self, "payload_sha256s", _receipts(self.payload_sha256s))
         self._check_step()
+        self._check_step_rule()
 
     def _check_step(self) -> None:
         """units and server_step: both or neither, units a whole number no smaller than the
@@ -534,6 +542,34 @@ class RoundRecord:
             raise ValueError(f"server_step={step} must be > 0")
         object.__setattr__(self, "server_step", step)
 
+    def _check_step_rule(self) -> None:
+        """server_learning_rate > 0 and finite, server_step_units (R) a whole number >= 1
+        or None, and server_step what cohort_step gives for them and the round's units."""
+        rate, reference = self.server_learning_rate, self.server_step_units
+        if rate is None:
+            if reference is not None:
+                raise ValueError(f"server_step_units={reference!r} without "
+                                 "server_learning_rate: a rule records its rate")
+            return
+        if self.units is None or self.server_step is None:
+            raise ValueError("server_learning_rate without units and server_step: the rule "
+                             "is recorded with the step it gave")
+        rate = _finite("server_learning_rate", rate)
+        if rate <= 0:
+            raise ValueError(f"server_learning_rate={rate} must be > 0")
+        if reference is not None and (isinstance(reference, bool)
+                                      or not isinstance(reference, int) or reference < 1):
+            raise ValueError(f"server_step_units={reference!r} must be an integer >= 1 or "
+                             "absent (every round steps the rate)")
+        expected = cohort_step(rate, self.units, reference)
+        if not math.isclose(self.server_step, expected, rel_tol=1e-12):
+            rule = f"{rate:g}" if reference is None or self.units <= reference else \
+                f"{rate:g} x {reference} / {self.units}"
+            raise ValueError(f"server_step={self.server_step!r} is not the step its rule "
+                             f"gives ({rule} = {expected!r}): the entry's step and rule "
+                             "disagree")
+        object.__setattr__(self, "server_learning_rate", rate)
+
     def to_body(self) -> bytes:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
         if not self.payload_sha256s:  # entries from before receipts were recorded
@@ -548,6 +584,10 @@ class RoundRecord:
             del body["participation_cap"]
         if self.units is None:  # entries from before the step was recorded
             del body["units"], body["server_step"]
+        if self.server_learning_rate is None:  # entries from before the rule was recorded
+            del body["server_learning_rate"]
+        if self.server_step_units is None:  # the rate every round, or no rule recorded
+            del body["server_step_units"]
         return canonical_json(body)
 
     @classmethod

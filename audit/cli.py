@@ -249,12 +249,20 @@ def _clipped(unit: str | None, clip_norm: float | None) -> str:
     return f"each {unit} to {clip_norm:g}" if unit else f"{clip_norm:g} (unit not recorded)"
 
 
-def _stepped(step: float | None, units: int | None) -> str:
-    """The server step a round's merge applied, and the privacy units its sum held; entries
-    from before they were recorded have neither."""
+def _stepped(row: dict) -> str:
+    """The server step a round's merge applied, the privacy units its sum held and the rule
+    that gave the step (rate, or rate x R / units past R); entries from before they were
+    recorded have neither, or the step without its rule."""
+    step, units = row["server_step"], row["units"]
     if step is None or units is None:
         return "not recorded"
-    return f"{step:.4g} ({units} unit{'s' if units != 1 else ''})"
+    counted = f"{units} unit{'s' if units != 1 else ''}"
+    rate, reference = row["server_learning_rate"], row["server_step_units"]
+    if rate is None:
+        return f"{step:.4g} ({counted}; rule not recorded)"
+    if reference is None or units <= reference:
+        return f"{step:.4g} = the rate ({counted})"
+    return f"{step:.4g} = {rate:g} × {reference}/{counted}"
 
 
 def _summed(secure_aggregation: bool) -> str:
@@ -293,7 +301,7 @@ def _print_ledger(report: LedgerReport, source: str, budget: dict | None) -> Non
                       _summed(row["secure_aggregation"]),
                       _clipped(row["privacy_unit"], row["clip_norm"]),
                       _noise(row["noise_mode"], row["noise_multiplier"]),
-                      _stepped(row["server_step"], row["units"]),
+                      _stepped(row),
                       f"{row['epsilon_round']:.4g}", f"{row['epsilon_total']:.4g}",
                       row["epsilon_meaning"], f"{row['delta']:g}",
                       row["version_hash"][:SHORT])

@@ -35,7 +35,10 @@ def ledger_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
     published. participation_cap: K when the round ran under a participation cap (None:
     none, or an entry from before caps); epsilon_meaning says what epsilon_total is then.
     units and server_step: the privacy units the round summed and the step its merge
-    applied (None: an entry from before they were recorded)."""
+    applied (None: an entry from before they were recorded); server_learning_rate and
+    server_step_units: the rule that gave the step, which the entry was checked against
+    when it was read (None: an entry from before the rule was recorded; server_step_units
+    None beside a rate: every round steps the rate)."""
     return [{"entry": entry.index, "round": record.round_id, "version": record.version,
              "cohort_size": record.cohort_size, "dropouts": record.dropouts,
              "clip_norm": record.clip_norm, "privacy_unit": record.privacy_unit,
@@ -46,6 +49,8 @@ def ledger_rows(audit: trail.ChainAudit) -> list[dict[str, Any]]:
              "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total,
              "delta": record.delta, "secure_aggregation": record.secure_aggregation,
              "units": record.units, "server_step": record.server_step,
+             "server_learning_rate": record.server_learning_rate,
+             "server_step_units": record.server_step_units,
              "version_hash": record.version_hash, "recorded_at": when(record.recorded_at_ms),
              "entry_hash": entry.hash.hex()}
             for entry, record in audit.verified if isinstance(record, RoundRecord)]

@@ -244,7 +244,10 @@ class Outcome:
     """A published round's numbers, saved before publishing so a crash after it still
     writes the ledger entry at restart. units and server_step: the privacy units the sum
     held and the step the merge applied (None in a state saved before they were kept: the
-    ledger entry then leaves them out, as entries from before them do)."""
+    ledger entry then leaves them out, as entries from before them do). server_learning_rate
+    and server_step_units: the rule that gave the step, as configured when the round merged
+    (a restart under another config still records the rule the step came from; None in a
+    state saved before it was kept: the entry then has the step without its rule)."""
 
     cohort_size: int
     dropouts: int
@@ -253,6 +256,8 @@ class Outcome:
     payload_sha256s: tuple[str, ...] = ()
     units: int | None = None
     server_step: float | None = None
+    server_learning_rate: float | None = None
+    server_step_units: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         value: dict[str, Any] = {
@@ -261,15 +266,21 @@ class Outcome:
             "epsilon_round": self.epsilon_round, "epsilon_total": self.epsilon_total}
         if self.units is not None:
             value["units"], value["server_step"] = self.units, self.server_step
+        if self.server_learning_rate is not None:
+            value["server_learning_rate"] = self.server_learning_rate
+            value["server_step_units"] = self.server_step_units
         return value
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Outcome:
         units, step = raw.get("units"), raw.get("server_step")
+        rate, reference = raw.get("server_learning_rate"), raw.get("server_step_units")
         return cls(int(raw["cohort_size"]), int(raw["dropouts"]), float(raw["epsilon_round"]),
                    float(raw["epsilon_total"]), tuple(raw.get("payload_sha256s", ())),
                    None if units is None else int(units),
-                   None if step is None else float(step))
+                   None if step is None else float(step),
+                   None if rate is None else float(rate),
+                   None if reference is None else int(reference))
 
 
 @dataclass
@@ -609,6 +620,8 @@ class Coordinator:
                 version=version.number, version_hash=version.manifest_sha256(),
                 payload_sha256s=outcome.payload_sha256s,
                 units=outcome.units, server_step=outcome.server_step,
+                server_learning_rate=outcome.server_learning_rate,
+                server_step_units=outcome.server_step_units,
                 # From the signed manifest, not today's config: the mode may have changed
                 # between publishing and this restart.
                 secure_aggregation=version.manifest.secure_aggregation))
@@ -1310,7 +1323,9 @@ class Coordinator:
         assert flight is not None
         flight.outcome = Outcome(len(result.contributors), len(dropped), epsilon_round,
                                  epsilon_total, self._receipts(live, result.contributors),
-                                 units=units, server_step=float(step))
+                                 units=units, server_step=float(step),
+                                 server_learning_rate=privacy.server_learning_rate,
+                                 server_step_units=privacy.server_step_units)
         self._save()  # so a crash after publishing still writes the ledger at restart
         # Its watchers are woken once the round is done and the lock free (`_ending`).
         version = self.registry.publish(new_b, Release(

@@ -120,6 +120,10 @@ def test_the_server_step_shrinks_with_the_units_a_round_sums(tmp_path: Path, uni
         assert record.units == 4 * units
         assert record.server_step == cohort_step(3.0, 4 * units, 2) == pytest.approx(step)
         assert b'"units":%d' % (4 * units) in entry.body and b'"server_step":' in entry.body
+        # ... and the rule that gave it, so an auditor recomputes the step from the entry.
+        assert (record.server_learning_rate, record.server_step_units) == (3.0, 2)
+        assert b'"server_learning_rate":3.0' in entry.body
+        assert b'"server_step_units":2' in entry.body
         assert coordinator.ledger.verify() == entry.hash
     finally:
         coordinator.ledger.close()
@@ -131,19 +135,24 @@ def test_an_unscaled_round_records_its_units_and_the_configured_rate(fleet) -> N
     record = coordinator.ledger.head().record
     assert isinstance(record, RoundRecord)
     assert (record.units, record.server_step) == (4, PRIVACY.server_learning_rate)
+    assert (record.server_learning_rate, record.server_step_units) == (
+        PRIVACY.server_learning_rate, None)
+    assert b"server_step_units" not in coordinator.ledger.head().body
 
 
 class Crash(BaseException):
     """The aggregator dies here: nothing after it runs (not an error the round handles)."""
 
 
-@pytest.mark.parametrize("saved_before_steps", [False, True])
+@pytest.mark.parametrize("saved_before", [None, "steps", "rule"])
 def test_a_round_published_before_a_crash_is_ledgered_with_its_step_at_restart(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_before_steps: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_before: str | None) -> None:
     """The aggregator died between publishing version 1 and appending its ledger entry: the
-    restart writes the entry from the outcome saved in coordinator.json, units and step
-    included. A state saved before they were kept (no units, no server_step) still writes
-    the entry, without them, as entries from before them are."""
+    restart writes the entry from the outcome saved in coordinator.json, units, step and the
+    rule that gave it included, that rule as it was when the round merged, though the
+    restart runs under another rate. A state saved before the rule was kept writes the step
+    without it; one saved before steps were kept writes neither, as entries from before
+    them are."""
     policy = PrivacyPolicy(**{**PRIVACY.__dict__, "server_learning_rate": 3.0,
                               "server_step_units": 2})
     data = tmp_path / "data"
@@ -165,20 +174,26 @@ def test_a_round_published_before_a_crash_is_ledgered_with_its_step_at_restart(
     state = json.loads((data / STATE_FILE).read_bytes())
     outcome = state["in_flight"]["outcome"]
     assert (outcome["units"], outcome["server_step"]) == (8, cohort_step(3.0, 8, 2))
-    if saved_before_steps:
-        del outcome["units"], outcome["server_step"]
+    assert (outcome["server_learning_rate"], outcome["server_step_units"]) == (3.0, 2)
+    if saved_before is not None:
+        del outcome["server_learning_rate"], outcome["server_step_units"]
+        if saved_before == "steps":
+            del outcome["units"], outcome["server_step"]
         (data / STATE_FILE).write_text(json.dumps(state))
 
-    restarted = open_coordinator(data, Clock(), privacy=policy)
+    changed = PrivacyPolicy(**{**policy.__dict__, "server_learning_rate": 5.0})
+    restarted = open_coordinator(data, Clock(), privacy=changed)
     try:
         entry = restarted.ledger.head()
         record = entry.record
         assert isinstance(record, RoundRecord) and (record.round_id, record.version) == (1, 1)
-        if saved_before_steps:
+        if saved_before == "steps":
             assert (record.units, record.server_step) == (None, None)
             assert b"units" not in entry.body and b"server_step" not in entry.body
         else:
             assert (record.units, record.server_step) == (8, cohort_step(3.0, 8, 2))
+        rule = (record.server_learning_rate, record.server_step_units)
+        assert rule == ((3.0, 2) if saved_before is None else (None, None))
         assert restarted.ledger.verify() == entry.hash
         assert json.loads((data / STATE_FILE).read_bytes())["in_flight"] is None
     finally:
@@ -193,6 +208,9 @@ def test_the_saved_outcome_reads_states_from_before_the_step_was_kept() -> None:
     assert outcome.to_json() == old  # the same shape back
     stepped = Outcome(4, 0, 0.5, 0.5, (), units=8, server_step=1.5)
     assert Outcome.from_json(stepped.to_json()) == stepped
+    ruled = Outcome(4, 0, 0.5, 0.5, (), units=8, server_step=1.5, server_learning_rate=3.0,
+                    server_step_units=16)
+    assert Outcome.from_json(ruled.to_json()) == ruled
 
 
 def test_the_server_step_units_must_be_a_whole_number_of_units() -> None:

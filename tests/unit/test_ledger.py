@@ -16,6 +16,7 @@ from support.tamper import flip_last_bit
 
 from fleetmind.aggregation import chain
 from fleetmind.aggregation.chain import GENESIS_HASH
+from fleetmind.aggregation.merge import cohort_step
 from fleetmind.aggregation.records import (
     LEDGER_DOMAIN,
     LedgerEntry,
@@ -109,11 +110,12 @@ def test_every_record_field_is_covered_by_the_hash(ledger, key) -> None:
                   "secure_aggregation": False, "privacy_unit": "user",
                   "participation_cap": 4}.get(field.name)
         if edited is None and value is None:
-            edited = STEPPED[field.name]
+            edited = RULED[field.name]
         elif edited is None:
             edited = value + 1
-        # units and server_step are recorded together: adding one adds both.
-        changes = STEPPED if field.name in STEPPED else {field.name: edited}
+        # units and server_step are recorded together, and the rule with them: adding one
+        # adds all.
+        changes = RULED if field.name in RULED else {field.name: edited}
         bad = _replace(entries[2], body=dataclasses.replace(
             entries[2].record, **changes).to_body())
         with pytest.raises(LedgerError, match="altered") as caught:
@@ -213,6 +215,9 @@ def test_the_participation_cap_is_signed_and_left_out_when_absent(tmp_path, key)
 
 
 STEPPED = {"units": 290, "server_step": 4.0 * (100 / 290) ** 0.5}  # docs/continual.md
+# The same round with the rule that gave its step recorded (rate 4, R 117: the bench's).
+RULED = {"units": 290, "server_step": cohort_step(4.0, 290, 117), "server_learning_rate": 4.0,
+         "server_step_units": 117}
 
 # A published round's body as every aggregator before units and server_step wrote it.
 OLD_BODY = (b'{"clip_norm":1.0,"cohort_size":5,"delta":1e-05,"dropouts":1,"epsilon_round":0.25,'
@@ -285,10 +290,65 @@ def test_units_and_server_step_out_of_range_are_refused(change, message) -> None
         RoundRecord.from_body(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
+def test_a_round_records_the_rule_that_gave_its_step(tmp_path, key) -> None:
+    """The rate and R go into the signed body beside the step, an auditor recomputes the
+    step from them, and an entry whose step is not what its rule gives is refused."""
+    ruled = dataclasses.replace(record(1), **RULED)
+    body = ruled.to_body()
+    assert b'"server_learning_rate":4.0' in body and b'"server_step_units":117' in body
+    assert RoundRecord.from_body(body) == ruled == parse_ledger_body(body)
+    # No R: every round steps the rate, and the body has no server_step_units.
+    flat = dataclasses.replace(record(1), units=290, server_step=4.0, server_learning_rate=4.0)
+    assert b"server_step_units" not in flat.to_body()
+    assert RoundRecord.from_body(flat.to_body()) == flat
+    # At or under R units the step is the rate.
+    assert dataclasses.replace(record(1), units=100, server_step=4.0, server_learning_rate=4.0,
+                               server_step_units=117).server_step == 4.0
+    with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
+        ledger.append(dataclasses.replace(record(0), **STEPPED))  # step without its rule
+        ledger.append(ruled)
+        entries = list(ledger)
+    assert verify_ledger(entries, key.public_key()) == entries[-1].hash
+    assert b"server_learning_rate" not in entries[0].body
+    # A larger step than the rule gives, signed with the aggregator's key all the same.
+    raw = json.loads(body)
+    raw["server_step"] = 4.0
+    signed = dataclasses.replace(
+        entries[1], body=json.dumps(raw, sort_keys=True, separators=(",", ":")).encode())
+    digest = chain.entry_hash(LEDGER_DOMAIN, 1, entries[0].hash, signed.body)
+    signed = _replace(signed, hash=digest, signature=key.sign(digest))
+    with pytest.raises(LedgerError, match=r"server_step=4.0 is not the step its rule gives "
+                                          r"\(4 x 117 / 290 = 1.61") as caught:
+        verify_ledger([entries[0], signed], key.public_key())
+    assert caught.value.index == 1
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"server_step": 4.0}, "is not the step its rule gives"),
+    ({"server_learning_rate": 2.0}, "is not the step its rule gives"),
+    ({"server_step_units": 100}, "is not the step its rule gives"),
+    ({"server_step_units": None}, "is not the step its rule gives"),
+    ({"server_learning_rate": 0.0}, "server_learning_rate=0.0 must be > 0"),
+    ({"server_learning_rate": -4.0}, "server_learning_rate=-4.0"),
+    ({"server_learning_rate": float("nan")}, "finite"),
+    ({"server_learning_rate": "4.0"}, "server_learning_rate='4.0'"),
+    ({"server_step_units": 0}, "server_step_units=0 must be an integer >= 1"),
+    ({"server_step_units": 1.5}, "server_step_units=1.5"),
+    ({"server_step_units": True}, "server_step_units=True"),
+    ({"server_learning_rate": None}, "without server_learning_rate"),
+    ({"units": None, "server_step": None}, "without units and server_step"),
+])
+def test_a_step_rule_out_of_range_or_disagreeing_with_its_step_is_refused(change, message
+                                                                          ) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(record(1), **{**RULED, **change})
+
+
 def test_audit_ledger_shows_each_rounds_step_and_units(tmp_path, key, capsys) -> None:
     with Ledger(tmp_path / "ledger.sqlite", key) as ledger:
         ledger.append(record(0))  # from before the step was recorded
-        ledger.append(dataclasses.replace(record(1), **STEPPED))
+        ledger.append(dataclasses.replace(record(1), **STEPPED))  # ... before its rule
+        ledger.append(dataclasses.replace(record(2), **RULED))
     pub = tmp_path / "aggregator.pub"
     pub.write_bytes(key.public_key().public_bytes_raw())
     argv = ["audit", "ledger", "--file", str(tmp_path / "ledger.sqlite"),
@@ -296,10 +356,14 @@ def test_audit_ledger_shows_each_rounds_step_and_units(tmp_path, key, capsys) ->
     assert main([*argv, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rounds"]
     assert [(row["units"], row["server_step"]) for row in rows] == [
-        (None, None), (290, STEPPED["server_step"])]
+        (None, None), (290, STEPPED["server_step"]), (290, RULED["server_step"])]
+    assert [(row["server_learning_rate"], row["server_step_units"]) for row in rows] == [
+        (None, None), (None, None), (4.0, 117)]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "server step" in out and "2.349 (290 units)" in out and "not recorded" in out
+    out = " ".join(capsys.readouterr().out.split())  # the table wraps its cells
+    assert "server step" in out and "not recorded" in out
+    assert "2.349 (290 units; rule not recorded)" in out
+    assert "1.614 = 4 × 117/290 units" in out
 
 
 def stopped(round_id: int, version: int, epsilon_total: float, **changes) -> StoppedRound:
