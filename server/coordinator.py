@@ -89,7 +89,7 @@ from fleetmind.aggregation.merge import (
 )
 from fleetmind.aggregation.participation import ParticipationCap
 from fleetmind.aggregation.quantize import FixedPoint
-from fleetmind.aggregation.records import RoundRecord, StoppedRound
+from fleetmind.aggregation.records import LedgerRecord, RoundRecord, StoppedRound
 from fleetmind.aggregation.secagg import (
     DropReason,
     NeighbourGraph,
@@ -518,9 +518,9 @@ class Coordinator:
         # at once (1,000 JoinRound streams each woken by every join was a thundering herd,
         # docs/scale.md): Waiters per site (server/waiters.py), notified when that site's
         # events or queue place change, each follower on its own event, which its stream
-        # also sets when its caller hangs up; the registry and the ledger wake their own
-        # waiters, and a round's version wakes its watchers only once the round is done
-        # and its sites have their outcome (`_announce`).
+        # also sets when its caller hangs up; a round's ledger entry wakes its StreamLedger
+        # followers, and its version its watchers, only once the round is done (the
+        # watchers once its sites have their outcome too: `_announce`).
         # `_changed` (any change) is for `wait`, which the services never use.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -528,6 +528,8 @@ class Coordinator:
         # A version published whose watchers are not woken yet: the round's followers to
         # let take their outcome first (None: nothing to announce). `_announcer` wakes them.
         self._announcing: list[tuple[Waiters, frozenset[object]]] | None = None
+        # A ledger entry appended whose StreamLedger followers are not woken yet (`_announce`).
+        self._ledger_news = False
         self._announcer: threading.Thread | None = None
         self._queue: dict[int, _Ticket] = {}
         # min(t.since) over the queue, or None when unknown (recomputed on demand): a
@@ -609,7 +611,7 @@ class Coordinator:
         outcome = flight.outcome
         assert outcome is not None  # saved before publishing
         if self.ledger.find_round(flight.round_id) is None:
-            self.ledger.append(RoundRecord(
+            self._append_to_ledger(RoundRecord(
                 round_id=flight.round_id, cohort_size=outcome.cohort_size,
                 dropouts=outcome.dropouts, clip_norm=self.privacy.clip_norm,
                 privacy_unit=self.privacy.privacy_unit,
@@ -802,7 +804,13 @@ class Coordinator:
         through the GIL (docs/scale.md), and the thread that sets their events is held as
         long, so neither the call that completed the round nor the ticker does it. A
         watcher woken later still sees the version (it re-checks the registry's latest
-        number), so nothing between the publication and this is lost."""
+        number), so nothing between the publication and this is lost. The round's ledger
+        entry wakes its StreamLedger followers here too (few: set from this thread)."""
+        if self._ledger_news:
+            with self._lock:
+                news, self._ledger_news = self._ledger_news, False
+            if news:
+                self.ledger.appended.notify()
         if self._announcing is None:
             return
         with self._lock:  # a round completing in another thread finishes first
@@ -1281,7 +1289,13 @@ class Coordinator:
         self._state.in_flight = None
         self._state.stopped = [*self._state.stopped, entry][-KEEP_FINISHED:]
         self._save()
-        self.ledger.append(entry)
+        self._append_to_ledger(entry)
+
+    def _append_to_ledger(self, entry: LedgerRecord) -> None:
+        """Appends `entry`; its StreamLedger followers are woken once the round is done and
+        the lock free (`_announce`), as a version's watchers are, not inside the round."""
+        self.ledger.append(entry, notify=False)
+        self._ledger_news = True
 
     def _ledger_stopped_entries(self) -> None:
         """At start: the saved entries of stopped rounds the ledger does not hold yet (the
@@ -1290,7 +1304,7 @@ class Coordinator:
         last = -1 if head is None else head.record.round_id
         for entry in self._state.stopped:
             if entry.round_id > last:
-                self.ledger.append(entry)
+                self._append_to_ledger(entry)
                 last = entry.round_id
 
     def rejected(self) -> list[dict]:

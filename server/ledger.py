@@ -70,9 +70,11 @@ class Ledger(SignedLog[LedgerEntry]):
         super().__init__(path, signing_key)
         self.appended = Waiters()  # StreamLedger followers sleep on it until an append
 
-    def append(self, record: LedgerRecord) -> LedgerEntry:
+    def append(self, record: LedgerRecord, notify: bool = True) -> LedgerEntry:
         """Chains, signs and stores `record`; refuses a round already recorded (look it up
-        with `find_round` after a restart) or one that may not follow the head."""
+        with `find_round` after a restart) or one that may not follow the head. notify False:
+        the caller wakes the followers itself (`appended.notify()`), as the coordinator does
+        once the round that appended is done."""
 
         def admit(head: LedgerEntry | None) -> None:
             problem = None if head is None else ledger_order_problem(record, head.record)
@@ -80,7 +82,8 @@ class Ledger(SignedLog[LedgerEntry]):
                 raise LedgerError(None, f"refused: {problem}")
 
         entry = self._append(record.round_id, record.to_body(), admit)
-        self.appended.notify()
+        if notify:
+            self.appended.notify()
         return entry
 
     def find_round(self, round_id: int) -> LedgerEntry | None:

@@ -268,7 +268,7 @@ def test_an_abort_cut_short_before_its_ledger_append_is_ledgered_once_at_restart
     coordinator = open_coordinator(data, clock, size=3)
     sites = [Site(coordinator, f"site-{i}", seed=i) for i in range(3)]
 
-    def killed(entry: object) -> None:
+    def killed(entry: object, notify: bool = True) -> None:
         raise SystemExit("killed between coordinator.json and the ledger")
 
     monkeypatch.setattr(coordinator.ledger, "append", killed)

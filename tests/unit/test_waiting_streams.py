@@ -5,7 +5,8 @@ follower in a round or in the queue ends as soon as its caller hangs up, and it 
 woken on a timer in between (its queue heartbeat and queue lifetime are kept). A round's
 version wakes its watchers only once the round is done: its ledger entry written,
 coordinator.json saved, every cohort site told, and the coordinator's lock free; a failure
-between the publication and that still wakes them."""
+between the publication and that still wakes them. A round's ledger entry, published or
+stopped, wakes the StreamLedger followers only once the round is done, too."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 from support.coordinator import Clock, Site, open_coordinator
 
+from fleetmind.aggregation.records import StoppedRound
 from fleetmind.protos.fleetmind.v1 import fleet_pb2
 from fleetmind.server import service
 from fleetmind.server.coordinator import STATE_FILE, Coordinator, Finished, RoundListener
@@ -266,6 +268,48 @@ def test_watchers_are_woken_only_once_the_round_is_done(fleet) -> None:
     assert seen.seen == [{"ledgered": True, "saved": True, "told": [True] * 4,
                           "ended": ["published"], "lock_free": True, "taken": []}]
     assert coordinator.wait_for_version(0, 0)
+
+
+def test_ledger_followers_are_woken_only_once_the_round_is_done(fleet) -> None:
+    """A StreamLedger follower asleep for the round's entry wakes after the round is done
+    and the lock free (it was woken inside the round, at the append, before)."""
+    coordinator, sites, data = fleet
+    coordinator.listener = Ended()
+    coordinator.ledger.appended = seen = Snapshot(coordinator, sites, data)
+    follower_saw: list[bool] = []
+    follower = threading.Thread(
+        target=lambda: follower_saw.append(coordinator.wait_for_ledger(0, 30.0)))
+    follower.start()
+    ends = time.monotonic() + 10
+    while not seen._waiting:
+        assert time.monotonic() < ends, "the follower never slept"
+        time.sleep(0.01)
+    for s in sites:
+        s.join()
+    for step in STEPS:
+        for s in sites:
+            getattr(s, step)()
+    assert seen.seen == [{"ledgered": True, "saved": True, "told": [True] * 4,
+                          "ended": ["published"], "lock_free": True, "taken": []}]
+    follower.join(5.0)
+    assert follower_saw == [True]
+
+
+def test_a_stopped_rounds_entry_wakes_the_ledger_followers_after_the_round(fleet) -> None:
+    coordinator, sites, data = fleet
+    coordinator.listener = Ended()
+    coordinator.ledger.appended = seen = Snapshot(coordinator, sites, data)
+    for s in sites:
+        s.join()
+    for s in sites[:2]:  # two of four advertise: too few for the threshold at the deadline
+        s.advertise()
+    assert seen.seen == []
+    coordinator.clock.now += 31  # type: ignore[attr-defined]  # past the phase's deadline
+    coordinator.tick()
+    assert len(seen.seen) == 1
+    assert seen.seen[0]["ledgered"] and seen.seen[0]["saved"] and seen.seen[0]["lock_free"]
+    assert seen.seen[0]["ended"] == ["aborted"]
+    assert isinstance(coordinator.ledger.head().record, StoppedRound)
 
 
 def test_the_rounds_followers_take_their_outcome_before_the_watchers_wake(fleet) -> None:
