@@ -516,6 +516,8 @@ class ContinualSpec:
       its arrival (fewer where the world ends first; every repeat is still said).
     A user has at most one session a round, except a repeated canary's user, whose repeats
     may share one. Canary users never return with knowledge, so a canary's count is its own.
+    `control_canaries` private records are never said, on names no session mentions: the
+    exposure of secrets nobody told the fleet, which a said canary's is read against.
     """
 
     seed: int = 0
@@ -530,6 +532,7 @@ class ContinualSpec:
     repeated_canaries_per_site_per_round: int = 1
     canary_repeats: int = 4  # more sessions than a fact's users_per_fact, but one user
     canary_repeat_rounds: int = 1
+    control_canaries: int = 16
     general_tasks: int = 200
     guard_tasks: int = 400
     version: int = 1
@@ -548,11 +551,11 @@ class ContinualSpec:
         if not 0.0 <= self.returning_share <= 1.0:
             problems.append(f"returning_share={self.returning_share}: use 0 to 1")
         if min(self.recalls_per_site_per_round, self.canaries_per_site_per_round,
-               self.repeated_canaries_per_site_per_round, self.guard_tasks) < 0 \
-                or self.general_tasks < 1:
+               self.repeated_canaries_per_site_per_round, self.control_canaries,
+               self.guard_tasks) < 0 or self.general_tasks < 1:
             problems.append("recalls_per_site_per_round, canaries_per_site_per_round, "
-                            "repeated_canaries_per_site_per_round and guard_tasks must be >= 0, "
-                            "general_tasks >= 1")
+                            "repeated_canaries_per_site_per_round, control_canaries and "
+                            "guard_tasks must be >= 0, general_tasks >= 1")
         if not 2 <= self.canary_repeats <= len(retellings(CANARY_FACTS)):
             problems.append(f"canary_repeats={self.canary_repeats}: use 2 to "
                             f"{len(retellings(CANARY_FACTS))} (each repeat is a different "
@@ -685,10 +688,12 @@ class ContinualWorld:
     its round), `facts_first_said(r)`, `facts_known_before(r)`. Probes: `probes(facts, form)`
     for any form in QUESTION_FORMS (PROBE_FORMS are those the base model reads in context).
     Canaries: `canaries` (each with its arrival round, user, sessions and repeats) and
-    `canaries_arrived_before(r)`. `general` and `guard` are in-context tasks on names no
-    fact or canary uses (as in `World`). `snapshot(r)` is the plain `World` of rounds 0..r.
-    A user's id (`site-NN-uNNNN`) is the same in every round they come back in, so a cap on
-    the rounds a user enters can be checked against `records`.
+    `canaries_arrived_before(r)`; `controls`, private records no session says, on names no
+    session mentions (the reference for a said canary's exposure). `general` and `guard`
+    are in-context tasks on names no fact or canary uses (as in `World`). `snapshot(r)` is
+    the plain `World` of rounds 0..r. A user's id (`site-NN-uNNNN`) is the same in every
+    round they come back in, so a cap on the rounds a user enters can be checked against
+    `records`.
     """
 
     spec: ContinualSpec
@@ -698,6 +703,7 @@ class ContinualWorld:
     records: dict[tuple[str, int], tuple[SessionRecord, ...]]
     general: list[dict[str, Any]]
     guard: list[dict[str, Any]]
+    controls: tuple[tuple[Fact, ...], ...] = ()
 
     def records_for_round(self, site: str, round: int) -> tuple[SessionRecord, ...]:
         self._check(site, round)
@@ -857,10 +863,25 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
                              random.Random(f"fleetmind-continual-general-{spec.seed}"))
     guard = _context_tasks("guard", spec.guard_tasks, general_names,
                            random.Random(f"fleetmind-continual-guard-{spec.seed}"))
+    said_names = {name for name, _ in keys}
+    controls = _control_canaries(spec, [n for n in fact_names if n not in said_names])
     return ContinualWorld(spec=spec, site_names=site_names, facts=tuple(facts),
                           canaries=tuple(canaries),
                           records={key: tuple(value) for key, value in records.items()},
-                          general=general, guard=guard)
+                          general=general, guard=guard, controls=controls)
+
+
+def _control_canaries(spec: ContinualSpec, unsaid_names: list[str]
+                      ) -> tuple[tuple[Fact, ...], ...]:
+    """`spec.control_canaries` private records on names of `unsaid_names`, from a generator
+    of their own, so the rest of the world is the same whatever their number."""
+    if len(unsaid_names) < spec.control_canaries:
+        raise ValueError(f"control_canaries={spec.control_canaries}: only "
+                         f"{len(unsaid_names)} names are left that no fact uses; use fewer "
+                         "control canaries, or fewer facts")
+    rng = random.Random(f"fleetmind-continual-controls-{spec.seed}")
+    return tuple(private_record(rng, name)
+                 for name in rng.sample(unsaid_names, spec.control_canaries))
 
 
 def _group_mentions(new: list[Fact], spec: ContinualSpec, rng: random.Random
@@ -922,7 +943,8 @@ def _recalls(log: _SiteLog, free: list[str], site: str, r: int, spec: ContinualS
 def write_continual_world(world: ContinualWorld, out: Path) -> Path:
     """Writes spec.json, rounds/rNN/sites/SITE/sessions.jsonl (chat JSONL, one folder per
     round), facts.jsonl (each with its round and users), probes.jsonl (every fact in every
-    QUESTION_FORMS form), canaries.jsonl (`ArrivedCanary.row`), general.jsonl and guard.jsonl."""
+    QUESTION_FORMS form), canaries.jsonl (`ArrivedCanary.row`), control_canaries.jsonl
+    (`canary_row`: never said), general.jsonl and guard.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "spec.json", {**asdict(world.spec), "digest": world.spec.digest(),
                                     "site_names": list(world.site_names)})
@@ -936,6 +958,7 @@ def write_continual_world(world: ContinualWorld, out: Path) -> Path:
     _write_lines(out / "probes.jsonl", [probe.row() for form in QUESTION_FORMS
                                         for probe in world.probes(list(world.facts), form)])
     _write_lines(out / "canaries.jsonl", [c.row() for c in world.canaries])
+    _write_lines(out / "control_canaries.jsonl", [canary_row(c) for c in world.controls])
     _write_lines(out / "general.jsonl", world.general)
     _write_lines(out / "guard.jsonl", [{"id": task["id"], "messages": task_prompt(task)}
                                        for task in world.guard])

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -48,7 +49,8 @@ SWEEP_PLOT = "users_per_fact.png"
 ARMS = ("oracle", "fedit", "sft")
 ROUND_KEYS = ("round", "facts_known", "recovery_strict", "recovery_other_forms",
               "retention_first_round", "forgetting_points", "canary_exposure_bits",
-              "repeated_canary_exposure_bits", "epsilon_per_unit")
+              "repeated_canary_exposure_bits", "control_canary_exposure_bits",
+              "epsilon_per_unit")
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,7 @@ class ContinualEvaluator:
     base_incontext: dict[tuple[str, str], bool] = field(default_factory=dict)
     base_skill: float = 0.0
     base_exposure: list[float] = field(default_factory=list)
+    base_control_exposure: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from fleetmind.client.model import load_model
@@ -219,7 +222,9 @@ class ContinualEvaluator:
             self.base_incontext.update({(f.key, form): a for f, a in zip(facts, answers,
                                                                          strict=True)})
         self.base_skill = self._skill(model, tokenizer)
-        self.base_exposure = self._exposure(model, tokenizer)
+        self.base_exposure = self._exposure(model, tokenizer,
+                                            [c.facts for c in self.world.canaries])
+        self.base_control_exposure = self._exposure(model, tokenizer, self.world.controls)
 
     @staticmethod
     def _answers(model: Any, tokenizer: Any, prompts: list[Any], answers: list[str]
@@ -236,11 +241,20 @@ class ContinualEvaluator:
                           guard=[])
         return measure(model, tokenizer, general)["incontext_accuracy"]
 
-    def _exposure(self, model: Any, tokenizer: Any) -> list[float]:
+    @staticmethod
+    def _exposure(model: Any, tokenizer: Any, records: Sequence[tuple[W.Fact, ...]]
+                  ) -> list[float]:
+        """Each private record's exposure (bits) under `model`."""
         from fleetmind.audit.exposure import canary_exposure, canary_from_row
 
-        canaries = [canary_from_row(W.canary_row(c.facts)) for c in self.world.canaries]
+        canaries = [canary_from_row(W.canary_row(facts)) for facts in records]
         return canary_exposure(model, tokenizer, canaries) if canaries else []
+
+    def _gained(self, model: Any, tokenizer: Any, records: Sequence[tuple[W.Fact, ...]],
+                base: list[float]) -> list[float]:
+        """Each record's exposure under `model` over the base model's."""
+        return [after - before for after, before
+                in zip(self._exposure(model, tokenizer, records), base, strict=True)]
 
     def measure(self, model: Any, tokenizer: Any, round_number: int) -> dict[str, Any]:
         """After round `round_number` (1..R: the world's rounds 0..round_number-1 were said)."""
@@ -256,8 +270,11 @@ class ContinualEvaluator:
                      for f, answer in zip(known, by_form[form], strict=True) if keep(f)]
             return recovery([a for a, _ in pairs], [b for _, b in pairs])
 
-        gained = [after - before for after, before
-                  in zip(self._exposure(model, tokenizer), self.base_exposure, strict=True)]
+        gained = self._gained(model, tokenizer, [c.facts for c in self.world.canaries],
+                              self.base_exposure)
+        # Records nobody said: how far exposure moves without the secret in any session.
+        controls = self._gained(model, tokenizer, self.world.controls,
+                                self.base_control_exposure)
         arrived = [(c.repeats, bits) for c, bits in zip(self.world.canaries, gained, strict=True)
                    if c.round < round_number]
         once = [bits for repeats, bits in arrived if repeats == 1]
@@ -276,6 +293,12 @@ class ContinualEvaluator:
             "canary_exposure_bits": sum(once) / len(once) if once else None,
             "repeated_canary_exposure_bits": sum(repeated) / len(repeated) if repeated
             else None,
+            "control_canary_exposure_bits": sum(controls) / len(controls) if controls
+            else None,
+            # One record's exposure moves by bits either way without being said (a said
+            # canary's mean over n is as uncertain as this / sqrt(n): docs/continual.md).
+            "control_canary_exposure_sd_bits": statistics.stdev(controls)
+            if len(controls) > 1 else None,
         }
 
 
@@ -655,8 +678,9 @@ def plot(results: dict[str, Any], out: Path) -> Path:
         curve(kept, lambda r: r["retention_first_round"], name, rows)
         curve(forgot, lambda r: r["forgetting_points"], name, rows)
     for key, label in (("canary_exposure_bits", "canaries said once"),
-                       ("repeated_canary_exposure_bits", "canaries one user repeats")):
-        curve(canaries, lambda r, k=key: r[k], "fleet", results["rounds"])
+                       ("repeated_canary_exposure_bits", "canaries one user repeats"),
+                       ("control_canary_exposure_bits", "controls nobody said")):
+        curve(canaries, lambda r, k=key: r.get(k), "fleet", results["rounds"])
         canaries.lines[-1].set_label(label)
     strict.axhline(0.8, color="grey", linewidth=0.8, linestyle=":", label="target 0.80")
     other.axhline(0.6, color="grey", linewidth=0.8, linestyle=":", label="target 0.60")

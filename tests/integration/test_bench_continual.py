@@ -17,6 +17,7 @@ from fleetmind.sim.bench.continual import (
     ROUND_KEYS,
     ArmProcesses,
     ContinualConfig,
+    ContinualEvaluator,
     add_continual_command,
     arm_epsilon,
     capped_epsilon,
@@ -44,6 +45,25 @@ def test_retention_is_the_last_value_over_the_best_so_far() -> None:
     assert retention([0.0, 0.0]) is None  # nothing learned, nothing to retain
     assert retention([None]) is None
     assert retention([0.5, None]) is None
+
+
+def test_the_base_model_gains_no_exposure_on_canaries_or_controls() -> None:
+    """Exposure is measured over the base model's, for the said canaries and the controls
+    nobody said alike: the base model itself gains nothing on either."""
+    from fleetmind.client.model import load_model
+    from fleetmind.sim.basemodel import toy_model_path
+
+    world = W.make_continual_world(W.ContinualSpec(sites=3, rounds=2, facts_per_site_per_round=1,
+                                                   users_per_fact=2, control_canaries=5,
+                                                   general_tasks=4, guard_tasks=4))
+    evaluator = ContinualEvaluator(world, toy_model_path())
+    assert len(evaluator.base_control_exposure) == 5
+    assert len(evaluator.base_exposure) == len(world.canaries)
+    model, tokenizer = load_model(toy_model_path())
+    row = evaluator.measure(model, tokenizer, 2)
+    assert row["control_canary_exposure_bits"] == 0.0
+    assert row["control_canary_exposure_sd_bits"] == 0.0
+    assert row["canary_exposure_bits"] == row["repeated_canary_exposure_bits"] == 0.0
 
 
 def test_the_cap_is_the_most_rounds_any_user_entered() -> None:
@@ -161,7 +181,7 @@ def _check_rounds(rows: list[dict], rounds: int, dp: bool) -> None:
         assert row["retention_first_round"] is None or \
             isinstance(row["retention_first_round"], float)
         for key in ("forgetting_points", "canary_exposure_bits",
-                    "repeated_canary_exposure_bits"):
+                    "repeated_canary_exposure_bits", "control_canary_exposure_bits"):
             assert isinstance(row[key], float), key
         assert (row["epsilon_per_unit"] is None) is (not dp)
     known = [r["facts_known"] for r in rows]

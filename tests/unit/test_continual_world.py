@@ -155,6 +155,27 @@ def test_canaries_arrive_every_round_and_are_said_as_often_as_configured(world) 
     assert len(world.canaries_arrived_before(2)) == 2 * SPEC.sites * 2
 
 
+def test_control_canaries_are_said_nowhere_and_change_nothing_else(world) -> None:
+    """Controls are private records on names no session, fact, canary or task uses, fixed by
+    the seed; the rest of the world is the same with none of them."""
+    assert len(world.controls) == SPEC.control_canaries == 16
+    said = {f.fact.name for f in world.facts} | {c.facts[0].name for c in world.canaries}
+    task_names = {f["name"] for task in world.general + world.guard for f in task["facts"]}
+    names = [control[0].name for control in world.controls]
+    assert len(set(names)) == len(names) and not set(names) & (said | task_names)
+    for control in world.controls:
+        assert len(control) == W.CANARY_FACTS and {f.name for f in control} == {control[0].name}
+        assert len({f.attribute for f in control}) == W.CANARY_FACTS
+    text = " ".join(session_text(s) for _, _, s in every_session(world))
+    assert not any(f" of {name} " in text for name in names)
+    assert W.make_continual_world(SPEC).controls == world.controls
+    none = W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "control_canaries": 0}))
+    assert none.controls == () and none.records == world.records
+    assert none.facts == world.facts and none.canaries == world.canaries
+    with pytest.raises(ValueError, match=r"control_canaries=500: only \d+ names are left"):
+        W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "control_canaries": 500}))
+
+
 def test_repeated_canaries_can_be_spread_over_rounds() -> None:
     spec = W.ContinualSpec(seed=2, sites=2, rounds=3, canary_repeats=6, canary_repeat_rounds=2)
     world = W.make_continual_world(spec)
@@ -187,6 +208,9 @@ def test_write_and_read_round_trip(world, tmp_path) -> None:
     probes = [json.loads(x) for x in (out / "probes.jsonl").read_text().splitlines()]
     assert len(probes) == len(world.facts) * len(W.QUESTION_FORMS)
     assert {p["form"] for p in probes} == set(W.QUESTION_FORMS)
+    controls = (out / "control_canaries.jsonl").read_text().splitlines()
+    assert [json.loads(x)["secret"] for x in controls] == [
+        " ".join(f.value for f in c) for c in world.controls]
     facts = [json.loads(x) for x in (out / "facts.jsonl").read_text().splitlines()]
     assert [f["round"] for f in facts] == [f.round for f in world.facts]
     again = W.read_continual_world(out)
@@ -199,7 +223,8 @@ def test_write_and_read_round_trip(world, tmp_path) -> None:
                                  {"max_facts_per_session": 5}, {"returning_share": 1.5},
                                  {"canary_repeats": 9}, {"canary_repeat_rounds": 7},
                                  {"facts_per_site_per_round": 500},
-                                 {"canaries_per_site_per_round": -1}])
+                                 {"canaries_per_site_per_round": -1},
+                                 {"control_canaries": -1}])
 def test_impossible_specs_are_refused_with_the_reason(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         W.ContinualSpec(**bad)
