@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetmind.aggregation.manifest import VersionError
@@ -124,7 +125,8 @@ def _report_active(config: SiteConfig, metrics: SiteMetrics) -> None:
 
 def run_once(config: SiteConfig, channel: grpc.Channel,
              identity: Ed25519PrivateKey | None = None,
-             metrics: SiteMetrics | None = None) -> Outcome:
+             metrics: SiteMetrics | None = None,
+             noise_rng: np.random.Generator | None = None) -> Outcome:
     """One iteration: activate a newer version if there is one; with at least
     min_new_sessions unconsumed sessions, consolidate them on the active version, join a
     round, record the consolidation once the round completed, and activate what it
@@ -133,7 +135,10 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
     PlainSumRefusedError (an aggregator off loopback asked for unmasked updates), or
     ClipMismatchError (the round's epsilon assumes a bound this site's clipping does not
     keep: align privacy_unit and clip_norm with the aggregator's).
-    `metrics`, if given, is kept up to date (run() passes the one it serves)."""
+    `metrics`, if given, is kept up to date (run() passes the one it serves). `noise_rng`:
+    the generator of the round's DP noise and rounding; None (every deployment: nothing in
+    a site's config or CLI sets it) draws fresh OS entropy. Simulations pass a seeded one so
+    a benchmark run repeats; noise an observer can regenerate protects nothing."""
     metrics = metrics or SiteMetrics()
     key = identity or load_identity_key(config.identity_key)
     public_key = config.aggregator_public_key()
@@ -175,7 +180,7 @@ def run_once(config: SiteConfig, channel: grpc.Channel,
             try:
                 with Outbox(config.data_dir / OUTBOX_FILE, key) as outbox:
                     done = participate(channel, key, config.name, update, outbox,
-                                       timeout=config.round_timeout_s,
+                                       rng=noise_rng, timeout=config.round_timeout_s,
                                        allow_plain_sum=on_loopback,
                                        participation=Participation.for_sessions(
                                            config, sessions, history))

@@ -51,6 +51,10 @@ class FleetSettings:
     # Each site serves its active version at an OpenAI-compatible endpoint that captures
     # sessions (`Fleet.endpoints`); a round then consolidates what the endpoint captured.
     serve: bool = False
+    # The sites' DP noise and rounding from generators seeded by (noise_seed, site, round),
+    # so a run repeats exactly (its distillation already does). None: fresh entropy every
+    # round, as in deployment. For benchmarks only: noise one can regenerate hides nothing.
+    noise_seed: int | None = None
 
 
 def adapter_spec(model_dir: Path, frozen_a_seed: int, rank: int = DEFAULT_RANK,
@@ -96,12 +100,15 @@ def _start_endpoint(config: Any, ready: Any) -> Any:
 
 
 def _site_process(config: Any, threads: int, commands: Any, replies: Any,
-                  ready: Any = None) -> None:
+                  ready: Any = None, noise_seed: tuple[int, int] | None = None) -> None:
     """A site's whole life: for each round, ingest its new sessions and run the agent once;
-    with `ready` (the queue its URL goes to), serving its endpoint throughout."""
+    with `ready` (the queue its URL goes to), serving its endpoint throughout; with
+    `noise_seed` (the run's, this site's number), each round's noise from its own seeded
+    generator."""
     import logging
 
     import grpc
+    import numpy as np
     import torch
 
     from fleetmind.client.site import run_once
@@ -130,7 +137,9 @@ def _site_process(config: Any, threads: int, commands: Any, replies: Any,
             with SessionStore(config.data_dir) as store:
                 for session in sessions:
                     store.add(session)
-            outcome = run_once(config, channel)
+            noise_rng = None if noise_seed is None else \
+                np.random.default_rng([*noise_seed, round_number])
+            outcome = run_once(config, channel, noise_rng=noise_rng)
             version = outcome.round.version if outcome.round else None
             replies.put((config.name, round_number, version, None,
                          time.perf_counter() - started))
@@ -201,7 +210,8 @@ class Fleet:
             commands = context.Queue()
             process = context.Process(target=_site_process, name=name, daemon=True,
                                       args=(config, threads, commands, self.replies,
-                                            ready))
+                                            ready, None if cfg.noise_seed is None
+                                            else (cfg.noise_seed, number)))
             process.start()
             self.processes.append(process)
             self.commands.append(commands)

@@ -532,7 +532,7 @@ class ContinualSpec:
     repeated_canaries_per_site_per_round: int = 1
     canary_repeats: int = 4  # more sessions than a fact's users_per_fact, but one user
     canary_repeat_rounds: int = 1
-    control_canaries: int = 16
+    control_canaries: int = 32
     general_tasks: int = 200
     guard_tasks: int = 400
     version: int = 1

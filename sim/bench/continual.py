@@ -90,6 +90,10 @@ class ContinualConfig:
     canaries_per_site_per_round: int = 1
     repeated_canaries_per_site_per_round: int = 1
     canary_repeats: int = 8
+    # Records nobody says, whose exposure is the reference for the said canaries'. One
+    # record's gain is heavy-tailed (SD about 1.5 bits, outliers of 4-5 bits untold: 16 of
+    # them put the mean 0.5 bits from 64's; docs/continual.md, "Canaries against controls").
+    control_canaries: int = 32
     recalls_per_site_per_round: int = 2
     general_tasks: int = 200
     guard_tasks: int = 400
@@ -103,6 +107,10 @@ class ContinualConfig:
     # accounts epsilon per unit from K: docs/privacy-budget.md); 0: no cap, every round composes.
     # 1: every documented run's (a user is distilled once, in the round it arrived).
     participation_cap: int = 1
+    # The fleet's sites draw their DP noise from generators seeded by this (sim.fleet), so a
+    # run repeats and two settings can be compared on the same noise; None: fresh entropy,
+    # as in deployment (the arms in this process are seeded by `seed` either way).
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -147,7 +155,9 @@ class ContinualConfig:
                 problems.append(f"{name}={value} must be a finite number > 0")
         if problems:
             raise ValueError("; ".join(problems))
-        self.world_spec()  # the world's own checks (sizes, users per fact), here at the edge
+        # The world's own checks (sizes, users per fact, names left for the controls), here
+        # at the edge: building it takes milliseconds.
+        W.make_continual_world(self.world_spec())
 
     def world_spec(self) -> W.ContinualSpec:
         return W.ContinualSpec(
@@ -157,7 +167,8 @@ class ContinualConfig:
             recalls_per_site_per_round=self.recalls_per_site_per_round,
             canaries_per_site_per_round=self.canaries_per_site_per_round,
             repeated_canaries_per_site_per_round=self.repeated_canaries_per_site_per_round,
-            canary_repeats=self.canary_repeats, general_tasks=self.general_tasks,
+            canary_repeats=self.canary_repeats, control_canaries=self.control_canaries,
+            general_tasks=self.general_tasks,
             guard_tasks=self.guard_tasks)
 
     def distill(self, method: str = "opsd", steps: int | None = None) -> Any:
@@ -180,7 +191,7 @@ class ContinualConfig:
                              server_learning_rate=self.server_learning_rate,
                              server_step_units=self.server_step_units, rank=self.rank,
                              adapter_targets=self.adapter_targets, privacy=self.privacy(),
-                             distill=self.distill())
+                             distill=self.distill(), noise_seed=self.noise_seed)
 
 
 # ---- pure measures -----------------------------------------------------------------------
@@ -808,6 +819,13 @@ def add_continual_command(commands: Any) -> None:
                         help="K: each user's sessions enter at most K rounds, epsilon per "
                              f"user accounted from K (default {defaults.participation_cap}; "
                              "0: no cap)")
+    parser.add_argument("--control-canaries", type=int, default=defaults.control_canaries,
+                        help="records no session says, the reference for the said canaries' "
+                             f"exposure (default {defaults.control_canaries})")
+    parser.add_argument("--noise-seed", type=int, default=None,
+                        help="seed the fleet's sites' DP noise, so the run repeats and two "
+                             "settings meet the same noise (default: fresh entropy, as in "
+                             "deployment)")
     parser.add_argument("--users-per-fact-sweep", default="",
                         help="e.g. 2,4,8,16: also run the fleet alone at each value and write "
                              "DIR/users_per_fact.json and its plot")
@@ -837,7 +855,8 @@ def _continual(args: argparse.Namespace) -> int:
             privacy_unit=args.privacy_unit, noise_multiplier=args.noise_multiplier,
             rank=args.rank, server_learning_rate=args.server_learning_rate,
             server_step_units=args.server_step_units or None,
-            participation_cap=args.participation_cap,
+            participation_cap=args.participation_cap, noise_seed=args.noise_seed,
+            control_canaries=args.control_canaries,
             adapter_targets=_names(args.targets), arms=_names(args.arms))
         sweep = _numbers(args.users_per_fact_sweep, "--users-per-fact-sweep")
         for value in sweep:

@@ -102,6 +102,9 @@ def test_impossible_settings_are_refused_in_one_line(tmp_path: Path) -> None:
         ContinualConfig(server_step_units=-5)
     with pytest.raises(ValueError, match="--targets q_proj: use one or more of gate_proj"):
         ContinualConfig(adapter_targets=("q_proj",))
+    # Refused at the edge, before any process starts: the names no fact uses run out.
+    with pytest.raises(ValueError, match=r"control_canaries=400: only \d+ names are left"):
+        ContinualConfig(control_canaries=400)
 
 
 def test_the_adapters_targets_reach_the_fleet_from_the_command_line(
@@ -122,7 +125,8 @@ def test_the_adapters_targets_reach_the_fleet_from_the_command_line(
     configs = []
     for argv in (["continual", "--out", "x"],
                  ["continual", "--out", "x", "--targets", "gate_proj, down_proj",
-                  "--server-step-units", "0", "--participation-cap", "0"]):
+                  "--server-step-units", "0", "--participation-cap", "0",
+                  "--noise-seed", "7"]):
         args = parser.parse_args(argv)
         with pytest.raises(RanError) as ran:
             args.run(args)
@@ -135,6 +139,8 @@ def test_the_adapters_targets_reach_the_fleet_from_the_command_line(
     assert default.privacy["participation_cap"] == 1
     assert chosen.adapter_targets == ("gate_proj", "down_proj")
     assert chosen.server_step_units is None and chosen.privacy["participation_cap"] is None
+    # Fresh noise unless asked (a seeded run repeats: the slow test below).
+    assert default.noise_seed is None and chosen.noise_seed == 7
 
 
 def test_an_enforced_cap_reaches_the_fleet_and_bounds_the_accounting() -> None:
@@ -243,6 +249,26 @@ def test_the_arms_left_once_the_fleet_is_done_share_the_cores(tmp_path: Path,
     arms.delivered = {"sft": SMALL["rounds"], "fedit": 1, "oracle": SMALL["rounds"]}
     assert arms.share_cores() == 2 and arms.threads.value == 2  # FedIT alone: both
     arms.stop()
+
+
+@pytest.mark.slow
+def test_a_run_with_seeded_noise_repeats_and_another_seed_does_not(tmp_path: Path) -> None:
+    """The sites' DP noise is what varies between runs of the same settings: seeded, the
+    fleet publishes the same adapter up to float rounding in the distillation (6e-8 seen,
+    against B's values up to 0.7); another seed, another noise draw."""
+    from safetensors.numpy import load_file
+
+    def published(name: str, noise_seed: int) -> dict:
+        cfg = ContinualConfig(out=tmp_path / name, arms=(), noise_seed=noise_seed,
+                              **{**SMALL, "rounds": 1})
+        run(cfg)
+        version = cfg.out / "fleet" / "aggregator" / "versions" / "00000001"
+        return load_file(version / "adapter_model.safetensors")
+
+    first, again, other = published("a", 7), published("b", 7), published("c", 8)
+    assert first.keys() == again.keys() == other.keys()
+    assert max(float(abs(first[k] - again[k]).max()) for k in first) < 1e-6
+    assert max(float(abs(first[k] - other[k]).max()) for k in first) > 1e-2
 
 
 @pytest.mark.slow

@@ -158,7 +158,7 @@ def test_canaries_arrive_every_round_and_are_said_as_often_as_configured(world) 
 def test_control_canaries_are_said_nowhere_and_change_nothing_else(world) -> None:
     """Controls are private records on names no session, fact, canary or task uses, fixed by
     the seed; the rest of the world is the same with none of them."""
-    assert len(world.controls) == SPEC.control_canaries == 16
+    assert len(world.controls) == SPEC.control_canaries == 32
     said = {f.fact.name for f in world.facts} | {c.facts[0].name for c in world.canaries}
     task_names = {f["name"] for task in world.general + world.guard for f in task["facts"]}
     names = [control[0].name for control in world.controls]
