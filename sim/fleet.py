@@ -52,8 +52,9 @@ class FleetSettings:
     # sessions (`Fleet.endpoints`); a round then consolidates what the endpoint captured.
     serve: bool = False
     # The sites' DP noise and rounding from generators seeded by (noise_seed, site, round),
-    # so a run repeats exactly (its distillation already does). None: fresh entropy every
-    # round, as in deployment. For benchmarks only: noise one can regenerate hides nothing.
+    # so a run repeats to float rounding (the distillation is deterministic to that). None:
+    # fresh entropy every round, as in deployment. For benchmarks only: noise one can
+    # regenerate hides nothing.
     noise_seed: int | None = None
 
 
