@@ -19,15 +19,8 @@ from fleetmind.aggregation.merge import cohort_step
 from fleetmind.aggregation.records import RoundRecord, StoppedRound
 from fleetmind.aggregation.secagg import DropReason, RoundPhase
 from fleetmind.server.config import ConfigError, PrivacyPolicy
-from fleetmind.server.coordinator import (
-    STATE_FILE,
-    Coordinator,
-    CoordinatorState,
-    Finished,
-    Outcome,
-    RefusedError,
-    Stopped,
-)
+from fleetmind.server.coordinator import Coordinator, Finished, RefusedError, Stopped
+from fleetmind.server.coordinator_state import STATE_FILE, CoordinatorState, Outcome
 from fleetmind.server.waiters import Waiters
 
 

@@ -25,7 +25,8 @@ from support.coordinator import Clock, Site, open_coordinator
 from fleetmind.aggregation.records import StoppedRound
 from fleetmind.protos.fleetmind.v1 import fleet_pb2
 from fleetmind.server import service
-from fleetmind.server.coordinator import STATE_FILE, Coordinator, Finished, RoundListener
+from fleetmind.server.coordinator import Coordinator, Finished, RoundListener
+from fleetmind.server.coordinator_state import STATE_FILE
 from fleetmind.server.limits import ServerLimits
 from fleetmind.server.metrics import ServerMetrics
 from fleetmind.server.versions import Release
