@@ -304,8 +304,8 @@ def test_the_clientapp_clips_each_unit_as_the_site_agent_does(
     assert got.units == agent.contributing_units == {"session": 3, "user": 2, "site": 1}[unit]
     for name in shapes:
         np.testing.assert_array_equal(got.delta[name], agent.delta[name])
-    total = float(np.linalg.norm(merge.flatten(got.delta, shapes)))
-    assert total <= 0.5 * got.units * (1 + 1e-5)  # float32 over 32,768 coordinates
+    total = float(np.linalg.norm(merge.flatten(got.delta, shapes).astype(np.float64)))
+    assert total <= 0.5 * got.units * (1 + 1e-6)  # float32 rounding of each coordinate
     # What the site keeps as its round's update is the clipped delta that left.
     kept = Update.from_bytes((site.state / "round-0001-update.safetensors").read_bytes())
     for name in shapes:

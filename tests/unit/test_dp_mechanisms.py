@@ -24,6 +24,19 @@ def test_clip_to_norm() -> None:
     np.testing.assert_allclose(small, [0.3, 0.4], rtol=1e-6)
 
 
+@pytest.mark.parametrize(("size", "value"), [(131_072, 0.1), (65_536, 0.4667),
+                                            (32_768, 0.4667), (16_384, 1 / 3)])
+def test_a_large_float32_delta_is_clipped_to_the_bound_not_past_it(size: int, value: float
+                                                                    ) -> None:
+    """An adapter's B has 10^4-10^7 coordinates: its float32 norm can come out 1e-5 low,
+    which put these clipped vectors up to 1.06e-5 over C. Measured in float64 they are
+    within float32 rounding of it."""
+    clipped, norm = clip_to_norm(np.full(size, value, np.float32), 0.5)
+    assert clipped.dtype == np.float32
+    assert norm == pytest.approx(float(np.float32(value)) * size ** 0.5, rel=1e-9)
+    assert np.linalg.norm(clipped.astype(np.float64)) <= 0.5 * (1 + 1e-6)
+
+
 @pytest.mark.parametrize("unit, expected_units", [("session", 3), ("user", 2), ("site", 1)])
 def test_units_are_clipped_once_each(unit, expected_units) -> None:
     contributions = [Contribution("s1", "alice", np.array([10.0, 0.0])),
