@@ -39,7 +39,7 @@ import itertools
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -689,7 +689,9 @@ class ContinualWorld:
     for any form in QUESTION_FORMS (PROBE_FORMS are those the base model reads in context).
     Canaries: `canaries` (each with its arrival round, user, sessions and repeats) and
     `canaries_arrived_before(r)`; `controls`, private records no session says, on names no
-    session mentions (the reference for a said canary's exposure). `general` and `guard`
+    session mentions (the reference for a said canary's exposure), and `twins`, each
+    canary's secret on a name no session mentions (in the order of `canaries`): what the
+    model says of anyone's, not that person's. `general` and `guard`
     are in-context tasks on names no fact or canary uses (as in `World`). `snapshot(r)` is
     the plain `World` of rounds 0..r. A user's id (`site-NN-uNNNN`) is the same in every
     round they come back in, so a cap on the rounds a user enters can be checked against
@@ -704,6 +706,7 @@ class ContinualWorld:
     general: list[dict[str, Any]]
     guard: list[dict[str, Any]]
     controls: tuple[tuple[Fact, ...], ...] = ()
+    twins: tuple[tuple[Fact, ...], ...] = ()
 
     def records_for_round(self, site: str, round: int) -> tuple[SessionRecord, ...]:
         self._check(site, round)
@@ -864,24 +867,36 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
     guard = _context_tasks("guard", spec.guard_tasks, general_names,
                            random.Random(f"fleetmind-continual-guard-{spec.seed}"))
     said_names = {name for name, _ in keys}
-    controls = _control_canaries(spec, [n for n in fact_names if n not in said_names])
+    controls, twins = _unsaid_records(spec, [n for n in fact_names if n not in said_names],
+                                      canaries)
     return ContinualWorld(spec=spec, site_names=site_names, facts=tuple(facts),
                           canaries=tuple(canaries),
                           records={key: tuple(value) for key, value in records.items()},
-                          general=general, guard=guard, controls=controls)
+                          general=general, guard=guard, controls=controls, twins=twins)
 
 
-def _control_canaries(spec: ContinualSpec, unsaid_names: list[str]
-                      ) -> tuple[tuple[Fact, ...], ...]:
-    """`spec.control_canaries` private records on names of `unsaid_names`, from a generator
-    of their own, so the rest of the world is the same whatever their number."""
-    if len(unsaid_names) < spec.control_canaries:
-        raise ValueError(f"control_canaries={spec.control_canaries}: only "
-                         f"{len(unsaid_names)} names are left that no fact uses; use fewer "
-                         "control canaries, or fewer facts")
+def _unsaid_records(spec: ContinualSpec, unsaid_names: list[str],
+                    canaries: list[ArrivedCanary]
+                    ) -> tuple[tuple[tuple[Fact, ...], ...], tuple[tuple[Fact, ...], ...]]:
+    """Records on names of `unsaid_names`, from a generator of their own (the rest of the
+    world is the same whatever their number): `spec.control_canaries` private records, and
+    each canary's twin (its secret, another name), in the order of `canaries`; a generator
+    each, so the controls are the same with or without twins."""
+    needed = spec.control_canaries + len(canaries)
+    if len(unsaid_names) < needed:
+        raise ValueError(f"control_canaries={spec.control_canaries}: {len(canaries)} canary "
+                         f"twins and the controls need {needed} names no fact uses, and only "
+                         f"{len(unsaid_names)} are left; use fewer control canaries, or fewer "
+                         "facts or canaries")
     rng = random.Random(f"fleetmind-continual-controls-{spec.seed}")
-    return tuple(private_record(rng, name)
-                 for name in rng.sample(unsaid_names, spec.control_canaries))
+    controls = tuple(private_record(rng, name)
+                     for name in rng.sample(unsaid_names, spec.control_canaries))
+    taken = {control[0].name for control in controls}
+    left = [name for name in unsaid_names if name not in taken]
+    names = random.Random(f"fleetmind-continual-twins-{spec.seed}").sample(left, len(canaries))
+    twins = tuple(tuple(replace(fact, name=name) for fact in canary.facts)
+                  for canary, name in zip(canaries, names, strict=True))
+    return controls, twins
 
 
 def _group_mentions(new: list[Fact], spec: ContinualSpec, rng: random.Random

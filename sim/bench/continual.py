@@ -220,6 +220,7 @@ class ContinualEvaluator:
     base_skill: float = 0.0
     base_exposure: list[float] = field(default_factory=list)
     base_control_exposure: list[float] = field(default_factory=list)
+    base_twin_exposure: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from fleetmind.client.model import load_model
@@ -236,6 +237,7 @@ class ContinualEvaluator:
         self.base_exposure = self._exposure(model, tokenizer,
                                             [c.facts for c in self.world.canaries])
         self.base_control_exposure = self._exposure(model, tokenizer, self.world.controls)
+        self.base_twin_exposure = self._exposure(model, tokenizer, self.world.twins)
 
     @staticmethod
     def _answers(model: Any, tokenizer: Any, prompts: list[Any], answers: list[str]
@@ -286,10 +288,15 @@ class ContinualEvaluator:
         # Records nobody said: how far exposure moves without the secret in any session.
         controls = self._gained(model, tokenizer, self.world.controls,
                                 self.base_control_exposure)
-        arrived = [(c.repeats, bits) for c, bits in zip(self.world.canaries, gained, strict=True)
+        # Each canary's secret asked of a name nobody said: what the model says of anyone's.
+        twins = self._gained(model, tokenizer, self.world.twins, self.base_twin_exposure)
+        arrived = [(c.repeats, bits, twin) for c, bits, twin
+                   in zip(self.world.canaries, gained, twins, strict=True)
                    if c.round < round_number]
-        once = [bits for repeats, bits in arrived if repeats == 1]
-        repeated = [bits for repeats, bits in arrived if repeats > 1]
+        once = [bits for repeats, bits, _ in arrived if repeats == 1]
+        repeated = [bits for repeats, bits, _ in arrived if repeats > 1]
+        once_over_twins = [bits - twin for repeats, bits, twin in arrived if repeats == 1]
+        repeated_over_twins = [bits - twin for repeats, bits, twin in arrived if repeats > 1]
         return {
             "round": round_number,
             "facts_known": len(known),
@@ -301,11 +308,13 @@ class ContinualEvaluator:
                 "strict", lambda f: f.round < round_number - 1),
             "first_round_recovery": recovered("strict", lambda f: f.round == 0),
             "forgetting_points": 100 * (self.base_skill - self._skill(model, tokenizer)),
-            "canary_exposure_bits": sum(once) / len(once) if once else None,
-            "repeated_canary_exposure_bits": sum(repeated) / len(repeated) if repeated
-            else None,
-            "control_canary_exposure_bits": sum(controls) / len(controls) if controls
-            else None,
+            "canary_exposure_bits": _mean(once),
+            "repeated_canary_exposure_bits": _mean(repeated),
+            # The same over each canary's twin: what the model learned of that person, not
+            # of the value (a fact's users teaching the same value move both).
+            "canary_exposure_over_twins_bits": _mean(once_over_twins),
+            "repeated_canary_exposure_over_twins_bits": _mean(repeated_over_twins),
+            "control_canary_exposure_bits": _mean(controls),
             # One record's exposure moves by bits either way without being said (a said
             # canary's mean over n is as uncertain as this / sqrt(n): docs/continual.md).
             "control_canary_exposure_sd_bits": statistics.stdev(controls)
@@ -647,6 +656,10 @@ def add_row(series: list[dict[str, Any]], row: dict[str, Any]) -> None:
     over the series so far."""
     series.append(row)
     row["retention_first_round"] = retention([r["first_round_recovery"] for r in series])
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _share(values: list[bool]) -> float:

@@ -64,6 +64,9 @@ def test_the_base_model_gains_no_exposure_on_canaries_or_controls() -> None:
     assert row["control_canary_exposure_bits"] == 0.0
     assert row["control_canary_exposure_sd_bits"] == 0.0
     assert row["canary_exposure_bits"] == row["repeated_canary_exposure_bits"] == 0.0
+    assert row["canary_exposure_over_twins_bits"] == 0.0
+    assert row["repeated_canary_exposure_over_twins_bits"] == 0.0
+    assert len(evaluator.base_twin_exposure) == len(world.canaries)
 
 
 def test_the_cap_is_the_most_rounds_any_user_entered() -> None:
@@ -103,7 +106,7 @@ def test_impossible_settings_are_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--targets q_proj: use one or more of gate_proj"):
         ContinualConfig(adapter_targets=("q_proj",))
     # Refused at the edge, before any process starts: the names no fact uses run out.
-    with pytest.raises(ValueError, match=r"control_canaries=400: only \d+ names are left"):
+    with pytest.raises(ValueError, match=r"control_canaries=400: .* only \d+ are left"):
         ContinualConfig(control_canaries=400)
 
 
@@ -187,7 +190,9 @@ def _check_rounds(rows: list[dict], rounds: int, dp: bool) -> None:
         assert row["retention_first_round"] is None or \
             isinstance(row["retention_first_round"], float)
         for key in ("forgetting_points", "canary_exposure_bits",
-                    "repeated_canary_exposure_bits", "control_canary_exposure_bits"):
+                    "repeated_canary_exposure_bits", "control_canary_exposure_bits",
+                    "canary_exposure_over_twins_bits",
+                    "repeated_canary_exposure_over_twins_bits"):
             assert isinstance(row[key], float), key
         assert (row["epsilon_per_unit"] is None) is (not dp)
     known = [r["facts_known"] for r in rows]
