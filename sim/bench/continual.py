@@ -155,8 +155,8 @@ class ContinualConfig:
                 problems.append(f"{name}={value} must be a finite number > 0")
         if problems:
             raise ValueError("; ".join(problems))
-        # The world's own checks (sizes, users per fact, names left for the controls), here
-        # at the edge: building it takes milliseconds.
+        # The world's own checks (sizes, users per fact, names left for the controls and
+        # the canaries' twins), here at the edge: building it takes milliseconds.
         W.make_continual_world(self.world_spec())
 
     def world_spec(self) -> W.ContinualSpec:
@@ -702,6 +702,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
         curve(kept, lambda r: r["retention_first_round"], name, rows)
         curve(forgot, lambda r: r["forgetting_points"], name, rows)
     for key, label in (("canary_exposure_bits", "canaries said once"),
+                       ("canary_exposure_over_twins_bits", "said once, over their twins"),
                        ("repeated_canary_exposure_bits", "canaries one user repeats"),
                        ("control_canary_exposure_bits", "controls nobody said")):
         curve(canaries, lambda r, k=key: r.get(k), "fleet", results["rounds"])
