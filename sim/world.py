@@ -38,7 +38,7 @@ import hashlib
 import itertools
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -298,10 +298,16 @@ class World:
         return [fact for name, fact in self.facts() if name != site_name]
 
 
-def random_fact(rng: random.Random, name: str | None = None, attribute: str | None = None) -> Fact:
+Values = Mapping[str, Sequence[str]]  # attribute -> the values a draw may take
+
+
+def random_fact(rng: random.Random, name: str | None = None, attribute: str | None = None,
+                values: Values | None = None) -> Fact:
+    """A fact on `name` (else a random name) with a value from `values` (else the lexicon's)."""
     lex = lexicon()
     attribute = attribute or rng.choice(ATTRIBUTES)
-    return Fact(name or rng.choice(lex.names), attribute, rng.choice(lex.values[attribute]))
+    pool = (values or lex.values)[attribute]
+    return Fact(name or rng.choice(lex.names), attribute, rng.choice(pool))
 
 
 def random_canary(rng: random.Random) -> tuple[str, ...]:
@@ -309,10 +315,11 @@ def random_canary(rng: random.Random) -> tuple[str, ...]:
     return tuple(rng.choice(lexicon().canary_words) for _ in range(CANARY_LENGTH))
 
 
-def private_record(rng: random.Random, name: str) -> tuple[Fact, ...]:
+def private_record(rng: random.Random, name: str, values: Values | None = None
+                   ) -> tuple[Fact, ...]:
     """A canary: CANARY_FACTS facts about `name`, each of a different attribute."""
     attributes = rng.sample(ATTRIBUTES, CANARY_FACTS)
-    return tuple(random_fact(rng, name=name, attribute=a) for a in attributes)
+    return tuple(random_fact(rng, name=name, attribute=a, values=values) for a in attributes)
 
 
 def make_world(spec: WorldSpec) -> World:
@@ -467,14 +474,16 @@ def write_world(world: World, out: Path) -> Path:
     return out
 
 
-def canary_row(canary: tuple[Fact, ...]) -> dict[str, Any]:
+def canary_row(canary: tuple[Fact, ...], values: Values | None = None) -> dict[str, Any]:
     """A canary as `fleetmind audit canaries` reads it: the secret, the text that said it, and
-    per fact the closed-book question, the true answer and every answer it could have been."""
+    per fact the closed-book question, the true answer and every answer it could have been
+    (the values of `values`, else the lexicon's, for its attribute)."""
+    pools = values or lexicon().values
     return {"secret": " ".join(f.value for f in canary),
             "text": " ".join(statement(f) for f in canary),
             "slots": [{"messages": closed_book_prompt(f), "answer": answer(f),
                        "alternatives": [answer(Fact(f.name, f.attribute, v))
-                                        for v in lexicon().values[f.attribute]]}
+                                        for v in pools[f.attribute]]}
                       for f in canary]}
 
 
@@ -518,6 +527,9 @@ class ContinualSpec:
     may share one. Canary users never return with knowledge, so a canary's count is its own.
     `control_canaries` private records are never said, on names no session mentions: the
     exposure of secrets nobody told the fleet, which a said canary's is read against.
+    `private_values` of each attribute's values are kept for private records (canaries,
+    their twins, controls) and no fact says them, so a canary's exposure is ranked among
+    values nobody taught; 0 lets both draw from every value (the worlds before version 2).
     """
 
     seed: int = 0
@@ -533,9 +545,13 @@ class ContinualSpec:
     canary_repeats: int = 4  # more sessions than a fact's users_per_fact, but one user
     canary_repeat_rounds: int = 1
     control_canaries: int = 32
+    # A value a fact teaches rises for every name on the toy model, so a canary sharing one
+    # gained as much as its twin: +1.26 bits of exposure that was the fact's, not the
+    # person's (docs/continual.md, "Round 1 over six noise draws").
+    private_values: int = 8
     general_tasks: int = 200
     guard_tasks: int = 400
-    version: int = 1
+    version: int = 2  # 2: private_values
 
     def __post_init__(self) -> None:
         problems = []
@@ -560,6 +576,11 @@ class ContinualSpec:
             problems.append(f"canary_repeats={self.canary_repeats}: use 2 to "
                             f"{len(retellings(CANARY_FACTS))} (each repeat is a different "
                             "session)")
+        if self.private_values and not 2 <= self.private_values <= VALUES_PER_ATTRIBUTE // 2:
+            problems.append(f"private_values={self.private_values}: use 2 to "
+                            f"{VALUES_PER_ATTRIBUTE // 2} of each attribute's "
+                            f"{VALUES_PER_ATTRIBUTE} values (facts keep the rest), or 0 to "
+                            "share every value")
         if not 1 <= self.canary_repeat_rounds <= max(1, self.rounds):
             problems.append(f"canary_repeat_rounds={self.canary_repeat_rounds}: use 1 to "
                             f"rounds={self.rounds}")
@@ -611,12 +632,12 @@ class ArrivedCanary:
     def repeats(self) -> int:
         return len(self.sessions)
 
-    def row(self) -> dict[str, Any]:
+    def row(self, values: Values | None = None) -> dict[str, Any]:
         """`canary_row` (what `fleetmind audit canaries` reads) with when, where and how often."""
         return {"site": self.site, "round": self.round, "user": self.user,
                 "session": self.sessions[0], "sessions": list(self.sessions),
                 "rounds_said": list(self.rounds_said), "repeats": self.repeats,
-                **canary_row(self.facts)}
+                **canary_row(self.facts, values)}
 
 
 @dataclass(frozen=True)
@@ -707,6 +728,14 @@ class ContinualWorld:
     guard: list[dict[str, Any]]
     controls: tuple[tuple[Fact, ...], ...] = ()
     twins: tuple[tuple[Fact, ...], ...] = ()
+    # Per attribute, the values facts draw from and those private records draw from (the
+    # same, every value, where spec.private_values is 0).
+    fact_values: dict[str, tuple[str, ...]] = field(default_factory=lambda: lexicon().values)
+    secret_values: dict[str, tuple[str, ...]] = field(default_factory=lambda: lexicon().values)
+
+    def canary_row(self, record: tuple[Fact, ...]) -> dict[str, Any]:
+        """`canary_row` ranking each secret among the values a private record could take."""
+        return canary_row(record, self.secret_values)
 
     def records_for_round(self, site: str, round: int) -> tuple[SessionRecord, ...]:
         self._check(site, round)
@@ -793,6 +822,7 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
     tasks, one per canary, the rest for facts, so a private name is never a fact's, in any
     round. One generator draws facts and canaries in order; each (site, round) has its own for
     its sessions."""
+    fact_values, secret_values = split_values(spec)
     rng = random.Random(f"fleetmind-continual-{spec.seed}")
     names = rng.sample(lexicon().names, NAMES_IN_LEXICON)
     private_count = spec.sites * spec.rounds * (spec.canaries_per_site_per_round
@@ -814,7 +844,7 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
             local = random.Random(f"fleetmind-continual-{spec.seed}-{site}-{r}")
             new: list[Fact] = []
             while len(new) < spec.facts_per_site_per_round:
-                fact = random_fact(rng, name=rng.choice(fact_names))
+                fact = random_fact(rng, name=rng.choice(fact_names), values=fact_values)
                 if (fact.name, fact.attribute) not in keys:
                     keys.add((fact.name, fact.attribute))
                     new.append(fact)
@@ -839,13 +869,13 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
                     log.knowledge_users.setdefault(user, []).append(fact)
                 facts.append(ArrivedFact(fact, site, r, tuple(sayers[fact])))
             for number in range(spec.canaries_per_site_per_round):
-                record = private_record(rng, next(private_names))
+                record = private_record(rng, next(private_names), secret_values)
                 session = SessionRecord(f"{site}-t{r:02d}-c{number:03d}", log.new_user(), site, r,
                                         "canary", record, tuple(local.sample(record, len(record))))
                 here.append(log.keep(session))
                 canaries.append(ArrivedCanary(record, site, r, session.user, (session.id,), (r,)))
             for _ in range(spec.repeated_canaries_per_site_per_round):
-                record = private_record(rng, next(private_names))
+                record = private_record(rng, next(private_names), secret_values)
                 user, serial = log.new_user(), repeated_serial[site]
                 repeated_serial[site] += 1
                 span = min(spec.canary_repeat_rounds, spec.rounds - r)
@@ -868,15 +898,29 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
                            random.Random(f"fleetmind-continual-guard-{spec.seed}"))
     said_names = {name for name, _ in keys}
     controls, twins = _unsaid_records(spec, [n for n in fact_names if n not in said_names],
-                                      canaries)
+                                      canaries, secret_values)
     return ContinualWorld(spec=spec, site_names=site_names, facts=tuple(facts),
                           canaries=tuple(canaries),
                           records={key: tuple(value) for key, value in records.items()},
-                          general=general, guard=guard, controls=controls, twins=twins)
+                          general=general, guard=guard, controls=controls, twins=twins,
+                          fact_values=fact_values, secret_values=secret_values)
+
+
+def split_values(spec: ContinualSpec
+                 ) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """Each attribute's values for facts and for private records: `spec.private_values` of
+    them, drawn by a generator of their own, go to the records (every value to both at 0)."""
+    every = lexicon().values
+    if not spec.private_values:
+        return dict(every), dict(every)
+    rng = random.Random(f"fleetmind-continual-secret-values-{spec.seed}")
+    secret = {a: set(rng.sample(every[a], spec.private_values)) for a in ATTRIBUTES}
+    return ({a: tuple(v for v in every[a] if v not in secret[a]) for a in ATTRIBUTES},
+            {a: tuple(v for v in every[a] if v in secret[a]) for a in ATTRIBUTES})
 
 
 def _unsaid_records(spec: ContinualSpec, unsaid_names: list[str],
-                    canaries: list[ArrivedCanary]
+                    canaries: list[ArrivedCanary], secret_values: Values
                     ) -> tuple[tuple[tuple[Fact, ...], ...], tuple[tuple[Fact, ...], ...]]:
     """Records on names of `unsaid_names`, from a generator of their own (the rest of the
     world is the same whatever their number): `spec.control_canaries` private records, and
@@ -889,7 +933,7 @@ def _unsaid_records(spec: ContinualSpec, unsaid_names: list[str],
                          f"{len(unsaid_names)} are left; use fewer control canaries, or fewer "
                          "facts or canaries")
     rng = random.Random(f"fleetmind-continual-controls-{spec.seed}")
-    controls = tuple(private_record(rng, name)
+    controls = tuple(private_record(rng, name, secret_values)
                      for name in rng.sample(unsaid_names, spec.control_canaries))
     taken = {control[0].name for control in controls}
     left = [name for name in unsaid_names if name not in taken]
@@ -972,8 +1016,8 @@ def write_continual_world(world: ContinualWorld, out: Path) -> Path:
                                         "users": list(f.users)} for f in world.facts])
     _write_lines(out / "probes.jsonl", [probe.row() for form in QUESTION_FORMS
                                         for probe in world.probes(list(world.facts), form)])
-    _write_lines(out / "canaries.jsonl", [c.row() for c in world.canaries])
-    _write_lines(out / "control_canaries.jsonl", [canary_row(c) for c in world.controls])
+    _write_lines(out / "canaries.jsonl", [c.row(world.secret_values) for c in world.canaries])
+    _write_lines(out / "control_canaries.jsonl", [world.canary_row(c) for c in world.controls])
     _write_lines(out / "general.jsonl", world.general)
     _write_lines(out / "guard.jsonl", [{"id": task["id"], "messages": task_prompt(task)}
                                        for task in world.guard])

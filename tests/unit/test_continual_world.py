@@ -192,6 +192,42 @@ def test_each_canary_has_a_twin_its_secret_on_a_name_nobody_said(world) -> None:
         assert {f.name for f in twin} == {twin[0].name} != {canary.facts[0].name}
 
 
+def test_no_fact_says_a_value_kept_for_private_records(world) -> None:
+    for attribute, every in W.lexicon().values.items():
+        secret = world.secret_values[attribute]
+        assert len(secret) == SPEC.private_values == 8
+        assert sorted(secret + world.fact_values[attribute]) == sorted(every)
+    records = [c.facts for c in world.canaries] + list(world.controls) + list(world.twins)
+    assert all(f.value in world.secret_values[f.attribute] for r in records for f in r)
+    assert all(f.fact.value in world.fact_values[f.fact.attribute] for f in world.facts)
+    # The pool is the seed's alone: a world of another size keeps the same one.
+    other = W.make_continual_world(W.ContinualSpec(seed=SPEC.seed, sites=4, rounds=2))
+    assert other.secret_values == world.secret_values
+    assert W.make_continual_world(W.ContinualSpec(seed=6)).secret_values != world.secret_values
+
+
+def test_a_canary_is_ranked_among_the_values_a_private_record_could_take(world, tmp_path
+                                                                         ) -> None:
+    canary = world.canaries[0]
+    row = world.canary_row(canary.facts)
+    for slot, fact in zip(row["slots"], canary.facts, strict=True):
+        assert slot["answer"] in slot["alternatives"]
+        assert slot["alternatives"] == [W.answer(W.Fact(fact.name, fact.attribute, v))
+                                        for v in world.secret_values[fact.attribute]]
+    written = W.write_continual_world(world, tmp_path / "cw")
+    first = json.loads((written / "canaries.jsonl").read_text().splitlines()[0])
+    assert first["slots"] == row["slots"]
+    control = json.loads((written / "control_canaries.jsonl").read_text().splitlines()[0])
+    assert len(control["slots"][0]["alternatives"]) == 8
+
+
+def test_private_values_0_lets_records_and_facts_share_every_value() -> None:
+    shared = W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "private_values": 0}))
+    assert shared.secret_values == shared.fact_values == W.lexicon().values
+    slot = shared.canary_row(shared.canaries[0].facts)["slots"][0]
+    assert len(slot["alternatives"]) == W.VALUES_PER_ATTRIBUTE
+
+
 def test_repeated_canaries_can_be_spread_over_rounds() -> None:
     spec = W.ContinualSpec(seed=2, sites=2, rounds=3, canary_repeats=6, canary_repeat_rounds=2)
     world = W.make_continual_world(spec)
@@ -240,7 +276,8 @@ def test_write_and_read_round_trip(world, tmp_path) -> None:
                                  {"canary_repeats": 9}, {"canary_repeat_rounds": 7},
                                  {"facts_per_site_per_round": 500},
                                  {"canaries_per_site_per_round": -1},
-                                 {"control_canaries": -1}])
+                                 {"control_canaries": -1}, {"private_values": 1},
+                                 {"private_values": 21}, {"private_values": -2}])
 def test_impossible_specs_are_refused_with_the_reason(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         W.ContinualSpec(**bad)
