@@ -15,11 +15,8 @@ precise status, changes no state, and is counted by reason (metrics.REFUSAL_REAS
     capacity (calls, streams, upload bytes) RESOURCE_EXHAUSTED
     a second upload of the same slot       ALREADY_EXISTS
 
-Every call passes `_Hardening` first (an interceptor): it admits the call against the
-capacity caps of `ServerLimits` (refusing RESOURCE_EXHAUSTED, never queueing), parses the
-request bytes itself (garbage is INVALID_ARGUMENT, not INTERNAL), range-checks every
-integer field (ids past 2^63-1 are INVALID_ARGUMENT), cuts error details to
-`max_details_chars`, and logs any unexpected exception with the RPC's name.
+Every call passes `hardening.Hardening` first (server/hardening.py): capacity, parsing,
+integer ranges, capped details and logging; uploads in flight are `uploads.Uploads`.
 """
 
 from __future__ import annotations
@@ -29,12 +26,11 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import NoReturn, TypeVar, cast
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -68,9 +64,11 @@ from fleetmind.server.coordinator import (
     Stopped,
 )
 from fleetmind.server.enrolment import EnrolmentError, Enrolments
+from fleetmind.server.hardening import Capacity, Hardening, abort
 from fleetmind.server.ledger import Ledger
-from fleetmind.server.limits import INT63_MAX, ServerLimits
+from fleetmind.server.limits import ServerLimits
 from fleetmind.server.metrics import MetricsEndpoint, ServerMetrics
+from fleetmind.server.uploads import Upload, Uploads
 from fleetmind.server.versions import Version, VersionError, VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -94,11 +92,6 @@ PROTOCOL_STATUS = {
 # says more than its status; any other refusal counts under its status's reason.
 KIND_REASONS = {"budget_exhausted": "budget", "too_large": "too_large",
                 "upload_bytes": "upload_bytes", "quarantined": "quarantined"}
-STATUS_REASONS = {S.INVALID_ARGUMENT: "invalid_argument", S.UNAUTHENTICATED: "unauthenticated",
-                  S.PERMISSION_DENIED: "permission_denied",
-                  S.FAILED_PRECONDITION: "failed_precondition",
-                  S.ALREADY_EXISTS: "already_exists", S.NOT_FOUND: "not_found",
-                  S.OUT_OF_RANGE: "out_of_range", S.RESOURCE_EXHAUSTED: "resource_exhausted"}
 ENROLMENT_STATUS = {"malformed": S.INVALID_ARGUMENT, "bad_proof": S.UNAUTHENTICATED,
                     "conflict": S.ALREADY_EXISTS}
 SERVICES = ("fleetmind.v1.Fleet", "fleetmind.v1.Models", "fleetmind.v1.Audit")
@@ -109,15 +102,6 @@ TICK_S = 0.1
 CACHED_VERSIONS = 2  # versions whose announcement and download chunks the aggregator keeps
 MAX_CHUNKINGS = 4  # (offset, chunk size) pairs cached per file of a version
 SIGNING_KEY = "aggregator-signing.key"  # in data_dir; `fleetmind server key` prints its public half
-# Calls that stay open (a worker thread each, for as long as they last): the stream pool.
-STREAM_RPCS = frozenset({
-    "/fleetmind.v1.Fleet/JoinRound", "/fleetmind.v1.Models/Watch", "/fleetmind.v1.Models/Get",
-    "/fleetmind.v1.Audit/StreamLedger", "/grpc.health.v1.Health/Watch",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"})
-# Answered from the reserved workers, outside both caps: a probe must get through a flood.
-RESERVED_RPCS = frozenset({"/grpc.health.v1.Health/Check"})
-
-
 Message = TypeVar("Message", bound=ProtoMessage)
 
 
@@ -128,323 +112,11 @@ def _metered(counter: Counter, messages: Iterator[Message]) -> Iterator[Message]
         yield message
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str,
-           reason: str | None = None) -> NoReturn:
-    """context.abort, typed: grpc's abort always raises, but grpc ships no type hints that
-    say so. A call's context (_Capped) counts the refusal under `reason` (None: its
-    status's)."""
-    if isinstance(context, _Capped):
-        context.refuse(code, details, reason)
-    else:
-        context.abort(code, details)
-    raise RuntimeError(f"grpc context.abort({code}) returned instead of raising")
-
-
 def _refuse(context: grpc.ServicerContext, error: Exception) -> NoReturn:
     """Aborts the call with the status the refusal maps to (raises)."""
     kind = getattr(error, "kind", "")
-    _abort(context, PROTOCOL_STATUS.get(kind, S.INVALID_ARGUMENT), str(error),
+    abort(context, PROTOCOL_STATUS.get(kind, S.INVALID_ARGUMENT), str(error),
            KIND_REASONS.get(kind))
-
-
-def _cap(details: str, limit: int) -> str:
-    """Error details cut to `limit` characters: they may quote hostile input."""
-    return details if len(details) <= limit else details[:limit - 1] + "…"
-
-
-class _Capped:
-    """A servicer context whose abort() and set_details() cut the details to a length and
-    whose refusals are counted (`refused(reason)`); everything else is the call's own
-    context."""
-
-    def __init__(self, context: grpc.ServicerContext, limit: int,
-                 refused: Callable[[str], None]) -> None:
-        self._context = context
-        self._limit = limit
-        self._refused = refused
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.refuse(code, details, None)
-
-    def refuse(self, code: grpc.StatusCode, details: str, reason: str | None) -> None:
-        """Aborts with `code`, counted under `reason` or its status's (a failure such as
-        INTERNAL is no refusal and is not counted)."""
-        reason = reason or STATUS_REASONS.get(code)
-        if reason is not None:
-            self._refused(reason)
-        self._context.abort(code, _cap(details, self._limit))
-
-    def set_details(self, details: str) -> None:
-        self._context.set_details(_cap(details, self._limit))
-
-
-_INTEGER_TYPES = frozenset({3, 4, 5, 6, 13, 15, 16, 17, 18})  # FieldDescriptor.TYPE_*INT*
-
-
-def _integer_problem(message: Any, prefix: str = "") -> str | None:
-    """The first integer field (at any depth) above 2^63-1, described, or None: no id,
-    index or offset is that large, and SQLite and struct('<q') could not hold it."""
-    if not isinstance(message, ProtoMessage):
-        return None
-    for descriptor, value in message.ListFields():
-        name = prefix + descriptor.name
-        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") \
-            else descriptor.label == descriptor.LABEL_REPEATED
-        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
-            items = [(key, value[key]) for key in value]
-            for key, item in items:
-                if isinstance(key, int) and key > INT63_MAX:
-                    return f"{name} key {key} is out of range (at most 2^63-1)"
-                problem = _integer_problem(item, f"{name}[{key}].") if isinstance(
-                    item, ProtoMessage) else (f"{name}[{key}]={item} is out of range"
-                                             if isinstance(item, int) and item > INT63_MAX
-                                             else None)
-                if problem:
-                    return problem
-            continue
-        values = list(value) if repeated else [value]
-        if descriptor.type in _INTEGER_TYPES:
-            for item in values:
-                if item > INT63_MAX:
-                    return f"{name}={item} is out of range (at most 2^63-1)"
-        elif descriptor.message_type is not None:
-            for item in values:
-                problem = _integer_problem(item, name + ".")
-                if problem:
-                    return problem
-    return None
-
-
-class _Capacity:
-    """Calls in progress, per pool ("stream" or "call") and per peer. A peer is the
-    certificate's name under mTLS; on plaintext (loopback only) there is no per-peer cap."""
-
-    def __init__(self, limits: ServerLimits, max_workers: int) -> None:
-        self._lock = threading.Lock()
-        self._caps = {"stream": (limits.streams(max_workers), limits.max_streams_per_peer),
-                      "call": (limits.max_calls, limits.max_calls_per_peer)}
-        self._open: Tally = Tally()
-
-    def admit(self, pool: str, peer: str | None) -> tuple[str, str] | None:
-        """Takes a place, or returns why not: (the refusal reason, the message)."""
-        total, per_peer = self._caps[pool]
-        with self._lock:
-            if self._open[(pool, None)] >= total:
-                return "capacity", (f"the aggregator is serving {total} {pool}s, its limit; "
-                                    "try again later")
-            if peer is not None and self._open[(pool, peer)] >= per_peer:
-                return "per_peer", (f"{peer!r} already holds {per_peer} {pool}s, the "
-                                    "per-peer limit; close one first")
-            self._open[(pool, None)] += 1
-            if peer is not None:
-                self._open[(pool, peer)] += 1
-            return None
-
-    def release(self, pool: str, peer: str | None) -> None:
-        with self._lock:
-            for key in ((pool, None), (pool, peer)) if peer is not None else ((pool, None),):
-                self._open[key] -= 1
-                if self._open[key] <= 0:
-                    del self._open[key]
-
-    def open(self, pool: str) -> int:
-        with self._lock:
-            return self._open[(pool, None)]
-
-
-class _Hardening(grpc.ServerInterceptor):
-    """Admission, parsing, integer ranges, capped details and logging for every call (see
-    the module docstring). Request bytes reach it unparsed: the handler it returns has no
-    deserializer, so a parse failure is the handler's to answer."""
-
-    def __init__(self, capacity: _Capacity, limits: ServerLimits, mtls: bool,
-                 refused: Callable[[str], None]) -> None:
-        self.capacity = capacity
-        self.limits = limits
-        self.mtls = mtls
-        self.refused = refused
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        pool = None if method in RESERVED_RPCS else (
-            "stream" if method in STREAM_RPCS else "call")
-        parse = handler.request_deserializer or (lambda raw: raw)
-        serialize = handler.response_serializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, pool, parse, handler.unary_unary), None, serialize)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._unary_stream(method, pool, parse, handler.unary_stream), None, serialize)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._stream_unary(method, pool, parse, handler.stream_unary), None, serialize)
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream_stream(method, pool, parse, handler.stream_stream), None, serialize)
-
-    # ---- the pieces every call goes through ----
-
-    def _enter(self, pool: str | None, context: _Capped) -> None:
-        """Admits the call (released when it ends) or aborts RESOURCE_EXHAUSTED."""
-        if pool is None:
-            return
-        peer = identity.peer_site_name(context) if self.mtls else None
-        refusal = self.capacity.admit(pool, peer)
-        if refusal is not None:
-            context.refuse(S.RESOURCE_EXHAUSTED, refusal[1], refusal[0])
-        released = threading.Lock()
-
-        def release() -> None:
-            if released.acquire(blocking=False):
-                self.capacity.release(pool, peer)
-        if not context.add_callback(release):
-            release()  # the call already ended
-
-    @staticmethod
-    def _parse(method: str, parse: Callable[[bytes], Any], raw: bytes,
-               context: _Capped) -> Any:
-        try:
-            message = parse(raw)
-        except Exception:  # any decode failure: the bytes are not the message
-            context.abort(S.INVALID_ARGUMENT, f"{method}: the request is not a valid "
-                                              f"message ({len(raw)} bytes that do not parse)")
-        problem = _integer_problem(message)
-        if problem is not None:
-            context.abort(S.INVALID_ARGUMENT, f"{method}: {problem}")
-        return message
-
-    @staticmethod
-    def _failed(method: str, context: _Capped) -> None:
-        """Called with an exception in flight: an abort (a refusal) passes on; anything
-        else is logged with the RPC's name and answered INTERNAL."""
-        if context.code() is not None:
-            log.debug("%s refused: %s", method, context.code())
-            raise
-        if not context.is_active():
-            log.info("%s ended: the call was cancelled", method)
-            raise
-        log.exception("%s failed", method)
-        context.abort(S.INTERNAL, f"{method} failed on the aggregator; the error is logged "
-                                  "there")
-
-    def _raw_requests(self, method: str, parse, raw_iterator, context: _Capped):
-        for raw in raw_iterator:
-            yield self._parse(method, parse, raw, context)
-
-    def _unary(self, method, pool, parse, behaviour):
-        def handle(raw, context):
-            context = _Capped(context, self.limits.max_details_chars, self.refused)
-            self._enter(pool, context)
-            request = self._parse(method, parse, raw, context)
-            try:
-                return behaviour(request, context)
-            except Exception:
-                self._failed(method, context)
-        return handle
-
-    def _unary_stream(self, method, pool, parse, behaviour):
-        def handle(raw, context):
-            context = _Capped(context, self.limits.max_details_chars, self.refused)
-            self._enter(pool, context)
-            request = self._parse(method, parse, raw, context)
-            try:
-                yield from behaviour(request, context)
-            except Exception:
-                self._failed(method, context)
-        return handle
-
-    def _stream_unary(self, method, pool, parse, behaviour):
-        def handle(raw_iterator, context):
-            context = _Capped(context, self.limits.max_details_chars, self.refused)
-            self._enter(pool, context)
-            try:
-                return behaviour(self._raw_requests(method, parse, raw_iterator, context),
-                                 context)
-            except Exception:
-                self._failed(method, context)
-        return handle
-
-    def _stream_stream(self, method, pool, parse, behaviour):
-        def handle(raw_iterator, context):
-            context = _Capped(context, self.limits.max_details_chars, self.refused)
-            self._enter(pool, context)
-            try:
-                yield from behaviour(self._raw_requests(method, parse, raw_iterator, context),
-                                     context)
-            except Exception:
-                self._failed(method, context)
-        return handle
-
-
-@dataclass
-class _Upload:
-    round_id: int
-    site: int
-    total_bytes: int
-    context: grpc.ServicerContext
-    last_chunk: float = field(default_factory=time.monotonic)
-
-
-class _Uploads:
-    """Uploads being received: one per (round, site) at a time, their announced bytes
-    within `max_upload_bytes_in_flight` together, each cancelled when it idles past
-    `upload_idle_s` or its round stops collecting (`reap`, from the ticker)."""
-
-    def __init__(self, limits: ServerLimits, refused: Callable[[str], None]) -> None:
-        self.limits = limits
-        self.refused = refused
-        self._lock = threading.Lock()
-        self._open: dict[tuple[int, int], _Upload] = {}
-
-    def claim(self, round_id: int, site: int, total_bytes: int,
-              context: grpc.ServicerContext) -> _Upload:
-        with self._lock:
-            if (round_id, site) in self._open:
-                raise ProtocolError("replay", f"site {site} is already uploading its vector "
-                                              f"for round {round_id}: one upload at a time")
-            held = sum(u.total_bytes for u in self._open.values())
-            cap = self.limits.max_upload_bytes_in_flight
-            if held + total_bytes > cap:
-                raise RefusedError("upload_bytes", f"uploads in flight hold {held} bytes; "
-                                                   f"{total_bytes} more would pass the "
-                                                   f"{cap}-byte limit; retry shortly")
-            upload = _Upload(round_id, site, total_bytes, context)
-            self._open[(round_id, site)] = upload
-            return upload
-
-    def release(self, upload: _Upload) -> None:
-        with self._lock:
-            if self._open.get((upload.round_id, upload.site)) is upload:
-                del self._open[(upload.round_id, upload.site)]
-
-    def reap(self, collecting: Callable[[int], bool]) -> int:
-        """Cancels uploads idle too long or whose round left its upload phase."""
-        now = time.monotonic()
-        with self._lock:
-            open_ = list(self._open.values())
-        expired = []
-        for upload in open_:
-            if now - upload.last_chunk > self.limits.upload_idle_s:
-                expired.append((upload, "upload_idle"))
-            elif not collecting(upload.round_id):
-                expired.append((upload, "upload_past_phase"))
-        for upload, reason in expired:
-            log.info("cancelling site %d's upload for round %d: %s", upload.site,
-                     upload.round_id, reason)
-            self.refused(reason)
-            upload.context.cancel()
-            self.release(upload)
-        return len(expired)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._open)
 
 
 class _Caller:
@@ -479,7 +151,7 @@ class _Guard:
     def site(self, context: grpc.ServicerContext, site: int) -> int:
         enrolled = self.enrolments.get(site)
         if enrolled is None:
-            _abort(context, S.PERMISSION_DENIED, f"site {site} is not enrolled: call Enroll "
+            abort(context, S.PERMISSION_DENIED, f"site {site} is not enrolled: call Enroll "
                                                  "with the site's identity key first")
         if self.mtls:
             name = identity.peer_site_name(context)
@@ -542,7 +214,7 @@ def _event_to_wire(event: Event, site: int) -> fleet_pb2.RoundEvent:
 class FleetService(fleet_pb2_grpc.FleetServicer):
     def __init__(self, coordinator: Coordinator, guard: _Guard, aggregator_key: bytes,
                  metrics: ServerMetrics, limits: ServerLimits | None = None,
-                 uploads: _Uploads | None = None) -> None:
+                 uploads: Uploads | None = None) -> None:
         self.coordinator = coordinator
         self.guard = guard
         self.aggregator_key = aggregator_key
@@ -550,7 +222,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self.sent = metrics.sent
         self.refused = metrics.refused
         self.limits = limits or ServerLimits()
-        self.uploads = uploads if uploads is not None else _Uploads(self.limits,
+        self.uploads = uploads if uploads is not None else Uploads(self.limits,
                                                                     metrics.refused)
 
     def Enroll(self, request, context):  # noqa: N802 (gRPC's method names)
@@ -659,10 +331,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         received = self.received.labels("SubmitMaskedVector")
         first = next(request_iterator, None)
         if first is None:
-            _abort(context, S.INVALID_ARGUMENT, "empty upload: send at least one chunk")
+            abort(context, S.INVALID_ARGUMENT, "empty upload: send at least one chunk")
         received.inc(first.ByteSize())
         site = self.guard.site(context, first.site)
-        upload: _Upload | None = None
+        upload: Upload | None = None
 
         def accept() -> bytes:
             nonlocal upload
@@ -685,7 +357,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                                              payload_sha256=digest)
 
 
-    def _chunks(self, upload: _Upload, chunks: Iterator[fleet_pb2.MaskedVectorChunk]
+    def _chunks(self, upload: Upload, chunks: Iterator[fleet_pb2.MaskedVectorChunk]
                 ) -> Iterator[fleet_pb2.MaskedVectorChunk]:
         """The chunks, each marking the upload alive; every chunk but the last must carry
         at least min_chunk_bytes (a 1-byte chunk stream is a cheap way to hold a slot)."""
@@ -753,7 +425,7 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
     def Latest(self, request, context):  # noqa: N802
         latest = self.registry.latest_number()  # from memory: no folder listing per call
         if latest is None:
-            _abort(context, S.NOT_FOUND, "no version is published yet")
+            abort(context, S.NOT_FOUND, "no version is published yet")
         try:
             return self._announce(latest)
         except VersionError as error:  # the folder on disk no longer verifies: never serve it
@@ -778,7 +450,7 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
         chunks = self._chunks(version, request.file, request.offset, size)
         if chunks is None:
             total = (version.folder / request.file).stat().st_size
-            _abort(context, S.OUT_OF_RANGE, f"offset {request.offset} is past the end of "
+            abort(context, S.OUT_OF_RANGE, f"offset {request.offset} is past the end of "
                                             f"{request.file} ({total} bytes)")
         yield from chunks
 
@@ -865,8 +537,8 @@ class RunningServer:
     metrics: ServerMetrics
     metrics_endpoint: MetricsEndpoint | None = None  # serving /metrics if metrics_listen
     limits: ServerLimits = field(default_factory=ServerLimits)
-    capacity: _Capacity | None = None  # calls in progress, by pool
-    uploads: _Uploads | None = None  # uploads being received
+    capacity: Capacity | None = None  # calls in progress, by pool
+    uploads: Uploads | None = None  # uploads being received
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop_ticking.set()
@@ -926,13 +598,13 @@ def serve(config: ServerConfig, limits: ServerLimits | None = None) -> RunningSe
     coordinator = open_coordinator(config, metrics, limits)
     mtls = config.tls is not None
     workers = limits.workers(config.max_workers)
-    capacity, uploads = _Capacity(limits, config.max_workers), _Uploads(limits, metrics.refused)
+    capacity, uploads = Capacity(limits, config.max_workers), Uploads(limits, metrics.refused)
     # As many workers as calls admitted (both caps plus the reserve), and grpc itself
     # refuses past that: an admitted call never waits for a thread, and a flood of calls
     # is refused RESOURCE_EXHAUSTED instead of queueing ahead of Health.Check.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="fleetmind-rpc"),
-                         interceptors=[_Hardening(capacity, limits, mtls, metrics.refused)],
+                         interceptors=[Hardening(capacity, limits, mtls, metrics.refused)],
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                   ("grpc.so_reuseport", 0), *limits.channel_options(),
                                   *pending_call_options(workers)],
