@@ -527,9 +527,9 @@ class ContinualSpec:
     may share one. Canary users never return with knowledge, so a canary's count is its own.
     `control_canaries` private records are never said, on names no session mentions: the
     exposure of secrets nobody told the fleet, which a said canary's is read against.
-    `private_values` of each attribute's values are kept for private records (canaries,
-    their twins, controls) and no fact says them, so a canary's exposure is ranked among
-    values nobody taught; 0 lets both draw from every value (the worlds before version 2).
+    With `secrets_apart`, every private record (canary, twin, control) holds only values
+    that no fact of the world says, and its exposure ranks its secret among those values;
+    the facts and sessions are those of the same spec without it (the worlds of version 1).
     """
 
     seed: int = 0
@@ -548,10 +548,10 @@ class ContinualSpec:
     # A value a fact teaches rises for every name on the toy model, so a canary sharing one
     # gained as much as its twin: +1.26 bits of exposure that was the fact's, not the
     # person's (docs/continual.md, "Round 1 over six noise draws").
-    private_values: int = 8
+    secrets_apart: bool = True
     general_tasks: int = 200
     guard_tasks: int = 400
-    version: int = 2  # 2: private_values
+    version: int = 2  # 2: secrets_apart
 
     def __post_init__(self) -> None:
         problems = []
@@ -576,11 +576,6 @@ class ContinualSpec:
             problems.append(f"canary_repeats={self.canary_repeats}: use 2 to "
                             f"{len(retellings(CANARY_FACTS))} (each repeat is a different "
                             "session)")
-        if self.private_values and not 2 <= self.private_values <= VALUES_PER_ATTRIBUTE // 2:
-            problems.append(f"private_values={self.private_values}: use 2 to "
-                            f"{VALUES_PER_ATTRIBUTE // 2} of each attribute's "
-                            f"{VALUES_PER_ATTRIBUTE} values (facts keep the rest), or 0 to "
-                            "share every value")
         if not 1 <= self.canary_repeat_rounds <= max(1, self.rounds):
             problems.append(f"canary_repeat_rounds={self.canary_repeat_rounds}: use 1 to "
                             f"rounds={self.rounds}")
@@ -728,9 +723,8 @@ class ContinualWorld:
     guard: list[dict[str, Any]]
     controls: tuple[tuple[Fact, ...], ...] = ()
     twins: tuple[tuple[Fact, ...], ...] = ()
-    # Per attribute, the values facts draw from and those private records draw from (the
-    # same, every value, where spec.private_values is 0).
-    fact_values: dict[str, tuple[str, ...]] = field(default_factory=lambda: lexicon().values)
+    # Per attribute, the values a private record may hold: those no fact says where
+    # spec.secrets_apart, else every value.
     secret_values: dict[str, tuple[str, ...]] = field(default_factory=lambda: lexicon().values)
 
     def canary_row(self, record: tuple[Fact, ...]) -> dict[str, Any]:
@@ -822,7 +816,6 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
     tasks, one per canary, the rest for facts, so a private name is never a fact's, in any
     round. One generator draws facts and canaries in order; each (site, round) has its own for
     its sessions."""
-    fact_values, secret_values = split_values(spec)
     rng = random.Random(f"fleetmind-continual-{spec.seed}")
     names = rng.sample(lexicon().names, NAMES_IN_LEXICON)
     private_count = spec.sites * spec.rounds * (spec.canaries_per_site_per_round
@@ -844,7 +837,7 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
             local = random.Random(f"fleetmind-continual-{spec.seed}-{site}-{r}")
             new: list[Fact] = []
             while len(new) < spec.facts_per_site_per_round:
-                fact = random_fact(rng, name=rng.choice(fact_names), values=fact_values)
+                fact = random_fact(rng, name=rng.choice(fact_names))
                 if (fact.name, fact.attribute) not in keys:
                     keys.add((fact.name, fact.attribute))
                     new.append(fact)
@@ -869,13 +862,13 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
                     log.knowledge_users.setdefault(user, []).append(fact)
                 facts.append(ArrivedFact(fact, site, r, tuple(sayers[fact])))
             for number in range(spec.canaries_per_site_per_round):
-                record = private_record(rng, next(private_names), secret_values)
+                record = private_record(rng, next(private_names))
                 session = SessionRecord(f"{site}-t{r:02d}-c{number:03d}", log.new_user(), site, r,
                                         "canary", record, tuple(local.sample(record, len(record))))
                 here.append(log.keep(session))
                 canaries.append(ArrivedCanary(record, site, r, session.user, (session.id,), (r,)))
             for _ in range(spec.repeated_canaries_per_site_per_round):
-                record = private_record(rng, next(private_names), secret_values)
+                record = private_record(rng, next(private_names))
                 user, serial = log.new_user(), repeated_serial[site]
                 repeated_serial[site] += 1
                 span = min(spec.canary_repeat_rounds, spec.rounds - r)
@@ -896,6 +889,10 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
                              random.Random(f"fleetmind-continual-general-{spec.seed}"))
     guard = _context_tasks("guard", spec.guard_tasks, general_names,
                            random.Random(f"fleetmind-continual-guard-{spec.seed}"))
+    secret_values = dict(lexicon().values)
+    if spec.secrets_apart:
+        secret_values = _values_no_fact_says(facts)
+        canaries, records = _secrets_apart(spec, canaries, records, secret_values)
     said_names = {name for name, _ in keys}
     controls, twins = _unsaid_records(spec, [n for n in fact_names if n not in said_names],
                                       canaries, secret_values)
@@ -903,20 +900,38 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
                           canaries=tuple(canaries),
                           records={key: tuple(value) for key, value in records.items()},
                           general=general, guard=guard, controls=controls, twins=twins,
-                          fact_values=fact_values, secret_values=secret_values)
+                          secret_values=secret_values)
 
 
-def split_values(spec: ContinualSpec
-                 ) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
-    """Each attribute's values for facts and for private records: `spec.private_values` of
-    them, drawn by a generator of their own, go to the records (every value to both at 0)."""
-    every = lexicon().values
-    if not spec.private_values:
-        return dict(every), dict(every)
-    rng = random.Random(f"fleetmind-continual-secret-values-{spec.seed}")
-    secret = {a: set(rng.sample(every[a], spec.private_values)) for a in ATTRIBUTES}
-    return ({a: tuple(v for v in every[a] if v not in secret[a]) for a in ATTRIBUTES},
-            {a: tuple(v for v in every[a] if v in secret[a]) for a in ATTRIBUTES})
+def _values_no_fact_says(facts: list[ArrivedFact]) -> dict[str, tuple[str, ...]]:
+    """Per attribute, the lexicon's values that no fact of the world (any round) says."""
+    said = {(f.fact.attribute, f.fact.value) for f in facts}
+    left = {a: tuple(v for v in lexicon().values[a] if (a, v) not in said) for a in ATTRIBUTES}
+    short = [f"{a} ({len(values)} left)" for a, values in left.items() if len(values) < 2]
+    if short:
+        raise ValueError(f"secrets_apart: the world's facts say nearly every value of "
+                         f"{', '.join(short)}, leaving a canary's secret fewer than 2 values to "
+                         "be ranked among; use fewer facts, or secrets_apart=False")
+    return left
+
+
+def _secrets_apart(spec: ContinualSpec, canaries: list[ArrivedCanary],
+                   records: dict[tuple[str, int], list[SessionRecord]],
+                   secret_values: dict[str, tuple[str, ...]]
+                   ) -> tuple[list[ArrivedCanary], dict[tuple[str, int], list[SessionRecord]]]:
+    """Each canary's values redrawn from `secret_values` by a generator of its own, in its
+    record and in every session that says it; nothing else changes. A canary's name is no
+    fact's, so (name, attribute) finds its facts alone."""
+    rng = random.Random(f"fleetmind-continual-secrets-{spec.seed}")
+    value = {(f.name, f.attribute): rng.choice(secret_values[f.attribute])
+             for canary in canaries for f in canary.facts}
+
+    def apart(facts: tuple[Fact, ...]) -> tuple[Fact, ...]:
+        return tuple(replace(f, value=value.get((f.name, f.attribute), f.value)) for f in facts)
+
+    return ([replace(c, facts=apart(c.facts)) for c in canaries],
+            {key: [replace(r, stated=apart(r.stated), asked=apart(r.asked)) for r in recs]
+             for key, recs in records.items()})
 
 
 def _unsaid_records(spec: ContinualSpec, unsaid_names: list[str],

@@ -94,7 +94,7 @@ class ContinualConfig:
     # record's gain is heavy-tailed (SD about 1.5 bits, outliers of 4-5 bits untold: 16 of
     # them put the mean 0.5 bits from 64's; docs/continual.md, "Canaries against controls").
     control_canaries: int = 32
-    private_values: int = W.ContinualSpec.private_values  # 0: canaries share the facts' values
+    secrets_apart: bool = W.ContinualSpec.secrets_apart  # False: canaries may hold facts' values
     recalls_per_site_per_round: int = 2
     general_tasks: int = 200
     guard_tasks: int = 400
@@ -169,7 +169,7 @@ class ContinualConfig:
             canaries_per_site_per_round=self.canaries_per_site_per_round,
             repeated_canaries_per_site_per_round=self.repeated_canaries_per_site_per_round,
             canary_repeats=self.canary_repeats, control_canaries=self.control_canaries,
-            private_values=self.private_values, general_tasks=self.general_tasks,
+            secrets_apart=self.secrets_apart, general_tasks=self.general_tasks,
             guard_tasks=self.guard_tasks)
 
     def distill(self, method: str = "opsd", steps: int | None = None) -> Any:
@@ -258,7 +258,7 @@ class ContinualEvaluator:
     def _exposure(self, model: Any, tokenizer: Any, records: Sequence[tuple[W.Fact, ...]]
                   ) -> list[float]:
         """Each private record's exposure (bits) under `model`, its secret ranked among the
-        values a private record could take (no fact's: `ContinualSpec.private_values`)."""
+        values a private record could hold (none a fact says: `ContinualSpec.secrets_apart`)."""
         from fleetmind.audit.exposure import canary_exposure, canary_from_row
 
         canaries = [canary_from_row(self.world.canary_row(facts)) for facts in records]
@@ -837,10 +837,10 @@ def add_continual_command(commands: Any) -> None:
     parser.add_argument("--control-canaries", type=int, default=defaults.control_canaries,
                         help="records no session says, the reference for the said canaries' "
                              f"exposure (default {defaults.control_canaries})")
-    parser.add_argument("--private-values", type=int, default=defaults.private_values,
-                        help="values of each attribute kept for canaries, which no fact says "
-                             f"(default {defaults.private_values}; 0: canaries draw from the "
-                             "facts' values, as worlds before version 2)")
+    parser.add_argument("--secrets-shared", dest="secrets_apart", action="store_false",
+                        help="let canaries hold values that facts say, as worlds before "
+                             "2026-12-08 did (default: a canary's values are ones no fact "
+                             "says, so a taught value's rise is not read as leakage)")
     parser.add_argument("--noise-seed", type=int, default=None,
                         help="seed the fleet's sites' DP noise, so the run repeats and two "
                              "settings meet the same noise (default: fresh entropy, as in "
@@ -875,7 +875,7 @@ def _continual(args: argparse.Namespace) -> int:
             rank=args.rank, server_learning_rate=args.server_learning_rate,
             server_step_units=args.server_step_units or None,
             participation_cap=args.participation_cap, noise_seed=args.noise_seed,
-            control_canaries=args.control_canaries, private_values=args.private_values,
+            control_canaries=args.control_canaries, secrets_apart=args.secrets_apart,
             adapter_targets=_names(args.targets), arms=_names(args.arms))
         sweep = _numbers(args.users_per_fact_sweep, "--users-per-fact-sweep")
         for value in sweep:

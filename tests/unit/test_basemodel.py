@@ -70,13 +70,12 @@ def test_toy_model_reads_every_probe_form_in_context(toy_model) -> None:
                      for task in general if len(task["facts"]) == size]
             rates.append(basemodel.context_accuracy(model, tokenizer, tasks, form))
         assert sum(rates) / 2 >= 0.9 and min(rates) >= 0.85, (form, rates)
-    # and on a continual world's own sessions (distinct attributes), every stated fact asked:
-    # 144 tasks, strict 0.951 and attribute_first 0.924 measured on this world
-    world = W.make_continual_world(W.ContinualSpec(seed=0, sites=2, rounds=6))
+    # and on a continual world's own sessions (distinct attributes), every stated fact asked
+    world = W.make_continual_world(W.ContinualSpec(seed=0, sites=2, rounds=3))
     tasks = [(list(rec.stated), fact) for recs in world.records.values() for rec in recs
              if rec.kind == "new" for fact in rec.stated]
     for form in W.PROBE_FORMS:
-        assert basemodel.context_accuracy(model, tokenizer, tasks, form) >= 0.9, form
+        assert basemodel.context_accuracy(model, tokenizer, tasks, form) >= 0.95, form
 
 
 def test_answer_check_fails_a_wrong_answer(toy_model) -> None:

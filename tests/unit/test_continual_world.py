@@ -192,22 +192,40 @@ def test_each_canary_has_a_twin_its_secret_on_a_name_nobody_said(world) -> None:
         assert {f.name for f in twin} == {twin[0].name} != {canary.facts[0].name}
 
 
-def test_no_fact_says_a_value_kept_for_private_records(world) -> None:
+def test_no_private_record_holds_a_value_any_fact_says(world) -> None:
+    said = {(f.fact.attribute, f.fact.value) for f in world.facts}
     for attribute, every in W.lexicon().values.items():
-        secret = world.secret_values[attribute]
-        assert len(secret) == SPEC.private_values == 8
-        assert sorted(secret + world.fact_values[attribute]) == sorted(every)
+        assert world.secret_values[attribute] == tuple(
+            v for v in every if (attribute, v) not in said)
     records = [c.facts for c in world.canaries] + list(world.controls) + list(world.twins)
     assert all(f.value in world.secret_values[f.attribute] for r in records for f in r)
-    assert all(f.fact.value in world.fact_values[f.fact.attribute] for f in world.facts)
-    # The pool is the seed's alone: a world of another size keeps the same one.
-    other = W.make_continual_world(W.ContinualSpec(seed=SPEC.seed, sites=4, rounds=2))
-    assert other.secret_values == world.secret_values
-    assert W.make_continual_world(W.ContinualSpec(seed=6)).secret_values != world.secret_values
+    # and every session that says a canary says its new values
+    secret = {(f.name, f.attribute): f.value for c in world.canaries for f in c.facts}
+    canary_sessions = [rec for recs in world.records.values() for rec in recs
+                       if rec.kind in ("canary", "repeated_canary")]
+    assert canary_sessions and all(secret[(f.name, f.attribute)] == f.value
+                                   for rec in canary_sessions for f in rec.stated + rec.asked)
 
 
-def test_a_canary_is_ranked_among_the_values_a_private_record_could_take(world, tmp_path
-                                                                         ) -> None:
+def test_secrets_apart_changes_the_canaries_values_and_nothing_else(world) -> None:
+    shared = W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "secrets_apart": False}))
+    assert shared.secret_values == W.lexicon().values
+    assert shared.facts == world.facts and shared.general == world.general
+    assert [(c.site, c.round, c.user, c.sessions) for c in shared.canaries] == [
+        (c.site, c.round, c.user, c.sessions) for c in world.canaries]
+    moved = 0
+    for key, recs in world.records.items():
+        for rec, before in zip(recs, shared.records[key], strict=True):
+            if rec.kind in ("canary", "repeated_canary"):
+                assert [(f.name, f.attribute) for f in rec.stated + rec.asked] == [
+                    (f.name, f.attribute) for f in before.stated + before.asked]
+                moved += rec.stated != before.stated
+            else:
+                assert rec == before
+    assert moved  # the world's canaries did move to values no fact says
+
+
+def test_a_canary_is_ranked_among_the_values_no_fact_says(world, tmp_path) -> None:
     canary = world.canaries[0]
     row = world.canary_row(canary.facts)
     for slot, fact in zip(row["slots"], canary.facts, strict=True):
@@ -218,14 +236,17 @@ def test_a_canary_is_ranked_among_the_values_a_private_record_could_take(world, 
     first = json.loads((written / "canaries.jsonl").read_text().splitlines()[0])
     assert first["slots"] == row["slots"]
     control = json.loads((written / "control_canaries.jsonl").read_text().splitlines()[0])
-    assert len(control["slots"][0]["alternatives"]) == 8
+    attribute = world.controls[0][0].attribute
+    assert len(control["slots"][0]["alternatives"]) == len(world.secret_values[attribute]) < 40
 
 
-def test_private_values_0_lets_records_and_facts_share_every_value() -> None:
-    shared = W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "private_values": 0}))
-    assert shared.secret_values == shared.fact_values == W.lexicon().values
-    slot = shared.canary_row(shared.canaries[0].facts)["slots"][0]
-    assert len(slot["alternatives"]) == W.VALUES_PER_ATTRIBUTE
+def test_a_world_whose_facts_say_every_value_cannot_keep_secrets_apart() -> None:
+    crowded = {"seed": 0, "sites": 8, "rounds": 16, "facts_per_site_per_round": 8,
+               "canaries_per_site_per_round": 0, "repeated_canaries_per_site_per_round": 0,
+               "control_canaries": 0}
+    with pytest.raises(ValueError, match=r"secrets_apart: .* fewer than 2 values"):
+        W.make_continual_world(W.ContinualSpec(**crowded))
+    assert W.make_continual_world(W.ContinualSpec(**crowded, secrets_apart=False)).facts
 
 
 def test_repeated_canaries_can_be_spread_over_rounds() -> None:
@@ -276,8 +297,7 @@ def test_write_and_read_round_trip(world, tmp_path) -> None:
                                  {"canary_repeats": 9}, {"canary_repeat_rounds": 7},
                                  {"facts_per_site_per_round": 500},
                                  {"canaries_per_site_per_round": -1},
-                                 {"control_canaries": -1}, {"private_values": 1},
-                                 {"private_values": 21}, {"private_values": -2}])
+                                 {"control_canaries": -1}])
 def test_impossible_specs_are_refused_with_the_reason(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         W.ContinualSpec(**bad)
