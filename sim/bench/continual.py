@@ -39,6 +39,7 @@ from typing import Any, cast
 from fleetmind.aggregation.dp import PRIVACY_UNITS
 from fleetmind.client.lora import MLP_TARGETS
 from fleetmind.runtime.durable import atomic_write
+from fleetmind.sim import continual_world as CW
 from fleetmind.sim import world as W
 from fleetmind.sim.evaluation import recovery, retention
 
@@ -94,7 +95,7 @@ class ContinualConfig:
     # record's gain is heavy-tailed (SD about 1.5 bits, outliers of 4-5 bits untold: 16 of
     # them put the mean 0.5 bits from 64's; docs/continual.md, "Canaries against controls").
     control_canaries: int = 32
-    secrets_apart: bool = W.ContinualSpec.secrets_apart  # False: canaries may hold facts' values
+    secrets_apart: bool = CW.ContinualSpec.secrets_apart  # False: canaries may hold facts' values
     recalls_per_site_per_round: int = 2
     general_tasks: int = 200
     guard_tasks: int = 400
@@ -158,10 +159,10 @@ class ContinualConfig:
             raise ValueError("; ".join(problems))
         # The world's own checks (sizes, users per fact, names left for the controls and
         # the canaries' twins), here at the edge: building it takes milliseconds.
-        W.make_continual_world(self.world_spec())
+        CW.make_continual_world(self.world_spec())
 
-    def world_spec(self) -> W.ContinualSpec:
-        return W.ContinualSpec(
+    def world_spec(self) -> CW.ContinualSpec:
+        return CW.ContinualSpec(
             seed=self.seed, sites=self.sites, rounds=self.rounds,
             facts_per_site_per_round=self.facts_per_site_per_round,
             users_per_fact=self.users_per_fact,
@@ -197,7 +198,7 @@ class ContinualConfig:
 
 # ---- pure measures -----------------------------------------------------------------------
 
-def most_rounds_entered(world: W.ContinualWorld, through: int) -> int:
+def most_rounds_entered(world: CW.ContinualWorld, through: int) -> int:
     """The most rounds any one user left sessions in, over the world's rounds 0..through: the
     participation cap every user of this run kept (user-level accounting per unit)."""
     rounds: dict[str, set[int]] = {}
@@ -215,7 +216,7 @@ class ContinualEvaluator:
     """Per-fact answers of the base model (in context, every probe form) and its canary
     exposure, computed once; `measure` compares a model with them after round r."""
 
-    world: W.ContinualWorld
+    world: CW.ContinualWorld
     model_dir: Path
     base_incontext: dict[tuple[str, str], bool] = field(default_factory=dict)
     base_skill: float = 0.0
@@ -370,14 +371,14 @@ def in_process_epsilon(cfg: ContinualConfig, rounds: int) -> float | None:
                    method=cast(AccountingMethod, policy.accountant))
 
 
-def arm_epsilon(cfg: ContinualConfig, world: W.ContinualWorld, rounds: int) -> float | None:
+def arm_epsilon(cfg: ContinualConfig, world: CW.ContinualWorld, rounds: int) -> float | None:
     """epsilon per unit of an in-process arm after `rounds`: from the participation cap its
     sites enforce, as the fleet's (`capped_epsilon`), or composing every round without one."""
     capped = capped_epsilon(cfg, world, rounds) if cfg.participation_cap else None
     return capped["epsilon"] if capped else in_process_epsilon(cfg, rounds)
 
 
-def capped_epsilon(cfg: ContinualConfig, world: W.ContinualWorld, rounds: int
+def capped_epsilon(cfg: ContinualConfig, world: CW.ContinualWorld, rounds: int
                    ) -> dict[str, Any] | None:
     """epsilon per unit from a participation cap (`accountant.epsilon_per_unit`): K is the
     most rounds any user of this world entered so far, or the run's enforced cap when that is
@@ -557,8 +558,8 @@ def run(cfg: ContinualConfig, console: Any = None) -> dict[str, Any]:
         quiet()
         torch.set_num_threads(1)  # tiny matrices; the site processes share the cores
         prepare_out(cfg.out)
-        world = W.make_continual_world(cfg.world_spec())
-        world_dir = W.write_continual_world(world, cfg.out / "world")
+        world = CW.make_continual_world(cfg.world_spec())
+        world_dir = CW.write_continual_world(world, cfg.out / "world")
         model_dir = toy_model_path()
         guard = read_prompts(world_dir / "guard.jsonl")
         progress.update(task, description="measuring the base model")

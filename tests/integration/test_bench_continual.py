@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetmind.sim import continual_world as CW
 from fleetmind.sim import world as W
 from fleetmind.sim.bench.continual import (
     ARMS,
@@ -53,7 +54,7 @@ def test_the_base_model_gains_no_exposure_on_canaries_or_controls() -> None:
     from fleetmind.client.model import load_model
     from fleetmind.sim.basemodel import toy_model_path
 
-    world = W.make_continual_world(W.ContinualSpec(sites=3, rounds=2, facts_per_site_per_round=1,
+    world = CW.make_continual_world(CW.ContinualSpec(sites=3, rounds=2, facts_per_site_per_round=1,
                                                    users_per_fact=2, control_canaries=5,
                                                    general_tasks=4, guard_tasks=4))
     evaluator = ContinualEvaluator(world, toy_model_path())
@@ -70,7 +71,7 @@ def test_the_base_model_gains_no_exposure_on_canaries_or_controls() -> None:
 
 
 def test_the_cap_is_the_most_rounds_any_user_entered() -> None:
-    world = W.make_continual_world(W.ContinualSpec(sites=3, rounds=3, facts_per_site_per_round=2,
+    world = CW.make_continual_world(CW.ContinualSpec(sites=3, rounds=3, facts_per_site_per_round=2,
                                                    users_per_fact=2, returning_share=1.0,
                                                    general_tasks=4, guard_tasks=4))
     assert most_rounds_entered(world, 0) == 1
@@ -78,7 +79,7 @@ def test_the_cap_is_the_most_rounds_any_user_entered() -> None:
 
 
 def test_without_dp_no_arm_reports_an_epsilon() -> None:
-    world = W.make_continual_world(W.ContinualSpec(sites=3, rounds=2, facts_per_site_per_round=1,
+    world = CW.make_continual_world(CW.ContinualSpec(sites=3, rounds=2, facts_per_site_per_round=1,
                                                    users_per_fact=2, general_tasks=4,
                                                    guard_tasks=4))
     assert in_process_epsilon(ContinualConfig(dp=False), 2) is None
@@ -147,7 +148,7 @@ def test_the_adapters_targets_reach_the_fleet_from_the_command_line(
 
 
 def test_an_enforced_cap_reaches_the_fleet_and_bounds_the_accounting() -> None:
-    world = W.make_continual_world(W.ContinualSpec(sites=3, rounds=3, facts_per_site_per_round=2,
+    world = CW.make_continual_world(CW.ContinualSpec(sites=3, rounds=3, facts_per_site_per_round=2,
                                                    users_per_fact=2, returning_share=1.0,
                                                    general_tasks=4, guard_tasks=4))
     capped = ContinualConfig(sites=3, rounds=3, participation_cap=1)

@@ -4,6 +4,7 @@ import random
 import pytest
 
 from fleetmind.sim import basemodel
+from fleetmind.sim import continual_world as CW
 from fleetmind.sim import world as W
 
 
@@ -53,7 +54,7 @@ def test_toy_model_recalls_its_background_knowledge_closed_book(toy_model) -> No
     assert len(known) == 2 * W.BACKGROUND_NAMES
     assert basemodel.fact_accuracy(model, tokenizer, known) >= 0.95  # 1.000 measured
     # and nothing of them leaks into a world: its names are never background names
-    world = W.make_continual_world(W.ContinualSpec(seed=0, sites=2, rounds=2))
+    world = CW.make_continual_world(CW.ContinualSpec(seed=0, sites=2, rounds=2))
     assert not {f.fact.name for f in world.facts} & set(W.lexicon().background_names)
 
 
@@ -71,7 +72,7 @@ def test_toy_model_reads_every_probe_form_in_context(toy_model) -> None:
             rates.append(basemodel.context_accuracy(model, tokenizer, tasks, form))
         assert sum(rates) / 2 >= 0.9 and min(rates) >= 0.85, (form, rates)
     # and on a continual world's own sessions (distinct attributes), every stated fact asked
-    world = W.make_continual_world(W.ContinualSpec(seed=0, sites=2, rounds=3))
+    world = CW.make_continual_world(CW.ContinualSpec(seed=0, sites=2, rounds=3))
     tasks = [(list(rec.stated), fact) for recs in world.records.values() for rec in recs
              if rec.kind == "new" for fact in rec.stated]
     for form in W.PROBE_FORMS:

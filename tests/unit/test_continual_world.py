@@ -7,28 +7,29 @@ from dataclasses import asdict
 import pytest
 from support.world import session_text
 
+from fleetmind.sim import continual_world as CW
 from fleetmind.sim import world as W
 
-SPEC = W.ContinualSpec(seed=5, sites=3, rounds=4, facts_per_site_per_round=3,
+SPEC = CW.ContinualSpec(seed=5, sites=3, rounds=4, facts_per_site_per_round=3,
                        users_per_fact=3, canaries_per_site_per_round=1,
                        repeated_canaries_per_site_per_round=1, canary_repeats=4)
 
 
 @pytest.fixture(scope="module")
-def world() -> W.ContinualWorld:
-    return W.make_continual_world(SPEC)
+def world() -> CW.ContinualWorld:
+    return CW.make_continual_world(SPEC)
 
 
-def every_session(world: W.ContinualWorld) -> list[tuple[int, str, dict]]:
+def every_session(world: CW.ContinualWorld) -> list[tuple[int, str, dict]]:
     return [(r, site, s) for r in range(world.spec.rounds) for site in world.site_names
             for s in world.sessions_for_round(site, r)]
 
 
 def test_same_seed_same_world_other_seed_other_world(world) -> None:
-    again = W.make_continual_world(SPEC)
+    again = CW.make_continual_world(SPEC)
     assert again.records == world.records and again.facts == world.facts
     assert again.canaries == world.canaries and again.general == world.general
-    other = W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "seed": 6}))
+    other = CW.make_continual_world(CW.ContinualSpec(**{**asdict(SPEC), "seed": 6}))
     assert [f.fact for f in other.facts] != [f.fact for f in world.facts]
 
 
@@ -77,7 +78,7 @@ def test_returning_users_restate_or_ask_their_own_old_facts(world) -> None:
 
 
 def test_returning_users_bring_new_facts_too_and_never_repeat_a_transcript() -> None:
-    world = W.make_continual_world(W.ContinualSpec(seed=1, sites=2, rounds=3,
+    world = CW.make_continual_world(CW.ContinualSpec(seed=1, sites=2, rounds=3,
                                                    returning_share=1.0))
     for site in world.site_names:
         first = {rec.user for rec in world.records_for_round(site, 0)}
@@ -168,14 +169,14 @@ def test_control_canaries_are_said_nowhere_and_change_nothing_else(world) -> Non
         assert len({f.attribute for f in control}) == W.CANARY_FACTS
     text = " ".join(session_text(s) for _, _, s in every_session(world))
     assert not any(f" of {name} " in text for name in names)
-    assert W.make_continual_world(SPEC).controls == world.controls
-    none = W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "control_canaries": 0}))
+    assert CW.make_continual_world(SPEC).controls == world.controls
+    none = CW.make_continual_world(CW.ContinualSpec(**{**asdict(SPEC), "control_canaries": 0}))
     assert none.controls == () and none.records == world.records
     assert [[(f.attribute, f.value) for f in t] for t in none.twins] == [
         [(f.attribute, f.value) for f in t] for t in world.twins]
     assert none.facts == world.facts and none.canaries == world.canaries
     with pytest.raises(ValueError, match=r"control_canaries=500: .* only \d+ are left"):
-        W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "control_canaries": 500}))
+        CW.make_continual_world(CW.ContinualSpec(**{**asdict(SPEC), "control_canaries": 500}))
 
 
 def test_each_canary_has_a_twin_its_secret_on_a_name_nobody_said(world) -> None:
@@ -208,7 +209,7 @@ def test_no_private_record_holds_a_value_any_fact_says(world) -> None:
 
 
 def test_secrets_apart_changes_the_canaries_values_and_nothing_else(world) -> None:
-    shared = W.make_continual_world(W.ContinualSpec(**{**asdict(SPEC), "secrets_apart": False}))
+    shared = CW.make_continual_world(CW.ContinualSpec(**{**asdict(SPEC), "secrets_apart": False}))
     assert shared.secret_values == W.lexicon().values
     assert shared.facts == world.facts and shared.general == world.general
     assert [(c.site, c.round, c.user, c.sessions) for c in shared.canaries] == [
@@ -232,7 +233,7 @@ def test_a_canary_is_ranked_among_the_values_no_fact_says(world, tmp_path) -> No
         assert slot["answer"] in slot["alternatives"]
         assert slot["alternatives"] == [W.answer(W.Fact(fact.name, fact.attribute, v))
                                         for v in world.secret_values[fact.attribute]]
-    written = W.write_continual_world(world, tmp_path / "cw")
+    written = CW.write_continual_world(world, tmp_path / "cw")
     first = json.loads((written / "canaries.jsonl").read_text().splitlines()[0])
     assert first["slots"] == row["slots"]
     control = json.loads((written / "control_canaries.jsonl").read_text().splitlines()[0])
@@ -245,13 +246,13 @@ def test_a_world_whose_facts_say_every_value_cannot_keep_secrets_apart() -> None
                "canaries_per_site_per_round": 0, "repeated_canaries_per_site_per_round": 0,
                "control_canaries": 0}
     with pytest.raises(ValueError, match=r"secrets_apart: .* fewer than 2 values"):
-        W.make_continual_world(W.ContinualSpec(**crowded))
-    assert W.make_continual_world(W.ContinualSpec(**crowded, secrets_apart=False)).facts
+        CW.make_continual_world(CW.ContinualSpec(**crowded))
+    assert CW.make_continual_world(CW.ContinualSpec(**crowded, secrets_apart=False)).facts
 
 
 def test_repeated_canaries_can_be_spread_over_rounds() -> None:
-    spec = W.ContinualSpec(seed=2, sites=2, rounds=3, canary_repeats=6, canary_repeat_rounds=2)
-    world = W.make_continual_world(spec)
+    spec = CW.ContinualSpec(seed=2, sites=2, rounds=3, canary_repeats=6, canary_repeat_rounds=2)
+    world = CW.make_continual_world(spec)
     for canary in world.canaries:
         if canary.repeats == 1:
             continue
@@ -274,7 +275,7 @@ def test_a_snapshot_is_a_plain_world_of_the_rounds_so_far(world) -> None:
 
 
 def test_write_and_read_round_trip(world, tmp_path) -> None:
-    out = W.write_continual_world(world, tmp_path / "cw")
+    out = CW.write_continual_world(world, tmp_path / "cw")
     assert json.loads((out / "spec.json").read_text())["digest"] == SPEC.digest()
     lines = (out / "rounds" / "r02" / "sites" / "site-01" / "sessions.jsonl").read_text()
     assert [json.loads(x) for x in lines.splitlines()] == world.sessions_for_round("site-01", 2)
@@ -286,7 +287,7 @@ def test_write_and_read_round_trip(world, tmp_path) -> None:
         " ".join(f.value for f in c) for c in world.controls]
     facts = [json.loads(x) for x in (out / "facts.jsonl").read_text().splitlines()]
     assert [f["round"] for f in facts] == [f.round for f in world.facts]
-    again = W.read_continual_world(out)
+    again = CW.read_continual_world(out)
     assert again.records == world.records and again.spec == world.spec
     with pytest.raises(ValueError, match="read_continual_world"):
         W.read_world(out)
@@ -300,7 +301,7 @@ def test_write_and_read_round_trip(world, tmp_path) -> None:
                                  {"control_canaries": -1}])
 def test_impossible_specs_are_refused_with_the_reason(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
-        W.ContinualSpec(**bad)
+        CW.ContinualSpec(**bad)
 
 
 def test_a_round_outside_the_world_is_refused(world) -> None:
