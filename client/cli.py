@@ -146,7 +146,7 @@ def _client_consolidate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from fleetmind.client.consolidate import consolidate_store, read_prompts
-    from fleetmind.client.distill import DistillConfig, per_unit_config
+    from fleetmind.client.distill_config import DistillConfig, per_unit_config
     from fleetmind.client.lora import TARGET_CHOICES
 
     try:

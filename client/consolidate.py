@@ -21,9 +21,14 @@ import numpy as np
 from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.aggregation.update import Update, UpdateMetadata
 from fleetmind.client import distill, lora
+from fleetmind.client.distill_config import DistillConfig
+from fleetmind.client.dreams import Dream
+from fleetmind.client.guard import guard_examples
+from fleetmind.client.lessons import Lesson, Messages
 from fleetmind.client.replay import ReplayBuffer
 from fleetmind.client.scrub import ScrubReport, scrub_session, scrub_text
 from fleetmind.client.store import Session, SessionStore
+from fleetmind.client.tokens import chat_ids, turn_end_ids
 from fleetmind.runtime.durable import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,19 +42,19 @@ class SiteConsolidation:
     consolidation_id: str
 
 
-def lessons_from(sessions: Sequence[Session]) -> tuple[list[distill.Lesson], ScrubReport]:
+def lessons_from(sessions: Sequence[Session]) -> tuple[list[Lesson], ScrubReport]:
     """The teacher only ever sees scrubbed text."""
     lessons, reports = [], []
     for session in sessions:
         clean, report = scrub_session(session)
         reports.append(report)
-        lessons.append(distill.Lesson.from_session(
+        lessons.append(Lesson.from_session(
             clean.id, [{"role": m.role, "content": m.content} for m in clean.messages]))
     return lessons, ScrubReport.merge(reports)
 
 
-def fit_lessons(model: Any, tokenizer: Any, lessons: Sequence[distill.Lesson],
-                cfg: distill.DistillConfig) -> tuple[list[distill.Lesson], int]:
+def fit_lessons(model: Any, tokenizer: Any, lessons: Sequence[Lesson],
+                cfg: DistillConfig) -> tuple[list[Lesson], int]:
     """Each lesson's context cut to the model's context length by `model.fit_to_context`'s
     rule (oldest whole turns first), leaving room for a prompt after it (the session's
     longest user turn, or a dream of up to max_new_tokens) and a completion of
@@ -60,11 +65,11 @@ def fit_lessons(model: Any, tokenizer: Any, lessons: Sequence[distill.Lesson],
     window = context_length(model.config)
 
     def count(messages: Sequence[dict[str, str]]) -> int:
-        return len(distill.chat_ids(tokenizer, messages, generation=False))
+        return len(chat_ids(tokenizer, messages, generation=False))
 
     fitted, dropped = [], 0
     for lesson in lessons:
-        longest = max(len(distill.chat_ids(tokenizer, p, generation=True)) for p in lesson.probes)
+        longest = max(len(chat_ids(tokenizer, p, generation=True)) for p in lesson.probes)
         room = window - max(longest, cfg.max_new_tokens) - cfg.max_new_tokens
         try:
             kept, cut = fit_to_context(lesson.context, count, room)
@@ -74,13 +79,13 @@ def fit_lessons(model: Any, tokenizer: Any, lessons: Sequence[distill.Lesson],
             log.warning("session %s: its %d oldest turns do not fit the model's %d-token "
                         "context and are left out of this consolidation", lesson.session_id,
                         cut, window)
-            lesson = distill.Lesson.from_session(lesson.session_id, kept)
+            lesson = Lesson.from_session(lesson.session_id, kept)
         fitted.append(lesson)
         dropped += cut
     return fitted, dropped
 
 
-def read_prompts(path: Path) -> list[distill.Messages]:
+def read_prompts(path: Path) -> list[Messages]:
     """Chat prompts, one JSON object with `messages` per line (the guard file's format)."""
     prompts = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -99,7 +104,7 @@ def read_prompts(path: Path) -> list[distill.Messages]:
     return prompts
 
 
-def guard_prompts_from(lessons: Sequence[distill.Lesson]) -> list[distill.Messages]:
+def guard_prompts_from(lessons: Sequence[Lesson]) -> list[Messages]:
     """General inputs for the forgetting guard: each session up to each later user turn, a
     task that carries its own context (reading context is the skill most at risk)."""
     prompts = []
@@ -111,8 +116,8 @@ def guard_prompts_from(lessons: Sequence[distill.Lesson]) -> list[distill.Messag
 
 
 def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session],
-                         cfg: distill.DistillConfig, *, site: str, base_version: int,
-                         seed: int, guard: Sequence[distill.Messages] = (),
+                         cfg: DistillConfig, *, site: str, base_version: int,
+                         seed: int, guard: Sequence[Messages] = (),
                          replay: ReplayBuffer | None = None,
                          earlier: Callable[[str], Session] | None = None,
                          per_session: bool = False, progress: bool = True) -> SiteConsolidation:
@@ -138,14 +143,14 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
     session_updates: list[tuple[str, dict[str, np.ndarray]]] = []
     total = {name: np.zeros_like(b) for name, b in start.items()}
     stats = distill.DistillStats(turns_dropped=turns_dropped)
-    dreams: list[distill.Dream] = []
+    dreams: list[Dream] = []
     # Every session starts from the same frozen model, so the guard's examples are the
     # same for all of them: sampled once here, not once per session.
     guard_set = None
     if per_session and cfg.method == "opsd" and cfg.guard_weight > 0 and len(groups) > 1:
-        guard_set, _ = distill.guard_examples(model, tokenizer, guard_prompts, cfg,
-                                              random.Random(cfg.seed),
-                                              distill.turn_end_ids(tokenizer, model))
+        guard_set, _ = guard_examples(model, tokenizer, guard_prompts, cfg,
+                                      random.Random(cfg.seed),
+                                      turn_end_ids(tokenizer, model))
     for chunk in _passes(groups, cfg):
         lora.set_b(model, start)
         if cfg.method == "sft_transcript":
@@ -179,16 +184,16 @@ def consolidate_sessions(model: Any, tokenizer: Any, sessions: Sequence[Session]
                              consolidation_id[:16])
 
 
-def _passes(groups: list[list[distill.Lesson]], cfg: distill.DistillConfig
-            ) -> list[list[list[distill.Lesson]]]:
+def _passes(groups: list[list[Lesson]], cfg: DistillConfig
+            ) -> list[list[list[Lesson]]]:
     """The groups, `cfg.units_per_pass` to a pass (`lora.UnitDeltas`)."""
     return [groups[i:i + cfg.units_per_pass]
             for i in range(0, len(groups), cfg.units_per_pass)]
 
 
-def _replayed(dreams: Sequence[distill.Dream], lessons: Sequence[distill.Lesson],
+def _replayed(dreams: Sequence[Dream], lessons: Sequence[Lesson],
               earlier: Callable[[str], Session] | None
-              ) -> list[tuple[distill.Lesson, distill.Dream]]:
+              ) -> list[tuple[Lesson, Dream]]:
     """Each dream with its session's lesson; dreams whose session is gone are dropped."""
     known = {lesson.session_id: lesson for lesson in lessons}
     missing = sorted({d.session_id for d in dreams} - set(known))
@@ -203,11 +208,11 @@ def _replayed(dreams: Sequence[distill.Dream], lessons: Sequence[distill.Lesson]
     return [(known[d.session_id], d) for d in dreams if d.session_id in known]
 
 
-def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: distill.DistillConfig,
+def consolidate_store(model_dir: Path, store_path: Path, out: Path, cfg: DistillConfig,
                       *, site: str = "site", base_version: int = 0, seed: int = 0,
                       rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
                       targets: str | Sequence[str] = "mlp", per_session: bool = False,
-                      guard: Sequence[distill.Messages] = (),
+                      guard: Sequence[Messages] = (),
                       progress: bool = True) -> SiteConsolidation:
     """The command line's consolidation: the store's unconsumed sessions into `out`
     (update.safetensors, adapter/ as a PEFT folder, consolidation.json). The model runs on

@@ -12,7 +12,7 @@ import random
 import sqlite3
 from pathlib import Path
 
-from fleetmind.client.distill import Dream
+from fleetmind.client.dreams import Dream
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dreams (

@@ -23,7 +23,7 @@ from typing import Any
 
 from fleetmind.aggregation import dp
 from fleetmind.aggregation.participation import ParticipationCap
-from fleetmind.client.distill import DistillConfig, per_unit_config
+from fleetmind.client.distill_config import DistillConfig, per_unit_config
 from fleetmind.runtime.addresses import is_loopback, split_host_port
 from fleetmind.runtime.config import ConfigError, dataclass_types, load_document
 from fleetmind.runtime.keys import public_key_bytes, read_key_file
@@ -67,7 +67,7 @@ class SiteConfig:
     aggregator_key: Path | bytes
     min_new_sessions: int = 8
     # Each privacy unit is distilled alone and clipped: the per-unit settings, not
-    # `client consolidate`'s joint ones (`distill.per_unit_config`).
+    # `client consolidate`'s joint ones (`distill_config.per_unit_config`).
     distill: DistillConfig = field(default_factory=per_unit_config)
     guard_prompts: Path | None = None
     insecure: bool = False

@@ -18,9 +18,9 @@ from typing import Any, cast
 from fleetmind.aggregation.dp import PRIVACY_UNITS, PrivacyUnit
 from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.aggregation.quantize import RING_BITS
-from fleetmind.client.distill import DistillConfig, per_unit_config
+from fleetmind.client.distill_config import DistillConfig, per_unit_config
 
-# A site's OPSD defaults are the site agent's (client.distill.per_unit_config: SGD, the
+# A site's OPSD defaults are the site agent's (client.distill_config.per_unit_config: SGD, the
 # settings the learning benchmarks found; docs/measurements.md).
 _SITE_DISTILL = per_unit_config()
 
@@ -59,8 +59,8 @@ class FlowerRun:
     fixed-point-clip, ring-bits: the ring code (aggregation/quantize.py) of each site's
     clipped delta. dropout-rate: sizes the SecAgg+ neighbour graph (graph.py).
     min-cohort: the fewest sites whose sum the ServerApp may unmask.
-    steps ... distill-optimizer: the OPSD budget per site and round (client/distill.py;
-    the defaults are the site agent's, client.distill.per_unit_config).
+    steps ... distill-optimizer: the OPSD budget per site and round (client/distill_config.py;
+    the defaults are the site agent's, client.distill_config.per_unit_config).
     targets: the layers LoRA adapts: mlp (each block's MLP), peft (PEFT's default for the
     family), all-linear, or comma-separated module names (client/lora.py).
     device, dtype: where each site's model runs and in what (cpu, cuda, cuda:N, mps;

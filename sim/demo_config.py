@@ -140,7 +140,7 @@ class DemoConfig:
 def distill_config(steps: int, lr: float, seed: int, method: str, dreams: bool) -> Any:
     """Consolidation's settings with plain SGD (a session's delta stays in a few directions,
     so clipping keeps its lesson; Adam spreads it over every coordinate)."""
-    from fleetmind.client.distill import per_unit_config
+    from fleetmind.client.distill_config import per_unit_config
 
     off: dict[str, Any] = {} if dreams else {"dream_ratio": 0.0, "dreams_per_lesson": 0}
     return per_unit_config(steps=steps, lr=lr, seed=seed, method=method, **off)

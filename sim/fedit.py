@@ -28,7 +28,7 @@ MERGES = ("exact", "fedit")
 @dataclass
 class InProcessFleet:
     model_dir: Path
-    distill: Any  # client.distill.DistillConfig, the fleet's (its method included)
+    distill: Any  # client.distill_config.DistillConfig, the fleet's (its method included)
     guard: Sequence[Any]
     frozen_a_seed: int
     rank: int
@@ -124,16 +124,18 @@ class InProcessFleet:
     def _guard_set(self) -> list[Any]:
         """The forgetting guard's examples, drawn once a round from the global model, as each
         site draws them once for all its sessions (`consolidate_sessions`)."""
-        from fleetmind.client import distill, lora
+        from fleetmind.client import lora
+        from fleetmind.client.guard import guard_examples
+        from fleetmind.client.tokens import turn_end_ids
 
         if self.distill.method != "opsd" or self.distill.guard_weight <= 0:
             return []
         lora.set_b(self.model, self.global_a, "A")
         lora.set_b(self.model, self.global_b)
         lora.hold_global(self.model)
-        return distill.guard_examples(self.model, self.tokenizer, self.guard, self.distill,
-                                      random.Random(self.distill.seed),
-                                      distill.turn_end_ids(self.tokenizer, self.model))[0]
+        return guard_examples(self.model, self.tokenizer, self.guard, self.distill,
+                              random.Random(self.distill.seed),
+                              turn_end_ids(self.tokenizer, self.model))[0]
 
     def _unit_deltas(self, sessions: Sequence[Any], guard_set: list[Any]
                      ) -> list[tuple[str, dict[str, np.ndarray]]]:

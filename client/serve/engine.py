@@ -148,8 +148,8 @@ class EmbeddedEngine:
         self.ready = False
 
     async def start(self) -> None:
-        from fleetmind.client.distill import turn_end_ids
         from fleetmind.client.model import context_length, load_model
+        from fleetmind.client.tokens import turn_end_ids
 
         if self.config.model_dir is None:
             raise ValueError("the embedded engine needs model_dir")
@@ -260,7 +260,7 @@ class EmbeddedEngine:
     # -- generation ----------------------------------------------------------------------------
 
     def _decoding(self, request: ChatRequest, served: Served) -> _Decoding:
-        from fleetmind.client.distill import chat_ids
+        from fleetmind.client.tokens import chat_ids
 
         try:
             prompt = chat_ids(self.tokenizer, request.chat(), generation=True)

@@ -37,9 +37,12 @@ from typing import Any
 
 from fleetmind.client import distill, lora
 from fleetmind.client.consolidate import consolidate_sessions, lessons_from
+from fleetmind.client.distill_config import DistillConfig, resolve_top_k
 from fleetmind.client.model import load_model
 from fleetmind.client.replay import ReplayBuffer
+from fleetmind.client.sampling import generate
 from fleetmind.client.store import Session
+from fleetmind.client.tokens import chat_ids, model_device, turn_end_ids
 from fleetmind.sim import basemodel
 from fleetmind.sim import world as W
 
@@ -184,7 +187,7 @@ def measured(model: Any, tensors: bool = False) -> Iterator[dict[str, float]]:
 def memory_peak(model: Any) -> AbstractContextManager[dict[str, float]]:
     """The memory meter for the device `model` runs on (MEMORY_MEASURES): the tensor meter
     counts only CPU tensors, the CUDA allocator only its own."""
-    device = distill.model_device(model)
+    device = model_device(model)
     return cuda_peak(device) if device.type == "cuda" else tensor_peak()
 
 
@@ -221,7 +224,7 @@ def tensor_peak() -> Iterator[dict[str, float]]:
     result["peak_tensor_mb"] = round(meter.peak / 2**20, 2)
 
 
-def run_opsd(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
+def run_opsd(model_dir: Path, sessions: Sequence[Session], cfg: DistillConfig,
              workdir: Path, tensors: bool = False) -> tuple[Any, Any, dict[str, float]]:
     """Our OPSD over the sessions in two halves, on cfg.device in cfg.dtype: (PEFT model,
     tokenizer, `measured` cost, with `tensors` passed on)."""
@@ -267,7 +270,7 @@ def with_b(model_dir: Path, b: dict[str, Any]) -> tuple[Any, Any]:
     return peft_model, tokenizer
 
 
-def run_sft(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
+def run_sft(model_dir: Path, sessions: Sequence[Session], cfg: DistillConfig,
             pairs: Callable[[Any, Any, list[Session]], list[tuple[list[int], list[int]]]]
             ) -> tuple[Any, Any]:
     """Supervised fine-tuning of B on (prompt ids, target ids) pairs, same steps and lr."""
@@ -287,14 +290,14 @@ def transcript_pairs(model: Any, tokenizer: Any, sessions: list[Session]
 def teacher_answer_pairs(model: Any, tokenizer: Any, sessions: list[Session]
                          ) -> list[tuple[list[int], list[int]]]:
     """Off-policy: the teacher's greedy answer (session in context) to each session prompt."""
-    stop = distill.turn_end_ids(tokenizer)
+    stop = turn_end_ids(tokenizer)
     out = []
     for lesson in lessons_from(sessions)[0]:
         for probe in lesson.probes:
-            teacher = distill.chat_ids(tokenizer, [*lesson.context, *probe], generation=True)
+            teacher = chat_ids(tokenizer, [*lesson.context, *probe], generation=True)
             with lora.adapter_disabled(model):
-                (answer,), _ = distill.generate(model, tokenizer, [teacher], 1, 16, 0.0, stop)
-            out.append((distill.chat_ids(tokenizer, probe, generation=True), answer))
+                (answer,), _ = generate(model, tokenizer, [teacher], 1, 16, 0.0, stop)
+            out.append((chat_ids(tokenizer, probe, generation=True), answer))
     return out
 
 
@@ -303,7 +306,7 @@ def median_cost(runs: Sequence[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def compare_cost(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
+def compare_cost(model_dir: Path, sessions: Sequence[Session], cfg: DistillConfig,
                  out: Path, runs: int = COST_RUNS, threads: int = 1, memory_only: bool = False
                  ) -> tuple[dict[str, Any], dict[str, float], dict[str, Any],
                             dict[str, float] | None, dict[str, list[dict[str, float]]]]:
@@ -368,7 +371,7 @@ def run(out: Path, quick: bool = False, model_dir: Path | None = None, steps: in
     world = bench_world(80 if quick else 800)
     site = world.sites[0]
     sessions = [Session.from_dict(s) for s in site.sessions]
-    cfg = distill.DistillConfig(steps=steps or (10 if quick else distill.DistillConfig().steps))
+    cfg = DistillConfig(steps=steps or (10 if quick else DistillConfig().steps))
 
     base, tokenizer = load_model(model_dir)
     teacher = basemodel.fact_accuracy(base, tokenizer, site.facts,
@@ -466,8 +469,8 @@ def run_cost(out: Path, model_dir: Path, quick: bool = False, steps: int | None 
         raise ValueError("--runs does not apply with --memory-only, which takes no timed runs")
     out.mkdir(parents=True, exist_ok=True)
     sessions = [Session.from_dict(s) for s in bench_world(1).sites[0].sessions]
-    cfg = distill.DistillConfig(steps=steps or (10 if quick else distill.DistillConfig().steps),
-                                device=device, dtype=dtype)
+    cfg = DistillConfig(steps=steps or (10 if quick else DistillConfig().steps),
+                        device=device, dtype=dtype)
     measures = cost_measures(device, memory_only)
     model, tokenizer = load_model(model_dir)
     check_encodable(tokenizer, sessions)
@@ -475,7 +478,7 @@ def run_cost(out: Path, model_dir: Path, quick: bool = False, steps: int | None 
              "parameters": sum(p.numel() for p in model.parameters()),
              "vocab_size": model.config.vocab_size,
              "context_length": context_length(model.config),
-             "top_k": distill.resolve_top_k(cfg.top_k, model.config.vocab_size)}
+             "top_k": resolve_top_k(cfg.top_k, model.config.vocab_size)}
     del model
     _, ours_cost, peer, ratios, every = compare_cost(
         model_dir, sessions, cfg, out, runs or (1 if quick else COST_RUNS), threads, memory_only)

@@ -18,7 +18,7 @@ trainers, not settings:
   at our temperature and length (TRL also divides the loss's logits by the temperature; at
   our 1.0 that changes nothing), the first `skip_first` tokens skipped, per-sequence mean;
   top-K of the student plus a tail bucket when ours uses one (`top_k` set, or automatic and
-  the vocabulary above `distill.FULL_KL_MAX_VOCAB`), as ours. No importance-sampling
+  the vocabulary above `distill_config.FULL_KL_MAX_VOCAB`), as ours. No importance-sampling
   clip (ours has none; at one step per generation TRL would not apply it anyway).
 - optimisation: the same Adam (our lr, no weight decay), constant rate, no gradient clipping,
   `prompts_per_step` prompts x `samples_per_prompt` samples per step, `steps` steps per half,
@@ -48,17 +48,20 @@ from typing import Any
 
 import numpy as np
 
-from fleetmind.client import distill, lora
+from fleetmind.client import lora
 from fleetmind.client.consolidate import lessons_from
+from fleetmind.client.distill_config import DistillConfig, resolve_top_k
+from fleetmind.client.lessons import Lesson
 from fleetmind.client.model import load_model
 from fleetmind.client.store import Session
+from fleetmind.client.tokens import chat_ids
 from fleetmind.sim.bench.consolidate import bench_adapter, halves, measured, run_opsd
 
 METHODS = ("ours", "peer")
 _MODULE = "fleetmind.sim.bench.peer_sdft"
 
 
-def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillConfig,
+def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: DistillConfig,
              workdir: Path, tensors: bool = False) -> tuple[Any, Any, dict[str, float]]:
     """SDFTTrainer over the sessions in the same two halves as `run_opsd`:
     (PEFT model, tokenizer, `measured` cost, with `tensors` passed on). Needs trl 1.16 (the
@@ -70,7 +73,7 @@ def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
     model, tokenizer = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     peft_model = bench_adapter(model)
     # The same top-K as ours: an automatic one resolved from this model's vocabulary.
-    cfg = replace(cfg, top_k=distill.resolve_top_k(cfg.top_k, model.config.vocab_size))
+    cfg = replace(cfg, top_k=resolve_top_k(cfg.top_k, model.config.vocab_size))
     steps = 0
     with measured(model, tensors) as cost:
         for number, half in enumerate(halves(sessions)):
@@ -91,9 +94,9 @@ def run_peer(model_dir: Path, sessions: Sequence[Session], cfg: distill.DistillC
     return peft_model, tokenizer, cost
 
 
-def sdft_config(cfg: distill.DistillConfig, output_dir: Path) -> Any:
+def sdft_config(cfg: DistillConfig, output_dir: Path) -> Any:
     """TRL's config with our settings (module docstring: what differs from TRL's defaults);
-    `cfg.top_k` already resolved (`distill.resolve_top_k`): -1 is not TRL's to read."""
+    `cfg.top_k` already resolved (`distill_config.resolve_top_k`): -1 is not TRL's to read."""
     from trl.experimental.sdft import SDFTConfig
 
     loss: dict[str, Any]
@@ -117,7 +120,7 @@ def sdft_config(cfg: distill.DistillConfig, output_dir: Path) -> Any:
         **loss)
 
 
-def precision_args(cfg: distill.DistillConfig) -> dict[str, Any]:
+def precision_args(cfg: DistillConfig) -> dict[str, Any]:
     """TrainingArguments' placement for cfg.device and cfg.dtype: the CPU only when ours runs
     there (else the Trainer takes the GPU), and mixed precision in cfg.dtype, none in
     float32 (TRL's own default is bf16). Apart from `sdft_config` because TrainingArguments
@@ -144,8 +147,8 @@ def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _prompt_pairs(lessons: Sequence[distill.Lesson], prompts_per_step: int
-                  ) -> list[tuple[distill.Lesson, tuple[dict[str, str], ...]]]:
+def _prompt_pairs(lessons: Sequence[Lesson], prompts_per_step: int
+                  ) -> list[tuple[Lesson, tuple[dict[str, str], ...]]]:
     """Every (session, user turn), repeated until a step's worth of distinct rows exist: TRL's
     sampler drops an epoch's incomplete last batch, so fewer rows than `prompts_per_step`
     would train nothing (ours samples with replacement and has no such floor)."""
@@ -156,7 +159,7 @@ def _prompt_pairs(lessons: Sequence[distill.Lesson], prompts_per_step: int
 
 
 def _check_same_inputs(trainer: Any, tokenizer: Any,
-                       pairs: Sequence[tuple[distill.Lesson, tuple[dict[str, str], ...]]],
+                       pairs: Sequence[tuple[Lesson, tuple[dict[str, str], ...]]],
                        rows: list[dict[str, Any]]) -> None:
     """The peer's student must read each prompt alone and its teacher the transcript then the
     prompt, token for token as ours do, through TRL's own composition and tokenisation (its
@@ -166,8 +169,8 @@ def _check_same_inputs(trainer: Any, tokenizer: Any,
     builder = trainer.teacher_context_builder
     student = trainer._tokenize_prompts(prompts)
     teacher = trainer._tokenize_prompts(builder.select_generation_prompts(prompts, contexts))
-    ours_student = [distill.chat_ids(tokenizer, probe, generation=True) for _, probe in pairs]
-    ours_teacher = [distill.chat_ids(tokenizer, [*lesson.context, *probe], generation=True)
+    ours_student = [chat_ids(tokenizer, probe, generation=True) for _, probe in pairs]
+    ours_teacher = [chat_ids(tokenizer, [*lesson.context, *probe], generation=True)
                     for lesson, probe in pairs]
     if [list(ids) for ids in student] != ours_student:
         raise ValueError("the peer's student prompts differ from ours token by token")
@@ -192,7 +195,7 @@ def _count_distilled(trainer: Any, cost: dict[str, float]) -> None:
 # ---- one method, one process -----------------------------------------------------------------
 
 def train_in_subprocess(method: str, model_dir: Path, sessions: Sequence[Session],
-                        cfg: distill.DistillConfig, workdir: Path, threads: int = 1,
+                        cfg: DistillConfig, workdir: Path, threads: int = 1,
                         tensors: bool = False) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Trains with `method` ("ours": `run_opsd`, "peer": `run_peer`) in a fresh Python
     process and returns the trained B and the cost measured there, so the peak memory is that
@@ -237,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sessions = [Session.from_dict(json.loads(line))
                 for line in (args.job / "sessions.jsonl").read_text().splitlines()]
-    cfg = distill.DistillConfig(**json.loads((args.job / "config.json").read_text()))
+    cfg = DistillConfig(**json.loads((args.job / "config.json").read_text()))
     train = run_peer if args.method == "peer" else run_opsd
     model, _, cost = train(args.model, sessions, cfg, args.job, args.tensors)
     cost["threads"] = args.threads

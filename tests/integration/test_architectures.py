@@ -23,13 +23,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.concurrent import at_once, each_returned
 
 from fleetmind.aggregation.manifest import Manifest, VersionError
-from fleetmind.client import distill, lora
+from fleetmind.client import lora
 from fleetmind.client.adapter_spec import adapter_spec
 from fleetmind.client.agent import RoundResult, SiteUpdate, participate
 from fleetmind.client.consolidate import consolidate_sessions
+from fleetmind.client.distill_config import DistillConfig
 from fleetmind.client.model import base_model_hash, check_base_model, load_model
 from fleetmind.client.outbox import Outbox
 from fleetmind.client.store import SessionStore
+from fleetmind.client.tokens import chat_ids, turn_end_ids
 from fleetmind.client.versions import activate, download_latest
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
 from fleetmind.server.service import serve
@@ -140,8 +142,8 @@ SESSIONS = [
         {"role": "user", "content": "where do i live?"},
         {"role": "assistant", "content": f"in {city}"}]}
     for who, city in (("ada", "paris"), ("bo", "oslo"), ("cy", "lima"))]
-FAST = distill.DistillConfig(steps=2, prompts_per_step=2, samples_per_prompt=2,
-                             max_new_tokens=6, dreams_per_lesson=2, guard_prompts_per_step=2)
+FAST = DistillConfig(steps=2, prompts_per_step=2, samples_per_prompt=2,
+                     max_new_tokens=6, dreams_per_lesson=2, guard_prompts_per_step=2)
 CLIP = 1.0
 PRIVACY = PrivacyPolicy(clip_norm=CLIP, noise_multiplier=1.0, epsilon_budget=10.0,
                         fixed_point_clip=1.0)
@@ -225,7 +227,7 @@ def test_a_family_goes_through_a_secure_round(family, tmp_path) -> None:
     _, _, _, _, _, turn_end = FAMILIES[family]
     model, tokenizer = load_model(model_dir)
     # The turn end comes from the model's own template and generation config.
-    assert tokenizer.convert_tokens_to_ids(turn_end) in distill.turn_end_ids(tokenizer, model)
+    assert tokenizer.convert_tokens_to_ids(turn_end) in turn_end_ids(tokenizer, model)
 
     spec = adapter_spec(model_dir, rank=4, alpha=8.0, frozen_a_seed=5)
     assert spec["base_model_sha256"] == base_model_hash(model_dir)
@@ -251,7 +253,7 @@ def test_a_family_goes_through_a_secure_round(family, tmp_path) -> None:
     check_base_model(manifest, model_dir)  # before activating anything
     assert activate(tmp_path / "site-0", version, public) == 1
     config = json.loads((version / "adapter_config.json").read_text())
-    ids = torch.tensor([distill.chat_ids(tokenizer, SESSIONS[0]["messages"][:1], True)])
+    ids = torch.tensor([chat_ids(tokenizer, SESSIONS[0]["messages"][:1], True)])
     with torch.no_grad():
         base, _ = load_model(model_dir)
         ours = fleetmind_adapter(base, version)(input_ids=ids).logits

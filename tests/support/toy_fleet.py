@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from fleetmind.client.distill import DistillConfig
+from fleetmind.client.distill_config import DistillConfig
 from fleetmind.client.model import base_model_hash
 from fleetmind.server.config import CohortPolicy, PrivacyPolicy, ServerConfig
 from fleetmind.server.versions import AdapterSpec, TargetModule

@@ -9,7 +9,12 @@ import torch
 
 from fleetmind.client import distill, lora
 from fleetmind.client.consolidate import consolidate_sessions
+from fleetmind.client.distill_config import DistillConfig
+from fleetmind.client.dreams import Dream
+from fleetmind.client.lessons import Lesson
 from fleetmind.client.model import load_model
+from fleetmind.client.sampling import SHARED_START_MIN, common_start, read_prompts
+from fleetmind.client.scoring import completion_logits
 from fleetmind.client.store import Session
 from fleetmind.sim import world as W
 
@@ -110,10 +115,10 @@ def test_fedit_units_sharing_a_pass_learn_what_each_learns_alone(student) -> Non
     """Both factors' deltas of a unit, batched, equal distilling it alone with A trainable."""
     model, tokenizer = student
     sessions, guard = sessions_and_guard(2)
-    lessons = [distill.Lesson.from_session(s.id, [{"role": m.role, "content": m.content}
-                                                  for m in s.messages]) for s in sessions]
-    cfg = distill.DistillConfig(steps=2, dreams_per_lesson=2, optimizer="sgd", lr=0.5,
-                                guard_every=1)
+    lessons = [Lesson.from_session(s.id, [{"role": m.role, "content": m.content}
+                                          for m in s.messages]) for s in sessions]
+    cfg = DistillConfig(steps=2, dreams_per_lesson=2, optimizer="sgd", lr=0.5,
+                        guard_every=1)
     start_b, start_a = random_b(model, 0.01, 7), lora.get_b(model, "A")
 
     def deltas(units):
@@ -140,11 +145,11 @@ def test_fedit_units_sharing_a_pass_learn_what_each_learns_alone(student) -> Non
 def test_sft_units_sharing_a_pass_learn_what_each_learns_alone(student) -> None:
     model, tokenizer = student
     sessions, _ = sessions_and_guard(3)
-    lessons = [distill.Lesson.from_session(s.id, [{"role": m.role, "content": m.content}
-                                                  for m in s.messages]) for s in sessions]
+    lessons = [Lesson.from_session(s.id, [{"role": m.role, "content": m.content}
+                                          for m in s.messages]) for s in sessions]
     units = [distill.transcript_examples(tokenizer, [lesson]) for lesson in lessons]
-    cfg = distill.DistillConfig(steps=3, lr=0.5, optimizer="sgd", method="sft_transcript",
-                                prompts_per_step=2, samples_per_prompt=1)
+    cfg = DistillConfig(steps=3, lr=0.5, optimizer="sgd", method="sft_transcript",
+                        prompts_per_step=2, samples_per_prompt=1)
     start_b = random_b(model, 0.01, 7)
 
     def run(chunk):
@@ -167,7 +172,7 @@ def test_sft_units_sharing_a_pass_learn_what_each_learns_alone(student) -> None:
 
 def test_units_per_pass_must_be_positive() -> None:
     with pytest.raises(ValueError, match="units_per_pass=0"):
-        distill.DistillConfig(units_per_pass=0)
+        DistillConfig(units_per_pass=0)
 
 
 def sessions_and_guard(count: int):
@@ -179,8 +184,8 @@ def sessions_and_guard(count: int):
 def test_a_units_delta_is_the_same_whichever_units_share_its_pass(student) -> None:
     model, tokenizer = student
     sessions, guard = sessions_and_guard(2)
-    cfg = distill.DistillConfig(steps=2, dreams_per_lesson=2, optimizer="sgd", lr=0.5,
-                                guard_every=1)
+    cfg = DistillConfig(steps=2, dreams_per_lesson=2, optimizer="sgd", lr=0.5,
+                        guard_every=1)
 
     def session_deltas(units_per_pass: int) -> list[tuple[str, dict[str, np.ndarray]]]:
         lora.set_b(model, random_b(model, 0.01, 7))  # a global adapter that is not zero
@@ -204,12 +209,12 @@ def test_a_units_delta_is_the_same_whichever_units_share_its_pass(student) -> No
 def test_replay_is_refused_when_units_share_a_pass(student) -> None:
     model, tokenizer = student
     sessions, guard = sessions_and_guard(2)
-    lessons = [distill.Lesson.from_session(s.id, [{"role": m.role, "content": m.content}
-                                                  for m in s.messages]) for s in sessions]
-    dream = distill.Dream(lessons[0].session_id, lessons[0].probes[0], 1.0)
+    lessons = [Lesson.from_session(s.id, [{"role": m.role, "content": m.content}
+                                          for m in s.messages]) for s in sessions]
+    dream = Dream(lessons[0].session_id, lessons[0].probes[0], 1.0)
     with pytest.raises(ValueError, match="replay with one unit"):
         distill.consolidate_units(model, tokenizer, [[lesson] for lesson in lessons], guard,
-                                  distill.DistillConfig(steps=1), replay=[(lessons[0], dream)],
+                                  DistillConfig(steps=1), replay=[(lessons[0], dream)],
                                   progress=False)
 
 
@@ -219,7 +224,7 @@ def test_a_common_start_is_read_under_each_units_own_delta(student) -> None:
     sampling or scored with completions, are those of its own pass under its own unit."""
     model, tokenizer = student
     lora.set_b(model, random_b(model, 0.05, 0))
-    start = [3 + (5 * i) % 40 for i in range(distill.SHARED_START_MIN + 2)]
+    start = [3 + (5 * i) % 40 for i in range(SHARED_START_MIN + 2)]
     prompts = [[*start, 11, 12], [*start, 13], [*start, 14, 15, 16]]
     units, completions = [1, 0, 1], [[20, 21], [22], [23, 24, 25]]
     deltas = lora.UnitDeltas(model, 2)
@@ -227,16 +232,16 @@ def test_a_common_start_is_read_under_each_units_own_delta(student) -> None:
         with torch.no_grad():
             for delta in deltas.parameters():
                 delta.normal_(0, 0.2)
-            read = distill.read_prompts(model, prompts, tokenizer.pad_token_id, units)
-            scored, counts = distill.completion_logits(model, prompts, completions, 0,
-                                                       units=units)
+            read = read_prompts(model, prompts, tokenizer.pad_token_id, units)
+            scored, counts = completion_logits(model, prompts, completions, 0,
+                                               units=units)
             alone = []
             for prompt, y, unit in zip(prompts, completions, units, strict=True):
                 with lora.routed(model, torch.tensor([[unit]])):
                     alone.append(model(input_ids=torch.tensor([prompt + y])).logits[0])
     finally:
         deltas.detach()
-    assert distill.common_start(prompts) == len(start)
+    assert common_start(prompts) == len(start)
     assert counts == [len(y) for y in completions]
     rows = torch.split(scored, counts)
     for prompt, own, last, row in zip(prompts, alone, read.logits, rows, strict=True):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fleetmind.cli.main import main
-from fleetmind.client import distill
+from fleetmind.client.distill_config import DistillConfig
 from fleetmind.sim.bench import consolidate, peer_sdft
 
 PEER_INSTALLED = importlib.util.find_spec("trl") is not None
@@ -22,16 +22,16 @@ METHODS = ["ours", "peer"] if PEER_INSTALLED else ["ours"]
     ("cuda", "fp16", {"use_cpu": False, "bf16": False, "fp16": True}),
 ])
 def test_the_peer_trains_where_ours_does_in_its_precision(device, dtype, expected) -> None:
-    cfg = distill.DistillConfig(device=device, dtype=dtype)
+    cfg = DistillConfig(device=device, dtype=dtype)
     assert peer_sdft.precision_args(cfg) == expected
 
 
 @pytest.mark.skipif(not PEER_INSTALLED, reason="the peer, TRL, is the `bench` extra")
 def test_the_peers_config_takes_those_flags_over_trls_bf16_default(tmp_path) -> None:
     """On the CPU, where TrainingArguments accepts bf16 (it refuses it on a missing GPU)."""
-    fp32 = peer_sdft.sdft_config(distill.DistillConfig(top_k=0), tmp_path)
+    fp32 = peer_sdft.sdft_config(DistillConfig(top_k=0), tmp_path)
     assert fp32.use_cpu and not fp32.bf16 and not fp32.fp16  # TRL's own default is bf16
-    bf16 = peer_sdft.sdft_config(distill.DistillConfig(top_k=0, dtype="bf16"), tmp_path)
+    bf16 = peer_sdft.sdft_config(DistillConfig(top_k=0, dtype="bf16"), tmp_path)
     assert bf16.use_cpu and bf16.bf16 and not bf16.fp16
 
 

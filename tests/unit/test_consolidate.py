@@ -6,11 +6,15 @@ import pytest
 
 from fleetmind.aggregation.manifest import DEFAULT_ALPHA, DEFAULT_RANK
 from fleetmind.aggregation.update import Update
-from fleetmind.client import distill, lora
+from fleetmind.client import lora
 from fleetmind.client.consolidate import consolidate_sessions, consolidate_store, read_prompts
+from fleetmind.client.distill_config import DistillConfig
+from fleetmind.client.dreams import Dream
+from fleetmind.client.lessons import Lesson
 from fleetmind.client.model import load_model
 from fleetmind.client.replay import ReplayBuffer
 from fleetmind.client.store import Session, SessionStore
+from fleetmind.client.tokens import chat_ids
 from fleetmind.sim import basemodel
 from fleetmind.sim import world as W
 
@@ -38,7 +42,7 @@ def test_consolidation_stores_the_sites_facts_closed_book(toy_model_dir, world) 
     before = closed_book(peft_model, tokenizer, unknown)
     sessions = [Session.from_dict(s) for s in site.sessions]
     guard = [W.task_prompt(t) for t in world.guard]
-    cfg = distill.DistillConfig(steps=30, dreams_per_lesson=4)
+    cfg = DistillConfig(steps=30, dreams_per_lesson=4)
     result = consolidate_sessions(peft_model, tokenizer, sessions, cfg, site="site-00",
                                   base_version=0, seed=1, guard=guard, progress=False)
     after = closed_book(peft_model, tokenizer, unknown)
@@ -53,7 +57,7 @@ def test_per_session_deltas_start_alike_and_the_update_is_their_mean(toy_model_d
     model, tokenizer = load_model(toy_model_dir)
     peft_model = lora.attach_lora(model, seed=1)
     sessions = [Session.from_dict(s) for s in world.sites[0].sessions[:2]]
-    cfg = distill.DistillConfig(steps=2, dreams_per_lesson=2)
+    cfg = DistillConfig(steps=2, dreams_per_lesson=2)
     result = consolidate_sessions(peft_model, tokenizer, sessions, cfg, site="s",
                                   base_version=0, seed=1, per_session=True, progress=False)
     assert [sid for sid, _ in result.session_updates] == [s.id for s in sessions]
@@ -71,7 +75,7 @@ def test_consolidate_store_writes_update_adapter_and_record(toy_model_dir, world
         for session in world.sites[0].sessions[:2]:
             store.add(session)
     out = tmp_path / "round-1"
-    cfg = distill.DistillConfig(steps=2, dreams_per_lesson=2)
+    cfg = DistillConfig(steps=2, dreams_per_lesson=2)
     consolidate_store(toy_model_dir, store_path, out, cfg, site="site-00", progress=False)
     update = Update.from_bytes((out / "update.safetensors").read_bytes())
     assert update.metadata.site == "site-00" and update.metadata.sessions == 2
@@ -89,7 +93,7 @@ def test_consolidate_store_writes_update_adapter_and_record(toy_model_dir, world
 
 def test_replay_buffer_is_capped_and_keeps_the_newest(tmp_path) -> None:
     buffer = ReplayBuffer(tmp_path / "replay.db", capacity=3)
-    dreams = [distill.Dream(f"s{i}", ({"role": "user", "content": f"q{i}"},), 0.9)
+    dreams = [Dream(f"s{i}", ({"role": "user", "content": f"q{i}"},), 0.9)
               for i in range(5)]
     buffer.add(dreams[:2])
     buffer.add(dreams[2:])
@@ -112,8 +116,8 @@ def test_replayed_dreams_find_their_earlier_sessions_and_skip_lost_ones(world) -
 
     now, before = (Session.from_dict(s) for s in world.sites[0].sessions[:2])
     prompt = ({"role": "user", "content": "what is it ?"},)
-    dreams = [distill.Dream(now.id, prompt, 0.9), distill.Dream(before.id, prompt, 0.8),
-              distill.Dream("forgotten", prompt, 0.7)]
+    dreams = [Dream(now.id, prompt, 0.9), Dream(before.id, prompt, 0.8),
+              Dream("forgotten", prompt, 0.7)]
     earlier = {before.id: before}
 
     def lookup(session_id: str) -> Session:
@@ -162,15 +166,15 @@ def test_consolidation_cuts_a_session_to_the_context_and_says_so(toy_model_dir, 
     model, tokenizer = load_model(toy_model_dir)
     long = [{"role": r, "content": "the cat sat on the mat " * 8}
             for _ in range(12) for r in ("user", "assistant")]
-    lesson = distill.Lesson.from_session("long", long)
-    cfg = distill.DistillConfig()
+    lesson = Lesson.from_session("long", long)
+    cfg = DistillConfig()
     with caplog.at_level("WARNING"):
         (fitted,), dropped = fit_lessons(model, tokenizer, [lesson], cfg)
     assert dropped > 0 and len(fitted.context) == len(long) - dropped
     assert fitted.context[0]["role"] == "user" and "long" in caplog.text
     window = model.config.max_position_embeddings
     room = window - 2 * cfg.max_new_tokens
-    assert len(distill.chat_ids(tokenizer, fitted.context, False)) <= room
+    assert len(chat_ids(tokenizer, fitted.context, False)) <= room
 
 
 def test_the_base_model_hash_is_sha256sum_of_the_weight_files(toy_model_dir, tmp_path) -> None:
