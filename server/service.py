@@ -116,7 +116,7 @@ def _refuse(context: grpc.ServicerContext, error: Exception) -> NoReturn:
     """Aborts the call with the status the refusal maps to (raises)."""
     kind = getattr(error, "kind", "")
     abort(context, PROTOCOL_STATUS.get(kind, S.INVALID_ARGUMENT), str(error),
-           KIND_REASONS.get(kind))
+          KIND_REASONS.get(kind))
 
 
 class _Caller:
@@ -152,7 +152,7 @@ class _Guard:
         enrolled = self.enrolments.get(site)
         if enrolled is None:
             abort(context, S.PERMISSION_DENIED, f"site {site} is not enrolled: call Enroll "
-                                                 "with the site's identity key first")
+                                                "with the site's identity key first")
         if self.mtls:
             name = identity.peer_site_name(context)
             if name is None:
@@ -223,7 +223,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self.refused = metrics.refused
         self.limits = limits or ServerLimits()
         self.uploads = uploads if uploads is not None else Uploads(self.limits,
-                                                                    metrics.refused)
+                                                                   metrics.refused)
 
     def Enroll(self, request, context):  # noqa: N802 (gRPC's method names)
         if self.guard.mtls:
@@ -451,7 +451,7 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
         if chunks is None:
             total = (version.folder / request.file).stat().st_size
             abort(context, S.OUT_OF_RANGE, f"offset {request.offset} is past the end of "
-                                            f"{request.file} ({total} bytes)")
+                                           f"{request.file} ({total} bytes)")
         yield from chunks
 
     def _chunks(self, version: Version, file: str, start: int, size: int

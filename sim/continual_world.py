@@ -425,9 +425,9 @@ def make_continual_world(spec: ContinualSpec) -> ContinualWorld:
                 canaries.append(ArrivedCanary(record, site, r, user, tuple(ids), tuple(said)))
             local.shuffle(here)
     general = context_tasks("general", spec.general_tasks, general_names,
-                             random.Random(f"fleetmind-continual-general-{spec.seed}"))
+                            random.Random(f"fleetmind-continual-general-{spec.seed}"))
     guard = context_tasks("guard", spec.guard_tasks, general_names,
-                           random.Random(f"fleetmind-continual-guard-{spec.seed}"))
+                          random.Random(f"fleetmind-continual-guard-{spec.seed}"))
     secret_values = dict(lexicon().values)
     if spec.secrets_apart:
         secret_values = _values_no_fact_says(facts)
@@ -506,8 +506,8 @@ def _group_mentions(new: list[Fact], spec: ContinualSpec, rng: random.Random
     session is the teacher's context."""
     mentions = [fact for fact in new for _ in range(spec.users_per_fact)]
     return deal(mentions, spec.max_facts_per_session, rng,
-                 lambda fact, group: all(fact != f and fact.attribute != f.attribute
-                                         for f in group))
+                lambda fact, group: all(fact != f and fact.attribute != f.attribute
+                                        for f in group))
 
 
 _Telling = tuple[tuple[Fact, ...], tuple[Fact, ...]]  # facts stated, then facts asked
@@ -548,14 +548,14 @@ def write_continual_world(world: ContinualWorld, out: Path) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             write_lines(folder / "sessions.jsonl", world.sessions_for_round(site, r))
     write_lines(out / "facts.jsonl", [{"site": f.site, "round": f.round, **asdict(f.fact),
-                                        "users": list(f.users)} for f in world.facts])
+                                       "users": list(f.users)} for f in world.facts])
     write_lines(out / "probes.jsonl", [probe.row() for form in QUESTION_FORMS
-                                        for probe in world.probes(list(world.facts), form)])
+                                       for probe in world.probes(list(world.facts), form)])
     write_lines(out / "canaries.jsonl", [c.row(world.secret_values) for c in world.canaries])
     write_lines(out / "control_canaries.jsonl", [world.canary_row(c) for c in world.controls])
     write_lines(out / "general.jsonl", world.general)
     write_lines(out / "guard.jsonl", [{"id": task["id"], "messages": task_prompt(task)}
-                                       for task in world.guard])
+                                      for task in world.guard])
     return out
 
 

@@ -354,12 +354,12 @@ def make_world(spec: WorldSpec) -> World:
     # The forgetting guard's inputs: like the general tasks, but drawn apart from them, so
     # what forgetting is measured on is never trained on.
     guard = context_tasks("guard", spec.guard_tasks, fresh_names,
-                           random.Random(f"fleetmind-guard-{spec.seed}"))
+                          random.Random(f"fleetmind-guard-{spec.seed}"))
     return World(spec=spec, sites=sites, general=general, guard=guard)
 
 
 def context_tasks(prefix: str, count: int, names: list[str], rng: random.Random
-                   ) -> list[dict[str, Any]]:
+                  ) -> list[dict[str, Any]]:
     """In-context tasks on fresh entities, 1 to GENERAL_MAX_FACTS facts, cycling."""
     tasks = []
     for index in range(count):
@@ -389,8 +389,8 @@ def _site_sessions(site: Site, spec: WorldSpec, rng: random.Random
 
     mentions = [fact for fact in site.facts for _ in range(spec.users_per_fact)]
     groups = deal(mentions, spec.max_facts_per_session, rng,
-                   lambda fact, group: fact not in group
-                   and all(arrival(f) == arrival(fact) for f in group))
+                  lambda fact, group: fact not in group
+                  and all(arrival(f) == arrival(fact) for f in group))
     # One user per session: a fact's mentions sit in distinct sessions, so distinct users.
     sessions: list[dict[str, Any]] = []
     teaches: dict[str, tuple[int, ...]] = {}
@@ -470,7 +470,7 @@ def write_world(world: World, out: Path) -> Path:
     write_lines(out / "canaries.jsonl", canaries)
     write_lines(out / "general.jsonl", world.general)
     write_lines(out / "guard.jsonl", [{"id": task["id"], "messages": task_prompt(task)}
-                                       for task in world.guard])
+                                      for task in world.guard])
     return out
 
 
