@@ -166,7 +166,7 @@ class ArrivedCanary:
     def repeats(self) -> int:
         return len(self.sessions)
 
-    def row(self, values: Values | None = None) -> dict[str, Any]:
+    def row(self, values: Values) -> dict[str, Any]:
         """`canary_row` (what `fleetmind audit canaries` reads) with when, where and how often."""
         return {"site": self.site, "round": self.round, "user": self.user,
                 "session": self.sessions[0], "sessions": list(self.sessions),

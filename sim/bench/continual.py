@@ -285,16 +285,18 @@ class ContinualEvaluator:
                      for f, answer in zip(known, by_form[form], strict=True) if keep(f)]
             return recovery([a for a, _ in pairs], [b for _, b in pairs])
 
-        gained = self._gained(model, tokenizer, [c.facts for c in self.world.canaries],
-                              self.base_exposure)
+        # Only canaries said by now are scored (and their twins): the rest would be discarded.
+        said = [i for i, c in enumerate(self.world.canaries) if c.round < round_number]
+        gained = self._gained(model, tokenizer, [self.world.canaries[i].facts for i in said],
+                              [self.base_exposure[i] for i in said])
         # Records nobody said: how far exposure moves without the secret in any session.
         controls = self._gained(model, tokenizer, self.world.controls,
                                 self.base_control_exposure)
         # Each canary's secret asked of a name nobody said: what the model says of anyone's.
-        twins = self._gained(model, tokenizer, self.world.twins, self.base_twin_exposure)
-        arrived = [(c.repeats, bits, twin) for c, bits, twin
-                   in zip(self.world.canaries, gained, twins, strict=True)
-                   if c.round < round_number]
+        twins = self._gained(model, tokenizer, [self.world.twins[i] for i in said],
+                             [self.base_twin_exposure[i] for i in said])
+        arrived = [(self.world.canaries[i].repeats, bits, twin)
+                   for i, bits, twin in zip(said, gained, twins, strict=True)]
         once = [bits for repeats, bits, _ in arrived if repeats == 1]
         repeated = [bits for repeats, bits, _ in arrived if repeats > 1]
         once_over_twins = [bits - twin for repeats, bits, twin in arrived if repeats == 1]

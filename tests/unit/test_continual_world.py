@@ -150,7 +150,7 @@ def test_canaries_arrive_every_round_and_are_said_as_often_as_configured(world) 
         # a canary's user says nothing else
         assert all(s["user"] != canary.user for _, _, s in sessions.values()
                    if s["id"] not in canary.sessions)
-        row = canary.row()
+        row = canary.row(world.secret_values)
         assert row["round"] == canary.round and row["repeats"] == canary.repeats
         assert row["secret"] == " ".join(f.value for f in canary.facts)
     assert len(world.canaries_arrived_before(2)) == 2 * SPEC.sites * 2
